@@ -1,0 +1,85 @@
+//! The classic UDP greet client: `cargo run --example udp_client`
+//!
+//! Sends `Michael`, `Tracy` and `Sarah` to `127.0.0.1:9999`, one datagram
+//! each, and prints each reply (`Hello, Michael!` ...), one per line.
+//!
+//! ```text
+//! cargo run --example udp_client -- [--server ADDR] [NAME...]
+//! ```
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use udp_greet::GreetClient;
+
+const USAGE: &str = "\
+usage: udp_client [--server ADDR] [NAME...]
+
+Sends each NAME (default: Michael Tracy Sarah) as one UDP datagram and prints each reply.
+
+options:
+  --server ADDR   server to ask (default 127.0.0.1:9999)
+  --help          print this help";
+
+struct Options {
+    server: String,
+    names: Vec<String>,
+}
+
+fn parse(mut args: impl Iterator<Item = String>) -> Result<Option<Options>, String> {
+    let mut options = Options {
+        server: "127.0.0.1:9999".to_owned(),
+        names: Vec::new(),
+    };
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--help" | "-h" => return Ok(None),
+            "--server" => {
+                options.server = args
+                    .next()
+                    .ok_or("--server needs an address, such as 127.0.0.1:9999")?;
+            }
+            "--" => options.names.extend(args.by_ref()),
+            flag if flag.starts_with("--") => return Err(format!("unknown option {flag:?}")),
+            name => options.names.push(name.to_owned()),
+        }
+    }
+    if options.names.is_empty() {
+        options.names = ["Michael", "Tracy", "Sarah"].map(String::from).to_vec();
+    }
+    Ok(Some(options))
+}
+
+fn main() -> ExitCode {
+    let options = match parse(std::env::args().skip(1)) {
+        Ok(Some(options)) => options,
+        Ok(None) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(message) => {
+            eprintln!("udp_client: {message}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(&options) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("udp_client: {}", err.report());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(options: &Options) -> Result<(), udp_greet::Error> {
+    let client = GreetClient::connect(options.server.as_str())?;
+    let mut stdout = std::io::stdout().lock();
+    for name in &options.names {
+        let reply = client.send_recv(name.as_bytes())?;
+        // A closed standard output ends the run quietly, like a shell tool.
+        if writeln!(stdout, "{}", String::from_utf8_lossy(&reply)).is_err() {
+            break;
+        }
+    }
+    Ok(())
+}

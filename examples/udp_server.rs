@@ -1,0 +1,91 @@
+//! The classic UDP greet server: `cargo run --example udp_server`
+//!
+//! Binds `127.0.0.1:9999`, prints `Bind UDP on 9999...`, and for each datagram
+//! prints `Received from ADDR.` and replies `Hello, <data>!`. Runs until it is
+//! interrupted (Ctrl-C).
+//!
+//! ```text
+//! cargo run --example udp_server -- [--bind ADDR] [--quiet]
+//! ```
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use udp_greet::{GreetServer, Request};
+
+const USAGE: &str = "\
+usage: udp_server [--bind ADDR] [--quiet]
+
+Answers each UDP datagram with `Hello, <datagram>!`.
+
+options:
+  --bind ADDR   address to listen on (default 127.0.0.1:9999; port 0 picks a free port)
+  --quiet       do not print a line per datagram
+  --help        print this help";
+
+struct Options {
+    bind: String,
+    quiet: bool,
+}
+
+fn parse(mut args: impl Iterator<Item = String>) -> Result<Option<Options>, String> {
+    let mut options = Options {
+        bind: "127.0.0.1:9999".to_owned(),
+        quiet: false,
+    };
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--help" | "-h" => return Ok(None),
+            "--quiet" | "-q" => options.quiet = true,
+            "--bind" => {
+                options.bind = args
+                    .next()
+                    .ok_or("--bind needs an address, such as 127.0.0.1:9999")?;
+            }
+            other => return Err(format!("unexpected argument {other:?}")),
+        }
+    }
+    Ok(Some(options))
+}
+
+fn main() -> ExitCode {
+    let options = match parse(std::env::args().skip(1)) {
+        Ok(Some(options)) => options,
+        Ok(None) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(message) => {
+            eprintln!("udp_server: {message}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(&options) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("udp_server: {}", err.report());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(options: &Options) -> Result<(), udp_greet::Error> {
+    let server = GreetServer::bind(options.bind.as_str())?;
+    say(format_args!(
+        "Bind UDP on {}...",
+        server.local_addr().port()
+    ));
+    let quiet = options.quiet;
+    server.serve(move |request: Request<'_>, reply: &mut Vec<u8>| {
+        if !quiet {
+            say(format_args!("Received from {}.", request.peer()));
+        }
+        udp_greet::greet(request, reply)
+    })?;
+    Ok(())
+}
+
+/// Prints a line; a closed standard output is not worth stopping the server for.
+fn say(line: std::fmt::Arguments<'_>) {
+    let _ = writeln!(std::io::stdout().lock(), "{line}");
+}

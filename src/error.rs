@@ -1,0 +1,174 @@
+//! The crate's one error type.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Everything that can go wrong in udp-greet.
+///
+/// Each message names the operation and the address it was about; the
+/// underlying operating-system error, where there is one, is the
+/// [`source`](std::error::Error::source) and is not repeated in the message.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The address could not be resolved or parsed, or resolved to nothing.
+    #[error("cannot resolve address {input}")]
+    Resolve {
+        /// The address as the caller wrote it (its `Debug` form).
+        input: String,
+        /// What the resolver said.
+        #[source]
+        source: io::Error,
+    },
+
+    /// Another socket already holds the address.
+    #[error(
+        "address {addr} is already in use: stop the process that holds it, pick another port, \
+         or enable reuse_port on every socket that shares it"
+    )]
+    AddrInUse {
+        /// The address that was asked for.
+        addr: SocketAddr,
+        /// The operating system's error (`EADDRINUSE`).
+        #[source]
+        source: io::Error,
+    },
+
+    /// Binding failed for a reason other than the address being in use
+    /// (for example an address this host does not have, or a privileged port).
+    #[error("cannot bind UDP socket to {addr}")]
+    Bind {
+        /// The address that was asked for.
+        addr: SocketAddr,
+        /// The operating system's error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// Creating the socket or setting one of its options failed.
+    #[error("cannot {action} on the UDP socket for {addr}")]
+    Socket {
+        /// What was being done, such as `set SO_RCVBUF`.
+        action: &'static str,
+        /// The address the socket was for.
+        addr: SocketAddr,
+        /// The operating system's error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// A builder setting is out of range.
+    #[error("invalid setting {setting}: {reason}")]
+    InvalidConfig {
+        /// The builder method whose value is wrong.
+        setting: &'static str,
+        /// What the value must be.
+        reason: &'static str,
+    },
+
+    /// No reply arrived in time, after every attempt.
+    #[error("no reply from {addr} after {attempts} attempt(s) in {elapsed:?}")]
+    Timeout {
+        /// The server that did not answer.
+        addr: SocketAddr,
+        /// How many requests were sent.
+        attempts: u32,
+        /// How long the call waited in all.
+        elapsed: Duration,
+    },
+
+    /// The server's host answered that nothing listens on that port
+    /// (an ICMP port-unreachable message, reported as `ECONNREFUSED`).
+    #[error("nothing is listening on UDP {addr} (port unreachable)")]
+    Refused {
+        /// The address that refused.
+        addr: SocketAddr,
+        /// The operating system's error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// A reply did not fit in the caller's buffer; it was discarded.
+    #[error("reply from {addr} is larger than the {capacity}-byte buffer given for it")]
+    ReplyTooLarge {
+        /// The server that sent it.
+        addr: SocketAddr,
+        /// The size of the caller's buffer.
+        capacity: usize,
+    },
+
+    /// Starting a server thread failed.
+    #[error("cannot start a server thread for {addr}")]
+    Spawn {
+        /// The server's address.
+        addr: SocketAddr,
+        /// The operating system's error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// A server thread ended abnormally (a bug in udp-greet: handler panics
+    /// are caught and counted, never reported this way).
+    #[error("a server thread for {addr} stopped abnormally")]
+    WorkerPanicked {
+        /// The server's address.
+        addr: SocketAddr,
+    },
+
+    /// Any other I/O error, with the operation and the address it was about.
+    #[error("{action} {addr} failed")]
+    Io {
+        /// What was being done, such as `send to`.
+        action: &'static str,
+        /// The address it was done with.
+        addr: SocketAddr,
+        /// The operating system's error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl Error {
+    /// This error's message followed by each of its causes, on one line,
+    /// separated by `": "`: what a command-line program prints.
+    ///
+    /// ```
+    /// let err = udp_greet::GreetServer::bind("no-such-host.invalid:9999").unwrap_err();
+    /// assert!(err.report().starts_with("cannot resolve address \"no-such-host.invalid:9999\": "));
+    /// ```
+    #[must_use]
+    pub fn report(&self) -> String {
+        let mut line = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(cause) = source {
+            line.push_str(": ");
+            line.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        line
+    }
+
+    /// Whether this error is a timeout ([`Error::Timeout`]).
+    #[must_use]
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Error::Timeout { .. })
+    }
+
+    /// Whether this error says that nothing listens at the server's address
+    /// ([`Error::Refused`]).
+    #[must_use]
+    pub fn is_refused(&self) -> bool {
+        matches!(self, Error::Refused { .. })
+    }
+}
+
+/// Whether a receive error means "the read timeout expired".
+///
+/// Unix reports `WouldBlock` (`EAGAIN`), Windows `TimedOut`.
+pub(crate) fn is_timeout(err: &io::Error) -> bool {
+    matches!(
+        err.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}

@@ -1,0 +1,69 @@
+//! UDP request/response servers and clients, built on [socket2].
+//!
+//! A [`GreetServer`] receives datagrams, hands each to a handler that writes
+//! its reply into a reused buffer, and sends the reply back to the sender.
+//! A [`GreetClient`] sends a request and waits for the reply, with a timeout
+//! and retries. The classic handler, [`greet`], answers `name` with
+//! `Hello, name!`.
+//!
+//! ```
+//! # fn main() -> Result<(), udp_greet::Error> {
+//! use udp_greet::{GreetClient, GreetServer};
+//!
+//! // Port 0: the system picks a free port.
+//! let server = GreetServer::bind("127.0.0.1:0")?.spawn(udp_greet::greet)?;
+//!
+//! let client = GreetClient::connect(server.local_addr())?;
+//! for name in ["Michael", "Tracy", "Sarah"] {
+//!     let reply = client.send_recv(name.as_bytes())?;
+//!     println!("{}", String::from_utf8_lossy(&reply));
+//! }
+//!
+//! let stats = server.shutdown()?;
+//! assert_eq!(stats.replied, 3);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # What the server promises
+//!
+//! - Every socket option ([`ServerBuilder`]) is set through socket2 before
+//!   bind; buffer sizes the kernel granted are read back
+//!   ([`GreetServer::recv_buffer_size`]).
+//! - A datagram larger than the largest accepted size is never handed to the
+//!   handler as if whole: it is dropped and counted
+//!   ([`Stats::truncated`]).
+//! - A panicking handler is caught and counted; receive errors never stop the
+//!   server; zero-length datagrams are requests like any other.
+//! - [`ServerHandle::shutdown`] returns once every worker has stopped and the
+//!   socket is closed, so the port can be bound again at once.
+//! - The library never prints.
+//!
+//! # What UDP does not promise
+//!
+//! Datagrams may be lost, duplicated or reordered. The client resends on
+//! silence and discards stale datagrams before each request; see
+//! [`GreetClient`].
+//!
+//! [socket2]: https://docs.rs/socket2
+#![deny(missing_docs, missing_debug_implementations, rust_2018_idioms)]
+#![deny(unsafe_code)]
+#![doc(test(attr(deny(warnings))))]
+
+mod client;
+mod config;
+mod error;
+mod handler;
+mod server;
+mod socket;
+mod stats;
+mod sys;
+mod worker;
+
+pub use client::{ClientBuilder, GreetClient};
+pub use config::{MAX_UDP_PAYLOAD_V4, MAX_UDP_PAYLOAD_V6, ServerBuilder};
+pub use error::Error;
+pub use handler::{Action, Request, greet, greet_into, is_greeting};
+pub use server::{GreetServer, ServerHandle, ShutdownHandle};
+pub use socket::BufferSize;
+pub use stats::Stats;

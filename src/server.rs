@@ -1,0 +1,430 @@
+//! The server: bind, serve or spawn, observe, shut down.
+
+use std::fmt;
+use std::net::{Shutdown, SocketAddr, ToSocketAddrs, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::thread::{self, JoinHandle};
+
+use socket2::Socket;
+
+use crate::config::ServerBuilder;
+use crate::error::Error;
+use crate::handler::{Action, Request};
+use crate::socket::{self, BufferSize};
+use crate::stats::{SharedStats, Stats};
+use crate::sys;
+use crate::worker::{HandlerFn, Worker};
+
+/// A bound UDP server, ready to [`serve`](GreetServer::serve) on the calling
+/// thread or to [`spawn`](GreetServer::spawn) on its own.
+///
+/// Each datagram received is handed to the handler, which writes its reply
+/// into a buffer the server reuses and returns an [`Action`]: reply, or
+/// stay silent. The server survives whatever arrives: oversized (truncated)
+/// datagrams are counted and dropped, a panicking handler is caught and
+/// counted, and receive errors never stop it.
+///
+/// # Examples
+///
+/// ```
+/// # fn main() -> Result<(), udp_greet::Error> {
+/// use udp_greet::{Action, GreetClient, GreetServer};
+///
+/// // An echo server that ignores empty datagrams.
+/// let server = GreetServer::bind("127.0.0.1:0")?.spawn(|request, reply: &mut Vec<u8>| {
+///     if request.data().is_empty() {
+///         return Action::Ignore;
+///     }
+///     reply.extend_from_slice(request.data());
+///     Action::Reply
+/// })?;
+///
+/// let client = GreetClient::connect(server.local_addr())?;
+/// assert_eq!(client.send_recv(b"ping")?, b"ping");
+/// server.shutdown()?;
+/// # Ok(())
+/// # }
+/// ```
+pub struct GreetServer {
+    sockets: Vec<Arc<Socket>>,
+    local_addr: SocketAddr,
+    recv_buffer: BufferSize,
+    send_buffer: BufferSize,
+    max_datagram: usize,
+    control: Arc<Control>,
+}
+
+impl fmt::Debug for GreetServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GreetServer")
+            .field("local_addr", &self.local_addr)
+            .field("recv_buffer", &self.recv_buffer)
+            .field("send_buffer", &self.send_buffer)
+            .field("max_datagram", &self.max_datagram)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GreetServer {
+    /// Binds a server with default settings to `addr`.
+    ///
+    /// Port 0 asks the system for a free port: read it back with
+    /// [`local_addr`](GreetServer::local_addr).
+    ///
+    /// # Errors
+    ///
+    /// As [`ServerBuilder::bind`]: for example [`Error::AddrInUse`] when
+    /// another socket holds the address.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # fn main() -> Result<(), udp_greet::Error> {
+    /// let server = udp_greet::GreetServer::bind("127.0.0.1:0")?;
+    /// assert_ne!(server.local_addr().port(), 0);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn bind<A: ToSocketAddrs + fmt::Debug>(addr: A) -> Result<GreetServer, Error> {
+        ServerBuilder::default().bind(addr)
+    }
+
+    /// A builder for a server with non-default socket options.
+    pub fn builder() -> ServerBuilder {
+        ServerBuilder::default()
+    }
+
+    /// Serves on a socket made elsewhere, for options this crate does not
+    /// set. The largest accepted datagram is the default for the socket's
+    /// family.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Socket`] when the socket's address or buffer sizes cannot be
+    /// read.
+    pub fn from_std(socket: UdpSocket) -> Result<GreetServer, Error> {
+        let socket = Socket::from(socket);
+        let made = socket::adopt(socket)?;
+        let max_datagram = ServerBuilder::default().max_datagram_for(made.local_addr);
+        GreetServer::from_made(made, max_datagram)
+    }
+
+    pub(crate) fn from_builder(builder: &ServerBuilder, addr: SocketAddr) -> Result<Self, Error> {
+        let made = socket::bind(addr, &builder.socket)?;
+        let max_datagram = builder.max_datagram_for(made.local_addr);
+        GreetServer::from_made(made, max_datagram)
+    }
+
+    fn from_made(made: socket::Made, max_datagram: usize) -> Result<Self, Error> {
+        if let Some(interval) = sys::WAKE_INTERVAL {
+            made.socket
+                .set_read_timeout(Some(interval))
+                .map_err(|source| Error::Socket {
+                    action: "set SO_RCVTIMEO",
+                    addr: made.local_addr,
+                    source,
+                })?;
+        }
+        let socket = Arc::new(made.socket);
+        let control = Arc::new(Control {
+            stop: AtomicBool::new(false),
+            sockets: vec![Arc::downgrade(&socket)],
+            stats: SharedStats::new(1),
+        });
+        Ok(GreetServer {
+            sockets: vec![socket],
+            local_addr: made.local_addr,
+            recv_buffer: made.recv_buffer,
+            send_buffer: made.send_buffer,
+            max_datagram,
+            control,
+        })
+    }
+
+    /// The address the server is bound to, with the real port when port 0
+    /// was asked for.
+    #[must_use]
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The receive buffer size requested and granted.
+    #[must_use]
+    pub fn recv_buffer_size(&self) -> BufferSize {
+        self.recv_buffer
+    }
+
+    /// The send buffer size requested and granted.
+    #[must_use]
+    pub fn send_buffer_size(&self) -> BufferSize {
+        self.send_buffer
+    }
+
+    /// The largest request the server accepts, in bytes.
+    #[must_use]
+    pub fn max_datagram_size(&self) -> usize {
+        self.max_datagram
+    }
+
+    /// A handle that stops the server and reads its counters from another
+    /// thread; take it before calling [`serve`](GreetServer::serve).
+    #[must_use]
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle {
+            control: self.control.clone(),
+            local_addr: self.local_addr,
+        }
+    }
+
+    /// Runs the server on the calling thread until a [`ShutdownHandle`]
+    /// stops it, then returns the final counters.
+    ///
+    /// For each datagram, `handler` gets the [`Request`] and an empty reply
+    /// buffer (reused from one datagram to the next, so a handler that
+    /// appends to it allocates nothing once it has grown) and returns an
+    /// [`Action`]. The handler is shared by reference, so it must be `Fn`,
+    /// `Send` and `Sync`; per-request state belongs in the request.
+    ///
+    /// A handler that panics is caught: the datagram is counted in
+    /// [`Stats::handler_panics`] and answered with nothing. The panic still
+    /// goes through the process's panic hook, which by default prints it to
+    /// standard error. With `panic = "abort"`, a panic ends the process.
+    ///
+    /// While idle the server sleeps in the kernel; it does not poll.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Spawn`] or [`Error::WorkerPanicked`] only; the loop itself
+    /// never fails.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # fn main() -> Result<(), udp_greet::Error> {
+    /// use udp_greet::{GreetClient, GreetServer};
+    ///
+    /// let server = GreetServer::bind("127.0.0.1:0")?;
+    /// let addr = server.local_addr();
+    /// let stop = server.shutdown_handle();
+    /// let client = std::thread::spawn(move || -> Result<Vec<u8>, udp_greet::Error> {
+    ///     let reply = GreetClient::connect(addr)?.send_recv(b"Sarah");
+    ///     stop.shutdown();
+    ///     reply
+    /// });
+    /// let stats = server.serve(udp_greet::greet)?;
+    /// assert_eq!(client.join().expect("client thread")?, b"Hello, Sarah!");
+    /// assert_eq!(stats.replied, 1);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn serve<H>(self, handler: H) -> Result<Stats, Error>
+    where
+        H: Fn(Request<'_>, &mut Vec<u8>) -> Action + Send + Sync + 'static,
+    {
+        let mut running = self.start(handler, true)?;
+        running.join()?;
+        Ok(running.control.stats.snapshot())
+    }
+
+    /// Runs the server on a background thread and returns a handle to it.
+    ///
+    /// See [`serve`](GreetServer::serve) for the handler's contract.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Spawn`] when the thread cannot be started.
+    pub fn spawn<H>(self, handler: H) -> Result<ServerHandle, Error>
+    where
+        H: Fn(Request<'_>, &mut Vec<u8>) -> Action + Send + Sync + 'static,
+    {
+        self.start(handler, false)
+    }
+
+    /// Starts one worker per socket, on new threads, or (for `serve`) the
+    /// first on the calling thread once the others are running.
+    fn start<H: HandlerFn>(self, handler: H, on_this_thread: bool) -> Result<ServerHandle, Error> {
+        let handler = Arc::new(handler);
+        let mut handle = ServerHandle {
+            local_addr: self.local_addr,
+            control: self.control.clone(),
+            threads: Vec::with_capacity(self.sockets.len()),
+        };
+        let mut inline = None;
+        for (index, socket) in self.sockets.into_iter().enumerate() {
+            let worker = Worker {
+                index,
+                socket,
+                handler: handler.clone(),
+                stats: self.control.stats.clone(),
+                control: self.control.clone(),
+                max_datagram: self.max_datagram,
+            };
+            if on_this_thread && index == 0 {
+                inline = Some(worker);
+                continue;
+            }
+            let spawned = thread::Builder::new()
+                .name(format!("udp-greet-{index}"))
+                .spawn(move || worker.run());
+            match spawned {
+                Ok(thread) => handle.threads.push(thread),
+                Err(source) => {
+                    // `handle` stops and joins the workers already started
+                    // when it is dropped here.
+                    return Err(Error::Spawn {
+                        addr: self.local_addr,
+                        source,
+                    });
+                }
+            }
+        }
+        if let Some(worker) = inline {
+            worker.run();
+        }
+        Ok(handle)
+    }
+}
+
+/// What every copy of a server's handles shares: the stop flag, a way to
+/// wake the workers, and the counters.
+#[derive(Debug)]
+pub(crate) struct Control {
+    stop: AtomicBool,
+    /// Weak, so that a handle never keeps a socket (and its port) open after
+    /// the worker that owns it has finished.
+    sockets: Vec<Weak<Socket>>,
+    pub(crate) stats: Arc<SharedStats>,
+}
+
+impl Control {
+    pub(crate) fn is_stopped(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        for socket in self.sockets.iter().filter_map(Weak::upgrade) {
+            // Wakes a worker blocked in a receive (see `sys::WAKE_INTERVAL`).
+            // Unconnected UDP sockets report `ENOTCONN` even when the wake-up
+            // works, and where it does not the read timeout takes over.
+            let _ = socket.shutdown(Shutdown::Read);
+        }
+    }
+}
+
+/// Stops a server from any thread, and reads its counters while it runs.
+///
+/// Cheap to clone. Taken with [`GreetServer::shutdown_handle`] or
+/// [`ServerHandle::shutdown_handle`].
+#[derive(Debug, Clone)]
+pub struct ShutdownHandle {
+    control: Arc<Control>,
+    local_addr: SocketAddr,
+}
+
+impl ShutdownHandle {
+    /// Asks the server to stop. Returns at once; [`GreetServer::serve`]
+    /// returns, or [`ServerHandle::shutdown`] can join, once every worker has
+    /// finished the datagram in hand. Calling it again does nothing.
+    pub fn shutdown(&self) {
+        self.control.stop();
+    }
+
+    /// Whether [`shutdown`](ShutdownHandle::shutdown) has been called.
+    #[must_use]
+    pub fn is_shutdown(&self) -> bool {
+        self.control.is_stopped()
+    }
+
+    /// The server's counters now.
+    #[must_use]
+    pub fn stats(&self) -> Stats {
+        self.control.stats.snapshot()
+    }
+
+    /// The server's address.
+    #[must_use]
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+}
+
+/// A server running on background threads, from [`GreetServer::spawn`].
+///
+/// Dropping the handle shuts the server down and waits for it, as
+/// [`shutdown`](ServerHandle::shutdown) does.
+#[must_use = "dropping the handle shuts the server down"]
+pub struct ServerHandle {
+    local_addr: SocketAddr,
+    control: Arc<Control>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl fmt::Debug for ServerHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerHandle")
+            .field("local_addr", &self.local_addr)
+            .field("workers", &self.threads.len())
+            .field("stopped", &self.control.is_stopped())
+            .finish()
+    }
+}
+
+impl ServerHandle {
+    /// The address the server is bound to.
+    #[must_use]
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The server's counters now.
+    #[must_use]
+    pub fn stats(&self) -> Stats {
+        self.control.stats.snapshot()
+    }
+
+    /// A handle that can stop the server from another thread.
+    #[must_use]
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle {
+            control: self.control.clone(),
+            local_addr: self.local_addr,
+        }
+    }
+
+    /// Stops the server and waits until every worker has stopped and every
+    /// socket is closed, so the address can be bound again at once. Returns
+    /// the final counters.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::WorkerPanicked`] if a worker thread ended abnormally (a bug
+    /// in udp-greet; handler panics are caught and never end a worker).
+    pub fn shutdown(mut self) -> Result<Stats, Error> {
+        self.control.stop();
+        self.join()?;
+        Ok(self.control.stats.snapshot())
+    }
+
+    fn join(&mut self) -> Result<(), Error> {
+        let mut result = Ok(());
+        for thread in self.threads.drain(..) {
+            if thread.join().is_err() {
+                result = Err(Error::WorkerPanicked {
+                    addr: self.local_addr,
+                });
+            }
+        }
+        result
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        if !self.threads.is_empty() {
+            self.control.stop();
+            let _ = self.join();
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! One server worker: what happens to each datagram, and the portable
+//! receive/handle/reply loop.
+
+use std::io;
+use std::net::SocketAddr;
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use socket2::Socket;
+
+use crate::handler::{Action, Request};
+use crate::server::Control;
+use crate::stats::{SharedStats, Stats};
+use crate::sys;
+
+/// The bound every handler meets; see [`GreetServer::serve`](crate::GreetServer::serve).
+pub(crate) trait HandlerFn:
+    Fn(Request<'_>, &mut Vec<u8>) -> Action + Send + Sync + 'static
+{
+}
+impl<F: Fn(Request<'_>, &mut Vec<u8>) -> Action + Send + Sync + 'static> HandlerFn for F {}
+
+/// Everything one worker thread needs.
+pub(crate) struct Worker<H> {
+    pub(crate) index: usize,
+    pub(crate) socket: Arc<Socket>,
+    pub(crate) handler: Arc<H>,
+    pub(crate) stats: Arc<SharedStats>,
+    pub(crate) control: Arc<Control>,
+    pub(crate) max_datagram: usize,
+}
+
+impl<H: HandlerFn> Worker<H> {
+    /// Runs the receive, handle, reply loop until the server shuts down.
+    pub(crate) fn run(self) {
+        let mut totals = Processor::new(self.handler.clone());
+        run_portable(&self, &mut totals);
+        self.stats.publish(self.index, &totals.totals);
+    }
+}
+
+/// Decides the fate of each datagram and keeps the worker's running totals.
+pub(crate) struct Processor<H> {
+    handler: Arc<H>,
+    pub(crate) totals: Stats,
+    backoff: Duration,
+}
+
+impl<H: HandlerFn> Processor<H> {
+    pub(crate) fn new(handler: Arc<H>) -> Self {
+        Processor {
+            handler,
+            totals: Stats::default(),
+            backoff: Duration::ZERO,
+        }
+    }
+
+    /// Counts one received datagram and runs the handler on it.
+    ///
+    /// Returns `true` when `reply` holds a reply to send; the caller then
+    /// reports how the send went with [`Processor::sent`]. Every other
+    /// outcome is counted here.
+    pub(crate) fn process(
+        &mut self,
+        data: &[u8],
+        truncated: bool,
+        peer: SocketAddr,
+        reply: &mut Vec<u8>,
+    ) -> bool {
+        self.totals.received += 1;
+        self.backoff = Duration::ZERO;
+        if truncated {
+            self.totals.truncated += 1;
+            return false;
+        }
+        reply.clear();
+        let handler = &*self.handler;
+        // A panic is caught per datagram so that one bad request cannot stop
+        // the server. The reply buffer is cleared after it; whatever state
+        // the handler shares between calls is the handler's to keep sound,
+        // as with any `Fn + Sync` shared by threads.
+        let outcome = panic::catch_unwind(AssertUnwindSafe(|| {
+            handler(Request::new(data, peer), reply)
+        }));
+        match outcome {
+            Ok(Action::Reply) => true,
+            Ok(Action::Ignore) => {
+                self.totals.no_reply += 1;
+                false
+            }
+            Err(payload) => {
+                self.totals.handler_panics += 1;
+                reply.clear();
+                // Dropping a panic payload can itself panic; that second
+                // panic must not escape either.
+                if let Err(again) = panic::catch_unwind(AssertUnwindSafe(|| drop(payload))) {
+                    std::mem::forget(again);
+                }
+                false
+            }
+        }
+    }
+
+    /// Counts the outcome of sending one reply.
+    pub(crate) fn sent(&mut self, ok: bool) {
+        if ok {
+            self.totals.replied += 1;
+        } else {
+            self.totals.send_errors += 1;
+        }
+    }
+
+    /// Handles a failed receive call. The loop always goes on: errors that
+    /// report ICMP messages for earlier replies are counted and ignored, and
+    /// anything else is counted and followed by a short, growing pause so a
+    /// persistent failure cannot spin the CPU.
+    pub(crate) fn recv_failed(&mut self, err: &io::Error, control: &Control) {
+        if err.kind() == io::ErrorKind::Interrupted || crate::error::is_timeout(err) {
+            return;
+        }
+        self.totals.recv_errors += 1;
+        if is_icmp_report(err) || control.is_stopped() {
+            return;
+        }
+        self.backoff = (self.backoff * 2).clamp(MIN_BACKOFF, MAX_BACKOFF);
+        thread::sleep(self.backoff);
+    }
+}
+
+const MIN_BACKOFF: Duration = Duration::from_millis(1);
+const MAX_BACKOFF: Duration = Duration::from_millis(32);
+
+/// Errors a UDP socket reports on receive for an ICMP message about an
+/// earlier send, rather than for the receive itself.
+fn is_icmp_report(err: &io::Error) -> bool {
+    matches!(
+        err.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::HostUnreachable
+            | io::ErrorKind::NetworkUnreachable
+    )
+}
+
+/// Retries `f` while it fails with `EINTR`; reports whether it succeeded.
+pub(crate) fn send_ok(mut f: impl FnMut() -> io::Result<usize>) -> bool {
+    loop {
+        match f() {
+            Ok(_) => return true,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+/// The portable loop: one `recvmsg` and one `sendto` per datagram, through
+/// socket2. Used on every platform, and on Linux when the builder asks.
+fn run_portable<H: HandlerFn>(w: &Worker<H>, p: &mut Processor<H>) {
+    let mut buf = vec![0u8; w.max_datagram];
+    let mut reply = Vec::new();
+    while !w.control.is_stopped() {
+        match w
+            .socket
+            .recv_from_vectored(&mut [sys::recv_slice(&mut buf)])
+        {
+            Ok((len, flags, addr)) => {
+                // A shutdown wakes the receive with an empty result that has
+                // no sender: not a datagram.
+                let Some(peer) = addr.as_socket() else {
+                    continue;
+                };
+                let data = buf.get(..len).unwrap_or(&buf);
+                if p.process(data, flags.is_truncated(), peer, &mut reply) {
+                    p.sent(send_ok(|| w.socket.send_to(&reply, &addr)));
+                }
+            }
+            Err(err) => p.recv_failed(&err, &w.control),
+        }
+        w.stats.publish(w.index, &p.totals);
+    }
+}
