@@ -67,3 +67,8 @@ pub use handler::{Action, Request, greet, greet_into, is_greeting};
 pub use server::{GreetServer, ServerHandle, ShutdownHandle};
 pub use socket::BufferSize;
 pub use stats::Stats;
+
+/// The README's examples, run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -1,0 +1,188 @@
+//! GreetClient against real loopback servers, well-behaved and not.
+
+mod util;
+
+use std::net::UdpSocket;
+use std::time::Duration;
+
+use udp_greet::{Action, Error, GreetClient, GreetServer, Request};
+use util::{V4, V6, has_ipv6, raw_socket_for, within_guard};
+
+/// A loopback address where nothing listens: a port that was just bound
+/// and released.
+fn closed_port(family: &str) -> std::net::SocketAddr {
+    let socket = UdpSocket::bind(family).expect("bind");
+    socket.local_addr().expect("addr")
+}
+
+#[test]
+fn refused_is_reported_at_once_not_as_a_timeout() {
+    let mut families = vec![V4];
+    if has_ipv6() {
+        families.push(V6);
+    }
+    for family in families {
+        let addr = closed_port(family);
+        // A timeout this long would outlast the hang guard: only the ICMP
+        // port-unreachable can end the call in time.
+        let client = GreetClient::builder()
+            .timeout(Duration::from_secs(60))
+            .retries(0)
+            .connect(addr)
+            .expect("connect");
+        let err = within_guard("send_recv to a closed port", move || {
+            client.send_recv(b"anyone?").expect_err("nothing listens")
+        });
+        assert!(err.is_refused(), "{err:?}");
+        assert!(matches!(err, Error::Refused { addr: a, .. } if a == addr));
+        assert!(
+            err.to_string()
+                .contains(&format!("nothing is listening on UDP {addr}")),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn silence_is_a_timeout_after_every_attempt() {
+    let server = GreetServer::bind(V4)
+        .expect("bind")
+        .spawn(|_: Request<'_>, _: &mut Vec<u8>| Action::Ignore)
+        .expect("spawn");
+    let client = GreetClient::builder()
+        .timeout(Duration::from_millis(10))
+        .retries(2)
+        .connect(server.local_addr())
+        .expect("connect");
+    let err = client.send_recv(b"hello?").expect_err("no reply");
+    match err {
+        Error::Timeout {
+            addr,
+            attempts,
+            elapsed,
+        } => {
+            assert_eq!(addr, server.local_addr());
+            assert_eq!(attempts, 3);
+            // 10 + 20 + 40 ms of waiting at the least.
+            assert!(elapsed >= Duration::from_millis(70), "{elapsed:?}");
+        }
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    util::wait_until("the server to see all three attempts", || {
+        server.stats().no_reply == 3
+    });
+}
+
+#[test]
+fn a_lost_request_is_retried() {
+    // A server that ignores the first copy of each request.
+    let seen = std::sync::Mutex::new(std::collections::HashSet::new());
+    let server = GreetServer::bind(V4)
+        .expect("bind")
+        .spawn(move |request: Request<'_>, reply: &mut Vec<u8>| {
+            let first = seen
+                .lock()
+                .map(|mut s| s.insert(request.data().to_vec()))
+                .unwrap_or(false);
+            if first {
+                return Action::Ignore;
+            }
+            udp_greet::greet(request, reply)
+        })
+        .expect("spawn");
+    let client = GreetClient::builder()
+        .timeout(Duration::from_millis(20))
+        .retries(3)
+        .connect(server.local_addr())
+        .expect("connect");
+    assert_eq!(client.send_recv(b"again").expect("reply"), b"Hello, again!");
+    assert_eq!(server.stats().received, 2);
+}
+
+#[test]
+fn send_recv_into_fills_the_callers_buffer() {
+    let server = GreetServer::bind(V4)
+        .expect("bind")
+        .spawn(udp_greet::greet)
+        .expect("spawn");
+    let client = GreetClient::connect(server.local_addr()).expect("connect");
+    let mut buf = [0u8; 32];
+    let n = client.send_recv_into(b"Tracy", &mut buf).expect("reply");
+    assert_eq!(&buf[..n], b"Hello, Tracy!");
+
+    let mut small = [0u8; 8];
+    let err = client
+        .send_recv_into(b"Michael", &mut small)
+        .expect_err("too small");
+    assert!(
+        matches!(err, Error::ReplyTooLarge { capacity: 8, addr } if addr == server.local_addr()),
+        "{err:?}"
+    );
+    // The client is still usable, and the discarded reply does not linger.
+    let n = client.send_recv_into(b"Sarah", &mut buf).expect("reply");
+    assert_eq!(&buf[..n], b"Hello, Sarah!");
+}
+
+#[test]
+fn a_stale_reply_is_not_taken_for_the_next_answer() {
+    // A relay in front of the server sends every answer twice, and says when
+    // both copies are queued at the client: the duplicate of one answer must
+    // never be returned for the next request.
+    let server = GreetServer::bind(V4)
+        .expect("bind")
+        .spawn(udp_greet::greet)
+        .expect("spawn");
+    let relay = UdpSocket::bind(V4).expect("bind");
+    relay
+        .set_read_timeout(Some(util::HANG_GUARD))
+        .expect("timeout");
+    let relay_addr = relay.local_addr().expect("addr");
+    let upstream = server.local_addr();
+    let (queued_tx, queued) = std::sync::mpsc::channel();
+    let relay_thread = std::thread::spawn(move || {
+        let up = raw_socket_for(upstream);
+        let mut buf = [0u8; 2048];
+        for _ in 0..3 {
+            let (n, client) = relay.recv_from(&mut buf).expect("request");
+            up.send_to(&buf[..n], upstream).expect("forward");
+            let m = up.recv(&mut buf).expect("reply");
+            relay.send_to(&buf[..m], client).expect("reply");
+            relay.send_to(&buf[..m], client).expect("duplicate");
+            // Loopback delivers within send_to: both copies are queued now.
+            queued_tx.send(()).expect("test thread");
+        }
+    });
+    let client = GreetClient::connect(relay_addr).expect("connect");
+    for name in ["Michael", "Tracy", "Sarah"] {
+        let reply = client.send_recv(name.as_bytes()).expect("reply");
+        assert_eq!(reply, format!("Hello, {name}!").as_bytes());
+        queued
+            .recv_timeout(util::HANG_GUARD)
+            .expect("relay sent both copies");
+    }
+    relay_thread.join().expect("relay");
+}
+
+#[test]
+fn settings_are_checked_and_reported() {
+    let err = GreetClient::builder()
+        .timeout(Duration::ZERO)
+        .connect("127.0.0.1:9")
+        .expect_err("zero timeout");
+    assert!(matches!(
+        err,
+        Error::InvalidConfig {
+            setting: "timeout",
+            ..
+        }
+    ));
+    let err = GreetClient::connect("no.such.host.invalid:1").expect_err("unresolvable");
+    assert!(err.to_string().contains("no.such.host.invalid:1"), "{err}");
+    let client = GreetClient::builder()
+        .recv_buffer_size(64 * 1024)
+        .connect("127.0.0.1:9")
+        .expect("connect");
+    assert_eq!(client.recv_buffer_size().requested, Some(64 * 1024));
+    assert!(client.local_addr().ip().is_loopback());
+    assert_ne!(client.local_addr().port(), 0);
+}

@@ -1,0 +1,189 @@
+//! The demo binaries run as processes, their output checked byte for byte.
+//!
+//! `cargo test` builds the examples before it runs the tests; they are found
+//! beside this test binary, in `target/<profile>/examples/`.
+
+mod util;
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::{SocketAddr, UdpSocket};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+
+use util::HANG_GUARD;
+
+fn example(name: &str) -> Command {
+    let mut path = std::env::current_exe().expect("test binary path");
+    path.pop(); // the test binary
+    if path.ends_with("deps") {
+        path.pop();
+    }
+    let path: PathBuf = path
+        .join("examples")
+        .join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests through `cargo test`, which builds the examples",
+        path.display()
+    );
+    Command::new(path)
+}
+
+/// Runs a command to completion with the hang guard.
+fn run(mut command: Command) -> Output {
+    command.stdin(Stdio::null());
+    util::within_guard("an example process", move || {
+        command.output().expect("start the example")
+    })
+}
+
+/// A running example server whose standard output is read line by line.
+struct Server {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Server {
+    fn start(args: &[&str]) -> (Server, SocketAddr) {
+        let mut child = example("udp_server")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start udp_server");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut server = Server { child, lines };
+        let first = server.line();
+        let port: u16 = first
+            .strip_prefix("Bind UDP on ")
+            .and_then(|rest| rest.strip_suffix("..."))
+            .and_then(|port| port.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected first line {first:?}"));
+        assert_ne!(port, 0);
+        (server, SocketAddr::from(([127, 0, 0, 1], port)))
+    }
+
+    fn line(&mut self) -> String {
+        match self.lines.recv_timeout(HANG_GUARD) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = self.child.kill();
+                let mut err = String::new();
+                if let Some(mut stderr) = self.child.stderr.take() {
+                    let _ = stderr.read_to_string(&mut err);
+                }
+                panic!("udp_server printed no line in time; stderr: {err}");
+            }
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn client_and_server_examples_talk_as_the_originals_did() {
+    let (mut server, addr) = Server::start(&["--bind", "127.0.0.1:0"]);
+    let mut client = example("udp_client");
+    client.args(["--server", &addr.to_string()]);
+    let out = run(client);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "Hello, Michael!\nHello, Tracy!\nHello, Sarah!\n"
+    );
+    assert!(out.stderr.is_empty(), "{out:?}");
+    // One line per datagram, all from the client's one port.
+    let lines: Vec<String> = (0..3).map(|_| server.line()).collect();
+    let port = lines[0]
+        .strip_prefix("Received from 127.0.0.1:")
+        .and_then(|rest| rest.strip_suffix('.'))
+        .and_then(|port| port.parse::<u16>().ok())
+        .unwrap_or_else(|| panic!("unexpected line {:?}", lines[0]));
+    for line in &lines {
+        assert_eq!(line, &format!("Received from 127.0.0.1:{port}."));
+    }
+}
+
+#[test]
+fn client_takes_names_and_the_server_answers_a_raw_peer() {
+    let (_server, addr) = Server::start(&["--bind", "127.0.0.1:0", "--quiet"]);
+    let mut client = example("udp_client");
+    client.args(["--server", &addr.to_string(), "Ada", "--", "--not-a-flag"]);
+    let out = run(client);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "Hello, Ada!\nHello, --not-a-flag!\n"
+    );
+
+    let socket = util::raw_socket_for(addr);
+    socket.send_to(b"raw\xff", addr).expect("send");
+    let mut buf = [0u8; 64];
+    let n = socket.recv(&mut buf).expect("reply");
+    assert_eq!(&buf[..n], b"Hello, raw\xff!");
+}
+
+#[test]
+fn client_with_no_server_fails_with_one_line() {
+    let closed = UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("a free port");
+    let mut client = example("udp_client");
+    client.args(["--server", &closed.to_string()]);
+    let out = run(client);
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with(&format!("udp_client: nothing is listening on UDP {closed}")),
+        "{err}"
+    );
+}
+
+#[test]
+fn server_reports_a_taken_address() {
+    let holder = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let addr = holder.local_addr().expect("addr");
+    let mut server = example("udp_server");
+    server.args(["--bind", &addr.to_string()]);
+    let out = run(server);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with(&format!("udp_server: address {addr} is already in use")),
+        "{err}"
+    );
+}
+
+#[test]
+fn help_and_bad_flags() {
+    for name in ["udp_server", "udp_client"] {
+        let mut help = example(name);
+        help.arg("--help");
+        let out = run(help);
+        assert!(out.status.success());
+        assert!(String::from_utf8_lossy(&out.stdout).starts_with(&format!("usage: {name}")));
+
+        let mut bad = example(name);
+        bad.arg("--frobnicate");
+        let out = run(bad);
+        assert_eq!(out.status.code(), Some(2));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("--frobnicate"));
+    }
+}

@@ -1,0 +1,477 @@
+//! GreetServer over real loopback sockets, IPv4 and IPv6.
+
+mod util;
+
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread;
+
+use udp_greet::{
+    Action, Error, GreetClient, GreetServer, MAX_UDP_PAYLOAD_V4, MAX_UDP_PAYLOAD_V6, Request,
+    ServerHandle, ShutdownHandle, Stats,
+};
+use util::{V4, V6, has_ipv6, raw_socket_for, wait_until, within_guard};
+
+fn echo(request: Request<'_>, reply: &mut Vec<u8>) -> Action {
+    reply.extend_from_slice(request.data());
+    Action::Reply
+}
+
+fn greet_server(addr: &str) -> ServerHandle {
+    GreetServer::bind(addr)
+        .expect("bind")
+        .spawn(udp_greet::greet)
+        .expect("spawn")
+}
+
+/// Sends `request` from a plain std socket and returns the reply.
+fn raw_exchange(socket: &UdpSocket, to: SocketAddr, request: &[u8]) -> Vec<u8> {
+    socket.send_to(request, to).expect("send");
+    let mut buf = vec![0u8; 70_000];
+    let (len, from) = socket.recv_from(&mut buf).expect("a reply");
+    assert_eq!(from, to, "the reply comes from the server's address");
+    buf.truncate(len);
+    buf
+}
+
+fn assert_balanced(stats: &Stats) {
+    assert_eq!(
+        stats.received,
+        stats.accounted(),
+        "every datagram is accounted for: {stats:?}"
+    );
+}
+
+#[test]
+fn public_types_are_send_and_sync() {
+    fn check<T: Send + Sync + std::fmt::Debug>() {}
+    check::<GreetServer>();
+    check::<ServerHandle>();
+    check::<ShutdownHandle>();
+    check::<GreetClient>();
+    check::<udp_greet::ServerBuilder>();
+    check::<udp_greet::ClientBuilder>();
+    check::<Stats>();
+    check::<Error>();
+    check::<Request<'static>>();
+}
+
+#[test]
+fn greets_over_ipv4_and_ipv6() {
+    let mut addrs = vec![V4];
+    if has_ipv6() {
+        addrs.push(V6);
+    }
+    for addr in addrs {
+        let server = greet_server(addr);
+        assert_ne!(
+            server.local_addr().port(),
+            0,
+            "port 0 is replaced by the real port"
+        );
+        let client = GreetClient::connect(server.local_addr()).expect("connect");
+        assert_eq!(client.peer_addr(), server.local_addr());
+        for name in ["Michael", "Tracy", "Sarah"] {
+            let reply = client.send_recv(name.as_bytes()).expect("reply");
+            assert_eq!(reply, format!("Hello, {name}!").as_bytes());
+        }
+        let stats = server.shutdown().expect("shutdown");
+        assert_eq!((stats.received, stats.replied), (3, 3));
+        assert_balanced(&stats);
+    }
+}
+
+#[test]
+fn raw_peer_gets_exact_bytes_back() {
+    let server = greet_server(V4);
+    let socket = raw_socket_for(server.local_addr());
+    let request = [0u8, 255, b'\n', 0x80, b'x'];
+    let reply = raw_exchange(&socket, server.local_addr(), &request);
+    assert_eq!(reply, b"Hello, \0\xff\n\x80x!");
+}
+
+#[test]
+fn custom_handler_sees_data_and_peer() {
+    let server = GreetServer::bind(V4)
+        .expect("bind")
+        .spawn(|request: Request<'_>, reply: &mut Vec<u8>| {
+            reply.extend_from_slice(request.peer().to_string().as_bytes());
+            reply.push(b' ');
+            reply.extend(request.data().iter().rev());
+            Action::Reply
+        })
+        .expect("spawn");
+    let client = GreetClient::connect(server.local_addr()).expect("connect");
+    let reply = client.send_recv(b"abc").expect("reply");
+    assert_eq!(reply, format!("{} cba", client.local_addr()).as_bytes());
+}
+
+#[test]
+fn handler_can_choose_not_to_reply() {
+    let server = GreetServer::bind(V4)
+        .expect("bind")
+        .spawn(|request: Request<'_>, reply: &mut Vec<u8>| {
+            if request.data() == b"quiet" {
+                return Action::Ignore;
+            }
+            udp_greet::greet(request, reply)
+        })
+        .expect("spawn");
+    let socket = raw_socket_for(server.local_addr());
+    socket.send_to(b"quiet", server.local_addr()).expect("send");
+    // The server handles datagrams in order: the reply to the second request
+    // arriving first proves the first was handled and not answered.
+    assert_eq!(
+        raw_exchange(&socket, server.local_addr(), b"loud"),
+        b"Hello, loud!"
+    );
+    let stats = server.shutdown().expect("shutdown");
+    assert_eq!((stats.received, stats.replied, stats.no_reply), (2, 1, 1));
+    assert_balanced(&stats);
+}
+
+#[test]
+fn zero_length_datagram_is_a_request() {
+    let server = greet_server(V4);
+    let socket = raw_socket_for(server.local_addr());
+    assert_eq!(raw_exchange(&socket, server.local_addr(), b""), b"Hello, !");
+    let empty_echo = GreetServer::bind(V4)
+        .expect("bind")
+        .spawn(echo)
+        .expect("spawn");
+    let client = GreetClient::connect(empty_echo.local_addr()).expect("connect");
+    assert_eq!(client.send_recv(b"").expect("empty reply"), b"");
+    assert_eq!(empty_echo.stats().replied, 1);
+}
+
+#[test]
+fn largest_datagram_round_trips() {
+    let mut cases = vec![(V4, MAX_UDP_PAYLOAD_V4)];
+    if has_ipv6() {
+        cases.push((V6, MAX_UDP_PAYLOAD_V6));
+    }
+    for (addr, max) in cases {
+        let server = GreetServer::builder()
+            .recv_buffer_size(1 << 20)
+            .bind(addr)
+            .expect("bind")
+            .spawn(echo)
+            .expect("spawn");
+        let client = GreetClient::builder()
+            .recv_buffer_size(1 << 20)
+            .connect(server.local_addr())
+            .expect("connect");
+        let request: Vec<u8> = (0..max).map(|i| (i % 251) as u8).collect();
+        assert_eq!(client.send_recv(&request).expect("reply"), request);
+        let stats = server.shutdown().expect("shutdown");
+        assert_eq!((stats.replied, stats.truncated), (1, 0));
+    }
+}
+
+#[test]
+fn oversized_datagram_is_dropped_and_counted() {
+    let server = GreetServer::builder()
+        .max_datagram_size(100)
+        .bind(V4)
+        .expect("bind");
+    assert_eq!(server.max_datagram_size(), 100);
+    let calls = Arc::new(AtomicUsize::new(0));
+    let seen = calls.clone();
+    let server = server
+        .spawn(move |request: Request<'_>, reply: &mut Vec<u8>| {
+            seen.fetch_add(1, Ordering::Relaxed);
+            echo(request, reply)
+        })
+        .expect("spawn");
+    let socket = raw_socket_for(server.local_addr());
+    socket
+        .send_to(&[7u8; 101], server.local_addr())
+        .expect("send");
+    socket
+        .send_to(&[7u8; 5000], server.local_addr())
+        .expect("send");
+    let exact = [9u8; 100];
+    assert_eq!(raw_exchange(&socket, server.local_addr(), &exact), exact);
+    let stats = server.shutdown().expect("shutdown");
+    assert_eq!((stats.received, stats.truncated, stats.replied), (3, 2, 1));
+    assert_eq!(
+        calls.load(Ordering::Relaxed),
+        1,
+        "truncated data never reaches the handler"
+    );
+    assert_balanced(&stats);
+}
+
+#[test]
+fn panicking_handler_is_caught_and_counted() {
+    let server = GreetServer::bind(V4)
+        .expect("bind")
+        .spawn(|request: Request<'_>, reply: &mut Vec<u8>| {
+            reply.extend_from_slice(b"partial");
+            assert_ne!(request.data(), b"boom", "test handler panics on purpose");
+            udp_greet::greet(request, reply)
+        })
+        .expect("spawn");
+    let socket = raw_socket_for(server.local_addr());
+    for _ in 0..3 {
+        socket.send_to(b"boom", server.local_addr()).expect("send");
+    }
+    let reply = raw_exchange(&socket, server.local_addr(), b"fine");
+    assert_eq!(
+        reply, b"partialHello, fine!",
+        "nothing is left over from the panicked calls"
+    );
+    let stats = server.shutdown().expect("shutdown");
+    assert_eq!((stats.handler_panics, stats.replied), (3, 1));
+    assert_balanced(&stats);
+}
+
+#[test]
+fn oversized_reply_is_a_send_error_not_fatal() {
+    let server = GreetServer::bind(V4)
+        .expect("bind")
+        .spawn(|request: Request<'_>, reply: &mut Vec<u8>| {
+            if request.data() == b"big" {
+                reply.resize(70_000, 0); // larger than any UDP datagram
+                return Action::Reply;
+            }
+            udp_greet::greet(request, reply)
+        })
+        .expect("spawn");
+    let socket = raw_socket_for(server.local_addr());
+    socket.send_to(b"big", server.local_addr()).expect("send");
+    assert_eq!(
+        raw_exchange(&socket, server.local_addr(), b"ok"),
+        b"Hello, ok!"
+    );
+    let stats = server.shutdown().expect("shutdown");
+    assert_eq!((stats.send_errors, stats.replied), (1, 1));
+    assert_balanced(&stats);
+}
+
+#[test]
+fn serve_runs_on_the_calling_thread_until_shut_down() {
+    let server = GreetServer::bind(V4).expect("bind");
+    let addr = server.local_addr();
+    let stop = server.shutdown_handle();
+    assert!(!stop.is_shutdown());
+    let client = thread::spawn(move || {
+        let reply = GreetClient::connect(addr).and_then(|c| c.send_recv(b"Sarah"));
+        assert_eq!(stop.stats().replied, 1);
+        stop.shutdown();
+        reply
+    });
+    let stats = within_guard("serve", move || server.serve(udp_greet::greet)).expect("serve");
+    assert_eq!(
+        client.join().expect("client thread").expect("reply"),
+        b"Hello, Sarah!"
+    );
+    assert_eq!(stats.replied, 1);
+}
+
+#[test]
+fn shutdown_frees_the_port_at_once() {
+    let server = greet_server(V4);
+    let addr = server.local_addr();
+    assert!(matches!(
+        GreetServer::bind(addr),
+        Err(Error::AddrInUse { addr: a, .. }) if a == addr
+    ));
+    let stats = within_guard("shutdown", move || server.shutdown()).expect("shutdown");
+    assert_eq!(stats, Stats::default());
+    // Bound again straight away, and working.
+    let again = greet_server(&addr.to_string());
+    let client = GreetClient::connect(addr).expect("connect");
+    assert_eq!(client.send_recv(b"again").expect("reply"), b"Hello, again!");
+    drop(again);
+    // Dropping the handle also stops the server and frees the port.
+    GreetServer::bind(addr).expect("bind after drop");
+}
+
+#[test]
+fn shutdown_handle_outlives_the_server_without_holding_the_port() {
+    let server = greet_server(V4);
+    let addr = server.local_addr();
+    let stop = server.shutdown_handle();
+    server.shutdown().expect("shutdown");
+    stop.shutdown(); // harmless after the fact
+    assert!(stop.is_shutdown());
+    GreetServer::bind(addr).expect("the handle does not keep the socket open");
+}
+
+#[test]
+fn addr_in_use_error_names_the_address() {
+    let holder = UdpSocket::bind(V4).expect("bind");
+    let addr = holder.local_addr().expect("addr");
+    let err = GreetServer::bind(addr).expect_err("in use");
+    assert!(
+        err.to_string()
+            .starts_with(&format!("address {addr} is already in use")),
+        "{err}"
+    );
+}
+
+#[test]
+fn unresolvable_address_names_the_input() {
+    let err = GreetServer::bind("definitely not an address").expect_err("bad address");
+    assert!(matches!(err, Error::Resolve { .. }));
+    assert!(
+        err.to_string().contains("definitely not an address"),
+        "{err}"
+    );
+}
+
+#[test]
+fn invalid_settings_are_rejected_at_bind() {
+    for size in [0, 65_536] {
+        let err = GreetServer::builder()
+            .max_datagram_size(size)
+            .bind(V4)
+            .expect_err("out of range");
+        assert!(matches!(
+            err,
+            Error::InvalidConfig {
+                setting: "max_datagram_size",
+                ..
+            }
+        ));
+    }
+}
+
+#[test]
+fn buffer_sizes_report_request_and_grant() {
+    let server = GreetServer::builder()
+        .recv_buffer_size(256 * 1024)
+        .send_buffer_size(128 * 1024)
+        .bind(V4)
+        .expect("bind");
+    let recv = server.recv_buffer_size();
+    assert_eq!(recv.requested, Some(256 * 1024));
+    assert!(recv.granted > 0);
+    assert_eq!(server.send_buffer_size().requested, Some(128 * 1024));
+    if cfg!(target_os = "linux") {
+        // Linux doubles the request, capped by net.core.rmem_max.
+        let cap = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok())
+            .unwrap_or(usize::MAX);
+        assert_eq!(recv.granted, 2 * (256 * 1024).min(cap));
+        assert_eq!(recv.is_clamped(), cap < 256 * 1024 / 2);
+        // A request far over any cap is granted less, and says so.
+        let huge = GreetServer::builder()
+            .recv_buffer_size(1 << 40)
+            .bind(V4)
+            .expect("bind");
+        assert!(huge.recv_buffer_size().is_clamped());
+    }
+    let default = GreetServer::bind(V4).expect("bind");
+    assert_eq!(default.recv_buffer_size().requested, None);
+    assert!(!default.recv_buffer_size().is_clamped());
+}
+
+#[test]
+fn reuse_port_lets_two_servers_share_an_address() {
+    if !cfg!(unix) {
+        eprintln!("note: SO_REUSEPORT does not exist on this platform; test skipped");
+        return;
+    }
+    let first = GreetServer::builder()
+        .reuse_port(true)
+        .bind(V4)
+        .expect("bind");
+    let second = GreetServer::builder()
+        .reuse_port(true)
+        .bind(first.local_addr())
+        .expect("second bind on the same address");
+    assert_eq!(first.local_addr(), second.local_addr());
+    let without = GreetServer::bind(first.local_addr()).expect_err("no reuse");
+    assert!(matches!(without, Error::AddrInUse { .. }));
+}
+
+#[test]
+fn ipv6_only_is_explicit() {
+    if !has_ipv6() {
+        return;
+    }
+    // With IPV6_V6ONLY (the default) a v6 wildcard leaves the v4 port free.
+    let v6 = GreetServer::bind("[::]:0").expect("bind [::]");
+    let port = v6.local_addr().port();
+    GreetServer::bind(("0.0.0.0", port)).expect("the IPv4 port is separate");
+    // Without it the v6 socket takes the v4 port as well.
+    let dual = GreetServer::builder()
+        .only_v6(false)
+        .bind("[::]:0")
+        .expect("bind");
+    let err = GreetServer::bind(("0.0.0.0", dual.local_addr().port())).expect_err("taken");
+    assert!(matches!(err, Error::AddrInUse { .. }));
+}
+
+#[test]
+fn tcp_listener_on_the_same_port_does_not_interfere() {
+    let server = greet_server(V4);
+    let port = server.local_addr().port();
+    // The same number as a TCP port is a different port.
+    let tcp = TcpListener::bind(("127.0.0.1", port)).expect("TCP bind on the same number");
+    let client = GreetClient::connect(server.local_addr()).expect("connect");
+    assert_eq!(client.send_recv(b"udp").expect("reply"), b"Hello, udp!");
+    drop(tcp);
+}
+
+#[test]
+fn several_clients_at_once() {
+    let server = greet_server(V4);
+    let addr = server.local_addr();
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            thread::spawn(move || {
+                let client = GreetClient::connect(addr)?;
+                for i in 0..200 {
+                    let name = format!("client-{t}-{i}");
+                    let reply = client.send_recv(name.as_bytes())?;
+                    assert_eq!(reply, format!("Hello, {name}!").as_bytes());
+                }
+                Ok::<_, Error>(())
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().expect("client thread").expect("all replies");
+    }
+    let stats = server.shutdown().expect("shutdown");
+    assert!(stats.replied >= 1600, "{stats:?}");
+    assert_balanced(&stats);
+}
+
+#[test]
+fn from_std_serves_an_existing_socket() {
+    let socket = UdpSocket::bind(V4).expect("bind");
+    let addr = socket.local_addr().expect("addr");
+    let server = GreetServer::from_std(socket).expect("adopt");
+    assert_eq!(server.local_addr(), addr);
+    assert_eq!(server.max_datagram_size(), MAX_UDP_PAYLOAD_V4);
+    let server = server.spawn(udp_greet::greet).expect("spawn");
+    let client = GreetClient::connect(addr).expect("connect");
+    assert_eq!(client.send_recv(b"std").expect("reply"), b"Hello, std!");
+    drop(server);
+}
+
+#[test]
+fn receive_errors_do_not_stop_the_server() {
+    let server = greet_server(V4);
+    let addr = server.local_addr();
+    // Replies to a port that closes at once draw ICMP port-unreachable
+    // messages back at the server.
+    for _ in 0..20 {
+        let gone = raw_socket_for(addr);
+        gone.send_to(b"x", addr).expect("send");
+    }
+    let client = GreetClient::connect(addr).expect("connect");
+    wait_until("all 20 requests to be handled", || {
+        server.stats().received == 20
+    });
+    assert_eq!(client.send_recv(b"still").expect("reply"), b"Hello, still!");
+    let stats = server.shutdown().expect("shutdown");
+    assert_eq!(stats.received, 21);
+    assert_balanced(&stats);
+}

@@ -1,0 +1,53 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::net::{SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+/// How long any single wait in a test may take before the test fails
+/// instead of hanging. Generous: CI machines are shared and slow.
+pub const HANG_GUARD: Duration = Duration::from_secs(10);
+
+pub const V4: &str = "127.0.0.1:0";
+pub const V6: &str = "[::1]:0";
+
+/// Whether this machine has an IPv6 loopback; tests that need it say so
+/// when it is missing instead of passing silently.
+pub fn has_ipv6() -> bool {
+    let ok = UdpSocket::bind(V6).is_ok();
+    if !ok {
+        eprintln!("note: no IPv6 loopback on this machine; the IPv6 half of this test did not run");
+    }
+    ok
+}
+
+/// A plain std socket on loopback of `peer`'s family, with a hang guard.
+pub fn raw_socket_for(peer: SocketAddr) -> UdpSocket {
+    let local = if peer.is_ipv4() { V4 } else { V6 };
+    let socket = UdpSocket::bind(local).expect("bind a loopback test socket");
+    socket
+        .set_read_timeout(Some(HANG_GUARD))
+        .expect("set a read timeout");
+    socket
+}
+
+/// Polls `check` until it returns true or the hang guard runs out, for
+/// things the kernel or another thread does asynchronously.
+pub fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + HANG_GUARD;
+    while !check() {
+        assert!(Instant::now() < deadline, "gave up waiting for {what}");
+        std::thread::yield_now();
+    }
+}
+
+/// Runs `f` on another thread and fails the test if it does not finish
+/// within the hang guard.
+pub fn within_guard<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(HANG_GUARD)
+        .unwrap_or_else(|_| panic!("{what} did not finish within {HANG_GUARD:?}"))
+}
