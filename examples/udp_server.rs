@@ -5,7 +5,7 @@
 //! interrupted (Ctrl-C).
 //!
 //! ```text
-//! cargo run --example udp_server -- [--bind ADDR] [--quiet]
+//! cargo run --example udp_server -- [--bind ADDR] [--workers N] [--quiet]
 //! ```
 
 use std::io::Write;
@@ -14,23 +14,26 @@ use std::process::ExitCode;
 use udp_greet::{GreetServer, Request};
 
 const USAGE: &str = "\
-usage: udp_server [--bind ADDR] [--quiet]
+usage: udp_server [--bind ADDR] [--workers N] [--quiet]
 
 Answers each UDP datagram with `Hello, <datagram>!`.
 
 options:
   --bind ADDR   address to listen on (default 127.0.0.1:9999; port 0 picks a free port)
+  --workers N   serve with N threads (default 1)
   --quiet       do not print a line per datagram
   --help        print this help";
 
 struct Options {
     bind: String,
+    workers: usize,
     quiet: bool,
 }
 
 fn parse(mut args: impl Iterator<Item = String>) -> Result<Option<Options>, String> {
     let mut options = Options {
         bind: "127.0.0.1:9999".to_owned(),
+        workers: 1,
         quiet: false,
     };
     while let Some(arg) = args.next() {
@@ -41,6 +44,12 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Option<Options>, Stri
                 options.bind = args
                     .next()
                     .ok_or("--bind needs an address, such as 127.0.0.1:9999")?;
+            }
+            "--workers" => {
+                options.workers = args
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .ok_or("--workers needs a number of threads, such as 2")?;
             }
             other => return Err(format!("unexpected argument {other:?}")),
         }
@@ -70,7 +79,9 @@ fn main() -> ExitCode {
 }
 
 fn run(options: &Options) -> Result<(), udp_greet::Error> {
-    let server = GreetServer::bind(options.bind.as_str())?;
+    let server = GreetServer::builder()
+        .workers(options.workers)
+        .bind(options.bind.as_str())?;
     say(format_args!(
         "Bind UDP on {}...",
         server.local_addr().port()

@@ -6,6 +6,10 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use crate::error::Error;
 use crate::server::GreetServer;
 use crate::socket::{self, SocketOptions};
+use crate::sys;
+
+/// The most workers one server may have.
+const MAX_WORKERS: usize = 1024;
 
 /// The largest UDP payload over IPv4: 65 535 − 20 (IP header) − 8 (UDP header).
 pub const MAX_UDP_PAYLOAD_V4: usize = 65_507;
@@ -33,7 +37,13 @@ pub const MAX_UDP_PAYLOAD_V6: usize = 65_527;
 pub struct ServerBuilder {
     pub(crate) socket: SocketOptions,
     pub(crate) max_datagram: Option<usize>,
+    pub(crate) workers: usize,
+    pub(crate) batch_size: usize,
+    pub(crate) portable_io: bool,
 }
+
+/// The default number of datagrams per batch on the batched path.
+pub const DEFAULT_BATCH_SIZE: usize = 32;
 
 impl Default for ServerBuilder {
     fn default() -> Self {
@@ -43,6 +53,9 @@ impl Default for ServerBuilder {
                 ..SocketOptions::default()
             },
             max_datagram: None,
+            workers: 1,
+            batch_size: DEFAULT_BATCH_SIZE,
+            portable_io: false,
         }
     }
 }
@@ -119,6 +132,51 @@ impl ServerBuilder {
         self
     }
 
+    /// How many worker threads serve, each running the receive, handle,
+    /// reply loop.
+    ///
+    /// # Platform-specific behavior
+    ///
+    /// On Linux each worker gets a socket of its own, all bound to the same
+    /// address with `SO_REUSEPORT` (set automatically), and the kernel
+    /// spreads peers over them by a hash of their address: one peer's
+    /// datagrams always go to the same worker, so a single busy peer does not
+    /// spread. Elsewhere the workers share one socket.
+    ///
+    /// Must be between 1 and 1024. Defaults to 1.
+    pub fn workers(mut self, workers: usize) -> Self {
+        self.workers = workers;
+        self
+    }
+
+    /// How many datagrams one batched receive (`recvmmsg`) takes at most,
+    /// and so how many replies one `sendmmsg` sends.
+    ///
+    /// Each worker keeps a receive buffer of the largest accepted datagram
+    /// size per batch slot (2 MiB of address space for 32 slots of 64 KiB,
+    /// touched only as large datagrams use it); lower
+    /// [`max_datagram_size`](ServerBuilder::max_datagram_size) to shrink it.
+    ///
+    /// # Platform-specific behavior
+    ///
+    /// Batches are used on Linux only; elsewhere the setting is checked and
+    /// otherwise ignored.
+    ///
+    /// Must be between 1 and 1024. Defaults to [`DEFAULT_BATCH_SIZE`] (32).
+    pub fn batch_size(mut self, datagrams: usize) -> Self {
+        self.batch_size = datagrams;
+        self
+    }
+
+    /// Uses the portable loop (one `recvmsg` and one `sendto` per datagram,
+    /// through socket2) even where batched calls are available.
+    ///
+    /// Defaults to `false`.
+    pub fn portable_io(mut self, on: bool) -> Self {
+        self.portable_io = on;
+        self
+    }
+
     /// Creates the socket, applies the options and binds it to `addr`.
     ///
     /// Each address `addr` resolves to is tried in turn, as
@@ -144,6 +202,18 @@ impl ServerBuilder {
                     reason: "must be between 1 and 65535 bytes",
                 });
             }
+        }
+        if !(1..=MAX_WORKERS).contains(&self.workers) {
+            return Err(Error::InvalidConfig {
+                setting: "workers",
+                reason: "must be between 1 and 1024",
+            });
+        }
+        if !(1..=sys::MAX_BATCH).contains(&self.batch_size) {
+            return Err(Error::InvalidConfig {
+                setting: "batch_size",
+                reason: "must be between 1 and 1024",
+            });
         }
         Ok(())
     }

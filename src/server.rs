@@ -52,8 +52,15 @@ pub struct GreetServer {
     recv_buffer: BufferSize,
     send_buffer: BufferSize,
     max_datagram: usize,
+    workers: usize,
+    batch: Option<usize>,
     control: Arc<Control>,
 }
+
+/// Whether the kernel spreads datagrams over sockets that share a port with
+/// `SO_REUSEPORT` (Linux, by a hash of the peer's address); elsewhere
+/// workers share one socket.
+const REUSE_PORT_SPREADS: bool = cfg!(any(target_os = "linux", target_os = "android"));
 
 impl fmt::Debug for GreetServer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -62,6 +69,8 @@ impl fmt::Debug for GreetServer {
             .field("recv_buffer", &self.recv_buffer)
             .field("send_buffer", &self.send_buffer)
             .field("max_datagram", &self.max_datagram)
+            .field("workers", &self.workers)
+            .field("batch", &self.batch)
             .finish_non_exhaustive()
     }
 }
@@ -96,48 +105,69 @@ impl GreetServer {
     }
 
     /// Serves on a socket made elsewhere, for options this crate does not
-    /// set. The largest accepted datagram is the default for the socket's
-    /// family.
+    /// set. Every other setting is the builder's default.
     ///
     /// # Errors
     ///
     /// [`Error::Socket`] when the socket's address or buffer sizes cannot be
     /// read.
     pub fn from_std(socket: UdpSocket) -> Result<GreetServer, Error> {
-        let socket = Socket::from(socket);
-        let made = socket::adopt(socket)?;
-        let max_datagram = ServerBuilder::default().max_datagram_for(made.local_addr);
-        GreetServer::from_made(made, max_datagram)
+        let made = socket::adopt(Socket::from(socket))?;
+        GreetServer::from_sockets(&ServerBuilder::default(), vec![made])
     }
 
+    /// Binds one socket per worker where the kernel can spread datagrams
+    /// over them (`SO_REUSEPORT` on Linux), or one socket for all.
     pub(crate) fn from_builder(builder: &ServerBuilder, addr: SocketAddr) -> Result<Self, Error> {
-        let made = socket::bind(addr, &builder.socket)?;
-        let max_datagram = builder.max_datagram_for(made.local_addr);
-        GreetServer::from_made(made, max_datagram)
+        let separate = builder.workers > 1 && REUSE_PORT_SPREADS;
+        let mut options = builder.socket.clone();
+        options.reuse_port |= separate;
+        let first = socket::bind(addr, &options)?;
+        let bound = first.local_addr;
+        let mut made = vec![first];
+        if separate {
+            for _ in 1..builder.workers {
+                made.push(socket::bind(bound, &options)?);
+            }
+        }
+        GreetServer::from_sockets(builder, made)
     }
 
-    fn from_made(made: socket::Made, max_datagram: usize) -> Result<Self, Error> {
-        if let Some(interval) = sys::WAKE_INTERVAL {
-            made.socket
-                .set_read_timeout(Some(interval))
-                .map_err(|source| Error::Socket {
-                    action: "set SO_RCVTIMEO",
-                    addr: made.local_addr,
-                    source,
-                })?;
+    fn from_sockets(builder: &ServerBuilder, made: Vec<socket::Made>) -> Result<Self, Error> {
+        let Some(first) = made.first() else {
+            return Err(Error::InvalidConfig {
+                setting: "workers",
+                reason: "at least one socket is needed",
+            });
+        };
+        let (local_addr, recv_buffer, send_buffer) =
+            (first.local_addr, first.recv_buffer, first.send_buffer);
+        let mut sockets = Vec::with_capacity(made.len());
+        for m in made {
+            if let Some(interval) = sys::WAKE_INTERVAL {
+                m.socket
+                    .set_read_timeout(Some(interval))
+                    .map_err(|source| Error::Socket {
+                        action: "set SO_RCVTIMEO",
+                        addr: local_addr,
+                        source,
+                    })?;
+            }
+            sockets.push(Arc::new(m.socket));
         }
-        let socket = Arc::new(made.socket);
         let control = Arc::new(Control {
             stop: AtomicBool::new(false),
-            sockets: vec![Arc::downgrade(&socket)],
-            stats: SharedStats::new(1),
+            sockets: sockets.iter().map(Arc::downgrade).collect(),
+            stats: SharedStats::new(builder.workers),
         });
         Ok(GreetServer {
-            sockets: vec![socket],
-            local_addr: made.local_addr,
-            recv_buffer: made.recv_buffer,
-            send_buffer: made.send_buffer,
-            max_datagram,
+            sockets,
+            local_addr,
+            recv_buffer,
+            send_buffer,
+            max_datagram: builder.max_datagram_for(local_addr),
+            workers: builder.workers,
+            batch: (!builder.portable_io).then_some(builder.batch_size),
             control,
         })
     }
@@ -248,10 +278,17 @@ impl GreetServer {
         let mut handle = ServerHandle {
             local_addr: self.local_addr,
             control: self.control.clone(),
-            threads: Vec::with_capacity(self.sockets.len()),
+            threads: Vec::with_capacity(self.workers),
         };
+        // Moved out, so that the workers hold the only strong references
+        // and each socket closes when its last worker finishes.
+        let sockets = self.sockets;
         let mut inline = None;
-        for (index, socket) in self.sockets.into_iter().enumerate() {
+        for index in 0..self.workers {
+            // One socket per worker, or one shared by all.
+            let Some(socket) = sockets.get(index).or(sockets.first()).cloned() else {
+                break;
+            };
             let worker = Worker {
                 index,
                 socket,
@@ -259,13 +296,16 @@ impl GreetServer {
                 stats: self.control.stats.clone(),
                 control: self.control.clone(),
                 max_datagram: self.max_datagram,
+                batch: self.batch,
             };
             if on_this_thread && index == 0 {
                 inline = Some(worker);
                 continue;
             }
+            // `udp:PORT/N`: fits Linux's 15-byte thread names, and tells
+            // servers apart in `top -H`.
             let spawned = thread::Builder::new()
-                .name(format!("udp-greet-{index}"))
+                .name(format!("udp:{}/{index}", self.local_addr.port()))
                 .spawn(move || worker.run());
             match spawned {
                 Ok(thread) => handle.threads.push(thread),
@@ -279,6 +319,7 @@ impl GreetServer {
                 }
             }
         }
+        drop(sockets);
         if let Some(worker) = inline {
             worker.run();
         }

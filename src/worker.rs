@@ -30,14 +30,24 @@ pub(crate) struct Worker<H> {
     pub(crate) stats: Arc<SharedStats>,
     pub(crate) control: Arc<Control>,
     pub(crate) max_datagram: usize,
+    /// Datagrams per batch on the batched path; `None` for the portable loop.
+    pub(crate) batch: Option<usize>,
 }
 
 impl<H: HandlerFn> Worker<H> {
-    /// Runs the receive, handle, reply loop until the server shuts down.
+    /// Runs the receive, handle, reply loop until the server shuts down:
+    /// batched where the platform allows and the builder did not ask for the
+    /// portable loop.
     pub(crate) fn run(self) {
-        let mut totals = Processor::new(self.handler.clone());
-        run_portable(&self, &mut totals);
-        self.stats.publish(self.index, &totals.totals);
+        let mut p = Processor::new(self.handler.clone());
+        match self
+            .batch
+            .and_then(|size| sys::Batch::new(size, self.max_datagram))
+        {
+            Some(batch) => run_batched(&self, &mut p, batch),
+            None => run_portable(&self, &mut p),
+        }
+        self.stats.publish(self.index, &p.totals);
     }
 }
 
@@ -103,13 +113,10 @@ impl<H: HandlerFn> Processor<H> {
         }
     }
 
-    /// Counts the outcome of sending one reply.
-    pub(crate) fn sent(&mut self, ok: bool) {
-        if ok {
-            self.totals.replied += 1;
-        } else {
-            self.totals.send_errors += 1;
-        }
+    /// Counts the outcome of sending replies.
+    pub(crate) fn sent(&mut self, replied: u64, failed: u64) {
+        self.totals.replied += replied;
+        self.totals.send_errors += failed;
     }
 
     /// Handles a failed receive call. The loop always goes on: errors that
@@ -145,7 +152,7 @@ fn is_icmp_report(err: &io::Error) -> bool {
 }
 
 /// Retries `f` while it fails with `EINTR`; reports whether it succeeded.
-pub(crate) fn send_ok(mut f: impl FnMut() -> io::Result<usize>) -> bool {
+fn send_ok(mut f: impl FnMut() -> io::Result<usize>) -> bool {
     loop {
         match f() {
             Ok(_) => return true,
@@ -173,8 +180,35 @@ fn run_portable<H: HandlerFn>(w: &Worker<H>, p: &mut Processor<H>) {
                 };
                 let data = buf.get(..len).unwrap_or(&buf);
                 if p.process(data, flags.is_truncated(), peer, &mut reply) {
-                    p.sent(send_ok(|| w.socket.send_to(&reply, &addr)));
+                    let ok = send_ok(|| w.socket.send_to(&reply, &addr));
+                    p.sent(u64::from(ok), u64::from(!ok));
                 }
+            }
+            Err(err) => p.recv_failed(&err, &w.control),
+        }
+        w.stats.publish(w.index, &p.totals);
+    }
+}
+
+/// The batched loop: one `recvmmsg` for up to a batch of datagrams, the
+/// handler on each, one `sendmmsg` for all the replies, and the counters
+/// published once per batch.
+fn run_batched<H: HandlerFn>(w: &Worker<H>, p: &mut Processor<H>, mut batch: sys::Batch) {
+    while !w.control.is_stopped() {
+        match batch.recv(&w.socket) {
+            Ok(count) => {
+                for i in 0..count {
+                    let (datagram, reply) = batch.slot(i);
+                    // A shutdown wake-up carries no sender: not a datagram.
+                    let Some(peer) = datagram.peer else {
+                        continue;
+                    };
+                    if p.process(datagram.data, datagram.truncated, peer, reply) {
+                        batch.queue_reply(i);
+                    }
+                }
+                let (replied, failed) = batch.send(&w.socket);
+                p.sent(replied, failed);
             }
             Err(err) => p.recv_failed(&err, &w.control),
         }

@@ -96,7 +96,7 @@ fn a_lost_request_is_retried() {
         .connect(server.local_addr())
         .expect("connect");
     assert_eq!(client.send_recv(b"again").expect("reply"), b"Hello, again!");
-    assert_eq!(server.stats().received, 2);
+    assert_eq!(server.shutdown().expect("shutdown").received, 2);
 }
 
 #[test]

@@ -9,17 +9,38 @@ use std::thread;
 
 use udp_greet::{
     Action, Error, GreetClient, GreetServer, MAX_UDP_PAYLOAD_V4, MAX_UDP_PAYLOAD_V6, Request,
-    ServerHandle, ShutdownHandle, Stats,
+    ServerBuilder, ServerHandle, ShutdownHandle, Stats,
 };
 use util::{V4, V6, has_ipv6, raw_socket_for, wait_until, within_guard};
+
+// Each of these runs twice: on the batched path and on the portable loop.
+util::on_both_paths!(
+    greets_over_ipv4_and_ipv6,
+    raw_peer_gets_exact_bytes_back,
+    custom_handler_sees_data_and_peer,
+    handler_can_choose_not_to_reply,
+    zero_length_datagram_is_a_request,
+    largest_datagram_round_trips,
+    oversized_datagram_is_dropped_and_counted,
+    panicking_handler_is_caught_and_counted,
+    oversized_reply_is_a_send_error_not_fatal,
+    serve_runs_on_the_calling_thread_until_shut_down,
+    shutdown_frees_the_port_at_once,
+    shutdown_handle_outlives_the_server_without_holding_the_port,
+    several_clients_at_once,
+    receive_errors_do_not_stop_the_server,
+    several_workers_share_the_load_and_stop_together,
+);
 
 fn echo(request: Request<'_>, reply: &mut Vec<u8>) -> Action {
     reply.extend_from_slice(request.data());
     Action::Reply
 }
 
-fn greet_server(addr: &str) -> ServerHandle {
-    GreetServer::bind(addr)
+fn greet_server(builder: &ServerBuilder, addr: &str) -> ServerHandle {
+    builder
+        .clone()
+        .bind(addr)
         .expect("bind")
         .spawn(udp_greet::greet)
         .expect("spawn")
@@ -57,14 +78,13 @@ fn public_types_are_send_and_sync() {
     check::<Request<'static>>();
 }
 
-#[test]
-fn greets_over_ipv4_and_ipv6() {
+fn greets_over_ipv4_and_ipv6(b: ServerBuilder) {
     let mut addrs = vec![V4];
     if has_ipv6() {
         addrs.push(V6);
     }
     for addr in addrs {
-        let server = greet_server(addr);
+        let server = greet_server(&b, addr);
         assert_ne!(
             server.local_addr().port(),
             0,
@@ -82,18 +102,18 @@ fn greets_over_ipv4_and_ipv6() {
     }
 }
 
-#[test]
-fn raw_peer_gets_exact_bytes_back() {
-    let server = greet_server(V4);
+fn raw_peer_gets_exact_bytes_back(b: ServerBuilder) {
+    let server = greet_server(&b, V4);
     let socket = raw_socket_for(server.local_addr());
     let request = [0u8, 255, b'\n', 0x80, b'x'];
     let reply = raw_exchange(&socket, server.local_addr(), &request);
     assert_eq!(reply, b"Hello, \0\xff\n\x80x!");
 }
 
-#[test]
-fn custom_handler_sees_data_and_peer() {
-    let server = GreetServer::bind(V4)
+fn custom_handler_sees_data_and_peer(b: ServerBuilder) {
+    let server = b
+        .clone()
+        .bind(V4)
         .expect("bind")
         .spawn(|request: Request<'_>, reply: &mut Vec<u8>| {
             reply.extend_from_slice(request.peer().to_string().as_bytes());
@@ -107,9 +127,10 @@ fn custom_handler_sees_data_and_peer() {
     assert_eq!(reply, format!("{} cba", client.local_addr()).as_bytes());
 }
 
-#[test]
-fn handler_can_choose_not_to_reply() {
-    let server = GreetServer::bind(V4)
+fn handler_can_choose_not_to_reply(b: ServerBuilder) {
+    let server = b
+        .clone()
+        .bind(V4)
         .expect("bind")
         .spawn(|request: Request<'_>, reply: &mut Vec<u8>| {
             if request.data() == b"quiet" {
@@ -131,28 +152,29 @@ fn handler_can_choose_not_to_reply() {
     assert_balanced(&stats);
 }
 
-#[test]
-fn zero_length_datagram_is_a_request() {
-    let server = greet_server(V4);
+fn zero_length_datagram_is_a_request(b: ServerBuilder) {
+    let server = greet_server(&b, V4);
     let socket = raw_socket_for(server.local_addr());
     assert_eq!(raw_exchange(&socket, server.local_addr(), b""), b"Hello, !");
-    let empty_echo = GreetServer::bind(V4)
+    let empty_echo = b
+        .clone()
+        .bind(V4)
         .expect("bind")
         .spawn(echo)
         .expect("spawn");
     let client = GreetClient::connect(empty_echo.local_addr()).expect("connect");
     assert_eq!(client.send_recv(b"").expect("empty reply"), b"");
-    assert_eq!(empty_echo.stats().replied, 1);
+    assert_eq!(empty_echo.shutdown().expect("shutdown").replied, 1);
 }
 
-#[test]
-fn largest_datagram_round_trips() {
+fn largest_datagram_round_trips(b: ServerBuilder) {
     let mut cases = vec![(V4, MAX_UDP_PAYLOAD_V4)];
     if has_ipv6() {
         cases.push((V6, MAX_UDP_PAYLOAD_V6));
     }
     for (addr, max) in cases {
-        let server = GreetServer::builder()
+        let server = b
+            .clone()
             .recv_buffer_size(1 << 20)
             .bind(addr)
             .expect("bind")
@@ -169,12 +191,8 @@ fn largest_datagram_round_trips() {
     }
 }
 
-#[test]
-fn oversized_datagram_is_dropped_and_counted() {
-    let server = GreetServer::builder()
-        .max_datagram_size(100)
-        .bind(V4)
-        .expect("bind");
+fn oversized_datagram_is_dropped_and_counted(b: ServerBuilder) {
+    let server = b.clone().max_datagram_size(100).bind(V4).expect("bind");
     assert_eq!(server.max_datagram_size(), 100);
     let calls = Arc::new(AtomicUsize::new(0));
     let seen = calls.clone();
@@ -203,9 +221,10 @@ fn oversized_datagram_is_dropped_and_counted() {
     assert_balanced(&stats);
 }
 
-#[test]
-fn panicking_handler_is_caught_and_counted() {
-    let server = GreetServer::bind(V4)
+fn panicking_handler_is_caught_and_counted(b: ServerBuilder) {
+    let server = b
+        .clone()
+        .bind(V4)
         .expect("bind")
         .spawn(|request: Request<'_>, reply: &mut Vec<u8>| {
             reply.extend_from_slice(b"partial");
@@ -227,9 +246,10 @@ fn panicking_handler_is_caught_and_counted() {
     assert_balanced(&stats);
 }
 
-#[test]
-fn oversized_reply_is_a_send_error_not_fatal() {
-    let server = GreetServer::bind(V4)
+fn oversized_reply_is_a_send_error_not_fatal(b: ServerBuilder) {
+    let server = b
+        .clone()
+        .bind(V4)
         .expect("bind")
         .spawn(|request: Request<'_>, reply: &mut Vec<u8>| {
             if request.data() == b"big" {
@@ -250,15 +270,15 @@ fn oversized_reply_is_a_send_error_not_fatal() {
     assert_balanced(&stats);
 }
 
-#[test]
-fn serve_runs_on_the_calling_thread_until_shut_down() {
-    let server = GreetServer::bind(V4).expect("bind");
+fn serve_runs_on_the_calling_thread_until_shut_down(b: ServerBuilder) {
+    let server = b.clone().bind(V4).expect("bind");
     let addr = server.local_addr();
     let stop = server.shutdown_handle();
     assert!(!stop.is_shutdown());
     let client = thread::spawn(move || {
         let reply = GreetClient::connect(addr).and_then(|c| c.send_recv(b"Sarah"));
-        assert_eq!(stop.stats().replied, 1);
+        // Counters are published right after the reply is sent.
+        wait_until("the reply to be counted", || stop.stats().replied == 1);
         stop.shutdown();
         reply
     });
@@ -270,34 +290,34 @@ fn serve_runs_on_the_calling_thread_until_shut_down() {
     assert_eq!(stats.replied, 1);
 }
 
-#[test]
-fn shutdown_frees_the_port_at_once() {
-    let server = greet_server(V4);
+fn shutdown_frees_the_port_at_once(b: ServerBuilder) {
+    let server = greet_server(&b, V4);
     let addr = server.local_addr();
     assert!(matches!(
-        GreetServer::bind(addr),
+        b.clone().bind(addr),
         Err(Error::AddrInUse { addr: a, .. }) if a == addr
     ));
     let stats = within_guard("shutdown", move || server.shutdown()).expect("shutdown");
     assert_eq!(stats, Stats::default());
     // Bound again straight away, and working.
-    let again = greet_server(&addr.to_string());
+    let again = greet_server(&b, &addr.to_string());
     let client = GreetClient::connect(addr).expect("connect");
     assert_eq!(client.send_recv(b"again").expect("reply"), b"Hello, again!");
     drop(again);
     // Dropping the handle also stops the server and frees the port.
-    GreetServer::bind(addr).expect("bind after drop");
+    b.clone().bind(addr).expect("bind after drop");
 }
 
-#[test]
-fn shutdown_handle_outlives_the_server_without_holding_the_port() {
-    let server = greet_server(V4);
+fn shutdown_handle_outlives_the_server_without_holding_the_port(b: ServerBuilder) {
+    let server = greet_server(&b, V4);
     let addr = server.local_addr();
     let stop = server.shutdown_handle();
     server.shutdown().expect("shutdown");
     stop.shutdown(); // harmless after the fact
     assert!(stop.is_shutdown());
-    GreetServer::bind(addr).expect("the handle does not keep the socket open");
+    b.clone()
+        .bind(addr)
+        .expect("the handle does not keep the socket open");
 }
 
 #[test]
@@ -409,7 +429,7 @@ fn ipv6_only_is_explicit() {
 
 #[test]
 fn tcp_listener_on_the_same_port_does_not_interfere() {
-    let server = greet_server(V4);
+    let server = greet_server(&GreetServer::builder(), V4);
     let port = server.local_addr().port();
     // The same number as a TCP port is a different port.
     let tcp = TcpListener::bind(("127.0.0.1", port)).expect("TCP bind on the same number");
@@ -418,9 +438,8 @@ fn tcp_listener_on_the_same_port_does_not_interfere() {
     drop(tcp);
 }
 
-#[test]
-fn several_clients_at_once() {
-    let server = greet_server(V4);
+fn several_clients_at_once(b: ServerBuilder) {
+    let server = greet_server(&b, V4);
     let addr = server.local_addr();
     let threads: Vec<_> = (0..8)
         .map(|t| {
@@ -456,9 +475,8 @@ fn from_std_serves_an_existing_socket() {
     drop(server);
 }
 
-#[test]
-fn receive_errors_do_not_stop_the_server() {
-    let server = greet_server(V4);
+fn receive_errors_do_not_stop_the_server(b: ServerBuilder) {
+    let server = greet_server(&b, V4);
     let addr = server.local_addr();
     // Replies to a port that closes at once draw ICMP port-unreachable
     // messages back at the server.
@@ -474,4 +492,84 @@ fn receive_errors_do_not_stop_the_server() {
     let stats = server.shutdown().expect("shutdown");
     assert_eq!(stats.received, 21);
     assert_balanced(&stats);
+}
+
+/// How many threads of this process serve `port` (named `udp:PORT/N`).
+fn workers_of(port: u16) -> usize {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    let prefix = format!("udp:{port}/");
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.starts_with(&prefix))
+        .count()
+}
+
+fn several_workers_share_the_load_and_stop_together(b: ServerBuilder) {
+    let server = b
+        .workers(3)
+        .bind(V4)
+        .expect("bind")
+        .spawn(udp_greet::greet)
+        .expect("spawn");
+    let addr = server.local_addr();
+    if cfg!(target_os = "linux") {
+        // A new thread names itself once it runs, a moment after spawn.
+        wait_until("three named worker threads", || {
+            workers_of(addr.port()) == 3
+        });
+    }
+    let clients: Vec<_> = (0..12)
+        .map(|t| {
+            thread::spawn(move || {
+                let client = GreetClient::connect(addr)?;
+                for i in 0..100 {
+                    let name = format!("{t}-{i}");
+                    let reply = client.send_recv(name.as_bytes())?;
+                    assert_eq!(reply, format!("Hello, {name}!").as_bytes());
+                }
+                Ok::<_, Error>(())
+            })
+        })
+        .collect();
+    for client in clients {
+        client.join().expect("client thread").expect("all replies");
+    }
+    let stats =
+        within_guard("shutdown of three workers", move || server.shutdown()).expect("shutdown");
+    assert!(
+        stats.replied >= 1200,
+        "stats are summed over workers: {stats:?}"
+    );
+    assert_balanced(&stats);
+    if cfg!(target_os = "linux") {
+        assert_eq!(workers_of(addr.port()), 0, "every worker joined");
+    }
+    GreetServer::bind(addr).expect("every worker socket is closed");
+}
+
+#[test]
+fn batching_settings_are_checked() {
+    for (setting, builder) in [
+        ("workers", GreetServer::builder().workers(0)),
+        ("workers", GreetServer::builder().workers(1025)),
+        ("batch_size", GreetServer::builder().batch_size(0)),
+        ("batch_size", GreetServer::builder().batch_size(1025)),
+    ] {
+        let err = builder.bind(V4).expect_err("out of range");
+        assert!(
+            matches!(err, Error::InvalidConfig { setting: s, .. } if s == setting),
+            "{err:?}"
+        );
+    }
+    // A batch of one still serves.
+    let server = GreetServer::builder()
+        .batch_size(1)
+        .bind(V4)
+        .expect("bind")
+        .spawn(udp_greet::greet)
+        .expect("spawn");
+    let client = GreetClient::connect(server.local_addr()).expect("connect");
+    assert_eq!(client.send_recv(b"one").expect("reply"), b"Hello, one!");
 }

@@ -4,9 +4,46 @@
 
 use std::io;
 use std::mem::MaybeUninit;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use socket2::{MaybeUninitSlice, Socket};
+
+// The batched fast path: `recvmmsg`/`sendmmsg` on Linux; elsewhere a `Batch`
+// that can never be made, so the portable loop runs.
+#[cfg(target_os = "linux")]
+#[path = "linux.rs"]
+mod imp;
+#[cfg(not(target_os = "linux"))]
+#[path = "fallback.rs"]
+mod imp;
+
+pub(crate) use imp::{Batch, MAX_BATCH};
+
+// Keeps the fallback compiling where it is not the one in use.
+#[cfg(all(test, target_os = "linux"))]
+#[path = "fallback.rs"]
+#[allow(dead_code)]
+mod fallback_check;
+
+/// One datagram of a batch, as the worker sees it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Received<'a> {
+    pub(crate) data: &'a [u8],
+    /// The datagram was larger than the buffer (`MSG_TRUNC`).
+    pub(crate) truncated: bool,
+    /// The sender; `None` for a wake-up that carries no datagram.
+    pub(crate) peer: Option<SocketAddr>,
+}
+
+impl Received<'_> {
+    /// No datagram.
+    pub(crate) const NONE: Received<'static> = Received {
+        data: &[],
+        truncated: false,
+        peer: None,
+    };
+}
 
 /// Views an initialised buffer as the possibly-uninitialised kind that
 /// socket2's vectored receive calls take.

@@ -1,5 +1,5 @@
 //! Helpers shared by the integration tests.
-#![allow(dead_code)] // each test binary uses its own subset
+#![allow(dead_code, unused_macros)] // each test binary uses its own subset
 
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
@@ -51,3 +51,29 @@ pub fn within_guard<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send 
     rx.recv_timeout(HANG_GUARD)
         .unwrap_or_else(|_| panic!("{what} did not finish within {HANG_GUARD:?}"))
 }
+
+/// Declares, for each named function taking a `ServerBuilder`, one test on
+/// the batched path (`batched::name`) and one on the portable loop
+/// (`portable::name`), so every behaviour is checked on both.
+macro_rules! on_both_paths {
+    ($($name:ident),* $(,)?) => {
+        mod batched {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name(udp_greet::GreetServer::builder());
+                }
+            )*
+        }
+        mod portable {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name(udp_greet::GreetServer::builder().portable_io(true));
+                }
+            )*
+        }
+    };
+}
+#[allow(unused_imports)] // each test binary uses its own subset
+pub(crate) use on_both_paths;
