@@ -5,7 +5,7 @@
 //! `cargo bench --bench roundtrip` runs the full measurement; without
 //! `--bench` (as under `cargo test`) it makes a short smoke pass.
 //!
-//! The cases take turns within each round (their order alternating), so a
+//! The cases take turns request by request (their order rotating), so a
 //! change in the machine's speed hits them alike; the ratio column is the
 //! median over rounds of each round's p50 divided by the raw ping-pong's.
 
@@ -95,26 +95,28 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let mut all: Vec<Vec<Duration>> = vec![Vec::new(); cases.len()];
     let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
-    let mut samples = vec![Duration::ZERO; work.per_round];
-    for round in 0..work.rounds {
-        let mut p50 = vec![0.0; cases.len()];
-        let order: Vec<usize> = if round % 2 == 0 {
-            (0..cases.len()).collect()
-        } else {
-            (0..cases.len()).rev().collect()
-        };
-        for i in order {
-            let run = &mut cases[i].1;
-            for sample in samples.iter_mut() {
-                let start = Instant::now();
-                run()?;
-                *sample = start.elapsed();
-            }
-            p50[i] = percentile(&mut samples, 50.0).as_secs_f64();
-            all[i].extend_from_slice(&samples);
+    // Within a round the cases take turns request by request (the order
+    // rotating), so each case's samples come from the same moments.
+    let mut samples: Vec<Vec<Duration>> = vec![Vec::with_capacity(work.per_round); cases.len()];
+    for _ in 0..work.rounds {
+        for list in samples.iter_mut() {
+            list.clear();
         }
-        for (i, ratio) in ratios.iter_mut().enumerate() {
-            ratio.push(p50[i] / p50[0]);
+        for k in 0..work.per_round {
+            for j in 0..cases.len() {
+                let i = (j + k) % cases.len();
+                let start = Instant::now();
+                (cases[i].1)()?;
+                samples[i].push(start.elapsed());
+            }
+        }
+        let p50: Vec<f64> = samples
+            .iter_mut()
+            .map(|list| percentile(list, 50.0).as_secs_f64())
+            .collect();
+        for (i, list) in samples.iter().enumerate() {
+            all[i].extend_from_slice(list);
+            ratios[i].push(p50[i] / p50[0]);
         }
     }
 

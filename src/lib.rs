@@ -61,7 +61,9 @@ mod sys;
 mod worker;
 
 pub use client::{ClientBuilder, GreetClient};
-pub use config::{DEFAULT_BATCH_SIZE, MAX_UDP_PAYLOAD_V4, MAX_UDP_PAYLOAD_V6, ServerBuilder};
+pub use config::{
+    DEFAULT_BATCH_SIZE, DEFAULT_RECV_BUFFER, MAX_UDP_PAYLOAD_V4, MAX_UDP_PAYLOAD_V6, ServerBuilder,
+};
 pub use error::Error;
 pub use handler::{Action, Request, greet, greet_into, is_greeting};
 pub use server::{GreetServer, ServerHandle, ShutdownHandle};

@@ -54,6 +54,7 @@ pub struct GreetServer {
     max_datagram: usize,
     workers: usize,
     batch: Option<usize>,
+    gso: bool,
     control: Arc<Control>,
 }
 
@@ -71,6 +72,7 @@ impl fmt::Debug for GreetServer {
             .field("max_datagram", &self.max_datagram)
             .field("workers", &self.workers)
             .field("batch", &self.batch)
+            .field("gso", &self.gso)
             .finish_non_exhaustive()
     }
 }
@@ -168,6 +170,7 @@ impl GreetServer {
             max_datagram: builder.max_datagram_for(local_addr),
             workers: builder.workers,
             batch: (!builder.portable_io).then_some(builder.batch_size),
+            gso: builder.gso,
             control,
         })
     }
@@ -297,6 +300,7 @@ impl GreetServer {
                 control: self.control.clone(),
                 max_datagram: self.max_datagram,
                 batch: self.batch,
+                gso: self.gso,
             };
             if on_this_thread && index == 0 {
                 inline = Some(worker);

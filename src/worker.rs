@@ -32,6 +32,8 @@ pub(crate) struct Worker<H> {
     pub(crate) max_datagram: usize,
     /// Datagrams per batch on the batched path; `None` for the portable loop.
     pub(crate) batch: Option<usize>,
+    /// Coalesce replies to one peer with segmentation offload (batched path).
+    pub(crate) gso: bool,
 }
 
 impl<H: HandlerFn> Worker<H> {
@@ -42,7 +44,7 @@ impl<H: HandlerFn> Worker<H> {
         let mut p = Processor::new(self.handler.clone());
         match self
             .batch
-            .and_then(|size| sys::Batch::new(size, self.max_datagram))
+            .and_then(|size| sys::Batch::new(&self.socket, size, self.max_datagram, self.gso))
         {
             Some(batch) => run_batched(&self, &mut p, batch),
             None => run_portable(&self, &mut p),

@@ -30,6 +30,7 @@ util::on_both_paths!(
     several_clients_at_once,
     receive_errors_do_not_stop_the_server,
     several_workers_share_the_load_and_stop_together,
+    bursts_to_one_peer_get_every_reply_intact,
 );
 
 fn echo(request: Request<'_>, reply: &mut Vec<u8>) -> Action {
@@ -386,8 +387,15 @@ fn buffer_sizes_report_request_and_grant() {
         assert!(huge.recv_buffer_size().is_clamped());
     }
     let default = GreetServer::bind(V4).expect("bind");
-    assert_eq!(default.recv_buffer_size().requested, None);
-    assert!(!default.recv_buffer_size().is_clamped());
+    assert_eq!(
+        default.recv_buffer_size().requested,
+        Some(udp_greet::DEFAULT_RECV_BUFFER)
+    );
+    assert!(default.recv_buffer_size().granted > 0);
+    // Clients keep the system default.
+    let client = GreetClient::connect(default.local_addr()).expect("connect");
+    assert_eq!(client.recv_buffer_size().requested, None);
+    assert!(!client.recv_buffer_size().is_clamped());
 }
 
 #[test]
@@ -572,4 +580,64 @@ fn batching_settings_are_checked() {
         .expect("spawn");
     let client = GreetClient::connect(server.local_addr()).expect("connect");
     assert_eq!(client.send_recv(b"one").expect("reply"), b"Hello, one!");
+}
+
+/// Many requests in flight from one peer, of mixed sizes: on the batched
+/// path the replies go out coalesced (segmentation offload) where they can,
+/// and every one must still arrive whole and separate.
+fn bursts_to_one_peer_get_every_reply_intact(b: ServerBuilder) {
+    for gso in [true, false] {
+        let server = b
+            .clone()
+            .gso(gso)
+            .bind(V4)
+            .expect("bind")
+            .spawn(udp_greet::greet)
+            .expect("spawn");
+        let addr = server.local_addr();
+        let socket = raw_socket_for(addr);
+        // Sizes around the largest coalesced segment (1 452-byte replies),
+        // runs of equal sizes, shrinking sizes, and empty requests.
+        let mut sizes: Vec<usize> = vec![16; 20];
+        sizes.extend([
+            1444, 1444, 1444, 1445, 1445, 0, 0, 3, 2, 1, 900, 900, 10, 5000,
+        ]);
+        sizes.extend((0..30).map(|i| 100 - i));
+        let requests: Vec<Vec<u8>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| (0..n).map(|j| (i * 7 + j) as u8).collect())
+            .collect();
+        for request in &requests {
+            socket.send_to(request, addr).expect("send");
+        }
+        let mut expected: Vec<Vec<u8>> = requests
+            .iter()
+            .map(|r| {
+                let mut out = Vec::new();
+                udp_greet::greet_into(r, &mut out);
+                out
+            })
+            .collect();
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 70_000];
+        for _ in 0..requests.len() {
+            let (n, from) = socket.recv_from(&mut buf).expect("every reply");
+            assert_eq!(from, addr);
+            got.push(buf[..n].to_vec());
+        }
+        expected.sort();
+        got.sort();
+        assert!(
+            got == expected,
+            "gso({gso}): replies differ from the greetings"
+        );
+        let stats = server.shutdown().expect("shutdown");
+        assert_eq!(
+            stats.replied,
+            requests.len() as u64,
+            "gso({gso}): {stats:?}"
+        );
+        assert_balanced(&stats);
+    }
 }

@@ -3,6 +3,9 @@
 
 use std::time::Duration;
 
+#[cfg(target_os = "linux")]
+pub mod linux;
+
 /// The `p`th percentile (nearest rank) of `samples`, which it sorts.
 pub fn percentile(samples: &mut [Duration], p: f64) -> Duration {
     if samples.is_empty() {

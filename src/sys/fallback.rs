@@ -15,7 +15,7 @@ pub(crate) enum Batch {}
 
 impl Batch {
     /// Always `None`: the portable loop serves instead.
-    pub(crate) fn new(_size: usize, _max_datagram: usize) -> Option<Batch> {
+    pub(crate) fn new(_socket: &Socket, _size: usize, _max: usize, _gso: bool) -> Option<Batch> {
         None
     }
 

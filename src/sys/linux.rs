@@ -32,17 +32,72 @@ pub(crate) struct Batch {
     /// How many of `recv_hdrs` the last receive filled.
     received: usize,
     replies: Box<[Vec<u8>]>,
+    /// One iovec per queued reply, in queue order: the replies of one
+    /// outgoing message are consecutive.
     send_iovs: Box<[iovec]>,
+    /// How many of `send_iovs` are in use.
+    queued_iovs: usize,
+    /// One header per outgoing message; with segmentation offload a message
+    /// carries several replies to the same peer.
     send_hdrs: Box<[mmsghdr]>,
+    outgoing: Box<[Outgoing]>,
+    /// Control-message space for each outgoing message (`UDP_SEGMENT`).
+    controls: Box<[Control]>,
     /// How many of `send_hdrs` are queued for the next send.
     queued: usize,
+    /// Whether replies to the same peer are coalesced with `UDP_SEGMENT`.
+    gso: bool,
 }
+
+/// What one outgoing message carries.
+#[derive(Debug, Clone, Copy, Default)]
+struct Outgoing {
+    /// The receive slot whose sender the message goes to.
+    slot: usize,
+    /// The message's first iovec in `send_iovs`.
+    first_iov: usize,
+    /// How many replies (segments) it carries.
+    segments: usize,
+    /// The size of every segment but the last, which may be smaller.
+    segment_size: usize,
+    /// Bytes in all.
+    total: usize,
+    /// No further reply may join (the last segment was short, or the
+    /// message cannot be segmented).
+    closed: bool,
+}
+
+/// Room for the control messages of one outgoing message, aligned for
+/// `cmsghdr`.
+#[derive(Clone, Copy)]
+#[repr(C, align(8))]
+struct Control([u8; CONTROL_ROOM]);
+
+const CONTROL_ROOM: usize = 64;
+
+/// The most segments one `UDP_SEGMENT` send may carry (the kernel's
+/// `UDP_MAX_SEGMENTS` since it gained the option).
+const MAX_SEGMENTS: usize = 64;
+/// The largest segment coalesced: a full Ethernet frame's UDP payload over
+/// IPv6 (1500 − 40 − 8). Segments must fit the route's MTU, so larger
+/// replies go out one per message.
+const MAX_SEGMENT_SIZE: usize = 1452;
+/// The most bytes one segmented send may carry.
+const MAX_SEGMENTED_TOTAL: usize = 65_000;
 
 impl Batch {
     /// Buffers for batches of `size` datagrams of up to `max_datagram`
     /// bytes. `size` is at least 1 and at most [`MAX_BATCH`] (the builder
     /// checks it).
-    pub(crate) fn new(size: usize, max_datagram: usize) -> Option<Batch> {
+    ///
+    /// `gso` asks for replies to the same peer to be coalesced with UDP
+    /// segmentation offload where the kernel supports it (Linux 4.18+).
+    pub(crate) fn new(
+        socket: &Socket,
+        size: usize,
+        max_datagram: usize,
+        gso: bool,
+    ) -> Option<Batch> {
         let size = size.clamp(1, MAX_BATCH);
         let mut batch = Batch {
             size,
@@ -62,9 +117,13 @@ impl Batch {
             replies: (0..size).map(|_| Vec::new()).collect(),
             // SAFETY: as above.
             send_iovs: (0..size).map(|_| unsafe { mem::zeroed() }).collect(),
+            queued_iovs: 0,
             // SAFETY: as above.
             send_hdrs: (0..size).map(|_| unsafe { mem::zeroed() }).collect(),
+            outgoing: vec![Outgoing::default(); size].into_boxed_slice(),
+            controls: vec![Control([0; CONTROL_ROOM]); size].into_boxed_slice(),
             queued: 0,
+            gso: gso && supports_gso(socket),
         };
         let buf_base = batch.bufs.as_mut_ptr();
         for i in 0..size {
@@ -139,35 +198,84 @@ impl Batch {
 
     /// Queues the reply in slot `i` for the next [`send`](Batch::send), to
     /// the address datagram `i` came from, exactly as the kernel gave it.
+    ///
+    /// With segmentation offload, a reply to the same peer as the message
+    /// queued just before joins that message as one more segment when it is
+    /// no larger than the message's segments.
     pub(crate) fn queue_reply(&mut self, i: usize) {
-        if i >= self.received || self.queued >= self.size {
+        if i >= self.received || self.queued_iovs >= self.size {
             return;
         }
-        let reply = &self.replies[i];
-        self.send_iovs[self.queued] = iovec {
-            iov_base: reply.as_ptr().cast_mut().cast::<c_void>(),
-            iov_len: reply.len(),
+        let len = self.replies[i].len();
+        let iov = self.queued_iovs;
+        self.send_iovs[iov] = iovec {
+            iov_base: self.replies[i].as_ptr().cast_mut().cast::<c_void>(),
+            iov_len: len,
         };
-        let hdr = &mut self.send_hdrs[self.queued].msg_hdr;
+        self.queued_iovs += 1;
+        if self.gso && self.queued > 0 && self.joins(self.queued - 1, i, len) {
+            let m = self.queued - 1;
+            let out = &mut self.outgoing[m];
+            out.segments += 1;
+            out.total += len;
+            out.closed = len < out.segment_size;
+            self.send_hdrs[m].msg_hdr.msg_iovlen += 1;
+            return;
+        }
+        let m = self.queued;
+        self.outgoing[m] = Outgoing {
+            slot: i,
+            first_iov: iov,
+            segments: 1,
+            segment_size: len,
+            total: len,
+            closed: !self.gso || len == 0 || len > MAX_SEGMENT_SIZE,
+        };
+        let hdr = &mut self.send_hdrs[m].msg_hdr;
         hdr.msg_name = ptr::from_ref(&self.addrs[i]).cast_mut().cast::<c_void>();
         hdr.msg_namelen = self.recv_hdrs[i].msg_hdr.msg_namelen;
-        hdr.msg_iov = ptr::from_mut(&mut self.send_iovs[self.queued]);
+        hdr.msg_iov = ptr::from_mut(&mut self.send_iovs[iov]);
         hdr.msg_iovlen = 1;
+        hdr.msg_control = ptr::null_mut();
+        hdr.msg_controllen = 0;
         self.queued += 1;
     }
 
-    /// Sends every queued reply; returns how many were sent and how many
-    /// failed. A failed reply is skipped and the rest still go out.
+    /// Whether a reply of `len` bytes for receive slot `i` can join message `m`.
+    fn joins(&self, m: usize, i: usize, len: usize) -> bool {
+        let out = &self.outgoing[m];
+        !out.closed
+            && len > 0
+            && len <= out.segment_size
+            && out.segments < MAX_SEGMENTS
+            && out.total + len <= MAX_SEGMENTED_TOTAL
+            && self.peer(out.slot).is_some()
+            && self.peer(out.slot) == self.peer(i)
+    }
+
+    fn peer(&self, i: usize) -> Option<SocketAddr> {
+        let namelen = self.recv_hdrs.get(i)?.msg_hdr.msg_namelen;
+        to_std(self.addrs.get(i)?, namelen)
+    }
+
+    /// Sends every queued reply; returns how many replies were sent and how
+    /// many failed. A failed message is counted and the rest still go out;
+    /// a failed segmented message is sent again one reply at a time, and
+    /// when that works segmentation is turned off for this batch.
     pub(crate) fn send(&mut self, socket: &Socket) -> (u64, u64) {
+        for m in 0..self.queued {
+            self.set_segmentation(m);
+        }
         let (mut sent, mut failed) = (0u64, 0u64);
         let mut start = 0;
         while start < self.queued {
             let rest = &mut self.send_hdrs[start..self.queued];
             // SAFETY: each of the `rest.len()` headers points at a
             // `sockaddr_storage` in `addrs` (with the length the kernel gave
-            // on receive) and a one-element `iovec` over a reply `Vec` that is
-            // not touched between `queue_reply` and here; all are owned by
-            // `self` and outlive the call.
+            // on receive), at `msg_iovlen` consecutive iovecs of `send_iovs`
+            // over reply `Vec`s not touched since `queue_reply`, and at a
+            // control buffer in `controls` of `msg_controllen` bytes or none;
+            // all are owned by `self` and outlive the call.
             let n = unsafe {
                 libc::sendmmsg(
                     socket.as_raw_fd(),
@@ -176,32 +284,113 @@ impl Batch {
                     0,
                 )
             };
-            match n {
-                n if n < 0 => {
-                    if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-                        continue;
-                    }
-                    // `sendmmsg` fails only when the first message fails:
-                    // count it and carry on with the next.
-                    failed += 1;
-                    start += 1;
-                }
-                // Not expected from the kernel; counted so no reply goes
-                // unaccounted, and so the loop always advances.
-                0 => {
-                    failed += 1;
-                    start += 1;
-                }
-                n => {
-                    let n = (n as usize).min(rest.len());
-                    sent += n as u64;
-                    start += n;
-                }
+            if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            if n <= 0 {
+                // `sendmmsg` fails only when the first message fails (and
+                // never returns 0 for a non-empty list; counted all the same
+                // so the loop always advances).
+                let (ok, bad) = self.send_one_by_one(socket, start);
+                sent += ok;
+                failed += bad;
+                start += 1;
+            } else {
+                let n = (n as usize).min(rest.len());
+                sent += self.outgoing[start..start + n]
+                    .iter()
+                    .map(|o| o.segments as u64)
+                    .sum::<u64>();
+                start += n;
             }
         }
         self.queued = 0;
+        self.queued_iovs = 0;
         (sent, failed)
     }
+
+    /// Writes the `UDP_SEGMENT` control message of message `m`, if it
+    /// carries more than one reply.
+    fn set_segmentation(&mut self, m: usize) {
+        let out = self.outgoing[m];
+        let hdr = &mut self.send_hdrs[m].msg_hdr;
+        if out.segments < 2 {
+            hdr.msg_control = ptr::null_mut();
+            hdr.msg_controllen = 0;
+            return;
+        }
+        let segment = out.segment_size as u16; // at most MAX_SEGMENT_SIZE
+        hdr.msg_control = self.controls[m].0.as_mut_ptr().cast::<c_void>();
+        // SAFETY: CMSG_SPACE only computes a size.
+        hdr.msg_controllen = unsafe { libc::CMSG_SPACE(mem::size_of::<u16>() as c_uint) } as _;
+        // SAFETY: `hdr` points at `CONTROL_ROOM` bytes aligned for
+        // `cmsghdr`, and `msg_controllen` (24 bytes) fits in them, so
+        // CMSG_FIRSTHDR returns a pointer to a whole header there (not null),
+        // and CMSG_DATA points at the two bytes after it, inside the buffer.
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(hdr);
+            (*cmsg).cmsg_level = libc::SOL_UDP;
+            (*cmsg).cmsg_type = libc::UDP_SEGMENT;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(mem::size_of::<u16>() as c_uint) as _;
+            ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<u16>(), segment);
+        }
+    }
+
+    /// Sends the replies of message `m` one datagram each, without control
+    /// messages; returns how many were sent and how many failed. Turns
+    /// segmentation off when it was the cause of the failure.
+    fn send_one_by_one(&mut self, socket: &Socket, m: usize) -> (u64, u64) {
+        let out = self.outgoing[m];
+        if out.segments < 2 {
+            return (0, 1);
+        }
+        let (mut sent, mut failed) = (0u64, 0u64);
+        for iov in out.first_iov..out.first_iov + out.segments {
+            let mut hdr = self.send_hdrs[m].msg_hdr;
+            hdr.msg_iov = ptr::from_mut(&mut self.send_iovs[iov]);
+            hdr.msg_iovlen = 1;
+            hdr.msg_control = ptr::null_mut();
+            hdr.msg_controllen = 0;
+            loop {
+                // SAFETY: `hdr` is a copy of a queued header (address in
+                // `addrs`) with one iovec of `send_iovs` and no control
+                // buffer; everything it points at is owned by `self`.
+                let rc = unsafe { libc::sendmsg(socket.as_raw_fd(), &hdr, 0) };
+                if rc >= 0 {
+                    sent += 1;
+                } else if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                    continue;
+                } else {
+                    failed += 1;
+                }
+                break;
+            }
+        }
+        if sent > 0 {
+            // The replies go out alone but not together: this path (a device
+            // or route) does not take segmented sends.
+            self.gso = false;
+        }
+        (sent, failed)
+    }
+}
+
+/// Whether the kernel knows `UDP_SEGMENT` (Linux 4.18+).
+fn supports_gso(socket: &Socket) -> bool {
+    let mut value: c_int = 0;
+    let mut len = mem::size_of::<c_int>() as socklen_t;
+    // SAFETY: `value` and `len` are valid for writes and `len` is the size
+    // of `value`.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_UDP,
+            libc::UDP_SEGMENT,
+            ptr::from_mut(&mut value).cast::<c_void>(),
+            &mut len,
+        )
+    };
+    rc == 0
 }
 
 /// Converts a socket address the kernel wrote into its std form; `None` for

@@ -1,0 +1,291 @@
+//! Linux-only bench machinery: a batched load generator (`sendmmsg` /
+//! `recvmmsg`), CPU pinning, and per-thread CPU time. The bench's only
+//! `unsafe`, each block with its reason.
+
+use std::io;
+use std::mem;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::ptr;
+use std::time::{Duration, Instant};
+
+use libc::{c_uint, c_void, iovec, mmsghdr};
+
+/// Pins the calling thread to one CPU; threads it spawns afterwards
+/// inherit the pin.
+pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
+    // SAFETY: `cpu_set_t` is a plain bit set, valid when zeroed.
+    let mut set: libc::cpu_set_t = unsafe { mem::zeroed() };
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "no such CPU"));
+    }
+    // SAFETY: `cpu` is below `CPU_SETSIZE`, so the bit is inside `set`.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: pid 0 is the calling thread; `set` is a valid, initialised
+    // `cpu_set_t` of the size given.
+    let rc = unsafe { libc::sched_setaffinity(0, mem::size_of::<libc::cpu_set_t>(), &set) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The thread ids of this process now.
+pub fn thread_ids() -> Vec<u32> {
+    std::fs::read_dir("/proc/self/task")
+        .map(|dir| {
+            dir.filter_map(|t| t.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// CPU time the given threads of this process have used, from the
+/// scheduler's statistics (nanoseconds on CPU).
+pub fn cpu_time(tids: &[u32]) -> Duration {
+    let nanos: u64 = tids
+        .iter()
+        .filter_map(|tid| std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    Duration::from_nanos(nanos)
+}
+
+/// What one generator run did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Load {
+    pub sent: u64,
+    pub received: u64,
+    pub elapsed: Duration,
+}
+
+/// A closed-loop load generator: several connected sockets, each keeping a
+/// window of requests in flight, topped up and drained in batches.
+pub struct Generator {
+    sockets: Vec<UdpSocket>,
+    window: usize,
+    request: Vec<u8>,
+    recv_bufs: Vec<u8>,
+    send_iov: iovec,
+    send_hdrs: Vec<mmsghdr>,
+    recv_iovs: Vec<iovec>,
+    recv_hdrs: Vec<mmsghdr>,
+}
+
+const REPLY_ROOM: usize = 128;
+
+impl Generator {
+    /// `sockets` sockets connected to `server`, each with `window` requests
+    /// of `request` in flight.
+    pub fn new(
+        server: SocketAddr,
+        sockets: usize,
+        window: usize,
+        request: &[u8],
+    ) -> io::Result<Generator> {
+        let mut list = Vec::with_capacity(sockets);
+        for _ in 0..sockets {
+            let socket = UdpSocket::bind("127.0.0.1:0")?;
+            socket.connect(server)?;
+            socket.set_nonblocking(true)?;
+            list.push(socket);
+        }
+        let mut generator = Generator {
+            sockets: list,
+            window,
+            request: request.to_vec(),
+            recv_bufs: vec![0u8; window * REPLY_ROOM],
+            // SAFETY (this and the next four): plain C structs of integers
+            // and pointers, valid when zeroed.
+            send_iov: unsafe { mem::zeroed() },
+            send_hdrs: (0..window).map(|_| unsafe { mem::zeroed() }).collect(),
+            recv_iovs: (0..window).map(|_| unsafe { mem::zeroed() }).collect(),
+            recv_hdrs: (0..window).map(|_| unsafe { mem::zeroed() }).collect(),
+        };
+        generator.send_iov = iovec {
+            iov_base: generator.request.as_mut_ptr().cast::<c_void>(),
+            iov_len: generator.request.len(),
+        };
+        let base = generator.recv_bufs.as_mut_ptr();
+        for i in 0..window {
+            generator.recv_iovs[i] = iovec {
+                iov_base: base.wrapping_add(i * REPLY_ROOM).cast::<c_void>(),
+                iov_len: REPLY_ROOM,
+            };
+        }
+        Ok(generator)
+    }
+
+    /// Runs for `duration` (or until `max_requests` are sent), then waits a
+    /// little for the replies still in flight.
+    pub fn run(&mut self, duration: Duration, max_requests: u64) -> Load {
+        let mut inflight = vec![0usize; self.sockets.len()];
+        let mut last_reply = vec![Instant::now(); self.sockets.len()];
+        let mut load = Load::default();
+        let start = Instant::now();
+        let mut sending = true;
+        loop {
+            let now = Instant::now();
+            if sending && (now - start >= duration || load.sent >= max_requests) {
+                sending = false;
+            }
+            let mut pending = 0;
+            for s in 0..self.sockets.len() {
+                let got = self.recv(s);
+                if got > 0 {
+                    inflight[s] = inflight[s].saturating_sub(got);
+                    load.received += got as u64;
+                    last_reply[s] = now;
+                } else if inflight[s] > 0 && now - last_reply[s] > LOST_AFTER {
+                    // What has not come back by now was dropped somewhere.
+                    inflight[s] = 0;
+                    last_reply[s] = now;
+                }
+                if sending && inflight[s] < self.window {
+                    let sent = self.send(s, self.window - inflight[s]);
+                    inflight[s] += sent;
+                    load.sent += sent as u64;
+                }
+                pending += inflight[s];
+            }
+            if !sending && pending == 0 {
+                break;
+            }
+        }
+        load.elapsed = start.elapsed();
+        load
+    }
+
+    fn send(&mut self, s: usize, count: usize) -> usize {
+        let count = count.min(self.window);
+        for hdr in self.send_hdrs.iter_mut().take(count) {
+            hdr.msg_hdr.msg_iov = &mut self.send_iov;
+            hdr.msg_hdr.msg_iovlen = 1;
+        }
+        // SAFETY: `count` headers, each pointing at the one request iovec,
+        // which points into `self.request`; all live for the call. The
+        // socket is connected, so no address is given.
+        let n = unsafe {
+            libc::sendmmsg(
+                self.sockets[s].as_raw_fd(),
+                self.send_hdrs.as_mut_ptr(),
+                count as c_uint,
+                libc::MSG_DONTWAIT,
+            )
+        };
+        n.max(0) as usize
+    }
+
+    fn recv(&mut self, s: usize) -> usize {
+        for (hdr, iov) in self.recv_hdrs.iter_mut().zip(self.recv_iovs.iter_mut()) {
+            hdr.msg_hdr.msg_name = ptr::null_mut();
+            hdr.msg_hdr.msg_namelen = 0;
+            hdr.msg_hdr.msg_iov = iov;
+            hdr.msg_hdr.msg_iovlen = 1;
+        }
+        // SAFETY: `window` headers, each with one iovec over its own
+        // `REPLY_ROOM` bytes of `recv_bufs`; no address or control buffer.
+        let n = unsafe {
+            libc::recvmmsg(
+                self.sockets[s].as_raw_fd(),
+                self.recv_hdrs.as_mut_ptr(),
+                self.window as c_uint,
+                libc::MSG_DONTWAIT,
+                ptr::null_mut(),
+            )
+        };
+        n.max(0) as usize
+    }
+}
+
+/// How long the generator waits for a reply before it counts the rest of a
+/// socket's window as lost.
+const LOST_AFTER: Duration = Duration::from_millis(20);
+
+/// A hand-written `recvmmsg`/`sendmmsg` greet loop: the floor udp-greet's
+/// batched server is compared with. Stops when `stop` is set (it wakes every
+/// 20 ms to look).
+pub fn mmsg_greet_loop(socket: &UdpSocket, stop: &std::sync::atomic::AtomicBool) {
+    const BATCH: usize = 32;
+    const ROOM: usize = 2048;
+    let fd = socket.as_raw_fd();
+    let mut bufs = vec![0u8; BATCH * ROOM];
+    let mut replies = vec![0u8; BATCH * (ROOM + 8)];
+    // SAFETY (these four): plain C structs, valid when zeroed.
+    let mut addrs: Vec<libc::sockaddr_storage> =
+        (0..BATCH).map(|_| unsafe { mem::zeroed() }).collect();
+    let mut iovs: Vec<iovec> = (0..BATCH).map(|_| unsafe { mem::zeroed() }).collect();
+    let mut out_iovs: Vec<iovec> = (0..BATCH).map(|_| unsafe { mem::zeroed() }).collect();
+    let mut hdrs: Vec<mmsghdr> = (0..BATCH).map(|_| unsafe { mem::zeroed() }).collect();
+    let mut out_hdrs: Vec<mmsghdr> = (0..BATCH).map(|_| unsafe { mem::zeroed() }).collect();
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        for i in 0..BATCH {
+            iovs[i] = iovec {
+                iov_base: bufs.as_mut_ptr().wrapping_add(i * ROOM).cast::<c_void>(),
+                iov_len: ROOM,
+            };
+            hdrs[i].msg_hdr.msg_name = ptr::from_mut(&mut addrs[i]).cast::<c_void>();
+            hdrs[i].msg_hdr.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as u32;
+            hdrs[i].msg_hdr.msg_iov = &mut iovs[i];
+            hdrs[i].msg_hdr.msg_iovlen = 1;
+        }
+        // SAFETY: BATCH headers over buffers, addresses and iovecs above,
+        // all alive for the call.
+        let n = unsafe {
+            libc::recvmmsg(
+                fd,
+                hdrs.as_mut_ptr(),
+                BATCH as c_uint,
+                libc::MSG_WAITFORONE,
+                ptr::null_mut(),
+            )
+        };
+        if n <= 0 {
+            continue;
+        }
+        let n = n as usize;
+        for i in 0..n {
+            let len = (hdrs[i].msg_len as usize).min(ROOM);
+            let out = &mut replies[i * (ROOM + 8)..(i + 1) * (ROOM + 8)];
+            out[..7].copy_from_slice(b"Hello, ");
+            out[7..7 + len].copy_from_slice(&bufs[i * ROOM..i * ROOM + len]);
+            out[7 + len] = b'!';
+            out_iovs[i] = iovec {
+                iov_base: out.as_mut_ptr().cast::<c_void>(),
+                iov_len: len + 8,
+            };
+            out_hdrs[i].msg_hdr.msg_name = ptr::from_mut(&mut addrs[i]).cast::<c_void>();
+            out_hdrs[i].msg_hdr.msg_namelen = hdrs[i].msg_hdr.msg_namelen;
+            out_hdrs[i].msg_hdr.msg_iov = &mut out_iovs[i];
+            out_hdrs[i].msg_hdr.msg_iovlen = 1;
+        }
+        let mut start = 0;
+        while start < n {
+            // SAFETY: headers `start..n` point at the addresses and reply
+            // buffers filled above.
+            let sent = unsafe {
+                libc::sendmmsg(
+                    fd,
+                    out_hdrs.as_mut_ptr().wrapping_add(start),
+                    (n - start) as c_uint,
+                    0,
+                )
+            };
+            start += sent.max(1) as usize;
+        }
+    }
+}
+
+/// The machine's count of UDP datagrams dropped for a full receive buffer
+/// (`RcvbufErrors` in `/proc/net/snmp`); `None` where it cannot be read.
+pub fn udp_rcvbuf_errors() -> Option<u64> {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").ok()?;
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let names = udp.next()?.split_whitespace();
+    let values = udp.next()?.split_whitespace();
+    names
+        .zip(values)
+        .find(|(name, _)| *name == "RcvbufErrors")
+        .and_then(|(_, value)| value.parse().ok())
+}

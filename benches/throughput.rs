@@ -1,0 +1,317 @@
+//! Server throughput and CPU cost per reply, against a plain `std::net` loop
+//! measured in the same run.
+//!
+//! `cargo bench --bench throughput` runs the full measurement; without
+//! `--bench` (as under `cargo test`) it makes a short smoke pass.
+//!
+//! Six servers run at once, each on its own port, every server thread
+//! pinned to one CPU and the load generator to another: udp-greet's batched
+//! server, its portable server, a plain `recv_from`/`send_to` loop written
+//! here (the baseline), udp-greet with two workers, udp-greet batched
+//! without segmentation offload, and a minimal hand-written
+//! `recvmmsg`/`sendmmsg` loop (the floor for batching without
+//! segmentation). The generator keeps 4 sockets x 32
+//! requests in flight (batched with `sendmmsg`/`recvmmsg`). Rounds visit the
+//! servers in turn, so a drift in the machine's speed hits them alike; the
+//! ratio columns are medians over rounds of each round's ratio to the std
+//! loop. CPU time per reply comes from the server threads' scheduler
+//! statistics.
+//!
+//! A last part keeps 512 requests in flight (16 sockets x 32) against the
+//! batched server with its default settings and against the std loop with
+//! the kernel's default receive buffer, and counts what never came back.
+
+#[cfg(target_os = "linux")]
+mod common;
+
+#[cfg(not(target_os = "linux"))]
+fn main() {
+    println!("throughput: this bench needs Linux (recvmmsg, schedstat); nothing measured");
+}
+
+#[cfg(target_os = "linux")]
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    bench::main()
+}
+
+#[cfg(target_os = "linux")]
+mod bench {
+    use std::net::{SocketAddr, UdpSocket};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::thread::{self, JoinHandle};
+    use std::time::Duration;
+
+    use udp_greet::{GreetServer, ServerBuilder, ServerHandle};
+
+    use crate::common::linux::{
+        Generator, Load, cpu_time, mmsg_greet_loop, pin_to_cpu, thread_ids, udp_rcvbuf_errors,
+    };
+    use crate::common::{Table, median};
+
+    const REQUEST: &[u8] = b"0123456789abcdef"; // 16 bytes
+
+    struct Plan {
+        rounds: usize,
+        per_server: Duration,
+        flood: Duration,
+        full: bool,
+    }
+
+    /// A server under test: its address and the threads whose CPU time is
+    /// its cost.
+    struct Subject {
+        name: &'static str,
+        addr: SocketAddr,
+        tids: Vec<u32>,
+        rps: Vec<f64>,
+        cpu_per_reply: Vec<f64>,
+        ratio_rps: Vec<f64>,
+        ratio_cpu: Vec<f64>,
+    }
+
+    impl Subject {
+        fn new(name: &'static str, addr: SocketAddr, tids: Vec<u32>) -> Self {
+            Subject {
+                name,
+                addr,
+                tids,
+                rps: Vec::new(),
+                cpu_per_reply: Vec::new(),
+                ratio_rps: Vec::new(),
+                ratio_cpu: Vec::new(),
+            }
+        }
+    }
+
+    /// The plain std loop the targets are stated against.
+    struct StdServer {
+        addr: SocketAddr,
+        stop: Arc<AtomicBool>,
+        thread: Option<JoinHandle<()>>,
+    }
+
+    impl StdServer {
+        fn start() -> std::io::Result<StdServer> {
+            Self::start_with(|socket, stopped| {
+                let mut buf = vec![0u8; 65_536];
+                let mut reply = Vec::with_capacity(256);
+                while !stopped.load(Ordering::Relaxed) {
+                    if let Ok((n, peer)) = socket.recv_from(&mut buf) {
+                        reply.clear();
+                        udp_greet::greet_into(&buf[..n], &mut reply);
+                        let _ = socket.send_to(&reply, peer);
+                    }
+                }
+            })
+        }
+
+        fn start_with(serve: fn(&UdpSocket, &AtomicBool)) -> std::io::Result<StdServer> {
+            let socket = UdpSocket::bind("127.0.0.1:0")?;
+            socket.set_read_timeout(Some(Duration::from_millis(20)))?;
+            let addr = socket.local_addr()?;
+            let stop = Arc::new(AtomicBool::new(false));
+            let stopped = stop.clone();
+            let thread = thread::Builder::new()
+                .name("bench-server".into())
+                .spawn(move || serve(&socket, &stopped))?;
+            Ok(StdServer {
+                addr,
+                stop,
+                thread: Some(thread),
+            })
+        }
+    }
+
+    impl Drop for StdServer {
+        fn drop(&mut self) {
+            self.stop.store(true, Ordering::Relaxed);
+            if let Some(thread) = self.thread.take() {
+                let _ = thread.join();
+            }
+        }
+    }
+
+    /// Starts a udp-greet server and finds the threads it started.
+    fn start_greet(builder: ServerBuilder) -> Result<(ServerHandle, Vec<u32>), udp_greet::Error> {
+        let before = thread_ids();
+        let server = builder.bind("127.0.0.1:0")?.spawn(udp_greet::greet)?;
+        let tids = thread_ids()
+            .into_iter()
+            .filter(|t| !before.contains(t))
+            .collect();
+        Ok((server, tids))
+    }
+
+    fn start_std(
+        serve: fn() -> std::io::Result<StdServer>,
+    ) -> std::io::Result<(StdServer, Vec<u32>)> {
+        let before = thread_ids();
+        let server = serve()?;
+        let tids = thread_ids()
+            .into_iter()
+            .filter(|t| !before.contains(t))
+            .collect();
+        Ok((server, tids))
+    }
+
+    pub fn main() -> Result<(), Box<dyn std::error::Error>> {
+        let full = std::env::args().any(|a| a == "--bench");
+        let plan = if full {
+            Plan {
+                rounds: 15,
+                per_server: Duration::from_millis(300),
+                flood: Duration::from_secs(1),
+                full,
+            }
+        } else {
+            Plan {
+                rounds: 2,
+                per_server: Duration::from_millis(10),
+                flood: Duration::from_millis(10),
+                full,
+            }
+        };
+        let cpus = thread::available_parallelism().map_or(1, |n| n.get());
+        let pinned = cpus >= 2;
+        // Server threads inherit the pin of the thread that starts them.
+        if pinned {
+            pin_to_cpu(1)?;
+        }
+        let (batched, batched_tids) = start_greet(GreetServer::builder())?;
+        let (portable, portable_tids) = start_greet(GreetServer::builder().portable_io(true))?;
+        let (plain, plain_tids) = start_std(StdServer::start)?;
+        let (mmsg, mmsg_tids) = start_std(|| StdServer::start_with(mmsg_greet_loop))?;
+        let (workers, workers_tids) = start_greet(GreetServer::builder().workers(2))?;
+        let (no_gso, no_gso_tids) = start_greet(GreetServer::builder().gso(false))?;
+        if pinned {
+            pin_to_cpu(0)?;
+        }
+
+        let mut subjects = [
+            Subject::new("udp-greet batched", batched.local_addr(), batched_tids),
+            Subject::new("udp-greet portable", portable.local_addr(), portable_tids),
+            Subject::new("std recv_from/send_to", plain.addr, plain_tids),
+            Subject::new("udp-greet workers(2)", workers.local_addr(), workers_tids),
+            Subject::new(
+                "udp-greet batched, gso(false)",
+                no_gso.local_addr(),
+                no_gso_tids,
+            ),
+            Subject::new("hand-written recvmmsg loop", mmsg.addr, mmsg_tids),
+        ];
+        const STD: usize = 2;
+
+        let mut generators = subjects
+            .iter()
+            .map(|s| Generator::new(s.addr, 4, 32, REQUEST))
+            .collect::<Result<Vec<_>, _>>()?;
+        for generator in generators.iter_mut() {
+            generator.run(Duration::from_millis(20), u64::MAX); // warm-up
+        }
+
+        for _ in 0..plan.rounds {
+            let mut round = Vec::with_capacity(subjects.len());
+            for (subject, generator) in subjects.iter_mut().zip(generators.iter_mut()) {
+                let cpu_before = cpu_time(&subject.tids);
+                let load = generator.run(plan.per_server, u64::MAX);
+                let cpu = cpu_time(&subject.tids).saturating_sub(cpu_before);
+                let rps = load.received as f64 / load.elapsed.as_secs_f64();
+                let cpu_per_reply = cpu.as_secs_f64() / load.received.max(1) as f64;
+                round.push((rps, cpu_per_reply));
+            }
+            let (std_rps, std_cpu) = round[STD];
+            for (subject, (rps, cpu)) in subjects.iter_mut().zip(round) {
+                subject.rps.push(rps);
+                subject.cpu_per_reply.push(cpu);
+                subject.ratio_rps.push(rps / std_rps);
+                subject.ratio_cpu.push(cpu / std_cpu);
+            }
+        }
+
+        println!(
+            "throughput: {} rounds x {:?} per server; 4 sockets x 32 requests of {} bytes in flight; {}{}",
+            plan.rounds,
+            plan.per_server,
+            REQUEST.len(),
+            if pinned {
+                "servers pinned to CPU 1, generator to CPU 0"
+            } else {
+                "one CPU: nothing pinned"
+            },
+            if plan.full {
+                ""
+            } else {
+                " (smoke pass: run `cargo bench --bench throughput` to measure)"
+            }
+        );
+        let mut table = Table::new(&[
+            "server",
+            "replies/s",
+            "CPU/reply",
+            "replies/s vs std",
+            "CPU/reply vs std",
+        ]);
+        for s in subjects.iter_mut() {
+            table.row(&[
+                s.name.to_owned(),
+                format!("{:.0}", median(&mut s.rps)),
+                format!("{:.2}us", median(&mut s.cpu_per_reply) * 1e6),
+                format!("{:.2}", median(&mut s.ratio_rps)),
+                format!("{:.2}", median(&mut s.ratio_cpu)),
+            ]);
+        }
+        table.print();
+
+        // 512 in flight: what each server loses.
+        println!();
+        println!(
+            "512 requests in flight (16 sockets x 32) for {:?}; batched server receive buffer: {:?}",
+            plan.flood,
+            GreetServer::builder()
+                .bind("127.0.0.1:0")?
+                .recv_buffer_size()
+        );
+        let mut flood = Table::new(&[
+            "server",
+            "sent",
+            "answered",
+            "lost",
+            "lost %",
+            "kernel drops",
+        ]);
+        for (name, addr) in [
+            ("udp-greet batched, default settings", subjects[0].addr),
+            ("std loop, kernel default buffer", subjects[STD].addr),
+        ] {
+            let mut generator = Generator::new(addr, 16, 32, REQUEST)?;
+            let drops_before = udp_rcvbuf_errors();
+            let Load { sent, received, .. } = generator.run(plan.flood, u64::MAX);
+            let drops = udp_rcvbuf_errors()
+                .zip(drops_before)
+                .map_or("?".to_owned(), |(after, before)| {
+                    (after - before).to_string()
+                });
+            let lost = sent.saturating_sub(received);
+            flood.row(&[
+                name.to_owned(),
+                sent.to_string(),
+                received.to_string(),
+                lost.to_string(),
+                format!("{:.3}", 100.0 * lost as f64 / sent.max(1) as f64),
+                drops,
+            ]);
+        }
+
+        flood.print();
+        println!("(kernel drops: the machine's UDP RcvbufErrors during the run)");
+
+        drop(plain);
+        drop(mmsg);
+        for server in [batched, portable, workers, no_gso] {
+            let stats = server.shutdown()?;
+            assert_eq!(stats.received, stats.accounted(), "{stats:?}");
+        }
+        Ok(())
+    }
+}
