@@ -31,6 +31,7 @@ util::on_both_paths!(
     receive_errors_do_not_stop_the_server,
     several_workers_share_the_load_and_stop_together,
     bursts_to_one_peer_get_every_reply_intact,
+    a_failed_reply_does_not_lose_the_rest_of_its_batch,
 );
 
 fn echo(request: Request<'_>, reply: &mut Vec<u8>) -> Action {
@@ -640,4 +641,50 @@ fn bursts_to_one_peer_get_every_reply_intact(b: ServerBuilder) {
         );
         assert_balanced(&stats);
     }
+}
+
+/// A reply the kernel refuses, among others handled in the same batch: it is
+/// counted, and every other reply still goes out.
+fn a_failed_reply_does_not_lose_the_rest_of_its_batch(b: ServerBuilder) {
+    let (release, gate) = std::sync::mpsc::channel::<()>();
+    let gate = std::sync::Mutex::new(gate);
+    let server = b
+        .bind(V4)
+        .expect("bind")
+        .spawn(move |request: Request<'_>, reply: &mut Vec<u8>| {
+            match request.data() {
+                // Holds the worker until the rest are queued behind it, so
+                // they are taken together.
+                b"gate" => {
+                    let _ = gate.lock().map(|g| g.recv_timeout(util::HANG_GUARD));
+                }
+                b"big" => {
+                    reply.resize(70_000, 0); // larger than any datagram
+                    return Action::Reply;
+                }
+                _ => {}
+            }
+            udp_greet::greet(request, reply)
+        })
+        .expect("spawn");
+    let addr = server.local_addr();
+    let socket = raw_socket_for(addr);
+    socket.send_to(b"gate", addr).expect("send");
+    let rest: [&[u8]; 5] = [b"a", b"big", b"b", b"big", b"c"];
+    for request in rest {
+        socket.send_to(request, addr).expect("send");
+    }
+    release.send(()).expect("release the gate");
+    let mut buf = [0u8; 64];
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        let n = socket.recv(&mut buf).expect("a reply");
+        got.push(buf[..n].to_vec());
+    }
+    got.sort();
+    let want: [&[u8]; 4] = [b"Hello, a!", b"Hello, b!", b"Hello, c!", b"Hello, gate!"];
+    assert_eq!(got, want.map(<[u8]>::to_vec));
+    let stats = server.shutdown().expect("shutdown");
+    assert_eq!((stats.replied, stats.send_errors), (4, 2), "{stats:?}");
+    assert_balanced(&stats);
 }
