@@ -43,7 +43,12 @@ pub struct ServerBuilder {
     pub(crate) gso: bool,
 }
 
-/// The default number of datagrams per batch on the batched path.
+/// The default number of datagrams per batch on the batched path: 32.
+///
+/// Measured with `cargo bench --bench throughput` (128 requests in flight):
+/// CPU per reply relative to a plain std loop was 0.72 with batches of 8 and
+/// 0.68 to 0.69 with 16, 32 or 64, so 32 leaves headroom at no cost. A batch
+/// never waits to fill: the receive returns as soon as one datagram is there.
 pub const DEFAULT_BATCH_SIZE: usize = 32;
 
 /// The receive buffer a server asks for unless told otherwise: 1 MiB.
