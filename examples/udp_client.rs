@@ -72,7 +72,10 @@ fn main() -> ExitCode {
 }
 
 fn run(options: &Options) -> Result<(), udp_greet::Error> {
-    let client = GreetClient::connect(options.server.as_str())?;
+    // Only a greeting for the name just sent counts as its reply.
+    let client = GreetClient::builder()
+        .reply_check(udp_greet::is_greeting)
+        .connect(options.server.as_str())?;
     let mut stdout = std::io::stdout().lock();
     for name in &options.names {
         let reply = client.send_recv(name.as_bytes())?;

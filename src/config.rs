@@ -4,6 +4,7 @@ use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 
 use crate::error::Error;
+use crate::ratelimit::RateLimit;
 use crate::server::GreetServer;
 use crate::socket::{self, SocketOptions};
 use crate::sys;
@@ -41,6 +42,8 @@ pub struct ServerBuilder {
     pub(crate) batch_size: usize,
     pub(crate) portable_io: bool,
     pub(crate) gso: bool,
+    pub(crate) rate_limit: Option<RateLimit>,
+    pub(crate) max_amplification: Option<usize>,
 }
 
 /// The default number of datagrams per batch on the batched path: 32.
@@ -74,6 +77,8 @@ impl Default for ServerBuilder {
             batch_size: DEFAULT_BATCH_SIZE,
             portable_io: false,
             gso: true,
+            rate_limit: None,
+            max_amplification: None,
         }
     }
 }
@@ -219,6 +224,29 @@ impl ServerBuilder {
         self
     }
 
+    /// Limits how many requests from each source prefix are answered; see
+    /// [`RateLimit`]. Requests over the limit are dropped before the handler
+    /// sees them.
+    ///
+    /// Defaults to no limit.
+    pub fn rate_limit(mut self, limit: RateLimit) -> Self {
+        self.rate_limit = Some(limit);
+        self
+    }
+
+    /// Never sends a reply larger than `factor` times the request it answers
+    /// (such replies are counted in
+    /// [`Stats::amplification_capped`](crate::Stats::amplification_capped)),
+    /// so a forged request cannot make the server send much more to its
+    /// victim than the attacker sent. QUIC's rule for unverified peers is 3.
+    ///
+    /// Note that an empty request then gets no non-empty reply. Must be at
+    /// least 1. Defaults to no limit.
+    pub fn max_amplification(mut self, factor: usize) -> Self {
+        self.max_amplification = Some(factor);
+        self
+    }
+
     /// Creates the socket, applies the options and binds it to `addr`.
     ///
     /// Each address `addr` resolves to is tried in turn, as
@@ -244,6 +272,15 @@ impl ServerBuilder {
                     reason: "must be between 1 and 65535 bytes",
                 });
             }
+        }
+        if self.max_amplification == Some(0) {
+            return Err(Error::InvalidConfig {
+                setting: "max_amplification",
+                reason: "must be at least 1",
+            });
+        }
+        if let Some(limit) = &self.rate_limit {
+            limit.validate()?;
         }
         if !(1..=MAX_WORKERS).contains(&self.workers) {
             return Err(Error::InvalidConfig {

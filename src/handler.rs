@@ -2,7 +2,7 @@
 //! classic greet handler.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 /// One datagram as the server received it, handed to the handler.
 ///
@@ -12,11 +12,12 @@ use std::net::SocketAddr;
 pub struct Request<'a> {
     data: &'a [u8],
     peer: SocketAddr,
+    local: Option<IpAddr>,
 }
 
 impl<'a> Request<'a> {
-    pub(crate) fn new(data: &'a [u8], peer: SocketAddr) -> Self {
-        Request { data, peer }
+    pub(crate) fn new(data: &'a [u8], peer: SocketAddr, local: Option<IpAddr>) -> Self {
+        Request { data, peer, local }
     }
 
     /// The datagram's payload, complete (truncated datagrams never reach a
@@ -34,12 +35,24 @@ impl<'a> Request<'a> {
     pub fn peer(&self) -> SocketAddr {
         self.peer
     }
+
+    /// The address the datagram was sent to, which the reply comes from.
+    ///
+    /// For a server bound to a wildcard address (`0.0.0.0`, `[::]`) on Linux
+    /// this is read from the datagram (`IP_PKTINFO` / `IPV6_PKTINFO`); for a
+    /// server bound to one address it is that address. `None` for a
+    /// wildcard-bound server on other platforms.
+    #[must_use]
+    pub fn local_ip(&self) -> Option<IpAddr> {
+        self.local
+    }
 }
 
 impl fmt::Debug for Request<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Request")
             .field("peer", &self.peer)
+            .field("local", &self.local)
             .field("len", &self.data.len())
             .finish()
     }

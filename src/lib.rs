@@ -54,6 +54,7 @@ mod client;
 mod config;
 mod error;
 mod handler;
+mod ratelimit;
 mod server;
 mod socket;
 mod stats;
@@ -66,6 +67,7 @@ pub use config::{
 };
 pub use error::Error;
 pub use handler::{Action, Request, greet, greet_into, is_greeting};
+pub use ratelimit::RateLimit;
 pub use server::{GreetServer, ServerHandle, ShutdownHandle};
 pub use socket::BufferSize;
 pub use stats::Stats;

@@ -11,10 +11,11 @@ use socket2::Socket;
 use crate::config::ServerBuilder;
 use crate::error::Error;
 use crate::handler::{Action, Request};
+use crate::ratelimit::Limiter;
 use crate::socket::{self, BufferSize};
 use crate::stats::{SharedStats, Stats};
 use crate::sys;
-use crate::worker::{HandlerFn, Worker};
+use crate::worker::{HandlerFn, Policy, Worker};
 
 /// A bound UDP server, ready to [`serve`](GreetServer::serve) on the calling
 /// thread or to [`spawn`](GreetServer::spawn) on its own.
@@ -55,6 +56,7 @@ pub struct GreetServer {
     workers: usize,
     batch: Option<usize>,
     gso: bool,
+    policy: Policy,
     control: Arc<Control>,
 }
 
@@ -73,6 +75,7 @@ impl fmt::Debug for GreetServer {
             .field("workers", &self.workers)
             .field("batch", &self.batch)
             .field("gso", &self.gso)
+            .field("policy", &self.policy)
             .finish_non_exhaustive()
     }
 }
@@ -171,6 +174,13 @@ impl GreetServer {
             workers: builder.workers,
             batch: (!builder.portable_io).then_some(builder.batch_size),
             gso: builder.gso,
+            policy: Policy {
+                limiter: builder
+                    .rate_limit
+                    .as_ref()
+                    .map(|l| Arc::new(Limiter::new(l))),
+                max_amplification: builder.max_amplification,
+            },
             control,
         })
     }
@@ -257,7 +267,7 @@ impl GreetServer {
     {
         let mut running = self.start(handler, true)?;
         running.join()?;
-        Ok(running.control.stats.snapshot())
+        Ok(running.control.snapshot())
     }
 
     /// Runs the server on a background thread and returns a handle to it.
@@ -301,6 +311,8 @@ impl GreetServer {
                 max_datagram: self.max_datagram,
                 batch: self.batch,
                 gso: self.gso,
+                policy: self.policy.clone(),
+                reports_drops: index < sockets.len(),
             };
             if on_this_thread && index == 0 {
                 inline = Some(worker);
@@ -343,6 +355,15 @@ pub(crate) struct Control {
 }
 
 impl Control {
+    /// The counters summed over workers, with the kernel's drop count read
+    /// from each socket still open.
+    fn snapshot(&self) -> Stats {
+        self.stats.snapshot(|i| {
+            let socket = self.sockets.get(i)?.upgrade()?;
+            sys::kernel_drops(&socket)
+        })
+    }
+
     pub(crate) fn is_stopped(&self) -> bool {
         self.stop.load(Ordering::Acquire)
     }
@@ -385,7 +406,7 @@ impl ShutdownHandle {
     /// The server's counters now.
     #[must_use]
     pub fn stats(&self) -> Stats {
-        self.control.stats.snapshot()
+        self.control.snapshot()
     }
 
     /// The server's address.
@@ -426,7 +447,7 @@ impl ServerHandle {
     /// The server's counters now.
     #[must_use]
     pub fn stats(&self) -> Stats {
-        self.control.stats.snapshot()
+        self.control.snapshot()
     }
 
     /// A handle that can stop the server from another thread.
@@ -449,7 +470,7 @@ impl ServerHandle {
     pub fn shutdown(mut self) -> Result<Stats, Error> {
         self.control.stop();
         self.join()?;
-        Ok(self.control.stats.snapshot())
+        Ok(self.control.snapshot())
     }
 
     fn join(&mut self) -> Result<(), Error> {

@@ -32,24 +32,61 @@ pub struct Stats {
     /// Requests for which the handler returned [`Action::Ignore`](crate::Action::Ignore).
     pub no_reply: u64,
     /// Requests dropped unanswered because they were larger than the largest
-    /// accepted datagram (the kernel reported them truncated).
+    /// accepted datagram (the kernel reported them truncated), or because
+    /// the kernel could not deliver their control data whole.
     pub truncated: u64,
     /// Requests whose handler panicked; no reply was sent.
     pub handler_panics: u64,
+    /// Requests dropped by the [rate limit](crate::RateLimit), before the
+    /// handler saw them.
+    pub rate_limited: u64,
+    /// Replies not sent because they were larger than the
+    /// [amplification limit](crate::ServerBuilder::max_amplification)
+    /// allows for the request's size.
+    pub amplification_capped: u64,
+    /// Requests from a source no reply may go to (port 0, an unspecified,
+    /// multicast or broadcast address): never handed to the handler.
+    pub bad_source: u64,
     /// Replies the kernel refused to send (for example `EMSGSIZE`).
     pub send_errors: u64,
     /// Failed receive calls. These are not datagrams: on an unconnected
     /// socket they mostly report ICMP errors for earlier replies, and the
     /// server keeps going.
     pub recv_errors: u64,
+    /// Datagrams the kernel dropped before the server could take them,
+    /// because the receive buffer was full: the socket's drop counter (the
+    /// one `SO_RXQ_OVFL` reports), read with `SO_MEMINFO`. Not part of
+    /// `received`. Always 0 where the platform does not report it (only
+    /// Linux does).
+    pub kernel_drops: u64,
+    /// Prefixes whose rate-limit bucket was reused for another prefix
+    /// because the table was full (see [`RateLimit`](crate::RateLimit)).
+    pub rate_limit_evictions: u64,
 }
 
 impl Stats {
     /// The sum of the outcome counters: every received datagram ends in
-    /// exactly one of them.
+    /// exactly one of `replied`, `no_reply`, `truncated`, `handler_panics`,
+    /// `rate_limited`, `amplification_capped`, `bad_source` and
+    /// `send_errors`.
     #[must_use]
     pub fn accounted(&self) -> u64 {
-        self.replied + self.no_reply + self.truncated + self.handler_panics + self.send_errors
+        self.replied
+            + self.no_reply
+            + self.truncated
+            + self.handler_panics
+            + self.rate_limited
+            + self.amplification_capped
+            + self.bad_source
+            + self.send_errors
+    }
+
+    fn add(&self, other: &Stats) -> Stats {
+        let mut sum = self.to_array();
+        for (total, value) in sum.iter_mut().zip(other.to_array()) {
+            *total += value;
+        }
+        Stats::from_array(sum)
     }
 
     fn to_array(self) -> [u64; FIELDS] {
@@ -59,8 +96,13 @@ impl Stats {
             self.no_reply,
             self.truncated,
             self.handler_panics,
+            self.rate_limited,
+            self.amplification_capped,
+            self.bad_source,
             self.send_errors,
             self.recv_errors,
+            self.kernel_drops,
+            self.rate_limit_evictions,
         ]
     }
 
@@ -71,8 +113,13 @@ impl Stats {
             no_reply,
             truncated,
             handler_panics,
+            rate_limited,
+            amplification_capped,
+            bad_source,
             send_errors,
             recv_errors,
+            kernel_drops,
+            rate_limit_evictions,
         ] = a;
         Stats {
             received,
@@ -80,13 +127,18 @@ impl Stats {
             no_reply,
             truncated,
             handler_panics,
+            rate_limited,
+            amplification_capped,
+            bad_source,
             send_errors,
             recv_errors,
+            kernel_drops,
+            rate_limit_evictions,
         }
     }
 }
 
-const FIELDS: usize = 7;
+const FIELDS: usize = 12;
 
 /// One worker's published counters, on a cache line of their own so that
 /// workers never write to the same line.
@@ -107,15 +159,23 @@ impl SharedStats {
         })
     }
 
-    /// The sum over all workers.
-    pub(crate) fn snapshot(&self) -> Stats {
-        let mut sum = [0u64; FIELDS];
-        for slot in self.slots.iter() {
-            for (total, counter) in sum.iter_mut().zip(&slot.0) {
-                *total += counter.load(Ordering::Relaxed);
+    /// The sum over all workers. `live_drops(i)` gives worker `i`'s socket's
+    /// kernel drop count while that socket is open; once it is closed, the
+    /// count the worker published as it stopped is used.
+    pub(crate) fn snapshot(&self, live_drops: impl Fn(usize) -> Option<u64>) -> Stats {
+        let mut sum = Stats::default();
+        for (i, slot) in self.slots.iter().enumerate() {
+            let mut values = [0u64; FIELDS];
+            for (value, counter) in values.iter_mut().zip(&slot.0) {
+                *value = counter.load(Ordering::Relaxed);
             }
+            let mut worker = Stats::from_array(values);
+            if let Some(drops) = live_drops(i) {
+                worker.kernel_drops = drops;
+            }
+            sum = sum.add(&worker);
         }
-        Stats::from_array(sum)
+        sum
     }
 
     /// Publishes worker `index`'s running totals. Only that worker writes its

@@ -2,7 +2,7 @@
 //! receive/handle/reply loop.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
 use std::thread;
@@ -11,9 +11,10 @@ use std::time::Duration;
 use socket2::Socket;
 
 use crate::handler::{Action, Request};
+use crate::ratelimit::Limiter;
 use crate::server::Control;
 use crate::stats::{SharedStats, Stats};
-use crate::sys;
+use crate::sys::{self, Received};
 
 /// The bound every handler meets; see [`GreetServer::serve`](crate::GreetServer::serve).
 pub(crate) trait HandlerFn:
@@ -34,6 +35,10 @@ pub(crate) struct Worker<H> {
     pub(crate) batch: Option<usize>,
     /// Coalesce replies to one peer with segmentation offload (batched path).
     pub(crate) gso: bool,
+    pub(crate) policy: Policy,
+    /// This worker's socket is its own (or it is the first of those sharing
+    /// one): it reports the socket's kernel drops as it stops.
+    pub(crate) reports_drops: bool,
 }
 
 impl<H: HandlerFn> Worker<H> {
@@ -41,13 +46,16 @@ impl<H: HandlerFn> Worker<H> {
     /// batched where the platform allows and the builder did not ask for the
     /// portable loop.
     pub(crate) fn run(self) {
-        let mut p = Processor::new(self.handler.clone());
+        let mut p = Processor::new(self.handler.clone(), self.policy.clone());
         match self
             .batch
             .and_then(|size| sys::Batch::new(&self.socket, size, self.max_datagram, self.gso))
         {
             Some(batch) => run_batched(&self, &mut p, batch),
             None => run_portable(&self, &mut p),
+        }
+        if self.reports_drops {
+            p.totals.kernel_drops = sys::kernel_drops(&self.socket).unwrap_or(0);
         }
         self.stats.publish(self.index, &p.totals);
     }
@@ -56,48 +64,89 @@ impl<H: HandlerFn> Worker<H> {
 /// Decides the fate of each datagram and keeps the worker's running totals.
 pub(crate) struct Processor<H> {
     handler: Arc<H>,
+    policy: Policy,
     pub(crate) totals: Stats,
     backoff: Duration,
+    /// The rate limiter's clock, sampled once per batch.
+    now: u64,
+}
+
+/// What the server refuses to do, from the builder: shared by all workers.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Policy {
+    pub(crate) limiter: Option<Arc<Limiter>>,
+    pub(crate) max_amplification: Option<usize>,
 }
 
 impl<H: HandlerFn> Processor<H> {
-    pub(crate) fn new(handler: Arc<H>) -> Self {
+    pub(crate) fn new(handler: Arc<H>, policy: Policy) -> Self {
         Processor {
             handler,
+            policy,
             totals: Stats::default(),
             backoff: Duration::ZERO,
+            now: 0,
         }
     }
 
-    /// Counts one received datagram and runs the handler on it.
+    /// Starts a batch: samples the clock once for the rate limit.
+    pub(crate) fn begin_batch(&mut self) {
+        if let Some(limiter) = &self.policy.limiter {
+            self.now = limiter.now();
+        }
+    }
+
+    /// Counts one received datagram from `peer` and decides its fate:
+    /// dropped (truncated, a source that cannot be answered, over the rate
+    /// limit), or handed to the handler, whose reply may still be held back
+    /// by the amplification limit.
     ///
     /// Returns `true` when `reply` holds a reply to send; the caller then
     /// reports how the send went with [`Processor::sent`]. Every other
     /// outcome is counted here.
     pub(crate) fn process(
         &mut self,
-        data: &[u8],
-        truncated: bool,
+        datagram: &Received<'_>,
         peer: SocketAddr,
         reply: &mut Vec<u8>,
     ) -> bool {
         self.totals.received += 1;
         self.backoff = Duration::ZERO;
-        if truncated {
+        if datagram.truncated {
             self.totals.truncated += 1;
             return false;
         }
+        if !can_answer(peer) {
+            self.totals.bad_source += 1;
+            return false;
+        }
+        if let Some(limiter) = &self.policy.limiter {
+            let verdict = limiter.check(peer.ip(), self.now);
+            self.totals.rate_limit_evictions += u64::from(verdict.evicted);
+            if !verdict.allowed {
+                self.totals.rate_limited += 1;
+                return false;
+            }
+        }
         reply.clear();
         let handler = &*self.handler;
+        let request = Request::new(datagram.data, peer, datagram.local);
         // A panic is caught per datagram so that one bad request cannot stop
         // the server. The reply buffer is cleared after it; whatever state
         // the handler shares between calls is the handler's to keep sound,
         // as with any `Fn + Sync` shared by threads.
-        let outcome = panic::catch_unwind(AssertUnwindSafe(|| {
-            handler(Request::new(data, peer), reply)
-        }));
+        let outcome = panic::catch_unwind(AssertUnwindSafe(|| handler(request, reply)));
         match outcome {
-            Ok(Action::Reply) => true,
+            Ok(Action::Reply) => {
+                let limit = self.policy.max_amplification;
+                if limit
+                    .is_some_and(|factor| reply.len() > factor.saturating_mul(datagram.data.len()))
+                {
+                    self.totals.amplification_capped += 1;
+                    return false;
+                }
+                true
+            }
             Ok(Action::Ignore) => {
                 self.totals.no_reply += 1;
                 false
@@ -141,6 +190,19 @@ impl<H: HandlerFn> Processor<H> {
 const MIN_BACKOFF: Duration = Duration::from_millis(1);
 const MAX_BACKOFF: Duration = Duration::from_millis(32);
 
+/// Whether a reply may go to `peer`: never to port 0 (no one listens there;
+/// a request "from" it is forged), nor to an unspecified, multicast or
+/// broadcast address, which would turn one request into many replies.
+fn can_answer(peer: SocketAddr) -> bool {
+    if peer.port() == 0 {
+        return false;
+    }
+    match peer.ip().to_canonical() {
+        IpAddr::V4(ip) => !(ip.is_unspecified() || ip.is_multicast() || ip.is_broadcast()),
+        IpAddr::V6(ip) => !(ip.is_unspecified() || ip.is_multicast()),
+    }
+}
+
 /// Errors a UDP socket reports on receive for an ICMP message about an
 /// earlier send, rather than for the receive itself.
 fn is_icmp_report(err: &io::Error) -> bool {
@@ -180,8 +242,14 @@ fn run_portable<H: HandlerFn>(w: &Worker<H>, p: &mut Processor<H>) {
                 let Some(peer) = addr.as_socket() else {
                     continue;
                 };
-                let data = buf.get(..len).unwrap_or(&buf);
-                if p.process(data, flags.is_truncated(), peer, &mut reply) {
+                p.begin_batch();
+                let datagram = Received {
+                    data: buf.get(..len).unwrap_or(&buf),
+                    truncated: flags.is_truncated(),
+                    peer: Some(peer),
+                    local: None,
+                };
+                if p.process(&datagram, peer, &mut reply) {
                     let ok = send_ok(|| w.socket.send_to(&reply, &addr));
                     p.sent(u64::from(ok), u64::from(!ok));
                 }
@@ -199,13 +267,14 @@ fn run_batched<H: HandlerFn>(w: &Worker<H>, p: &mut Processor<H>, mut batch: sys
     while !w.control.is_stopped() {
         match batch.recv(&w.socket) {
             Ok(count) => {
+                p.begin_batch();
                 for i in 0..count {
                     let (datagram, reply) = batch.slot(i);
                     // A shutdown wake-up carries no sender: not a datagram.
                     let Some(peer) = datagram.peer else {
                         continue;
                     };
-                    if p.process(datagram.data, datagram.truncated, peer, reply) {
+                    if p.process(&datagram, peer, reply) {
                         batch.queue_reply(i);
                     }
                 }

@@ -35,3 +35,8 @@ impl Batch {
         match *self {}
     }
 }
+
+/// The kernel's drop count for the socket: not reported on this platform.
+pub(crate) fn kernel_drops(_socket: &Socket) -> Option<u64> {
+    None
+}

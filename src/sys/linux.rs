@@ -188,6 +188,7 @@ impl Batch {
                     data: self.bufs.get(start..start + len).unwrap_or_default(),
                     truncated: mmsg.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
                     peer: to_std(&self.addrs[i], mmsg.msg_hdr.msg_namelen),
+                    local: None,
                 }
             }
             None => Received::NONE,
@@ -422,4 +423,26 @@ fn to_std(storage: &sockaddr_storage, len: socklen_t) -> Option<SocketAddr> {
         }
         _ => None,
     }
+}
+
+/// The socket's count of datagrams the kernel dropped (`sk_drops`, the
+/// counter `SO_RXQ_OVFL` reports with each datagram), read on demand with
+/// `SO_MEMINFO` (Linux 4.13+); `None` where the kernel does not report it.
+pub(crate) fn kernel_drops(socket: &Socket) -> Option<u64> {
+    let mut info = [0u32; 16];
+    let mut len = mem::size_of_val(&info) as socklen_t;
+    // SAFETY: `info` is valid for writes of `len` bytes, and `len` is valid
+    // for reads and writes.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MEMINFO,
+            info.as_mut_ptr().cast::<c_void>(),
+            &mut len,
+        )
+    };
+    let drops = libc::SK_MEMINFO_DROPS as usize;
+    let reported = len as usize / mem::size_of::<u32>();
+    (rc == 0 && reported > drops).then(|| u64::from(info[drops]))
 }

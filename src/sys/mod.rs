@@ -4,7 +4,7 @@
 
 use std::io;
 use std::mem::MaybeUninit;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use socket2::{MaybeUninitSlice, Socket};
@@ -18,7 +18,7 @@ mod imp;
 #[path = "fallback.rs"]
 mod imp;
 
-pub(crate) use imp::{Batch, MAX_BATCH};
+pub(crate) use imp::{Batch, MAX_BATCH, kernel_drops};
 
 // Keeps the fallback compiling where it is not the one in use.
 #[cfg(all(test, target_os = "linux"))]
@@ -34,6 +34,8 @@ pub(crate) struct Received<'a> {
     pub(crate) truncated: bool,
     /// The sender; `None` for a wake-up that carries no datagram.
     pub(crate) peer: Option<SocketAddr>,
+    /// The address the datagram was sent to, where the socket reports it.
+    pub(crate) local: Option<IpAddr>,
 }
 
 impl Received<'_> {
@@ -42,6 +44,7 @@ impl Received<'_> {
         data: &[],
         truncated: false,
         peer: None,
+        local: None,
     };
 }
 

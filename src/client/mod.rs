@@ -1,5 +1,9 @@
 //! The client: one connected socket, request out, reply back, with
-//! timeouts and retries.
+//! timeouts, retries and a reply check.
+
+mod builder;
+
+pub use builder::ClientBuilder;
 
 use std::fmt;
 use std::io;
@@ -10,7 +14,7 @@ use std::time::{Duration, Instant};
 use socket2::Socket;
 
 use crate::error::{self, Error};
-use crate::socket::{self, BufferSize, SocketOptions};
+use crate::socket::BufferSize;
 use crate::sys;
 
 /// Room for any UDP payload, IPv4 or IPv6.
@@ -24,10 +28,11 @@ const MAX_REPLY: usize = 65_536;
 ///
 /// UDP may lose, duplicate or reorder datagrams. A call sends the request,
 /// waits for a reply up to the timeout, and sends the request again on
-/// silence, doubling the wait each time, up to the configured retries; see
-/// [`ClientBuilder`]. Before each request it discards any datagram already
-/// queued (a late reply to an earlier request, or a duplicate), so that it is
-/// not taken for the answer to this one.
+/// silence, doubling the wait each time (with jitter), up to the configured
+/// retries and deadline; see [`ClientBuilder`]. Before each request it
+/// discards any datagram already queued (a late reply to an earlier request,
+/// or a duplicate), and a [reply check](ClientBuilder::reply_check) rejects
+/// any datagram that is not the answer to this request.
 ///
 /// Calls from several threads on one client are serialised; use one client
 /// per thread for parallel requests.
@@ -56,18 +61,46 @@ pub struct GreetClient {
     local_addr: SocketAddr,
     recv_buffer: BufferSize,
     send_buffer: BufferSize,
-    timeout: Duration,
-    retries: u32,
+    policy: builder::Policy,
     state: Mutex<State>,
 }
 
 /// What one call leaves for the next.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct State {
     /// The socket's read timeout as last set, to skip setting it again.
     read_timeout: Option<Duration>,
     /// The reply buffer of [`GreetClient::send_recv`], kept between calls.
     reply: Vec<u8>,
+    /// Datagrams discarded so far: stale, or failing the reply check.
+    discarded: u64,
+    /// The jitter's random state (xorshift64*; never zero).
+    rng: u64,
+}
+
+impl State {
+    fn new(seed: u64) -> Self {
+        State {
+            read_timeout: None,
+            reply: Vec::new(),
+            discarded: 0,
+            rng: seed | 1,
+        }
+    }
+
+    /// `nominal` spread at random over ± `fraction` of itself.
+    fn jittered(&mut self, nominal: Duration, fraction: f64) -> Duration {
+        if fraction <= 0.0 {
+            return nominal;
+        }
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        let bits = self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11; // 53 bits
+        let unit = bits as f64 / (1u64 << 53) as f64; // [0, 1)
+        let factor = 1.0 + fraction.min(1.0) * (2.0 * unit - 1.0); // [0, 2]
+        Duration::try_from_secs_f64(nominal.as_secs_f64() * factor).unwrap_or(nominal)
+    }
 }
 
 impl fmt::Debug for GreetClient {
@@ -75,8 +108,7 @@ impl fmt::Debug for GreetClient {
         f.debug_struct("GreetClient")
             .field("local_addr", &self.local_addr)
             .field("peer", &self.peer)
-            .field("timeout", &self.timeout)
-            .field("retries", &self.retries)
+            .field("policy", &self.policy)
             .finish_non_exhaustive()
     }
 }
@@ -121,6 +153,13 @@ impl GreetClient {
         self.send_buffer
     }
 
+    /// How many datagrams this client has discarded: stale ones found queued
+    /// before a request, and ones that failed the reply check.
+    #[must_use]
+    pub fn discarded(&self) -> u64 {
+        self.lock().discarded
+    }
+
     /// Sends `request` and returns the reply.
     ///
     /// # Errors
@@ -158,16 +197,31 @@ impl GreetClient {
 
     fn exchange(&self, state: &mut State, request: &[u8], buf: &mut [u8]) -> Result<usize, Error> {
         let started = Instant::now();
-        self.discard_queued(buf)?;
-        let mut wait = self.timeout;
-        let attempts = self.retries.saturating_add(1);
-        for _ in 0..attempts {
-            self.set_read_timeout(state, wait)?;
+        let deadline = self.policy.deadline.and_then(|d| started.checked_add(d));
+        self.discard_queued(state, buf)?;
+        let max_attempts = self.policy.retries.saturating_add(1);
+        let mut nominal = self.policy.timeout;
+        let mut attempts = 0;
+        while attempts < max_attempts {
+            let mut wait = if attempts == 0 {
+                nominal
+            } else {
+                state.jittered(nominal, self.policy.jitter)
+            };
+            let now = Instant::now();
+            if let Some(deadline) = deadline {
+                let left = deadline.saturating_duration_since(now);
+                if left.is_zero() {
+                    break;
+                }
+                wait = wait.min(left);
+            }
             self.send(request)?;
-            if let Some(len) = self.recv_reply(buf)? {
+            attempts += 1;
+            if let Some(len) = self.await_reply(state, request, buf, now, wait)? {
                 return Ok(len);
             }
-            wait = wait.saturating_mul(2);
+            nominal = nominal.saturating_mul(2);
         }
         Err(Error::Timeout {
             addr: self.peer,
@@ -177,12 +231,13 @@ impl GreetClient {
     }
 
     /// Discards datagrams already queued: late replies to earlier requests.
-    fn discard_queued(&self, buf: &mut [u8]) -> Result<(), Error> {
+    fn discard_queued(&self, state: &mut State, buf: &mut [u8]) -> Result<(), Error> {
         loop {
             match sys::recv_nonblocking(&self.socket, buf) {
-                Ok(_) => continue,
+                Ok(_) => state.discarded += 1,
                 Err(e) if error::is_timeout(&e) => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if self.is_ignored_refusal(&e) => continue,
                 Err(e) => return Err(self.io_error("receive from", e)),
             }
         }
@@ -203,14 +258,30 @@ impl GreetClient {
             match self.socket.send(request) {
                 Ok(_) => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // An earlier ICMP error, reported on this send: the request
+                // was not sent, which counts as one more loss.
+                Err(e) if self.is_ignored_refusal(&e) => return Ok(()),
                 Err(e) => return Err(self.io_error("send to", e)),
             }
         }
     }
 
-    /// Waits for one reply; `None` when the read timeout expired.
-    fn recv_reply(&self, buf: &mut [u8]) -> Result<Option<usize>, Error> {
+    /// Waits from `sent` for up to `wait` for a reply that passes the check;
+    /// `None` when the time ran out.
+    fn await_reply(
+        &self,
+        state: &mut State,
+        request: &[u8],
+        buf: &mut [u8],
+        sent: Instant,
+        wait: Duration,
+    ) -> Result<Option<usize>, Error> {
+        let end = sent.checked_add(wait);
+        // The first wait is exactly `wait`, which usually matches the read
+        // timeout already set, so no system call is needed to set it.
+        let mut left = wait;
         loop {
+            self.set_read_timeout(state, left)?;
             match self.socket.recv_vectored(&mut [sys::recv_slice(buf)]) {
                 Ok((_, flags)) if flags.is_truncated() => {
                     return Err(Error::ReplyTooLarge {
@@ -218,12 +289,31 @@ impl GreetClient {
                         capacity: buf.len(),
                     });
                 }
-                Ok((len, _)) => return Ok(Some(len)),
+                Ok((len, _)) => {
+                    let reply = buf.get(..len).unwrap_or_default();
+                    if self.policy.check.as_ref().is_none_or(|check| check(request, reply)) {
+                        return Ok(Some(len));
+                    }
+                    state.discarded += 1;
+                }
                 Err(e) if error::is_timeout(&e) => return Ok(None),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if self.is_ignored_refusal(&e) => {}
                 Err(e) => return Err(self.io_error("receive from", e)),
             }
+            left = match end {
+                Some(end) => end.saturating_duration_since(Instant::now()),
+                None => wait,
+            };
+            if left.is_zero() {
+                return Ok(None);
+            }
         }
+    }
+
+    /// A refusal the client was told to treat as a lost reply.
+    fn is_ignored_refusal(&self, err: &io::Error) -> bool {
+        self.policy.refused_as_loss && err.kind() == io::ErrorKind::ConnectionRefused
     }
 
     /// Names the failed operation; a refused port is its own error.
@@ -243,109 +333,3 @@ impl GreetClient {
     }
 }
 
-/// Configures and connects a [`GreetClient`].
-///
-/// ```
-/// # fn main() -> Result<(), udp_greet::Error> {
-/// # let server = udp_greet::GreetServer::bind("127.0.0.1:0")?.spawn(udp_greet::greet)?;
-/// # let addr = server.local_addr();
-/// use std::time::Duration;
-///
-/// let client = udp_greet::GreetClient::builder()
-///     .timeout(Duration::from_millis(200))
-///     .retries(4)
-///     .connect(addr)?;
-/// assert_eq!(client.send_recv(b"Sarah")?, b"Hello, Sarah!");
-/// # Ok(())
-/// # }
-/// ```
-#[derive(Debug, Clone)]
-#[must_use = "a builder does nothing until `connect` is called"]
-pub struct ClientBuilder {
-    socket: SocketOptions,
-    timeout: Duration,
-    retries: u32,
-}
-
-impl Default for ClientBuilder {
-    fn default() -> Self {
-        ClientBuilder {
-            socket: SocketOptions::default(),
-            timeout: Duration::from_secs(1),
-            retries: 2,
-        }
-    }
-}
-
-impl ClientBuilder {
-    /// A builder with every setting at its default.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// How long the first attempt waits for a reply; each retry waits twice
-    /// as long as the one before. Must not be zero.
-    ///
-    /// Defaults to 1 second.
-    pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
-        self
-    }
-
-    /// How many times a request is sent again when no reply comes.
-    ///
-    /// Defaults to 2 (3 attempts in all; with the default timeout a call
-    /// gives up after 1 + 2 + 4 = 7 seconds).
-    pub fn retries(mut self, retries: u32) -> Self {
-        self.retries = retries;
-        self
-    }
-
-    /// Requests a receive buffer (`SO_RCVBUF`) of `bytes`.
-    ///
-    /// Defaults to the system default.
-    pub fn recv_buffer_size(mut self, bytes: usize) -> Self {
-        self.socket.recv_buffer = Some(bytes);
-        self
-    }
-
-    /// Requests a send buffer (`SO_SNDBUF`) of `bytes`.
-    ///
-    /// Defaults to the system default.
-    pub fn send_buffer_size(mut self, bytes: usize) -> Self {
-        self.socket.send_buffer = Some(bytes);
-        self
-    }
-
-    /// Makes a socket of the server's address family, bound to an ephemeral
-    /// port, and connects it to `addr` (the first address it resolves to
-    /// that works).
-    ///
-    /// # Errors
-    ///
-    /// [`Error::InvalidConfig`] for a zero timeout, [`Error::Resolve`] when
-    /// `addr` does not resolve, [`Error::Socket`] or [`Error::Io`] when the
-    /// socket cannot be made or connected.
-    pub fn connect<A: ToSocketAddrs + fmt::Debug>(self, addr: A) -> Result<GreetClient, Error> {
-        if self.timeout.is_zero() {
-            return Err(Error::InvalidConfig {
-                setting: "timeout",
-                reason: "must be greater than zero",
-            });
-        }
-        let addrs = socket::resolve(addr)?;
-        socket::first_ok(&addrs, |peer| {
-            let made = socket::connect(peer, &self.socket)?;
-            Ok(GreetClient {
-                socket: made.socket,
-                peer,
-                local_addr: made.local_addr,
-                recv_buffer: made.recv_buffer,
-                send_buffer: made.send_buffer,
-                timeout: self.timeout,
-                retries: self.retries,
-                state: Mutex::new(State::default()),
-            })
-        })
-    }
-}

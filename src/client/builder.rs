@@ -1,0 +1,232 @@
+//! The client builder: timeouts, retries, the reply check, buffer sizes.
+
+use std::fmt;
+use std::net::ToSocketAddrs;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::{GreetClient, State};
+use crate::error::Error;
+use crate::socket::{self, SocketOptions};
+
+/// A reply check: `(request, reply) -> bool`.
+pub(super) type ReplyCheck = Arc<dyn Fn(&[u8], &[u8]) -> bool + Send + Sync>;
+
+/// How a client waits and resends; fixed when it connects.
+#[derive(Clone)]
+pub(super) struct Policy {
+    pub(super) timeout: Duration,
+    pub(super) retries: u32,
+    pub(super) deadline: Option<Duration>,
+    pub(super) jitter: f64,
+    pub(super) check: Option<ReplyCheck>,
+    pub(super) refused_as_loss: bool,
+}
+
+impl fmt::Debug for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Policy")
+            .field("timeout", &self.timeout)
+            .field("retries", &self.retries)
+            .field("deadline", &self.deadline)
+            .field("jitter", &self.jitter)
+            .field("reply_check", &self.check.is_some())
+            .field("refused_as_loss", &self.refused_as_loss)
+            .finish()
+    }
+}
+
+/// Configures and connects a [`GreetClient`].
+///
+/// A call sends the request and waits up to [`timeout`](ClientBuilder::timeout)
+/// for a reply that passes the [reply check](ClientBuilder::reply_check);
+/// on silence it sends again, each wait twice the one before give or take
+/// the [jitter](ClientBuilder::jitter), until [`retries`](ClientBuilder::retries)
+/// are spent or the [`deadline`](ClientBuilder::deadline) for the whole call
+/// passes.
+///
+/// ```
+/// # fn main() -> Result<(), udp_greet::Error> {
+/// # let server = udp_greet::GreetServer::bind("127.0.0.1:0")?.spawn(udp_greet::greet)?;
+/// # let addr = server.local_addr();
+/// use std::time::Duration;
+///
+/// let client = udp_greet::GreetClient::builder()
+///     .timeout(Duration::from_millis(200))
+///     .retries(4)
+///     .deadline(Duration::from_secs(2))
+///     .reply_check(udp_greet::is_greeting)
+///     .connect(addr)?;
+/// assert_eq!(client.send_recv(b"Sarah")?, b"Hello, Sarah!");
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+#[must_use = "a builder does nothing until `connect` is called"]
+pub struct ClientBuilder {
+    socket: SocketOptions,
+    policy: Policy,
+}
+
+impl Default for ClientBuilder {
+    fn default() -> Self {
+        ClientBuilder {
+            socket: SocketOptions::default(),
+            policy: Policy {
+                timeout: Duration::from_secs(1),
+                retries: 2,
+                deadline: Some(Duration::from_secs(10)),
+                jitter: 0.2,
+                check: None,
+                refused_as_loss: false,
+            },
+        }
+    }
+}
+
+impl ClientBuilder {
+    /// A builder with every setting at its default.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How long the first attempt waits for a reply; each retry waits about
+    /// twice as long as the one before. Must not be zero.
+    ///
+    /// Defaults to 1 second.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.policy.timeout = timeout;
+        self
+    }
+
+    /// How many times a request is sent again when no reply comes: a call
+    /// makes at most `retries + 1` attempts.
+    ///
+    /// Defaults to 2 (3 attempts; with the default timeout, waits of about
+    /// 1, 2 and 4 seconds).
+    pub fn retries(mut self, retries: u32) -> Self {
+        self.policy.retries = retries;
+        self
+    }
+
+    /// The longest one call may take, all attempts together; the last wait
+    /// is cut short to end there. Must not be zero.
+    ///
+    /// Defaults to 10 seconds.
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.policy.deadline = Some(deadline);
+        self
+    }
+
+    /// Spreads the retries' waits at random over ± `fraction` of their
+    /// nominal length (the first attempt's wait is exact), so that clients
+    /// that lost replies at the same moment do not all resend in step. Must
+    /// be between 0 and 1; 0 turns jitter off.
+    ///
+    /// Defaults to 0.2.
+    pub fn jitter(mut self, fraction: f64) -> Self {
+        self.policy.jitter = fraction;
+        self
+    }
+
+    /// Accepts as the reply only a datagram for which `check(request, reply)`
+    /// returns `true`; any other datagram that arrives is discarded (and
+    /// counted in [`GreetClient::discarded`]) and the wait goes on.
+    ///
+    /// UDP carries no request ids, so a reply delayed past its timeout, or a
+    /// duplicate, can arrive while the client waits for the answer to a
+    /// later request. The client discards what is queued before each
+    /// request, but only a check that ties the reply to the request (for
+    /// [`greet`](crate::greet), [`is_greeting`](crate::is_greeting)) rules
+    /// out a wrong answer.
+    ///
+    /// Defaults to accepting any datagram from the server.
+    pub fn reply_check<F>(mut self, check: F) -> Self
+    where
+        F: Fn(&[u8], &[u8]) -> bool + Send + Sync + 'static,
+    {
+        self.policy.check = Some(Arc::new(check));
+        self
+    }
+
+    /// Treats an ICMP "port unreachable" like a lost reply: the client keeps
+    /// waiting and retrying instead of returning [`Error::Refused`] at once.
+    ///
+    /// ICMP messages are not authenticated: anyone on the path, or anyone
+    /// who can guess the client's port, can forge one and make a client that
+    /// believes them give up. Turn this on where that matters more than
+    /// failing fast when the server is down; a call against a port that
+    /// really is closed then ends in [`Error::Timeout`].
+    ///
+    /// Defaults to `false`.
+    pub fn refused_as_loss(mut self, on: bool) -> Self {
+        self.policy.refused_as_loss = on;
+        self
+    }
+
+    /// Requests a receive buffer (`SO_RCVBUF`) of `bytes`.
+    ///
+    /// Defaults to the system default.
+    pub fn recv_buffer_size(mut self, bytes: usize) -> Self {
+        self.socket.recv_buffer = Some(bytes);
+        self
+    }
+
+    /// Requests a send buffer (`SO_SNDBUF`) of `bytes`.
+    ///
+    /// Defaults to the system default.
+    pub fn send_buffer_size(mut self, bytes: usize) -> Self {
+        self.socket.send_buffer = Some(bytes);
+        self
+    }
+
+    /// Makes a socket of the server's address family, bound to an ephemeral
+    /// port, and connects it to `addr` (the first address it resolves to
+    /// that works).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] for a setting out of range,
+    /// [`Error::Resolve`] when `addr` does not resolve, [`Error::Socket`] or
+    /// [`Error::Io`] when the socket cannot be made or connected.
+    pub fn connect<A: ToSocketAddrs + fmt::Debug>(self, addr: A) -> Result<GreetClient, Error> {
+        self.validate()?;
+        let addrs = socket::resolve(addr)?;
+        socket::first_ok(&addrs, |peer| {
+            let made = socket::connect(peer, &self.socket)?;
+            let seed = seed(made.local_addr.port());
+            Ok(GreetClient {
+                socket: made.socket,
+                peer,
+                local_addr: made.local_addr,
+                recv_buffer: made.recv_buffer,
+                send_buffer: made.send_buffer,
+                policy: self.policy.clone(),
+                state: Mutex::new(State::new(seed)),
+            })
+        })
+    }
+
+    fn validate(&self) -> Result<(), Error> {
+        let invalid = |setting, reason| Err(Error::InvalidConfig { setting, reason });
+        if self.policy.timeout.is_zero() {
+            return invalid("timeout", "must be greater than zero");
+        }
+        if self.policy.deadline.is_some_and(|d| d.is_zero()) {
+            return invalid("deadline", "must be greater than zero");
+        }
+        if !(0.0..=1.0).contains(&self.policy.jitter) {
+            return invalid("jitter", "must be between 0 and 1");
+        }
+        Ok(())
+    }
+}
+
+/// A seed for the jitter: different per client and per run. Not for
+/// anything secret.
+fn seed(port: u16) -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    (nanos ^ (u64::from(port) << 48)) | 1
+}
