@@ -56,6 +56,7 @@ pub struct GreetServer {
     workers: usize,
     batch: Option<usize>,
     gso: bool,
+    pktinfo: bool,
     policy: Policy,
     control: Arc<Control>,
 }
@@ -75,6 +76,7 @@ impl fmt::Debug for GreetServer {
             .field("workers", &self.workers)
             .field("batch", &self.batch)
             .field("gso", &self.gso)
+            .field("pktinfo", &self.pktinfo)
             .field("policy", &self.policy)
             .finish_non_exhaustive()
     }
@@ -147,8 +149,22 @@ impl GreetServer {
         };
         let (local_addr, recv_buffer, send_buffer) =
             (first.local_addr, first.recv_buffer, first.send_buffer);
+        // A wildcard-bound socket must tell which address each datagram was
+        // sent to, or replies may go out from another of the host's.
+        let wildcard = local_addr.ip().is_unspecified();
+        let mut pktinfo = wildcard;
         let mut sockets = Vec::with_capacity(made.len());
         for m in made {
+            if wildcard {
+                pktinfo &=
+                    sys::enable_pktinfo(&m.socket, local_addr.is_ipv6()).map_err(|source| {
+                        Error::Socket {
+                            action: "enable IP_PKTINFO / IPV6_RECVPKTINFO",
+                            addr: local_addr,
+                            source,
+                        }
+                    })?;
+            }
             if let Some(interval) = sys::WAKE_INTERVAL {
                 m.socket
                     .set_read_timeout(Some(interval))
@@ -174,6 +190,7 @@ impl GreetServer {
             workers: builder.workers,
             batch: (!builder.portable_io).then_some(builder.batch_size),
             gso: builder.gso,
+            pktinfo,
             policy: Policy {
                 limiter: builder
                     .rate_limit
@@ -312,6 +329,8 @@ impl GreetServer {
                 batch: self.batch,
                 gso: self.gso,
                 policy: self.policy.clone(),
+                pktinfo: self.pktinfo,
+                bound_ip: Some(self.local_addr.ip()).filter(|ip| !ip.is_unspecified()),
                 reports_drops: index < sockets.len(),
             };
             if on_this_thread && index == 0 {

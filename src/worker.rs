@@ -36,6 +36,10 @@ pub(crate) struct Worker<H> {
     /// Coalesce replies to one peer with segmentation offload (batched path).
     pub(crate) gso: bool,
     pub(crate) policy: Policy,
+    /// The socket reports arrival addresses, and replies go out from them.
+    pub(crate) pktinfo: bool,
+    /// The address the socket is bound to, unless it is a wildcard.
+    pub(crate) bound_ip: Option<IpAddr>,
     /// This worker's socket is its own (or it is the first of those sharing
     /// one): it reports the socket's kernel drops as it stops.
     pub(crate) reports_drops: bool,
@@ -47,10 +51,15 @@ impl<H: HandlerFn> Worker<H> {
     /// portable loop.
     pub(crate) fn run(self) {
         let mut p = Processor::new(self.handler.clone(), self.policy.clone());
-        match self
-            .batch
-            .and_then(|size| sys::Batch::new(&self.socket, size, self.max_datagram, self.gso))
-        {
+        match self.batch.and_then(|size| {
+            sys::Batch::new(
+                &self.socket,
+                size,
+                self.max_datagram,
+                self.gso,
+                self.pktinfo,
+            )
+        }) {
             Some(batch) => run_batched(&self, &mut p, batch),
             None => run_portable(&self, &mut p),
         }
@@ -227,34 +236,52 @@ fn send_ok(mut f: impl FnMut() -> io::Result<usize>) -> bool {
 }
 
 /// The portable loop: one `recvmsg` and one `sendto` per datagram, through
-/// socket2. Used on every platform, and on Linux when the builder asks.
+/// socket2. Used on every platform, and on Linux when the builder asks. On
+/// a wildcard-bound Linux socket it reads each datagram's arrival address
+/// and replies from it (`sys::Single`).
 fn run_portable<H: HandlerFn>(w: &Worker<H>, p: &mut Processor<H>) {
     let mut buf = vec![0u8; w.max_datagram];
     let mut reply = Vec::new();
+    let mut single = if w.pktinfo { sys::Single::new() } else { None };
     while !w.control.is_stopped() {
-        match w
-            .socket
-            .recv_from_vectored(&mut [sys::recv_slice(&mut buf)])
-        {
-            Ok((len, flags, addr)) => {
-                // A shutdown wakes the receive with an empty result that has
-                // no sender: not a datagram.
-                let Some(peer) = addr.as_socket() else {
-                    continue;
-                };
-                p.begin_batch();
-                let datagram = Received {
-                    data: buf.get(..len).unwrap_or(&buf),
-                    truncated: flags.is_truncated(),
-                    peer: Some(peer),
-                    local: None,
-                };
-                if p.process(&datagram, peer, &mut reply) {
-                    let ok = send_ok(|| w.socket.send_to(&reply, &addr));
-                    p.sent(u64::from(ok), u64::from(!ok));
+        p.begin_batch();
+        match &mut single {
+            Some(single) => match single.recv(&w.socket, &mut buf) {
+                // A shutdown wake-up carries no sender: not a datagram.
+                Ok(Received { peer: None, .. }) => {}
+                Ok(
+                    datagram @ Received {
+                        peer: Some(peer), ..
+                    },
+                ) => {
+                    if p.process(&datagram, peer, &mut reply) {
+                        let ok = send_ok(|| single.send(&w.socket, &reply));
+                        p.sent(u64::from(ok), u64::from(!ok));
+                    }
                 }
-            }
-            Err(err) => p.recv_failed(&err, &w.control),
+                Err(err) => p.recv_failed(&err, &w.control),
+            },
+            None => match w
+                .socket
+                .recv_from_vectored(&mut [sys::recv_slice(&mut buf)])
+            {
+                Ok((len, flags, addr)) => {
+                    // A shutdown wake-up carries no sender: not a datagram.
+                    if let Some(peer) = addr.as_socket() {
+                        let datagram = Received {
+                            data: buf.get(..len).unwrap_or(&buf),
+                            truncated: flags.is_truncated(),
+                            peer: Some(peer),
+                            local: w.bound_ip,
+                        };
+                        if p.process(&datagram, peer, &mut reply) {
+                            let ok = send_ok(|| w.socket.send_to(&reply, &addr));
+                            p.sent(u64::from(ok), u64::from(!ok));
+                        }
+                    }
+                }
+                Err(err) => p.recv_failed(&err, &w.control),
+            },
         }
         w.stats.publish(w.index, &p.totals);
     }
@@ -269,11 +296,12 @@ fn run_batched<H: HandlerFn>(w: &Worker<H>, p: &mut Processor<H>, mut batch: sys
             Ok(count) => {
                 p.begin_batch();
                 for i in 0..count {
-                    let (datagram, reply) = batch.slot(i);
+                    let (mut datagram, reply) = batch.slot(i);
                     // A shutdown wake-up carries no sender: not a datagram.
                     let Some(peer) = datagram.peer else {
                         continue;
                     };
+                    datagram.local = datagram.local.or(w.bound_ip);
                     if p.process(&datagram, peer, reply) {
                         batch.queue_reply(i);
                     }

@@ -32,6 +32,7 @@ util::on_both_paths!(
     several_workers_share_the_load_and_stop_together,
     bursts_to_one_peer_get_every_reply_intact,
     a_failed_reply_does_not_lose_the_rest_of_its_batch,
+    wildcard_server_replies_from_the_address_asked,
 );
 
 fn echo(request: Request<'_>, reply: &mut Vec<u8>) -> Action {
@@ -687,4 +688,41 @@ fn a_failed_reply_does_not_lose_the_rest_of_its_batch(b: ServerBuilder) {
     let stats = server.shutdown().expect("shutdown");
     assert_eq!((stats.replied, stats.send_errors), (4, 2), "{stats:?}");
     assert_balanced(&stats);
+}
+
+/// A server bound to 0.0.0.0 must answer from the address each request was
+/// sent to: 127.0.0.2 is also this host's (all of 127.0.0.0/8 is), and a
+/// client connected to it drops a reply that comes from 127.0.0.1.
+fn wildcard_server_replies_from_the_address_asked(b: ServerBuilder) {
+    let server = b
+        .bind("0.0.0.0:0")
+        .expect("bind the IPv4 wildcard")
+        .spawn(|request: Request<'_>, reply: &mut Vec<u8>| {
+            let local = request.local_ip().map(|ip| ip.to_string()).unwrap_or_default();
+            reply.extend_from_slice(local.as_bytes());
+            Action::Reply
+        })
+        .expect("spawn");
+    let port = server.local_addr().port();
+    for ip in ["127.0.0.1", "127.0.0.2", "127.1.2.3"] {
+        let client = GreetClient::builder()
+            .timeout(util::HANG_GUARD)
+            .retries(0)
+            .connect((ip, port))
+            .expect("connect");
+        let reply = client.send_recv(b"who are you?").expect("a reply from the address asked");
+        assert_eq!(reply, ip.as_bytes(), "the handler sees the address asked");
+    }
+    // A server bound to one address reports that address.
+    let server = GreetServer::builder()
+        .bind("127.0.0.1:0")
+        .expect("bind")
+        .spawn(|request: Request<'_>, reply: &mut Vec<u8>| {
+            let local = request.local_ip().map(|ip| ip.to_string()).unwrap_or_default();
+            reply.extend_from_slice(local.as_bytes());
+            Action::Reply
+        })
+        .expect("spawn");
+    let client = GreetClient::connect(server.local_addr()).expect("connect");
+    assert_eq!(client.send_recv(b"?").expect("reply"), b"127.0.0.1");
 }

@@ -291,7 +291,12 @@ impl GreetClient {
                 }
                 Ok((len, _)) => {
                     let reply = buf.get(..len).unwrap_or_default();
-                    if self.policy.check.as_ref().is_none_or(|check| check(request, reply)) {
+                    if self
+                        .policy
+                        .check
+                        .as_ref()
+                        .is_none_or(|check| check(request, reply))
+                    {
                         return Ok(Some(len));
                     }
                     state.discarded += 1;
@@ -332,4 +337,3 @@ impl GreetClient {
         }
     }
 }
-

@@ -15,7 +15,7 @@ pub(crate) enum Batch {}
 
 impl Batch {
     /// Always `None`: the portable loop serves instead.
-    pub(crate) fn new(_socket: &Socket, _size: usize, _max: usize, _gso: bool) -> Option<Batch> {
+    pub(crate) fn new(_: &Socket, _: usize, _: usize, _: bool, _: bool) -> Option<Batch> {
         None
     }
 
@@ -39,4 +39,32 @@ impl Batch {
 /// The kernel's drop count for the socket: not reported on this platform.
 pub(crate) fn kernel_drops(_socket: &Socket) -> Option<u64> {
     None
+}
+
+/// Arrival addresses are not read on this platform: replies from a
+/// wildcard-bound server go out from the address the kernel picks.
+pub(crate) fn enable_pktinfo(_socket: &Socket, _ipv6: bool) -> io::Result<bool> {
+    Ok(false)
+}
+
+/// Uninhabited: arrival addresses are not read on this platform.
+pub(crate) enum Single {}
+
+impl Single {
+    /// Always `None`.
+    pub(crate) fn new() -> Option<Single> {
+        None
+    }
+
+    pub(crate) fn recv<'b>(
+        &mut self,
+        _socket: &Socket,
+        _buf: &'b mut [u8],
+    ) -> io::Result<Received<'b>> {
+        match *self {}
+    }
+
+    pub(crate) fn send(&mut self, _socket: &Socket, _reply: &[u8]) -> io::Result<usize> {
+        match *self {}
+    }
 }

@@ -12,13 +12,13 @@ use socket2::{MaybeUninitSlice, Socket};
 // The batched fast path: `recvmmsg`/`sendmmsg` on Linux; elsewhere a `Batch`
 // that can never be made, so the portable loop runs.
 #[cfg(target_os = "linux")]
-#[path = "linux.rs"]
+#[path = "linux/mod.rs"]
 mod imp;
 #[cfg(not(target_os = "linux"))]
 #[path = "fallback.rs"]
 mod imp;
 
-pub(crate) use imp::{Batch, MAX_BATCH, kernel_drops};
+pub(crate) use imp::{Batch, MAX_BATCH, Single, enable_pktinfo, kernel_drops};
 
 // Keeps the fallback compiling where it is not the one in use.
 #[cfg(all(test, target_os = "linux"))]

@@ -13,6 +13,10 @@ use socket2::Socket;
 
 use super::Received;
 
+mod cmsg;
+
+use cmsg::{Arrival, Control};
+
 /// The most messages one `recvmmsg`/`sendmmsg` call takes (`UIO_MAXIOV`).
 pub(crate) const MAX_BATCH: usize = 1024;
 
@@ -41,8 +45,16 @@ pub(crate) struct Batch {
     /// carries several replies to the same peer.
     send_hdrs: Box<[mmsghdr]>,
     outgoing: Box<[Outgoing]>,
-    /// Control-message space for each outgoing message (`UDP_SEGMENT`).
+    /// Control-message space for each outgoing message (source address,
+    /// `UDP_SEGMENT`).
     controls: Box<[Control]>,
+    /// Whether the socket reports the address each datagram arrived on, and
+    /// replies go out from it.
+    pktinfo: bool,
+    /// Control-message space for each received datagram.
+    recv_controls: Box<[Control]>,
+    /// Where each datagram of the last receive arrived.
+    arrivals: Box<[Arrival]>,
     /// How many of `send_hdrs` are queued for the next send.
     queued: usize,
     /// Whether replies to the same peer are coalesced with `UDP_SEGMENT`.
@@ -67,14 +79,6 @@ struct Outgoing {
     closed: bool,
 }
 
-/// Room for the control messages of one outgoing message, aligned for
-/// `cmsghdr`.
-#[derive(Clone, Copy)]
-#[repr(C, align(8))]
-struct Control([u8; CONTROL_ROOM]);
-
-const CONTROL_ROOM: usize = 64;
-
 /// The most segments one `UDP_SEGMENT` send may carry (the kernel's
 /// `UDP_MAX_SEGMENTS` since it gained the option).
 const MAX_SEGMENTS: usize = 64;
@@ -91,12 +95,15 @@ impl Batch {
     /// checks it).
     ///
     /// `gso` asks for replies to the same peer to be coalesced with UDP
-    /// segmentation offload where the kernel supports it (Linux 4.18+).
+    /// segmentation offload where the kernel supports it (Linux 4.18+);
+    /// `pktinfo` says the socket reports arrival addresses (see
+    /// [`enable_pktinfo`]) and replies must go out from them.
     pub(crate) fn new(
         socket: &Socket,
         size: usize,
         max_datagram: usize,
         gso: bool,
+        pktinfo: bool,
     ) -> Option<Batch> {
         let size = size.clamp(1, MAX_BATCH);
         let mut batch = Batch {
@@ -121,7 +128,10 @@ impl Batch {
             // SAFETY: as above.
             send_hdrs: (0..size).map(|_| unsafe { mem::zeroed() }).collect(),
             outgoing: vec![Outgoing::default(); size].into_boxed_slice(),
-            controls: vec![Control([0; CONTROL_ROOM]); size].into_boxed_slice(),
+            controls: vec![Control::EMPTY; size].into_boxed_slice(),
+            pktinfo,
+            recv_controls: vec![Control::EMPTY; if pktinfo { size } else { 0 }].into_boxed_slice(),
+            arrivals: vec![Arrival::default(); size].into_boxed_slice(),
             queued: 0,
             gso: gso && supports_gso(socket),
         };
@@ -143,10 +153,14 @@ impl Batch {
 
     /// Sets the fields the kernel overwrites back to their input values.
     fn reset_recv_headers(&mut self, count: usize) {
-        for mmsg in self.recv_hdrs.iter_mut().take(count) {
+        for (i, mmsg) in self.recv_hdrs.iter_mut().enumerate().take(count) {
             mmsg.msg_hdr.msg_namelen = mem::size_of::<sockaddr_storage>() as socklen_t;
             mmsg.msg_hdr.msg_flags = 0;
             mmsg.msg_len = 0;
+            if let Some(control) = self.recv_controls.get_mut(i) {
+                mmsg.msg_hdr.msg_control = control.0.as_mut_ptr().cast::<c_void>();
+                mmsg.msg_hdr.msg_controllen = cmsg::CONTROL_ROOM as _;
+            }
         }
     }
 
@@ -157,9 +171,11 @@ impl Batch {
         self.reset_recv_headers(self.received);
         self.received = 0;
         // SAFETY: `recv_hdrs` holds `size` initialised headers, each pointing
-        // at its own `sockaddr_storage` (with `msg_namelen` its size) and its
-        // own one-element `iovec` over `max_datagram` bytes of `bufs`, all
-        // owned by `self` and alive for the call; no control buffer is given.
+        // at its own `sockaddr_storage` (with `msg_namelen` its size), its
+        // own one-element `iovec` over `max_datagram` bytes of `bufs`, and
+        // either no control buffer or its own `Control` (with
+        // `msg_controllen` its size), all owned by `self` and alive for the
+        // call.
         // A null timeout is allowed (the socket's read timeout applies).
         let n = unsafe {
             libc::recvmmsg(
@@ -184,11 +200,22 @@ impl Batch {
             Some(mmsg) => {
                 let start = i * self.max_datagram;
                 let len = (mmsg.msg_len as usize).min(self.max_datagram);
+                let flags = mmsg.msg_hdr.msg_flags;
+                let mut truncated = flags & libc::MSG_TRUNC != 0;
+                if let Some(control) = self.recv_controls.get(i) {
+                    // `msg_controllen` is `size_t` on glibc, `socklen_t` on musl.
+                    #[allow(clippy::unnecessary_cast)]
+                    let arrival = cmsg::parse(control, mmsg.msg_hdr.msg_controllen as usize);
+                    // Without its arrival address the reply could go out
+                    // from the wrong one: the datagram is not whole.
+                    truncated |= flags & libc::MSG_CTRUNC != 0 || arrival.local.is_none();
+                    self.arrivals[i] = arrival;
+                }
                 Received {
                     data: self.bufs.get(start..start + len).unwrap_or_default(),
-                    truncated: mmsg.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
+                    truncated,
                     peer: to_std(&self.addrs[i], mmsg.msg_hdr.msg_namelen),
-                    local: None,
+                    local: self.arrivals[i].local,
                 }
             }
             None => Received::NONE,
@@ -252,6 +279,7 @@ impl Batch {
             && out.total + len <= MAX_SEGMENTED_TOTAL
             && self.peer(out.slot).is_some()
             && self.peer(out.slot) == self.peer(i)
+            && self.arrivals[out.slot] == self.arrivals[i]
     }
 
     fn peer(&self, i: usize) -> Option<SocketAddr> {
@@ -265,7 +293,7 @@ impl Batch {
     /// when that works segmentation is turned off for this batch.
     pub(crate) fn send(&mut self, socket: &Socket) -> (u64, u64) {
         for m in 0..self.queued {
-            self.set_segmentation(m);
+            self.set_control(m);
         }
         let (mut sent, mut failed) = (0u64, 0u64);
         let mut start = 0;
@@ -310,35 +338,29 @@ impl Batch {
         (sent, failed)
     }
 
-    /// Writes the `UDP_SEGMENT` control message of message `m`, if it
-    /// carries more than one reply.
-    fn set_segmentation(&mut self, m: usize) {
+    /// Writes the control messages of message `m`: the address to send
+    /// from, and `UDP_SEGMENT` if it carries more than one reply.
+    fn set_control(&mut self, m: usize) {
         let out = self.outgoing[m];
+        // At most MAX_SEGMENT_SIZE, so it fits.
+        let segment = (out.segments > 1).then_some(out.segment_size as u16);
+        let used = if self.pktinfo || segment.is_some() {
+            cmsg::write(&mut self.controls[m], &self.arrivals[out.slot], segment)
+        } else {
+            0
+        };
         let hdr = &mut self.send_hdrs[m].msg_hdr;
-        if out.segments < 2 {
+        if used == 0 {
             hdr.msg_control = ptr::null_mut();
             hdr.msg_controllen = 0;
-            return;
-        }
-        let segment = out.segment_size as u16; // at most MAX_SEGMENT_SIZE
-        hdr.msg_control = self.controls[m].0.as_mut_ptr().cast::<c_void>();
-        // SAFETY: CMSG_SPACE only computes a size.
-        hdr.msg_controllen = unsafe { libc::CMSG_SPACE(mem::size_of::<u16>() as c_uint) } as _;
-        // SAFETY: `hdr` points at `CONTROL_ROOM` bytes aligned for
-        // `cmsghdr`, and `msg_controllen` (24 bytes) fits in them, so
-        // CMSG_FIRSTHDR returns a pointer to a whole header there (not null),
-        // and CMSG_DATA points at the two bytes after it, inside the buffer.
-        unsafe {
-            let cmsg = libc::CMSG_FIRSTHDR(hdr);
-            (*cmsg).cmsg_level = libc::SOL_UDP;
-            (*cmsg).cmsg_type = libc::UDP_SEGMENT;
-            (*cmsg).cmsg_len = libc::CMSG_LEN(mem::size_of::<u16>() as c_uint) as _;
-            ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<u16>(), segment);
+        } else {
+            hdr.msg_control = self.controls[m].0.as_mut_ptr().cast::<c_void>();
+            hdr.msg_controllen = used as _;
         }
     }
 
-    /// Sends the replies of message `m` one datagram each, without control
-    /// messages; returns how many were sent and how many failed. Turns
+    /// Sends the replies of message `m` one datagram each, without
+    /// segmentation; returns how many were sent and how many failed. Turns
     /// segmentation off when it was the cause of the failure.
     fn send_one_by_one(&mut self, socket: &Socket, m: usize) -> (u64, u64) {
         let out = self.outgoing[m];
@@ -346,16 +368,24 @@ impl Batch {
             return (0, 1);
         }
         let (mut sent, mut failed) = (0u64, 0u64);
+        let mut control = Control::EMPTY;
+        let used = cmsg::write(&mut control, &self.arrivals[out.slot], None);
         for iov in out.first_iov..out.first_iov + out.segments {
             let mut hdr = self.send_hdrs[m].msg_hdr;
             hdr.msg_iov = ptr::from_mut(&mut self.send_iovs[iov]);
             hdr.msg_iovlen = 1;
-            hdr.msg_control = ptr::null_mut();
-            hdr.msg_controllen = 0;
+            if used == 0 {
+                hdr.msg_control = ptr::null_mut();
+                hdr.msg_controllen = 0;
+            } else {
+                hdr.msg_control = control.0.as_mut_ptr().cast::<c_void>();
+                hdr.msg_controllen = used as _;
+            }
             loop {
                 // SAFETY: `hdr` is a copy of a queued header (address in
-                // `addrs`) with one iovec of `send_iovs` and no control
-                // buffer; everything it points at is owned by `self`.
+                // `addrs`) with one iovec of `send_iovs` and either no
+                // control buffer or `control`, `used` bytes long; everything
+                // it points at outlives the call.
                 let rc = unsafe { libc::sendmsg(socket.as_raw_fd(), &hdr, 0) };
                 if rc >= 0 {
                     sent += 1;
@@ -445,4 +475,104 @@ pub(crate) fn kernel_drops(socket: &Socket) -> Option<u64> {
     let drops = libc::SK_MEMINFO_DROPS as usize;
     let reported = len as usize / mem::size_of::<u32>();
     (rc == 0 && reported > drops).then(|| u64::from(info[drops]))
+}
+
+/// Asks the kernel to report the address each datagram arrived on, so
+/// replies can go out from it; returns whether it will.
+pub(crate) fn enable_pktinfo(socket: &Socket, ipv6: bool) -> io::Result<bool> {
+    cmsg::enable_pktinfo(socket, ipv6).map(|()| true)
+}
+
+/// One datagram at a time with its arrival address: `recvmsg` and
+/// `sendmsg`, for the portable loop on a wildcard-bound socket.
+pub(crate) struct Single {
+    addr: sockaddr_storage,
+    addr_len: socklen_t,
+    control: Control,
+    arrival: Arrival,
+}
+
+impl Single {
+    /// Buffers for one datagram.
+    pub(crate) fn new() -> Option<Single> {
+        Some(Single {
+            // SAFETY: a plain C struct, valid when zeroed.
+            addr: unsafe { mem::zeroed() },
+            addr_len: 0,
+            control: Control::EMPTY,
+            arrival: Arrival::default(),
+        })
+    }
+
+    /// Receives one datagram into `buf` (blocking, with the socket's read
+    /// timeout), with its sender and arrival address.
+    pub(crate) fn recv<'b>(
+        &mut self,
+        socket: &Socket,
+        buf: &'b mut [u8],
+    ) -> io::Result<Received<'b>> {
+        let mut iov = iovec {
+            iov_base: buf.as_mut_ptr().cast::<c_void>(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: a plain C struct, valid when zeroed.
+        let mut hdr: libc::msghdr = unsafe { mem::zeroed() };
+        hdr.msg_name = ptr::from_mut(&mut self.addr).cast::<c_void>();
+        hdr.msg_namelen = mem::size_of::<sockaddr_storage>() as socklen_t;
+        hdr.msg_iov = &mut iov;
+        hdr.msg_iovlen = 1;
+        hdr.msg_control = self.control.0.as_mut_ptr().cast::<c_void>();
+        hdr.msg_controllen = cmsg::CONTROL_ROOM as _;
+        // SAFETY: `hdr` points at `self.addr` (its size given), one iovec over
+        // `buf`, and `self.control` (its size given), all alive for the call.
+        let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut hdr, 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        self.addr_len = hdr.msg_namelen;
+        // `msg_controllen` is `size_t` on glibc, `socklen_t` on musl.
+        #[allow(clippy::unnecessary_cast)]
+        let control_len = hdr.msg_controllen as usize;
+        self.arrival = cmsg::parse(&self.control, control_len);
+        let len = (n as usize).min(buf.len());
+        let truncated = hdr.msg_flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0
+            || self.arrival.local.is_none();
+        let peer = to_std(&self.addr, self.addr_len);
+        Ok(Received {
+            data: buf.get(..len).unwrap_or_default(),
+            truncated,
+            peer,
+            local: self.arrival.local,
+        })
+    }
+
+    /// Sends `reply` to the sender of the last datagram received, from the
+    /// address that datagram arrived on.
+    pub(crate) fn send(&mut self, socket: &Socket, reply: &[u8]) -> io::Result<usize> {
+        let mut control = Control::EMPTY;
+        let used = cmsg::write(&mut control, &self.arrival, None);
+        let mut iov = iovec {
+            iov_base: reply.as_ptr().cast_mut().cast::<c_void>(),
+            iov_len: reply.len(),
+        };
+        // SAFETY: a plain C struct, valid when zeroed.
+        let mut hdr: libc::msghdr = unsafe { mem::zeroed() };
+        hdr.msg_name = ptr::from_mut(&mut self.addr).cast::<c_void>();
+        hdr.msg_namelen = self.addr_len;
+        hdr.msg_iov = &mut iov;
+        hdr.msg_iovlen = 1;
+        if used > 0 {
+            hdr.msg_control = control.0.as_mut_ptr().cast::<c_void>();
+            hdr.msg_controllen = used as _;
+        }
+        // SAFETY: `hdr` points at the sender's address as received, one
+        // iovec over `reply` (only read), and `used` bytes of `control`, all
+        // alive for the call.
+        let n = unsafe { libc::sendmsg(socket.as_raw_fd(), &hdr, 0) };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
 }

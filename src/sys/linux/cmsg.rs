@@ -1,0 +1,236 @@
+//! Control messages: the address a datagram arrived on (`IP_PKTINFO`,
+//! `IPV6_PKTINFO`), the source a reply goes out from, and `UDP_SEGMENT`.
+//!
+//! Control buffers are read and written at offsets computed here, with every
+//! access checked against the buffer's length, rather than with the
+//! `CMSG_NXTHDR` walk, which reads the length field of the next header
+//! before checking that it lies inside the buffer.
+
+use std::io;
+use std::mem;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::fd::AsRawFd;
+use std::ptr;
+
+use libc::{c_int, c_void, cmsghdr, in_pktinfo, in6_pktinfo, socklen_t};
+use socket2::Socket;
+
+/// Room for the control messages of one datagram: a pktinfo (40 bytes at
+/// most) and a segment size (24 bytes), with space to spare.
+pub(crate) const CONTROL_ROOM: usize = 128;
+
+/// A control buffer, aligned for `cmsghdr`.
+#[derive(Clone, Copy)]
+#[repr(C, align(8))]
+pub(crate) struct Control(pub(crate) [u8; CONTROL_ROOM]);
+
+impl Control {
+    pub(crate) const EMPTY: Control = Control([0; CONTROL_ROOM]);
+}
+
+/// Where a datagram arrived: the local address it was sent to and the
+/// interface it came in on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Arrival {
+    pub(crate) local: Option<IpAddr>,
+    pub(crate) ifindex: u32,
+}
+
+/// Asks the kernel to report, with each datagram, the address it arrived
+/// on: `IP_PKTINFO` for IPv4 (also on a dual-stack IPv6 socket, for its
+/// IPv4 peers) and `IPV6_RECVPKTINFO` for IPv6.
+pub(crate) fn enable_pktinfo(socket: &Socket, ipv6: bool) -> io::Result<()> {
+    let dual_stack = ipv6 && !socket.only_v6()?;
+    if !ipv6 || dual_stack {
+        set_flag(socket, libc::IPPROTO_IP, libc::IP_PKTINFO)?;
+    }
+    if ipv6 {
+        set_flag(socket, libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO)?;
+    }
+    Ok(())
+}
+
+fn set_flag(socket: &Socket, level: c_int, name: c_int) -> io::Result<()> {
+    let on: c_int = 1;
+    // SAFETY: `on` is a live `c_int` and the length given is its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            ptr::from_ref(&on).cast::<c_void>(),
+            mem::size_of::<c_int>() as socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// `CMSG_ALIGN`: control messages are aligned to the size of a `long`.
+const fn align(len: usize) -> usize {
+    let to = mem::size_of::<usize>();
+    (len + to - 1) & !(to - 1)
+}
+
+/// Bytes from the start of a control message to its data.
+const HEADER: usize = align(mem::size_of::<cmsghdr>());
+
+/// Reads the arrival address from the first `len` bytes of `control`.
+pub(crate) fn parse(control: &Control, len: usize) -> Arrival {
+    let len = len.min(CONTROL_ROOM);
+    let mut arrival = Arrival::default();
+    let mut offset = 0;
+    while offset + HEADER <= len {
+        // SAFETY: `offset + HEADER <= len <= CONTROL_ROOM`, and `HEADER` is at
+        // least the size of `cmsghdr`, so the read stays in the buffer; the
+        // bytes are initialised and any bit pattern is a valid `cmsghdr`.
+        let cmsg: cmsghdr = unsafe { ptr::read_unaligned(control.0.as_ptr().add(offset).cast()) };
+        let cmsg_len = cmsg.cmsg_len as usize;
+        if cmsg_len < HEADER || offset + cmsg_len > len {
+            break;
+        }
+        let data = &control.0[offset + HEADER..offset + cmsg_len];
+        match (cmsg.cmsg_level, cmsg.cmsg_type) {
+            (libc::IPPROTO_IP, libc::IP_PKTINFO) => {
+                if let Some(info) = read::<in_pktinfo>(data) {
+                    // The local address the packet was accepted on (for a
+                    // unicast packet, its destination).
+                    let ip = Ipv4Addr::from(u32::from_be(info.ipi_spec_dst.s_addr));
+                    arrival = Arrival {
+                        local: Some(IpAddr::V4(ip)),
+                        ifindex: u32::try_from(info.ipi_ifindex).unwrap_or(0),
+                    };
+                }
+            }
+            (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO) => {
+                if let Some(info) = read::<in6_pktinfo>(data) {
+                    let ip = Ipv6Addr::from(info.ipi6_addr.s6_addr);
+                    // A reply cannot come from a multicast address: let the
+                    // kernel choose.
+                    arrival = Arrival {
+                        local: (!ip.is_multicast()).then_some(IpAddr::V6(ip)),
+                        ifindex: info.ipi6_ifindex,
+                    };
+                }
+            }
+            _ => {}
+        }
+        offset += align(cmsg_len);
+    }
+    arrival
+}
+
+/// Reads a `T` from the start of `data`, if it is long enough.
+fn read<T: Copy>(data: &[u8]) -> Option<T> {
+    if data.len() < mem::size_of::<T>() {
+        return None;
+    }
+    // SAFETY: `data` holds at least `size_of::<T>()` initialised bytes, and
+    // `T` is only instantiated here with plain C structs for which any bit
+    // pattern is valid.
+    Some(unsafe { ptr::read_unaligned(data.as_ptr().cast::<T>()) })
+}
+
+/// Writes the control messages for one outgoing datagram: the source
+/// address to send from (`from`) and the segment size for a segmented send.
+/// Returns how many bytes of `control` are used (0: none needed).
+pub(crate) fn write(control: &mut Control, from: &Arrival, segment: Option<u16>) -> usize {
+    let mut used = 0;
+    match from.local {
+        Some(IpAddr::V4(ip)) => {
+            let info = in_pktinfo {
+                ipi_ifindex: 0,
+                ipi_spec_dst: libc::in_addr {
+                    s_addr: u32::from(ip).to_be(),
+                },
+                ipi_addr: libc::in_addr { s_addr: 0 },
+            };
+            used = push(control, used, libc::IPPROTO_IP, libc::IP_PKTINFO, info);
+        }
+        Some(IpAddr::V6(ip)) => {
+            let link_local = ip.segments()[0] & 0xffc0 == 0xfe80;
+            let info = in6_pktinfo {
+                ipi6_addr: libc::in6_addr {
+                    s6_addr: ip.octets(),
+                },
+                // A link-local source only makes sense on its own link.
+                ipi6_ifindex: if link_local { from.ifindex } else { 0 },
+            };
+            used = push(control, used, libc::IPPROTO_IPV6, libc::IPV6_PKTINFO, info);
+        }
+        None => {}
+    }
+    if let Some(size) = segment {
+        used = push(control, used, libc::SOL_UDP, libc::UDP_SEGMENT, size);
+    }
+    used
+}
+
+/// Appends one control message at `offset`; returns the offset after it
+/// (unchanged when it would not fit, which `CONTROL_ROOM` rules out for
+/// what this module writes).
+fn push<T: Copy>(
+    control: &mut Control,
+    offset: usize,
+    level: c_int,
+    kind: c_int,
+    value: T,
+) -> usize {
+    let len = HEADER + mem::size_of::<T>();
+    let end = offset + align(len);
+    let Some(space) = control.0.get_mut(offset..end) else {
+        return offset;
+    };
+    space.fill(0);
+    // SAFETY: `cmsghdr` is a plain C struct, valid when zeroed.
+    let mut header: cmsghdr = unsafe { mem::zeroed() };
+    header.cmsg_len = len as _;
+    header.cmsg_level = level;
+    header.cmsg_type = kind;
+    // SAFETY: `space` spans `align(HEADER + size_of::<T>())` bytes, so the
+    // header fits at its start and the value right after `HEADER`; both
+    // writes are unaligned-safe.
+    unsafe {
+        ptr::write_unaligned(space.as_mut_ptr().cast::<cmsghdr>(), header);
+        ptr::write_unaligned(space.as_mut_ptr().add(HEADER).cast::<T>(), value);
+    }
+    end
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_is_written_parses_back() {
+        for local in [
+            IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7)),
+            IpAddr::V6("2001:db8::7".parse().expect("address")),
+            IpAddr::V6("fe80::1".parse().expect("address")),
+        ] {
+            let arrival = Arrival {
+                local: Some(local),
+                ifindex: 3,
+            };
+            let mut control = Control::EMPTY;
+            let used = write(&mut control, &arrival, Some(1200));
+            assert!(used > 0 && used <= CONTROL_ROOM);
+            let parsed = parse(&control, used);
+            assert_eq!(parsed.local, Some(local));
+        }
+        let mut empty = Control::EMPTY;
+        assert_eq!(write(&mut empty, &Arrival::default(), None), 0);
+    }
+
+    #[test]
+    fn garbage_is_ignored() {
+        let mut control = Control([0xff; CONTROL_ROOM]);
+        assert_eq!(parse(&control, CONTROL_ROOM), Arrival::default());
+        control.0 = [0; CONTROL_ROOM];
+        assert_eq!(parse(&control, 3), Arrival::default());
+        assert_eq!(parse(&control, 10_000), Arrival::default());
+    }
+}
