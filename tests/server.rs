@@ -698,7 +698,10 @@ fn wildcard_server_replies_from_the_address_asked(b: ServerBuilder) {
         .bind("0.0.0.0:0")
         .expect("bind the IPv4 wildcard")
         .spawn(|request: Request<'_>, reply: &mut Vec<u8>| {
-            let local = request.local_ip().map(|ip| ip.to_string()).unwrap_or_default();
+            let local = request
+                .local_ip()
+                .map(|ip| ip.to_string())
+                .unwrap_or_default();
             reply.extend_from_slice(local.as_bytes());
             Action::Reply
         })
@@ -710,7 +713,9 @@ fn wildcard_server_replies_from_the_address_asked(b: ServerBuilder) {
             .retries(0)
             .connect((ip, port))
             .expect("connect");
-        let reply = client.send_recv(b"who are you?").expect("a reply from the address asked");
+        let reply = client
+            .send_recv(b"who are you?")
+            .expect("a reply from the address asked");
         assert_eq!(reply, ip.as_bytes(), "the handler sees the address asked");
     }
     // A server bound to one address reports that address.
@@ -718,7 +723,10 @@ fn wildcard_server_replies_from_the_address_asked(b: ServerBuilder) {
         .bind("127.0.0.1:0")
         .expect("bind")
         .spawn(|request: Request<'_>, reply: &mut Vec<u8>| {
-            let local = request.local_ip().map(|ip| ip.to_string()).unwrap_or_default();
+            let local = request
+                .local_ip()
+                .map(|ip| ip.to_string())
+                .unwrap_or_default();
             reply.extend_from_slice(local.as_bytes());
             Action::Reply
         })
