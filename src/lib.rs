@@ -35,6 +35,15 @@
 //!   ([`Stats::truncated`]).
 //! - A panicking handler is caught and counted; receive errors never stop the
 //!   server; zero-length datagrams are requests like any other.
+//! - Every datagram ends in exactly one counter of [`Stats`]; the kernel's
+//!   own drops are reported beside them.
+//! - Opt-in protection for public addresses: a per-prefix [`RateLimit`] and
+//!   an amplification cap ([`ServerBuilder::max_amplification`]); requests
+//!   from port 0 are never answered; a wildcard-bound server answers from
+//!   the address each request was sent to.
+//! - On Linux, batched system calls (`recvmmsg` / `sendmmsg`), segmentation
+//!   offload for replies, and `SO_REUSEPORT` workers; no heap allocation per
+//!   datagram.
 //! - [`ServerHandle::shutdown`] returns once every worker has stopped and the
 //!   socket is closed, so the port can be bound again at once.
 //! - The library never prints.

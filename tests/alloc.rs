@@ -93,12 +93,15 @@ fn one_at_a_time(builder: ServerBuilder) -> Result<u64, String> {
 /// Bursts of requests from a plain socket, so the server takes them in
 /// batches of more than one.
 fn bursts(builder: ServerBuilder) -> Result<u64, String> {
+    bursts_to(builder, "127.0.0.1:0")
+}
+
+fn bursts_to(builder: ServerBuilder, bind: &str) -> Result<u64, String> {
     let server = builder
-        .recv_buffer_size(1 << 20)
-        .bind("127.0.0.1:0")
+        .bind(bind)
         .and_then(|s| s.spawn(udp_greet::greet))
         .map_err(|e| e.report())?;
-    let addr = server.local_addr();
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], server.local_addr().port()));
     let socket = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     socket.connect(addr).map_err(|e| e.to_string())?;
     socket
@@ -129,10 +132,67 @@ fn bursts(builder: ServerBuilder) -> Result<u64, String> {
     Ok(delta)
 }
 
+/// Requests from many source prefixes (each socket on its own loopback
+/// /24) against a rate-limited server whose table is smaller than their
+/// number: the table must not grow, whatever the sources.
+fn many_prefixes(builder: ServerBuilder) -> Result<u64, String> {
+    let server = builder
+        .rate_limit(
+            // One request per second booked per prefix, with a burst never
+            // reached: buckets stay busy, so 256 prefixes overflow the table.
+            udp_greet::RateLimit::new(1, 1_000_000).table_size(64),
+        )
+        .bind("127.0.0.1:0")
+        .and_then(|s| s.spawn(udp_greet::greet))
+        .map_err(|e| e.report())?;
+    let addr = server.local_addr();
+    let sockets = (0..=255u8)
+        .map(|net| {
+            let socket = UdpSocket::bind(std::net::SocketAddr::from(([127, 1, net, 1], 0)))?;
+            socket.set_read_timeout(Some(Duration::from_secs(10)))?;
+            Ok(socket)
+        })
+        .collect::<std::io::Result<Vec<_>>>()
+        .map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 64];
+    let mut round = |sockets: &[UdpSocket]| -> Result<(), String> {
+        for socket in sockets {
+            socket.send_to(b"spray", addr).map_err(|e| e.to_string())?;
+        }
+        for socket in sockets {
+            socket.recv(&mut buf).map_err(|e| format!("reply: {e}"))?;
+        }
+        Ok(())
+    };
+    for _ in 0..WARMUP / sockets.len() {
+        round(&sockets)?;
+    }
+    let before = allocations();
+    for _ in 0..MEASURED / sockets.len() {
+        round(&sockets)?;
+    }
+    let delta = allocations() - before;
+    let stats = server.shutdown().map_err(|e| e.report())?;
+    if stats.rate_limit_evictions == 0 {
+        return Err(format!("the table was never full: {stats:?}"));
+    }
+    Ok(delta)
+}
+
 fn main() -> ExitCode {
     type Scenario = fn(ServerBuilder) -> Result<u64, String>;
-    let scenarios: [(&str, Scenario); 2] =
-        [("one at a time", one_at_a_time), ("bursts of 32", bursts)];
+    let scenarios: [(&str, Scenario); 4] = [
+        ("one at a time", one_at_a_time),
+        ("bursts of 32", bursts),
+        (
+            "bursts of 32 to a wildcard-bound server (reply from the arrival address)",
+            |b| bursts_to(b, "0.0.0.0:0"),
+        ),
+        (
+            "256 prefixes through a 64-slot rate-limit table",
+            many_prefixes,
+        ),
+    ];
     let (mut passed, mut failed) = (0, 0);
     for (path, portable) in [("batched", false), ("portable", true)] {
         for workers in [1, 2] {

@@ -697,14 +697,7 @@ fn wildcard_server_replies_from_the_address_asked(b: ServerBuilder) {
     let server = b
         .bind("0.0.0.0:0")
         .expect("bind the IPv4 wildcard")
-        .spawn(|request: Request<'_>, reply: &mut Vec<u8>| {
-            let local = request
-                .local_ip()
-                .map(|ip| ip.to_string())
-                .unwrap_or_default();
-            reply.extend_from_slice(local.as_bytes());
-            Action::Reply
-        })
+        .spawn(util::tell_local)
         .expect("spawn");
     let port = server.local_addr().port();
     for ip in ["127.0.0.1", "127.0.0.2", "127.1.2.3"] {
@@ -722,14 +715,7 @@ fn wildcard_server_replies_from_the_address_asked(b: ServerBuilder) {
     let server = GreetServer::builder()
         .bind("127.0.0.1:0")
         .expect("bind")
-        .spawn(|request: Request<'_>, reply: &mut Vec<u8>| {
-            let local = request
-                .local_ip()
-                .map(|ip| ip.to_string())
-                .unwrap_or_default();
-            reply.extend_from_slice(local.as_bytes());
-            Action::Reply
-        })
+        .spawn(util::tell_local)
         .expect("spawn");
     let client = GreetClient::connect(server.local_addr()).expect("connect");
     assert_eq!(client.send_recv(b"?").expect("reply"), b"127.0.0.1");

@@ -2,7 +2,9 @@
 #![allow(dead_code, unused_macros)] // each test binary uses its own subset
 
 use std::net::{SocketAddr, UdpSocket};
+
 use std::time::{Duration, Instant};
+use udp_greet::{Action, Request};
 
 /// How long any single wait in a test may take before the test fails
 /// instead of hanging. Generous: CI machines are shared and slow.
@@ -77,3 +79,14 @@ macro_rules! on_both_paths {
 }
 #[allow(unused_imports)] // each test binary uses its own subset
 pub(crate) use on_both_paths;
+
+/// A handler that answers with the address the request was sent to, as the
+/// handler sees it (`Request::local_ip`).
+pub fn tell_local(request: Request<'_>, reply: &mut Vec<u8>) -> Action {
+    let local = request
+        .local_ip()
+        .map(|ip| ip.to_string())
+        .unwrap_or_default();
+    reply.extend_from_slice(local.as_bytes());
+    Action::Reply
+}
