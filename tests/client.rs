@@ -6,7 +6,7 @@ use std::net::UdpSocket;
 use std::time::Duration;
 
 use udp_greet::{Action, Error, GreetClient, GreetServer, Request};
-use util::{V4, V6, has_ipv6, raw_socket_for, within_guard};
+use util::{V4, raw_socket_for, within_guard};
 
 /// A loopback address where nothing listens: a port that was just bound
 /// and released.
@@ -17,11 +17,7 @@ fn closed_port(family: &str) -> std::net::SocketAddr {
 
 #[test]
 fn refused_is_reported_at_once_not_as_a_timeout() {
-    let mut families = vec![V4];
-    if has_ipv6() {
-        families.push(V6);
-    }
-    for family in families {
+    for (family, _) in util::families() {
         let addr = closed_port(family);
         // A timeout this long would outlast the hang guard: only the ICMP
         // port-unreachable can end the call in time.

@@ -11,10 +11,10 @@ use std::time::Instant;
 
 use proptest::prelude::*;
 use udp_greet::{
-    Action, GreetClient, GreetServer, MAX_UDP_PAYLOAD_V4, MAX_UDP_PAYLOAD_V6, RateLimit, Request,
-    ServerBuilder, ServerHandle, Stats,
+    Action, GreetClient, GreetServer, MAX_UDP_PAYLOAD_V4, RateLimit, Request, ServerBuilder,
+    ServerHandle, Stats,
 };
-use util::{HANG_GUARD, V4, V6, has_ipv6, raw_socket_for, wait_until, within_guard};
+use util::{HANG_GUARD, V4, raw_socket_for, wait_until, within_guard};
 
 util::on_both_paths!(
     sizes_at_every_edge_are_answered_or_counted,
@@ -57,11 +57,7 @@ fn drain(socket: &UdpSocket) -> Vec<(Vec<u8>, SocketAddr)> {
 }
 
 fn sizes_at_every_edge_are_answered_or_counted(b: ServerBuilder) {
-    let mut cases = vec![(V4, MAX_UDP_PAYLOAD_V4)];
-    if has_ipv6() {
-        cases.push((V6, MAX_UDP_PAYLOAD_V6));
-    }
-    for (family, max) in cases {
+    for (family, max) in util::families() {
         let server = b
             .clone()
             .bind(family)

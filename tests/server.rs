@@ -8,10 +8,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 
 use udp_greet::{
-    Action, Error, GreetClient, GreetServer, MAX_UDP_PAYLOAD_V4, MAX_UDP_PAYLOAD_V6, Request,
-    ServerBuilder, ServerHandle, ShutdownHandle, Stats,
+    Action, Error, GreetClient, GreetServer, MAX_UDP_PAYLOAD_V4, Request, ServerBuilder,
+    ServerHandle, ShutdownHandle, Stats,
 };
-use util::{V4, V6, has_ipv6, raw_socket_for, wait_until, within_guard};
+use util::{V4, has_ipv6, raw_socket_for, wait_until, within_guard};
 
 // Each of these runs twice: on the batched path and on the portable loop.
 util::on_both_paths!(
@@ -82,11 +82,7 @@ fn public_types_are_send_and_sync() {
 }
 
 fn greets_over_ipv4_and_ipv6(b: ServerBuilder) {
-    let mut addrs = vec![V4];
-    if has_ipv6() {
-        addrs.push(V6);
-    }
-    for addr in addrs {
+    for (addr, _) in util::families() {
         let server = greet_server(&b, addr);
         assert_ne!(
             server.local_addr().port(),
@@ -171,11 +167,7 @@ fn zero_length_datagram_is_a_request(b: ServerBuilder) {
 }
 
 fn largest_datagram_round_trips(b: ServerBuilder) {
-    let mut cases = vec![(V4, MAX_UDP_PAYLOAD_V4)];
-    if has_ipv6() {
-        cases.push((V6, MAX_UDP_PAYLOAD_V6));
-    }
-    for (addr, max) in cases {
+    for (addr, max) in util::families() {
         let server = b
             .clone()
             .recv_buffer_size(1 << 20)

@@ -23,6 +23,16 @@ pub fn has_ipv6() -> bool {
     ok
 }
 
+/// The loopback addresses to test on (port 0), each with the largest UDP
+/// payload of its family: IPv4 always, IPv6 where the machine has it.
+pub fn families() -> Vec<(&'static str, usize)> {
+    let mut families = vec![(V4, udp_greet::MAX_UDP_PAYLOAD_V4)];
+    if has_ipv6() {
+        families.push((V6, udp_greet::MAX_UDP_PAYLOAD_V6));
+    }
+    families
+}
+
 /// A plain std socket on loopback of `peer`'s family, with a hang guard.
 pub fn raw_socket_for(peer: SocketAddr) -> UdpSocket {
     let local = if peer.is_ipv4() { V4 } else { V6 };
