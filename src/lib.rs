@@ -62,6 +62,7 @@
 mod client;
 mod config;
 mod error;
+mod handle;
 mod handler;
 mod ratelimit;
 mod server;
@@ -75,9 +76,10 @@ pub use config::{
     DEFAULT_BATCH_SIZE, DEFAULT_RECV_BUFFER, MAX_UDP_PAYLOAD_V4, MAX_UDP_PAYLOAD_V6, ServerBuilder,
 };
 pub use error::Error;
+pub use handle::{ServerHandle, ShutdownHandle};
 pub use handler::{Action, Request, greet, greet_into, is_greeting};
 pub use ratelimit::RateLimit;
-pub use server::{GreetServer, ServerHandle, ShutdownHandle};
+pub use server::GreetServer;
 pub use socket::BufferSize;
 pub use stats::Stats;
 

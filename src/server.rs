@@ -1,19 +1,19 @@
 //! The server: bind, serve or spawn, observe, shut down.
 
 use std::fmt;
-use std::net::{Shutdown, SocketAddr, ToSocketAddrs, UdpSocket};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
-use std::thread::{self, JoinHandle};
+use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
+use std::sync::Arc;
+use std::thread;
 
 use socket2::Socket;
 
 use crate::config::ServerBuilder;
 use crate::error::Error;
+use crate::handle::{Control, ServerHandle, ShutdownHandle};
 use crate::handler::{Action, Request};
 use crate::ratelimit::Limiter;
 use crate::socket::{self, BufferSize};
-use crate::stats::{SharedStats, Stats};
+use crate::stats::Stats;
 use crate::sys;
 use crate::worker::{HandlerFn, Policy, Worker};
 
@@ -176,11 +176,7 @@ impl GreetServer {
             }
             sockets.push(Arc::new(m.socket));
         }
-        let control = Arc::new(Control {
-            stop: AtomicBool::new(false),
-            sockets: sockets.iter().map(Arc::downgrade).collect(),
-            stats: SharedStats::new(builder.workers),
-        });
+        let control = Control::new(&sockets, builder.workers);
         Ok(GreetServer {
             sockets,
             local_addr,
@@ -231,10 +227,7 @@ impl GreetServer {
     /// thread; take it before calling [`serve`](GreetServer::serve).
     #[must_use]
     pub fn shutdown_handle(&self) -> ShutdownHandle {
-        ShutdownHandle {
-            control: self.control.clone(),
-            local_addr: self.local_addr,
-        }
+        ShutdownHandle::new(self.control.clone(), self.local_addr)
     }
 
     /// Runs the server on the calling thread until a [`ShutdownHandle`]
@@ -284,7 +277,7 @@ impl GreetServer {
     {
         let mut running = self.start(handler, true)?;
         running.join()?;
-        Ok(running.control.snapshot())
+        Ok(running.control().snapshot())
     }
 
     /// Runs the server on a background thread and returns a handle to it.
@@ -305,11 +298,7 @@ impl GreetServer {
     /// first on the calling thread once the others are running.
     fn start<H: HandlerFn>(self, handler: H, on_this_thread: bool) -> Result<ServerHandle, Error> {
         let handler = Arc::new(handler);
-        let mut handle = ServerHandle {
-            local_addr: self.local_addr,
-            control: self.control.clone(),
-            threads: Vec::with_capacity(self.workers),
-        };
+        let mut handle = ServerHandle::new(self.control.clone(), self.local_addr, self.workers);
         // Moved out, so that the workers hold the only strong references
         // and each socket closes when its last worker finishes.
         let sockets = self.sockets;
@@ -343,7 +332,7 @@ impl GreetServer {
                 .name(format!("udp:{}/{index}", self.local_addr.port()))
                 .spawn(move || worker.run());
             match spawned {
-                Ok(thread) => handle.threads.push(thread),
+                Ok(thread) => handle.push_thread(thread),
                 Err(source) => {
                     // `handle` stops and joins the workers already started
                     // when it is dropped here.
@@ -359,157 +348,5 @@ impl GreetServer {
             worker.run();
         }
         Ok(handle)
-    }
-}
-
-/// What every copy of a server's handles shares: the stop flag, a way to
-/// wake the workers, and the counters.
-#[derive(Debug)]
-pub(crate) struct Control {
-    stop: AtomicBool,
-    /// Weak, so that a handle never keeps a socket (and its port) open after
-    /// the worker that owns it has finished.
-    sockets: Vec<Weak<Socket>>,
-    pub(crate) stats: Arc<SharedStats>,
-}
-
-impl Control {
-    /// The counters summed over workers, with the kernel's drop count read
-    /// from each socket still open.
-    fn snapshot(&self) -> Stats {
-        self.stats.snapshot(|i| {
-            let socket = self.sockets.get(i)?.upgrade()?;
-            sys::kernel_drops(&socket)
-        })
-    }
-
-    pub(crate) fn is_stopped(&self) -> bool {
-        self.stop.load(Ordering::Acquire)
-    }
-
-    fn stop(&self) {
-        self.stop.store(true, Ordering::Release);
-        for socket in self.sockets.iter().filter_map(Weak::upgrade) {
-            // Wakes a worker blocked in a receive (see `sys::WAKE_INTERVAL`).
-            // Unconnected UDP sockets report `ENOTCONN` even when the wake-up
-            // works, and where it does not the read timeout takes over.
-            let _ = socket.shutdown(Shutdown::Read);
-        }
-    }
-}
-
-/// Stops a server from any thread, and reads its counters while it runs.
-///
-/// Cheap to clone. Taken with [`GreetServer::shutdown_handle`] or
-/// [`ServerHandle::shutdown_handle`].
-#[derive(Debug, Clone)]
-pub struct ShutdownHandle {
-    control: Arc<Control>,
-    local_addr: SocketAddr,
-}
-
-impl ShutdownHandle {
-    /// Asks the server to stop. Returns at once; [`GreetServer::serve`]
-    /// returns, or [`ServerHandle::shutdown`] can join, once every worker has
-    /// finished the datagram in hand. Calling it again does nothing.
-    pub fn shutdown(&self) {
-        self.control.stop();
-    }
-
-    /// Whether [`shutdown`](ShutdownHandle::shutdown) has been called.
-    #[must_use]
-    pub fn is_shutdown(&self) -> bool {
-        self.control.is_stopped()
-    }
-
-    /// The server's counters now.
-    #[must_use]
-    pub fn stats(&self) -> Stats {
-        self.control.snapshot()
-    }
-
-    /// The server's address.
-    #[must_use]
-    pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
-    }
-}
-
-/// A server running on background threads, from [`GreetServer::spawn`].
-///
-/// Dropping the handle shuts the server down and waits for it, as
-/// [`shutdown`](ServerHandle::shutdown) does.
-#[must_use = "dropping the handle shuts the server down"]
-pub struct ServerHandle {
-    local_addr: SocketAddr,
-    control: Arc<Control>,
-    threads: Vec<JoinHandle<()>>,
-}
-
-impl fmt::Debug for ServerHandle {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ServerHandle")
-            .field("local_addr", &self.local_addr)
-            .field("workers", &self.threads.len())
-            .field("stopped", &self.control.is_stopped())
-            .finish()
-    }
-}
-
-impl ServerHandle {
-    /// The address the server is bound to.
-    #[must_use]
-    pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
-    }
-
-    /// The server's counters now.
-    #[must_use]
-    pub fn stats(&self) -> Stats {
-        self.control.snapshot()
-    }
-
-    /// A handle that can stop the server from another thread.
-    #[must_use]
-    pub fn shutdown_handle(&self) -> ShutdownHandle {
-        ShutdownHandle {
-            control: self.control.clone(),
-            local_addr: self.local_addr,
-        }
-    }
-
-    /// Stops the server and waits until every worker has stopped and every
-    /// socket is closed, so the address can be bound again at once. Returns
-    /// the final counters.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::WorkerPanicked`] if a worker thread ended abnormally (a bug
-    /// in udp-greet; handler panics are caught and never end a worker).
-    pub fn shutdown(mut self) -> Result<Stats, Error> {
-        self.control.stop();
-        self.join()?;
-        Ok(self.control.snapshot())
-    }
-
-    fn join(&mut self) -> Result<(), Error> {
-        let mut result = Ok(());
-        for thread in self.threads.drain(..) {
-            if thread.join().is_err() {
-                result = Err(Error::WorkerPanicked {
-                    addr: self.local_addr,
-                });
-            }
-        }
-        result
-    }
-}
-
-impl Drop for ServerHandle {
-    fn drop(&mut self) {
-        if !self.threads.is_empty() {
-            self.control.stop();
-            let _ = self.join();
-        }
     }
 }

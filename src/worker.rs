@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use socket2::Socket;
 
+use crate::handle::Control;
 use crate::handler::{Action, Request};
 use crate::ratelimit::Limiter;
-use crate::server::Control;
 use crate::stats::{SharedStats, Stats};
 use crate::sys::{self, Received};
 
