@@ -234,9 +234,9 @@ impl GreetServer {
     /// stops it, then returns the final counters.
     ///
     /// For each datagram, `handler` gets the [`Request`] and an empty reply
-    /// buffer (reused from one datagram to the next, so a handler that
-    /// appends to it allocates nothing once it has grown) and returns an
-    /// [`Action`]. The handler is shared by reference, so it must be `Fn`,
+    /// buffer (reused from one datagram to the next and made with room for
+    /// 512 bytes, so a handler that appends to it allocates nothing once it
+    /// has grown to its largest reply) and returns an [`Action`]. The handler is shared by reference, so it must be `Fn`,
     /// `Send` and `Sync`; per-request state belongs in the request.
     ///
     /// A handler that panics is caught: the datagram is counted in

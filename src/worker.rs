@@ -241,7 +241,7 @@ fn send_ok(mut f: impl FnMut() -> io::Result<usize>) -> bool {
 /// and replies from it (`sys::Single`).
 fn run_portable<H: HandlerFn>(w: &Worker<H>, p: &mut Processor<H>) {
     let mut buf = vec![0u8; w.max_datagram];
-    let mut reply = Vec::new();
+    let mut reply = Vec::with_capacity(sys::REPLY_RESERVE);
     let mut single = if w.pktinfo { sys::Single::new() } else { None };
     while !w.control.is_stopped() {
         p.begin_batch();

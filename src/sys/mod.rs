@@ -26,6 +26,10 @@ pub(crate) use imp::{Batch, MAX_BATCH, Single, enable_pktinfo, kernel_drops};
 #[allow(dead_code)]
 mod fallback_check;
 
+/// Bytes reserved up front in each reply buffer, so that the first replies
+/// through a buffer (and every reply up to this size) allocate nothing.
+pub(crate) const REPLY_RESERVE: usize = 512;
+
 /// One datagram of a batch, as the worker sees it.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Received<'a> {

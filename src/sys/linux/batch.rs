@@ -118,7 +118,9 @@ impl Batch {
             // SAFETY: as above.
             recv_hdrs: (0..size).map(|_| unsafe { mem::zeroed() }).collect(),
             received: 0,
-            replies: (0..size).map(|_| Vec::new()).collect(),
+            replies: (0..size)
+                .map(|_| Vec::with_capacity(crate::sys::REPLY_RESERVE))
+                .collect(),
             // SAFETY: as above.
             send_iovs: (0..size).map(|_| unsafe { mem::zeroed() }).collect(),
             queued_iovs: 0,
