@@ -346,13 +346,14 @@ mod tests {
         assert_eq!(total, 8);
         let now = SECOND;
         let mut evictions = 0;
-        for i in 0..1000u32 {
+        // A million forged /24s at one instant.
+        for i in 0..1_000_000u32 {
             let ip = IpAddr::V4(Ipv4Addr::from(i << 8));
             let verdict = limiter.check(ip, now);
             assert!(verdict.allowed, "a new prefix starts with a full bucket");
             evictions += usize::from(verdict.evicted);
         }
-        assert_eq!(evictions, 1000 - 8);
+        assert_eq!(evictions, 1_000_000 - 8);
         let total: usize = limiter.shards.iter().map(|s| lock(s).len()).sum();
         assert_eq!(total, 8, "no growth");
         // Refilled buckets take no room: later, nothing needs evicting.

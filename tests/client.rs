@@ -182,3 +182,86 @@ fn settings_are_checked_and_reported() {
     assert!(client.local_addr().ip().is_loopback());
     assert_ne!(client.local_addr().port(), 0);
 }
+
+#[test]
+fn refused_as_loss_keeps_trying_until_the_attempts_run_out() {
+    let addr = closed_port(V4);
+    let client = GreetClient::builder()
+        .timeout(Duration::from_millis(5))
+        .retries(3)
+        .jitter(0.0)
+        .refused_as_loss(true)
+        .connect(addr)
+        .expect("connect");
+    let err = within_guard("send_recv to a closed port", move || {
+        client.send_recv(b"anyone?").expect_err("nothing listens")
+    });
+    assert!(
+        matches!(err, Error::Timeout { attempts: 4, .. }),
+        "a refusal is a lost reply, not the end: {err:?}"
+    );
+}
+
+#[test]
+fn the_deadline_cuts_the_retries_short() {
+    let server = GreetServer::bind(V4)
+        .expect("bind")
+        .spawn(|_: Request<'_>, _: &mut Vec<u8>| Action::Ignore)
+        .expect("spawn");
+    // Twenty retries would wait 50 ms x (2^21 - 1) in all; the deadline
+    // ends the call after a handful.
+    let client = GreetClient::builder()
+        .timeout(Duration::from_millis(50))
+        .retries(20)
+        .deadline(Duration::from_millis(300))
+        .connect(server.local_addr())
+        .expect("connect");
+    let err = within_guard("a call with a deadline", move || {
+        client.send_recv(b"hello?").expect_err("no reply")
+    });
+    match err {
+        Error::Timeout {
+            attempts, elapsed, ..
+        } => {
+            assert!((1..21).contains(&attempts), "{attempts} attempts");
+            assert!(elapsed >= Duration::from_millis(300), "{elapsed:?}");
+        }
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_reply_that_fails_the_check_is_discarded_and_the_wait_goes_on() {
+    // The server answers every request with a wrong greeting first, then the
+    // right one.
+    let server = GreetServer::bind(V4)
+        .expect("bind")
+        .spawn(udp_greet::greet)
+        .expect("spawn");
+    let relay = UdpSocket::bind(V4).expect("bind");
+    relay
+        .set_read_timeout(Some(util::HANG_GUARD))
+        .expect("timeout");
+    let relay_addr = relay.local_addr().expect("addr");
+    let upstream = server.local_addr();
+    let relay_thread = std::thread::spawn(move || {
+        let up = raw_socket_for(upstream);
+        let mut buf = [0u8; 2048];
+        let (n, client) = relay.recv_from(&mut buf).expect("request");
+        up.send_to(&buf[..n], upstream).expect("forward");
+        let m = up.recv(&mut buf).expect("reply");
+        relay
+            .send_to(b"Hello, somebody else!", client)
+            .expect("wrong reply");
+        relay.send_to(&buf[..m], client).expect("reply");
+    });
+    let client = GreetClient::builder()
+        .timeout(util::HANG_GUARD)
+        .retries(0)
+        .reply_check(udp_greet::is_greeting)
+        .connect(relay_addr)
+        .expect("connect");
+    assert_eq!(client.send_recv(b"Tracy").expect("reply"), b"Hello, Tracy!");
+    assert_eq!(client.discarded(), 1);
+    relay_thread.join().expect("relay");
+}

@@ -337,3 +337,26 @@ impl GreetClient {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_within_its_fraction_and_varies() {
+        let mut state = State::new(12345);
+        let nominal = Duration::from_millis(100);
+        let waits: Vec<Duration> = (0..1_000).map(|_| state.jittered(nominal, 0.2)).collect();
+        assert!(waits.iter().all(|w| *w >= Duration::from_millis(80)));
+        assert!(waits.iter().all(|w| *w <= Duration::from_millis(120)));
+        let (min, max) = (waits.iter().min(), waits.iter().max());
+        assert!(
+            max.zip(min)
+                .is_some_and(|(max, min)| *max - *min > Duration::from_millis(30))
+        );
+        assert_eq!(state.jittered(nominal, 0.0), nominal);
+        // No overflow at the far end.
+        assert_eq!(state.jittered(Duration::MAX, 0.0), Duration::MAX);
+        let _ = state.jittered(Duration::MAX, 1.0);
+    }
+}
