@@ -136,6 +136,12 @@ fn bursts_to(builder: ServerBuilder, bind: &str) -> Result<u64, String> {
 /// /24) against a rate-limited server whose table is smaller than their
 /// number: the table must not grow, whatever the sources.
 fn many_prefixes(builder: ServerBuilder) -> Result<u64, String> {
+    if UdpSocket::bind("127.1.0.1:0").is_err() {
+        println!(
+            "note: only 127.0.0.1 is a loopback address here; the many-prefix case did not run"
+        );
+        return Ok(0);
+    }
     let server = builder
         .rate_limit(
             // One request per second booked per prefix, with a burst never

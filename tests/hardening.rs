@@ -222,6 +222,9 @@ fn socket_at(net: u8, host: u8) -> UdpSocket {
 }
 
 fn rate_limit_holds_each_prefix_to_rate_times_time_plus_burst(b: ServerBuilder) {
+    if !util::has_loopback_range() {
+        return;
+    }
     const RATE: u32 = 2;
     const BURST: u32 = 4;
     const EACH: u64 = 30;
@@ -268,6 +271,9 @@ fn rate_limit_holds_each_prefix_to_rate_times_time_plus_burst(b: ServerBuilder) 
 }
 
 fn an_abusive_prefix_does_not_starve_a_quiet_one(b: ServerBuilder) {
+    if !util::has_loopback_range() {
+        return;
+    }
     let server = b
         .rate_limit(RateLimit::new(1, 5))
         .bind(V4)

@@ -7,6 +7,7 @@
 //! own: sockets that thread creates, and the `ip` commands it runs, live in
 //! the namespace, which disappears with its last socket. Traffic never
 //! leaves it.
+#![cfg(target_os = "linux")]
 
 mod util;
 

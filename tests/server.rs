@@ -692,7 +692,12 @@ fn wildcard_server_replies_from_the_address_asked(b: ServerBuilder) {
         .spawn(util::tell_local)
         .expect("spawn");
     let port = server.local_addr().port();
-    for ip in ["127.0.0.1", "127.0.0.2", "127.1.2.3"] {
+    let asked: &[&str] = if util::has_loopback_range() {
+        &["127.0.0.1", "127.0.0.2", "127.1.2.3"]
+    } else {
+        &["127.0.0.1"]
+    };
+    for &ip in asked {
         let client = GreetClient::builder()
             .timeout(util::HANG_GUARD)
             .retries(0)

@@ -23,6 +23,18 @@ pub fn has_ipv6() -> bool {
     ok
 }
 
+/// Whether all of 127.0.0.0/8 reaches this host (Linux), so tests can
+/// play many distinct sources; says so when it does not.
+pub fn has_loopback_range() -> bool {
+    let ok = UdpSocket::bind("127.0.0.2:0").is_ok();
+    if !ok {
+        eprintln!(
+            "note: only 127.0.0.1 is a loopback address here; the many-source half of this test did not run"
+        );
+    }
+    ok
+}
+
 /// The loopback addresses to test on (port 0), each with the largest UDP
 /// payload of its family: IPv4 always, IPv6 where the machine has it.
 pub fn families() -> Vec<(&'static str, usize)> {
