@@ -244,7 +244,6 @@ fn run_portable<H: HandlerFn>(w: &Worker<H>, p: &mut Processor<H>) {
     let mut reply = Vec::with_capacity(sys::REPLY_RESERVE);
     let mut single = if w.pktinfo { sys::Single::new() } else { None };
     while !w.control.is_stopped() {
-        p.begin_batch();
         match &mut single {
             Some(single) => match single.recv(&w.socket, &mut buf) {
                 // A shutdown wake-up carries no sender: not a datagram.
@@ -254,6 +253,7 @@ fn run_portable<H: HandlerFn>(w: &Worker<H>, p: &mut Processor<H>) {
                         peer: Some(peer), ..
                     },
                 ) => {
+                    p.begin_batch();
                     if p.process(&datagram, peer, &mut reply) {
                         let ok = send_ok(|| single.send(&w.socket, &reply));
                         p.sent(u64::from(ok), u64::from(!ok));
@@ -274,6 +274,7 @@ fn run_portable<H: HandlerFn>(w: &Worker<H>, p: &mut Processor<H>) {
                             peer: Some(peer),
                             local: w.bound_ip,
                         };
+                        p.begin_batch();
                         if p.process(&datagram, peer, &mut reply) {
                             let ok = send_ok(|| w.socket.send_to(&reply, &addr));
                             p.sent(u64::from(ok), u64::from(!ok));
