@@ -50,7 +50,7 @@ impl<H: HandlerFn> Worker<H> {
     /// batched where the platform allows and the builder did not ask for the
     /// portable loop.
     pub(crate) fn run(self) {
-        let mut p = Processor::new(self.handler.clone(), self.policy.clone());
+        let mut p = Processor::new(self.handler.clone(), self.policy.clone(), self.bound_ip);
         match self.batch.and_then(|size| {
             sys::Batch::new(
                 &self.socket,
@@ -78,6 +78,9 @@ pub(crate) struct Processor<H> {
     backoff: Duration,
     /// The rate limiter's clock, sampled once per batch.
     now: u64,
+    /// The address the socket is bound to, unless it is a wildcard: the
+    /// local address of every request where the datagram does not say.
+    bound_ip: Option<IpAddr>,
 }
 
 /// What the server refuses to do, from the builder: shared by all workers.
@@ -88,13 +91,14 @@ pub(crate) struct Policy {
 }
 
 impl<H: HandlerFn> Processor<H> {
-    pub(crate) fn new(handler: Arc<H>, policy: Policy) -> Self {
+    pub(crate) fn new(handler: Arc<H>, policy: Policy, bound_ip: Option<IpAddr>) -> Self {
         Processor {
             handler,
             policy,
             totals: Stats::default(),
             backoff: Duration::ZERO,
             now: 0,
+            bound_ip,
         }
     }
 
@@ -139,7 +143,7 @@ impl<H: HandlerFn> Processor<H> {
         }
         reply.clear();
         let handler = &*self.handler;
-        let request = Request::new(datagram.data, peer, datagram.local);
+        let request = Request::new(datagram.data, peer, datagram.local.or(self.bound_ip));
         // A panic is caught per datagram so that one bad request cannot stop
         // the server. The reply buffer is cleared after it; whatever state
         // the handler shares between calls is the handler's to keep sound,
@@ -272,7 +276,7 @@ fn run_portable<H: HandlerFn>(w: &Worker<H>, p: &mut Processor<H>) {
                             data: buf.get(..len).unwrap_or(&buf),
                             truncated: flags.is_truncated(),
                             peer: Some(peer),
-                            local: w.bound_ip,
+                            local: None,
                         };
                         p.begin_batch();
                         if p.process(&datagram, peer, &mut reply) {
@@ -297,12 +301,11 @@ fn run_batched<H: HandlerFn>(w: &Worker<H>, p: &mut Processor<H>, mut batch: sys
             Ok(count) => {
                 p.begin_batch();
                 for i in 0..count {
-                    let (mut datagram, reply) = batch.slot(i);
+                    let (datagram, reply) = batch.slot(i);
                     // A shutdown wake-up carries no sender: not a datagram.
                     let Some(peer) = datagram.peer else {
                         continue;
                     };
-                    datagram.local = datagram.local.or(w.bound_ip);
                     if p.process(&datagram, peer, reply) {
                         batch.queue_reply(i);
                     }

@@ -52,6 +52,9 @@ pub(crate) struct Batch {
     recv_controls: Box<[Control]>,
     /// Where each datagram of the last receive arrived.
     arrivals: Box<[Arrival]>,
+    /// Who sent each datagram of the last receive, as [`slot`](Batch::slot)
+    /// read it.
+    peers: Box<[Option<SocketAddr>]>,
     /// How many of `send_hdrs` are queued for the next send.
     queued: usize,
     /// Whether replies to the same peer are coalesced with `UDP_SEGMENT`.
@@ -131,6 +134,7 @@ impl Batch {
             pktinfo,
             recv_controls: vec![Control::EMPTY; if pktinfo { size } else { 0 }].into_boxed_slice(),
             arrivals: vec![Arrival::default(); size].into_boxed_slice(),
+            peers: vec![None; size].into_boxed_slice(),
             queued: 0,
             gso: gso && supports_gso(socket),
         };
@@ -210,10 +214,11 @@ impl Batch {
                     truncated |= flags & libc::MSG_CTRUNC != 0 || arrival.local.is_none();
                     self.arrivals[i] = arrival;
                 }
+                self.peers[i] = to_std(&self.addrs[i], mmsg.msg_hdr.msg_namelen);
                 Received {
                     data: self.bufs.get(start..start + len).unwrap_or_default(),
                     truncated,
-                    peer: to_std(&self.addrs[i], mmsg.msg_hdr.msg_namelen),
+                    peer: self.peers[i],
                     local: self.arrivals[i].local,
                 }
             }
@@ -276,14 +281,9 @@ impl Batch {
             && len <= out.segment_size
             && out.segments < MAX_SEGMENTS
             && out.total + len <= MAX_SEGMENTED_TOTAL
-            && self.peer(out.slot).is_some()
-            && self.peer(out.slot) == self.peer(i)
+            && self.peers[out.slot].is_some()
+            && self.peers[out.slot] == self.peers[i]
             && self.arrivals[out.slot] == self.arrivals[i]
-    }
-
-    fn peer(&self, i: usize) -> Option<SocketAddr> {
-        let namelen = self.recv_hdrs.get(i)?.msg_hdr.msg_namelen;
-        to_std(self.addrs.get(i)?, namelen)
     }
 
     /// Sends every queued reply; returns how many replies were sent and how
