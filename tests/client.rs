@@ -2,10 +2,10 @@
 
 mod util;
 
-use std::net::UdpSocket;
+use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
-use udp_greet::{Action, Error, GreetClient, GreetServer, Request};
+use udp_greet::{Action, Error, GreetClient, GreetServer, Request, ServerHandle};
 use util::{V4, raw_socket_for, within_guard};
 
 /// A loopback address where nothing listens: a port that was just bound
@@ -119,34 +119,45 @@ fn send_recv_into_fills_the_callers_buffer() {
     assert_eq!(&buf[..n], b"Hello, Sarah!");
 }
 
-#[test]
-fn a_stale_reply_is_not_taken_for_the_next_answer() {
-    // A relay in front of the server sends every answer twice, and says when
-    // both copies are queued at the client: the duplicate of one answer must
-    // never be returned for the next request.
-    let server = GreetServer::bind(V4)
-        .expect("bind")
-        .spawn(udp_greet::greet)
-        .expect("spawn");
+/// A greet server behind a relay that takes `requests` requests, forwards
+/// each, and hands the server's reply to `answer` to send on to the client.
+/// Returns the relay's address and its thread (the server lives as long).
+fn relayed_greet_server(
+    requests: usize,
+    answer: impl Fn(&UdpSocket, &[u8], SocketAddr) + Send + 'static,
+) -> (SocketAddr, std::thread::JoinHandle<ServerHandle>) {
+    let server = util::greet_server(GreetServer::builder(), V4);
     let relay = UdpSocket::bind(V4).expect("bind");
     relay
         .set_read_timeout(Some(util::HANG_GUARD))
         .expect("timeout");
     let relay_addr = relay.local_addr().expect("addr");
-    let upstream = server.local_addr();
-    let (queued_tx, queued) = std::sync::mpsc::channel();
-    let relay_thread = std::thread::spawn(move || {
+    let thread = std::thread::spawn(move || {
+        let upstream = server.local_addr();
         let up = raw_socket_for(upstream);
         let mut buf = [0u8; 2048];
-        for _ in 0..3 {
+        for _ in 0..requests {
             let (n, client) = relay.recv_from(&mut buf).expect("request");
             up.send_to(&buf[..n], upstream).expect("forward");
             let m = up.recv(&mut buf).expect("reply");
-            relay.send_to(&buf[..m], client).expect("reply");
-            relay.send_to(&buf[..m], client).expect("duplicate");
-            // Loopback delivers within send_to: both copies are queued now.
-            queued_tx.send(()).expect("test thread");
+            answer(&relay, &buf[..m], client);
         }
+        server
+    });
+    (relay_addr, thread)
+}
+
+#[test]
+fn a_stale_reply_is_not_taken_for_the_next_answer() {
+    // The relay sends every answer twice, and says when both copies are
+    // queued at the client: the duplicate of one answer must never be
+    // returned for the next request.
+    let (queued_tx, queued) = std::sync::mpsc::channel();
+    let (relay_addr, relay) = relayed_greet_server(3, move |relay, reply, client| {
+        relay.send_to(reply, client).expect("reply");
+        relay.send_to(reply, client).expect("duplicate");
+        // Loopback delivers within send_to: both copies are queued now.
+        queued_tx.send(()).expect("test thread");
     });
     let client = GreetClient::connect(relay_addr).expect("connect");
     for name in ["Michael", "Tracy", "Sarah"] {
@@ -156,7 +167,8 @@ fn a_stale_reply_is_not_taken_for_the_next_answer() {
             .recv_timeout(util::HANG_GUARD)
             .expect("relay sent both copies");
     }
-    relay_thread.join().expect("relay");
+    let server = relay.join().expect("relay");
+    util::assert_balanced(&server.shutdown().expect("shutdown"));
 }
 
 #[test]
@@ -232,28 +244,13 @@ fn the_deadline_cuts_the_retries_short() {
 
 #[test]
 fn a_reply_that_fails_the_check_is_discarded_and_the_wait_goes_on() {
-    // The server answers every request with a wrong greeting first, then the
+    // The relay answers every request with a wrong greeting first, then the
     // right one.
-    let server = GreetServer::bind(V4)
-        .expect("bind")
-        .spawn(udp_greet::greet)
-        .expect("spawn");
-    let relay = UdpSocket::bind(V4).expect("bind");
-    relay
-        .set_read_timeout(Some(util::HANG_GUARD))
-        .expect("timeout");
-    let relay_addr = relay.local_addr().expect("addr");
-    let upstream = server.local_addr();
-    let relay_thread = std::thread::spawn(move || {
-        let up = raw_socket_for(upstream);
-        let mut buf = [0u8; 2048];
-        let (n, client) = relay.recv_from(&mut buf).expect("request");
-        up.send_to(&buf[..n], upstream).expect("forward");
-        let m = up.recv(&mut buf).expect("reply");
+    let (relay_addr, relay_thread) = relayed_greet_server(1, |relay, reply, client| {
         relay
             .send_to(b"Hello, somebody else!", client)
             .expect("wrong reply");
-        relay.send_to(&buf[..m], client).expect("reply");
+        relay.send_to(reply, client).expect("reply");
     });
     let client = GreetClient::builder()
         .timeout(util::HANG_GUARD)
@@ -263,5 +260,6 @@ fn a_reply_that_fails_the_check_is_discarded_and_the_wait_goes_on() {
         .expect("connect");
     assert_eq!(client.send_recv(b"Tracy").expect("reply"), b"Hello, Tracy!");
     assert_eq!(client.discarded(), 1);
-    relay_thread.join().expect("relay");
+    let server = relay_thread.join().expect("relay");
+    util::assert_balanced(&server.shutdown().expect("shutdown"));
 }

@@ -14,7 +14,9 @@ use udp_greet::{
     Action, GreetClient, GreetServer, MAX_UDP_PAYLOAD_V4, RateLimit, Request, ServerBuilder,
     ServerHandle, Stats,
 };
-use util::{HANG_GUARD, V4, raw_socket_for, wait_until, within_guard};
+use util::{
+    HANG_GUARD, V4, assert_balanced, greet_server, raw_socket_for, wait_until, within_guard,
+};
 
 util::on_both_paths!(
     sizes_at_every_edge_are_answered_or_counted,
@@ -26,14 +28,6 @@ util::on_both_paths!(
     amplification_cap_holds_back_large_replies,
     shutdown_under_a_flood_completes,
 );
-
-fn assert_balanced(stats: &Stats) {
-    assert_eq!(
-        stats.received,
-        stats.accounted(),
-        "every datagram is accounted for: {stats:?}"
-    );
-}
 
 /// Waits until the server has taken `count` datagrams off its socket.
 fn wait_received(server: &ServerHandle, count: u64) {
@@ -58,12 +52,7 @@ fn drain(socket: &UdpSocket) -> Vec<(Vec<u8>, SocketAddr)> {
 
 fn sizes_at_every_edge_are_answered_or_counted(b: ServerBuilder) {
     for (family, max) in util::families() {
-        let server = b
-            .clone()
-            .bind(family)
-            .expect("bind")
-            .spawn(udp_greet::greet)
-            .expect("spawn");
+        let server = greet_server(b.clone(), family);
         let addr = server.local_addr();
         let socket = raw_socket_for(addr);
         socket
@@ -95,12 +84,7 @@ fn sizes_at_every_edge_are_answered_or_counted(b: ServerBuilder) {
 }
 
 fn oversized_datagrams_are_counted_and_the_server_goes_on(b: ServerBuilder) {
-    let server = b
-        .max_datagram_size(1_000)
-        .bind(V4)
-        .expect("bind")
-        .spawn(udp_greet::greet)
-        .expect("spawn");
+    let server = greet_server(b.max_datagram_size(1_000), V4);
     let addr = server.local_addr();
     let socket = raw_socket_for(addr);
     for size in [1_001, 1_472, 5_000, MAX_UDP_PAYLOAD_V4] {
@@ -230,12 +214,7 @@ fn rate_limit_holds_each_prefix_to_rate_times_time_plus_burst(b: ServerBuilder) 
     const EACH: u64 = 30;
     const SOURCES: u8 = 40;
     // Fewer slots than sources: the table must stay within its bound.
-    let server = b
-        .rate_limit(RateLimit::new(RATE, BURST).table_size(16))
-        .bind(V4)
-        .expect("bind")
-        .spawn(udp_greet::greet)
-        .expect("spawn");
+    let server = greet_server(b.rate_limit(RateLimit::new(RATE, BURST).table_size(16)), V4);
     let addr = server.local_addr();
     let mut sent = 0;
     for net in 1..=SOURCES {
@@ -274,12 +253,7 @@ fn an_abusive_prefix_does_not_starve_a_quiet_one(b: ServerBuilder) {
     if !util::has_loopback_range() {
         return;
     }
-    let server = b
-        .rate_limit(RateLimit::new(1, 5))
-        .bind(V4)
-        .expect("bind")
-        .spawn(udp_greet::greet)
-        .expect("spawn");
+    let server = greet_server(b.rate_limit(RateLimit::new(1, 5)), V4);
     let addr = server.local_addr();
     let abuser = socket_at(66, 1);
     let quiet = socket_at(77, 1);
@@ -301,12 +275,7 @@ fn an_abusive_prefix_does_not_starve_a_quiet_one(b: ServerBuilder) {
 }
 
 fn amplification_cap_holds_back_large_replies(b: ServerBuilder) {
-    let server = b
-        .max_amplification(3)
-        .bind(V4)
-        .expect("bind")
-        .spawn(udp_greet::greet)
-        .expect("spawn");
+    let server = greet_server(b.max_amplification(3), V4);
     let addr = server.local_addr();
     let socket = raw_socket_for(addr);
     // "Hello, " + name + "!" is 8 bytes more than the name: within 3x from
@@ -327,11 +296,7 @@ fn amplification_cap_holds_back_large_replies(b: ServerBuilder) {
 }
 
 fn shutdown_under_a_flood_completes(b: ServerBuilder) {
-    let server = b
-        .bind(V4)
-        .expect("bind")
-        .spawn(udp_greet::greet)
-        .expect("spawn");
+    let server = greet_server(b, V4);
     let addr = server.local_addr();
     let sent = Arc::new(AtomicU64::new(0));
     let counter = sent.clone();
@@ -377,13 +342,7 @@ proptest! {
         portable in any::<bool>(),
         max in prop_oneof![Just(MAX_UDP_PAYLOAD_V4), 1..3_000usize],
     ) {
-        let server = GreetServer::builder()
-            .portable_io(portable)
-            .max_datagram_size(max)
-            .bind(V4)
-            .expect("bind")
-            .spawn(udp_greet::greet)
-            .expect("spawn");
+        let server = greet_server(GreetServer::builder().portable_io(portable).max_datagram_size(max), V4);
         let addr = server.local_addr();
         let socket = raw_socket_for(addr);
         let mut buf = vec![0u8; 70_000];

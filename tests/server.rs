@@ -11,7 +11,7 @@ use udp_greet::{
     Action, Error, GreetClient, GreetServer, MAX_UDP_PAYLOAD_V4, Request, ServerBuilder,
     ServerHandle, ShutdownHandle, Stats,
 };
-use util::{V4, has_ipv6, raw_socket_for, wait_until, within_guard};
+use util::{V4, assert_balanced, greet_server, has_ipv6, raw_socket_for, wait_until, within_guard};
 
 // Each of these runs twice: on the batched path and on the portable loop.
 util::on_both_paths!(
@@ -40,15 +40,6 @@ fn echo(request: Request<'_>, reply: &mut Vec<u8>) -> Action {
     Action::Reply
 }
 
-fn greet_server(builder: &ServerBuilder, addr: &str) -> ServerHandle {
-    builder
-        .clone()
-        .bind(addr)
-        .expect("bind")
-        .spawn(udp_greet::greet)
-        .expect("spawn")
-}
-
 /// Sends `request` from a plain std socket and returns the reply.
 fn raw_exchange(socket: &UdpSocket, to: SocketAddr, request: &[u8]) -> Vec<u8> {
     socket.send_to(request, to).expect("send");
@@ -57,14 +48,6 @@ fn raw_exchange(socket: &UdpSocket, to: SocketAddr, request: &[u8]) -> Vec<u8> {
     assert_eq!(from, to, "the reply comes from the server's address");
     buf.truncate(len);
     buf
-}
-
-fn assert_balanced(stats: &Stats) {
-    assert_eq!(
-        stats.received,
-        stats.accounted(),
-        "every datagram is accounted for: {stats:?}"
-    );
 }
 
 #[test]
@@ -83,7 +66,7 @@ fn public_types_are_send_and_sync() {
 
 fn greets_over_ipv4_and_ipv6(b: ServerBuilder) {
     for (addr, _) in util::families() {
-        let server = greet_server(&b, addr);
+        let server = greet_server(b.clone(), addr);
         assert_ne!(
             server.local_addr().port(),
             0,
@@ -102,7 +85,7 @@ fn greets_over_ipv4_and_ipv6(b: ServerBuilder) {
 }
 
 fn raw_peer_gets_exact_bytes_back(b: ServerBuilder) {
-    let server = greet_server(&b, V4);
+    let server = greet_server(b.clone(), V4);
     let socket = raw_socket_for(server.local_addr());
     let request = [0u8, 255, b'\n', 0x80, b'x'];
     let reply = raw_exchange(&socket, server.local_addr(), &request);
@@ -152,7 +135,7 @@ fn handler_can_choose_not_to_reply(b: ServerBuilder) {
 }
 
 fn zero_length_datagram_is_a_request(b: ServerBuilder) {
-    let server = greet_server(&b, V4);
+    let server = greet_server(b.clone(), V4);
     let socket = raw_socket_for(server.local_addr());
     assert_eq!(raw_exchange(&socket, server.local_addr(), b""), b"Hello, !");
     let empty_echo = b
@@ -286,7 +269,7 @@ fn serve_runs_on_the_calling_thread_until_shut_down(b: ServerBuilder) {
 }
 
 fn shutdown_frees_the_port_at_once(b: ServerBuilder) {
-    let server = greet_server(&b, V4);
+    let server = greet_server(b.clone(), V4);
     let addr = server.local_addr();
     assert!(matches!(
         b.clone().bind(addr),
@@ -295,7 +278,7 @@ fn shutdown_frees_the_port_at_once(b: ServerBuilder) {
     let stats = within_guard("shutdown", move || server.shutdown()).expect("shutdown");
     assert_eq!(stats, Stats::default());
     // Bound again straight away, and working.
-    let again = greet_server(&b, &addr.to_string());
+    let again = greet_server(b.clone(), &addr.to_string());
     let client = GreetClient::connect(addr).expect("connect");
     assert_eq!(client.send_recv(b"again").expect("reply"), b"Hello, again!");
     drop(again);
@@ -304,7 +287,7 @@ fn shutdown_frees_the_port_at_once(b: ServerBuilder) {
 }
 
 fn shutdown_handle_outlives_the_server_without_holding_the_port(b: ServerBuilder) {
-    let server = greet_server(&b, V4);
+    let server = greet_server(b.clone(), V4);
     let addr = server.local_addr();
     let stop = server.shutdown_handle();
     server.shutdown().expect("shutdown");
@@ -431,7 +414,7 @@ fn ipv6_only_is_explicit() {
 
 #[test]
 fn tcp_listener_on_the_same_port_does_not_interfere() {
-    let server = greet_server(&GreetServer::builder(), V4);
+    let server = greet_server(GreetServer::builder(), V4);
     let port = server.local_addr().port();
     // The same number as a TCP port is a different port.
     let tcp = TcpListener::bind(("127.0.0.1", port)).expect("TCP bind on the same number");
@@ -441,7 +424,7 @@ fn tcp_listener_on_the_same_port_does_not_interfere() {
 }
 
 fn several_clients_at_once(b: ServerBuilder) {
-    let server = greet_server(&b, V4);
+    let server = greet_server(b.clone(), V4);
     let addr = server.local_addr();
     let threads: Vec<_> = (0..8)
         .map(|t| {
@@ -478,7 +461,7 @@ fn from_std_serves_an_existing_socket() {
 }
 
 fn receive_errors_do_not_stop_the_server(b: ServerBuilder) {
-    let server = greet_server(&b, V4);
+    let server = greet_server(b.clone(), V4);
     let addr = server.local_addr();
     // Replies to a port that closes at once draw ICMP port-unreachable
     // messages back at the server.

@@ -4,7 +4,7 @@
 use std::net::{SocketAddr, UdpSocket};
 
 use std::time::{Duration, Instant};
-use udp_greet::{Action, Request};
+use udp_greet::{Action, Request, ServerBuilder, ServerHandle, Stats};
 
 /// How long any single wait in a test may take before the test fails
 /// instead of hanging. Generous: CI machines are shared and slow.
@@ -111,4 +111,22 @@ pub fn tell_local(request: Request<'_>, reply: &mut Vec<u8>) -> Action {
         .unwrap_or_default();
     reply.extend_from_slice(local.as_bytes());
     Action::Reply
+}
+
+/// A greet server from `builder`, bound to `addr` and running.
+pub fn greet_server(builder: ServerBuilder, addr: &str) -> ServerHandle {
+    builder
+        .bind(addr)
+        .expect("bind")
+        .spawn(udp_greet::greet)
+        .expect("spawn")
+}
+
+/// Every datagram the server took ended in exactly one outcome counter.
+pub fn assert_balanced(stats: &Stats) {
+    assert_eq!(
+        stats.received,
+        stats.accounted(),
+        "every datagram is accounted for: {stats:?}"
+    );
 }
