@@ -1,12 +1,14 @@
 //! The server builder: every server setting, its default, and its check.
 
 use std::fmt;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs, UdpSocket};
+
+use socket2::Socket;
 
 use crate::error::Error;
-use crate::ratelimit::RateLimit;
+use crate::ratelimit::{Limiter, RateLimit};
 use crate::server::GreetServer;
-use crate::socket::{self, SocketOptions};
+use crate::socket::{self, BoundSocket, BufferSize, SocketOptions};
 use crate::sys;
 
 /// The most workers one server may have.
@@ -68,7 +70,6 @@ impl Default for ServerBuilder {
     fn default() -> Self {
         ServerBuilder {
             socket: SocketOptions {
-                recv_buffer: Some(DEFAULT_RECV_BUFFER),
                 only_v6: true,
                 ..SocketOptions::default()
             },
@@ -256,26 +257,86 @@ impl ServerBuilder {
     ///
     /// [`Error::InvalidConfig`] for an out-of-range setting,
     /// [`Error::Resolve`] when `addr` does not resolve, [`Error::AddrInUse`]
-    /// when another socket holds the address, [`Error::Bind`] or
-    /// [`Error::Socket`] for other failures (the last address tried).
+    /// when another socket holds the address (also with several
+    /// [`workers`](ServerBuilder::workers), unless
+    /// [`reuse_port`](ServerBuilder::reuse_port) asks to share it),
+    /// [`Error::Bind`] or [`Error::Socket`] for other failures (the last
+    /// address tried).
     pub fn bind<A: ToSocketAddrs + fmt::Debug>(self, addr: A) -> Result<GreetServer, Error> {
         self.validate()?;
         let addrs = socket::resolve(addr)?;
-        socket::first_ok(&addrs, |addr| GreetServer::from_builder(&self, addr))
+        let mut options = self.socket.clone();
+        options.recv_buffer = options.recv_buffer.or(Some(DEFAULT_RECV_BUFFER));
+        socket::first_ok(&addrs, |addr| {
+            let (first, others) = socket::bind_workers(addr, &options, self.socket_per_worker())?;
+            GreetServer::new(&self, first, others)
+        })
+    }
+
+    /// Serves on a socket made elsewhere, with this builder's settings: for
+    /// socket options this crate does not set, or a socket inherited from a
+    /// service manager.
+    ///
+    /// The socket must be a bound UDP socket. It is put in the mode the
+    /// server needs: blocking, with no read timeout (on Linux, where a
+    /// shutdown wakes a blocked receive) or a short one (elsewhere). The
+    /// receive and send buffer sizes are set only if this builder sets them;
+    /// every other setting applies as with [`bind`](ServerBuilder::bind),
+    /// except those that must come before bind:
+    /// [`reuse_address`](ServerBuilder::reuse_address),
+    /// [`reuse_port`](ServerBuilder::reuse_port) and
+    /// [`only_v6`](ServerBuilder::only_v6) are ignored (the socket keeps what
+    /// it has), and several [`workers`](ServerBuilder::workers) share the one
+    /// socket.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] for an out-of-range setting;
+    /// [`Error::UnsuitableSocket`] when the socket is not a UDP socket over
+    /// IPv4 or IPv6, or is not bound; [`Error::Socket`] when an option
+    /// cannot be set or read.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # fn main() -> Result<(), udp_greet::Error> {
+    /// use udp_greet::{GreetClient, GreetServer, RateLimit};
+    ///
+    /// let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    /// socket.set_nonblocking(true).expect("non-blocking"); // put right by from_std
+    /// let server = GreetServer::builder()
+    ///     .rate_limit(RateLimit::new(100, 10))
+    ///     .from_std(socket)?
+    ///     .spawn(udp_greet::greet)?;
+    /// let client = GreetClient::connect(server.local_addr())?;
+    /// assert_eq!(client.send_recv(b"Tracy")?, b"Hello, Tracy!");
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn from_std(self, socket: UdpSocket) -> Result<GreetServer, Error> {
+        self.validate()?;
+        let adopted = socket::adopt(Socket::from(socket), &self.socket)?;
+        GreetServer::new(&self, adopted, Vec::new())
+    }
+
+    /// Whether each worker gets a socket of its own: with several workers,
+    /// where the kernel spreads datagrams over sockets that share a port.
+    fn socket_per_worker(&self) -> usize {
+        if REUSE_PORT_SPREADS { self.workers } else { 1 }
     }
 
     fn validate(&self) -> Result<(), Error> {
         if let Some(max) = self.max_datagram {
             if !(1..=usize::from(u16::MAX)).contains(&max) {
                 return Err(Error::InvalidConfig {
-                    setting: "max_datagram_size",
+                    setting: "ServerBuilder::max_datagram_size",
                     reason: "must be between 1 and 65535 bytes",
                 });
             }
         }
         if self.max_amplification == Some(0) {
             return Err(Error::InvalidConfig {
-                setting: "max_amplification",
+                setting: "ServerBuilder::max_amplification",
                 reason: "must be at least 1",
             });
         }
@@ -284,24 +345,67 @@ impl ServerBuilder {
         }
         if !(1..=MAX_WORKERS).contains(&self.workers) {
             return Err(Error::InvalidConfig {
-                setting: "workers",
+                setting: "ServerBuilder::workers",
                 reason: "must be between 1 and 1024",
             });
         }
         if !(1..=sys::MAX_BATCH).contains(&self.batch_size) {
             return Err(Error::InvalidConfig {
-                setting: "batch_size",
+                setting: "ServerBuilder::batch_size",
                 reason: "must be between 1 and 1024",
             });
         }
         Ok(())
     }
 
-    /// The largest accepted datagram for a socket bound to `addr`.
-    pub(crate) fn max_datagram_for(&self, addr: SocketAddr) -> usize {
-        self.max_datagram.unwrap_or(match addr {
-            SocketAddr::V4(_) => MAX_UDP_PAYLOAD_V4,
-            SocketAddr::V6(_) => MAX_UDP_PAYLOAD_V6,
-        })
+    /// The settings every worker shares, for sockets bound to `local_addr`.
+    /// Call after [`validate`](ServerBuilder::validate).
+    pub(crate) fn config(&self, first: &BoundSocket, pktinfo: bool) -> Config {
+        let local_addr = first.local_addr;
+        Config {
+            local_addr,
+            recv_buffer: first.recv_buffer,
+            send_buffer: first.send_buffer,
+            max_datagram: self.max_datagram.unwrap_or(match local_addr {
+                SocketAddr::V4(_) => MAX_UDP_PAYLOAD_V4,
+                SocketAddr::V6(_) => MAX_UDP_PAYLOAD_V6,
+            }),
+            workers: self.workers,
+            batch_size: (!self.portable_io).then_some(self.batch_size),
+            gso: self.gso,
+            pktinfo,
+            bound_ip: Some(local_addr.ip()).filter(|ip| !ip.is_unspecified()),
+            limiter: self.rate_limit.as_ref().map(Limiter::new),
+            max_amplification: self.max_amplification,
+        }
     }
+}
+
+/// Whether the kernel spreads datagrams over sockets that share a port with
+/// `SO_REUSEPORT` (Linux, by a hash of the peer's address); elsewhere
+/// workers share one socket.
+const REUSE_PORT_SPREADS: bool = cfg!(any(target_os = "linux", target_os = "android"));
+
+/// A server's settings, checked and fixed at bind, shared by its workers.
+#[derive(Debug)]
+pub(crate) struct Config {
+    /// The address the sockets are bound to, with the real port.
+    pub(crate) local_addr: SocketAddr,
+    pub(crate) recv_buffer: BufferSize,
+    pub(crate) send_buffer: BufferSize,
+    /// The largest accepted datagram, in bytes.
+    pub(crate) max_datagram: usize,
+    /// Worker threads.
+    pub(crate) workers: usize,
+    /// Datagrams per batch on the batched path; `None` for the portable loop.
+    pub(crate) batch_size: Option<usize>,
+    /// Coalesce replies to one peer with segmentation offload (batched path).
+    pub(crate) gso: bool,
+    /// The sockets report arrival addresses, and replies go out from them.
+    pub(crate) pktinfo: bool,
+    /// The address the sockets are bound to, unless it is a wildcard: the
+    /// local address of every request where the datagram does not say.
+    pub(crate) bound_ip: Option<IpAddr>,
+    pub(crate) limiter: Option<Limiter>,
+    pub(crate) max_amplification: Option<usize>,
 }

@@ -58,10 +58,19 @@ pub enum Error {
         source: io::Error,
     },
 
+    /// A socket handed to [`ServerBuilder::from_std`](crate::ServerBuilder::from_std)
+    /// cannot be served on.
+    #[error("cannot serve on the socket given to from_std: {reason}")]
+    UnsuitableSocket {
+        /// What is wrong with it, and what to do.
+        reason: &'static str,
+    },
+
     /// A builder setting is out of range.
     #[error("invalid setting {setting}: {reason}")]
     InvalidConfig {
-        /// The builder method whose value is wrong.
+        /// The method that set the wrong value, with its type, such as
+        /// `ServerBuilder::workers` or `RateLimit::table_size`.
         setting: &'static str,
         /// What the value must be.
         reason: &'static str,
@@ -90,6 +99,10 @@ pub enum Error {
     },
 
     /// A reply did not fit in the caller's buffer; it was discarded.
+    ///
+    /// With a [reply check](crate::ClientBuilder::reply_check), a datagram
+    /// too large to check is discarded and the wait goes on; this error then
+    /// comes only if no valid reply arrived by the end of the call.
     #[error("reply from {addr} is larger than the {capacity}-byte buffer given for it")]
     ReplyTooLarge {
         /// The server that sent it.

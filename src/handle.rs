@@ -13,10 +13,10 @@ use crate::error::Error;
 use crate::stats::{SharedStats, Stats};
 use crate::sys;
 
-/// What every copy of a server's handles shares: the stop flag, a way to
-/// wake the workers, and the counters.
+/// What a server's workers and every copy of its handles share: the stop
+/// flag, a way to wake the workers, and the counters.
 #[derive(Debug)]
-pub(crate) struct Control {
+pub(crate) struct Shared {
     stop: AtomicBool,
     /// Weak, so that a handle never keeps a socket (and its port) open after
     /// the worker that owns it has finished.
@@ -24,9 +24,9 @@ pub(crate) struct Control {
     pub(crate) stats: Arc<SharedStats>,
 }
 
-impl Control {
-    pub(crate) fn new(sockets: &[Arc<Socket>], workers: usize) -> Arc<Control> {
-        Arc::new(Control {
+impl Shared {
+    pub(crate) fn new(sockets: &[Arc<Socket>], workers: usize) -> Arc<Shared> {
+        Arc::new(Shared {
             stop: AtomicBool::new(false),
             sockets: sockets.iter().map(Arc::downgrade).collect(),
             stats: SharedStats::new(workers),
@@ -63,35 +63,34 @@ impl Control {
 /// [`ServerHandle::shutdown_handle`].
 #[derive(Debug, Clone)]
 pub struct ShutdownHandle {
-    control: Arc<Control>,
+    shared: Arc<Shared>,
     local_addr: SocketAddr,
 }
 
 impl ShutdownHandle {
-    pub(crate) fn new(control: Arc<Control>, local_addr: SocketAddr) -> Self {
-        ShutdownHandle {
-            control,
-            local_addr,
-        }
+    pub(crate) fn new(shared: Arc<Shared>, local_addr: SocketAddr) -> Self {
+        ShutdownHandle { shared, local_addr }
     }
 
     /// Asks the server to stop. Returns at once; [`GreetServer::serve`](crate::GreetServer::serve)
     /// returns, or [`ServerHandle::shutdown`] can join, once every worker has
-    /// finished the datagram in hand. Calling it again does nothing.
+    /// finished the handler call in progress. Requests received but not yet
+    /// handled are dropped and counted in
+    /// [`Stats::shutdown_dropped`]. Calling it again does nothing.
     pub fn shutdown(&self) {
-        self.control.stop();
+        self.shared.stop();
     }
 
     /// Whether [`shutdown`](ShutdownHandle::shutdown) has been called.
     #[must_use]
     pub fn is_shutdown(&self) -> bool {
-        self.control.is_stopped()
+        self.shared.is_stopped()
     }
 
     /// The server's counters now.
     #[must_use]
     pub fn stats(&self) -> Stats {
-        self.control.snapshot()
+        self.shared.snapshot()
     }
 
     /// The server's address.
@@ -108,7 +107,7 @@ impl ShutdownHandle {
 #[must_use = "dropping the handle shuts the server down"]
 pub struct ServerHandle {
     local_addr: SocketAddr,
-    control: Arc<Control>,
+    shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -117,16 +116,16 @@ impl fmt::Debug for ServerHandle {
         f.debug_struct("ServerHandle")
             .field("local_addr", &self.local_addr)
             .field("workers", &self.threads.len())
-            .field("stopped", &self.control.is_stopped())
+            .field("stopped", &self.shared.is_stopped())
             .finish()
     }
 }
 
 impl ServerHandle {
-    pub(crate) fn new(control: Arc<Control>, local_addr: SocketAddr, workers: usize) -> Self {
+    pub(crate) fn new(shared: Arc<Shared>, local_addr: SocketAddr, workers: usize) -> Self {
         ServerHandle {
             local_addr,
-            control,
+            shared,
             threads: Vec::with_capacity(workers),
         }
     }
@@ -135,8 +134,8 @@ impl ServerHandle {
         self.threads.push(thread);
     }
 
-    pub(crate) fn control(&self) -> &Control {
-        &self.control
+    pub(crate) fn shared(&self) -> &Shared {
+        &self.shared
     }
 
     /// The address the server is bound to.
@@ -148,27 +147,32 @@ impl ServerHandle {
     /// The server's counters now.
     #[must_use]
     pub fn stats(&self) -> Stats {
-        self.control.snapshot()
+        self.shared.snapshot()
     }
 
     /// A handle that can stop the server from another thread.
     #[must_use]
     pub fn shutdown_handle(&self) -> ShutdownHandle {
-        ShutdownHandle::new(self.control.clone(), self.local_addr)
+        ShutdownHandle::new(self.shared.clone(), self.local_addr)
     }
 
     /// Stops the server and waits until every worker has stopped and every
     /// socket is closed, so the address can be bound again at once. Returns
     /// the final counters.
     ///
+    /// Each worker finishes the handler call in progress, sends the replies
+    /// it has ready, and drops the requests it received but has not handled
+    /// ([`Stats::shutdown_dropped`]): shutdown takes about one handler call,
+    /// whatever the batch size.
+    ///
     /// # Errors
     ///
     /// [`Error::WorkerPanicked`] if a worker thread ended abnormally (a bug
     /// in udp-greet; handler panics are caught and never end a worker).
     pub fn shutdown(mut self) -> Result<Stats, Error> {
-        self.control.stop();
+        self.shared.stop();
         self.join()?;
-        Ok(self.control.snapshot())
+        Ok(self.shared.snapshot())
     }
 
     pub(crate) fn join(&mut self) -> Result<(), Error> {
@@ -187,7 +191,7 @@ impl ServerHandle {
 impl Drop for ServerHandle {
     fn drop(&mut self) {
         if !self.threads.is_empty() {
-            self.control.stop();
+            self.shared.stop();
             let _ = self.join();
         }
     }

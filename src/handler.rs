@@ -42,6 +42,12 @@ impl<'a> Request<'a> {
     /// this is read from the datagram (`IP_PKTINFO` / `IPV6_PKTINFO`); for a
     /// server bound to one address it is that address. `None` for a
     /// wildcard-bound server on other platforms.
+    ///
+    /// It is always in the family of [`peer`](Request::peer): on a
+    /// dual-stack socket (`[::]` with
+    /// [`only_v6(false)`](crate::ServerBuilder::only_v6)) an IPv4 peer is an
+    /// IPv4-mapped IPv6 address such as `[::ffff:127.0.0.1]:5353`, and the
+    /// address it sent to is mapped the same way (`::ffff:127.0.0.1`).
     #[must_use]
     pub fn local_ip(&self) -> Option<IpAddr> {
         self.local
@@ -59,8 +65,13 @@ impl fmt::Debug for Request<'_> {
 }
 
 /// What the server does once the handler returns.
+///
+/// More actions may come in later versions (the enum is
+/// `#[non_exhaustive]`); handlers return one, and code that matches on one
+/// needs a wildcard arm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[must_use = "the server needs to know whether to send the reply"]
+#[non_exhaustive]
 pub enum Action {
     /// Send the reply buffer's contents (possibly empty) to the peer.
     Reply,

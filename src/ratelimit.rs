@@ -183,9 +183,9 @@ impl Limiter {
         }
     }
 
-    /// Now, in the limiter's clock: sample once per batch.
-    pub(crate) fn now(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    /// `at` in the limiter's clock: nanoseconds since it started.
+    pub(crate) fn clock(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
     }
 
     /// Whether a request from `ip` at `now` may be answered; books it if so.

@@ -7,15 +7,14 @@ use std::thread;
 
 use socket2::Socket;
 
-use crate::config::ServerBuilder;
+use crate::config::{Config, ServerBuilder};
 use crate::error::Error;
-use crate::handle::{Control, ServerHandle, ShutdownHandle};
+use crate::handle::{ServerHandle, Shared, ShutdownHandle};
 use crate::handler::{Action, Request};
-use crate::ratelimit::Limiter;
-use crate::socket::{self, BufferSize};
+use crate::socket::{BoundSocket, BufferSize};
 use crate::stats::Stats;
 use crate::sys;
-use crate::worker::{HandlerFn, Policy, Worker};
+use crate::worker::{HandlerFn, Worker};
 
 /// A bound UDP server, ready to [`serve`](GreetServer::serve) on the calling
 /// thread or to [`spawn`](GreetServer::spawn) on its own.
@@ -49,35 +48,15 @@ use crate::worker::{HandlerFn, Policy, Worker};
 /// ```
 pub struct GreetServer {
     sockets: Vec<Arc<Socket>>,
-    local_addr: SocketAddr,
-    recv_buffer: BufferSize,
-    send_buffer: BufferSize,
-    max_datagram: usize,
-    workers: usize,
-    batch: Option<usize>,
-    gso: bool,
-    pktinfo: bool,
-    policy: Policy,
-    control: Arc<Control>,
+    config: Arc<Config>,
+    shared: Arc<Shared>,
 }
-
-/// Whether the kernel spreads datagrams over sockets that share a port with
-/// `SO_REUSEPORT` (Linux, by a hash of the peer's address); elsewhere
-/// workers share one socket.
-const REUSE_PORT_SPREADS: bool = cfg!(any(target_os = "linux", target_os = "android"));
 
 impl fmt::Debug for GreetServer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("GreetServer")
-            .field("local_addr", &self.local_addr)
-            .field("recv_buffer", &self.recv_buffer)
-            .field("send_buffer", &self.send_buffer)
-            .field("max_datagram", &self.max_datagram)
-            .field("workers", &self.workers)
-            .field("batch", &self.batch)
-            .field("gso", &self.gso)
-            .field("pktinfo", &self.pktinfo)
-            .field("policy", &self.policy)
+            .field("config", &self.config)
+            .field("sockets", &self.sockets.len())
             .finish_non_exhaustive()
     }
 }
@@ -106,58 +85,42 @@ impl GreetServer {
         ServerBuilder::default().bind(addr)
     }
 
-    /// A builder for a server with non-default socket options.
+    /// A builder for a server with non-default settings.
     pub fn builder() -> ServerBuilder {
         ServerBuilder::default()
     }
 
-    /// Serves on a socket made elsewhere, for options this crate does not
-    /// set. Every other setting is the builder's default.
+    /// Serves on a socket made elsewhere, with every setting at its default
+    /// and the socket's own buffer sizes: `ServerBuilder::new().from_std(socket)`.
     ///
     /// # Errors
     ///
-    /// [`Error::Socket`] when the socket's address or buffer sizes cannot be
-    /// read.
+    /// As [`ServerBuilder::from_std`]: [`Error::UnsuitableSocket`] for a
+    /// socket that is not a bound UDP socket.
     pub fn from_std(socket: UdpSocket) -> Result<GreetServer, Error> {
-        let made = socket::adopt(Socket::from(socket))?;
-        GreetServer::from_sockets(&ServerBuilder::default(), vec![made])
+        ServerBuilder::default().from_std(socket)
     }
 
-    /// Binds one socket per worker where the kernel can spread datagrams
-    /// over them (`SO_REUSEPORT` on Linux), or one socket for all.
-    pub(crate) fn from_builder(builder: &ServerBuilder, addr: SocketAddr) -> Result<Self, Error> {
-        let separate = builder.workers > 1 && REUSE_PORT_SPREADS;
-        let mut options = builder.socket.clone();
-        options.reuse_port |= separate;
-        let first = socket::bind(addr, &options)?;
-        let bound = first.local_addr;
-        let mut made = vec![first];
-        if separate {
-            for _ in 1..builder.workers {
-                made.push(socket::bind(bound, &options)?);
-            }
-        }
-        GreetServer::from_sockets(builder, made)
-    }
-
-    fn from_sockets(builder: &ServerBuilder, made: Vec<socket::Made>) -> Result<Self, Error> {
-        let Some(first) = made.first() else {
-            return Err(Error::InvalidConfig {
-                setting: "workers",
-                reason: "at least one socket is needed",
-            });
-        };
-        let (local_addr, recv_buffer, send_buffer) =
-            (first.local_addr, first.recv_buffer, first.send_buffer);
+    /// A server over `first` and `others` (one socket per worker, or one
+    /// shared by all), bound and configured by `builder`, which has checked
+    /// its settings.
+    pub(crate) fn new(
+        builder: &ServerBuilder,
+        first: BoundSocket,
+        others: Vec<BoundSocket>,
+    ) -> Result<Self, Error> {
+        let local_addr = first.local_addr;
+        let config = builder.config(&first, local_addr.ip().is_unspecified());
+        let mut bound = others;
+        bound.insert(0, first);
         // A wildcard-bound socket must tell which address each datagram was
         // sent to, or replies may go out from another of the host's.
         let wildcard = local_addr.ip().is_unspecified();
         let mut pktinfo = wildcard;
-        let mut sockets = Vec::with_capacity(made.len());
-        for m in made {
+        for b in &bound {
             if wildcard {
                 pktinfo &=
-                    sys::enable_pktinfo(&m.socket, local_addr.is_ipv6()).map_err(|source| {
+                    sys::enable_pktinfo(&b.socket, local_addr.is_ipv6()).map_err(|source| {
                         Error::Socket {
                             action: "enable IP_PKTINFO / IPV6_RECVPKTINFO",
                             addr: local_addr,
@@ -166,7 +129,7 @@ impl GreetServer {
                     })?;
             }
             if let Some(interval) = sys::WAKE_INTERVAL {
-                m.socket
+                b.socket
                     .set_read_timeout(Some(interval))
                     .map_err(|source| Error::Socket {
                         action: "set SO_RCVTIMEO",
@@ -174,27 +137,14 @@ impl GreetServer {
                         source,
                     })?;
             }
-            sockets.push(Arc::new(m.socket));
         }
-        let control = Control::new(&sockets, builder.workers);
+        let config = Arc::new(Config { pktinfo, ..config });
+        let sockets: Vec<Arc<Socket>> = bound.into_iter().map(|b| Arc::new(b.socket)).collect();
+        let shared = Shared::new(&sockets, config.workers);
         Ok(GreetServer {
             sockets,
-            local_addr,
-            recv_buffer,
-            send_buffer,
-            max_datagram: builder.max_datagram_for(local_addr),
-            workers: builder.workers,
-            batch: (!builder.portable_io).then_some(builder.batch_size),
-            gso: builder.gso,
-            pktinfo,
-            policy: Policy {
-                limiter: builder
-                    .rate_limit
-                    .as_ref()
-                    .map(|l| Arc::new(Limiter::new(l))),
-                max_amplification: builder.max_amplification,
-            },
-            control,
+            config,
+            shared,
         })
     }
 
@@ -202,32 +152,32 @@ impl GreetServer {
     /// was asked for.
     #[must_use]
     pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+        self.config.local_addr
     }
 
     /// The receive buffer size requested and granted.
     #[must_use]
     pub fn recv_buffer_size(&self) -> BufferSize {
-        self.recv_buffer
+        self.config.recv_buffer
     }
 
     /// The send buffer size requested and granted.
     #[must_use]
     pub fn send_buffer_size(&self) -> BufferSize {
-        self.send_buffer
+        self.config.send_buffer
     }
 
     /// The largest request the server accepts, in bytes.
     #[must_use]
     pub fn max_datagram_size(&self) -> usize {
-        self.max_datagram
+        self.config.max_datagram
     }
 
     /// A handle that stops the server and reads its counters from another
     /// thread; take it before calling [`serve`](GreetServer::serve).
     #[must_use]
     pub fn shutdown_handle(&self) -> ShutdownHandle {
-        ShutdownHandle::new(self.control.clone(), self.local_addr)
+        ShutdownHandle::new(self.shared.clone(), self.config.local_addr)
     }
 
     /// Runs the server on the calling thread until a [`ShutdownHandle`]
@@ -277,7 +227,7 @@ impl GreetServer {
     {
         let mut running = self.start(handler, true)?;
         running.join()?;
-        Ok(running.control().snapshot())
+        Ok(running.shared().snapshot())
     }
 
     /// Runs the server on a background thread and returns a handle to it.
@@ -298,12 +248,13 @@ impl GreetServer {
     /// first on the calling thread once the others are running.
     fn start<H: HandlerFn>(self, handler: H, on_this_thread: bool) -> Result<ServerHandle, Error> {
         let handler = Arc::new(handler);
-        let mut handle = ServerHandle::new(self.control.clone(), self.local_addr, self.workers);
+        let addr = self.config.local_addr;
+        let mut handle = ServerHandle::new(self.shared.clone(), addr, self.config.workers);
         // Moved out, so that the workers hold the only strong references
         // and each socket closes when its last worker finishes.
         let sockets = self.sockets;
         let mut inline = None;
-        for index in 0..self.workers {
+        for index in 0..self.config.workers {
             // One socket per worker, or one shared by all.
             let Some(socket) = sockets.get(index).or(sockets.first()).cloned() else {
                 break;
@@ -312,14 +263,8 @@ impl GreetServer {
                 index,
                 socket,
                 handler: handler.clone(),
-                stats: self.control.stats.clone(),
-                control: self.control.clone(),
-                max_datagram: self.max_datagram,
-                batch: self.batch,
-                gso: self.gso,
-                policy: self.policy.clone(),
-                pktinfo: self.pktinfo,
-                bound_ip: Some(self.local_addr.ip()).filter(|ip| !ip.is_unspecified()),
+                config: self.config.clone(),
+                shared: self.shared.clone(),
                 reports_drops: index < sockets.len(),
             };
             if on_this_thread && index == 0 {
@@ -329,17 +274,14 @@ impl GreetServer {
             // `udp:PORT/N`: fits Linux's 15-byte thread names, and tells
             // servers apart in `top -H`.
             let spawned = thread::Builder::new()
-                .name(format!("udp:{}/{index}", self.local_addr.port()))
+                .name(format!("udp:{}/{index}", addr.port()))
                 .spawn(move || worker.run());
             match spawned {
                 Ok(thread) => handle.push_thread(thread),
                 Err(source) => {
                     // `handle` stops and joins the workers already started
                     // when it is dropped here.
-                    return Err(Error::Spawn {
-                        addr: self.local_addr,
-                        source,
-                    });
+                    return Err(Error::Spawn { addr, source });
                 }
             }
         }

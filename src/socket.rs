@@ -46,69 +46,115 @@ pub(crate) struct SocketOptions {
     pub(crate) only_v6: bool,
 }
 
-/// A socket made by this module, with the buffer sizes it was granted.
+/// A socket made (or adopted) by this module, bound, with the buffer sizes
+/// it was granted.
 #[derive(Debug)]
-pub(crate) struct Made {
+pub(crate) struct BoundSocket {
     pub(crate) socket: Socket,
     pub(crate) local_addr: SocketAddr,
     pub(crate) recv_buffer: BufferSize,
     pub(crate) send_buffer: BufferSize,
 }
 
+/// The socket addresses an input resolved to: at least one.
+pub(crate) struct Resolved {
+    first: SocketAddr,
+    rest: Vec<SocketAddr>,
+}
+
 /// Resolves `addr` to its socket addresses, naming the input on failure.
-pub(crate) fn resolve<A: ToSocketAddrs + fmt::Debug>(addr: A) -> Result<Vec<SocketAddr>, Error> {
+pub(crate) fn resolve<A: ToSocketAddrs + fmt::Debug>(addr: A) -> Result<Resolved, Error> {
     let resolve_error = |source| Error::Resolve {
         input: format!("{addr:?}"),
         source,
     };
-    let addrs: Vec<SocketAddr> = addr.to_socket_addrs().map_err(resolve_error)?.collect();
-    if addrs.is_empty() {
+    let mut addrs = addr.to_socket_addrs().map_err(resolve_error)?;
+    let Some(first) = addrs.next() else {
         return Err(resolve_error(io::Error::new(
             io::ErrorKind::InvalidInput,
             "it resolved to no socket address",
         )));
-    }
-    Ok(addrs)
+    };
+    Ok(Resolved {
+        first,
+        rest: addrs.collect(),
+    })
 }
 
 /// Tries `f` on each address in turn; returns the first success or the last
 /// error, like `std::net::UdpSocket::bind`.
 pub(crate) fn first_ok<T>(
-    addrs: &[SocketAddr],
+    addrs: &Resolved,
     mut f: impl FnMut(SocketAddr) -> Result<T, Error>,
 ) -> Result<T, Error> {
-    let mut last = None;
-    for &addr in addrs {
-        match f(addr) {
-            Ok(t) => return Ok(t),
-            Err(e) => last = Some(e),
+    let mut result = f(addrs.first);
+    for &addr in &addrs.rest {
+        if result.is_ok() {
+            break;
         }
+        result = f(addr);
     }
-    // `resolve` never returns an empty list; this is the fallback for a
-    // caller that passes one anyway.
-    Err(last.unwrap_or(Error::InvalidConfig {
-        setting: "address",
-        reason: "no address to use",
-    }))
+    result
 }
 
 /// Creates a UDP socket for `addr`'s family, applies `opts`, and binds it.
-pub(crate) fn bind(addr: SocketAddr, opts: &SocketOptions) -> Result<Made, Error> {
+pub(crate) fn bind(addr: SocketAddr, opts: &SocketOptions) -> Result<BoundSocket, Error> {
     let socket = configured(addr, opts)?;
+    bind_configured(&socket, addr)?;
+    finish(socket, addr, opts)
+}
+
+fn bind_configured(socket: &Socket, addr: SocketAddr) -> Result<(), Error> {
     socket.bind(&addr.into()).map_err(|source| {
         if source.kind() == io::ErrorKind::AddrInUse {
             Error::AddrInUse { addr, source }
         } else {
             Error::Bind { addr, source }
         }
-    })?;
-    finish(socket, addr, opts)
+    })
+}
+
+/// Binds `count` sockets to `addr`, all sharing it through `SO_REUSEPORT`
+/// when there are several.
+///
+/// Unless `opts` asks for `SO_REUSEPORT` itself (to share the address with
+/// other servers on purpose), the first socket binds without it, so that
+/// the bind fails with [`Error::AddrInUse`] when any other socket holds the
+/// address, even one that allows sharing; it turns the option on once
+/// bound, and the others join it. `SO_REUSEPORT` lets later sockets of the
+/// same user join the group all the same: the kernel has no way to close it.
+pub(crate) fn bind_workers(
+    addr: SocketAddr,
+    opts: &SocketOptions,
+    count: usize,
+) -> Result<(BoundSocket, Vec<BoundSocket>), Error> {
+    let (first, shared) = if count <= 1 || opts.reuse_port {
+        (bind(addr, opts)?, opts.clone())
+    } else {
+        let socket = configured(addr, opts)?;
+        bind_configured(&socket, addr)?;
+        set_reuse_port(&socket).map_err(|source| Error::Socket {
+            action: "set SO_REUSEPORT",
+            addr,
+            source,
+        })?;
+        let shared = SocketOptions {
+            reuse_port: true,
+            ..opts.clone()
+        };
+        (finish(socket, addr, opts)?, shared)
+    };
+    let bound = first.local_addr;
+    let others = (1..count)
+        .map(|_| bind(bound, &shared))
+        .collect::<Result<_, _>>()?;
+    Ok((first, others))
 }
 
 /// Creates a UDP socket for `peer`'s family, applies `opts`, and connects it
 /// to `peer` (which binds an ephemeral port and makes the kernel drop
 /// datagrams from anyone else).
-pub(crate) fn connect(peer: SocketAddr, opts: &SocketOptions) -> Result<Made, Error> {
+pub(crate) fn connect(peer: SocketAddr, opts: &SocketOptions) -> Result<BoundSocket, Error> {
     let socket = configured(peer, opts)?;
     socket.connect(&peer.into()).map_err(|source| Error::Io {
         action: "connect UDP socket to",
@@ -141,31 +187,91 @@ fn configured(addr: SocketAddr, opts: &SocketOptions) -> Result<Socket, Error> {
     if opts.reuse_port {
         set_reuse_port(&socket).map_err(fail("set SO_REUSEPORT"))?;
     }
+    set_buffer_sizes(&socket, addr, opts)?;
+    Ok(socket)
+}
+
+/// The largest buffer size the kernel takes: the option is a C `int`, and a
+/// larger `usize` would wrap in the cast (`1 << 32` becomes 0, which Linux
+/// raises to its minimum of about 2 KiB).
+const MAX_BUFFER_REQUEST: usize = i32::MAX as usize;
+
+fn set_buffer_sizes(socket: &Socket, addr: SocketAddr, opts: &SocketOptions) -> Result<(), Error> {
+    let fail = |action| {
+        move |source| Error::Socket {
+            action,
+            addr,
+            source,
+        }
+    };
     if let Some(size) = opts.recv_buffer {
         socket
-            .set_recv_buffer_size(size)
+            .set_recv_buffer_size(size.min(MAX_BUFFER_REQUEST))
             .map_err(fail("set SO_RCVBUF"))?;
     }
     if let Some(size) = opts.send_buffer {
         socket
-            .set_send_buffer_size(size)
+            .set_send_buffer_size(size.min(MAX_BUFFER_REQUEST))
             .map_err(fail("set SO_SNDBUF"))?;
     }
-    Ok(socket)
+    Ok(())
 }
 
-/// Takes a socket made elsewhere, reading back its address and buffer sizes.
-pub(crate) fn adopt(socket: Socket) -> Result<Made, Error> {
-    let unknown = SocketAddr::from(([0, 0, 0, 0], 0));
+/// Takes a socket made elsewhere for a server: checks that it is a bound
+/// UDP socket over IPv4 or IPv6, puts it in blocking mode, and sets the
+/// buffer sizes `opts` asks for.
+pub(crate) fn adopt(socket: Socket, opts: &SocketOptions) -> Result<BoundSocket, Error> {
+    let unsuitable = |reason| Error::UnsuitableSocket { reason };
     let addr = socket
         .local_addr()
         .ok()
         .and_then(|a| a.as_socket())
-        .unwrap_or(unknown);
-    finish(socket, addr, &SocketOptions::default())
+        .ok_or(unsuitable("it is not an IPv4 or IPv6 socket"))?;
+    if addr.port() == 0 {
+        return Err(unsuitable("it is not bound: bind it to an address first"));
+    }
+    let fail = |action| {
+        move |source| Error::Socket {
+            action,
+            addr,
+            source,
+        }
+    };
+    if socket.r#type().map_err(fail("read SO_TYPE"))? != Type::DGRAM {
+        return Err(unsuitable("it is not a datagram (SOCK_DGRAM) socket"));
+    }
+    check_udp(&socket)
+        .map_err(fail("read SO_PROTOCOL"))?
+        .then_some(())
+        .ok_or(unsuitable(
+            "it is a datagram socket of another protocol than UDP",
+        ))?;
+    // A non-blocking socket would make the server spin between datagrams.
+    socket
+        .set_nonblocking(false)
+        .map_err(fail("make the socket blocking"))?;
+    socket
+        .set_read_timeout(crate::sys::WAKE_INTERVAL)
+        .map_err(fail("set SO_RCVTIMEO"))?;
+    set_buffer_sizes(&socket, addr, opts)?;
+    finish(socket, addr, opts)
 }
 
-fn finish(socket: Socket, addr: SocketAddr, opts: &SocketOptions) -> Result<Made, Error> {
+/// Whether a datagram socket is UDP, where the system can tell.
+#[allow(unreachable_code)]
+fn check_udp(socket: &Socket) -> io::Result<bool> {
+    #[cfg(any(
+        target_os = "android",
+        target_os = "freebsd",
+        target_os = "fuchsia",
+        target_os = "linux",
+    ))]
+    return Ok(socket.protocol()?.is_none_or(|p| p == Protocol::UDP));
+    let _ = socket;
+    Ok(true)
+}
+
+fn finish(socket: Socket, addr: SocketAddr, opts: &SocketOptions) -> Result<BoundSocket, Error> {
     let fail = |action| {
         move |source| Error::Socket {
             action,
@@ -190,7 +296,7 @@ fn finish(socket: Socket, addr: SocketAddr, opts: &SocketOptions) -> Result<Made
         requested: opts.send_buffer,
         granted: socket.send_buffer_size().map_err(fail("read SO_SNDBUF"))?,
     };
-    Ok(Made {
+    Ok(BoundSocket {
         socket,
         local_addr,
         recv_buffer,

@@ -6,9 +6,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// A snapshot of a server's counters, summed over its workers.
 ///
 /// Every datagram the server takes from its sockets is counted in
-/// `received` and, once handled, in exactly one outcome counter, so at any
-/// moment when no datagram is being handled
-/// `received == `[`accounted()`](Stats::accounted).
+/// `received` and, once handled, in exactly one outcome counter, so once the
+/// server has stopped `received == `[`accounted()`](Stats::accounted), and
+/// while it runs no snapshot ever shows `accounted() > received` (the
+/// difference is what is being handled). No counter ever goes backwards from
+/// one snapshot to the next.
 ///
 /// ```
 /// # fn main() -> Result<(), udp_greet::Error> {
@@ -49,6 +51,10 @@ pub struct Stats {
     pub bad_source: u64,
     /// Replies the kernel refused to send (for example `EMSGSIZE`).
     pub send_errors: u64,
+    /// Requests already received but not yet handled when the server was
+    /// shut down: dropped unanswered (a batch is not finished once shutdown
+    /// has begun).
+    pub shutdown_dropped: u64,
     /// Failed receive calls. These are not datagrams: on an unconnected
     /// socket they mostly report ICMP errors for earlier replies, and the
     /// server keeps going.
@@ -67,8 +73,8 @@ pub struct Stats {
 impl Stats {
     /// The sum of the outcome counters: every received datagram ends in
     /// exactly one of `replied`, `no_reply`, `truncated`, `handler_panics`,
-    /// `rate_limited`, `amplification_capped`, `bad_source` and
-    /// `send_errors`.
+    /// `rate_limited`, `amplification_capped`, `bad_source`, `send_errors`
+    /// and `shutdown_dropped`.
     #[must_use]
     pub fn accounted(&self) -> u64 {
         self.replied
@@ -79,6 +85,7 @@ impl Stats {
             + self.amplification_capped
             + self.bad_source
             + self.send_errors
+            + self.shutdown_dropped
     }
 
     fn add(&self, other: &Stats) -> Stats {
@@ -100,6 +107,7 @@ impl Stats {
             self.amplification_capped,
             self.bad_source,
             self.send_errors,
+            self.shutdown_dropped,
             self.recv_errors,
             self.kernel_drops,
             self.rate_limit_evictions,
@@ -117,6 +125,7 @@ impl Stats {
             amplification_capped,
             bad_source,
             send_errors,
+            shutdown_dropped,
             recv_errors,
             kernel_drops,
             rate_limit_evictions,
@@ -131,6 +140,7 @@ impl Stats {
             amplification_capped,
             bad_source,
             send_errors,
+            shutdown_dropped,
             recv_errors,
             kernel_drops,
             rate_limit_evictions,
@@ -138,7 +148,11 @@ impl Stats {
     }
 }
 
-const FIELDS: usize = 12;
+const FIELDS: usize = 13;
+/// Where `received` is in [`Stats::to_array`]: published first, read last.
+const RECEIVED: usize = 0;
+/// Where `kernel_drops` is in [`Stats::to_array`].
+const KERNEL_DROPS: usize = 11;
 
 /// One worker's published counters, on a cache line of their own so that
 /// workers never write to the same line.
@@ -161,30 +175,83 @@ impl SharedStats {
 
     /// The sum over all workers. `live_drops(i)` gives worker `i`'s socket's
     /// kernel drop count while that socket is open; once it is closed, the
-    /// count the worker published as it stopped is used.
+    /// highest count seen is used.
+    ///
+    /// No snapshot shows more outcomes than datagrams received: `publish`
+    /// stores `received` before the outcomes (release), and this reads the
+    /// outcomes (acquire) before `received`, so the `received` read is at
+    /// least as new as every outcome read, and every outcome counter only
+    /// grows.
     pub(crate) fn snapshot(&self, live_drops: impl Fn(usize) -> Option<u64>) -> Stats {
         let mut sum = Stats::default();
         for (i, slot) in self.slots.iter().enumerate() {
             let mut values = [0u64; FIELDS];
-            for (value, counter) in values.iter_mut().zip(&slot.0) {
-                *value = counter.load(Ordering::Relaxed);
+            for (field, (value, counter)) in values.iter_mut().zip(&slot.0).enumerate() {
+                if field != RECEIVED {
+                    *value = counter.load(Ordering::Acquire);
+                }
             }
-            let mut worker = Stats::from_array(values);
+            values[RECEIVED] = slot.0[RECEIVED].load(Ordering::Acquire);
             if let Some(drops) = live_drops(i) {
-                worker.kernel_drops = drops;
+                // Kept as a high-water mark, so that the count published as
+                // the socket closed never reads lower than a live one did.
+                let seen = slot.0[KERNEL_DROPS].fetch_max(drops, Ordering::Relaxed);
+                values[KERNEL_DROPS] = seen.max(drops);
             }
-            sum = sum.add(&worker);
+            sum = sum.add(&Stats::from_array(values));
         }
         sum
     }
 
     /// Publishes worker `index`'s running totals. Only that worker writes its
-    /// slot, so plain stores suffice (no read-modify-write).
+    /// slot's counters (a reader may raise `kernel_drops`, hence its
+    /// `fetch_max`).
     pub(crate) fn publish(&self, index: usize, totals: &Stats) {
-        if let Some(slot) = self.slots.get(index) {
-            for (counter, value) in slot.0.iter().zip(totals.to_array()) {
-                counter.store(value, Ordering::Relaxed);
+        let Some(slot) = self.slots.get(index) else {
+            return;
+        };
+        let values = totals.to_array();
+        slot.0[RECEIVED].store(values[RECEIVED], Ordering::Relaxed);
+        for (field, (counter, value)) in slot.0.iter().zip(values).enumerate() {
+            match field {
+                RECEIVED => {}
+                KERNEL_DROPS if value > 0 => {
+                    counter.fetch_max(value, Ordering::Release);
+                }
+                KERNEL_DROPS => {}
+                _ => counter.store(value, Ordering::Release),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn field_positions_match_the_array() {
+        let stats = Stats {
+            received: 3,
+            kernel_drops: 7,
+            ..Stats::default()
+        };
+        let values = stats.to_array();
+        assert_eq!(values[RECEIVED], 3);
+        assert_eq!(values[KERNEL_DROPS], 7);
+        assert_eq!(Stats::from_array(values), stats);
+    }
+
+    #[test]
+    fn kernel_drops_never_go_back_once_the_socket_closes() {
+        let shared = SharedStats::new(1);
+        assert_eq!(shared.snapshot(|_| Some(5)).kernel_drops, 5);
+        // The worker published a lower count as it stopped; the socket is gone.
+        let stopped = Stats {
+            kernel_drops: 4,
+            ..Stats::default()
+        };
+        shared.publish(0, &stopped);
+        assert_eq!(shared.snapshot(|_| None).kernel_drops, 5);
     }
 }

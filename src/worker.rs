@@ -1,19 +1,19 @@
-//! One server worker: what happens to each datagram, and the portable
-//! receive/handle/reply loop.
+//! One server worker: what happens to each datagram, and the receive,
+//! handle, reply loops (batched and portable).
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use socket2::Socket;
 
-use crate::handle::Control;
+use crate::config::Config;
+use crate::handle::Shared;
 use crate::handler::{Action, Request};
-use crate::ratelimit::Limiter;
-use crate::stats::{SharedStats, Stats};
+use crate::stats::Stats;
 use crate::sys::{self, Received};
 
 /// The bound every handler meets; see [`GreetServer::serve`](crate::GreetServer::serve).
@@ -23,23 +23,21 @@ pub(crate) trait HandlerFn:
 }
 impl<F: Fn(Request<'_>, &mut Vec<u8>) -> Action + Send + Sync + 'static> HandlerFn for F {}
 
+/// How long a ready reply may wait for the rest of its batch. Handlers that
+/// answer in microseconds fill a batch well within it, so their replies go
+/// out together in one `sendmmsg`; behind a slow handler, the replies ready
+/// so far leave as soon as that handler returns, and a slow handler's own
+/// reply leaves at once. A reply therefore waits at most about one handler
+/// call, whatever the batch size.
+const FLUSH_AFTER: Duration = Duration::from_micros(50);
+
 /// Everything one worker thread needs.
 pub(crate) struct Worker<H> {
     pub(crate) index: usize,
     pub(crate) socket: Arc<Socket>,
     pub(crate) handler: Arc<H>,
-    pub(crate) stats: Arc<SharedStats>,
-    pub(crate) control: Arc<Control>,
-    pub(crate) max_datagram: usize,
-    /// Datagrams per batch on the batched path; `None` for the portable loop.
-    pub(crate) batch: Option<usize>,
-    /// Coalesce replies to one peer with segmentation offload (batched path).
-    pub(crate) gso: bool,
-    pub(crate) policy: Policy,
-    /// The socket reports arrival addresses, and replies go out from them.
-    pub(crate) pktinfo: bool,
-    /// The address the socket is bound to, unless it is a wildcard.
-    pub(crate) bound_ip: Option<IpAddr>,
+    pub(crate) config: Arc<Config>,
+    pub(crate) shared: Arc<Shared>,
     /// This worker's socket is its own (or it is the first of those sharing
     /// one): it reports the socket's kernel drops as it stops.
     pub(crate) reports_drops: bool,
@@ -50,66 +48,109 @@ impl<H: HandlerFn> Worker<H> {
     /// batched where the platform allows and the builder did not ask for the
     /// portable loop.
     pub(crate) fn run(self) {
-        let mut p = Processor::new(self.handler.clone(), self.policy.clone(), self.bound_ip);
-        match self.batch.and_then(|size| {
-            sys::Batch::new(
-                &self.socket,
-                size,
-                self.max_datagram,
-                self.gso,
-                self.pktinfo,
-            )
-        }) {
-            Some(batch) => run_batched(&self, &mut p, batch),
-            None => run_portable(&self, &mut p),
+        let mut processor = Processor::new(&*self.handler, &self.config);
+        match sys::Batch::new(&self.socket, &self.config) {
+            Some(batch) => self.run_batched(&mut processor, batch),
+            None => self.run_portable(&mut processor),
         }
         if self.reports_drops {
-            p.totals.kernel_drops = sys::kernel_drops(&self.socket).unwrap_or(0);
+            processor.totals.kernel_drops = sys::kernel_drops(&self.socket).unwrap_or(0);
         }
-        self.stats.publish(self.index, &p.totals);
+        self.publish(&processor);
+    }
+
+    fn publish(&self, processor: &Processor<'_, H>) {
+        self.shared.stats.publish(self.index, &processor.totals);
+    }
+
+    /// The batched loop: one `recvmmsg` for up to a batch of datagrams, the
+    /// handler on each, and their replies sent together with one `sendmmsg`
+    /// unless a slow handler makes them wait (see [`FLUSH_AFTER`]).
+    fn run_batched(&self, processor: &mut Processor<'_, H>, mut batch: sys::Batch) {
+        while !self.shared.is_stopped() {
+            let count = match batch.recv(&self.socket) {
+                Ok(count) => count,
+                Err(err) => {
+                    processor.recv_failed(&err, &self.shared);
+                    self.publish(processor);
+                    continue;
+                }
+            };
+            let mut clock = Instant::now();
+            // When the oldest reply not yet sent began to be worked on.
+            let mut unsent_since = clock;
+            for i in 0..count {
+                if self.shared.is_stopped() {
+                    processor.dropped_at_shutdown(count - i);
+                    break;
+                }
+                let Some((datagram, reply)) = batch.datagram(i) else {
+                    break;
+                };
+                if processor.process(&datagram, reply, clock) {
+                    batch.queue_reply(i);
+                }
+                clock = Instant::now();
+                if batch.queued() == 0 {
+                    unsent_since = clock;
+                } else if clock.saturating_duration_since(unsent_since) >= FLUSH_AFTER {
+                    processor.sent(batch.send(&self.socket));
+                    unsent_since = clock;
+                    self.publish(processor);
+                }
+            }
+            processor.sent(batch.send(&self.socket));
+            self.publish(processor);
+        }
+    }
+
+    /// The portable loop: one receive and one send per datagram. Used on
+    /// every platform, and on Linux when the builder asks; on a
+    /// wildcard-bound Linux socket it replies from each datagram's arrival
+    /// address.
+    fn run_portable(&self, processor: &mut Processor<'_, H>) {
+        let mut buf = vec![0u8; self.config.max_datagram];
+        let mut reply = Vec::with_capacity(sys::REPLY_RESERVE);
+        let mut io = sys::Portable::new(self.config.pktinfo);
+        while !self.shared.is_stopped() {
+            match io.recv(&self.socket, &mut buf) {
+                Ok(Some(_)) if self.shared.is_stopped() => processor.dropped_at_shutdown(1),
+                Ok(Some(datagram)) => {
+                    if processor.process(&datagram, &mut reply, Instant::now()) {
+                        let ok = io.send(&self.socket, &reply).is_ok();
+                        processor.sent((u64::from(ok), u64::from(!ok)));
+                    }
+                    sys::trim_reply(&mut reply);
+                }
+                // A wake-up without a datagram.
+                Ok(None) => {}
+                Err(err) => processor.recv_failed(&err, &self.shared),
+            }
+            self.publish(processor);
+        }
     }
 }
 
 /// Decides the fate of each datagram and keeps the worker's running totals.
-pub(crate) struct Processor<H> {
-    handler: Arc<H>,
-    policy: Policy,
+pub(crate) struct Processor<'a, H> {
+    handler: &'a H,
+    config: &'a Config,
     pub(crate) totals: Stats,
+    /// The pause after a receive error, doubled each time one follows.
     backoff: Duration,
-    /// The rate limiter's clock, sampled once per batch.
-    now: u64,
-    /// The address the socket is bound to, unless it is a wildcard: the
-    /// local address of every request where the datagram does not say.
-    bound_ip: Option<IpAddr>,
 }
 
-/// What the server refuses to do, from the builder: shared by all workers.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Policy {
-    pub(crate) limiter: Option<Arc<Limiter>>,
-    pub(crate) max_amplification: Option<usize>,
-}
-
-impl<H: HandlerFn> Processor<H> {
-    pub(crate) fn new(handler: Arc<H>, policy: Policy, bound_ip: Option<IpAddr>) -> Self {
+impl<'a, H: HandlerFn> Processor<'a, H> {
+    pub(crate) fn new(handler: &'a H, config: &'a Config) -> Self {
         Processor {
             handler,
-            policy,
+            config,
             totals: Stats::default(),
             backoff: Duration::ZERO,
-            now: 0,
-            bound_ip,
         }
     }
 
-    /// Starts a batch: samples the clock once for the rate limit.
-    pub(crate) fn begin_batch(&mut self) {
-        if let Some(limiter) = &self.policy.limiter {
-            self.now = limiter.now();
-        }
-    }
-
-    /// Counts one received datagram from `peer` and decides its fate:
+    /// Counts one received datagram and decides its fate at time `now`:
     /// dropped (truncated, a source that cannot be answered, over the rate
     /// limit), or handed to the handler, whose reply may still be held back
     /// by the amplification limit.
@@ -120,11 +161,12 @@ impl<H: HandlerFn> Processor<H> {
     pub(crate) fn process(
         &mut self,
         datagram: &Received<'_>,
-        peer: SocketAddr,
         reply: &mut Vec<u8>,
+        now: Instant,
     ) -> bool {
         self.totals.received += 1;
         self.backoff = Duration::ZERO;
+        let peer = datagram.peer;
         if datagram.truncated {
             self.totals.truncated += 1;
             return false;
@@ -133,8 +175,8 @@ impl<H: HandlerFn> Processor<H> {
             self.totals.bad_source += 1;
             return false;
         }
-        if let Some(limiter) = &self.policy.limiter {
-            let verdict = limiter.check(peer.ip(), self.now);
+        if let Some(limiter) = &self.config.limiter {
+            let verdict = limiter.check(peer.ip(), limiter.clock(now));
             self.totals.rate_limit_evictions += u64::from(verdict.evicted);
             if !verdict.allowed {
                 self.totals.rate_limited += 1;
@@ -142,8 +184,9 @@ impl<H: HandlerFn> Processor<H> {
             }
         }
         reply.clear();
-        let handler = &*self.handler;
-        let request = Request::new(datagram.data, peer, datagram.local.or(self.bound_ip));
+        let local = datagram.local.or(self.config.bound_ip);
+        let request = Request::new(datagram.data, peer, same_family(local, peer));
+        let handler = self.handler;
         // A panic is caught per datagram so that one bad request cannot stop
         // the server. The reply buffer is cleared after it; whatever state
         // the handler shares between calls is the handler's to keep sound,
@@ -151,7 +194,7 @@ impl<H: HandlerFn> Processor<H> {
         let outcome = panic::catch_unwind(AssertUnwindSafe(|| handler(request, reply)));
         match outcome {
             Ok(Action::Reply) => {
-                let limit = self.policy.max_amplification;
+                let limit = self.config.max_amplification;
                 if limit
                     .is_some_and(|factor| reply.len() > factor.saturating_mul(datagram.data.len()))
                 {
@@ -177,8 +220,17 @@ impl<H: HandlerFn> Processor<H> {
         }
     }
 
-    /// Counts the outcome of sending replies.
-    pub(crate) fn sent(&mut self, replied: u64, failed: u64) {
+    /// Counts `count` datagrams received but left unhandled because the
+    /// server is shutting down.
+    pub(crate) fn dropped_at_shutdown(&mut self, count: usize) {
+        let count = count as u64;
+        self.totals.received += count;
+        self.totals.shutdown_dropped += count;
+    }
+
+    /// Counts the outcome of sending replies: how many were sent, how many
+    /// failed.
+    pub(crate) fn sent(&mut self, (replied, failed): (u64, u64)) {
         self.totals.replied += replied;
         self.totals.send_errors += failed;
     }
@@ -187,12 +239,12 @@ impl<H: HandlerFn> Processor<H> {
     /// report ICMP messages for earlier replies are counted and ignored, and
     /// anything else is counted and followed by a short, growing pause so a
     /// persistent failure cannot spin the CPU.
-    pub(crate) fn recv_failed(&mut self, err: &io::Error, control: &Control) {
+    pub(crate) fn recv_failed(&mut self, err: &io::Error, shared: &Shared) {
         if err.kind() == io::ErrorKind::Interrupted || crate::error::is_timeout(err) {
             return;
         }
         self.totals.recv_errors += 1;
-        if is_icmp_report(err) || control.is_stopped() {
+        if is_icmp_report(err) || shared.is_stopped() {
             return;
         }
         self.backoff = (self.backoff * 2).clamp(MIN_BACKOFF, MAX_BACKOFF);
@@ -202,6 +254,16 @@ impl<H: HandlerFn> Processor<H> {
 
 const MIN_BACKOFF: Duration = Duration::from_millis(1);
 const MAX_BACKOFF: Duration = Duration::from_millis(32);
+
+/// The local address in the peer's family: on a dual-stack socket an IPv4
+/// peer is seen as an IPv4-mapped IPv6 address, and so is the address it
+/// sent to.
+fn same_family(local: Option<IpAddr>, peer: SocketAddr) -> Option<IpAddr> {
+    match (local, peer) {
+        (Some(IpAddr::V4(ip)), SocketAddr::V6(_)) => Some(IpAddr::V6(ip.to_ipv6_mapped())),
+        (local, _) => local,
+    }
+}
 
 /// Whether a reply may go to `peer`: never to port 0 (no one listens there;
 /// a request "from" it is forged), nor to an unspecified, multicast or
@@ -226,95 +288,4 @@ fn is_icmp_report(err: &io::Error) -> bool {
             | io::ErrorKind::HostUnreachable
             | io::ErrorKind::NetworkUnreachable
     )
-}
-
-/// Retries `f` while it fails with `EINTR`; reports whether it succeeded.
-fn send_ok(mut f: impl FnMut() -> io::Result<usize>) -> bool {
-    loop {
-        match f() {
-            Ok(_) => return true,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(_) => return false,
-        }
-    }
-}
-
-/// The portable loop: one `recvmsg` and one `sendto` per datagram, through
-/// socket2. Used on every platform, and on Linux when the builder asks. On
-/// a wildcard-bound Linux socket it reads each datagram's arrival address
-/// and replies from it (`sys::Single`).
-fn run_portable<H: HandlerFn>(w: &Worker<H>, p: &mut Processor<H>) {
-    let mut buf = vec![0u8; w.max_datagram];
-    let mut reply = Vec::with_capacity(sys::REPLY_RESERVE);
-    let mut single = if w.pktinfo { sys::Single::new() } else { None };
-    while !w.control.is_stopped() {
-        match &mut single {
-            Some(single) => match single.recv(&w.socket, &mut buf) {
-                // A shutdown wake-up carries no sender: not a datagram.
-                Ok(Received { peer: None, .. }) => {}
-                Ok(
-                    datagram @ Received {
-                        peer: Some(peer), ..
-                    },
-                ) => {
-                    p.begin_batch();
-                    if p.process(&datagram, peer, &mut reply) {
-                        let ok = send_ok(|| single.send(&w.socket, &reply));
-                        p.sent(u64::from(ok), u64::from(!ok));
-                    }
-                }
-                Err(err) => p.recv_failed(&err, &w.control),
-            },
-            None => match w
-                .socket
-                .recv_from_vectored(&mut [sys::recv_slice(&mut buf)])
-            {
-                Ok((len, flags, addr)) => {
-                    // A shutdown wake-up carries no sender: not a datagram.
-                    if let Some(peer) = addr.as_socket() {
-                        let datagram = Received {
-                            data: buf.get(..len).unwrap_or(&buf),
-                            truncated: flags.is_truncated(),
-                            peer: Some(peer),
-                            local: None,
-                        };
-                        p.begin_batch();
-                        if p.process(&datagram, peer, &mut reply) {
-                            let ok = send_ok(|| w.socket.send_to(&reply, &addr));
-                            p.sent(u64::from(ok), u64::from(!ok));
-                        }
-                    }
-                }
-                Err(err) => p.recv_failed(&err, &w.control),
-            },
-        }
-        w.stats.publish(w.index, &p.totals);
-    }
-}
-
-/// The batched loop: one `recvmmsg` for up to a batch of datagrams, the
-/// handler on each, one `sendmmsg` for all the replies, and the counters
-/// published once per batch.
-fn run_batched<H: HandlerFn>(w: &Worker<H>, p: &mut Processor<H>, mut batch: sys::Batch) {
-    while !w.control.is_stopped() {
-        match batch.recv(&w.socket) {
-            Ok(count) => {
-                p.begin_batch();
-                for i in 0..count {
-                    let (datagram, reply) = batch.slot(i);
-                    // A shutdown wake-up carries no sender: not a datagram.
-                    let Some(peer) = datagram.peer else {
-                        continue;
-                    };
-                    if p.process(&datagram, peer, reply) {
-                        batch.queue_reply(i);
-                    }
-                }
-                let (replied, failed) = batch.send(&w.socket);
-                p.sent(replied, failed);
-            }
-            Err(err) => p.recv_failed(&err, &w.control),
-        }
-        w.stats.publish(w.index, &p.totals);
-    }
 }

@@ -180,7 +180,7 @@ fn settings_are_checked_and_reported() {
     assert!(matches!(
         err,
         Error::InvalidConfig {
-            setting: "timeout",
+            setting: "ClientBuilder::timeout",
             ..
         }
     ));

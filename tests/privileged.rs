@@ -88,8 +88,16 @@ fn check_replies(builder: ServerBuilder, wildcard: &str, addrs: [&str; 2]) -> Re
             .recv(&mut buf)
             .map_err(|e| format!("no reply from {to} to a client at {from}: {e}"))?;
         let said = String::from_utf8_lossy(&buf[..n]).into_owned();
-        if said != to.to_string() {
-            return Err(format!("the handler saw {said}, the request went to {to}"));
+        // A dual-stack socket sees an IPv4 peer as IPv4-mapped IPv6, and the
+        // address it sent to in the same family.
+        let expected = match to {
+            IpAddr::V4(v4) if server.local_addr().is_ipv6() => IpAddr::V6(v4.to_ipv6_mapped()),
+            to => to,
+        };
+        if said != expected.to_string() {
+            return Err(format!(
+                "the handler saw {said}, the request went to {to} (expected {expected})"
+            ));
         }
     }
     let stats = server.shutdown().map_err(|e| e.report())?;

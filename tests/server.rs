@@ -330,7 +330,7 @@ fn invalid_settings_are_rejected_at_bind() {
         assert!(matches!(
             err,
             Error::InvalidConfig {
-                setting: "max_datagram_size",
+                setting: "ServerBuilder::max_datagram_size",
                 ..
             }
         ));
@@ -537,10 +537,19 @@ fn several_workers_share_the_load_and_stop_together(b: ServerBuilder) {
 #[test]
 fn batching_settings_are_checked() {
     for (setting, builder) in [
-        ("workers", GreetServer::builder().workers(0)),
-        ("workers", GreetServer::builder().workers(1025)),
-        ("batch_size", GreetServer::builder().batch_size(0)),
-        ("batch_size", GreetServer::builder().batch_size(1025)),
+        ("ServerBuilder::workers", GreetServer::builder().workers(0)),
+        (
+            "ServerBuilder::workers",
+            GreetServer::builder().workers(1025),
+        ),
+        (
+            "ServerBuilder::batch_size",
+            GreetServer::builder().batch_size(0),
+        ),
+        (
+            "ServerBuilder::batch_size",
+            GreetServer::builder().batch_size(1025),
+        ),
     ] {
         let err = builder.bind(V4).expect_err("out of range");
         assert!(

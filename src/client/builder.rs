@@ -5,6 +5,8 @@ use std::net::ToSocketAddrs;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use std::sync::atomic::AtomicU64;
+
 use super::{GreetClient, State};
 use crate::error::Error;
 use crate::socket::{self, SocketOptions};
@@ -12,9 +14,9 @@ use crate::socket::{self, SocketOptions};
 /// A reply check: `(request, reply) -> bool`.
 pub(super) type ReplyCheck = Arc<dyn Fn(&[u8], &[u8]) -> bool + Send + Sync>;
 
-/// How a client waits and resends; fixed when it connects.
+/// How a client waits, resends and checks replies; fixed when it connects.
 #[derive(Clone)]
-pub(super) struct Policy {
+pub(super) struct Settings {
     pub(super) timeout: Duration,
     pub(super) retries: u32,
     pub(super) deadline: Option<Duration>,
@@ -23,9 +25,9 @@ pub(super) struct Policy {
     pub(super) refused_as_loss: bool,
 }
 
-impl fmt::Debug for Policy {
+impl fmt::Debug for Settings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Policy")
+        f.debug_struct("Settings")
             .field("timeout", &self.timeout)
             .field("retries", &self.retries)
             .field("deadline", &self.deadline)
@@ -65,14 +67,14 @@ impl fmt::Debug for Policy {
 #[must_use = "a builder does nothing until `connect` is called"]
 pub struct ClientBuilder {
     socket: SocketOptions,
-    policy: Policy,
+    settings: Settings,
 }
 
 impl Default for ClientBuilder {
     fn default() -> Self {
         ClientBuilder {
             socket: SocketOptions::default(),
-            policy: Policy {
+            settings: Settings {
                 timeout: Duration::from_secs(1),
                 retries: 2,
                 deadline: Some(Duration::from_secs(10)),
@@ -91,11 +93,12 @@ impl ClientBuilder {
     }
 
     /// How long the first attempt waits for a reply; each retry waits about
-    /// twice as long as the one before. Must not be zero.
+    /// twice as long as the one before. Must not be zero; a wait under 1 µs
+    /// (the finest a socket timeout can be set) waits 1 µs.
     ///
     /// Defaults to 1 second.
     pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.policy.timeout = timeout;
+        self.settings.timeout = timeout;
         self
     }
 
@@ -105,16 +108,27 @@ impl ClientBuilder {
     /// Defaults to 2 (3 attempts; with the default timeout, waits of about
     /// 1, 2 and 4 seconds).
     pub fn retries(mut self, retries: u32) -> Self {
-        self.policy.retries = retries;
+        self.settings.retries = retries;
         self
     }
 
     /// The longest one call may take, all attempts together; the last wait
-    /// is cut short to end there. Must not be zero.
+    /// is cut short to end there. Must not be zero. `None` turns the
+    /// deadline off: a call then ends after its attempts' waits alone (with
+    /// the default timeout and retries, about 7 seconds; with many retries,
+    /// the doubling waits can add up to a very long time).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// let builder = udp_greet::GreetClient::builder().deadline(Duration::from_secs(3));
+    /// let no_deadline = udp_greet::GreetClient::builder().deadline(None);
+    /// # let _ = (builder, no_deadline);
+    /// ```
     ///
     /// Defaults to 10 seconds.
-    pub fn deadline(mut self, deadline: Duration) -> Self {
-        self.policy.deadline = Some(deadline);
+    pub fn deadline(mut self, deadline: impl Into<Option<Duration>>) -> Self {
+        self.settings.deadline = deadline.into();
         self
     }
 
@@ -125,7 +139,7 @@ impl ClientBuilder {
     ///
     /// Defaults to 0.2.
     pub fn jitter(mut self, fraction: f64) -> Self {
-        self.policy.jitter = fraction;
+        self.settings.jitter = fraction;
         self
     }
 
@@ -145,7 +159,7 @@ impl ClientBuilder {
     where
         F: Fn(&[u8], &[u8]) -> bool + Send + Sync + 'static,
     {
-        self.policy.check = Some(Arc::new(check));
+        self.settings.check = Some(Arc::new(check));
         self
     }
 
@@ -160,7 +174,7 @@ impl ClientBuilder {
     ///
     /// Defaults to `false`.
     pub fn refused_as_loss(mut self, on: bool) -> Self {
-        self.policy.refused_as_loss = on;
+        self.settings.refused_as_loss = on;
         self
     }
 
@@ -201,22 +215,23 @@ impl ClientBuilder {
                 local_addr: made.local_addr,
                 recv_buffer: made.recv_buffer,
                 send_buffer: made.send_buffer,
-                policy: self.policy.clone(),
+                settings: self.settings.clone(),
                 state: Mutex::new(State::new(seed)),
+                discarded: AtomicU64::new(0),
             })
         })
     }
 
     fn validate(&self) -> Result<(), Error> {
         let invalid = |setting, reason| Err(Error::InvalidConfig { setting, reason });
-        if self.policy.timeout.is_zero() {
-            return invalid("timeout", "must be greater than zero");
+        if self.settings.timeout.is_zero() {
+            return invalid("ClientBuilder::timeout", "must be greater than zero");
         }
-        if self.policy.deadline.is_some_and(|d| d.is_zero()) {
-            return invalid("deadline", "must be greater than zero");
+        if self.settings.deadline.is_some_and(|d| d.is_zero()) {
+            return invalid("ClientBuilder::deadline", "must be greater than zero");
         }
-        if !(0.0..=1.0).contains(&self.policy.jitter) {
-            return invalid("jitter", "must be between 0 and 1");
+        if !(0.0..=1.0).contains(&self.settings.jitter) {
+            return invalid("ClientBuilder::jitter", "must be between 0 and 1");
         }
         Ok(())
     }

@@ -8,6 +8,7 @@ pub use builder::ClientBuilder;
 use std::fmt;
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -19,6 +20,11 @@ use crate::sys;
 
 /// Room for any UDP payload, IPv4 or IPv6.
 const MAX_REPLY: usize = 65_536;
+
+/// The shortest wait the client asks the kernel for. A socket read timeout
+/// is set in whole microseconds, and one that rounds to zero means "wait
+/// forever"; every wait the client sets is at least this long.
+const MIN_WAIT: Duration = Duration::from_micros(1);
 
 /// A UDP client connected to one server.
 ///
@@ -61,8 +67,11 @@ pub struct GreetClient {
     local_addr: SocketAddr,
     recv_buffer: BufferSize,
     send_buffer: BufferSize,
-    policy: builder::Policy,
+    settings: builder::Settings,
     state: Mutex<State>,
+    /// Datagrams discarded so far: stale, or failing the reply check. Kept
+    /// outside the lock so that reading it never waits for a call.
+    discarded: AtomicU64,
 }
 
 /// What one call leaves for the next.
@@ -72,8 +81,6 @@ struct State {
     read_timeout: Option<Duration>,
     /// The reply buffer of [`GreetClient::send_recv`], kept between calls.
     reply: Vec<u8>,
-    /// Datagrams discarded so far: stale, or failing the reply check.
-    discarded: u64,
     /// The jitter's random state (xorshift64*; never zero).
     rng: u64,
 }
@@ -83,7 +90,6 @@ impl State {
         State {
             read_timeout: None,
             reply: Vec::new(),
-            discarded: 0,
             rng: seed | 1,
         }
     }
@@ -108,7 +114,7 @@ impl fmt::Debug for GreetClient {
         f.debug_struct("GreetClient")
             .field("local_addr", &self.local_addr)
             .field("peer", &self.peer)
-            .field("policy", &self.policy)
+            .field("settings", &self.settings)
             .finish_non_exhaustive()
     }
 }
@@ -157,7 +163,11 @@ impl GreetClient {
     /// before a request, and ones that failed the reply check.
     #[must_use]
     pub fn discarded(&self) -> u64 {
-        self.lock().discarded
+        self.discarded.load(Ordering::Relaxed)
+    }
+
+    fn count_discarded(&self) {
+        self.discarded.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Sends `request` and returns the reply.
@@ -184,7 +194,10 @@ impl GreetClient {
     ///
     /// As [`send_recv`](GreetClient::send_recv), and
     /// [`Error::ReplyTooLarge`] when the reply does not fit in `buf` (the
-    /// reply is discarded).
+    /// reply is discarded). With a reply check, a datagram too large for
+    /// `buf` cannot be checked: it is discarded and the wait goes on, and
+    /// the call ends in [`Error::ReplyTooLarge`] rather than
+    /// [`Error::Timeout`] if no valid reply came.
     pub fn send_recv_into(&self, request: &[u8], buf: &mut [u8]) -> Result<usize, Error> {
         let mut state = self.lock();
         self.exchange(&mut state, request, buf)
@@ -197,16 +210,17 @@ impl GreetClient {
 
     fn exchange(&self, state: &mut State, request: &[u8], buf: &mut [u8]) -> Result<usize, Error> {
         let started = Instant::now();
-        let deadline = self.policy.deadline.and_then(|d| started.checked_add(d));
-        self.discard_queued(state, buf)?;
-        let max_attempts = self.policy.retries.saturating_add(1);
-        let mut nominal = self.policy.timeout;
+        let deadline = self.settings.deadline.and_then(|d| started.checked_add(d));
+        self.discard_queued(buf)?;
+        let max_attempts = self.settings.retries.saturating_add(1);
+        let mut nominal = self.settings.timeout;
         let mut attempts = 0;
+        let mut too_large = false;
         while attempts < max_attempts {
             let mut wait = if attempts == 0 {
                 nominal
             } else {
-                state.jittered(nominal, self.policy.jitter)
+                state.jittered(nominal, self.settings.jitter)
             };
             let now = Instant::now();
             if let Some(deadline) = deadline {
@@ -218,10 +232,18 @@ impl GreetClient {
             }
             self.send(request)?;
             attempts += 1;
-            if let Some(len) = self.await_reply(state, request, buf, now, wait)? {
-                return Ok(len);
+            match self.await_reply(state, request, buf, now, wait)? {
+                Awaited::Reply(len) => return Ok(len),
+                Awaited::TooLarge => too_large = true,
+                Awaited::Nothing => {}
             }
             nominal = nominal.saturating_mul(2);
+        }
+        if too_large {
+            return Err(Error::ReplyTooLarge {
+                addr: self.peer,
+                capacity: buf.len(),
+            });
         }
         Err(Error::Timeout {
             addr: self.peer,
@@ -231,19 +253,21 @@ impl GreetClient {
     }
 
     /// Discards datagrams already queued: late replies to earlier requests.
-    fn discard_queued(&self, state: &mut State, buf: &mut [u8]) -> Result<(), Error> {
+    fn discard_queued(&self, buf: &mut [u8]) -> Result<(), Error> {
         loop {
-            match sys::recv_nonblocking(&self.socket, buf) {
-                Ok(_) => state.discarded += 1,
+            match sys::retry_interrupted(|| sys::recv_nonblocking(&self.socket, buf)) {
+                Ok(_) => self.count_discarded(),
                 Err(e) if error::is_timeout(&e) => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if self.is_ignored_refusal(&e) => continue,
                 Err(e) => return Err(self.io_error("receive from", e)),
             }
         }
     }
 
+    /// Sets the socket's read timeout to `wait`, or to [`MIN_WAIT`] if it is
+    /// shorter: never to zero, which would mean no timeout at all.
     fn set_read_timeout(&self, state: &mut State, wait: Duration) -> Result<(), Error> {
+        let wait = wait.max(MIN_WAIT);
         if state.read_timeout != Some(wait) {
             self.socket
                 .set_read_timeout(Some(wait))
@@ -254,20 +278,16 @@ impl GreetClient {
     }
 
     fn send(&self, request: &[u8]) -> Result<(), Error> {
-        loop {
-            match self.socket.send(request) {
-                Ok(_) => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                // An earlier ICMP error, reported on this send: the request
-                // was not sent, which counts as one more loss.
-                Err(e) if self.is_ignored_refusal(&e) => return Ok(()),
-                Err(e) => return Err(self.io_error("send to", e)),
-            }
+        match sys::retry_interrupted(|| self.socket.send(request)) {
+            Ok(_) => Ok(()),
+            // An earlier ICMP error, reported on this send: the request was
+            // not sent, which counts as one more loss.
+            Err(e) if self.is_ignored_refusal(&e) => Ok(()),
+            Err(e) => Err(self.io_error("send to", e)),
         }
     }
 
-    /// Waits from `sent` for up to `wait` for a reply that passes the check;
-    /// `None` when the time ran out.
+    /// Waits from `sent` for up to `wait` for a reply that passes the check.
     fn await_reply(
         &self,
         state: &mut State,
@@ -275,33 +295,40 @@ impl GreetClient {
         buf: &mut [u8],
         sent: Instant,
         wait: Duration,
-    ) -> Result<Option<usize>, Error> {
+    ) -> Result<Awaited, Error> {
         let end = sent.checked_add(wait);
+        let mut outcome = Awaited::Nothing;
         // The first wait is exactly `wait`, which usually matches the read
         // timeout already set, so no system call is needed to set it.
         let mut left = wait;
         loop {
             self.set_read_timeout(state, left)?;
             match self.socket.recv_vectored(&mut [sys::recv_slice(buf)]) {
+                // Too large for `buf`: without a check it is the reply, and
+                // does not fit; with one it cannot be checked.
                 Ok((_, flags)) if flags.is_truncated() => {
-                    return Err(Error::ReplyTooLarge {
-                        addr: self.peer,
-                        capacity: buf.len(),
-                    });
+                    if self.settings.check.is_none() {
+                        return Err(Error::ReplyTooLarge {
+                            addr: self.peer,
+                            capacity: buf.len(),
+                        });
+                    }
+                    self.count_discarded();
+                    outcome = Awaited::TooLarge;
                 }
                 Ok((len, _)) => {
                     let reply = buf.get(..len).unwrap_or_default();
                     if self
-                        .policy
+                        .settings
                         .check
                         .as_ref()
                         .is_none_or(|check| check(request, reply))
                     {
-                        return Ok(Some(len));
+                        return Ok(Awaited::Reply(len));
                     }
-                    state.discarded += 1;
+                    self.count_discarded();
                 }
-                Err(e) if error::is_timeout(&e) => return Ok(None),
+                Err(e) if error::is_timeout(&e) => return Ok(outcome),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if self.is_ignored_refusal(&e) => {}
                 Err(e) => return Err(self.io_error("receive from", e)),
@@ -311,14 +338,14 @@ impl GreetClient {
                 None => wait,
             };
             if left.is_zero() {
-                return Ok(None);
+                return Ok(outcome);
             }
         }
     }
 
     /// A refusal the client was told to treat as a lost reply.
     fn is_ignored_refusal(&self, err: &io::Error) -> bool {
-        self.policy.refused_as_loss && err.kind() == io::ErrorKind::ConnectionRefused
+        self.settings.refused_as_loss && err.kind() == io::ErrorKind::ConnectionRefused
     }
 
     /// Names the failed operation; a refused port is its own error.
@@ -336,6 +363,16 @@ impl GreetClient {
             }
         }
     }
+}
+
+/// How one attempt's wait ended.
+enum Awaited {
+    /// A reply of this length is in the caller's buffer.
+    Reply(usize),
+    /// Time ran out; a datagram too large to check came meanwhile.
+    TooLarge,
+    /// Time ran out.
+    Nothing,
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
 //! Platforms without batched socket calls: no `Batch` can be made, and the
-//! worker runs the portable loop.
+//! worker runs the portable loop; arrival addresses are not read.
 
 use std::io;
 
@@ -15,56 +15,60 @@ pub(crate) enum Batch {}
 
 impl Batch {
     /// Always `None`: the portable loop serves instead.
-    pub(crate) fn new(_: &Socket, _: usize, _: usize, _: bool, _: bool) -> Option<Batch> {
+    pub(crate) fn new(_: &Socket, _: &crate::config::Config) -> Option<Batch> {
         None
     }
 
-    pub(crate) fn recv(&mut self, _socket: &Socket) -> io::Result<usize> {
+    pub(crate) fn recv(&mut self, _: &Socket) -> io::Result<usize> {
         match *self {}
     }
 
-    pub(crate) fn slot(&mut self, _i: usize) -> (Received<'_>, &mut Vec<u8>) {
+    pub(crate) fn datagram(&mut self, _: usize) -> Option<(Received<'_>, &mut Vec<u8>)> {
         match *self {}
     }
 
-    pub(crate) fn queue_reply(&mut self, _i: usize) {
+    pub(crate) fn queue_reply(&mut self, _: usize) {
         match *self {}
     }
 
-    pub(crate) fn send(&mut self, _socket: &Socket) -> (u64, u64) {
+    pub(crate) fn queued(&self) -> usize {
+        match *self {}
+    }
+
+    pub(crate) fn send(&mut self, _: &Socket) -> (u64, u64) {
         match *self {}
     }
 }
 
 /// The kernel's drop count for the socket: not reported on this platform.
-pub(crate) fn kernel_drops(_socket: &Socket) -> Option<u64> {
+pub(crate) fn kernel_drops(_: &Socket) -> Option<u64> {
     None
 }
 
 /// Arrival addresses are not read on this platform: replies from a
 /// wildcard-bound server go out from the address the kernel picks.
-pub(crate) fn enable_pktinfo(_socket: &Socket, _ipv6: bool) -> io::Result<bool> {
+pub(crate) fn enable_pktinfo(_: &Socket, _: bool) -> io::Result<bool> {
     Ok(false)
 }
 
 /// Uninhabited: arrival addresses are not read on this platform.
-pub(crate) enum Single {}
+pub(crate) enum PktinfoIo {}
 
-impl Single {
+impl PktinfoIo {
     /// Always `None`.
-    pub(crate) fn new() -> Option<Single> {
+    pub(crate) fn new() -> Option<PktinfoIo> {
         None
     }
 
     pub(crate) fn recv<'b>(
         &mut self,
-        _socket: &Socket,
-        _buf: &'b mut [u8],
-    ) -> io::Result<Received<'b>> {
+        _: &Socket,
+        _: &'b mut [u8],
+    ) -> io::Result<Option<Received<'b>>> {
         match *self {}
     }
 
-    pub(crate) fn send(&mut self, _socket: &Socket, _reply: &[u8]) -> io::Result<usize> {
+    pub(crate) fn send(&mut self, _: &Socket, _: &[u8]) -> io::Result<()> {
         match *self {}
     }
 }

@@ -1,5 +1,10 @@
 //! Platform code. This is the only module of the crate allowed `unsafe`;
 //! every block says why it is sound in a `// SAFETY:` comment.
+//!
+//! The rest of the crate sees one interface: [`Batch`] (batched receive and
+//! reply, where the platform has it), [`Portable`] (one datagram at a time,
+//! everywhere), and a few socket options socket2 lacks. Neither ever hands
+//! out a wake-up without a sender: every [`Received`] is a datagram.
 #![allow(unsafe_code)]
 
 use std::io;
@@ -7,7 +12,7 @@ use std::mem::MaybeUninit;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use socket2::{MaybeUninitSlice, Socket};
+use socket2::{MaybeUninitSlice, SockAddr, Socket};
 
 // The batched fast path: `recvmmsg`/`sendmmsg` on Linux; elsewhere a `Batch`
 // that can never be made, so the portable loop runs.
@@ -18,7 +23,7 @@ mod imp;
 #[path = "fallback.rs"]
 mod imp;
 
-pub(crate) use imp::{Batch, MAX_BATCH, Single, enable_pktinfo, kernel_drops};
+pub(crate) use imp::{Batch, MAX_BATCH, enable_pktinfo, kernel_drops};
 
 // Keeps the fallback compiling where it is not the one in use.
 #[cfg(all(test, target_os = "linux"))]
@@ -30,26 +35,101 @@ mod fallback_check;
 /// through a buffer (and every reply up to this size) allocate nothing.
 pub(crate) const REPLY_RESERVE: usize = 512;
 
-/// One datagram of a batch, as the worker sees it.
+/// The largest reply buffer kept between datagrams. A handler that once
+/// wrote a larger reply (which UDP cannot carry anyway) gets a fresh buffer
+/// of [`REPLY_RESERVE`] bytes for the next datagram, so one huge reply does
+/// not pin its memory for the server's life.
+pub(crate) const MAX_KEPT_REPLY: usize = 64 * 1024;
+
+/// Gives back an oversized reply buffer (see [`MAX_KEPT_REPLY`]).
+pub(crate) fn trim_reply(reply: &mut Vec<u8>) {
+    if reply.capacity() > MAX_KEPT_REPLY {
+        *reply = Vec::with_capacity(REPLY_RESERVE);
+    }
+}
+
+/// One datagram received, as the worker sees it.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Received<'a> {
     pub(crate) data: &'a [u8],
-    /// The datagram was larger than the buffer (`MSG_TRUNC`).
+    /// The datagram was larger than the buffer (`MSG_TRUNC`), or its arrival
+    /// address was needed and did not come.
     pub(crate) truncated: bool,
-    /// The sender; `None` for a wake-up that carries no datagram.
-    pub(crate) peer: Option<SocketAddr>,
+    /// The sender.
+    pub(crate) peer: SocketAddr,
     /// The address the datagram was sent to, where the socket reports it.
     pub(crate) local: Option<IpAddr>,
 }
 
-impl Received<'_> {
-    /// No datagram.
-    pub(crate) const NONE: Received<'static> = Received {
-        data: &[],
-        truncated: false,
-        peer: None,
-        local: None,
-    };
+/// Runs `f` again while it fails with `EINTR` (a signal arrived).
+pub(crate) fn retry_interrupted<T>(mut f: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    loop {
+        match f() {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            result => return result,
+        }
+    }
+}
+
+/// The portable receive and reply: one `recvmsg` and one `sendto` (or
+/// `sendmsg`) per datagram. On a wildcard-bound Linux socket it reads each
+/// datagram's arrival address and replies from it.
+pub(crate) struct Portable {
+    /// Arrival addresses are read and used (`Some` only where the platform
+    /// can, for a socket that asked).
+    pktinfo: Option<imp::PktinfoIo>,
+    /// The sender of the last datagram, as the kernel gave it.
+    peer: Option<SockAddr>,
+}
+
+impl Portable {
+    /// Receives with arrival addresses when `pktinfo` is set and the
+    /// platform supports it.
+    pub(crate) fn new(pktinfo: bool) -> Portable {
+        Portable {
+            pktinfo: if pktinfo { imp::PktinfoIo::new() } else { None },
+            peer: None,
+        }
+    }
+
+    /// Waits for one datagram (up to the socket's read timeout) and receives
+    /// it into `buf`. `Ok(None)`: the wait ended without a datagram (a
+    /// shutdown wake-up, or a sender that is not an IP address).
+    pub(crate) fn recv<'b>(
+        &mut self,
+        socket: &Socket,
+        buf: &'b mut [u8],
+    ) -> io::Result<Option<Received<'b>>> {
+        if let Some(io) = &mut self.pktinfo {
+            return io.recv(socket, buf);
+        }
+        let (len, flags, addr) = socket.recv_from_vectored(&mut [recv_slice(buf)])?;
+        let Some(peer) = addr.as_socket() else {
+            return Ok(None);
+        };
+        self.peer = Some(addr);
+        Ok(Some(Received {
+            data: buf.get(..len).unwrap_or_default(),
+            truncated: flags.is_truncated(),
+            peer,
+            local: None,
+        }))
+    }
+
+    /// Sends `reply` to the sender of the last datagram received (from the
+    /// address it arrived on, where that is read).
+    pub(crate) fn send(&mut self, socket: &Socket, reply: &[u8]) -> io::Result<()> {
+        if let Some(io) = &mut self.pktinfo {
+            return retry_interrupted(|| io.send(socket, reply));
+        }
+        match &self.peer {
+            Some(peer) => retry_interrupted(|| socket.send_to(reply, peer)).map(drop),
+            None => Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "no datagram to reply to",
+            )),
+        }
+    }
 }
 
 /// Views an initialised buffer as the possibly-uninitialised kind that

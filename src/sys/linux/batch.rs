@@ -1,72 +1,105 @@
 //! Batched receive and reply: `recvmmsg` / `sendmmsg`, with segmentation
 //! offload for replies to one peer.
+//!
+//! No message header outlives the call that uses it: `recv` and `send` build
+//! their headers, iovecs and control messages from fresh pointers right
+//! before the system call, so nothing the kernel reads can have moved or
+//! grown since it was pointed at (the approach of quinn-udp).
 
 use std::io;
 use std::mem;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::ptr;
 
 use libc::{c_int, c_uint, c_void, iovec, mmsghdr, sockaddr_storage, socklen_t};
 use socket2::Socket;
 
-use super::cmsg::{self, Arrival, Control};
-use super::to_std;
-use crate::sys::Received;
+use super::cmsg::{self, Arrival, RecvCmsg, SendCmsg};
+use super::{cvt, to_std};
+use crate::config::Config;
+use crate::sys::{REPLY_RESERVE, Received, retry_interrupted, trim_reply};
 
 /// The most messages one `recvmmsg`/`sendmmsg` call takes (`UIO_MAXIOV`).
 pub(crate) const MAX_BATCH: usize = 1024;
 
-/// Buffers and message headers for one worker's batches, allocated once.
-///
-/// The headers point into the buffers; every buffer lives in a boxed slice
-/// whose heap address never changes, so the pointers stay valid for the
-/// life of the batch, wherever the `Batch` itself moves.
+/// The most segments one `UDP_SEGMENT` send may carry (the kernel's
+/// `UDP_MAX_SEGMENTS` since it gained the option).
+const MAX_SEGMENTS: usize = 64;
+/// The largest segment coalesced: a full Ethernet frame's UDP payload over
+/// IPv6 (1500 − 40 − 8). Segments must fit the route's MTU, so larger
+/// replies go out one per message.
+const MAX_SEGMENT_SIZE: usize = 1452;
+/// The most bytes one segmented send may carry.
+const MAX_SEGMENTED_TOTAL: usize = 65_000;
+
+/// One worker's buffers for batches, allocated once.
 pub(crate) struct Batch {
     size: usize,
     max_datagram: usize,
+    /// Whether replies to the same peer are coalesced with `UDP_SEGMENT`.
+    gso: bool,
+    /// Whether the socket reports arrival addresses, and replies go out
+    /// from them.
+    pktinfo: bool,
+
+    // What the kernel writes on receive, one per slot.
     /// `size` receive buffers of `max_datagram` bytes, end to end.
     bufs: Box<[u8]>,
     addrs: Box<[sockaddr_storage]>,
+    /// One per slot where `pktinfo` is set, else none.
+    recv_cmsgs: Box<[RecvCmsg]>,
     recv_iovs: Box<[iovec]>,
     recv_hdrs: Box<[mmsghdr]>,
-    /// How many of `recv_hdrs` the last receive filled.
-    received: usize,
+
+    /// The datagrams of the last receive that have a sender, in order.
+    datagrams: Box<[Datagram]>,
+    count: usize,
+    /// One reply buffer per entry of `datagrams`.
     replies: Box<[Vec<u8>]>,
-    /// One iovec per queued reply, in queue order: the replies of one
-    /// outgoing message are consecutive.
-    send_iovs: Box<[iovec]>,
-    /// How many of `send_iovs` are in use.
-    queued_iovs: usize,
-    /// One header per outgoing message; with segmentation offload a message
-    /// carries several replies to the same peer.
-    send_hdrs: Box<[mmsghdr]>,
-    outgoing: Box<[Outgoing]>,
-    /// Control-message space for each outgoing message (source address,
-    /// `UDP_SEGMENT`).
-    controls: Box<[Control]>,
-    /// Whether the socket reports the address each datagram arrived on, and
-    /// replies go out from it.
-    pktinfo: bool,
-    /// Control-message space for each received datagram.
-    recv_controls: Box<[Control]>,
-    /// Where each datagram of the last receive arrived.
-    arrivals: Box<[Arrival]>,
-    /// Who sent each datagram of the last receive, as [`slot`](Batch::slot)
-    /// read it.
-    peers: Box<[Option<SocketAddr>]>,
-    /// How many of `send_hdrs` are queued for the next send.
+    /// Indices into `datagrams` whose replies go out with the next `send`.
+    queue: Box<[usize]>,
     queued: usize,
-    /// Whether replies to the same peer are coalesced with `UDP_SEGMENT`.
-    gso: bool,
+
+    // Scratch for `send`, filled by it.
+    messages: Box<[Message]>,
+    send_iovs: Box<[iovec]>,
+    send_hdrs: Box<[mmsghdr]>,
+    send_cmsgs: Box<[SendCmsg]>,
 }
 
-/// What one outgoing message carries.
-#[derive(Debug, Clone, Copy, Default)]
-struct Outgoing {
-    /// The receive slot whose sender the message goes to.
+/// One received datagram, as read from its header once.
+#[derive(Debug, Clone, Copy)]
+struct Datagram {
+    /// The receive slot it landed in.
     slot: usize,
-    /// The message's first iovec in `send_iovs`.
+    len: usize,
+    truncated: bool,
+    peer: SocketAddr,
+    /// The length of its sender's address, as the kernel wrote it.
+    name_len: socklen_t,
+    arrival: Arrival,
+}
+
+const NO_DATAGRAM: Datagram = Datagram {
+    slot: 0,
+    len: 0,
+    truncated: false,
+    peer: SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
+    name_len: 0,
+    arrival: Arrival {
+        local: None,
+        ifindex: 0,
+    },
+};
+
+/// One outgoing message: a reply, or with segmentation offload several
+/// replies to the same peer.
+#[derive(Debug, Clone, Copy, Default)]
+struct Message {
+    /// The datagram whose sender it goes to (index into `datagrams`).
+    to: usize,
+    /// Its first iovec in `send_iovs`; the others follow.
     first_iov: usize,
     /// How many replies (segments) it carries.
     segments: usize,
@@ -79,327 +112,338 @@ struct Outgoing {
     closed: bool,
 }
 
-/// The most segments one `UDP_SEGMENT` send may carry (the kernel's
-/// `UDP_MAX_SEGMENTS` since it gained the option).
-const MAX_SEGMENTS: usize = 64;
-/// The largest segment coalesced: a full Ethernet frame's UDP payload over
-/// IPv6 (1500 − 40 − 8). Segments must fit the route's MTU, so larger
-/// replies go out one per message.
-const MAX_SEGMENT_SIZE: usize = 1452;
-/// The most bytes one segmented send may carry.
-const MAX_SEGMENTED_TOTAL: usize = 65_000;
+/// `n` zeroed values of a plain C struct.
+fn zeroed<T>(n: usize) -> Box<[T]> {
+    // SAFETY: only instantiated with `sockaddr_storage`, `iovec` and
+    // `mmsghdr`: plain C structs of integers and pointers, for which all
+    // zeroes is a valid value (null pointers, zero lengths).
+    (0..n).map(|_| unsafe { mem::zeroed() }).collect()
+}
 
 impl Batch {
-    /// Buffers for batches of `size` datagrams of up to `max_datagram`
-    /// bytes. `size` is at least 1 and at most [`MAX_BATCH`] (the builder
-    /// checks it).
-    ///
-    /// `gso` asks for replies to the same peer to be coalesced with UDP
-    /// segmentation offload where the kernel supports it (Linux 4.18+);
-    /// `pktinfo` says the socket reports arrival addresses (see
-    /// [`enable_pktinfo`]) and replies must go out from them.
-    pub(crate) fn new(
-        socket: &Socket,
-        size: usize,
-        max_datagram: usize,
-        gso: bool,
-        pktinfo: bool,
-    ) -> Option<Batch> {
-        let size = size.clamp(1, MAX_BATCH);
-        let mut batch = Batch {
+    /// Buffers for the batches of `config` (its batch size, largest
+    /// datagram, segmentation and pktinfo settings); `None` when the config
+    /// asks for the portable loop.
+    pub(crate) fn new(socket: &Socket, config: &Config) -> Option<Batch> {
+        let size = config.batch_size?.clamp(1, MAX_BATCH);
+        let max_datagram = config.max_datagram;
+        Some(Batch {
             size,
             max_datagram,
+            gso: config.gso && supports_gso(socket),
+            pktinfo: config.pktinfo,
             // Zeroed memory from the allocator: pages are only touched by
             // the datagrams that reach them.
             bufs: vec![0u8; size * max_datagram].into_boxed_slice(),
-            // SAFETY: `sockaddr_storage`, `iovec` and `mmsghdr` are plain C
-            // structs of integers and pointers, for which all zeroes is a
-            // valid value (null pointers, zero lengths).
-            addrs: (0..size).map(|_| unsafe { mem::zeroed() }).collect(),
-            // SAFETY: as above.
-            recv_iovs: (0..size).map(|_| unsafe { mem::zeroed() }).collect(),
-            // SAFETY: as above.
-            recv_hdrs: (0..size).map(|_| unsafe { mem::zeroed() }).collect(),
-            received: 0,
+            addrs: zeroed(size),
+            recv_cmsgs: vec![RecvCmsg::EMPTY; if config.pktinfo { size } else { 0 }]
+                .into_boxed_slice(),
+            recv_iovs: zeroed(size),
+            recv_hdrs: zeroed(size),
+            datagrams: vec![NO_DATAGRAM; size].into_boxed_slice(),
+            count: 0,
             replies: (0..size)
-                .map(|_| Vec::with_capacity(crate::sys::REPLY_RESERVE))
+                .map(|_| Vec::with_capacity(REPLY_RESERVE))
                 .collect(),
-            // SAFETY: as above.
-            send_iovs: (0..size).map(|_| unsafe { mem::zeroed() }).collect(),
-            queued_iovs: 0,
-            // SAFETY: as above.
-            send_hdrs: (0..size).map(|_| unsafe { mem::zeroed() }).collect(),
-            outgoing: vec![Outgoing::default(); size].into_boxed_slice(),
-            controls: vec![Control::EMPTY; size].into_boxed_slice(),
-            pktinfo,
-            recv_controls: vec![Control::EMPTY; if pktinfo { size } else { 0 }].into_boxed_slice(),
-            arrivals: vec![Arrival::default(); size].into_boxed_slice(),
-            peers: vec![None; size].into_boxed_slice(),
+            queue: vec![0; size].into_boxed_slice(),
             queued: 0,
-            gso: gso && supports_gso(socket),
-        };
-        let buf_base = batch.bufs.as_mut_ptr();
-        for i in 0..size {
-            batch.recv_iovs[i] = iovec {
-                // In bounds: `bufs` holds `size * max_datagram` bytes.
-                iov_base: buf_base.wrapping_add(i * max_datagram).cast::<c_void>(),
-                iov_len: max_datagram,
-            };
-            let hdr = &mut batch.recv_hdrs[i].msg_hdr;
-            hdr.msg_name = ptr::from_mut(&mut batch.addrs[i]).cast::<c_void>();
-            hdr.msg_iov = ptr::from_mut(&mut batch.recv_iovs[i]);
-            hdr.msg_iovlen = 1;
-        }
-        batch.reset_recv_headers(size);
-        Some(batch)
-    }
-
-    /// Sets the fields the kernel overwrites back to their input values.
-    fn reset_recv_headers(&mut self, count: usize) {
-        for (i, mmsg) in self.recv_hdrs.iter_mut().enumerate().take(count) {
-            mmsg.msg_hdr.msg_namelen = mem::size_of::<sockaddr_storage>() as socklen_t;
-            mmsg.msg_hdr.msg_flags = 0;
-            mmsg.msg_len = 0;
-            if let Some(control) = self.recv_controls.get_mut(i) {
-                mmsg.msg_hdr.msg_control = control.0.as_mut_ptr().cast::<c_void>();
-                mmsg.msg_hdr.msg_controllen = cmsg::CONTROL_ROOM as _;
-            }
-        }
+            messages: vec![Message::default(); size].into_boxed_slice(),
+            send_iovs: zeroed(size),
+            send_hdrs: zeroed(size),
+            send_cmsgs: vec![SendCmsg::EMPTY; size].into_boxed_slice(),
+        })
     }
 
     /// Receives up to a batch of datagrams: blocks until the first arrives
     /// (or the socket's read timeout expires), then takes whatever else is
-    /// already queued, without waiting (`MSG_WAITFORONE`). Returns how many.
+    /// already queued, without waiting (`MSG_WAITFORONE`). Returns how many
+    /// datagrams came; wake-ups without a sender are left out, so this may
+    /// be 0.
     pub(crate) fn recv(&mut self, socket: &Socket) -> io::Result<usize> {
-        self.reset_recv_headers(self.received);
-        self.received = 0;
-        // SAFETY: `recv_hdrs` holds `size` initialised headers, each pointing
-        // at its own `sockaddr_storage` (with `msg_namelen` its size), its
-        // own one-element `iovec` over `max_datagram` bytes of `bufs`, and
-        // either no control buffer or its own `Control` (with
-        // `msg_controllen` its size), all owned by `self` and alive for the
-        // call.
-        // A null timeout is allowed (the socket's read timeout applies).
-        let n = unsafe {
-            libc::recvmmsg(
-                socket.as_raw_fd(),
-                self.recv_hdrs.as_mut_ptr(),
-                self.size as c_uint,
-                libc::MSG_WAITFORONE as _,
-                ptr::null_mut(),
-            )
-        };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
+        // Replies of the last batch are sent; an oversized buffer is given
+        // back before the worker waits.
+        for reply in self.replies.iter_mut().take(self.count) {
+            trim_reply(reply);
         }
-        self.received = (n as usize).min(self.size);
-        Ok(self.received)
-    }
-
-    /// Datagram `i` of the last receive, and the reply buffer that goes
-    /// with it.
-    pub(crate) fn slot(&mut self, i: usize) -> (Received<'_>, &mut Vec<u8>) {
-        let received = match self.recv_hdrs.get(i).filter(|_| i < self.received) {
-            Some(mmsg) => {
-                let start = i * self.max_datagram;
-                let len = (mmsg.msg_len as usize).min(self.max_datagram);
-                let flags = mmsg.msg_hdr.msg_flags;
-                let mut truncated = flags & libc::MSG_TRUNC != 0;
-                if let Some(control) = self.recv_controls.get(i) {
-                    // `msg_controllen` is `size_t` on glibc, `socklen_t` on musl.
-                    #[allow(clippy::unnecessary_cast)]
-                    let arrival = cmsg::parse(control, mmsg.msg_hdr.msg_controllen as usize);
-                    // Without its arrival address the reply could go out
-                    // from the wrong one: the datagram is not whole.
-                    truncated |= flags & libc::MSG_CTRUNC != 0 || arrival.local.is_none();
-                    self.arrivals[i] = arrival;
-                }
-                self.peers[i] = to_std(&self.addrs[i], mmsg.msg_hdr.msg_namelen);
-                Received {
-                    data: self.bufs.get(start..start + len).unwrap_or_default(),
-                    truncated,
-                    peer: self.peers[i],
-                    local: self.arrivals[i].local,
-                }
+        self.count = 0;
+        self.queued = 0;
+        let bufs = self.bufs.as_mut_ptr();
+        let addrs = self.addrs.as_mut_ptr();
+        let iovs = self.recv_iovs.as_mut_ptr();
+        let cmsgs = self.recv_cmsgs.as_mut_ptr();
+        for (i, mmsg) in self.recv_hdrs.iter_mut().enumerate() {
+            // In bounds: `bufs` holds `size * max_datagram` bytes, and every
+            // other array `size` entries (`recv_cmsgs` too when `pktinfo`).
+            let iov = iovs.wrapping_add(i);
+            // SAFETY: `iov` points at entry `i` of `recv_iovs`, in bounds and
+            // not otherwise borrowed here.
+            unsafe {
+                iov.write(iovec {
+                    iov_base: bufs.wrapping_add(i * self.max_datagram).cast::<c_void>(),
+                    iov_len: self.max_datagram,
+                });
             }
-            None => Received::NONE,
-        };
-        let reply = &mut self.replies[i.min(self.size - 1)];
-        (received, reply)
-    }
-
-    /// Queues the reply in slot `i` for the next [`send`](Batch::send), to
-    /// the address datagram `i` came from, exactly as the kernel gave it.
-    ///
-    /// With segmentation offload, a reply to the same peer as the message
-    /// queued just before joins that message as one more segment when it is
-    /// no larger than the message's segments.
-    pub(crate) fn queue_reply(&mut self, i: usize) {
-        if i >= self.received || self.queued_iovs >= self.size {
-            return;
+            let hdr = &mut mmsg.msg_hdr;
+            hdr.msg_name = addrs.wrapping_add(i).cast::<c_void>();
+            hdr.msg_namelen = mem::size_of::<sockaddr_storage>() as socklen_t;
+            hdr.msg_iov = iov;
+            hdr.msg_iovlen = 1;
+            if self.pktinfo {
+                hdr.msg_control = cmsgs.wrapping_add(i).cast::<c_void>();
+                hdr.msg_controllen = mem::size_of::<RecvCmsg>() as _;
+            } else {
+                hdr.msg_control = ptr::null_mut();
+                hdr.msg_controllen = 0;
+            }
+            hdr.msg_flags = 0;
+            mmsg.msg_len = 0;
         }
-        let len = self.replies[i].len();
-        let iov = self.queued_iovs;
-        self.send_iovs[iov] = iovec {
-            iov_base: self.replies[i].as_ptr().cast_mut().cast::<c_void>(),
-            iov_len: len,
-        };
-        self.queued_iovs += 1;
-        if self.gso && self.queued > 0 && self.joins(self.queued - 1, i, len) {
-            let m = self.queued - 1;
-            let out = &mut self.outgoing[m];
-            out.segments += 1;
-            out.total += len;
-            out.closed = len < out.segment_size;
-            self.send_hdrs[m].msg_hdr.msg_iovlen += 1;
-            return;
-        }
-        let m = self.queued;
-        self.outgoing[m] = Outgoing {
-            slot: i,
-            first_iov: iov,
-            segments: 1,
-            segment_size: len,
-            total: len,
-            closed: !self.gso || len == 0 || len > MAX_SEGMENT_SIZE,
-        };
-        let hdr = &mut self.send_hdrs[m].msg_hdr;
-        hdr.msg_name = ptr::from_ref(&self.addrs[i]).cast_mut().cast::<c_void>();
-        hdr.msg_namelen = self.recv_hdrs[i].msg_hdr.msg_namelen;
-        hdr.msg_iov = ptr::from_mut(&mut self.send_iovs[iov]);
-        hdr.msg_iovlen = 1;
-        hdr.msg_control = ptr::null_mut();
-        hdr.msg_controllen = 0;
-        self.queued += 1;
-    }
-
-    /// Whether a reply of `len` bytes for receive slot `i` can join message `m`.
-    fn joins(&self, m: usize, i: usize, len: usize) -> bool {
-        let out = &self.outgoing[m];
-        !out.closed
-            && len > 0
-            && len <= out.segment_size
-            && out.segments < MAX_SEGMENTS
-            && out.total + len <= MAX_SEGMENTED_TOTAL
-            && self.peers[out.slot].is_some()
-            && self.peers[out.slot] == self.peers[i]
-            && self.arrivals[out.slot] == self.arrivals[i]
-    }
-
-    /// Sends every queued reply; returns how many replies were sent and how
-    /// many failed. A failed message is counted and the rest still go out;
-    /// a failed segmented message is sent again one reply at a time, and
-    /// when that works segmentation is turned off for this batch.
-    pub(crate) fn send(&mut self, socket: &Socket) -> (u64, u64) {
-        for m in 0..self.queued {
-            self.set_control(m);
-        }
-        let (mut sent, mut failed) = (0u64, 0u64);
-        let mut start = 0;
-        while start < self.queued {
-            let rest = &mut self.send_hdrs[start..self.queued];
-            // SAFETY: each of the `rest.len()` headers points at a
-            // `sockaddr_storage` in `addrs` (with the length the kernel gave
-            // on receive), at `msg_iovlen` consecutive iovecs of `send_iovs`
-            // over reply `Vec`s not touched since `queue_reply`, and at a
-            // control buffer in `controls` of `msg_controllen` bytes or none;
-            // all are owned by `self` and outlive the call.
-            let n = unsafe {
-                libc::sendmmsg(
-                    socket.as_raw_fd(),
-                    rest.as_mut_ptr(),
-                    rest.len() as c_uint,
-                    0,
+        let (fd, hdrs, size) = (socket.as_raw_fd(), self.recv_hdrs.as_mut_ptr(), self.size);
+        let received = retry_interrupted(|| {
+            // SAFETY: `hdrs` holds `size` headers, each pointing (with
+            // pointers made just above) at its own `sockaddr_storage` (its
+            // size in `msg_namelen`), its own one-element `iovec` over
+            // `max_datagram` bytes of `bufs`, and either no control buffer
+            // or its own `RecvCmsg` (its size in `msg_controllen`); all are
+            // owned by `self`, which this call borrows mutably, so nothing
+            // else touches them until the call returns. A null timeout is
+            // allowed (the socket's read timeout applies).
+            let rc = unsafe {
+                libc::recvmmsg(
+                    fd,
+                    hdrs,
+                    size as c_uint,
+                    libc::MSG_WAITFORONE as _,
+                    ptr::null_mut(),
                 )
             };
-            if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            cvt(rc as isize)
+        })?;
+        for slot in 0..received.min(self.size) {
+            let mmsg = &self.recv_hdrs[slot];
+            let hdr = &mmsg.msg_hdr;
+            // A shutdown wake-up carries no sender: not a datagram.
+            let Some(peer) = to_std(&self.addrs[slot], hdr.msg_namelen) else {
                 continue;
+            };
+            let mut truncated = hdr.msg_flags & libc::MSG_TRUNC != 0;
+            let mut arrival = Arrival::default();
+            if let Some(control) = self.recv_cmsgs.get(slot) {
+                // `msg_controllen` is `size_t` on glibc, `socklen_t` on musl.
+                #[allow(clippy::unnecessary_cast)]
+                let len = hdr.msg_controllen as usize;
+                arrival = cmsg::parse(control, len);
+                // Without its arrival address the reply could go out from
+                // the wrong one: the datagram is not whole. Other control
+                // messages cut short (`MSG_CTRUNC`) do not matter.
+                truncated |= arrival.local.is_none();
             }
-            if n <= 0 {
+            self.datagrams[self.count] = Datagram {
+                slot,
+                len: (mmsg.msg_len as usize).min(self.max_datagram),
+                truncated,
+                peer,
+                name_len: hdr.msg_namelen,
+                arrival,
+            };
+            self.count += 1;
+        }
+        Ok(self.count)
+    }
+
+    /// Datagram `i` of the last receive and the reply buffer that goes with
+    /// it; `None` past the last one.
+    pub(crate) fn datagram(&mut self, i: usize) -> Option<(Received<'_>, &mut Vec<u8>)> {
+        let datagram = self.datagrams.get(i).filter(|_| i < self.count)?;
+        let start = datagram.slot * self.max_datagram;
+        let received = Received {
+            data: self
+                .bufs
+                .get(start..start + datagram.len)
+                .unwrap_or_default(),
+            truncated: datagram.truncated,
+            peer: datagram.peer,
+            local: datagram.arrival.local,
+        };
+        Some((received, self.replies.get_mut(i)?))
+    }
+
+    /// Queues the reply to datagram `i` for the next [`send`](Batch::send).
+    pub(crate) fn queue_reply(&mut self, i: usize) {
+        if i < self.count && self.queued < self.size {
+            self.queue[self.queued] = i;
+            self.queued += 1;
+        }
+    }
+
+    /// How many replies are queued.
+    pub(crate) fn queued(&self) -> usize {
+        self.queued
+    }
+
+    /// Sends every queued reply, each to the address its datagram came from
+    /// exactly as the kernel gave it; returns how many replies were sent and
+    /// how many failed. A failed message is counted and the rest still go
+    /// out.
+    pub(crate) fn send(&mut self, socket: &Socket) -> (u64, u64) {
+        let messages = self.build_messages();
+        let (mut sent, mut failed) = (0u64, 0u64);
+        let mut start = 0;
+        while start < messages {
+            let rest = &mut self.send_hdrs[start..messages];
+            let (fd, hdrs, len) = (socket.as_raw_fd(), rest.as_mut_ptr(), rest.len());
+            let result = retry_interrupted(|| {
+                // SAFETY: each of the `len` headers was built by
+                // `build_messages` in this call: it points at a
+                // `sockaddr_storage` of `addrs` (with the length the kernel
+                // gave on receive), at `msg_iovlen` consecutive iovecs of
+                // `send_iovs` over reply buffers, and at a `SendCmsg` of
+                // `send_cmsgs` (`msg_controllen` bytes) or none. `self` is
+                // borrowed mutably for the whole call, so none of them can
+                // move, grow or be freed before the kernel is done.
+                let rc = unsafe { libc::sendmmsg(fd, hdrs, len as c_uint, 0) };
+                cvt(rc as isize)
+            });
+            match result {
+                Ok(n) if n > 0 => {
+                    let n = n.min(len);
+                    sent += self.messages[start..start + n]
+                        .iter()
+                        .map(|m| m.segments as u64)
+                        .sum::<u64>();
+                    start += n;
+                }
                 // `sendmmsg` fails only when the first message fails (and
-                // never returns 0 for a non-empty list; counted all the same
-                // so the loop always advances).
-                let (ok, bad) = self.send_one_by_one(socket, start);
-                sent += ok;
-                failed += bad;
-                start += 1;
-            } else {
-                let n = (n as usize).min(rest.len());
-                sent += self.outgoing[start..start + n]
-                    .iter()
-                    .map(|o| o.segments as u64)
-                    .sum::<u64>();
-                start += n;
+                // never returns 0 for a non-empty list; handled the same so
+                // the loop always advances).
+                failure => {
+                    let err = failure.err();
+                    let (ok, bad) = self.first_failed(socket, start, err.as_ref());
+                    sent += ok;
+                    failed += bad;
+                    start += 1;
+                }
             }
         }
         self.queued = 0;
-        self.queued_iovs = 0;
         (sent, failed)
     }
 
-    /// Writes the control messages of message `m`: the address to send
-    /// from, and `UDP_SEGMENT` if it carries more than one reply.
-    fn set_control(&mut self, m: usize) {
-        let out = self.outgoing[m];
-        // At most MAX_SEGMENT_SIZE, so it fits.
-        let segment = (out.segments > 1).then_some(out.segment_size as u16);
+    /// Builds the outgoing messages for the queued replies; returns how
+    /// many. With segmentation offload, a reply joins the message before it
+    /// when it goes to the same peer from the same address and is no larger
+    /// than that message's segments.
+    fn build_messages(&mut self) -> usize {
+        let mut count = 0;
+        for q in 0..self.queued {
+            let to = self.queue[q];
+            let reply = &self.replies[to];
+            let len = reply.len();
+            self.send_iovs[q] = iovec {
+                iov_base: reply.as_ptr().cast_mut().cast::<c_void>(),
+                iov_len: len,
+            };
+            if count > 0 && self.joins(&self.messages[count - 1], to, len) {
+                let last = &mut self.messages[count - 1];
+                last.segments += 1;
+                last.total += len;
+                last.closed = len < last.segment_size;
+                continue;
+            }
+            self.messages[count] = Message {
+                to,
+                first_iov: q,
+                segments: 1,
+                segment_size: len,
+                total: len,
+                closed: !self.gso || len == 0 || len > MAX_SEGMENT_SIZE,
+            };
+            count += 1;
+        }
+        for m in 0..count {
+            let message = self.messages[m];
+            // At most MAX_SEGMENT_SIZE, so it fits.
+            let segment = (message.segments > 1).then_some(message.segment_size as u16);
+            self.set_header(m, &message, message.first_iov, message.segments, segment);
+        }
+        count
+    }
+
+    /// Fills send header `m` for `iovs` iovecs from `first_iov`, to the
+    /// sender of `message.to`, from its arrival address where replies must
+    /// be, with a segment size where given.
+    fn set_header(
+        &mut self,
+        m: usize,
+        message: &Message,
+        first_iov: usize,
+        iovs: usize,
+        segment: Option<u16>,
+    ) {
+        let datagram = self.datagrams[message.to];
         let used = if self.pktinfo || segment.is_some() {
-            cmsg::write(&mut self.controls[m], &self.arrivals[out.slot], segment)
+            cmsg::write(&mut self.send_cmsgs[m], &datagram.arrival, segment)
         } else {
             0
         };
         let hdr = &mut self.send_hdrs[m].msg_hdr;
+        hdr.msg_name = ptr::from_mut(&mut self.addrs[datagram.slot]).cast::<c_void>();
+        hdr.msg_namelen = datagram.name_len;
+        hdr.msg_iov = self.send_iovs.as_mut_ptr().wrapping_add(first_iov);
+        hdr.msg_iovlen = iovs as _;
         if used == 0 {
             hdr.msg_control = ptr::null_mut();
             hdr.msg_controllen = 0;
         } else {
-            hdr.msg_control = self.controls[m].0.as_mut_ptr().cast::<c_void>();
+            hdr.msg_control = self.send_cmsgs[m].0.as_mut_ptr().cast::<c_void>();
             hdr.msg_controllen = used as _;
         }
+        hdr.msg_flags = 0;
     }
 
-    /// Sends the replies of message `m` one datagram each, without
-    /// segmentation; returns how many were sent and how many failed. Turns
-    /// segmentation off when it was the cause of the failure.
-    fn send_one_by_one(&mut self, socket: &Socket, m: usize) -> (u64, u64) {
-        let out = self.outgoing[m];
-        if out.segments < 2 {
-            return (0, 1);
+    /// Whether a reply of `len` bytes to datagram `to` can join `message`.
+    fn joins(&self, message: &Message, to: usize, len: usize) -> bool {
+        let (first, next) = (&self.datagrams[message.to], &self.datagrams[to]);
+        !message.closed
+            && len > 0
+            && len <= message.segment_size
+            && message.segments < MAX_SEGMENTS
+            && message.total + len <= MAX_SEGMENTED_TOTAL
+            && first.peer == next.peer
+            && first.arrival == next.arrival
+    }
+
+    /// Message `m` failed with `err`; returns how many of its replies were
+    /// sent after all and how many failed.
+    ///
+    /// Some devices and drivers cannot segment, and Linux says so only when
+    /// a segmented send fails with `EIO` (or sometimes `EINVAL`): then this
+    /// worker stops segmenting and sends the message's replies one by one.
+    /// Any other error fails the whole message.
+    fn first_failed(&mut self, socket: &Socket, m: usize, err: Option<&io::Error>) -> (u64, u64) {
+        let message = self.messages[m];
+        let cannot_segment = matches!(
+            err.and_then(io::Error::raw_os_error),
+            Some(libc::EIO | libc::EINVAL)
+        );
+        if message.segments < 2 || !cannot_segment {
+            return (0, message.segments as u64);
         }
+        self.gso = false;
         let (mut sent, mut failed) = (0u64, 0u64);
-        let mut control = Control::EMPTY;
-        let used = cmsg::write(&mut control, &self.arrivals[out.slot], None);
-        for iov in out.first_iov..out.first_iov + out.segments {
-            let mut hdr = self.send_hdrs[m].msg_hdr;
-            hdr.msg_iov = ptr::from_mut(&mut self.send_iovs[iov]);
-            hdr.msg_iovlen = 1;
-            if used == 0 {
-                hdr.msg_control = ptr::null_mut();
-                hdr.msg_controllen = 0;
-            } else {
-                hdr.msg_control = control.0.as_mut_ptr().cast::<c_void>();
-                hdr.msg_controllen = used as _;
+        for iov in message.first_iov..message.first_iov + message.segments {
+            // Header `m` is rebuilt for one reply at a time; the headers
+            // after it are untouched.
+            self.set_header(m, &message, iov, 1, None);
+            let hdr = ptr::from_ref(&self.send_hdrs[m].msg_hdr);
+            let fd = socket.as_raw_fd();
+            // SAFETY: header `m` was just built as in `build_messages`, with
+            // one iovec over one reply buffer and no segment size; `self`
+            // stays mutably borrowed across the call.
+            match retry_interrupted(|| cvt(unsafe { libc::sendmsg(fd, hdr, 0) })) {
+                Ok(_) => sent += 1,
+                Err(_) => failed += 1,
             }
-            loop {
-                // SAFETY: `hdr` is a copy of a queued header (address in
-                // `addrs`) with one iovec of `send_iovs` and either no
-                // control buffer or `control`, `used` bytes long; everything
-                // it points at outlives the call.
-                let rc = unsafe { libc::sendmsg(socket.as_raw_fd(), &hdr, 0) };
-                if rc >= 0 {
-                    sent += 1;
-                } else if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-                    continue;
-                } else {
-                    failed += 1;
-                }
-                break;
-            }
-        }
-        if sent > 0 {
-            // The replies go out alone but not together: this path (a device
-            // or route) does not take segmented sends.
-            self.gso = false;
         }
         (sent, failed)
     }

@@ -15,18 +15,42 @@ use std::ptr;
 use libc::{c_int, c_void, cmsghdr, in_pktinfo, in6_pktinfo, socklen_t};
 use socket2::Socket;
 
-/// Room for the control messages of one datagram: a pktinfo (40 bytes at
-/// most) and a segment size (24 bytes), with space to spare.
-pub(crate) const CONTROL_ROOM: usize = 128;
-
-/// A control buffer, aligned for `cmsghdr`.
+/// A control-message buffer of `N` bytes, aligned for `cmsghdr`.
 #[derive(Clone, Copy)]
 #[repr(C, align(8))]
-pub(crate) struct Control(pub(crate) [u8; CONTROL_ROOM]);
+pub(crate) struct CmsgBuf<const N: usize>(pub(crate) [u8; N]);
 
-impl Control {
-    pub(crate) const EMPTY: Control = Control([0; CONTROL_ROOM]);
+impl<const N: usize> CmsgBuf<N> {
+    pub(crate) const EMPTY: Self = CmsgBuf([0; N]);
 }
+
+/// Room for what one received datagram can carry. The server asks only for
+/// its arrival address, but a socket handed in through `from_std` may also
+/// have asked for timestamps (`SO_TIMESTAMPNS`, 32 bytes; `SO_TIMESTAMPING`,
+/// 64), the drop counter (`SO_RXQ_OVFL`, 24), TTL or hop limit, TOS or
+/// traffic class (24 each), the original destination (`IP_RECVORIGDSTADDR`,
+/// 32 or 48), IPv4 options (up to 56) and the pktinfo itself (32 or 40):
+/// about 350 bytes in all. If a datagram carries more still, the kernel cuts
+/// the rest (`MSG_CTRUNC`) and the arrival address is used if it came.
+pub(crate) const RECV_ROOM: usize = 512;
+/// Control messages of one received datagram.
+pub(crate) type RecvCmsg = CmsgBuf<RECV_ROOM>;
+
+/// Room for what one outgoing message carries: a source address (an
+/// `in6_pktinfo`, the larger) and a segment size.
+pub(crate) const SEND_ROOM: usize =
+    space(mem::size_of::<in6_pktinfo>()) + space(mem::size_of::<u16>());
+/// Control messages of one outgoing message.
+pub(crate) type SendCmsg = CmsgBuf<SEND_ROOM>;
+
+// The buffers are read and written as `cmsghdr`s: they must be aligned for
+// one, and the send buffer must hold the largest set of messages `write`
+// produces.
+const _: () = assert!(mem::align_of::<RecvCmsg>() >= mem::align_of::<cmsghdr>());
+const _: () = assert!(mem::align_of::<SendCmsg>() >= mem::align_of::<cmsghdr>());
+const _: () =
+    assert!(SEND_ROOM >= space(mem::size_of::<in_pktinfo>()) + space(mem::size_of::<u16>()));
+const _: () = assert!(RECV_ROOM >= 350);
 
 /// Where a datagram arrived: the local address it was sent to and the
 /// interface it came in on.
@@ -78,13 +102,19 @@ const fn align(len: usize) -> usize {
 /// Bytes from the start of a control message to its data.
 const HEADER: usize = align(mem::size_of::<cmsghdr>());
 
-/// Reads the arrival address from the first `len` bytes of `control`.
-pub(crate) fn parse(control: &Control, len: usize) -> Arrival {
-    let len = len.min(CONTROL_ROOM);
+/// `CMSG_SPACE`: the room a control message with `len` bytes of data takes.
+const fn space(len: usize) -> usize {
+    HEADER + align(len)
+}
+
+/// Reads the arrival address from the first `len` bytes of `control`,
+/// skipping every other kind of control message.
+pub(crate) fn parse<const N: usize>(control: &CmsgBuf<N>, len: usize) -> Arrival {
+    let len = len.min(N);
     let mut arrival = Arrival::default();
     let mut offset = 0;
     while offset + HEADER <= len {
-        // SAFETY: `offset + HEADER <= len <= CONTROL_ROOM`, and `HEADER` is at
+        // SAFETY: `offset + HEADER <= len <= N`, and `HEADER` is at
         // least the size of `cmsghdr`, so the read stays in the buffer; the
         // bytes are initialised and any bit pattern is a valid `cmsghdr`.
         let cmsg: cmsghdr = unsafe { ptr::read_unaligned(control.0.as_ptr().add(offset).cast()) };
@@ -137,7 +167,7 @@ fn read<T: Copy>(data: &[u8]) -> Option<T> {
 /// Writes the control messages for one outgoing datagram: the source
 /// address to send from (`from`) and the segment size for a segmented send.
 /// Returns how many bytes of `control` are used (0: none needed).
-pub(crate) fn write(control: &mut Control, from: &Arrival, segment: Option<u16>) -> usize {
+pub(crate) fn write(control: &mut SendCmsg, from: &Arrival, segment: Option<u16>) -> usize {
     let mut used = 0;
     match from.local {
         Some(IpAddr::V4(ip)) => {
@@ -170,10 +200,10 @@ pub(crate) fn write(control: &mut Control, from: &Arrival, segment: Option<u16>)
 }
 
 /// Appends one control message at `offset`; returns the offset after it
-/// (unchanged when it would not fit, which `CONTROL_ROOM` rules out for
-/// what this module writes).
+/// (unchanged when it would not fit, which `SEND_ROOM` rules out for what
+/// this module writes).
 fn push<T: Copy>(
-    control: &mut Control,
+    control: &mut SendCmsg,
     offset: usize,
     level: c_int,
     kind: c_int,
@@ -215,21 +245,21 @@ mod tests {
                 local: Some(local),
                 ifindex: 3,
             };
-            let mut control = Control::EMPTY;
+            let mut control = SendCmsg::EMPTY;
             let used = write(&mut control, &arrival, Some(1200));
-            assert!(used > 0 && used <= CONTROL_ROOM);
+            assert!(used > 0 && used <= SEND_ROOM);
             let parsed = parse(&control, used);
             assert_eq!(parsed.local, Some(local));
         }
-        let mut empty = Control::EMPTY;
+        let mut empty = SendCmsg::EMPTY;
         assert_eq!(write(&mut empty, &Arrival::default(), None), 0);
     }
 
     #[test]
     fn garbage_is_ignored() {
-        let mut control = Control([0xff; CONTROL_ROOM]);
-        assert_eq!(parse(&control, CONTROL_ROOM), Arrival::default());
-        control.0 = [0; CONTROL_ROOM];
+        let mut control: RecvCmsg = CmsgBuf([0xff; RECV_ROOM]);
+        assert_eq!(parse(&control, RECV_ROOM), Arrival::default());
+        control.0 = [0; RECV_ROOM];
         assert_eq!(parse(&control, 3), Arrival::default());
         assert_eq!(parse(&control, 10_000), Arrival::default());
     }

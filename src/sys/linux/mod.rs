@@ -12,10 +12,15 @@ use socket2::Socket;
 
 mod batch;
 mod cmsg;
-mod single;
+mod pktinfo_io;
 
 pub(crate) use batch::{Batch, MAX_BATCH};
-pub(crate) use single::Single;
+pub(crate) use pktinfo_io::PktinfoIo;
+
+/// The result of a system call that returns a count or -1 with `errno`.
+fn cvt(rc: isize) -> io::Result<usize> {
+    usize::try_from(rc).map_err(|_| io::Error::last_os_error())
+}
 
 /// Converts a socket address the kernel wrote into its std form; `None` for
 /// anything but a complete IPv4 or IPv6 address (a shutdown wake-up carries

@@ -9,38 +9,39 @@ use std::ptr;
 use libc::{c_void, iovec, sockaddr_storage, socklen_t};
 use socket2::Socket;
 
-use super::cmsg::{self, Arrival, Control};
-use super::to_std;
+use super::cmsg::{self, Arrival, RecvCmsg, SendCmsg};
+use super::{cvt, to_std};
 use crate::sys::Received;
 
-/// One datagram at a time with its arrival address: `recvmsg` and
-/// `sendmsg`, for the portable loop on a wildcard-bound socket.
-pub(crate) struct Single {
+/// `recvmsg` and `sendmsg` with arrival addresses: each reply goes out from
+/// the address its request was sent to.
+pub(crate) struct PktinfoIo {
     addr: sockaddr_storage,
     addr_len: socklen_t,
-    control: Control,
+    control: RecvCmsg,
     arrival: Arrival,
 }
 
-impl Single {
+impl PktinfoIo {
     /// Buffers for one datagram.
-    pub(crate) fn new() -> Option<Single> {
-        Some(Single {
+    pub(crate) fn new() -> Option<PktinfoIo> {
+        Some(PktinfoIo {
             // SAFETY: a plain C struct, valid when zeroed.
             addr: unsafe { mem::zeroed() },
             addr_len: 0,
-            control: Control::EMPTY,
+            control: RecvCmsg::EMPTY,
             arrival: Arrival::default(),
         })
     }
 
     /// Receives one datagram into `buf` (blocking, with the socket's read
-    /// timeout), with its sender and arrival address.
+    /// timeout), with its sender and arrival address; `None` for a wake-up
+    /// that carries no sender.
     pub(crate) fn recv<'b>(
         &mut self,
         socket: &Socket,
         buf: &'b mut [u8],
-    ) -> io::Result<Received<'b>> {
+    ) -> io::Result<Option<Received<'b>>> {
         let mut iov = iovec {
             iov_base: buf.as_mut_ptr().cast::<c_void>(),
             iov_len: buf.len(),
@@ -52,34 +53,34 @@ impl Single {
         hdr.msg_iov = &mut iov;
         hdr.msg_iovlen = 1;
         hdr.msg_control = self.control.0.as_mut_ptr().cast::<c_void>();
-        hdr.msg_controllen = cmsg::CONTROL_ROOM as _;
+        hdr.msg_controllen = mem::size_of::<RecvCmsg>() as _;
         // SAFETY: `hdr` points at `self.addr` (its size given), one iovec over
         // `buf`, and `self.control` (its size given), all alive for the call.
-        let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut hdr, 0) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let n = cvt(unsafe { libc::recvmsg(socket.as_raw_fd(), &mut hdr, 0) })?;
         self.addr_len = hdr.msg_namelen;
+        let Some(peer) = to_std(&self.addr, self.addr_len) else {
+            return Ok(None);
+        };
         // `msg_controllen` is `size_t` on glibc, `socklen_t` on musl.
         #[allow(clippy::unnecessary_cast)]
         let control_len = hdr.msg_controllen as usize;
         self.arrival = cmsg::parse(&self.control, control_len);
-        let len = (n as usize).min(buf.len());
-        let truncated = hdr.msg_flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0
-            || self.arrival.local.is_none();
-        let peer = to_std(&self.addr, self.addr_len);
-        Ok(Received {
+        let len = n.min(buf.len());
+        Ok(Some(Received {
             data: buf.get(..len).unwrap_or_default(),
-            truncated,
+            // Without its arrival address the reply could go out from the
+            // wrong one: the datagram is not whole. Other control messages
+            // cut short (`MSG_CTRUNC`) do not matter.
+            truncated: hdr.msg_flags & libc::MSG_TRUNC != 0 || self.arrival.local.is_none(),
             peer,
             local: self.arrival.local,
-        })
+        }))
     }
 
     /// Sends `reply` to the sender of the last datagram received, from the
     /// address that datagram arrived on.
-    pub(crate) fn send(&mut self, socket: &Socket, reply: &[u8]) -> io::Result<usize> {
-        let mut control = Control::EMPTY;
+    pub(crate) fn send(&mut self, socket: &Socket, reply: &[u8]) -> io::Result<()> {
+        let mut control = SendCmsg::EMPTY;
         let used = cmsg::write(&mut control, &self.arrival, None);
         let mut iov = iovec {
             iov_base: reply.as_ptr().cast_mut().cast::<c_void>(),
@@ -98,11 +99,6 @@ impl Single {
         // SAFETY: `hdr` points at the sender's address as received, one
         // iovec over `reply` (only read), and `used` bytes of `control`, all
         // alive for the call.
-        let n = unsafe { libc::sendmsg(socket.as_raw_fd(), &hdr, 0) };
-        if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(n as usize)
-        }
+        cvt(unsafe { libc::sendmsg(socket.as_raw_fd(), &hdr, 0) }).map(drop)
     }
 }
