@@ -45,9 +45,11 @@ fn silence_is_a_timeout_after_every_attempt() {
         .expect("bind")
         .spawn(|_: Request<'_>, _: &mut Vec<u8>| Action::Ignore)
         .expect("spawn");
+    const JITTER: f64 = 0.2;
     let client = GreetClient::builder()
         .timeout(Duration::from_millis(10))
         .retries(2)
+        .jitter(JITTER)
         .connect(server.local_addr())
         .expect("connect");
     let err = client.send_recv(b"hello?").expect_err("no reply");
@@ -59,8 +61,12 @@ fn silence_is_a_timeout_after_every_attempt() {
         } => {
             assert_eq!(addr, server.local_addr());
             assert_eq!(attempts, 3);
-            // 10 + 20 + 40 ms of waiting at the least.
-            assert!(elapsed >= Duration::from_millis(70), "{elapsed:?}");
+            // The client waits out each attempt in full on the monotonic
+            // clock (it waits again if the kernel wakes it early), so the
+            // call lasts at least the sum of the shortest waits the jitter
+            // allows: 10 ms, then 20 and 40 ms each less 20%.
+            let least = Duration::from_millis(10) + Duration::from_millis(60).mul_f64(1.0 - JITTER);
+            assert!(elapsed >= least, "{elapsed:?} < {least:?}");
         }
         other => panic!("expected a timeout, got {other:?}"),
     }
@@ -262,4 +268,185 @@ fn a_reply_that_fails_the_check_is_discarded_and_the_wait_goes_on() {
     assert_eq!(client.discarded(), 1);
     let server = relay_thread.join().expect("relay");
     util::assert_balanced(&server.shutdown().expect("shutdown"));
+}
+
+/// A bound socket that never answers, and the address to send to it.
+fn silent_port() -> (UdpSocket, SocketAddr) {
+    let socket = UdpSocket::bind(V4).expect("bind");
+    let addr = socket.local_addr().expect("addr");
+    (socket, addr)
+}
+
+#[test]
+fn a_wait_under_a_microsecond_still_ends() {
+    // A read timeout that rounds to zero microseconds would mean "no
+    // timeout": the call would never return.
+    let (_silent, addr) = silent_port();
+    let client = GreetClient::builder()
+        .timeout(Duration::from_nanos(500))
+        .retries(0)
+        .deadline(Duration::from_secs(1))
+        .connect(addr)
+        .expect("connect");
+    let err = within_guard("a 500 ns wait", move || {
+        client.send_recv(b"quick?").expect_err("no reply")
+    });
+    assert!(matches!(err, Error::Timeout { attempts: 1, .. }), "{err:?}");
+    // Jittered retries of a 1 us timeout fall under 1 us about a quarter of
+    // the time; a hundred calls of five attempts each meet that often.
+    let client = GreetClient::builder()
+        .timeout(Duration::from_micros(1))
+        .retries(4)
+        .jitter(1.0)
+        .connect(addr)
+        .expect("connect");
+    let err = within_guard("jittered 1 us waits", move || {
+        (0..100)
+            .map(|_| client.send_recv(b"quick?"))
+            .find_map(|r| r.err().filter(|e| !e.is_timeout()))
+    });
+    assert!(err.is_none(), "every call times out: {err:?}");
+    // Nothing is sent to a zero deadline either way: it is refused at once.
+    let err = GreetClient::builder()
+        .deadline(Duration::ZERO)
+        .connect(addr)
+        .expect_err("zero deadline");
+    assert!(matches!(
+        err,
+        Error::InvalidConfig {
+            setting: "ClientBuilder::deadline",
+            ..
+        }
+    ));
+}
+
+#[test]
+fn the_deadline_can_be_turned_off() {
+    let (_silent, addr) = silent_port();
+    let client = GreetClient::builder()
+        .timeout(Duration::from_millis(5))
+        .retries(2)
+        .deadline(None)
+        .connect(addr)
+        .expect("connect");
+    let err = within_guard("a call without a deadline", move || {
+        client.send_recv(b"hello?").expect_err("no reply")
+    });
+    assert!(matches!(err, Error::Timeout { attempts: 3, .. }), "{err:?}");
+}
+
+/// A server played by hand: answers the first request with `first`, then
+/// with the greeting, from its own thread; returns its address.
+fn answers_with(first: Vec<u8>, then_greet: bool) -> (SocketAddr, std::thread::JoinHandle<()>) {
+    let (server, addr) = silent_port();
+    server
+        .set_read_timeout(Some(util::HANG_GUARD))
+        .expect("timeout");
+    let thread = std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        let (n, client) = server.recv_from(&mut buf).expect("request");
+        server.send_to(&first, client).expect("first answer");
+        if then_greet {
+            let mut greeting = Vec::new();
+            udp_greet::greet_into(&buf[..n], &mut greeting);
+            server.send_to(&greeting, client).expect("greeting");
+        }
+    });
+    (addr, thread)
+}
+
+#[test]
+fn a_datagram_too_large_to_check_is_discarded_and_the_wait_goes_on() {
+    let (addr, server) = answers_with(vec![b'x'; 100], true);
+    let client = GreetClient::builder()
+        .timeout(util::HANG_GUARD)
+        .retries(0)
+        .reply_check(udp_greet::is_greeting)
+        .connect(addr)
+        .expect("connect");
+    let mut buf = [0u8; 32];
+    let n = client
+        .send_recv_into(b"Sarah", &mut buf)
+        .expect("the greeting");
+    assert_eq!(&buf[..n], b"Hello, Sarah!");
+    assert_eq!(client.discarded(), 1);
+    server.join().expect("server");
+
+    // When nothing valid follows, the call says why it failed.
+    let (addr, server) = answers_with(vec![b'x'; 100], false);
+    let client = GreetClient::builder()
+        .timeout(Duration::from_millis(20))
+        .retries(0)
+        .reply_check(udp_greet::is_greeting)
+        .connect(addr)
+        .expect("connect");
+    let err = client
+        .send_recv_into(b"Sarah", &mut buf)
+        .expect_err("nothing fits");
+    assert!(
+        matches!(err, Error::ReplyTooLarge { capacity: 32, .. }),
+        "{err:?}"
+    );
+    server.join().expect("server");
+
+    // Without a check, the first datagram is the reply, and it does not fit.
+    let (addr, server) = answers_with(vec![b'x'; 100], true);
+    let client = GreetClient::builder()
+        .timeout(util::HANG_GUARD)
+        .connect(addr)
+        .expect("connect");
+    let err = client
+        .send_recv_into(b"Sarah", &mut buf)
+        .expect_err("too large");
+    assert!(matches!(err, Error::ReplyTooLarge { .. }), "{err:?}");
+    server.join().expect("server");
+}
+
+#[test]
+fn discarded_does_not_wait_for_a_call_in_progress() {
+    let (silent, addr) = silent_port();
+    silent
+        .set_read_timeout(Some(util::HANG_GUARD))
+        .expect("timeout");
+    let client = std::sync::Arc::new(
+        GreetClient::builder()
+            .timeout(Duration::from_secs(60))
+            .retries(0)
+            .deadline(None)
+            .connect(addr)
+            .expect("connect"),
+    );
+    let caller = {
+        let client = client.clone();
+        std::thread::spawn(move || client.send_recv(b"slow"))
+    };
+    // The request arrived: the call is in progress, waiting for a reply.
+    let mut buf = [0u8; 64];
+    let (_, from) = silent.recv_from(&mut buf).expect("the request");
+    let reader = client.clone();
+    let discarded = within_guard("discarded() during a call", move || reader.discarded());
+    assert_eq!(discarded, 0);
+    silent.send_to(b"done", from).expect("answer");
+    assert_eq!(caller.join().expect("caller").expect("reply"), b"done");
+}
+
+#[test]
+fn buffer_sizes_beyond_an_int_are_clamped_not_wrapped() {
+    let (_silent, addr) = silent_port();
+    let granted = |bytes: usize| {
+        let client = GreetClient::builder()
+            .recv_buffer_size(bytes)
+            .send_buffer_size(bytes)
+            .connect(addr)
+            .expect("connect");
+        (client.recv_buffer_size(), client.send_buffer_size())
+    };
+    let (largest_recv, largest_send) = granted(i32::MAX as usize);
+    for bytes in [1usize << 32, (1 << 32) + 4096, usize::MAX] {
+        let (recv, send) = granted(bytes);
+        assert_eq!(recv.requested, Some(bytes));
+        assert_eq!(recv.granted, largest_recv.granted, "SO_RCVBUF for {bytes}");
+        assert_eq!(send.granted, largest_send.granted, "SO_SNDBUF for {bytes}");
+        assert!(recv.is_clamped());
+    }
 }
