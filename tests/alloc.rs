@@ -17,30 +17,37 @@ use udp_greet::{GreetClient, GreetServer, ServerBuilder};
 struct Counting;
 
 static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+/// Bytes allocated and not yet freed.
+static LIVE: AtomicU64 = AtomicU64::new(0);
 
 // SAFETY: every call is passed unchanged to the system allocator, which
 // upholds `GlobalAlloc`'s contract; counting touches no allocator state.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        LIVE.fetch_add(layout.size() as u64, Ordering::Relaxed);
         // SAFETY: the caller's guarantees for `layout` are passed on.
         unsafe { System.alloc(layout) }
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        LIVE.fetch_add(layout.size() as u64, Ordering::Relaxed);
         // SAFETY: as for `alloc`.
         unsafe { System.alloc_zeroed(layout) }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        LIVE.fetch_add(new_size as u64, Ordering::Relaxed);
+        LIVE.fetch_sub(layout.size() as u64, Ordering::Relaxed);
         // SAFETY: `ptr` and `layout` come from this allocator, which is the
         // system allocator underneath.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size() as u64, Ordering::Relaxed);
         // SAFETY: as for `realloc`.
         unsafe { System.dealloc(ptr, layout) }
     }
@@ -185,6 +192,87 @@ fn many_prefixes(builder: ServerBuilder) -> Result<u64, String> {
     Ok(delta)
 }
 
+fn live() -> u64 {
+    LIVE.load(Ordering::SeqCst)
+}
+
+/// A reply far larger than UDP carries: the send fails, and the buffer
+/// that held it must not stay allocated.
+const HUGE_REPLY: usize = 4 << 20;
+
+/// Thirty-two requests whose replies are 4 MiB each: once they are dealt
+/// with, the server holds no more memory than before them.
+fn huge_replies_are_given_back(builder: ServerBuilder) -> Result<u64, String> {
+    let server = builder
+        .bind("127.0.0.1:0")
+        .and_then(|s| {
+            s.spawn(|request: udp_greet::Request<'_>, reply: &mut Vec<u8>| {
+                if request.data() == b"huge" {
+                    reply.resize(HUGE_REPLY, b'x');
+                    return udp_greet::Action::Reply;
+                }
+                udp_greet::greet(request, reply)
+            })
+        })
+        .map_err(|e| e.report())?;
+    let addr = server.local_addr();
+    let client = GreetClient::connect(addr).map_err(|e| e.report())?;
+    let mut buf = [0u8; 64];
+    client
+        .send_recv_into(b"warm", &mut buf)
+        .map_err(|e| e.report())?;
+    let before = live();
+    let sender = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    for _ in 0..BURST {
+        sender.send_to(b"huge", addr).map_err(|e| e.to_string())?;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while server.stats().send_errors < BURST as u64 {
+        if std::time::Instant::now() > deadline {
+            return Err(format!(
+                "the huge replies were not all tried: {:?}",
+                server.stats()
+            ));
+        }
+        std::thread::yield_now();
+    }
+    // One more exchange: the worker has gone back to receiving since.
+    client
+        .send_recv_into(b"again", &mut buf)
+        .map_err(|e| e.report())?;
+    let kept = live().saturating_sub(before);
+    server.shutdown().map_err(|e| e.report())?;
+    // Under 1 MiB is noise (the client, thread-locals); one huge buffer
+    // kept is 4 MiB.
+    if kept >= 1 << 20 {
+        return Err(format!(
+            "{kept} bytes still held after {BURST} huge replies"
+        ));
+    }
+    Ok(0)
+}
+
+/// The heap a bound, idle server of `workers` workers holds per worker,
+/// in bytes: printed for the documentation.
+fn idle_heap_per_worker(builder: ServerBuilder, workers: usize) -> Result<u64, String> {
+    let before = live();
+    let server = builder
+        .workers(workers)
+        .max_datagram_size(1200)
+        .bind("127.0.0.1:0")
+        .and_then(|s| s.spawn(udp_greet::greet))
+        .map_err(|e| e.report())?;
+    let client = GreetClient::connect(server.local_addr()).map_err(|e| e.report())?;
+    let mut buf = [0u8; 64];
+    client
+        .send_recv_into(b"warm", &mut buf)
+        .map_err(|e| e.report())?;
+    drop(client);
+    let per_worker = live().saturating_sub(before) / workers as u64;
+    server.shutdown().map_err(|e| e.report())?;
+    Ok(per_worker)
+}
+
 fn main() -> ExitCode {
     type Scenario = fn(ServerBuilder) -> Result<u64, String>;
     let scenarios: [(&str, Scenario); 4] = [
@@ -220,6 +308,35 @@ fn main() -> ExitCode {
                         println!("FAILED: {label}: {e}");
                         failed += 1;
                     }
+                }
+            }
+        }
+    }
+    for (path, portable) in [("batched", false), ("portable", true)] {
+        let label = format!("{path} path, 32 replies of 4 MiB are given back");
+        match huge_replies_are_given_back(GreetServer::builder().portable_io(portable)) {
+            Ok(_) => {
+                println!("ok: {label}");
+                passed += 1;
+            }
+            Err(e) => {
+                println!("FAILED: {label}: {e}");
+                failed += 1;
+            }
+        }
+        for batch in [32, 1024] {
+            let builder = GreetServer::builder()
+                .portable_io(portable)
+                .batch_size(batch);
+            match idle_heap_per_worker(builder, 8) {
+                Ok(bytes) => println!(
+                    "note: {path} path, batch_size({batch}), max_datagram_size(1200): \
+                     {} KiB of heap per idle worker",
+                    bytes / 1024
+                ),
+                Err(e) => {
+                    println!("FAILED: idle heap, {path} path: {e}");
+                    failed += 1;
                 }
             }
         }
