@@ -28,11 +28,11 @@ util::on_both_paths!(
     shutdown_frees_the_port_at_once,
     shutdown_handle_outlives_the_server_without_holding_the_port,
     several_clients_at_once,
-    receive_errors_do_not_stop_the_server,
     several_workers_share_the_load_and_stop_together,
     bursts_to_one_peer_get_every_reply_intact,
     a_failed_reply_does_not_lose_the_rest_of_its_batch,
     wildcard_server_replies_from_the_address_asked,
+    a_dual_stack_request_is_in_one_family,
 );
 
 fn echo(request: Request<'_>, reply: &mut Vec<u8>) -> Action {
@@ -62,6 +62,9 @@ fn public_types_are_send_and_sync() {
     check::<Stats>();
     check::<Error>();
     check::<Request<'static>>();
+    check::<Action>();
+    check::<udp_greet::BufferSize>();
+    check::<udp_greet::RateLimit>();
 }
 
 fn greets_over_ipv4_and_ipv6(b: ServerBuilder) {
@@ -460,25 +463,6 @@ fn from_std_serves_an_existing_socket() {
     drop(server);
 }
 
-fn receive_errors_do_not_stop_the_server(b: ServerBuilder) {
-    let server = greet_server(b.clone(), V4);
-    let addr = server.local_addr();
-    // Replies to a port that closes at once draw ICMP port-unreachable
-    // messages back at the server.
-    for _ in 0..20 {
-        let gone = raw_socket_for(addr);
-        gone.send_to(b"x", addr).expect("send");
-    }
-    let client = GreetClient::connect(addr).expect("connect");
-    wait_until("all 20 requests to be handled", || {
-        server.stats().received == 20
-    });
-    assert_eq!(client.send_recv(b"still").expect("reply"), b"Hello, still!");
-    let stats = server.shutdown().expect("shutdown");
-    assert_eq!(stats.received, 21);
-    assert_balanced(&stats);
-}
-
 /// How many threads of this process serve `port` (named `udp:PORT/N`).
 fn workers_of(port: u16) -> usize {
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
@@ -708,4 +692,110 @@ fn wildcard_server_replies_from_the_address_asked(b: ServerBuilder) {
         .expect("spawn");
     let client = GreetClient::connect(server.local_addr()).expect("connect");
     assert_eq!(client.send_recv(b"?").expect("reply"), b"127.0.0.1");
+}
+
+#[test]
+fn several_workers_do_not_join_an_address_already_held() {
+    let held = |err: Error, addr: SocketAddr| {
+        assert!(
+            matches!(err, Error::AddrInUse { addr: a, .. } if a == addr),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string()
+                .contains(&format!("address {addr} is already in use")),
+            "{err}"
+        );
+    };
+    // Another multi-worker server.
+    let first = GreetServer::builder().workers(2).bind(V4).expect("bind");
+    let addr = first.local_addr();
+    let err = GreetServer::builder()
+        .workers(2)
+        .bind(addr)
+        .expect_err("the address is held");
+    held(err, addr);
+    // One worker is refused the same way.
+    held(GreetServer::bind(addr).expect_err("held"), addr);
+    drop(first);
+
+    // A plain socket, and a server that allows sharing.
+    let plain = UdpSocket::bind(V4).expect("bind");
+    let addr = plain.local_addr().expect("addr");
+    held(
+        GreetServer::builder()
+            .workers(3)
+            .bind(addr)
+            .expect_err("held"),
+        addr,
+    );
+    let sharing = GreetServer::builder()
+        .reuse_port(true)
+        .bind(V4)
+        .expect("bind");
+    let addr = sharing.local_addr();
+    held(
+        GreetServer::builder()
+            .workers(2)
+            .bind(addr)
+            .expect_err("held"),
+        addr,
+    );
+    // Sharing on purpose: both ask for it.
+    if cfg!(unix) {
+        let joined = GreetServer::builder()
+            .reuse_port(true)
+            .workers(2)
+            .bind(addr)
+            .expect("reuse_port(true) on both sides shares the address");
+        assert_eq!(joined.local_addr(), addr);
+    }
+}
+
+#[test]
+fn server_buffer_sizes_beyond_an_int_are_clamped_not_wrapped() {
+    let granted = |bytes: usize| {
+        let server = GreetServer::builder()
+            .recv_buffer_size(bytes)
+            .send_buffer_size(bytes)
+            .bind(V4)
+            .expect("bind");
+        (server.recv_buffer_size(), server.send_buffer_size())
+    };
+    let (largest_recv, largest_send) = granted(i32::MAX as usize);
+    for bytes in [1usize << 32, usize::MAX] {
+        let (recv, send) = granted(bytes);
+        assert_eq!(recv.requested, Some(bytes));
+        assert_eq!(recv.granted, largest_recv.granted, "SO_RCVBUF for {bytes}");
+        assert_eq!(send.granted, largest_send.granted, "SO_SNDBUF for {bytes}");
+    }
+}
+
+/// On a dual-stack socket an IPv4 client is an IPv4-mapped IPv6 peer, and
+/// the address it sent to is given in the same family.
+fn a_dual_stack_request_is_in_one_family(b: ServerBuilder) {
+    if !has_ipv6() {
+        return;
+    }
+    let server = b
+        .only_v6(false)
+        .bind("[::]:0")
+        .expect("bind")
+        .spawn(|request: Request<'_>, reply: &mut Vec<u8>| {
+            let local = request
+                .local_ip()
+                .map(|ip| ip.to_string())
+                .unwrap_or_default();
+            reply.extend_from_slice(format!("{} {local}", request.peer().ip()).as_bytes());
+            Action::Reply
+        })
+        .expect("spawn");
+    let client = GreetClient::connect(("127.0.0.1", server.local_addr().port())).expect("connect");
+    assert_eq!(
+        client.send_recv(b"who?").expect("reply"),
+        b"::ffff:127.0.0.1 ::ffff:127.0.0.1"
+    );
+    let v6 = GreetClient::connect(("::1", server.local_addr().port())).expect("connect");
+    assert_eq!(v6.send_recv(b"who?").expect("reply"), b"::1 ::1");
+    assert_balanced(&server.shutdown().expect("shutdown"));
 }

@@ -1,0 +1,227 @@
+//! Sockets handed in from outside (`from_std`): put in the mode the server
+//! needs, served with the builder's settings, refused when unsuitable.
+
+mod util;
+
+use std::net::UdpSocket;
+use std::sync::Mutex;
+use std::sync::mpsc;
+
+use udp_greet::{Error, GreetClient, GreetServer, Request, ServerBuilder};
+use util::{HANG_GUARD, V4, assert_balanced, raw_socket_for, wait_until};
+
+util::on_both_paths!(
+    a_non_blocking_socket_is_served_with_the_builders_settings,
+    a_socket_with_extra_control_messages_still_answers,
+    receive_errors_do_not_stop_the_server,
+);
+
+/// How many threads of this process serve `port` (named `udp:PORT/N`).
+fn workers_of(port: u16) -> usize {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    let prefix = format!("udp:{port}/");
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.starts_with(&prefix))
+        .count()
+}
+
+/// A socket left non-blocking, with a tiny read timeout, would make the
+/// loop spin; `from_std` puts it right, and every builder setting applies.
+fn a_non_blocking_socket_is_served_with_the_builders_settings(b: ServerBuilder) {
+    let socket = UdpSocket::bind(V4).expect("bind");
+    socket.set_nonblocking(true).expect("non-blocking");
+    socket
+        .set_read_timeout(Some(std::time::Duration::from_micros(1)))
+        .expect("a tiny read timeout");
+    // The same open socket, to look at its mode after the hand-over.
+    let probe = socket2::Socket::from(socket.try_clone().expect("clone"));
+    let addr = socket.local_addr().expect("addr");
+    let server = b
+        .max_amplification(9)
+        .max_datagram_size(100)
+        .workers(2)
+        .from_std(socket)
+        .expect("adopt");
+    assert_eq!(server.local_addr(), addr);
+    assert_eq!(server.max_datagram_size(), 100);
+    #[cfg(unix)]
+    assert!(!probe.nonblocking().expect("mode"), "made blocking");
+    if cfg!(target_os = "linux") {
+        // Shutdown wakes a blocked receive on Linux: no timeout needed.
+        assert_eq!(probe.read_timeout().expect("timeout"), None);
+    }
+    let server = server.spawn(udp_greet::greet).expect("spawn");
+    if cfg!(target_os = "linux") {
+        wait_until("two workers on the one socket", || {
+            workers_of(addr.port()) == 2
+        });
+    }
+    let client = GreetClient::connect(addr).expect("connect");
+    // "x" gets 9 bytes back, within 9x; "" would get 8 for 0 and is capped.
+    assert_eq!(client.send_recv(b"x").expect("reply"), b"Hello, x!");
+    let raw = raw_socket_for(addr);
+    raw.send_to(b"", addr).expect("send");
+    raw.send_to(&[b'y'; 101], addr).expect("send");
+    wait_until("the capped and the oversized request", || {
+        let stats = server.stats();
+        stats.amplification_capped == 1 && stats.truncated == 1
+    });
+    let stats = server.shutdown().expect("shutdown");
+    assert_eq!(stats.replied, 1);
+    assert_balanced(&stats);
+}
+
+#[cfg(unix)]
+#[test]
+fn unsuitable_sockets_are_refused_with_the_reason() {
+    use socket2::{Domain, Socket, Type};
+    let unsuitable = |socket: UdpSocket, why: &str| {
+        let err = GreetServer::from_std(socket).expect_err(why);
+        assert!(
+            matches!(err, Error::UnsuitableSocket { .. }),
+            "{why}: {err:?}"
+        );
+        assert!(err.to_string().contains(why), "{err}");
+    };
+    // A TCP socket dressed as a `UdpSocket`.
+    let tcp = Socket::new(Domain::IPV4, Type::STREAM, None).expect("tcp socket");
+    tcp.bind(
+        &"127.0.0.1:0"
+            .parse::<std::net::SocketAddr>()
+            .expect("addr")
+            .into(),
+    )
+    .expect("bind");
+    unsuitable(
+        UdpSocket::from(std::os::fd::OwnedFd::from(tcp)),
+        "not a datagram",
+    );
+    // A UDP socket never bound.
+    let unbound = Socket::new(Domain::IPV4, Type::DGRAM, None).expect("udp socket");
+    unsuitable(
+        UdpSocket::from(std::os::fd::OwnedFd::from(unbound)),
+        "not bound",
+    );
+    // A Unix datagram socket.
+    let (unix, _other) = std::os::unix::net::UnixDatagram::pair().expect("pair");
+    unsuitable(
+        UdpSocket::from(std::os::fd::OwnedFd::from(unix)),
+        "not an IPv4 or IPv6 socket",
+    );
+    // The builder checks its own settings first.
+    let err = GreetServer::builder()
+        .workers(0)
+        .from_std(UdpSocket::bind(V4).expect("bind"))
+        .expect_err("no workers");
+    assert!(matches!(
+        err,
+        Error::InvalidConfig {
+            setting: "ServerBuilder::workers",
+            ..
+        }
+    ));
+}
+
+/// Turns on a socket option that takes a C `int`.
+#[cfg(target_os = "linux")]
+fn set_int_option(socket: &UdpSocket, level: libc::c_int, name: libc::c_int) {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: `on` is a live `c_int` and the length given is its size; the
+    // descriptor is open for the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            std::ptr::from_ref(&on).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "setsockopt {level}/{name}: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// A wildcard-bound socket that also asked for timestamps, TTL, TOS and the
+/// original destination gets more control data with each datagram than the
+/// server asks for; the arrival address must still be found.
+fn a_socket_with_extra_control_messages_still_answers(b: ServerBuilder) {
+    #[cfg(target_os = "linux")]
+    {
+        let socket = UdpSocket::bind("0.0.0.0:0").expect("bind");
+        for (level, name) in [
+            (libc::SOL_SOCKET, libc::SO_TIMESTAMPNS),
+            (libc::SOL_SOCKET, libc::SO_RXQ_OVFL),
+            (libc::IPPROTO_IP, libc::IP_RECVTTL),
+            (libc::IPPROTO_IP, libc::IP_RECVTOS),
+            (libc::IPPROTO_IP, libc::IP_RECVORIGDSTADDR),
+            (libc::IPPROTO_IP, libc::IP_RECVOPTS),
+        ] {
+            set_int_option(&socket, level, name);
+        }
+        let port = socket.local_addr().expect("addr").port();
+        let server = b
+            .from_std(socket)
+            .expect("adopt")
+            .spawn(util::tell_local)
+            .expect("spawn");
+        let client = GreetClient::connect(("127.0.0.1", port)).expect("connect");
+        assert_eq!(client.send_recv(b"where?").expect("reply"), b"127.0.0.1");
+        let stats = server.shutdown().expect("shutdown");
+        assert_eq!((stats.replied, stats.truncated), (1, 0), "{stats:?}");
+        assert_balanced(&stats);
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = b;
+}
+
+/// With `IP_RECVERR` on (as a socket from elsewhere may have it), an ICMP
+/// "port unreachable" for a reply surfaces as a failed receive: counted,
+/// and the server goes on.
+fn receive_errors_do_not_stop_the_server(b: ServerBuilder) {
+    #[cfg(target_os = "linux")]
+    {
+        let socket = UdpSocket::bind(V4).expect("bind");
+        set_int_option(&socket, libc::IPPROTO_IP, libc::IP_RECVERR);
+        let addr = socket.local_addr().expect("addr");
+        let (started, in_call) = mpsc::channel();
+        let (release, gate) = mpsc::channel::<()>();
+        let (started, gate) = (Mutex::new(started), Mutex::new(gate));
+        let server = b
+            .from_std(socket)
+            .expect("adopt")
+            .spawn(move |request: Request<'_>, reply: &mut Vec<u8>| {
+                if request.data() == b"first" {
+                    let _ = started.lock().map(|s| s.send(()));
+                    let _ = gate.lock().map(|g| g.recv_timeout(HANG_GUARD));
+                }
+                udp_greet::greet(request, reply)
+            })
+            .expect("spawn");
+        let gone = raw_socket_for(addr);
+        gone.send_to(b"first", addr).expect("send");
+        in_call.recv_timeout(HANG_GUARD).expect("the handler runs");
+        // The sender's port closes before its reply goes out: the reply
+        // draws an ICMP port-unreachable back at the server.
+        drop(gone);
+        release.send(()).expect("the handler waits");
+        wait_until("the ICMP report to surface as a receive error", || {
+            server.stats().recv_errors == 1
+        });
+        let client = GreetClient::connect(addr).expect("connect");
+        assert_eq!(client.send_recv(b"still").expect("reply"), b"Hello, still!");
+        let stats = server.shutdown().expect("shutdown");
+        assert_eq!((stats.received, stats.replied), (2, 2), "{stats:?}");
+        assert_eq!(stats.recv_errors, 1);
+        assert_balanced(&stats);
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = b;
+}
