@@ -94,14 +94,18 @@ impl ServerBuilder {
     /// kernel queues for the server while it is busy, beyond which it drops.
     ///
     /// The kernel may adjust the size: read what it granted with
-    /// [`GreetServer::recv_buffer_size`]. Defaults to
-    /// [`DEFAULT_RECV_BUFFER`] (1 MiB).
+    /// [`GreetServer::recv_buffer_size`]. A request above `i32::MAX` (the
+    /// largest the option takes) asks for `i32::MAX`. Defaults to
+    /// [`DEFAULT_RECV_BUFFER`] (1 MiB) for [`bind`](ServerBuilder::bind);
+    /// [`from_std`](ServerBuilder::from_std) leaves the socket's own size
+    /// unless this is called.
     pub fn recv_buffer_size(mut self, bytes: usize) -> Self {
         self.socket.recv_buffer = Some(bytes);
         self
     }
 
-    /// Requests a send buffer (`SO_SNDBUF`) of `bytes`.
+    /// Requests a send buffer (`SO_SNDBUF`) of `bytes` (at most `i32::MAX`,
+    /// as for [`recv_buffer_size`](ServerBuilder::recv_buffer_size)).
     ///
     /// Read what the kernel granted with [`GreetServer::send_buffer_size`].
     /// Defaults to the system default.
@@ -119,7 +123,14 @@ impl ServerBuilder {
     }
 
     /// Sets `SO_REUSEPORT` before binding, so that other sockets that also set
-    /// it can bind the same address.
+    /// it can bind the same address: several servers, or processes, sharing
+    /// one port on purpose.
+    ///
+    /// Sharing is open to any socket of the same user that sets the option,
+    /// for as long as the server runs: such a socket can bind the address
+    /// later and take a share of the traffic (on Linux, the peers whose
+    /// address hashes to it). Turn it on only where every process of that
+    /// user is trusted with the service's traffic.
     ///
     /// # Platform-specific behavior
     ///
@@ -169,6 +180,15 @@ impl ServerBuilder {
     /// datagrams always go to the same worker, so a single busy peer does not
     /// spread. Elsewhere the workers share one socket.
     ///
+    /// Binding still fails with [`Error::AddrInUse`] when any other socket
+    /// holds the address, even one that allows sharing: the first socket
+    /// binds without `SO_REUSEPORT` and turns it on once it holds the
+    /// address. Unless [`reuse_port`](ServerBuilder::reuse_port) is on, then,
+    /// several workers never join another server's port. Once they are
+    /// bound, though, the kernel cannot close the group: another socket of
+    /// the same user that sets `SO_REUSEPORT` can still bind the address and
+    /// take a share of the traffic, as with `reuse_port(true)`.
+    ///
     /// Must be between 1 and 1024. Defaults to 1.
     pub fn workers(mut self, workers: usize) -> Self {
         self.workers = workers;
@@ -178,10 +198,24 @@ impl ServerBuilder {
     /// How many datagrams one batched receive (`recvmmsg`) takes at most,
     /// and so how many replies one `sendmmsg` sends.
     ///
-    /// Each worker keeps a receive buffer of the largest accepted datagram
-    /// size per batch slot (2 MiB of address space for 32 slots of 64 KiB,
-    /// touched only as large datagrams use it); lower
-    /// [`max_datagram_size`](ServerBuilder::max_datagram_size) to shrink it.
+    /// A batch never waits to fill, and never holds a ready reply back for
+    /// long: replies go out together when the handler is fast, and as soon
+    /// as the handler call that follows them has taken more than 50 µs when
+    /// it is not, so each reply leaves within about one handler call of
+    /// being ready, whatever the batch size.
+    ///
+    /// Memory per worker: a receive buffer of the largest accepted datagram
+    /// per batch slot (2 MiB of address space for 32 slots of 64 KiB,
+    /// touched only as large datagrams use it; lower
+    /// [`max_datagram_size`](ServerBuilder::max_datagram_size) to shrink
+    /// it), and about 1 KiB per slot of headers, addresses and reply buffer
+    /// (1.5 KiB with a wildcard address, for arrival addresses). Measured on
+    /// Linux as the resident memory an idle worker adds (64 workers, after a
+    /// hundred requests): 50 KiB at the default 32 (66 KiB bound to a
+    /// wildcard address), 1 MiB at 1024 (1.5 MiB wildcard); of the 50 KiB,
+    /// about 45 are the thread's own stack and allocator arena, which a
+    /// batch of 1 costs too. A reply buffer that grew past 64 KiB is given
+    /// back after its reply is sent.
     ///
     /// # Platform-specific behavior
     ///

@@ -184,10 +184,18 @@ impl GreetServer {
     /// stops it, then returns the final counters.
     ///
     /// For each datagram, `handler` gets the [`Request`] and an empty reply
-    /// buffer (reused from one datagram to the next and made with room for
-    /// 512 bytes, so a handler that appends to it allocates nothing once it
-    /// has grown to its largest reply) and returns an [`Action`]. The handler is shared by reference, so it must be `Fn`,
-    /// `Send` and `Sync`; per-request state belongs in the request.
+    /// buffer and returns an [`Action`]. The buffer is reused from one
+    /// datagram to the next and made with room for 512 bytes, so a handler
+    /// that appends to it allocates nothing once it has grown to its largest
+    /// reply (a buffer that grew past 64 KiB, more than UDP carries, is
+    /// given back after its datagram). The handler is shared by reference,
+    /// so it must be `Fn`, `Send` and `Sync`; per-request state belongs in
+    /// the request.
+    ///
+    /// The handler runs on the worker threads. A reply leaves as soon as it
+    /// is ready or, for fast handlers, together with the rest of its batch
+    /// (see [`ServerBuilder::batch_size`]); a slow handler delays only the
+    /// requests behind it on the same worker.
     ///
     /// A handler that panics is caught: the datagram is counted in
     /// [`Stats::handler_panics`] and answered with nothing. The panic still

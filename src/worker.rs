@@ -240,7 +240,7 @@ impl<'a, H: HandlerFn> Processor<'a, H> {
     /// anything else is counted and followed by a short, growing pause so a
     /// persistent failure cannot spin the CPU.
     pub(crate) fn recv_failed(&mut self, err: &io::Error, shared: &Shared) {
-        if err.kind() == io::ErrorKind::Interrupted || crate::error::is_timeout(err) {
+        if crate::error::is_timeout(err) {
             return;
         }
         self.totals.recv_errors += 1;

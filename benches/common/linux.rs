@@ -11,11 +11,29 @@ use std::time::{Duration, Instant};
 
 use libc::{c_uint, c_void, iovec, mmsghdr};
 
+/// Plain C structs of integers, pointers and arrays of them, for which all
+/// zeroes is a valid value (null pointers, zero lengths, empty sets).
+trait Zeroable {}
+impl Zeroable for libc::cpu_set_t {}
+impl Zeroable for libc::sockaddr_storage {}
+impl Zeroable for iovec {}
+impl Zeroable for mmsghdr {}
+
+/// A zeroed `T`.
+fn zeroed<T: Zeroable>() -> T {
+    // SAFETY: `Zeroable` is implemented only for types valid when zeroed.
+    unsafe { mem::zeroed() }
+}
+
+/// `n` zeroed `T`s.
+fn zeroed_vec<T: Zeroable>(n: usize) -> Vec<T> {
+    (0..n).map(|_| zeroed()).collect()
+}
+
 /// Pins the calling thread to one CPU; threads it spawns afterwards
 /// inherit the pin.
 pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
-    // SAFETY: `cpu_set_t` is a plain bit set, valid when zeroed.
-    let mut set: libc::cpu_set_t = unsafe { mem::zeroed() };
+    let mut set: libc::cpu_set_t = zeroed();
     if cpu >= libc::CPU_SETSIZE as usize {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "no such CPU"));
     }
@@ -96,12 +114,10 @@ impl Generator {
             window,
             request: request.to_vec(),
             recv_bufs: vec![0u8; window * REPLY_ROOM],
-            // SAFETY (this and the next four): plain C structs of integers
-            // and pointers, valid when zeroed.
-            send_iov: unsafe { mem::zeroed() },
-            send_hdrs: (0..window).map(|_| unsafe { mem::zeroed() }).collect(),
-            recv_iovs: (0..window).map(|_| unsafe { mem::zeroed() }).collect(),
-            recv_hdrs: (0..window).map(|_| unsafe { mem::zeroed() }).collect(),
+            send_iov: zeroed(),
+            send_hdrs: zeroed_vec(window),
+            recv_iovs: zeroed_vec(window),
+            recv_hdrs: zeroed_vec(window),
         };
         generator.send_iov = iovec {
             iov_base: generator.request.as_mut_ptr().cast::<c_void>(),
@@ -171,7 +187,7 @@ impl Generator {
                 self.sockets[s].as_raw_fd(),
                 self.send_hdrs.as_mut_ptr(),
                 count as c_uint,
-                libc::MSG_DONTWAIT,
+                libc::MSG_DONTWAIT as _,
             )
         };
         n.max(0) as usize
@@ -191,7 +207,7 @@ impl Generator {
                 self.sockets[s].as_raw_fd(),
                 self.recv_hdrs.as_mut_ptr(),
                 self.window as c_uint,
-                libc::MSG_DONTWAIT,
+                libc::MSG_DONTWAIT as _,
                 ptr::null_mut(),
             )
         };
@@ -212,13 +228,11 @@ pub fn mmsg_greet_loop(socket: &UdpSocket, stop: &std::sync::atomic::AtomicBool)
     let fd = socket.as_raw_fd();
     let mut bufs = vec![0u8; BATCH * ROOM];
     let mut replies = vec![0u8; BATCH * (ROOM + 8)];
-    // SAFETY (these four): plain C structs, valid when zeroed.
-    let mut addrs: Vec<libc::sockaddr_storage> =
-        (0..BATCH).map(|_| unsafe { mem::zeroed() }).collect();
-    let mut iovs: Vec<iovec> = (0..BATCH).map(|_| unsafe { mem::zeroed() }).collect();
-    let mut out_iovs: Vec<iovec> = (0..BATCH).map(|_| unsafe { mem::zeroed() }).collect();
-    let mut hdrs: Vec<mmsghdr> = (0..BATCH).map(|_| unsafe { mem::zeroed() }).collect();
-    let mut out_hdrs: Vec<mmsghdr> = (0..BATCH).map(|_| unsafe { mem::zeroed() }).collect();
+    let mut addrs: Vec<libc::sockaddr_storage> = zeroed_vec(BATCH);
+    let mut iovs: Vec<iovec> = zeroed_vec(BATCH);
+    let mut out_iovs: Vec<iovec> = zeroed_vec(BATCH);
+    let mut hdrs: Vec<mmsghdr> = zeroed_vec(BATCH);
+    let mut out_hdrs: Vec<mmsghdr> = zeroed_vec(BATCH);
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         for i in 0..BATCH {
             iovs[i] = iovec {
@@ -237,7 +251,7 @@ pub fn mmsg_greet_loop(socket: &UdpSocket, stop: &std::sync::atomic::AtomicBool)
                 fd,
                 hdrs.as_mut_ptr(),
                 BATCH as c_uint,
-                libc::MSG_WAITFORONE,
+                libc::MSG_WAITFORONE as _,
                 ptr::null_mut(),
             )
         };

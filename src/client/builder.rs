@@ -178,7 +178,8 @@ impl ClientBuilder {
         self
     }
 
-    /// Requests a receive buffer (`SO_RCVBUF`) of `bytes`.
+    /// Requests a receive buffer (`SO_RCVBUF`) of `bytes` (at most
+    /// `i32::MAX`, the largest the option takes).
     ///
     /// Defaults to the system default.
     pub fn recv_buffer_size(mut self, bytes: usize) -> Self {
@@ -186,7 +187,7 @@ impl ClientBuilder {
         self
     }
 
-    /// Requests a send buffer (`SO_SNDBUF`) of `bytes`.
+    /// Requests a send buffer (`SO_SNDBUF`) of `bytes` (at most `i32::MAX`).
     ///
     /// Defaults to the system default.
     pub fn send_buffer_size(mut self, bytes: usize) -> Self {

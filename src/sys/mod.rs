@@ -103,7 +103,8 @@ impl Portable {
         if let Some(io) = &mut self.pktinfo {
             return io.recv(socket, buf);
         }
-        let (len, flags, addr) = socket.recv_from_vectored(&mut [recv_slice(buf)])?;
+        let (len, flags, addr) =
+            retry_interrupted(|| socket.recv_from_vectored(&mut [recv_slice(buf)]))?;
         let Some(peer) = addr.as_socket() else {
             return Ok(None);
         };

@@ -437,10 +437,13 @@ impl Batch {
             self.set_header(m, &message, iov, 1, None);
             let hdr = ptr::from_ref(&self.send_hdrs[m].msg_hdr);
             let fd = socket.as_raw_fd();
-            // SAFETY: header `m` was just built as in `build_messages`, with
-            // one iovec over one reply buffer and no segment size; `self`
-            // stays mutably borrowed across the call.
-            match retry_interrupted(|| cvt(unsafe { libc::sendmsg(fd, hdr, 0) })) {
+            let result = retry_interrupted(|| {
+                // SAFETY: header `m` was just built as in `build_messages`,
+                // with one iovec over one reply buffer and no segment size;
+                // `self` stays mutably borrowed across the call.
+                cvt(unsafe { libc::sendmsg(fd, hdr, 0) })
+            });
+            match result {
                 Ok(_) => sent += 1,
                 Err(_) => failed += 1,
             }

@@ -11,7 +11,7 @@ use socket2::Socket;
 
 use super::cmsg::{self, Arrival, RecvCmsg, SendCmsg};
 use super::{cvt, to_std};
-use crate::sys::Received;
+use crate::sys::{Received, retry_interrupted};
 
 /// `recvmsg` and `sendmsg` with arrival addresses: each reply goes out from
 /// the address its request was sent to.
@@ -54,9 +54,13 @@ impl PktinfoIo {
         hdr.msg_iovlen = 1;
         hdr.msg_control = self.control.0.as_mut_ptr().cast::<c_void>();
         hdr.msg_controllen = mem::size_of::<RecvCmsg>() as _;
-        // SAFETY: `hdr` points at `self.addr` (its size given), one iovec over
-        // `buf`, and `self.control` (its size given), all alive for the call.
-        let n = cvt(unsafe { libc::recvmsg(socket.as_raw_fd(), &mut hdr, 0) })?;
+        let fd = socket.as_raw_fd();
+        let n = retry_interrupted(|| {
+            // SAFETY: `hdr` points at `self.addr` (its size given), one iovec
+            // over `buf`, and `self.control` (its size given), all alive for
+            // the call.
+            cvt(unsafe { libc::recvmsg(fd, &mut hdr, 0) })
+        })?;
         self.addr_len = hdr.msg_namelen;
         let Some(peer) = to_std(&self.addr, self.addr_len) else {
             return Ok(None);
