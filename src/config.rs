@@ -246,8 +246,10 @@ impl ServerBuilder {
     ///
     /// It pays off when one peer has many requests in flight; replies to
     /// different peers, or larger than 1 452 bytes, go out one per datagram
-    /// as usual. If a segmented send fails where single ones work (a device
-    /// that cannot segment), the worker stops segmenting.
+    /// as usual. Some devices and drivers cannot segment, and Linux says so
+    /// only by failing a segmented send with `EIO` (or sometimes `EINVAL`):
+    /// then the worker stops segmenting and sends that message's replies one
+    /// by one. Any other error fails the message as it would a single reply.
     ///
     /// # Platform-specific behavior
     ///
