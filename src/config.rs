@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs, UdpSocket};
+use std::time::Duration;
 
 use socket2::Socket;
 
@@ -46,7 +47,39 @@ pub struct ServerBuilder {
     pub(crate) gso: bool,
     pub(crate) rate_limit: Option<RateLimit>,
     pub(crate) max_amplification: Option<usize>,
+    pub(crate) handler_threads: usize,
+    pub(crate) queue_capacity: Option<usize>,
+    pub(crate) overload_reply: Option<Vec<u8>>,
+    pub(crate) max_queue_wait: Option<Duration>,
+    pub(crate) drain_timeout: Duration,
 }
+
+/// The handler pool's queue holds this many requests per handler thread
+/// unless [`ServerBuilder::queue_capacity`] says otherwise: 64.
+///
+/// A request that is `k`-th in the queue of `n` threads whose handlers take
+/// `h` each waits about `k × h / n`; with the default
+/// [`max_queue_wait`](ServerBuilder::max_queue_wait) of 500 ms, 64 per
+/// thread is as deep as a queue of 8 ms handlers can usefully be. Deeper,
+/// the requests at the back would only expire; faster handlers drain it
+/// well within the wait. Each place holds one request's bytes: 512 bytes
+/// reserved up front, growing to the largest request it has carried.
+pub const DEFAULT_QUEUE_PER_THREAD: usize = 64;
+
+/// How long a request may wait in the handler pool's queue unless
+/// [`ServerBuilder::max_queue_wait`] says otherwise: 500 ms, half of
+/// [`ClientBuilder::timeout`](crate::ClientBuilder::timeout)'s default.
+///
+/// A client of this crate resends after 1 s by default. A request taken up
+/// after 500 ms would need a handler of under 500 ms for its reply to beat
+/// the resend; later than that, its client has given up or resent, and
+/// answering it only adds to the load that made it wait.
+pub const DEFAULT_MAX_QUEUE_WAIT: Duration = Duration::from_millis(500);
+
+/// The most handler threads one server may have.
+const MAX_HANDLER_THREADS: usize = 1024;
+/// The largest handler-pool queue.
+const MAX_QUEUE_CAPACITY: usize = 1 << 20;
 
 /// The default number of datagrams per batch on the batched path: 32.
 ///
@@ -80,6 +113,11 @@ impl Default for ServerBuilder {
             gso: true,
             rate_limit: None,
             max_amplification: None,
+            handler_threads: 0,
+            queue_capacity: None,
+            overload_reply: None,
+            max_queue_wait: Some(DEFAULT_MAX_QUEUE_WAIT),
+            drain_timeout: Duration::ZERO,
         }
     }
 }
@@ -284,6 +322,87 @@ impl ServerBuilder {
         self
     }
 
+    /// Runs handlers on a pool of `threads` threads instead of on the
+    /// receive workers, for handlers that wait (on a database, a file,
+    /// another service).
+    ///
+    /// The receive workers keep receiving in batches and hand each request
+    /// to the pool through a bounded queue
+    /// ([`queue_capacity`](ServerBuilder::queue_capacity)) without ever
+    /// waiting for room: when the queue is full the request is shed at once
+    /// ([`overload_reply`](ServerBuilder::overload_reply),
+    /// [`Stats::overloaded`](crate::Stats::overloaded)). A handler thread
+    /// drops a request that waited too long
+    /// ([`max_queue_wait`](ServerBuilder::max_queue_wait)), and sends each
+    /// reply itself as soon as it is ready, from the address the request
+    /// arrived on. Up to `threads` handler calls run at once, whichever
+    /// peers they come from.
+    ///
+    /// 0 runs handlers inline on the receive workers, which is fastest for
+    /// handlers that answer in microseconds. Must be at most 1024. Defaults
+    /// to 0.
+    pub fn handler_threads(mut self, threads: usize) -> Self {
+        self.handler_threads = threads;
+        self
+    }
+
+    /// How many requests the handler pool's queue holds: requests received
+    /// beyond it, while every place is taken, are shed. The queue's memory
+    /// is allocated when the server starts: about 600 bytes per place, more
+    /// as places carry larger requests (up to
+    /// [`max_datagram_size`](ServerBuilder::max_datagram_size) each).
+    ///
+    /// Only used with [`handler_threads`](ServerBuilder::handler_threads).
+    /// Must be between 1 and 1 048 576. Defaults to
+    /// [`DEFAULT_QUEUE_PER_THREAD`] (64) per handler thread.
+    pub fn queue_capacity(mut self, requests: usize) -> Self {
+        self.queue_capacity = Some(requests);
+        self
+    }
+
+    /// A fixed reply for requests shed because the handler pool's queue is
+    /// full ("busy, try later" in the protocol's own words), instead of
+    /// dropping them silently. It is sent by the receive worker, at once,
+    /// only to requests that passed the [rate limit](ServerBuilder::rate_limit),
+    /// and not when it is larger than the
+    /// [amplification limit](ServerBuilder::max_amplification) allows for
+    /// the request's size. Shed requests are counted in
+    /// [`Stats::overloaded`](crate::Stats::overloaded) either way.
+    ///
+    /// Only used with [`handler_threads`](ServerBuilder::handler_threads).
+    /// Defaults to dropping shed requests.
+    pub fn overload_reply(mut self, reply: impl Into<Vec<u8>>) -> Self {
+        self.overload_reply = Some(reply.into());
+        self
+    }
+
+    /// The longest a request may wait in the handler pool's queue: a handler
+    /// thread that takes up a request which has waited longer drops it
+    /// unanswered ([`Stats::expired`](crate::Stats::expired)), since its
+    /// client has given up or resent by then. `None` lets requests wait
+    /// indefinitely.
+    ///
+    /// Only used with [`handler_threads`](ServerBuilder::handler_threads).
+    /// Must not be zero. Defaults to [`DEFAULT_MAX_QUEUE_WAIT`] (500 ms).
+    pub fn max_queue_wait(mut self, wait: impl Into<Option<Duration>>) -> Self {
+        self.max_queue_wait = wait.into();
+        self
+    }
+
+    /// How long, at shutdown, the handler pool goes on answering requests
+    /// already queued; what is left after that is dropped and counted in
+    /// [`Stats::shutdown_dropped`](crate::Stats::shutdown_dropped). Handler
+    /// calls in progress are always waited for (see
+    /// [`ServerHandle::shutdown_timeout`](crate::ServerHandle::shutdown_timeout)
+    /// for a bound).
+    ///
+    /// Only used with [`handler_threads`](ServerBuilder::handler_threads).
+    /// Defaults to zero: the queue is dropped at once.
+    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
+        self.drain_timeout = timeout;
+        self
+    }
+
     /// Creates the socket, applies the options and binds it to `addr`.
     ///
     /// Each address `addr` resolves to is tried in turn, as
@@ -391,6 +510,27 @@ impl ServerBuilder {
                 reason: "must be between 1 and 1024",
             });
         }
+        if self.handler_threads > MAX_HANDLER_THREADS {
+            return Err(Error::InvalidConfig {
+                setting: "ServerBuilder::handler_threads",
+                reason: "must be at most 1024",
+            });
+        }
+        if self
+            .queue_capacity
+            .is_some_and(|c| !(1..=MAX_QUEUE_CAPACITY).contains(&c))
+        {
+            return Err(Error::InvalidConfig {
+                setting: "ServerBuilder::queue_capacity",
+                reason: "must be between 1 and 1048576 requests",
+            });
+        }
+        if self.max_queue_wait.is_some_and(|w| w.is_zero()) {
+            return Err(Error::InvalidConfig {
+                setting: "ServerBuilder::max_queue_wait",
+                reason: "must be greater than zero (None lets requests wait indefinitely)",
+            });
+        }
         Ok(())
     }
 
@@ -413,6 +553,17 @@ impl ServerBuilder {
             bound_ip: Some(local_addr.ip()).filter(|ip| !ip.is_unspecified()),
             limiter: self.rate_limit.as_ref().map(Limiter::new),
             max_amplification: self.max_amplification,
+            pool: (self.handler_threads > 0).then(|| PoolConfig {
+                threads: self.handler_threads,
+                capacity: self.queue_capacity.unwrap_or(
+                    self.handler_threads
+                        .saturating_mul(DEFAULT_QUEUE_PER_THREAD)
+                        .min(MAX_QUEUE_CAPACITY),
+                ),
+                overload_reply: self.overload_reply.clone(),
+                max_queue_wait: self.max_queue_wait,
+                drain_timeout: self.drain_timeout,
+            }),
         }
     }
 }
@@ -444,4 +595,23 @@ pub(crate) struct Config {
     pub(crate) bound_ip: Option<IpAddr>,
     pub(crate) limiter: Option<Limiter>,
     pub(crate) max_amplification: Option<usize>,
+    /// The handler pool, if handlers do not run inline.
+    pub(crate) pool: Option<PoolConfig>,
+}
+
+impl Config {
+    /// Every thread of the server: receive workers, then handler threads.
+    pub(crate) fn threads(&self) -> usize {
+        self.workers + self.pool.as_ref().map_or(0, |p| p.threads)
+    }
+}
+
+/// The handler pool's settings.
+#[derive(Debug)]
+pub(crate) struct PoolConfig {
+    pub(crate) threads: usize,
+    pub(crate) capacity: usize,
+    pub(crate) overload_reply: Option<Vec<u8>>,
+    pub(crate) max_queue_wait: Option<Duration>,
+    pub(crate) drain_timeout: Duration,
 }

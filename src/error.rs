@@ -129,6 +129,22 @@ pub enum Error {
         addr: SocketAddr,
     },
 
+    /// [`ServerHandle::shutdown_timeout`](crate::ServerHandle::shutdown_timeout)
+    /// gave up waiting: some of the server's threads are still in a handler
+    /// call. They finish on their own; their replies are not sent.
+    #[error(
+        "the server on {addr} did not stop within {waited:?}: {stuck_threads} thread(s) are \
+         still in a handler call"
+    )]
+    ShutdownTimedOut {
+        /// The server's address.
+        addr: SocketAddr,
+        /// How many threads had not ended.
+        stuck_threads: usize,
+        /// How long shutdown waited.
+        waited: Duration,
+    },
+
     /// Any other I/O error, with the operation and the address it was about.
     #[error("{action} {addr} failed")]
     Io {

@@ -4,17 +4,20 @@
 use std::fmt;
 use std::net::{Shutdown, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use socket2::Socket;
 
 use crate::error::Error;
+use crate::latency::Latency;
+use crate::pool::Pool;
 use crate::stats::{SharedStats, Stats};
 use crate::sys;
 
-/// What a server's workers and every copy of its handles share: the stop
-/// flag, a way to wake the workers, and the counters.
+/// What a server's threads and every copy of its handles share: the stop
+/// flag, a way to wake the workers, the handler pool, and the counters.
 #[derive(Debug)]
 pub(crate) struct Shared {
     stop: AtomicBool,
@@ -22,15 +25,60 @@ pub(crate) struct Shared {
     /// the worker that owns it has finished.
     sockets: Vec<Weak<Socket>>,
     pub(crate) stats: Arc<SharedStats>,
+    /// The handler pool, and how long it drains at shutdown.
+    pub(crate) pool: Option<(Arc<Pool>, Duration)>,
+    /// How many of the server's threads have ended.
+    ended: Mutex<usize>,
+    ended_changed: Condvar,
 }
 
 impl Shared {
-    pub(crate) fn new(sockets: &[Arc<Socket>], workers: usize) -> Arc<Shared> {
+    /// For a server over `sockets` with `threads` threads in all (receive
+    /// workers, then handler threads), each with a counter slot.
+    pub(crate) fn new(
+        sockets: &[Arc<Socket>],
+        threads: usize,
+        pool: Option<(Arc<Pool>, Duration)>,
+    ) -> Arc<Shared> {
         Arc::new(Shared {
             stop: AtomicBool::new(false),
             sockets: sockets.iter().map(Arc::downgrade).collect(),
-            stats: SharedStats::new(workers),
+            stats: SharedStats::new(threads),
+            pool,
+            ended: Mutex::new(0),
+            ended_changed: Condvar::new(),
         })
+    }
+
+    /// Marks the end of one of the server's threads; see [`ThreadEnd`].
+    fn thread_ended(&self) {
+        *self.ended.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        self.ended_changed.notify_all();
+    }
+
+    /// Waits until `threads` threads have ended or `deadline` passes;
+    /// returns how many have ended.
+    fn wait_for_threads(&self, threads: usize, deadline: Option<Instant>) -> usize {
+        let mut ended = self.ended.lock().unwrap_or_else(|e| e.into_inner());
+        while *ended < threads {
+            let Some(deadline) = deadline else {
+                ended = self
+                    .ended_changed
+                    .wait(ended)
+                    .unwrap_or_else(|e| e.into_inner());
+                continue;
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            ended = self
+                .ended_changed
+                .wait_timeout(ended, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        *ended
     }
 
     /// The counters summed over workers, with the kernel's drop count read
@@ -47,13 +95,36 @@ impl Shared {
     }
 
     pub(crate) fn stop(&self) {
-        self.stop.store(true, Ordering::Release);
+        if self.stop.swap(true, Ordering::AcqRel) {
+            return;
+        }
         for socket in self.sockets.iter().filter_map(Weak::upgrade) {
             // Wakes a worker blocked in a receive (see `sys::WAKE_INTERVAL`).
             // Unconnected UDP sockets report `ENOTCONN` even when the wake-up
             // works, and where it does not the read timeout takes over.
             let _ = socket.shutdown(Shutdown::Read);
         }
+        if let Some((pool, drain)) = &self.pool {
+            let now = Instant::now();
+            // A drain too long to add is as good as forever.
+            let far = now + Duration::from_secs(100 * 365 * 24 * 3600);
+            pool.close(now.checked_add(*drain).unwrap_or(far).min(far));
+        }
+    }
+
+    pub(crate) fn latency(&self) -> Latency {
+        self.stats.latency()
+    }
+}
+
+/// Counts a server thread as ended when dropped: at the end of its run, or
+/// as it unwinds.
+#[derive(Debug)]
+pub(crate) struct ThreadEnd(pub(crate) Arc<Shared>);
+
+impl Drop for ThreadEnd {
+    fn drop(&mut self) {
+        self.0.thread_ended();
     }
 }
 
@@ -93,6 +164,13 @@ impl ShutdownHandle {
         self.shared.snapshot()
     }
 
+    /// The server's latency histograms now: handler time and queue wait.
+    /// Still readable once the server has stopped.
+    #[must_use]
+    pub fn latency(&self) -> Latency {
+        self.shared.latency()
+    }
+
     /// The server's address.
     #[must_use]
     pub fn local_addr(&self) -> SocketAddr {
@@ -109,29 +187,47 @@ pub struct ServerHandle {
     local_addr: SocketAddr,
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
+    /// How many threads the server has started, the caller's own for
+    /// `serve` included.
+    thread_count: usize,
+    /// With a handler pool, the sockets are kept open here until the pool
+    /// has drained (its threads hold them weakly, so that a handler that
+    /// never returns cannot keep the port).
+    keep_open: Vec<Arc<Socket>>,
+    finished: bool,
 }
 
 impl fmt::Debug for ServerHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ServerHandle")
             .field("local_addr", &self.local_addr)
-            .field("workers", &self.threads.len())
+            .field("threads", &self.thread_count)
             .field("stopped", &self.shared.is_stopped())
             .finish()
     }
 }
 
 impl ServerHandle {
-    pub(crate) fn new(shared: Arc<Shared>, local_addr: SocketAddr, workers: usize) -> Self {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        local_addr: SocketAddr,
+        keep_open: Vec<Arc<Socket>>,
+    ) -> Self {
         ServerHandle {
             local_addr,
             shared,
-            threads: Vec::with_capacity(workers),
+            threads: Vec::new(),
+            thread_count: 0,
+            keep_open,
+            finished: false,
         }
     }
 
-    pub(crate) fn push_thread(&mut self, thread: JoinHandle<()>) {
-        self.threads.push(thread);
+    /// Counts a thread started for the server; `thread` is `None` for the
+    /// caller's own (in `serve`).
+    pub(crate) fn started(&mut self, thread: Option<JoinHandle<()>>) {
+        self.threads.extend(thread);
+        self.thread_count += 1;
     }
 
     pub(crate) fn shared(&self) -> &Shared {
@@ -150,39 +246,109 @@ impl ServerHandle {
         self.shared.snapshot()
     }
 
+    /// The server's latency histograms now: handler time and queue wait.
+    #[must_use]
+    pub fn latency(&self) -> Latency {
+        self.shared.latency()
+    }
+
     /// A handle that can stop the server from another thread.
     #[must_use]
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         ShutdownHandle::new(self.shared.clone(), self.local_addr)
     }
 
-    /// Stops the server and waits until every worker has stopped and every
+    /// Stops the server and waits until every thread has stopped and every
     /// socket is closed, so the address can be bound again at once. Returns
     /// the final counters.
     ///
-    /// Each worker finishes the handler call in progress, sends the replies
-    /// it has ready, and drops the requests it received but has not handled
-    /// ([`Stats::shutdown_dropped`]): shutdown takes about one handler call,
-    /// whatever the batch size.
+    /// Each receive worker finishes the handler call in progress (inline
+    /// mode), sends the replies it has ready, and drops the requests it
+    /// received but has not handled ([`Stats::shutdown_dropped`]). A
+    /// handler pool answers what is queued until its
+    /// [drain time](crate::ServerBuilder::drain_timeout) is over, drops the
+    /// rest, and then the calls in progress are waited for. Without a drain
+    /// time, shutdown takes about one handler call.
+    ///
+    /// A handler that never returns makes this wait forever; use
+    /// [`shutdown_timeout`](ServerHandle::shutdown_timeout) to bound the
+    /// wait.
     ///
     /// # Errors
     ///
-    /// [`Error::WorkerPanicked`] if a worker thread ended abnormally (a bug
-    /// in udp-greet; handler panics are caught and never end a worker).
+    /// [`Error::WorkerPanicked`] if a server thread ended abnormally (a bug
+    /// in udp-greet; handler panics are caught and never end a thread).
     pub fn shutdown(mut self) -> Result<Stats, Error> {
-        self.shared.stop();
-        self.join()?;
+        self.finish(None)?;
         Ok(self.shared.snapshot())
     }
 
-    pub(crate) fn join(&mut self) -> Result<(), Error> {
+    /// Stops the server as [`shutdown`](ServerHandle::shutdown) does, but
+    /// waits at most `limit` for its threads to end.
+    ///
+    /// Threads still in a handler call when the time is up are left to
+    /// finish on their own: their requests stay counted in
+    /// [`Stats::in_flight`], and a reply they make later is not sent. With
+    /// a handler pool the sockets are closed all the same, so the address is
+    /// free at once; in inline mode a stuck receive worker keeps its socket
+    /// until its handler returns.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ShutdownTimedOut`], with how many threads are still
+    /// running, when the time ran out; [`Error::WorkerPanicked`] as for
+    /// `shutdown`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # fn main() -> Result<(), udp_greet::Error> {
+    /// use std::time::Duration;
+    ///
+    /// let server = udp_greet::GreetServer::builder()
+    ///     .handler_threads(4)
+    ///     .bind("127.0.0.1:0")?
+    ///     .spawn(udp_greet::greet)?;
+    /// let stats = server.shutdown_timeout(Duration::from_secs(5))?;
+    /// assert_eq!(stats.in_flight(), 0);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn shutdown_timeout(mut self, limit: Duration) -> Result<Stats, Error> {
+        self.finish(Some(limit))?;
+        Ok(self.shared.snapshot())
+    }
+
+    /// Stops the server and waits for its threads, for at most `limit`.
+    pub(crate) fn finish(&mut self, limit: Option<Duration>) -> Result<(), Error> {
+        if self.finished {
+            return Ok(());
+        }
+        self.finished = true;
+        self.shared.stop();
+        let started = Instant::now();
+        let deadline = limit.and_then(|l| started.checked_add(l));
+        let ended = self.shared.wait_for_threads(self.thread_count, deadline);
         let mut result = Ok(());
-        for thread in self.threads.drain(..) {
+        for thread in std::mem::take(&mut self.threads) {
+            if deadline.is_some() && !thread.is_finished() {
+                // Left to finish on its own.
+                continue;
+            }
             if thread.join().is_err() {
                 result = Err(Error::WorkerPanicked {
                     addr: self.local_addr,
                 });
             }
+        }
+        self.keep_open.clear();
+        let stuck = self.thread_count.saturating_sub(ended);
+        if stuck > 0 {
+            return Err(Error::ShutdownTimedOut {
+                addr: self.local_addr,
+                stuck_threads: stuck,
+                waited: started.elapsed(),
+            });
         }
         result
     }
@@ -190,9 +356,6 @@ impl ServerHandle {
 
 impl Drop for ServerHandle {
     fn drop(&mut self) {
-        if !self.threads.is_empty() {
-            self.shared.stop();
-            let _ = self.join();
-        }
+        let _ = self.finish(None);
     }
 }

@@ -64,6 +64,8 @@ mod config;
 mod error;
 mod handle;
 mod handler;
+mod latency;
+mod pool;
 mod ratelimit;
 mod server;
 mod socket;
@@ -73,11 +75,13 @@ mod worker;
 
 pub use client::{ClientBuilder, GreetClient};
 pub use config::{
-    DEFAULT_BATCH_SIZE, DEFAULT_RECV_BUFFER, MAX_UDP_PAYLOAD_V4, MAX_UDP_PAYLOAD_V6, ServerBuilder,
+    DEFAULT_BATCH_SIZE, DEFAULT_MAX_QUEUE_WAIT, DEFAULT_QUEUE_PER_THREAD, DEFAULT_RECV_BUFFER,
+    MAX_UDP_PAYLOAD_V4, MAX_UDP_PAYLOAD_V6, ServerBuilder,
 };
 pub use error::Error;
 pub use handle::{ServerHandle, ShutdownHandle};
 pub use handler::{Action, Request, greet, greet_into, is_greeting};
+pub use latency::{Histogram, Latency};
 pub use ratelimit::RateLimit;
 pub use server::GreetServer;
 pub use socket::BufferSize;

@@ -2,19 +2,20 @@
 
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::thread;
 
 use socket2::Socket;
 
 use crate::config::{Config, ServerBuilder};
 use crate::error::Error;
-use crate::handle::{ServerHandle, Shared, ShutdownHandle};
+use crate::handle::{ServerHandle, Shared, ShutdownHandle, ThreadEnd};
 use crate::handler::{Action, Request};
+use crate::pool::Pool;
 use crate::socket::{BoundSocket, BufferSize};
 use crate::stats::Stats;
 use crate::sys;
-use crate::worker::{HandlerFn, Worker};
+use crate::worker::{HandlerFn, PoolThread, Worker};
 
 /// A bound UDP server, ready to [`serve`](GreetServer::serve) on the calling
 /// thread or to [`spawn`](GreetServer::spawn) on its own.
@@ -140,7 +141,11 @@ impl GreetServer {
         }
         let config = Arc::new(Config { pktinfo, ..config });
         let sockets: Vec<Arc<Socket>> = bound.into_iter().map(|b| Arc::new(b.socket)).collect();
-        let shared = Shared::new(&sockets, config.workers);
+        let pool = config
+            .pool
+            .as_ref()
+            .map(|p| (Arc::new(Pool::new(p.capacity)), p.drain_timeout));
+        let shared = Shared::new(&sockets, config.threads(), pool);
         Ok(GreetServer {
             sockets,
             config,
@@ -234,7 +239,7 @@ impl GreetServer {
         H: Fn(Request<'_>, &mut Vec<u8>) -> Action + Send + Sync + 'static,
     {
         let mut running = self.start(handler, true)?;
-        running.join()?;
+        running.finish(None)?;
         Ok(running.shared().snapshot())
     }
 
@@ -252,28 +257,78 @@ impl GreetServer {
         self.start(handler, false)
     }
 
-    /// Starts one worker per socket, on new threads, or (for `serve`) the
-    /// first on the calling thread once the others are running.
+    /// Starts one receive worker per socket (or per worker, sharing one
+    /// socket) and the handler pool's threads, on new threads; for `serve`,
+    /// the first receive worker runs on the calling thread once the others
+    /// are running.
     fn start<H: HandlerFn>(self, handler: H, on_this_thread: bool) -> Result<ServerHandle, Error> {
         let handler = Arc::new(handler);
         let addr = self.config.local_addr;
-        let mut handle = ServerHandle::new(self.shared.clone(), addr, self.config.workers);
-        // Moved out, so that the workers hold the only strong references
-        // and each socket closes when its last worker finishes.
+        let pool = self.shared.pool.as_ref().map(|(pool, _)| pool.clone());
+        // With a pool, the handle keeps the sockets open until the pool has
+        // drained; handler threads hold them weakly.
+        let keep_open = if pool.is_some() {
+            self.sockets.clone()
+        } else {
+            Vec::new()
+        };
+        let weak: Vec<Weak<Socket>> = self.sockets.iter().map(Arc::downgrade).collect();
+        let mut handle = ServerHandle::new(self.shared.clone(), addr, keep_open);
+        let spawn = |handle: &mut ServerHandle, name: String, run: Box<dyn FnOnce() + Send>| {
+            let end = ThreadEnd(self.shared.clone());
+            let spawned = thread::Builder::new().name(name).spawn(move || {
+                let _end = end;
+                run();
+            });
+            match spawned {
+                Ok(thread) => {
+                    handle.started(Some(thread));
+                    Ok(())
+                }
+                // `handle` stops and joins the threads already started when
+                // it is dropped.
+                Err(source) => Err(Error::Spawn { addr, source }),
+            }
+        };
+        if let Some(pool) = &pool {
+            for k in 0..self.config.pool.as_ref().map_or(0, |p| p.threads) {
+                let thread = PoolThread {
+                    slot: self.config.workers + k,
+                    pool: pool.clone(),
+                    handler: handler.clone(),
+                    config: self.config.clone(),
+                    shared: self.shared.clone(),
+                    sockets: weak.clone(),
+                };
+                // `udp:PORT/hN`: fits Linux's 15-byte thread names for ports
+                // and pools of up to 999 threads.
+                spawn(
+                    &mut handle,
+                    format!("udp:{}/h{k}", addr.port()),
+                    Box::new(move || thread.run()),
+                )?;
+            }
+        }
+        // Moved out, so that the workers (and, with a pool, the handle) hold
+        // the only strong references, and each socket closes when the last
+        // of them is done.
         let sockets = self.sockets;
         let mut inline = None;
         for index in 0..self.config.workers {
             // One socket per worker, or one shared by all.
+            let own = index < sockets.len();
             let Some(socket) = sockets.get(index).or(sockets.first()).cloned() else {
                 break;
             };
             let worker = Worker {
                 index,
                 socket,
+                socket_index: if own { index } else { 0 },
                 handler: handler.clone(),
                 config: self.config.clone(),
                 shared: self.shared.clone(),
-                reports_drops: index < sockets.len(),
+                pool: pool.clone(),
+                reports_drops: own,
             };
             if on_this_thread && index == 0 {
                 inline = Some(worker);
@@ -281,20 +336,16 @@ impl GreetServer {
             }
             // `udp:PORT/N`: fits Linux's 15-byte thread names, and tells
             // servers apart in `top -H`.
-            let spawned = thread::Builder::new()
-                .name(format!("udp:{}/{index}", addr.port()))
-                .spawn(move || worker.run());
-            match spawned {
-                Ok(thread) => handle.push_thread(thread),
-                Err(source) => {
-                    // `handle` stops and joins the workers already started
-                    // when it is dropped here.
-                    return Err(Error::Spawn { addr, source });
-                }
-            }
+            spawn(
+                &mut handle,
+                format!("udp:{}/{index}", addr.port()),
+                Box::new(move || worker.run()),
+            )?;
         }
         drop(sockets);
         if let Some(worker) = inline {
+            handle.started(None);
+            let _end = ThreadEnd(self.shared.clone());
             worker.run();
         }
         Ok(handle)

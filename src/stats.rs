@@ -1,16 +1,18 @@
-//! Server counters: a lock-free slot per worker, summed when read.
+//! Server counters: a lock-free slot per worker thread, summed when read.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::latency::{self, Latency, Recorders};
+
 /// A snapshot of a server's counters, summed over its workers.
 ///
 /// Every datagram the server takes from its sockets is counted in
-/// `received` and, once handled, in exactly one outcome counter, so once the
-/// server has stopped `received == `[`accounted()`](Stats::accounted), and
-/// while it runs no snapshot ever shows `accounted() > received` (the
-/// difference is what is being handled). No counter ever goes backwards from
-/// one snapshot to the next.
+/// `received` and, once dealt with, in exactly one outcome counter. Every
+/// snapshot shows `received == `[`accounted()`](Stats::accounted)` +
+/// `[`in_flight()`](Stats::in_flight): the requests not yet accounted for
+/// are queued or being handled, and once the server has stopped there are
+/// none. No counter ever goes backwards from one snapshot to the next.
 ///
 /// ```
 /// # fn main() -> Result<(), udp_greet::Error> {
@@ -53,8 +55,18 @@ pub struct Stats {
     pub send_errors: u64,
     /// Requests already received but not yet handled when the server was
     /// shut down: dropped unanswered (a batch is not finished once shutdown
-    /// has begun).
+    /// has begun, and a handler pool's queue is dropped once its
+    /// [drain time](crate::ServerBuilder::drain_timeout) is over).
     pub shutdown_dropped: u64,
+    /// Requests shed because the
+    /// [handler pool](crate::ServerBuilder::handler_threads)'s queue was
+    /// full: dropped, or answered with the
+    /// [busy reply](crate::ServerBuilder::overload_reply), at once.
+    pub overloaded: u64,
+    /// Requests dropped unanswered by a handler thread because they had
+    /// waited in the queue longer than
+    /// [`max_queue_wait`](crate::ServerBuilder::max_queue_wait).
+    pub expired: u64,
     /// Failed receive calls. These are not datagrams: on an unconnected
     /// socket they mostly report ICMP errors for earlier replies, and the
     /// server keeps going.
@@ -70,11 +82,57 @@ pub struct Stats {
     pub rate_limit_evictions: u64,
 }
 
+/// Declares the counters once, in the order they are published and read.
+macro_rules! counters {
+    ($($field:ident),* $(,)?) => {
+        /// How many counters `Stats` has.
+        const FIELDS: usize = [$(stringify!($field)),*].len();
+
+        impl Stats {
+            /// The counters' names, in [`Stats::to_array`] order.
+            #[allow(dead_code)] // used by the `metrics` feature
+            pub(crate) const NAMES: [&'static str; FIELDS] = [$(stringify!($field)),*];
+
+            pub(crate) fn to_array(self) -> [u64; FIELDS] {
+                [$(self.$field),*]
+            }
+
+            fn from_array(values: [u64; FIELDS]) -> Self {
+                let [$($field),*] = values;
+                Stats { $($field),* }
+            }
+        }
+    };
+}
+
+counters!(
+    received,
+    replied,
+    no_reply,
+    truncated,
+    handler_panics,
+    rate_limited,
+    amplification_capped,
+    bad_source,
+    send_errors,
+    shutdown_dropped,
+    overloaded,
+    expired,
+    recv_errors,
+    kernel_drops,
+    rate_limit_evictions,
+);
+
+/// Where `received` is in [`Stats::to_array`]: published first, read last.
+const RECEIVED: usize = 0;
+/// Where `kernel_drops` is in [`Stats::to_array`].
+const KERNEL_DROPS: usize = 13;
+
 impl Stats {
     /// The sum of the outcome counters: every received datagram ends in
     /// exactly one of `replied`, `no_reply`, `truncated`, `handler_panics`,
-    /// `rate_limited`, `amplification_capped`, `bad_source`, `send_errors`
-    /// and `shutdown_dropped`.
+    /// `rate_limited`, `amplification_capped`, `bad_source`, `send_errors`,
+    /// `shutdown_dropped`, `overloaded` and `expired`.
     #[must_use]
     pub fn accounted(&self) -> u64 {
         self.replied
@@ -86,6 +144,19 @@ impl Stats {
             + self.bad_source
             + self.send_errors
             + self.shutdown_dropped
+            + self.overloaded
+            + self.expired
+    }
+
+    /// Requests received and not yet accounted for: in a batch being worked
+    /// through, in a handler pool's queue, or in a handler call.
+    /// `received == accounted() + in_flight()` in every snapshot; it is 0
+    /// once the server has stopped (unless
+    /// [`shutdown_timeout`](crate::ServerHandle::shutdown_timeout) left a
+    /// handler that never returned).
+    #[must_use]
+    pub fn in_flight(&self) -> u64 {
+        self.received.saturating_sub(self.accounted())
     }
 
     fn add(&self, other: &Stats) -> Stats {
@@ -95,64 +166,7 @@ impl Stats {
         }
         Stats::from_array(sum)
     }
-
-    fn to_array(self) -> [u64; FIELDS] {
-        [
-            self.received,
-            self.replied,
-            self.no_reply,
-            self.truncated,
-            self.handler_panics,
-            self.rate_limited,
-            self.amplification_capped,
-            self.bad_source,
-            self.send_errors,
-            self.shutdown_dropped,
-            self.recv_errors,
-            self.kernel_drops,
-            self.rate_limit_evictions,
-        ]
-    }
-
-    fn from_array(a: [u64; FIELDS]) -> Self {
-        let [
-            received,
-            replied,
-            no_reply,
-            truncated,
-            handler_panics,
-            rate_limited,
-            amplification_capped,
-            bad_source,
-            send_errors,
-            shutdown_dropped,
-            recv_errors,
-            kernel_drops,
-            rate_limit_evictions,
-        ] = a;
-        Stats {
-            received,
-            replied,
-            no_reply,
-            truncated,
-            handler_panics,
-            rate_limited,
-            amplification_capped,
-            bad_source,
-            send_errors,
-            shutdown_dropped,
-            recv_errors,
-            kernel_drops,
-            rate_limit_evictions,
-        }
-    }
 }
-
-const FIELDS: usize = 13;
-/// Where `received` is in [`Stats::to_array`]: published first, read last.
-const RECEIVED: usize = 0;
-/// Where `kernel_drops` is in [`Stats::to_array`].
-const KERNEL_DROPS: usize = 11;
 
 /// One worker's published counters, on a cache line of their own so that
 /// workers never write to the same line.
@@ -160,28 +174,43 @@ const KERNEL_DROPS: usize = 11;
 #[repr(align(128))]
 struct Slot([AtomicU64; FIELDS]);
 
-/// The counters of every worker of one server.
+/// The counters and latency histograms of every thread of one server:
+/// receive workers first, then handler threads.
 #[derive(Debug)]
 pub(crate) struct SharedStats {
     slots: Box<[Slot]>,
+    latency: Box<[Recorders]>,
 }
 
 impl SharedStats {
-    pub(crate) fn new(workers: usize) -> Arc<Self> {
+    pub(crate) fn new(threads: usize) -> Arc<Self> {
         Arc::new(SharedStats {
-            slots: (0..workers).map(|_| Slot::default()).collect(),
+            slots: (0..threads).map(|_| Slot::default()).collect(),
+            latency: (0..threads).map(|_| Recorders::new()).collect(),
         })
+    }
+
+    /// Thread `index`'s histograms, which only that thread records into.
+    pub(crate) fn recorders(&self, index: usize) -> Option<&Recorders> {
+        self.latency.get(index)
+    }
+
+    /// The histograms summed over every thread.
+    pub(crate) fn latency(&self) -> Latency {
+        latency::sum(self.latency.iter())
     }
 
     /// The sum over all workers. `live_drops(i)` gives worker `i`'s socket's
     /// kernel drop count while that socket is open; once it is closed, the
     /// highest count seen is used.
     ///
-    /// No snapshot shows more outcomes than datagrams received: `publish`
-    /// stores `received` before the outcomes (release), and this reads the
-    /// outcomes (acquire) before `received`, so the `received` read is at
-    /// least as new as every outcome read, and every outcome counter only
-    /// grows.
+    /// No snapshot shows more outcomes than datagrams received. A request's
+    /// outcome is published after its `received` count was (by the same
+    /// thread, or by the receive worker before it queued the request for a
+    /// handler thread), each with a release store; this reads every
+    /// thread's outcomes (acquire) before any thread's `received`, so the
+    /// `received` it reads are at least as new as the outcomes it read, and
+    /// every outcome counter only grows.
     pub(crate) fn snapshot(&self, live_drops: impl Fn(usize) -> Option<u64>) -> Stats {
         let mut sum = Stats::default();
         for (i, slot) in self.slots.iter().enumerate() {
@@ -191,7 +220,6 @@ impl SharedStats {
                     *value = counter.load(Ordering::Acquire);
                 }
             }
-            values[RECEIVED] = slot.0[RECEIVED].load(Ordering::Acquire);
             if let Some(drops) = live_drops(i) {
                 // Kept as a high-water mark, so that the count published as
                 // the socket closed never reads lower than a live one did.
@@ -199,6 +227,9 @@ impl SharedStats {
                 values[KERNEL_DROPS] = seen.max(drops);
             }
             sum = sum.add(&Stats::from_array(values));
+        }
+        for slot in self.slots.iter() {
+            sum.received += slot.0[RECEIVED].load(Ordering::Acquire);
         }
         sum
     }
@@ -211,7 +242,7 @@ impl SharedStats {
             return;
         };
         let values = totals.to_array();
-        slot.0[RECEIVED].store(values[RECEIVED], Ordering::Relaxed);
+        slot.0[RECEIVED].store(values[RECEIVED], Ordering::Release);
         for (field, (counter, value)) in slot.0.iter().zip(values).enumerate() {
             match field {
                 RECEIVED => {}

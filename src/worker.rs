@@ -1,10 +1,11 @@
-//! One server worker: what happens to each datagram, and the receive,
-//! handle, reply loops (batched and portable).
+//! The server's threads: receive workers (batched and portable loops, with
+//! handlers inline or handed to the pool) and handler-pool threads, and
+//! what happens to each datagram.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -13,8 +14,10 @@ use socket2::Socket;
 use crate::config::Config;
 use crate::handle::Shared;
 use crate::handler::{Action, Request};
+use crate::latency::Recorders;
+use crate::pool::{Pool, Taken};
 use crate::stats::Stats;
-use crate::sys::{self, Received};
+use crate::sys::{self, Arrival, Received};
 
 /// The bound every handler meets; see [`GreetServer::serve`](crate::GreetServer::serve).
 pub(crate) trait HandlerFn:
@@ -31,24 +34,32 @@ impl<F: Fn(Request<'_>, &mut Vec<u8>) -> Action + Send + Sync + 'static> Handler
 /// call, whatever the batch size.
 const FLUSH_AFTER: Duration = Duration::from_micros(50);
 
-/// Everything one worker thread needs.
+/// Everything one receive worker needs.
 pub(crate) struct Worker<H> {
+    /// Its counter slot.
     pub(crate) index: usize,
     pub(crate) socket: Arc<Socket>,
+    /// Which of the server's sockets `socket` is.
+    pub(crate) socket_index: usize,
     pub(crate) handler: Arc<H>,
     pub(crate) config: Arc<Config>,
     pub(crate) shared: Arc<Shared>,
+    /// Where requests go when handlers do not run inline.
+    pub(crate) pool: Option<Arc<Pool>>,
     /// This worker's socket is its own (or it is the first of those sharing
     /// one): it reports the socket's kernel drops as it stops.
     pub(crate) reports_drops: bool,
 }
 
 impl<H: HandlerFn> Worker<H> {
-    /// Runs the receive, handle, reply loop until the server shuts down:
-    /// batched where the platform allows and the builder did not ask for the
-    /// portable loop.
+    /// Runs the receive loop until the server shuts down: batched where the
+    /// platform allows and the builder did not ask for the portable loop.
     pub(crate) fn run(self) {
-        let mut processor = Processor::new(&*self.handler, &self.config);
+        let mut processor = Processor::new(
+            &*self.handler,
+            &self.config,
+            self.shared.stats.recorders(self.index),
+        );
         match sys::Batch::new(&self.socket, &self.config) {
             Some(batch) => self.run_batched(&mut processor, batch),
             None => self.run_portable(&mut processor),
@@ -63,9 +74,10 @@ impl<H: HandlerFn> Worker<H> {
         self.shared.stats.publish(self.index, &processor.totals);
     }
 
-    /// The batched loop: one `recvmmsg` for up to a batch of datagrams, the
-    /// handler on each, and their replies sent together with one `sendmmsg`
-    /// unless a slow handler makes them wait (see [`FLUSH_AFTER`]).
+    /// The batched loop: one `recvmmsg` for up to a batch of datagrams, each
+    /// handled inline or queued for the pool, and the replies sent together
+    /// with one `sendmmsg` unless a slow handler makes them wait (see
+    /// [`FLUSH_AFTER`]).
     fn run_batched(&self, processor: &mut Processor<'_, H>, mut batch: sys::Batch) {
         while !self.shared.is_stopped() {
             let count = match batch.recv(&self.socket) {
@@ -76,21 +88,39 @@ impl<H: HandlerFn> Worker<H> {
                     continue;
                 }
             };
-            let mut clock = Instant::now();
+            let arrived = Instant::now();
+            // Published before any request is handed on, so that no
+            // snapshot counts an outcome whose arrival it does not.
+            processor.totals.received += count as u64;
+            self.publish(processor);
+            let mut clock = arrived;
             // When the oldest reply not yet sent began to be worked on.
             let mut unsent_since = clock;
             for i in 0..count {
                 if self.shared.is_stopped() {
-                    processor.dropped_at_shutdown(count - i);
+                    processor.totals.shutdown_dropped += (count - i) as u64;
                     break;
                 }
                 let Some((datagram, reply)) = batch.datagram(i) else {
                     break;
                 };
-                if processor.process(&datagram, reply, clock) {
-                    batch.queue_reply(i);
+                if !processor.admit(&datagram, clock) {
+                    continue;
+                }
+                if let Some(pool) = &self.pool {
+                    if !pool.submit(&datagram, self.socket_index, arrived)
+                        && processor.shed(&datagram, reply)
+                    {
+                        batch.queue_reply(i, false);
+                    }
+                    continue;
+                }
+                let ready = processor.handle_timed(&datagram, reply, arrived, clock);
+                if ready {
+                    batch.queue_reply(i, true);
                 }
                 clock = Instant::now();
+                processor.handled_at(clock);
                 if batch.queued() == 0 {
                     unsent_since = clock;
                 } else if clock.saturating_duration_since(unsent_since) >= FLUSH_AFTER {
@@ -114,13 +144,33 @@ impl<H: HandlerFn> Worker<H> {
         let mut io = sys::Portable::new(self.config.pktinfo);
         while !self.shared.is_stopped() {
             match io.recv(&self.socket, &mut buf) {
-                Ok(Some(_)) if self.shared.is_stopped() => processor.dropped_at_shutdown(1),
                 Ok(Some(datagram)) => {
-                    if processor.process(&datagram, &mut reply, Instant::now()) {
-                        let ok = io.send(&self.socket, &reply).is_ok();
-                        processor.sent((u64::from(ok), u64::from(!ok)));
+                    let arrived = Instant::now();
+                    processor.totals.received += 1;
+                    if self.shared.is_stopped() {
+                        processor.totals.shutdown_dropped += 1;
+                    } else if processor.admit(&datagram, arrived) {
+                        let ready = match &self.pool {
+                            Some(pool) => {
+                                self.publish(processor);
+                                !pool.submit(&datagram, self.socket_index, arrived)
+                                    && processor.shed(&datagram, &mut reply)
+                            }
+                            None => {
+                                let ready =
+                                    processor.handle_timed(&datagram, &mut reply, arrived, arrived);
+                                processor.handled_at(Instant::now());
+                                ready
+                            }
+                        };
+                        if ready {
+                            let ok = io.send(&self.socket, &reply).is_ok();
+                            if self.pool.is_none() {
+                                processor.sent((u64::from(ok), u64::from(!ok)));
+                            }
+                        }
+                        sys::trim_reply(&mut reply);
                     }
-                    sys::trim_reply(&mut reply);
                 }
                 // A wake-up without a datagram.
                 Ok(None) => {}
@@ -131,40 +181,120 @@ impl<H: HandlerFn> Worker<H> {
     }
 }
 
-/// Decides the fate of each datagram and keeps the worker's running totals.
+/// One thread of the handler pool.
+pub(crate) struct PoolThread<H> {
+    /// Its counter slot (after the receive workers').
+    pub(crate) slot: usize,
+    pub(crate) pool: Arc<Pool>,
+    pub(crate) handler: Arc<H>,
+    pub(crate) config: Arc<Config>,
+    pub(crate) shared: Arc<Shared>,
+    /// The server's sockets, held weakly: the server's handle keeps them
+    /// open while the pool drains, and a handler that never returns cannot
+    /// keep them open after that.
+    pub(crate) sockets: Vec<Weak<Socket>>,
+}
+
+impl<H: HandlerFn> PoolThread<H> {
+    /// Takes requests from the queue and handles them until the pool is
+    /// closed and empty.
+    pub(crate) fn run(self) {
+        let mut processor = Processor::new(
+            &*self.handler,
+            &self.config,
+            self.shared.stats.recorders(self.slot),
+        );
+        let max_wait = self.config.pool.as_ref().and_then(|p| p.max_queue_wait);
+        let mut reply = Vec::with_capacity(sys::REPLY_RESERVE);
+        loop {
+            match self.pool.take() {
+                Taken::Closed => break,
+                Taken::Late(job) => {
+                    processor.totals.shutdown_dropped += 1;
+                    self.pool.give_back(job);
+                }
+                Taken::Job(job) => {
+                    let started = Instant::now();
+                    let waited = started.saturating_duration_since(job.arrived);
+                    if max_wait.is_some_and(|max| waited > max) {
+                        processor.record_wait(waited);
+                        processor.totals.expired += 1;
+                    } else {
+                        let datagram = Received {
+                            data: &job.data,
+                            truncated: false,
+                            peer: job.peer,
+                            arrival: job.arrival,
+                        };
+                        let ready =
+                            processor.handle_timed(&datagram, &mut reply, job.arrived, started);
+                        processor.handled_at(Instant::now());
+                        if ready {
+                            self.send(&mut processor, &reply, job.socket, job.peer, &job.arrival);
+                        }
+                        sys::trim_reply(&mut reply);
+                    }
+                    self.pool.give_back(job);
+                }
+            }
+            self.shared.stats.publish(self.slot, &processor.totals);
+        }
+        self.shared.stats.publish(self.slot, &processor.totals);
+    }
+
+    /// Sends one reply through socket `socket`, from where its request
+    /// arrived.
+    fn send(
+        &self,
+        processor: &mut Processor<'_, H>,
+        reply: &[u8],
+        socket: usize,
+        peer: SocketAddr,
+        arrival: &Arrival,
+    ) {
+        let Some(socket) = self.sockets.get(socket).and_then(Weak::upgrade) else {
+            // The server has stopped and closed its sockets.
+            processor.totals.shutdown_dropped += 1;
+            return;
+        };
+        let ok = sys::send_reply(&socket, reply, peer, arrival).is_ok();
+        processor.sent((u64::from(ok), u64::from(!ok)));
+    }
+}
+
+/// Decides the fate of each datagram and keeps a thread's running totals
+/// and latency histograms.
 pub(crate) struct Processor<'a, H> {
     handler: &'a H,
     config: &'a Config,
+    recorders: Option<&'a Recorders>,
     pub(crate) totals: Stats,
     /// The pause after a receive error, doubled each time one follows.
     backoff: Duration,
+    /// When the handler call in progress started.
+    call_started: Instant,
 }
 
 impl<'a, H: HandlerFn> Processor<'a, H> {
-    pub(crate) fn new(handler: &'a H, config: &'a Config) -> Self {
+    pub(crate) fn new(
+        handler: &'a H,
+        config: &'a Config,
+        recorders: Option<&'a Recorders>,
+    ) -> Self {
         Processor {
             handler,
             config,
+            recorders,
             totals: Stats::default(),
             backoff: Duration::ZERO,
+            call_started: Instant::now(),
         }
     }
 
-    /// Counts one received datagram and decides its fate at time `now`:
-    /// dropped (truncated, a source that cannot be answered, over the rate
-    /// limit), or handed to the handler, whose reply may still be held back
-    /// by the amplification limit.
-    ///
-    /// Returns `true` when `reply` holds a reply to send; the caller then
-    /// reports how the send went with [`Processor::sent`]. Every other
-    /// outcome is counted here.
-    pub(crate) fn process(
-        &mut self,
-        datagram: &Received<'_>,
-        reply: &mut Vec<u8>,
-        now: Instant,
-    ) -> bool {
-        self.totals.received += 1;
+    /// The checks before any handler, at time `now`: drops (and counts) a
+    /// datagram that is truncated, from a source that cannot be answered,
+    /// or over the rate limit. Returns whether it goes on to a handler.
+    pub(crate) fn admit(&mut self, datagram: &Received<'_>, now: Instant) -> bool {
         self.backoff = Duration::ZERO;
         let peer = datagram.peer;
         if datagram.truncated {
@@ -183,8 +313,59 @@ impl<'a, H: HandlerFn> Processor<'a, H> {
                 return false;
             }
         }
+        true
+    }
+
+    /// Counts a request the pool had no room for, and writes the busy reply
+    /// into `reply` if there is one and the amplification limit allows it.
+    /// Returns whether `reply` is to be sent (not counted as a reply).
+    pub(crate) fn shed(&mut self, datagram: &Received<'_>, reply: &mut Vec<u8>) -> bool {
+        self.totals.overloaded += 1;
+        let Some(busy) = self
+            .config
+            .pool
+            .as_ref()
+            .and_then(|p| p.overload_reply.as_ref())
+        else {
+            return false;
+        };
+        if self.too_large(busy.len(), datagram.data.len()) {
+            return false;
+        }
         reply.clear();
-        let local = datagram.local.or(self.config.bound_ip);
+        reply.extend_from_slice(busy);
+        true
+    }
+
+    fn too_large(&self, reply: usize, request: usize) -> bool {
+        self.config
+            .max_amplification
+            .is_some_and(|factor| reply > factor.saturating_mul(request))
+    }
+
+    fn record_wait(&self, waited: Duration) {
+        if let Some(recorders) = self.recorders {
+            recorders.queue_wait.record(waited);
+        }
+    }
+
+    /// Runs the handler on an admitted datagram, which arrived at `arrived`,
+    /// in a call that starts at `started`; the caller reports the end with
+    /// [`handled_at`](Processor::handled_at). Counts every outcome but a
+    /// reply to send: returns `true` when `reply` holds one, and the caller
+    /// reports how its send went with [`sent`](Processor::sent).
+    pub(crate) fn handle_timed(
+        &mut self,
+        datagram: &Received<'_>,
+        reply: &mut Vec<u8>,
+        arrived: Instant,
+        started: Instant,
+    ) -> bool {
+        self.record_wait(started.saturating_duration_since(arrived));
+        self.call_started = started;
+        reply.clear();
+        let peer = datagram.peer;
+        let local = datagram.arrival.local.or(self.config.bound_ip);
         let request = Request::new(datagram.data, peer, same_family(local, peer));
         let handler = self.handler;
         // A panic is caught per datagram so that one bad request cannot stop
@@ -194,10 +375,7 @@ impl<'a, H: HandlerFn> Processor<'a, H> {
         let outcome = panic::catch_unwind(AssertUnwindSafe(|| handler(request, reply)));
         match outcome {
             Ok(Action::Reply) => {
-                let limit = self.config.max_amplification;
-                if limit
-                    .is_some_and(|factor| reply.len() > factor.saturating_mul(datagram.data.len()))
-                {
+                if self.too_large(reply.len(), datagram.data.len()) {
                     self.totals.amplification_capped += 1;
                     return false;
                 }
@@ -220,12 +398,14 @@ impl<'a, H: HandlerFn> Processor<'a, H> {
         }
     }
 
-    /// Counts `count` datagrams received but left unhandled because the
-    /// server is shutting down.
-    pub(crate) fn dropped_at_shutdown(&mut self, count: usize) {
-        let count = count as u64;
-        self.totals.received += count;
-        self.totals.shutdown_dropped += count;
+    /// Records the handler call that [`handle_timed`](Processor::handle_timed)
+    /// started as ending at `now`.
+    pub(crate) fn handled_at(&self, now: Instant) {
+        if let Some(recorders) = self.recorders {
+            recorders
+                .handler
+                .record(now.saturating_duration_since(self.call_started));
+        }
     }
 
     /// Counts the outcome of sending replies: how many were sent, how many

@@ -27,7 +27,7 @@ impl Batch {
         match *self {}
     }
 
-    pub(crate) fn queue_reply(&mut self, _: usize) {
+    pub(crate) fn queue_reply(&mut self, _: usize, _: bool) {
         match *self {}
     }
 
@@ -49,6 +49,17 @@ pub(crate) fn kernel_drops(_: &Socket) -> Option<u64> {
 /// wildcard-bound server go out from the address the kernel picks.
 pub(crate) fn enable_pktinfo(_: &Socket, _: bool) -> io::Result<bool> {
     Ok(false)
+}
+
+/// Sends `reply` to `to`; the source address cannot be chosen on this
+/// platform (arrival addresses are never read, so `from.local` is never set).
+pub(crate) fn send_from(
+    socket: &Socket,
+    reply: &[u8],
+    to: &socket2::SockAddr,
+    _: &super::Arrival,
+) -> io::Result<()> {
+    socket.send_to(reply, to).map(drop)
 }
 
 /// Uninhabited: arrival addresses are not read on this platform.

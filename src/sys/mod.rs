@@ -48,6 +48,15 @@ pub(crate) fn trim_reply(reply: &mut Vec<u8>) {
     }
 }
 
+/// Where a datagram arrived: the local address it was sent to and the
+/// interface it came in on, where the socket reports them. A reply goes out
+/// from there.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Arrival {
+    pub(crate) local: Option<IpAddr>,
+    pub(crate) ifindex: u32,
+}
+
 /// One datagram received, as the worker sees it.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Received<'a> {
@@ -57,8 +66,24 @@ pub(crate) struct Received<'a> {
     pub(crate) truncated: bool,
     /// The sender.
     pub(crate) peer: SocketAddr,
-    /// The address the datagram was sent to, where the socket reports it.
-    pub(crate) local: Option<IpAddr>,
+    /// Where it arrived (`local` is `None` where the socket does not say).
+    pub(crate) arrival: Arrival,
+}
+
+/// Sends one reply to `peer`, from `from.local` where that is set (on a
+/// wildcard-bound socket that reads arrival addresses): for handler threads,
+/// which reply one at a time.
+pub(crate) fn send_reply(
+    socket: &Socket,
+    reply: &[u8],
+    peer: SocketAddr,
+    from: &Arrival,
+) -> io::Result<()> {
+    let peer = SockAddr::from(peer);
+    if from.local.is_some() {
+        return retry_interrupted(|| imp::send_from(socket, reply, &peer, from));
+    }
+    retry_interrupted(|| socket.send_to(reply, &peer)).map(drop)
 }
 
 /// Runs `f` again while it fails with `EINTR` (a signal arrived).
@@ -113,7 +138,7 @@ impl Portable {
             data: buf.get(..len).unwrap_or_default(),
             truncated: flags.is_truncated(),
             peer,
-            local: None,
+            arrival: Arrival::default(),
         }))
     }
 

@@ -57,8 +57,9 @@ pub(crate) struct Batch {
     count: usize,
     /// One reply buffer per entry of `datagrams`.
     replies: Box<[Vec<u8>]>,
-    /// Indices into `datagrams` whose replies go out with the next `send`.
-    queue: Box<[usize]>,
+    /// Indices into `datagrams` whose replies go out with the next `send`,
+    /// each with whether its send is to be counted (see `queue_reply`).
+    queue: Box<[(usize, bool)]>,
     queued: usize,
 
     // Scratch for `send`, filled by it.
@@ -145,7 +146,7 @@ impl Batch {
             replies: (0..size)
                 .map(|_| Vec::with_capacity(REPLY_RESERVE))
                 .collect(),
-            queue: vec![0; size].into_boxed_slice(),
+            queue: vec![(0, false); size].into_boxed_slice(),
             queued: 0,
             messages: vec![Message::default(); size].into_boxed_slice(),
             send_iovs: zeroed(size),
@@ -263,17 +264,27 @@ impl Batch {
                 .unwrap_or_default(),
             truncated: datagram.truncated,
             peer: datagram.peer,
-            local: datagram.arrival.local,
+            arrival: datagram.arrival,
         };
         Some((received, self.replies.get_mut(i)?))
     }
 
     /// Queues the reply to datagram `i` for the next [`send`](Batch::send).
-    pub(crate) fn queue_reply(&mut self, i: usize) {
+    /// `counted`: whether [`send`](Batch::send) counts how its send went (a
+    /// busy reply to a shed request is already counted as shed).
+    pub(crate) fn queue_reply(&mut self, i: usize, counted: bool) {
         if i < self.count && self.queued < self.size {
-            self.queue[self.queued] = i;
+            self.queue[self.queued] = (i, counted);
             self.queued += 1;
         }
+    }
+
+    /// How many of the replies in `message` are counted.
+    fn counted(&self, message: &Message) -> u64 {
+        self.queue[message.first_iov..message.first_iov + message.segments]
+            .iter()
+            .filter(|(_, counted)| *counted)
+            .count() as u64
     }
 
     /// How many replies are queued.
@@ -282,9 +293,9 @@ impl Batch {
     }
 
     /// Sends every queued reply, each to the address its datagram came from
-    /// exactly as the kernel gave it; returns how many replies were sent and
-    /// how many failed. A failed message is counted and the rest still go
-    /// out.
+    /// exactly as the kernel gave it; returns how many counted replies were
+    /// sent and how many failed. A failed message is counted and the rest
+    /// still go out.
     pub(crate) fn send(&mut self, socket: &Socket) -> (u64, u64) {
         let messages = self.build_messages();
         let (mut sent, mut failed) = (0u64, 0u64);
@@ -309,7 +320,7 @@ impl Batch {
                     let n = n.min(len);
                     sent += self.messages[start..start + n]
                         .iter()
-                        .map(|m| m.segments as u64)
+                        .map(|m| self.counted(m))
                         .sum::<u64>();
                     start += n;
                 }
@@ -336,7 +347,7 @@ impl Batch {
     fn build_messages(&mut self) -> usize {
         let mut count = 0;
         for q in 0..self.queued {
-            let to = self.queue[q];
+            let to = self.queue[q].0;
             let reply = &self.replies[to];
             let len = reply.len();
             self.send_iovs[q] = iovec {
@@ -427,7 +438,7 @@ impl Batch {
             Some(libc::EIO | libc::EINVAL)
         );
         if message.segments < 2 || !cannot_segment {
-            return (0, message.segments as u64);
+            return (0, self.counted(&message));
         }
         self.gso = false;
         let (mut sent, mut failed) = (0u64, 0u64);
@@ -443,9 +454,10 @@ impl Batch {
                 // `self` stays mutably borrowed across the call.
                 cvt(unsafe { libc::sendmsg(fd, hdr, 0) })
             });
+            let counted = u64::from(self.queue[iov].1);
             match result {
-                Ok(_) => sent += 1,
-                Err(_) => failed += 1,
+                Ok(_) => sent += counted,
+                Err(_) => failed += counted,
             }
         }
         (sent, failed)

@@ -52,13 +52,7 @@ const _: () =
     assert!(SEND_ROOM >= space(mem::size_of::<in_pktinfo>()) + space(mem::size_of::<u16>()));
 const _: () = assert!(RECV_ROOM >= 350);
 
-/// Where a datagram arrived: the local address it was sent to and the
-/// interface it came in on.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct Arrival {
-    pub(crate) local: Option<IpAddr>,
-    pub(crate) ifindex: u32,
-}
+pub(crate) use crate::sys::Arrival;
 
 /// Asks the kernel to report, with each datagram, the address it arrived
 /// on: `IP_PKTINFO` for IPv4 (also on a dual-stack IPv6 socket, for its

@@ -15,7 +15,7 @@ mod cmsg;
 mod pktinfo_io;
 
 pub(crate) use batch::{Batch, MAX_BATCH};
-pub(crate) use pktinfo_io::PktinfoIo;
+pub(crate) use pktinfo_io::{PktinfoIo, send_from};
 
 /// The result of a system call that returns a count or -1 with `errno`.
 fn cvt(rc: isize) -> io::Result<usize> {

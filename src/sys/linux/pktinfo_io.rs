@@ -77,32 +77,63 @@ impl PktinfoIo {
             // cut short (`MSG_CTRUNC`) do not matter.
             truncated: hdr.msg_flags & libc::MSG_TRUNC != 0 || self.arrival.local.is_none(),
             peer,
-            local: self.arrival.local,
+            arrival: self.arrival,
         }))
     }
 
     /// Sends `reply` to the sender of the last datagram received, from the
     /// address that datagram arrived on.
     pub(crate) fn send(&mut self, socket: &Socket, reply: &[u8]) -> io::Result<()> {
-        let mut control = SendCmsg::EMPTY;
-        let used = cmsg::write(&mut control, &self.arrival, None);
-        let mut iov = iovec {
-            iov_base: reply.as_ptr().cast_mut().cast::<c_void>(),
-            iov_len: reply.len(),
-        };
-        // SAFETY: a plain C struct, valid when zeroed.
-        let mut hdr: libc::msghdr = unsafe { mem::zeroed() };
-        hdr.msg_name = ptr::from_mut(&mut self.addr).cast::<c_void>();
-        hdr.msg_namelen = self.addr_len;
-        hdr.msg_iov = &mut iov;
-        hdr.msg_iovlen = 1;
-        if used > 0 {
-            hdr.msg_control = control.0.as_mut_ptr().cast::<c_void>();
-            hdr.msg_controllen = used as _;
-        }
-        // SAFETY: `hdr` points at the sender's address as received, one
-        // iovec over `reply` (only read), and `used` bytes of `control`, all
-        // alive for the call.
-        cvt(unsafe { libc::sendmsg(socket.as_raw_fd(), &hdr, 0) }).map(drop)
+        let to = ptr::from_ref(&self.addr).cast::<libc::sockaddr>();
+        // SAFETY: `to` points at the sender's address as the kernel wrote
+        // it, `addr_len` bytes long, in `self`, which outlives the call.
+        unsafe { send_msg(socket, reply, to, self.addr_len, &self.arrival) }
     }
+}
+
+/// Sends `reply` to `to`, from `from.local` (when set).
+pub(crate) fn send_from(
+    socket: &Socket,
+    reply: &[u8],
+    to: &socket2::SockAddr,
+    from: &Arrival,
+) -> io::Result<()> {
+    // SAFETY: `SockAddr` holds a valid socket address of `len()` bytes,
+    // borrowed for the call.
+    unsafe { send_msg(socket, reply, to.as_ptr().cast(), to.len(), from) }
+}
+
+/// `sendmsg` of one datagram to `to`, from `from.local` when it is set.
+///
+/// # Safety
+///
+/// `to` must point at a socket address of `to_len` bytes that stays valid
+/// for the call.
+unsafe fn send_msg(
+    socket: &Socket,
+    reply: &[u8],
+    to: *const libc::sockaddr,
+    to_len: socklen_t,
+    from: &Arrival,
+) -> io::Result<()> {
+    let mut control = SendCmsg::EMPTY;
+    let used = cmsg::write(&mut control, from, None);
+    let mut iov = iovec {
+        iov_base: reply.as_ptr().cast_mut().cast::<c_void>(),
+        iov_len: reply.len(),
+    };
+    // SAFETY: a plain C struct, valid when zeroed.
+    let mut hdr: libc::msghdr = unsafe { mem::zeroed() };
+    hdr.msg_name = to.cast_mut().cast::<c_void>();
+    hdr.msg_namelen = to_len;
+    hdr.msg_iov = &mut iov;
+    hdr.msg_iovlen = 1;
+    if used > 0 {
+        hdr.msg_control = control.0.as_mut_ptr().cast::<c_void>();
+        hdr.msg_controllen = used as _;
+    }
+    // SAFETY: `hdr` points at the address the caller vouches for, one iovec
+    // over `reply` (only read), and `used` bytes of `control`, all alive for
+    // the call; the kernel does not write through these pointers on send.
+    cvt(unsafe { libc::sendmsg(socket.as_raw_fd(), &hdr, 0) }).map(drop)
 }

@@ -1,0 +1,207 @@
+//! The handler pool: a bounded queue between the receive workers and the
+//! handler threads, with every place allocated up front.
+
+use std::collections::VecDeque;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Instant;
+
+use crate::sys::{Arrival, REPLY_RESERVE, Received};
+
+/// One queued request: a copy of its bytes, and what its reply needs.
+#[derive(Debug)]
+pub(crate) struct Job {
+    pub(crate) data: Vec<u8>,
+    pub(crate) peer: SocketAddr,
+    pub(crate) arrival: Arrival,
+    /// Which of the server's sockets it came in on; the reply goes out
+    /// through the same one.
+    pub(crate) socket: usize,
+    /// When the receive call that took it returned.
+    pub(crate) arrived: Instant,
+}
+
+impl Job {
+    fn empty(now: Instant) -> Job {
+        Job {
+            data: Vec::with_capacity(REPLY_RESERVE),
+            peer: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+            arrival: Arrival::default(),
+            socket: 0,
+            arrived: now,
+        }
+    }
+}
+
+/// What a handler thread gets from [`Pool::take`].
+#[derive(Debug)]
+pub(crate) enum Taken {
+    /// A request to handle.
+    Job(Job),
+    /// A request left over when the drain time ran out: to be counted as
+    /// dropped at shutdown and given back.
+    Late(Job),
+    /// The pool is closed and empty: the thread ends.
+    Closed,
+}
+
+#[derive(Debug)]
+struct State {
+    queue: VecDeque<Job>,
+    /// Places not in use, each with its buffer.
+    free: Vec<Job>,
+    /// Handler threads waiting for work.
+    idle: usize,
+    /// Set by [`Pool::close`]: requests still queued after this instant are
+    /// dropped, and threads end once the queue is empty.
+    drain_until: Option<Instant>,
+}
+
+/// The bounded queue. Every place (a [`Job`] with its buffer) is made when
+/// the pool is, so queuing a request allocates nothing once its place's
+/// buffer has grown to fit.
+#[derive(Debug)]
+pub(crate) struct Pool {
+    state: Mutex<State>,
+    work: Condvar,
+}
+
+impl Pool {
+    pub(crate) fn new(capacity: usize) -> Pool {
+        let now = Instant::now();
+        Pool {
+            state: Mutex::new(State {
+                queue: VecDeque::with_capacity(capacity),
+                free: (0..capacity).map(|_| Job::empty(now)).collect(),
+                idle: 0,
+                drain_until: None,
+            }),
+            work: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Nothing panics while holding the lock; a poisoned lock still
+        // holds consistent state.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a copy of `datagram`, received on socket `socket` at
+    /// `arrived`. Never waits for room: returns `false` at once when the
+    /// queue is full (or closed), and the caller sheds the request.
+    pub(crate) fn submit(&self, datagram: &Received<'_>, socket: usize, arrived: Instant) -> bool {
+        let Some(mut job) = ({
+            let mut state = self.lock();
+            if state.drain_until.is_some() {
+                None
+            } else {
+                state.free.pop()
+            }
+        }) else {
+            return false;
+        };
+        // Filled outside the lock: the copy may be up to 64 KiB.
+        job.data.clear();
+        job.data.extend_from_slice(datagram.data);
+        job.peer = datagram.peer;
+        job.arrival = datagram.arrival;
+        job.socket = socket;
+        job.arrived = arrived;
+        let wake = {
+            let mut state = self.lock();
+            state.queue.push_back(job);
+            state.idle > 0
+        };
+        if wake {
+            self.work.notify_one();
+        }
+        true
+    }
+
+    /// The next request, waiting for one while the pool is open.
+    pub(crate) fn take(&self) -> Taken {
+        let mut state = self.lock();
+        loop {
+            if let Some(job) = state.queue.pop_front() {
+                let late = state
+                    .drain_until
+                    .is_some_and(|until| Instant::now() >= until);
+                return if late {
+                    Taken::Late(job)
+                } else {
+                    Taken::Job(job)
+                };
+            }
+            if state.drain_until.is_some() {
+                return Taken::Closed;
+            }
+            state.idle += 1;
+            state = self.work.wait(state).unwrap_or_else(|e| e.into_inner());
+            state.idle -= 1;
+        }
+    }
+
+    /// Returns a place to the free list once its request is dealt with.
+    pub(crate) fn give_back(&self, job: Job) {
+        self.lock().free.push(job);
+    }
+
+    /// Stops taking requests; those queued are handled until `drain_until`
+    /// and dropped after it, and every handler thread ends once the queue
+    /// is empty.
+    pub(crate) fn close(&self, drain_until: Instant) {
+        self.lock().drain_until = Some(drain_until);
+        self.work.notify_all();
+    }
+
+    /// Requests waiting in the queue now.
+    #[allow(dead_code)] // read by the `metrics` feature
+    pub(crate) fn queued(&self) -> usize {
+        self.lock().queue.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::IpAddr;
+
+    fn datagram(data: &[u8]) -> Received<'_> {
+        Received {
+            data,
+            truncated: false,
+            peer: SocketAddr::from(([127, 0, 0, 1], 9)),
+            arrival: Arrival {
+                local: Some(IpAddr::from([127, 0, 0, 1])),
+                ifindex: 1,
+            },
+        }
+    }
+
+    #[test]
+    fn a_full_queue_refuses_at_once_and_a_closed_one_drains() {
+        let pool = Pool::new(2);
+        let now = Instant::now();
+        assert!(pool.submit(&datagram(b"a"), 0, now));
+        assert!(pool.submit(&datagram(b"b"), 1, now));
+        assert!(!pool.submit(&datagram(b"c"), 0, now), "full");
+        let Taken::Job(first) = pool.take() else {
+            panic!("a job")
+        };
+        assert_eq!((first.data.as_slice(), first.socket), (&b"a"[..], 0));
+        pool.give_back(first);
+        assert!(pool.submit(&datagram(b"d"), 0, now), "room again");
+        // Closed with time to drain: what is queued is still handed out.
+        pool.close(now + std::time::Duration::from_secs(3600));
+        assert!(!pool.submit(&datagram(b"e"), 0, now), "closed");
+        assert!(matches!(pool.take(), Taken::Job(j) if j.data == b"b"));
+        assert!(matches!(pool.take(), Taken::Job(j) if j.data == b"d"));
+        assert!(matches!(pool.take(), Taken::Closed));
+        // Closed with no time: what is queued comes back as late.
+        let pool = Pool::new(1);
+        assert!(pool.submit(&datagram(b"x"), 0, now));
+        pool.close(Instant::now());
+        assert!(matches!(pool.take(), Taken::Late(_)));
+        assert!(matches!(pool.take(), Taken::Closed));
+    }
+}
