@@ -48,6 +48,12 @@ pub(crate) enum Taken {
 #[derive(Debug)]
 struct State {
     queue: VecDeque<Job>,
+    /// How many requests may wait in `queue`.
+    capacity: usize,
+    /// Places taken by `submit` and being filled, not yet in `queue`: they
+    /// count against `capacity`, so that receive workers submitting at once
+    /// cannot overfill it.
+    filling: usize,
     /// Places not in use, each with its buffer.
     free: Vec<Job>,
     /// Handler threads waiting for work.
@@ -58,7 +64,8 @@ struct State {
 }
 
 /// The bounded queue. Every place (a [`Job`] with its buffer) is made when
-/// the pool is, so queuing a request allocates nothing once its place's
+/// the pool is, one per request that may wait and one per handler thread's
+/// request in hand, so queuing a request allocates nothing once its place's
 /// buffer has grown to fit.
 #[derive(Debug)]
 pub(crate) struct Pool {
@@ -67,12 +74,16 @@ pub(crate) struct Pool {
 }
 
 impl Pool {
-    pub(crate) fn new(capacity: usize) -> Pool {
+    /// A queue of `capacity` waiting requests for `threads` handler threads.
+    pub(crate) fn new(capacity: usize, threads: usize) -> Pool {
         let now = Instant::now();
+        let places = capacity.saturating_add(threads);
         Pool {
             state: Mutex::new(State {
                 queue: VecDeque::with_capacity(capacity),
-                free: (0..capacity).map(|_| Job::empty(now)).collect(),
+                capacity,
+                filling: 0,
+                free: (0..places).map(|_| Job::empty(now)).collect(),
                 idle: 0,
                 drain_until: None,
             }),
@@ -92,10 +103,12 @@ impl Pool {
     pub(crate) fn submit(&self, datagram: &Received<'_>, socket: usize, arrived: Instant) -> bool {
         let Some(mut job) = ({
             let mut state = self.lock();
-            if state.drain_until.is_some() {
+            if state.drain_until.is_some() || state.queue.len() + state.filling >= state.capacity {
                 None
             } else {
-                state.free.pop()
+                let job = state.free.pop();
+                state.filling += usize::from(job.is_some());
+                job
             }
         }) else {
             return false;
@@ -109,6 +122,7 @@ impl Pool {
         job.arrived = arrived;
         let wake = {
             let mut state = self.lock();
+            state.filling -= 1;
             state.queue.push_back(job);
             state.idle > 0
         };
@@ -180,7 +194,7 @@ mod tests {
 
     #[test]
     fn a_full_queue_refuses_at_once_and_a_closed_one_drains() {
-        let pool = Pool::new(2);
+        let pool = Pool::new(2, 0);
         let now = Instant::now();
         assert!(pool.submit(&datagram(b"a"), 0, now));
         assert!(pool.submit(&datagram(b"b"), 1, now));
@@ -198,7 +212,7 @@ mod tests {
         assert!(matches!(pool.take(), Taken::Job(j) if j.data == b"d"));
         assert!(matches!(pool.take(), Taken::Closed));
         // Closed with no time: what is queued comes back as late.
-        let pool = Pool::new(1);
+        let pool = Pool::new(1, 0);
         assert!(pool.submit(&datagram(b"x"), 0, now));
         pool.close(Instant::now());
         assert!(matches!(pool.take(), Taken::Late(_)));

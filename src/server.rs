@@ -144,7 +144,7 @@ impl GreetServer {
         let pool = config
             .pool
             .as_ref()
-            .map(|p| (Arc::new(Pool::new(p.capacity)), p.drain_timeout));
+            .map(|p| (Arc::new(Pool::new(p.capacity, p.threads)), p.drain_timeout));
         let shared = Shared::new(&sockets, config.threads(), pool);
         Ok(GreetServer {
             sockets,

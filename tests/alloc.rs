@@ -1,5 +1,6 @@
 //! No heap allocation per datagram: the server in its steady state (both
-//! paths, one worker and two) and `GreetClient::send_recv_into` per call.
+//! paths, one worker and two, handlers inline and on a pool) and
+//! `GreetClient::send_recv_into` per call.
 //!
 //! A counting global allocator counts every allocation in the process; the
 //! test has its own `main` (`harness = false`), so no test-runner thread
@@ -155,6 +156,8 @@ fn many_prefixes(builder: ServerBuilder) -> Result<u64, String> {
             // reached: buckets stay busy, so 256 prefixes overflow the table.
             udp_greet::RateLimit::new(1, 1_000_000).table_size(64),
         )
+        // All 256 at once fit a handler pool's queue.
+        .queue_capacity(512)
         .bind("127.0.0.1:0")
         .and_then(|s| s.spawn(udp_greet::greet))
         .map_err(|e| e.report())?;
@@ -289,12 +292,17 @@ fn main() -> ExitCode {
     ];
     let (mut passed, mut failed) = (0, 0);
     for (path, portable) in [("batched", false), ("portable", true)] {
-        for workers in [1, 2] {
+        for (workers, handler_threads) in [(1, 0), (2, 0), (1, 2), (2, 3)] {
             for (name, scenario) in scenarios {
                 let builder = GreetServer::builder()
                     .portable_io(portable)
-                    .workers(workers);
-                let label = format!("{path} path, {workers} worker(s), {name}");
+                    .workers(workers)
+                    .handler_threads(handler_threads);
+                let mode = match handler_threads {
+                    0 => "inline".to_owned(),
+                    n => format!("pool of {n}"),
+                };
+                let label = format!("{path} path, {workers} worker(s), {mode}, {name}");
                 match scenario(builder) {
                     Ok(0) => {
                         println!("ok: {label}: 0 allocations over {MEASURED} requests");
