@@ -56,6 +56,7 @@
 //!
 //! [socket2]: https://docs.rs/socket2
 #![deny(missing_docs, missing_debug_implementations, rust_2018_idioms)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(unsafe_code)]
 #![doc(test(attr(deny(warnings))))]
 
@@ -65,6 +66,7 @@ mod error;
 mod handle;
 mod handler;
 mod latency;
+mod observe;
 mod pool;
 mod ratelimit;
 mod server;

@@ -129,6 +129,22 @@ const RECEIVED: usize = 0;
 const KERNEL_DROPS: usize = 13;
 
 impl Stats {
+    /// The outcome counters' names: the ones [`Stats::accounted`] sums.
+    #[allow(dead_code)] // used by the `metrics` feature
+    pub(crate) const OUTCOMES: [&'static str; 11] = [
+        "replied",
+        "no_reply",
+        "truncated",
+        "handler_panics",
+        "rate_limited",
+        "amplification_capped",
+        "bad_source",
+        "send_errors",
+        "shutdown_dropped",
+        "overloaded",
+        "expired",
+    ];
+
     /// The sum of the outcome counters: every received datagram ends in
     /// exactly one of `replied`, `no_reply`, `truncated`, `handler_panics`,
     /// `rate_limited`, `amplification_capped`, `bad_source`, `send_errors`,
@@ -271,6 +287,24 @@ mod tests {
         assert_eq!(values[RECEIVED], 3);
         assert_eq!(values[KERNEL_DROPS], 7);
         assert_eq!(Stats::from_array(values), stats);
+    }
+
+    #[test]
+    fn the_outcome_names_are_what_accounted_sums() {
+        // Each counter a distinct power of two, so the sum names them.
+        let mut values = [0u64; FIELDS];
+        for (i, value) in values.iter_mut().enumerate() {
+            *value = 1 << i;
+        }
+        let stats = Stats::from_array(values);
+        let named: u64 = Stats::NAMES
+            .iter()
+            .zip(values)
+            .filter(|(name, _)| Stats::OUTCOMES.contains(name))
+            .map(|(_, value)| value)
+            .sum();
+        assert_eq!(named, stats.accounted());
+        assert!(Stats::OUTCOMES.iter().all(|o| Stats::NAMES.contains(o)));
     }
 
     #[test]

@@ -15,6 +15,7 @@ use crate::config::Config;
 use crate::handle::Shared;
 use crate::handler::{Action, Request};
 use crate::latency::Recorders;
+use crate::observe::Observer;
 use crate::pool::{Pool, Taken};
 use crate::stats::Stats;
 use crate::sys::{self, Arrival, Received};
@@ -67,11 +68,12 @@ impl<H: HandlerFn> Worker<H> {
         if self.reports_drops {
             processor.totals.kernel_drops = sys::kernel_drops(&self.socket).unwrap_or(0);
         }
-        self.publish(&processor);
+        self.publish(&mut processor);
     }
 
-    fn publish(&self, processor: &Processor<'_, H>) {
+    fn publish(&self, processor: &mut Processor<'_, H>) {
         self.shared.stats.publish(self.index, &processor.totals);
+        processor.observer.published(&processor.totals);
     }
 
     /// The batched loop: one `recvmmsg` for up to a batch of datagrams, each
@@ -124,12 +126,14 @@ impl<H: HandlerFn> Worker<H> {
                 if batch.queued() == 0 {
                     unsent_since = clock;
                 } else if clock.saturating_duration_since(unsent_since) >= FLUSH_AFTER {
-                    processor.sent(batch.send(&self.socket));
+                    let sent = batch.send(&self.socket);
+                    processor.sent_batch(sent, &mut batch);
                     unsent_since = clock;
                     self.publish(processor);
                 }
             }
-            processor.sent(batch.send(&self.socket));
+            let sent = batch.send(&self.socket);
+            processor.sent_batch(sent, &mut batch);
             self.publish(processor);
         }
     }
@@ -164,9 +168,10 @@ impl<H: HandlerFn> Worker<H> {
                             }
                         };
                         if ready {
-                            let ok = io.send(&self.socket, &reply).is_ok();
+                            let result = io.send(&self.socket, &reply);
+                            // A busy reply is counted as shed already.
                             if self.pool.is_none() {
-                                processor.sent((u64::from(ok), u64::from(!ok)));
+                                processor.sent_one(result.as_ref().err());
                             }
                         }
                         sys::trim_reply(&mut reply);
@@ -238,8 +243,8 @@ impl<H: HandlerFn> PoolThread<H> {
                 }
             }
             self.shared.stats.publish(self.slot, &processor.totals);
+            processor.observer.published(&processor.totals);
         }
-        self.shared.stats.publish(self.slot, &processor.totals);
     }
 
     /// Sends one reply through socket `socket`, from where its request
@@ -257,8 +262,8 @@ impl<H: HandlerFn> PoolThread<H> {
             processor.totals.shutdown_dropped += 1;
             return;
         };
-        let ok = sys::send_reply(&socket, reply, peer, arrival).is_ok();
-        processor.sent((u64::from(ok), u64::from(!ok)));
+        let result = sys::send_reply(&socket, reply, peer, arrival);
+        processor.sent_one(result.as_ref().err());
     }
 }
 
@@ -268,6 +273,7 @@ pub(crate) struct Processor<'a, H> {
     handler: &'a H,
     config: &'a Config,
     recorders: Option<&'a Recorders>,
+    pub(crate) observer: Observer,
     pub(crate) totals: Stats,
     /// The pause after a receive error, doubled each time one follows.
     backoff: Duration,
@@ -285,6 +291,7 @@ impl<'a, H: HandlerFn> Processor<'a, H> {
             handler,
             config,
             recorders,
+            observer: Observer::new(config.local_addr),
             totals: Stats::default(),
             backoff: Duration::ZERO,
             call_started: Instant::now(),
@@ -347,6 +354,7 @@ impl<'a, H: HandlerFn> Processor<'a, H> {
         if let Some(recorders) = self.recorders {
             recorders.queue_wait.record(waited);
         }
+        self.observer.queue_wait(waited);
     }
 
     /// Runs the handler on an admitted datagram, which arrived at `arrived`,
@@ -387,6 +395,7 @@ impl<'a, H: HandlerFn> Processor<'a, H> {
             }
             Err(payload) => {
                 self.totals.handler_panics += 1;
+                self.observer.handler_panicked(&*payload);
                 reply.clear();
                 // Dropping a panic payload can itself panic; that second
                 // panic must not escape either.
@@ -401,18 +410,32 @@ impl<'a, H: HandlerFn> Processor<'a, H> {
     /// Records the handler call that [`handle_timed`](Processor::handle_timed)
     /// started as ending at `now`.
     pub(crate) fn handled_at(&self, now: Instant) {
+        let took = now.saturating_duration_since(self.call_started);
         if let Some(recorders) = self.recorders {
-            recorders
-                .handler
-                .record(now.saturating_duration_since(self.call_started));
+            recorders.handler.record(took);
+        }
+        self.observer.handler_time(took);
+    }
+
+    /// Counts how a batch's replies went: how many were sent, how many
+    /// failed (with the batch's last error).
+    pub(crate) fn sent_batch(&mut self, (replied, failed): (u64, u64), batch: &mut sys::Batch) {
+        self.totals.replied += replied;
+        self.totals.send_errors += failed;
+        if failed > 0 {
+            self.observer.send_failed(batch.take_error().as_ref());
         }
     }
 
-    /// Counts the outcome of sending replies: how many were sent, how many
-    /// failed.
-    pub(crate) fn sent(&mut self, (replied, failed): (u64, u64)) {
-        self.totals.replied += replied;
-        self.totals.send_errors += failed;
+    /// Counts how one reply's send went: `error` is `None` when it was sent.
+    pub(crate) fn sent_one(&mut self, error: Option<&io::Error>) {
+        match error {
+            None => self.totals.replied += 1,
+            Some(err) => {
+                self.totals.send_errors += 1;
+                self.observer.send_failed(Some(err));
+            }
+        }
     }
 
     /// Handles a failed receive call. The loop always goes on: errors that
@@ -424,6 +447,7 @@ impl<'a, H: HandlerFn> Processor<'a, H> {
             return;
         }
         self.totals.recv_errors += 1;
+        self.observer.recv_failed(err);
         if is_icmp_report(err) || shared.is_stopped() {
             return;
         }

@@ -31,6 +31,10 @@ impl Batch {
         match *self {}
     }
 
+    pub(crate) fn take_error(&mut self) -> Option<io::Error> {
+        match *self {}
+    }
+
     pub(crate) fn queued(&self) -> usize {
         match *self {}
     }

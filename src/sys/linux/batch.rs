@@ -67,6 +67,8 @@ pub(crate) struct Batch {
     send_iovs: Box<[iovec]>,
     send_hdrs: Box<[mmsghdr]>,
     send_cmsgs: Box<[SendCmsg]>,
+    /// The error of the last message that failed, for the caller to report.
+    last_error: Option<io::Error>,
 }
 
 /// One received datagram, as read from its header once.
@@ -152,6 +154,7 @@ impl Batch {
             send_iovs: zeroed(size),
             send_hdrs: zeroed(size),
             send_cmsgs: vec![SendCmsg::EMPTY; size].into_boxed_slice(),
+            last_error: None,
         })
     }
 
@@ -287,6 +290,11 @@ impl Batch {
             .count() as u64
     }
 
+    /// The error of the last reply that failed to send, once.
+    pub(crate) fn take_error(&mut self) -> Option<io::Error> {
+        self.last_error.take()
+    }
+
     /// How many replies are queued.
     pub(crate) fn queued(&self) -> usize {
         self.queued
@@ -330,6 +338,9 @@ impl Batch {
                 failure => {
                     let err = failure.err();
                     let (ok, bad) = self.first_failed(socket, start, err.as_ref());
+                    if bad > 0 {
+                        self.last_error = err;
+                    }
                     sent += ok;
                     failed += bad;
                     start += 1;
@@ -457,7 +468,10 @@ impl Batch {
             let counted = u64::from(self.queue[iov].1);
             match result {
                 Ok(_) => sent += counted,
-                Err(_) => failed += counted,
+                Err(err) => {
+                    failed += counted;
+                    self.last_error = Some(err);
+                }
             }
         }
         (sent, failed)
