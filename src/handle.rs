@@ -84,10 +84,13 @@ impl Shared {
     /// The counters summed over workers, with the kernel's drop count read
     /// from each socket still open.
     pub(crate) fn snapshot(&self) -> Stats {
-        self.stats.snapshot(|i| {
-            let socket = self.sockets.get(i)?.upgrade()?;
-            sys::kernel_drops(&socket)
-        })
+        self.stats.snapshot_with_queue(
+            |i| {
+                let socket = self.sockets.get(i)?.upgrade()?;
+                sys::kernel_drops(&socket)
+            },
+            self.pool.as_ref().map(|(pool, _)| pool.queued()),
+        )
     }
 
     pub(crate) fn is_stopped(&self) -> bool {

@@ -58,6 +58,11 @@ struct State {
     free: Vec<Job>,
     /// Handler threads waiting for work.
     idle: usize,
+    /// Wake-ups sent to waiting threads that have not woken yet. A submit
+    /// wakes a thread only while fewer are on their way than are waiting,
+    /// so a burst of requests costs one wake-up per thread, not one system
+    /// call per request for a thread that is already waking.
+    waking: usize,
     /// Set by [`Pool::close`]: requests still queued after this instant are
     /// dropped, and threads end once the queue is empty.
     drain_until: Option<Instant>,
@@ -83,6 +88,7 @@ impl Pool {
                 queue: VecDeque::with_capacity(capacity),
                 capacity,
                 filling: 0,
+                waking: 0,
                 free: (0..places).map(|_| Job::empty(now)).collect(),
                 idle: 0,
                 drain_until: None,
@@ -124,7 +130,9 @@ impl Pool {
             let mut state = self.lock();
             state.filling -= 1;
             state.queue.push_back(job);
-            state.idle > 0
+            let wake = state.idle > state.waking;
+            state.waking += usize::from(wake);
+            wake
         };
         if wake {
             self.work.notify_one();
@@ -152,7 +160,28 @@ impl Pool {
             state.idle += 1;
             state = self.work.wait(state).unwrap_or_else(|e| e.into_inner());
             state.idle -= 1;
+            // Whichever thread wakes takes a wake-up off the count; each
+            // one stands for a request queued, which the woken thread now
+            // goes on to look for.
+            state.waking = state.waking.saturating_sub(1);
         }
+    }
+
+    /// The next request if one is queued (or the pool is closed), without
+    /// waiting.
+    pub(crate) fn try_take(&self) -> Option<Taken> {
+        let mut state = self.lock();
+        if let Some(job) = state.queue.pop_front() {
+            let late = state
+                .drain_until
+                .is_some_and(|until| Instant::now() >= until);
+            return Some(if late {
+                Taken::Late(job)
+            } else {
+                Taken::Job(job)
+            });
+        }
+        state.drain_until.is_some().then_some(Taken::Closed)
     }
 
     /// Returns a place to the free list once its request is dealt with.
@@ -169,7 +198,6 @@ impl Pool {
     }
 
     /// Requests waiting in the queue now.
-    #[allow(dead_code)] // read by the `metrics` feature
     pub(crate) fn queued(&self) -> usize {
         self.lock().queue.len()
     }

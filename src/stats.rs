@@ -80,6 +80,10 @@ pub struct Stats {
     /// Prefixes whose rate-limit bucket was reused for another prefix
     /// because the table was full (see [`RateLimit`](crate::RateLimit)).
     pub rate_limit_evictions: u64,
+    /// Requests waiting in the [handler pool](crate::ServerBuilder::handler_threads)'s
+    /// queue when the snapshot was taken: a gauge, not a counter (part of
+    /// [`in_flight`](Stats::in_flight)). Always 0 without a pool.
+    pub queued: u64,
 }
 
 /// Declares the counters once, in the order they are published and read.
@@ -99,7 +103,7 @@ macro_rules! counters {
 
             fn from_array(values: [u64; FIELDS]) -> Self {
                 let [$($field),*] = values;
-                Stats { $($field),* }
+                Stats { $($field,)* ..Stats::default() }
             }
         }
     };
@@ -248,6 +252,19 @@ impl SharedStats {
             sum.received += slot.0[RECEIVED].load(Ordering::Acquire);
         }
         sum
+    }
+
+    /// The counters and the pool's queue depth.
+    pub(crate) fn snapshot_with_queue(
+        &self,
+        live_drops: impl Fn(usize) -> Option<u64>,
+        queued: Option<usize>,
+    ) -> Stats {
+        let queued = queued.unwrap_or(0) as u64;
+        Stats {
+            queued,
+            ..self.snapshot(live_drops)
+        }
     }
 
     /// Publishes worker `index`'s running totals. Only that worker writes its

@@ -18,7 +18,7 @@ use crate::latency::Recorders;
 use crate::observe::Observer;
 use crate::pool::{Pool, Taken};
 use crate::stats::Stats;
-use crate::sys::{self, Arrival, Received};
+use crate::sys::{self, Received};
 
 /// The bound every handler meets; see [`GreetServer::serve`](crate::GreetServer::serve).
 pub(crate) trait HandlerFn:
@@ -203,68 +203,133 @@ pub(crate) struct PoolThread<H> {
 impl<H: HandlerFn> PoolThread<H> {
     /// Takes requests from the queue and handles them until the pool is
     /// closed and empty.
+    ///
+    /// Replies are sent in batches with the rule of the receive loop: while
+    /// more requests are queued and handlers are fast, replies gather (up to
+    /// a batch) and go out together; they go out at once when the queue runs
+    /// dry, and as soon as work has waited [`FLUSH_AFTER`].
     pub(crate) fn run(self) {
         let mut processor = Processor::new(
             &*self.handler,
             &self.config,
             self.shared.stats.recorders(self.slot),
         );
+        let Some(first) = self.sockets.first().and_then(Weak::upgrade) else {
+            return;
+        };
+        let size = self.config.batch_size.unwrap_or(1);
+        let mut out = Outgoing {
+            replies: sys::Replies::new(
+                &first,
+                size,
+                self.config.gso && self.config.batch_size.is_some(),
+            ),
+            used: 0,
+            socket: 0,
+            since: None,
+        };
+        drop(first);
         let max_wait = self.config.pool.as_ref().and_then(|p| p.max_queue_wait);
-        let mut reply = Vec::with_capacity(sys::REPLY_RESERVE);
         loop {
-            match self.pool.take() {
-                Taken::Closed => break,
+            let taken = if out.replies.queued() > 0 {
+                match self.pool.try_take() {
+                    Some(taken) => taken,
+                    None => {
+                        // Nothing more is queued: what is ready goes now.
+                        self.flush(&mut processor, &mut out);
+                        continue;
+                    }
+                }
+            } else {
+                self.pool.take()
+            };
+            match taken {
+                Taken::Closed => {
+                    self.flush(&mut processor, &mut out);
+                    break;
+                }
                 Taken::Late(job) => {
                     processor.totals.shutdown_dropped += 1;
                     self.pool.give_back(job);
                 }
                 Taken::Job(job) => {
+                    if out.used == out.replies.size()
+                        || (out.replies.queued() > 0 && out.socket != job.socket)
+                    {
+                        self.flush(&mut processor, &mut out);
+                    }
                     let started = Instant::now();
                     let waited = started.saturating_duration_since(job.arrived);
                     if max_wait.is_some_and(|max| waited > max) {
                         processor.record_wait(waited);
                         processor.totals.expired += 1;
-                    } else {
+                    } else if let Some(reply) = out.replies.buffer(out.used) {
                         let datagram = Received {
                             data: &job.data,
                             truncated: false,
                             peer: job.peer,
                             arrival: job.arrival,
                         };
-                        let ready =
-                            processor.handle_timed(&datagram, &mut reply, job.arrived, started);
-                        processor.handled_at(Instant::now());
+                        let ready = processor.handle_timed(&datagram, reply, job.arrived, started);
+                        let now = Instant::now();
+                        processor.handled_at(now);
                         if ready {
-                            self.send(&mut processor, &reply, job.socket, job.peer, &job.arrival);
+                            out.replies.queue(out.used, job.peer, job.arrival, true);
+                            out.used += 1;
+                            out.socket = job.socket;
+                            out.since.get_or_insert(started);
                         }
-                        sys::trim_reply(&mut reply);
+                        if out.since.is_some_and(|since| {
+                            now.saturating_duration_since(since) >= FLUSH_AFTER
+                        }) {
+                            self.flush(&mut processor, &mut out);
+                        }
                     }
                     self.pool.give_back(job);
                 }
             }
-            self.shared.stats.publish(self.slot, &processor.totals);
-            processor.observer.published(&processor.totals);
+            self.publish(&mut processor);
         }
     }
 
-    /// Sends one reply through socket `socket`, from where its request
-    /// arrived.
-    fn send(
-        &self,
-        processor: &mut Processor<'_, H>,
-        reply: &[u8],
-        socket: usize,
-        peer: SocketAddr,
-        arrival: &Arrival,
-    ) {
-        let Some(socket) = self.sockets.get(socket).and_then(Weak::upgrade) else {
-            // The server has stopped and closed its sockets.
-            processor.totals.shutdown_dropped += 1;
-            return;
-        };
-        let result = sys::send_reply(&socket, reply, peer, arrival);
-        processor.sent_one(result.as_ref().err());
+    fn publish(&self, processor: &mut Processor<'_, H>) {
+        self.shared.stats.publish(self.slot, &processor.totals);
+        processor.observer.published(&processor.totals);
     }
+
+    /// Sends the replies gathered so far, through the socket their requests
+    /// came in on.
+    fn flush(&self, processor: &mut Processor<'_, H>, out: &mut Outgoing) {
+        if out.replies.queued() > 0 {
+            match self.sockets.get(out.socket).and_then(Weak::upgrade) {
+                Some(socket) => {
+                    let sent = out.replies.send(&socket);
+                    let error = out.replies.take_error();
+                    processor.sent_counts(sent, error);
+                }
+                None => {
+                    // The server has stopped and closed its sockets.
+                    processor.totals.shutdown_dropped += out.replies.queued() as u64;
+                    out.replies.clear();
+                }
+            }
+        }
+        out.replies.trim(out.used);
+        out.used = 0;
+        out.since = None;
+        self.publish(processor);
+    }
+}
+
+/// A handler thread's replies on their way out.
+struct Outgoing {
+    replies: sys::Replies,
+    /// Places of `replies` used since the last flush.
+    used: usize,
+    /// The socket the queued replies go out through.
+    socket: usize,
+    /// When the oldest reply not yet sent began to be worked on.
+    since: Option<Instant>,
 }
 
 /// Decides the fate of each datagram and keeps a thread's running totals
@@ -419,11 +484,18 @@ impl<'a, H: HandlerFn> Processor<'a, H> {
 
     /// Counts how a batch's replies went: how many were sent, how many
     /// failed (with the batch's last error).
-    pub(crate) fn sent_batch(&mut self, (replied, failed): (u64, u64), batch: &mut sys::Batch) {
+    pub(crate) fn sent_batch(&mut self, sent: (u64, u64), batch: &mut sys::Batch) {
+        let error = batch.take_error();
+        self.sent_counts(sent, error);
+    }
+
+    /// Counts how replies went: how many were sent, how many failed, and the
+    /// last error.
+    pub(crate) fn sent_counts(&mut self, (replied, failed): (u64, u64), error: Option<io::Error>) {
         self.totals.replied += replied;
         self.totals.send_errors += failed;
         if failed > 0 {
-            self.observer.send_failed(batch.take_error().as_ref());
+            self.observer.send_failed(error.as_ref());
         }
     }
 

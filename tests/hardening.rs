@@ -31,9 +31,13 @@ util::on_both_paths!(
 
 /// Waits until the server has taken `count` datagrams off its socket.
 fn wait_received(server: &ServerHandle, count: u64) {
-    wait_until(&format!("{count} datagrams to be received"), || {
-        server.stats().received >= count
-    });
+    wait_until(
+        &format!("{count} datagrams to be received and dealt with"),
+        || {
+            let stats = server.stats();
+            stats.received >= count && stats.in_flight() == 0
+        },
+    );
 }
 
 /// Everything already queued on `socket`, without waiting.

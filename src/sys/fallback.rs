@@ -2,6 +2,7 @@
 //! worker runs the portable loop; arrival addresses are not read.
 
 use std::io;
+use std::net::SocketAddr;
 
 use socket2::Socket;
 
@@ -44,6 +45,76 @@ impl Batch {
     }
 }
 
+/// Up to `size` replies in reused buffers, sent one `send_to` each.
+pub(crate) struct Replies {
+    buffers: Box<[Vec<u8>]>,
+    queue: Vec<(usize, SocketAddr, bool)>,
+    last_error: Option<io::Error>,
+}
+
+impl Replies {
+    pub(crate) fn new(_: &Socket, size: usize, _gso: bool) -> Replies {
+        let size = size.max(1);
+        Replies {
+            buffers: (0..size)
+                .map(|_| Vec::with_capacity(super::REPLY_RESERVE))
+                .collect(),
+            queue: Vec::with_capacity(size),
+            last_error: None,
+        }
+    }
+
+    pub(crate) fn size(&self) -> usize {
+        self.buffers.len()
+    }
+
+    pub(crate) fn buffer(&mut self, i: usize) -> Option<&mut Vec<u8>> {
+        self.buffers.get_mut(i)
+    }
+
+    pub(crate) fn trim(&mut self, count: usize) {
+        for buffer in self.buffers.iter_mut().take(count) {
+            super::trim_reply(buffer);
+        }
+    }
+
+    pub(crate) fn queue(&mut self, i: usize, to: SocketAddr, _: super::Arrival, counted: bool) {
+        if i < self.buffers.len() && self.queue.len() < self.buffers.len() {
+            self.queue.push((i, to, counted));
+        }
+    }
+
+    pub(crate) fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.queue.clear();
+    }
+
+    pub(crate) fn take_error(&mut self) -> Option<io::Error> {
+        self.last_error.take()
+    }
+
+    pub(crate) fn send(&mut self, socket: &Socket) -> (u64, u64) {
+        let (mut sent, mut failed) = (0, 0);
+        for (i, to, counted) in self.queue.drain(..) {
+            let Some(buffer) = self.buffers.get(i) else {
+                continue;
+            };
+            let to = socket2::SockAddr::from(to);
+            match super::retry_interrupted(|| socket.send_to(buffer, &to)) {
+                Ok(_) => sent += u64::from(counted),
+                Err(err) => {
+                    failed += u64::from(counted);
+                    self.last_error = Some(err);
+                }
+            }
+        }
+        (sent, failed)
+    }
+}
+
 /// The kernel's drop count for the socket: not reported on this platform.
 pub(crate) fn kernel_drops(_: &Socket) -> Option<u64> {
     None
@@ -53,17 +124,6 @@ pub(crate) fn kernel_drops(_: &Socket) -> Option<u64> {
 /// wildcard-bound server go out from the address the kernel picks.
 pub(crate) fn enable_pktinfo(_: &Socket, _: bool) -> io::Result<bool> {
     Ok(false)
-}
-
-/// Sends `reply` to `to`; the source address cannot be chosen on this
-/// platform (arrival addresses are never read, so `from.local` is never set).
-pub(crate) fn send_from(
-    socket: &Socket,
-    reply: &[u8],
-    to: &socket2::SockAddr,
-    _: &super::Arrival,
-) -> io::Result<()> {
-    socket.send_to(reply, to).map(drop)
 }
 
 /// Uninhabited: arrival addresses are not read on this platform.

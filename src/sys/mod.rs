@@ -23,7 +23,7 @@ mod imp;
 #[path = "fallback.rs"]
 mod imp;
 
-pub(crate) use imp::{Batch, MAX_BATCH, enable_pktinfo, kernel_drops};
+pub(crate) use imp::{Batch, MAX_BATCH, Replies, enable_pktinfo, kernel_drops};
 
 // Keeps the fallback compiling where it is not the one in use.
 #[cfg(all(test, target_os = "linux"))]
@@ -68,22 +68,6 @@ pub(crate) struct Received<'a> {
     pub(crate) peer: SocketAddr,
     /// Where it arrived (`local` is `None` where the socket does not say).
     pub(crate) arrival: Arrival,
-}
-
-/// Sends one reply to `peer`, from `from.local` where that is set (on a
-/// wildcard-bound socket that reads arrival addresses): for handler threads,
-/// which reply one at a time.
-pub(crate) fn send_reply(
-    socket: &Socket,
-    reply: &[u8],
-    peer: SocketAddr,
-    from: &Arrival,
-) -> io::Result<()> {
-    let peer = SockAddr::from(peer);
-    if from.local.is_some() {
-        return retry_interrupted(|| imp::send_from(socket, reply, &peer, from));
-    }
-    retry_interrupted(|| socket.send_to(reply, &peer)).map(drop)
 }
 
 /// Runs `f` again while it fails with `EINTR` (a signal arrived).

@@ -13,9 +13,25 @@ use socket2::Socket;
 mod batch;
 mod cmsg;
 mod pktinfo_io;
+mod replies;
 
 pub(crate) use batch::{Batch, MAX_BATCH};
-pub(crate) use pktinfo_io::{PktinfoIo, send_from};
+pub(crate) use pktinfo_io::PktinfoIo;
+pub(crate) use replies::Replies;
+
+/// `n` zeroed values of a plain C struct.
+fn zeroed<T: Zeroable>(n: usize) -> Box<[T]> {
+    // SAFETY: `Zeroable` is implemented only for plain C structs of
+    // integers and pointers, for which all zeroes is a valid value (null
+    // pointers, zero lengths).
+    (0..n).map(|_| unsafe { mem::zeroed() }).collect()
+}
+
+/// Plain C structs that are valid when zeroed.
+trait Zeroable {}
+impl Zeroable for libc::sockaddr_storage {}
+impl Zeroable for libc::iovec {}
+impl Zeroable for libc::mmsghdr {}
 
 /// The result of a system call that returns a count or -1 with `errno`.
 fn cvt(rc: isize) -> io::Result<usize> {

@@ -91,18 +91,6 @@ impl PktinfoIo {
     }
 }
 
-/// Sends `reply` to `to`, from `from.local` (when set).
-pub(crate) fn send_from(
-    socket: &Socket,
-    reply: &[u8],
-    to: &socket2::SockAddr,
-    from: &Arrival,
-) -> io::Result<()> {
-    // SAFETY: `SockAddr` holds a valid socket address of `len()` bytes,
-    // borrowed for the call.
-    unsafe { send_msg(socket, reply, to.as_ptr().cast(), to.len(), from) }
-}
-
 /// `sendmsg` of one datagram to `to`, from `from.local` when it is set.
 ///
 /// # Safety
