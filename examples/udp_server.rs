@@ -5,7 +5,7 @@
 //! interrupted (Ctrl-C).
 //!
 //! ```text
-//! cargo run --example udp_server -- [--bind ADDR] [--workers N] [--quiet]
+//! cargo run --example udp_server -- [--bind ADDR] [--workers N] [--threads N] [--quiet]
 //! ```
 
 use std::io::Write;
@@ -14,19 +14,22 @@ use std::process::ExitCode;
 use udp_greet::{GreetServer, Request};
 
 const USAGE: &str = "\
-usage: udp_server [--bind ADDR] [--workers N] [--quiet]
+usage: udp_server [--bind ADDR] [--workers N] [--threads N] [--quiet]
 
 Answers each UDP datagram with `Hello, <datagram>!`.
 
 options:
   --bind ADDR   address to listen on (default 127.0.0.1:9999; port 0 picks a free port)
-  --workers N   serve with N threads (default 1)
+  --workers N   receive with N threads (default 1)
+  --threads N   run the handler on a pool of N threads (default 0: on the
+                receiving threads)
   --quiet       do not print a line per datagram
   --help        print this help";
 
 struct Options {
     bind: String,
     workers: usize,
+    threads: usize,
     quiet: bool,
 }
 
@@ -34,6 +37,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Option<Options>, Stri
     let mut options = Options {
         bind: "127.0.0.1:9999".to_owned(),
         workers: 1,
+        threads: 0,
         quiet: false,
     };
     while let Some(arg) = args.next() {
@@ -50,6 +54,12 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Option<Options>, Stri
                     .next()
                     .and_then(|n| n.parse().ok())
                     .ok_or("--workers needs a number of threads, such as 2")?;
+            }
+            "--threads" => {
+                options.threads = args
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .ok_or("--threads needs a number of handler threads, such as 8")?;
             }
             other => return Err(format!("unexpected argument {other:?}")),
         }
@@ -81,6 +91,7 @@ fn main() -> ExitCode {
 fn run(options: &Options) -> Result<(), udp_greet::Error> {
     let server = GreetServer::builder()
         .workers(options.workers)
+        .handler_threads(options.threads)
         .bind(options.bind.as_str())?;
     say(format_args!(
         "Bind UDP on {}...",
