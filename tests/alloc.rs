@@ -332,6 +332,21 @@ fn main() -> ExitCode {
                 failed += 1;
             }
         }
+        let inline = idle_heap_per_worker(GreetServer::builder().portable_io(portable), 1);
+        let pooled = idle_heap_per_worker(
+            GreetServer::builder()
+                .portable_io(portable)
+                .handler_threads(8),
+            1,
+        );
+        if let (Ok(inline), Ok(pooled)) = (inline, pooled) {
+            // 8 threads: a queue of 512 places plus one per thread.
+            println!(
+                "note: {path} path, handler_threads(8): {} bytes of heap per queue place \
+                 (with its thread's share)",
+                pooled.saturating_sub(inline) / 520
+            );
+        }
         for batch in [32, 1024] {
             let builder = GreetServer::builder()
                 .portable_io(portable)

@@ -19,6 +19,7 @@ util::on_both_paths!(
     a_full_queue_sheds_exactly_what_does_not_fit,
     a_full_queue_answers_with_the_busy_reply,
     the_busy_reply_obeys_the_amplification_cap,
+    the_busy_reply_obeys_the_rate_limit,
     requests_that_waited_too_long_expire,
     a_stuck_handler_cannot_hold_shutdown_forever,
     the_pool_drains_its_queue_when_asked,
@@ -257,6 +258,40 @@ fn the_busy_reply_obeys_the_amplification_cap(b: ServerBuilder) {
     );
     // "held" and "wait" get greetings of 4 + 8 bytes, within 3x of 4.
     assert_eq!((stats.replied, stats.overloaded), (2, 2), "{stats:?}");
+    assert_balanced(&stats);
+}
+
+fn the_busy_reply_obeys_the_rate_limit(b: ServerBuilder) {
+    // A burst of 3 for the prefix, refilled at one a second: the held
+    // request, the queued one and one shed one pass the limit (the shed one
+    // gets the busy reply); the two after them are over it and get nothing.
+    let (server, _handler, gates) = gated_server(
+        b.handler_threads(1)
+            .queue_capacity(1)
+            .rate_limit(udp_greet::RateLimit::new(1, 3))
+            .overload_reply(&b"busy"[..]),
+    );
+    let addr = server.local_addr();
+    let client = raw_socket_for(addr);
+    send_all(&client, addr, &[b"held"]);
+    gates.next_started();
+    send_all(&client, addr, &[b"queued", b"shed", b"over1", b"over2"]);
+    assert_eq!(replies(&client, 1), [b"busy"]);
+    wait_until("all five dealt with", || {
+        let stats = server.stats();
+        stats.overloaded + stats.rate_limited == 3
+    });
+    gates.release(2);
+    assert_eq!(
+        replies(&client, 2),
+        [&b"Hello, held!"[..], b"Hello, queued!"]
+    );
+    let stats = server.shutdown().expect("shutdown");
+    assert_eq!(
+        (stats.replied, stats.overloaded, stats.rate_limited),
+        (2, 1, 2),
+        "{stats:?}"
+    );
     assert_balanced(&stats);
 }
 

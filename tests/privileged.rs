@@ -113,11 +113,12 @@ fn a_wildcard_server_answers_from_the_address_asked_on_a_two_address_host() {
     let outcome = within_guard("the namespace test", || -> Result<(), String> {
         two_address_host()?;
         for portable in [false, true] {
-            for workers in [1, 2] {
+            for (workers, handler_threads) in [(1, 0), (2, 0), (1, 2)] {
                 let builder = || {
                     GreetServer::builder()
                         .portable_io(portable)
                         .workers(workers)
+                        .handler_threads(handler_threads)
                 };
                 check_replies(builder(), "0.0.0.0:0", ["192.0.2.1", "192.0.2.2"])?;
                 check_replies(builder(), "[::]:0", ["2001:db8::1", "2001:db8::2"])?;
