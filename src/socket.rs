@@ -8,6 +8,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::error::Error;
+use crate::sys;
 
 /// A socket buffer size: what was asked for, and what the kernel granted.
 ///
@@ -99,9 +100,22 @@ pub(crate) fn first_ok<T>(
 
 /// Creates a UDP socket for `addr`'s family, applies `opts`, and binds it.
 pub(crate) fn bind(addr: SocketAddr, opts: &SocketOptions) -> Result<BoundSocket, Error> {
-    let socket = configured(addr, opts)?;
+    let socket = configured_server(addr, opts)?;
     bind_configured(&socket, addr)?;
     finish(socket, addr, opts)
+}
+
+/// A server socket for `addr`, configured, not yet bound.
+fn configured_server(addr: SocketAddr, opts: &SocketOptions) -> Result<Socket, Error> {
+    let socket = configured(addr, opts)?;
+    sys::prepare_server_socket(&socket, opts.reuse_address || opts.reuse_port).map_err(
+        |source| Error::Socket {
+            action: "prepare the server socket (SO_EXCLUSIVEADDRUSE, SIO_UDP_CONNRESET)",
+            addr,
+            source,
+        },
+    )?;
+    Ok(socket)
 }
 
 fn bind_configured(socket: &Socket, addr: SocketAddr) -> Result<(), Error> {
@@ -131,7 +145,7 @@ pub(crate) fn bind_workers(
     let (first, shared) = if count <= 1 || opts.reuse_port {
         (bind(addr, opts)?, opts.clone())
     } else {
-        let socket = configured(addr, opts)?;
+        let socket = configured_server(addr, opts)?;
         bind_configured(&socket, addr)?;
         set_reuse_port(&socket).map_err(|source| Error::Socket {
             action: "set SO_REUSEPORT",
@@ -246,12 +260,13 @@ pub(crate) fn adopt(socket: Socket, opts: &SocketOptions) -> Result<BoundSocket,
         .ok_or(unsuitable(
             "it is a datagram socket of another protocol than UDP",
         ))?;
+    sys::prepare_adopted_socket(&socket).map_err(fail("turn off SIO_UDP_CONNRESET"))?;
     // A non-blocking socket would make the server spin between datagrams.
     socket
         .set_nonblocking(false)
         .map_err(fail("make the socket blocking"))?;
     socket
-        .set_read_timeout(crate::sys::WAKE_INTERVAL)
+        .set_read_timeout(sys::WAKE_INTERVAL)
         .map_err(fail("set SO_RCVTIMEO"))?;
     set_buffer_sizes(&socket, addr, opts)?;
     finish(socket, addr, opts)
@@ -306,8 +321,9 @@ fn finish(socket: Socket, addr: SocketAddr, opts: &SocketOptions) -> Result<Boun
 
 /// Sets `SO_REUSEPORT`, or says that this platform has no such option.
 // On platforms with the option, the final `Err` is unreachable: the one
-// platform list lives in the `cfg` below and nowhere else.
-#[allow(unreachable_code)]
+// platform list lives in the `cfg` below and nowhere else. Rust 1.85 does
+// not know `target_os = "cygwin"` yet.
+#[allow(unreachable_code, unexpected_cfgs)]
 fn set_reuse_port(socket: &Socket) -> io::Result<()> {
     #[cfg(all(
         unix,

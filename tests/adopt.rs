@@ -4,11 +4,9 @@
 mod util;
 
 use std::net::UdpSocket;
-use std::sync::Mutex;
-use std::sync::mpsc;
 
-use udp_greet::{Error, GreetClient, GreetServer, Request, ServerBuilder};
-use util::{HANG_GUARD, V4, assert_balanced, raw_socket_for, wait_until};
+use udp_greet::{GreetClient, ServerBuilder};
+use util::{V4, assert_balanced, raw_socket_for, wait_until};
 
 util::on_both_paths!(
     a_non_blocking_socket_is_served_with_the_builders_settings,
@@ -78,6 +76,7 @@ fn a_non_blocking_socket_is_served_with_the_builders_settings(b: ServerBuilder) 
 #[test]
 fn unsuitable_sockets_are_refused_with_the_reason() {
     use socket2::{Domain, Socket, Type};
+    use udp_greet::{Error, GreetServer};
     let unsuitable = |socket: UdpSocket, why: &str| {
         let err = GreetServer::from_std(socket).expect_err(why);
         assert!(
@@ -188,6 +187,10 @@ fn a_socket_with_extra_control_messages_still_answers(b: ServerBuilder) {
 fn receive_errors_do_not_stop_the_server(b: ServerBuilder) {
     #[cfg(target_os = "linux")]
     {
+        use std::sync::{Mutex, mpsc};
+        use udp_greet::Request;
+        use util::HANG_GUARD;
+
         let socket = UdpSocket::bind(V4).expect("bind");
         set_int_option(&socket, libc::IPPROTO_IP, libc::IP_RECVERR);
         let addr = socket.local_addr().expect("addr");

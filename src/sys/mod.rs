@@ -25,6 +25,36 @@ mod imp;
 
 pub(crate) use imp::{Batch, MAX_BATCH, Replies, enable_pktinfo, kernel_drops};
 
+#[cfg(windows)]
+mod windows;
+
+/// Settings a server socket needs before bind, where the platform has
+/// them: on Windows, ICMP reports about earlier replies are kept out of the
+/// receive path, and unless `shared` (reuse of the address was asked for)
+/// the socket takes the address for itself (`SO_EXCLUSIVEADDRUSE`).
+pub(crate) fn prepare_server_socket(socket: &Socket, shared: bool) -> io::Result<()> {
+    #[cfg(windows)]
+    {
+        windows::quiet_icmp_reports(socket)?;
+        if !shared {
+            windows::set_exclusive_address_use(socket)?;
+        }
+    }
+    #[cfg(not(windows))]
+    let _ = (socket, shared);
+    Ok(())
+}
+
+/// Settings a server socket made elsewhere needs: on Windows, ICMP reports
+/// about earlier replies are kept out of the receive path.
+pub(crate) fn prepare_adopted_socket(socket: &Socket) -> io::Result<()> {
+    #[cfg(windows)]
+    windows::quiet_icmp_reports(socket)?;
+    #[cfg(not(windows))]
+    let _ = socket;
+    Ok(())
+}
+
 // Keeps the fallback compiling where it is not the one in use.
 #[cfg(all(test, target_os = "linux"))]
 #[path = "fallback.rs"]
