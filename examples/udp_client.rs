@@ -4,7 +4,7 @@
 //! each, and prints each reply (`Hello, Michael!` ...), one per line.
 //!
 //! ```text
-//! cargo run --example udp_client -- [--server ADDR] [NAME...]
+//! cargo run --example udp_client -- [--server ADDR] [--busy-poll-us N] [NAME...]
 //! ```
 
 use std::io::Write;
@@ -13,22 +13,26 @@ use std::process::ExitCode;
 use udp_greet::GreetClient;
 
 const USAGE: &str = "\
-usage: udp_client [--server ADDR] [NAME...]
+usage: udp_client [--server ADDR] [--busy-poll-us N] [NAME...]
 
 Sends each NAME (default: Michael Tracy Sarah) as one UDP datagram and prints each reply.
 
 options:
-  --server ADDR   server to ask (default 127.0.0.1:9999)
-  --help          print this help";
+  --server ADDR       server to ask (default 127.0.0.1:9999)
+  --busy-poll-us N    after each send, poll for the reply for N microseconds
+                      before blocking (latency mode; uses a core meanwhile)
+  --help              print this help";
 
 struct Options {
     server: String,
+    busy_poll_us: u64,
     names: Vec<String>,
 }
 
 fn parse(mut args: impl Iterator<Item = String>) -> Result<Option<Options>, String> {
     let mut options = Options {
         server: "127.0.0.1:9999".to_owned(),
+        busy_poll_us: 0,
         names: Vec::new(),
     };
     while let Some(arg) = args.next() {
@@ -38,6 +42,12 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Option<Options>, Stri
                 options.server = args
                     .next()
                     .ok_or("--server needs an address, such as 127.0.0.1:9999")?;
+            }
+            "--busy-poll-us" => {
+                options.busy_poll_us = args
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .ok_or("--busy-poll-us needs a number of microseconds, such as 200")?;
             }
             "--" => options.names.extend(args.by_ref()),
             flag if flag.starts_with("--") => return Err(format!("unknown option {flag:?}")),
@@ -75,6 +85,7 @@ fn run(options: &Options) -> Result<(), udp_greet::Error> {
     // Only a greeting for the name just sent counts as its reply.
     let client = GreetClient::builder()
         .reply_check(udp_greet::is_greeting)
+        .busy_poll(std::time::Duration::from_micros(options.busy_poll_us))
         .connect(options.server.as_str())?;
     let mut stdout = std::io::stdout().lock();
     for name in &options.names {

@@ -5,7 +5,7 @@
 //! interrupted (Ctrl-C).
 //!
 //! ```text
-//! cargo run --example udp_server -- [--bind ADDR] [--workers N] [--threads N] [--quiet]
+//! cargo run --example udp_server -- [--bind ADDR] [--workers N] [--threads N] [--busy-poll-us N] [--quiet]
 //! ```
 
 use std::io::Write;
@@ -14,7 +14,7 @@ use std::process::ExitCode;
 use udp_greet::{GreetServer, Request};
 
 const USAGE: &str = "\
-usage: udp_server [--bind ADDR] [--workers N] [--threads N] [--quiet]
+usage: udp_server [--bind ADDR] [--workers N] [--threads N] [--busy-poll-us N] [--quiet]
 
 Answers each UDP datagram with `Hello, <datagram>!`.
 
@@ -23,6 +23,9 @@ options:
   --workers N   receive with N threads (default 1)
   --threads N   run the handler on a pool of N threads (default 0: on the
                 receiving threads)
+  --busy-poll-us N
+                after handling requests, poll for more for N microseconds
+                before sleeping (latency mode; uses a core per thread meanwhile)
   --quiet       do not print a line per datagram
   --help        print this help";
 
@@ -30,6 +33,7 @@ struct Options {
     bind: String,
     workers: usize,
     threads: usize,
+    busy_poll_us: u64,
     quiet: bool,
 }
 
@@ -38,6 +42,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Option<Options>, Stri
         bind: "127.0.0.1:9999".to_owned(),
         workers: 1,
         threads: 0,
+        busy_poll_us: 0,
         quiet: false,
     };
     while let Some(arg) = args.next() {
@@ -54,6 +59,12 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Option<Options>, Stri
                     .next()
                     .and_then(|n| n.parse().ok())
                     .ok_or("--workers needs a number of threads, such as 2")?;
+            }
+            "--busy-poll-us" => {
+                options.busy_poll_us = args
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .ok_or("--busy-poll-us needs a number of microseconds, such as 200")?;
             }
             "--threads" => {
                 options.threads = args
@@ -92,6 +103,7 @@ fn run(options: &Options) -> Result<(), udp_greet::Error> {
     let server = GreetServer::builder()
         .workers(options.workers)
         .handler_threads(options.threads)
+        .busy_poll(std::time::Duration::from_micros(options.busy_poll_us))
         .bind(options.bind.as_str())?;
     say(format_args!(
         "Bind UDP on {}...",

@@ -4,6 +4,7 @@
 use std::fmt;
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -45,6 +46,8 @@ pub(crate) struct SocketOptions {
     pub(crate) reuse_port: bool,
     /// `IPV6_V6ONLY` for IPv6 sockets; always set explicitly.
     pub(crate) only_v6: bool,
+    /// `SO_BUSY_POLL` (Linux).
+    pub(crate) so_busy_poll: Option<Duration>,
 }
 
 /// A socket made (or adopted) by this module, bound, with the buffer sizes
@@ -202,6 +205,9 @@ fn configured(addr: SocketAddr, opts: &SocketOptions) -> Result<Socket, Error> {
         set_reuse_port(&socket).map_err(fail("set SO_REUSEPORT"))?;
     }
     set_buffer_sizes(&socket, addr, opts)?;
+    if let Some(duration) = opts.so_busy_poll {
+        sys::set_busy_poll(&socket, duration).map_err(fail("set SO_BUSY_POLL"))?;
+    }
     Ok(socket)
 }
 
@@ -269,6 +275,9 @@ pub(crate) fn adopt(socket: Socket, opts: &SocketOptions) -> Result<BoundSocket,
         .set_read_timeout(sys::WAKE_INTERVAL)
         .map_err(fail("set SO_RCVTIMEO"))?;
     set_buffer_sizes(&socket, addr, opts)?;
+    if let Some(duration) = opts.so_busy_poll {
+        sys::set_busy_poll(&socket, duration).map_err(fail("set SO_BUSY_POLL"))?;
+    }
     finish(socket, addr, opts)
 }
 

@@ -80,6 +80,10 @@ pub struct Stats {
     /// Prefixes whose rate-limit bucket was reused for another prefix
     /// because the table was full (see [`RateLimit`](crate::RateLimit)).
     pub rate_limit_evictions: u64,
+    /// Receives (or queue checks, on handler-pool threads) made while
+    /// [busy polling](crate::ServerBuilder::busy_poll) that found nothing:
+    /// what polling costs. It stops growing once the server is idle.
+    pub busy_poll_misses: u64,
     /// Requests waiting in the [handler pool](crate::ServerBuilder::handler_threads)'s
     /// queue when the snapshot was taken: a gauge, not a counter (part of
     /// [`in_flight`](Stats::in_flight)). Always 0 without a pool.
@@ -125,6 +129,7 @@ counters!(
     recv_errors,
     kernel_drops,
     rate_limit_evictions,
+    busy_poll_misses,
 );
 
 /// Where `received` is in [`Stats::to_array`]: published first, read last.

@@ -139,10 +139,23 @@ fn client_takes_names_and_the_server_answers_a_raw_peer() {
 }
 
 #[test]
-fn server_with_a_handler_pool_answers_the_same() {
-    let (mut server, addr) = Server::start(&["--bind", "127.0.0.1:0", "--threads", "4"]);
+fn server_with_a_handler_pool_and_polling_answers_the_same() {
+    let (mut server, addr) = Server::start(&[
+        "--bind",
+        "127.0.0.1:0",
+        "--threads",
+        "4",
+        "--busy-poll-us",
+        "100",
+    ]);
     let mut client = example("udp_client");
-    client.args(["--server", &addr.to_string(), "Pooled"]);
+    client.args([
+        "--server",
+        &addr.to_string(),
+        "--busy-poll-us",
+        "100",
+        "Pooled",
+    ]);
     let out = run(client);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "Hello, Pooled!\n");
     assert!(server.line().starts_with("Received from 127.0.0.1:"));

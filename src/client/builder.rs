@@ -23,6 +23,7 @@ pub(super) struct Settings {
     pub(super) jitter: f64,
     pub(super) check: Option<ReplyCheck>,
     pub(super) refused_as_loss: bool,
+    pub(super) busy_poll: Option<Duration>,
 }
 
 impl fmt::Debug for Settings {
@@ -34,6 +35,7 @@ impl fmt::Debug for Settings {
             .field("jitter", &self.jitter)
             .field("reply_check", &self.check.is_some())
             .field("refused_as_loss", &self.refused_as_loss)
+            .field("busy_poll", &self.busy_poll)
             .finish()
     }
 }
@@ -81,6 +83,7 @@ impl Default for ClientBuilder {
                 jitter: 0.2,
                 check: None,
                 refused_as_loss: false,
+                busy_poll: None,
             },
         }
     }
@@ -175,6 +178,48 @@ impl ClientBuilder {
     /// Defaults to `false`.
     pub fn refused_as_loss(mut self, on: bool) -> Self {
         self.settings.refused_as_loss = on;
+        self
+    }
+
+    /// Latency mode: after each send, the client polls for the reply
+    /// without blocking for up to `window` (or the attempt's wait, if that
+    /// is shorter), then blocks as usual for the rest of the wait. A reply
+    /// that comes within the window is taken without waiting for the thread
+    /// to be woken. Every other setting holds unchanged: the timeout and
+    /// retries, the deadline, the reply check, the discarding of stale
+    /// datagrams and [`refused_as_loss`](ClientBuilder::refused_as_loss).
+    ///
+    /// The calling thread uses a whole core while it polls. It pays with a
+    /// core to spare and a server that answers within the window; with more
+    /// polling threads than cores, latency gets worse, not better. `None` (or
+    /// zero) turns it off.
+    ///
+    /// # Platform-specific behavior
+    ///
+    /// Outside Unix a receive cannot be told not to wait, so each poll
+    /// switches the socket to non-blocking mode and back: correct, but far
+    /// slower.
+    ///
+    /// Defaults to off.
+    pub fn busy_poll(mut self, window: impl Into<Option<Duration>>) -> Self {
+        self.settings.busy_poll = window.into().filter(|w| !w.is_zero());
+        self
+    }
+
+    /// Sets `SO_BUSY_POLL` on the client's socket: on a blocking receive
+    /// that finds nothing, the kernel polls the network device's queue for
+    /// up to `duration` before it sleeps. For sockets whose traffic comes
+    /// through a NIC driver that supports busy polling; it does nothing on
+    /// loopback. Raising it above `net.core.busy_read` needs
+    /// `CAP_NET_ADMIN`.
+    ///
+    /// # Platform-specific behavior
+    ///
+    /// Linux only: `connect` fails with [`Error::Socket`] elsewhere.
+    ///
+    /// Defaults to the system setting (`net.core.busy_read`, usually 0).
+    pub fn so_busy_poll(mut self, duration: Duration) -> Self {
+        self.socket.so_busy_poll = Some(duration);
         self
     }
 

@@ -287,7 +287,8 @@ impl GreetClient {
         }
     }
 
-    /// Waits from `sent` for up to `wait` for a reply that passes the check.
+    /// Waits from `sent` for up to `wait` for a reply that passes the check:
+    /// polling without blocking for the busy-poll window first, if any.
     fn await_reply(
         &self,
         state: &mut State,
@@ -297,16 +298,28 @@ impl GreetClient {
         wait: Duration,
     ) -> Result<Awaited, Error> {
         let end = sent.checked_add(wait);
+        let poll_until = self
+            .settings
+            .busy_poll
+            .and_then(|window| sent.checked_add(window.min(wait)));
         let mut outcome = Awaited::Nothing;
         // The first wait is exactly `wait`, which usually matches the read
         // timeout already set, so no system call is needed to set it.
         let mut left = wait;
         loop {
-            self.set_read_timeout(state, left)?;
-            match self.socket.recv_vectored(&mut [sys::recv_slice(buf)]) {
+            let polling = poll_until.is_some_and(|until| Instant::now() < until);
+            let received = if polling {
+                sys::recv_dont_wait(&self.socket, buf)
+            } else {
+                self.set_read_timeout(state, left)?;
+                self.socket
+                    .recv_vectored(&mut [sys::recv_slice(buf)])
+                    .map(|(len, flags)| (len, flags.is_truncated()))
+            };
+            match received {
                 // Too large for `buf`: without a check it is the reply, and
                 // does not fit; with one it cannot be checked.
-                Ok((_, flags)) if flags.is_truncated() => {
+                Ok((_, true)) => {
                     if self.settings.check.is_none() {
                         return Err(Error::ReplyTooLarge {
                             addr: self.peer,
@@ -316,7 +329,7 @@ impl GreetClient {
                     self.count_discarded();
                     outcome = Awaited::TooLarge;
                 }
-                Ok((len, _)) => {
+                Ok((len, false)) => {
                     let reply = buf.get(..len).unwrap_or_default();
                     if self
                         .settings
@@ -328,6 +341,8 @@ impl GreetClient {
                     }
                     self.count_discarded();
                 }
+                // Nothing yet: poll again, or block for the rest.
+                Err(e) if polling && error::is_timeout(&e) => std::hint::spin_loop(),
                 Err(e) if error::is_timeout(&e) => return Ok(outcome),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if self.is_ignored_refusal(&e) => {}

@@ -20,7 +20,7 @@ impl Batch {
         None
     }
 
-    pub(crate) fn recv(&mut self, _: &Socket) -> io::Result<usize> {
+    pub(crate) fn recv(&mut self, _: &Socket, _: bool) -> io::Result<usize> {
         match *self {}
     }
 
@@ -139,6 +139,7 @@ impl PktinfoIo {
         &mut self,
         _: &Socket,
         _: &'b mut [u8],
+        _: bool,
     ) -> io::Result<Option<Received<'b>>> {
         match *self {}
     }

@@ -119,6 +119,10 @@ pub(crate) struct Portable {
     pktinfo: Option<imp::PktinfoIo>,
     /// The sender of the last datagram, as the kernel gave it.
     peer: Option<SockAddr>,
+    /// Where receives cannot be told not to wait, the socket's mode is
+    /// switched instead: whether it is non-blocking now.
+    #[cfg_attr(unix, allow(dead_code))]
+    nonblocking: bool,
 }
 
 impl Portable {
@@ -128,22 +132,37 @@ impl Portable {
         Portable {
             pktinfo: if pktinfo { imp::PktinfoIo::new() } else { None },
             peer: None,
+            nonblocking: false,
         }
     }
 
     /// Waits for one datagram (up to the socket's read timeout) and receives
-    /// it into `buf`. `Ok(None)`: the wait ended without a datagram (a
+    /// it into `buf`; with `dont_wait`, fails with `WouldBlock` at once when
+    /// none is queued. `Ok(None)`: the wait ended without a datagram (a
     /// shutdown wake-up, or a sender that is not an IP address).
     pub(crate) fn recv<'b>(
         &mut self,
         socket: &Socket,
         buf: &'b mut [u8],
+        dont_wait: bool,
     ) -> io::Result<Option<Received<'b>>> {
         if let Some(io) = &mut self.pktinfo {
-            return io.recv(socket, buf);
+            return io.recv(socket, buf, dont_wait);
         }
-        let (len, flags, addr) =
-            retry_interrupted(|| socket.recv_from_vectored(&mut [recv_slice(buf)]))?;
+        #[cfg(unix)]
+        let flags = if dont_wait { libc::MSG_DONTWAIT } else { 0 };
+        #[cfg(not(unix))]
+        let flags = {
+            // One mode switch per change, not per receive.
+            if self.nonblocking != dont_wait {
+                socket.set_nonblocking(dont_wait)?;
+                self.nonblocking = dont_wait;
+            }
+            0
+        };
+        let (len, flags, addr) = retry_interrupted(|| {
+            socket.recv_from_vectored_with_flags(&mut [recv_slice(buf)], flags)
+        })?;
         let Some(peer) = addr.as_socket() else {
             return Ok(None);
         };
@@ -188,6 +207,38 @@ fn as_uninit(buf: &mut [u8]) -> &mut [MaybeUninit<u8>] {
     // that its receive calls only write initialised bytes, so the buffer is
     // still a valid `[u8]` when the borrow ends.
     unsafe { &mut *(ptr as *mut [MaybeUninit<u8>]) }
+}
+
+/// Receives one datagram from a connected socket without blocking, and
+/// whether it was larger than `buf`; fails with `WouldBlock` when none is
+/// queued. (Outside Unix, where a receive cannot be told not to wait, the
+/// socket is switched to non-blocking mode and back around it.)
+pub(crate) fn recv_dont_wait(socket: &Socket, buf: &mut [u8]) -> io::Result<(usize, bool)> {
+    #[cfg(unix)]
+    let received = socket.recv_vectored_with_flags(&mut [recv_slice(buf)], libc::MSG_DONTWAIT);
+    #[cfg(not(unix))]
+    let received = {
+        socket.set_nonblocking(true)?;
+        let received = socket.recv_vectored(&mut [recv_slice(buf)]);
+        socket.set_nonblocking(false)?;
+        received
+    };
+    received.map(|(len, flags)| (len, flags.is_truncated()))
+}
+
+/// Sets `SO_BUSY_POLL` to `duration` (whole microseconds): the kernel polls
+/// the device queue for that long on a blocking receive that finds nothing.
+pub(crate) fn set_busy_poll(socket: &Socket, duration: Duration) -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    return socket.set_busy_poll(u32::try_from(duration.as_micros()).unwrap_or(u32::MAX));
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (socket, duration);
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "SO_BUSY_POLL is Linux only",
+        ))
+    }
 }
 
 /// Receives one datagram from a connected socket without blocking; fails

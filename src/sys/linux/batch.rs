@@ -97,10 +97,11 @@ impl Batch {
 
     /// Receives up to a batch of datagrams: blocks until the first arrives
     /// (or the socket's read timeout expires), then takes whatever else is
-    /// already queued, without waiting (`MSG_WAITFORONE`). Returns how many
-    /// datagrams came; wake-ups without a sender are left out, so this may
-    /// be 0.
-    pub(crate) fn recv(&mut self, socket: &Socket) -> io::Result<usize> {
+    /// already queued, without waiting (`MSG_WAITFORONE`). With `dont_wait`
+    /// it does not block at all and fails with `WouldBlock` when nothing is
+    /// queued. Returns how many datagrams came; wake-ups without a sender
+    /// are left out, so this may be 0.
+    pub(crate) fn recv(&mut self, socket: &Socket, dont_wait: bool) -> io::Result<usize> {
         // Replies of the last batch are sent; an oversized buffer is given
         // back before the worker waits.
         self.replies.trim(self.count);
@@ -137,6 +138,7 @@ impl Batch {
             mmsg.msg_len = 0;
         }
         let (fd, hdrs, size) = (socket.as_raw_fd(), self.recv_hdrs.as_mut_ptr(), self.size);
+        let flags = libc::MSG_WAITFORONE | if dont_wait { libc::MSG_DONTWAIT } else { 0 };
         let received = retry_interrupted(|| {
             // SAFETY: `hdrs` holds `size` headers, each pointing (with
             // pointers made just above) at its own `sockaddr_storage` (its
@@ -146,15 +148,8 @@ impl Batch {
             // owned by `self`, which this call borrows mutably, so nothing
             // else touches them until the call returns. A null timeout is
             // allowed (the socket's read timeout applies).
-            let rc = unsafe {
-                libc::recvmmsg(
-                    fd,
-                    hdrs,
-                    size as c_uint,
-                    libc::MSG_WAITFORONE as _,
-                    ptr::null_mut(),
-                )
-            };
+            let rc =
+                unsafe { libc::recvmmsg(fd, hdrs, size as c_uint, flags as _, ptr::null_mut()) };
             cvt(rc as isize)
         })?;
         for slot in 0..received.min(self.size) {

@@ -35,13 +35,15 @@ impl PktinfoIo {
     }
 
     /// Receives one datagram into `buf` (blocking, with the socket's read
-    /// timeout), with its sender and arrival address; `None` for a wake-up
-    /// that carries no sender.
+    /// timeout, unless `dont_wait`), with its sender and arrival address;
+    /// `None` for a wake-up that carries no sender.
     pub(crate) fn recv<'b>(
         &mut self,
         socket: &Socket,
         buf: &'b mut [u8],
+        dont_wait: bool,
     ) -> io::Result<Option<Received<'b>>> {
+        let flags = if dont_wait { libc::MSG_DONTWAIT } else { 0 };
         let mut iov = iovec {
             iov_base: buf.as_mut_ptr().cast::<c_void>(),
             iov_len: buf.len(),
@@ -59,7 +61,7 @@ impl PktinfoIo {
             // SAFETY: `hdr` points at `self.addr` (its size given), one iovec
             // over `buf`, and `self.control` (its size given), all alive for
             // the call.
-            cvt(unsafe { libc::recvmsg(fd, &mut hdr, 0) })
+            cvt(unsafe { libc::recvmsg(fd, &mut hdr, flags) })
         })?;
         self.addr_len = hdr.msg_namelen;
         let Some(peer) = to_std(&self.addr, self.addr_len) else {
