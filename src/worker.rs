@@ -98,10 +98,13 @@ impl<H: HandlerFn> Worker<H> {
                 }
             };
             let arrived = Instant::now();
-            // Published before any request is handed on, so that no
-            // snapshot counts an outcome whose arrival it does not.
             processor.totals.received += count as u64;
-            self.publish(processor);
+            if self.pool.is_some() {
+                // Published before any request is handed on, so that no
+                // snapshot counts an outcome (published by a handler
+                // thread) whose arrival it does not.
+                self.publish(processor);
+            }
             let mut clock = arrived;
             // When the oldest reply not yet sent began to be worked on.
             let mut unsent_since = clock;

@@ -46,6 +46,9 @@ pub(crate) struct Batch {
     count: usize,
     /// The replies, one place per entry of `datagrams`.
     replies: Replies,
+    /// The receive headers are set up, untouched since a receive that got
+    /// nothing.
+    headers_ready: bool,
 }
 
 /// One received datagram, as read from its header once.
@@ -92,6 +95,7 @@ impl Batch {
             datagrams: vec![NO_DATAGRAM; size].into_boxed_slice(),
             count: 0,
             replies: Replies::new(socket, size, config.gso),
+            headers_ready: false,
         })
     }
 
@@ -106,6 +110,38 @@ impl Batch {
         // back before the worker waits.
         self.replies.trim(self.count);
         self.count = 0;
+        if !self.headers_ready {
+            self.prepare_headers();
+        }
+        let (fd, hdrs, size) = (socket.as_raw_fd(), self.recv_hdrs.as_mut_ptr(), self.size);
+        let flags = libc::MSG_WAITFORONE | if dont_wait { libc::MSG_DONTWAIT } else { 0 };
+        let result = retry_interrupted(|| {
+            // SAFETY: `hdrs` holds `size` headers, each pointing (with
+            // pointers `prepare_headers` made, in this call or in the last
+            // one, which received nothing and nothing touched the buffers
+            // since) at its own `sockaddr_storage` (its size in
+            // `msg_namelen`), its own one-element `iovec` over
+            // `max_datagram` bytes of `bufs`, and either no control buffer
+            // or its own `RecvCmsg` (its size in `msg_controllen`); all are
+            // owned by `self`, which this call borrows mutably, so nothing
+            // else touches them until the call returns. A null timeout is
+            // allowed (the socket's read timeout applies).
+            let rc = unsafe {
+                libc::recvmmsg(fd, hdrs, size as c_uint, flags as _, ptr::null_mut())
+            };
+            cvt(rc as isize)
+        });
+        // A call that received nothing leaves the headers as they were, so
+        // the next one (a busy poll) can use them again.
+        self.headers_ready = result.is_err();
+        let received = result?;
+        self.read_headers(received);
+        Ok(self.count)
+    }
+
+    /// Points every receive header at its slot's buffer, address and
+    /// control space, with the lengths the kernel reads.
+    fn prepare_headers(&mut self) {
         let bufs = self.bufs.as_mut_ptr();
         let addrs = self.addrs.as_mut_ptr();
         let iovs = self.recv_iovs.as_mut_ptr();
@@ -137,21 +173,10 @@ impl Batch {
             hdr.msg_flags = 0;
             mmsg.msg_len = 0;
         }
-        let (fd, hdrs, size) = (socket.as_raw_fd(), self.recv_hdrs.as_mut_ptr(), self.size);
-        let flags = libc::MSG_WAITFORONE | if dont_wait { libc::MSG_DONTWAIT } else { 0 };
-        let received = retry_interrupted(|| {
-            // SAFETY: `hdrs` holds `size` headers, each pointing (with
-            // pointers made just above) at its own `sockaddr_storage` (its
-            // size in `msg_namelen`), its own one-element `iovec` over
-            // `max_datagram` bytes of `bufs`, and either no control buffer
-            // or its own `RecvCmsg` (its size in `msg_controllen`); all are
-            // owned by `self`, which this call borrows mutably, so nothing
-            // else touches them until the call returns. A null timeout is
-            // allowed (the socket's read timeout applies).
-            let rc =
-                unsafe { libc::recvmmsg(fd, hdrs, size as c_uint, flags as _, ptr::null_mut()) };
-            cvt(rc as isize)
-        })?;
+    }
+
+    /// Reads the headers of the `received` datagrams the kernel filled.
+    fn read_headers(&mut self, received: usize) {
         for slot in 0..received.min(self.size) {
             let mmsg = &self.recv_hdrs[slot];
             let hdr = &mmsg.msg_hdr;
@@ -180,7 +205,6 @@ impl Batch {
             };
             self.count += 1;
         }
-        Ok(self.count)
     }
 
     /// Datagram `i` of the last receive and the reply buffer that goes with
