@@ -146,7 +146,7 @@ impl<H: HandlerFn> Worker<H> {
             processor.sent_batch(sent, &mut batch);
             self.publish(processor);
             if count > 0 {
-                poll.restart();
+                poll.restart_at(clock);
             }
         }
     }
@@ -370,8 +370,14 @@ impl Polling {
     /// Work arrived: poll for up to the window from now (a window too long
     /// to add is a century: as good as forever).
     fn restart(&mut self) {
+        if self.window.is_some() {
+            self.restart_at(Instant::now());
+        }
+    }
+
+    /// As [`restart`](Polling::restart), from a clock reading just taken.
+    fn restart_at(&mut self, now: Instant) {
         if let Some(window) = self.window {
-            let now = Instant::now();
             let century = Duration::from_secs(100 * 365 * 24 * 3600);
             self.until = now
                 .checked_add(window.min(century))

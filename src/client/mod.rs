@@ -341,8 +341,12 @@ impl GreetClient {
                     }
                     self.count_discarded();
                 }
-                // Nothing yet: poll again, or block for the rest.
-                Err(e) if polling && error::is_timeout(&e) => std::hint::spin_loop(),
+                // Nothing yet: poll again (the window ends before the
+                // wait does), or block for the rest.
+                Err(e) if polling && error::is_timeout(&e) => {
+                    std::hint::spin_loop();
+                    continue;
+                }
                 Err(e) if error::is_timeout(&e) => return Ok(outcome),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if self.is_ignored_refusal(&e) => {}
