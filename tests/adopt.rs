@@ -14,18 +14,6 @@ util::on_both_paths!(
     receive_errors_do_not_stop_the_server,
 );
 
-/// How many threads of this process serve `port` (named `udp:PORT/N`).
-fn workers_of(port: u16) -> usize {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return 0;
-    };
-    let prefix = format!("udp:{port}/");
-    tasks
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-        .filter(|name| name.starts_with(&prefix))
-        .count()
-}
-
 /// A socket left non-blocking, with a tiny read timeout, would make the
 /// loop spin; `from_std` puts it right, and every builder setting applies.
 fn a_non_blocking_socket_is_served_with_the_builders_settings(b: ServerBuilder) {
@@ -54,7 +42,7 @@ fn a_non_blocking_socket_is_served_with_the_builders_settings(b: ServerBuilder) 
     let server = server.spawn(udp_greet::greet).expect("spawn");
     if cfg!(target_os = "linux") {
         wait_until("two workers on the one socket", || {
-            workers_of(addr.port()) == 2
+            util::workers_of(addr.port()) == 2
         });
     }
     let client = GreetClient::connect(addr).expect("connect");

@@ -463,18 +463,6 @@ fn from_std_serves_an_existing_socket() {
     drop(server);
 }
 
-/// How many threads of this process serve `port` (named `udp:PORT/N`).
-fn workers_of(port: u16) -> usize {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return 0;
-    };
-    let prefix = format!("udp:{port}/");
-    tasks
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-        .filter(|name| name.starts_with(&prefix))
-        .count()
-}
-
 fn several_workers_share_the_load_and_stop_together(b: ServerBuilder) {
     let server = b
         .workers(3)
@@ -486,7 +474,7 @@ fn several_workers_share_the_load_and_stop_together(b: ServerBuilder) {
     if cfg!(target_os = "linux") {
         // A new thread names itself once it runs, a moment after spawn.
         wait_until("three named worker threads", || {
-            workers_of(addr.port()) == 3
+            util::workers_of(addr.port()) == 3
         });
     }
     let clients: Vec<_> = (0..12)
@@ -513,7 +501,7 @@ fn several_workers_share_the_load_and_stop_together(b: ServerBuilder) {
     );
     assert_balanced(&stats);
     if cfg!(target_os = "linux") {
-        assert_eq!(workers_of(addr.port()), 0, "every worker joined");
+        assert_eq!(util::workers_of(addr.port()), 0, "every worker joined");
     }
     GreetServer::bind(addr).expect("every worker socket is closed");
 }

@@ -130,3 +130,20 @@ pub fn assert_balanced(stats: &Stats) {
         "every datagram is accounted for: {stats:?}"
     );
 }
+
+/// How many threads of this process serve `port` (named `udp:PORT/N`):
+/// receive workers, not handler-pool threads (`udp:PORT/hN`). Linux only
+/// (0 elsewhere).
+pub fn workers_of(port: u16) -> usize {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    let prefix = format!("udp:{port}/");
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| {
+            name.strip_prefix(&prefix)
+                .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
+        })
+        .count()
+}

@@ -126,9 +126,8 @@ impl Batch {
             // owned by `self`, which this call borrows mutably, so nothing
             // else touches them until the call returns. A null timeout is
             // allowed (the socket's read timeout applies).
-            let rc = unsafe {
-                libc::recvmmsg(fd, hdrs, size as c_uint, flags as _, ptr::null_mut())
-            };
+            let rc =
+                unsafe { libc::recvmmsg(fd, hdrs, size as c_uint, flags as _, ptr::null_mut()) };
             cvt(rc as isize)
         });
         // A call that received nothing leaves the headers as they were, so
