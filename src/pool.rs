@@ -33,6 +33,18 @@ impl Job {
     }
 }
 
+/// What became of a request handed to [`Pool::submit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Submitted {
+    /// It waits in the queue for a handler thread.
+    Queued,
+    /// The queue is full: the caller sheds it.
+    Full,
+    /// The pool is closed (the server is shutting down): the caller counts
+    /// it as dropped at shutdown.
+    Closed,
+}
+
 /// What a handler thread gets from [`Pool::take`].
 #[derive(Debug)]
 pub(crate) enum Taken {
@@ -104,20 +116,27 @@ impl Pool {
     }
 
     /// Queues a copy of `datagram`, received on socket `socket` at
-    /// `arrived`. Never waits for room: returns `false` at once when the
-    /// queue is full (or closed), and the caller sheds the request.
-    pub(crate) fn submit(&self, datagram: &Received<'_>, socket: usize, arrived: Instant) -> bool {
-        let Some(mut job) = ({
+    /// `arrived`. Never waits for room: says at once when the queue is full
+    /// or closed, and the caller deals with the request.
+    pub(crate) fn submit(
+        &self,
+        datagram: &Received<'_>,
+        socket: usize,
+        arrived: Instant,
+    ) -> Submitted {
+        let mut job = {
             let mut state = self.lock();
-            if state.drain_until.is_some() || state.queue.len() + state.filling >= state.capacity {
-                None
-            } else {
-                let job = state.free.pop();
-                state.filling += usize::from(job.is_some());
-                job
+            if state.drain_until.is_some() {
+                return Submitted::Closed;
             }
-        }) else {
-            return false;
+            if state.queue.len() + state.filling >= state.capacity {
+                return Submitted::Full;
+            }
+            let Some(job) = state.free.pop() else {
+                return Submitted::Full;
+            };
+            state.filling += 1;
+            job
         };
         // Filled outside the lock: the copy may be up to 64 KiB.
         job.data.clear();
@@ -129,6 +148,12 @@ impl Pool {
         let wake = {
             let mut state = self.lock();
             state.filling -= 1;
+            if state.drain_until.is_some() {
+                // Closed while this was filled: the handler threads may
+                // have seen an empty queue and ended, so it is not queued.
+                state.free.push(job);
+                return Submitted::Closed;
+            }
             state.queue.push_back(job);
             let wake = state.idle > state.waking;
             state.waking += usize::from(wake);
@@ -137,7 +162,7 @@ impl Pool {
         if wake {
             self.work.notify_one();
         }
-        true
+        Submitted::Queued
     }
 
     /// The next request, waiting for one while the pool is open.
@@ -224,24 +249,24 @@ mod tests {
     fn a_full_queue_refuses_at_once_and_a_closed_one_drains() {
         let pool = Pool::new(2, 0);
         let now = Instant::now();
-        assert!(pool.submit(&datagram(b"a"), 0, now));
-        assert!(pool.submit(&datagram(b"b"), 1, now));
-        assert!(!pool.submit(&datagram(b"c"), 0, now), "full");
+        assert_eq!(pool.submit(&datagram(b"a"), 0, now), Submitted::Queued);
+        assert_eq!(pool.submit(&datagram(b"b"), 1, now), Submitted::Queued);
+        assert_eq!(pool.submit(&datagram(b"c"), 0, now), Submitted::Full);
         let Taken::Job(first) = pool.take() else {
             panic!("a job")
         };
         assert_eq!((first.data.as_slice(), first.socket), (&b"a"[..], 0));
         pool.give_back(first);
-        assert!(pool.submit(&datagram(b"d"), 0, now), "room again");
+        assert_eq!(pool.submit(&datagram(b"d"), 0, now), Submitted::Queued);
         // Closed with time to drain: what is queued is still handed out.
         pool.close(now + std::time::Duration::from_secs(3600));
-        assert!(!pool.submit(&datagram(b"e"), 0, now), "closed");
+        assert_eq!(pool.submit(&datagram(b"e"), 0, now), Submitted::Closed);
         assert!(matches!(pool.take(), Taken::Job(j) if j.data == b"b"));
         assert!(matches!(pool.take(), Taken::Job(j) if j.data == b"d"));
         assert!(matches!(pool.take(), Taken::Closed));
         // Closed with no time: what is queued comes back as late.
         let pool = Pool::new(1, 0);
-        assert!(pool.submit(&datagram(b"x"), 0, now));
+        assert_eq!(pool.submit(&datagram(b"x"), 0, now), Submitted::Queued);
         pool.close(Instant::now());
         assert!(matches!(pool.take(), Taken::Late(_)));
         assert!(matches!(pool.take(), Taken::Closed));

@@ -16,7 +16,7 @@ use crate::handle::Shared;
 use crate::handler::{Action, Request};
 use crate::latency::Recorders;
 use crate::observe::Observer;
-use crate::pool::{Pool, Taken};
+use crate::pool::{Pool, Submitted, Taken};
 use crate::stats::Stats;
 use crate::sys::{self, Received};
 
@@ -120,9 +120,7 @@ impl<H: HandlerFn> Worker<H> {
                     continue;
                 }
                 if let Some(pool) = &self.pool {
-                    if !pool.submit(&datagram, self.socket_index, arrived)
-                        && processor.shed(&datagram, reply)
-                    {
+                    if processor.submit(pool, &datagram, self.socket_index, arrived, reply) {
                         batch.queue_reply(i, false);
                     }
                     continue;
@@ -178,8 +176,13 @@ impl<H: HandlerFn> Worker<H> {
                         let ready = match &self.pool {
                             Some(pool) => {
                                 self.publish(processor);
-                                !pool.submit(&datagram, self.socket_index, arrived)
-                                    && processor.shed(&datagram, &mut reply)
+                                processor.submit(
+                                    pool,
+                                    &datagram,
+                                    self.socket_index,
+                                    arrived,
+                                    &mut reply,
+                                )
                             }
                             None => {
                                 let ready =
@@ -465,6 +468,28 @@ impl<'a, H: HandlerFn> Processor<'a, H> {
             }
         }
         true
+    }
+
+    /// Hands an admitted request to the pool; one it has no room for is
+    /// shed ([`shed`](Processor::shed)), and one it no longer takes (the
+    /// server is shutting down) is counted as dropped at shutdown. Returns
+    /// whether `reply` holds a busy reply to send.
+    pub(crate) fn submit(
+        &mut self,
+        pool: &Pool,
+        datagram: &Received<'_>,
+        socket: usize,
+        arrived: Instant,
+        reply: &mut Vec<u8>,
+    ) -> bool {
+        match pool.submit(datagram, socket, arrived) {
+            Submitted::Queued => false,
+            Submitted::Full => self.shed(datagram, reply),
+            Submitted::Closed => {
+                self.totals.shutdown_dropped += 1;
+                false
+            }
+        }
     }
 
     /// Counts a request the pool had no room for, and writes the busy reply
