@@ -45,8 +45,29 @@
 //!   offload for replies, and `SO_REUSEPORT` workers; no heap allocation per
 //!   datagram.
 //! - [`ServerHandle::shutdown`] returns once every worker has stopped and the
-//!   socket is closed, so the port can be bound again at once.
+//!   socket is closed, so the port can be bound again at once; it takes
+//!   about one handler call, and [`ServerHandle::shutdown_timeout`] bounds
+//!   it even when a handler never returns.
+//! - Handlers that wait (on a database, another service) can run on a
+//!   bounded pool ([`ServerBuilder::handler_threads`]) that sheds load at
+//!   once when full and drops requests that waited too long, with counters
+//!   and latency histograms ([`ServerHandle::latency`]) to watch it by.
+//! - Opt-in latency mode ([`ServerBuilder::busy_poll`],
+//!   [`ClientBuilder::busy_poll`]) trades a core for the thread wake-ups of
+//!   each round trip.
 //! - The library never prints.
+//!
+//! # Features
+//!
+//! Both are off by default.
+//!
+//! - `metrics`: publishes every counter of [`Stats`], the requests in
+//!   flight and both latency histograms through the
+//!   [`metrics`](https://docs.rs/metrics) facade, labelled with the server's
+//!   address; the application installs the exporter.
+//! - `tracing`: emits [`tracing`](https://docs.rs/tracing) events, at most
+//!   one a second of each kind: overload episodes, failed receives and
+//!   sends, and handler panics with their message.
 //!
 //! # What UDP does not promise
 //!
