@@ -1,6 +1,8 @@
 //! Round-trip latency with one request in flight: udp-greet with busy
-//! polling on both sides, and with it off, against hand-written `std::net`
-//! pairs that block and that poll.
+//! polling on both sides, and with it off, against hand-written pairs: a
+//! blocking `std::net` server and client, and a `recvmmsg`/`sendmmsg`
+//! server that polls for 200 us after each batch with a client that polls
+//! for 200 us after each send.
 //!
 //! `cargo bench --bench latency` runs the full measurement; without
 //! `--bench` (as under `cargo test`) it makes a short smoke pass.
@@ -35,7 +37,7 @@ mod bench {
 
     use udp_greet::{GreetClient, GreetServer, ServerHandle};
 
-    use crate::common::linux::{cpu_time, pin_to_cpu, thread_ids};
+    use crate::common::linux::{cpu_time, mmsg_greet_loop_polling, pin_to_cpu, thread_ids};
     use crate::common::{Table, median, percentile};
 
     const WINDOW: Duration = Duration::from_micros(200);
@@ -81,6 +83,9 @@ mod bench {
     }
 
     impl HandServer {
+        /// A blocking `recv_from`/`send_to` loop without `poll`; with it, a
+        /// `recvmmsg`/`sendmmsg` loop that polls for `poll` after each batch
+        /// (the hand-written polling server).
         fn start(poll: Option<Duration>) -> io::Result<Self> {
             let socket = UdpSocket::bind("127.0.0.1:0")?;
             socket.set_read_timeout(Some(Duration::from_millis(20)))?;
@@ -88,33 +93,19 @@ mod bench {
             let stop = Arc::new(AtomicBool::new(false));
             let done = stop.clone();
             let thread = thread::spawn(move || {
-                let socket = socket2::Socket::from(socket);
+                if poll.is_some() {
+                    mmsg_greet_loop_polling(&socket, &done, poll);
+                    return;
+                }
                 let mut buf = [0u8; 2048];
                 let mut reply = Vec::with_capacity(2048);
-                let mut until: Option<Instant> = None;
                 while !done.load(Ordering::Relaxed) {
-                    let polling = until.is_some_and(|u| Instant::now() < u);
-                    let got = if polling {
-                        let mut view = [socket2::MaybeUninitSlice::new(as_uninit(&mut buf))];
-                        socket
-                            .recv_from_vectored_with_flags(&mut view, libc::MSG_DONTWAIT)
-                            .map(|(n, _, from)| (n, from))
-                    } else {
-                        let mut view = [socket2::MaybeUninitSlice::new(as_uninit(&mut buf))];
-                        socket
-                            .recv_from_vectored(&mut view)
-                            .map(|(n, _, from)| (n, from))
-                    };
-                    let Ok((n, from)) = got else {
-                        if polling {
-                            std::hint::spin_loop();
-                        }
+                    let Ok((n, from)) = socket.recv_from(&mut buf) else {
                         continue;
                     };
                     reply.clear();
                     udp_greet::greet_into(&buf[..n], &mut reply);
-                    let _ = socket.send_to(&reply, &from);
-                    until = poll.map(|p| Instant::now() + p);
+                    let _ = socket.send_to(&reply, from);
                 }
             });
             Ok(HandServer {
@@ -218,7 +209,7 @@ mod bench {
                 cpu: Vec::new(),
             },
             Case {
-                name: "hand-written pair, polling 200us",
+                name: "hand-written pair, polling 200us (recvmmsg server)",
                 client: hand_client(poll_server.addr, Some(WINDOW))?,
                 server_tids: poll_tids,
                 rtts: Vec::new(),

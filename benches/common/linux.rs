@@ -223,6 +223,17 @@ const LOST_AFTER: Duration = Duration::from_millis(20);
 /// batched server is compared with. Stops when `stop` is set (it wakes every
 /// 20 ms to look).
 pub fn mmsg_greet_loop(socket: &UdpSocket, stop: &std::sync::atomic::AtomicBool) {
+    mmsg_greet_loop_polling(socket, stop, None);
+}
+
+/// [`mmsg_greet_loop`] that, with `poll`, goes on receiving without
+/// blocking (`MSG_DONTWAIT`) for that long after each batch before it
+/// blocks again: the hand-written polling server of the latency bench.
+pub fn mmsg_greet_loop_polling(
+    socket: &UdpSocket,
+    stop: &std::sync::atomic::AtomicBool,
+    poll: Option<Duration>,
+) {
     const BATCH: usize = 32;
     const ROOM: usize = 2048;
     let fd = socket.as_raw_fd();
@@ -233,7 +244,10 @@ pub fn mmsg_greet_loop(socket: &UdpSocket, stop: &std::sync::atomic::AtomicBool)
     let mut out_iovs: Vec<iovec> = zeroed_vec(BATCH);
     let mut hdrs: Vec<mmsghdr> = zeroed_vec(BATCH);
     let mut out_hdrs: Vec<mmsghdr> = zeroed_vec(BATCH);
+    let mut until: Option<Instant> = None;
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let polling = until.is_some_and(|u| Instant::now() < u);
+        let flags = libc::MSG_WAITFORONE | if polling { libc::MSG_DONTWAIT } else { 0 };
         for i in 0..BATCH {
             iovs[i] = iovec {
                 iov_base: bufs.as_mut_ptr().wrapping_add(i * ROOM).cast::<c_void>(),
@@ -251,11 +265,14 @@ pub fn mmsg_greet_loop(socket: &UdpSocket, stop: &std::sync::atomic::AtomicBool)
                 fd,
                 hdrs.as_mut_ptr(),
                 BATCH as c_uint,
-                libc::MSG_WAITFORONE as _,
+                flags as _,
                 ptr::null_mut(),
             )
         };
         if n <= 0 {
+            if polling {
+                std::hint::spin_loop();
+            }
             continue;
         }
         let n = n as usize;
@@ -288,6 +305,7 @@ pub fn mmsg_greet_loop(socket: &UdpSocket, stop: &std::sync::atomic::AtomicBool)
             };
             start += sent.max(1) as usize;
         }
+        until = poll.map(|p| Instant::now() + p);
     }
 }
 
