@@ -30,15 +30,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 mod bench {
     use std::io;
     use std::net::{SocketAddr, UdpSocket};
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
     use std::thread;
     use std::time::{Duration, Instant};
 
     use udp_greet::{GreetClient, GreetServer, ServerHandle};
 
     use crate::common::linux::{cpu_time, mmsg_greet_loop_polling, pin_to_cpu, thread_ids};
-    use crate::common::{Table, median, percentile};
+    use crate::common::{HandServer, Table, median, percentile};
 
     const WINDOW: Duration = Duration::from_micros(200);
     const REQUEST: &[u8] = b"0123456789abcdef";
@@ -74,53 +72,14 @@ mod bench {
         unsafe { std::slice::from_raw_parts_mut(ptr, len) }
     }
 
-    /// A hand-written greet server on a thread of its own: blocking, or
-    /// polling for `poll` after each datagram before it blocks again.
-    struct HandServer {
-        addr: SocketAddr,
-        stop: Arc<AtomicBool>,
-        thread: Option<thread::JoinHandle<()>>,
-    }
-
-    impl HandServer {
-        /// A blocking `recv_from`/`send_to` loop without `poll`; with it, a
-        /// `recvmmsg`/`sendmmsg` loop that polls for `poll` after each batch
-        /// (the hand-written polling server).
-        fn start(poll: Option<Duration>) -> io::Result<Self> {
-            let socket = UdpSocket::bind("127.0.0.1:0")?;
-            socket.set_read_timeout(Some(Duration::from_millis(20)))?;
-            let addr = socket.local_addr()?;
-            let stop = Arc::new(AtomicBool::new(false));
-            let done = stop.clone();
-            let thread = thread::spawn(move || {
-                if poll.is_some() {
-                    mmsg_greet_loop_polling(&socket, &done, poll);
-                    return;
-                }
-                let mut buf = [0u8; 2048];
-                let mut reply = Vec::with_capacity(2048);
-                while !done.load(Ordering::Relaxed) {
-                    let Ok((n, from)) = socket.recv_from(&mut buf) else {
-                        continue;
-                    };
-                    reply.clear();
-                    udp_greet::greet_into(&buf[..n], &mut reply);
-                    let _ = socket.send_to(&reply, from);
-                }
-            });
-            Ok(HandServer {
-                addr,
-                stop,
-                thread: Some(thread),
-            })
-        }
-    }
-
-    impl Drop for HandServer {
-        fn drop(&mut self) {
-            self.stop.store(true, Ordering::Relaxed);
-            if let Some(thread) = self.thread.take() {
-                let _ = thread.join();
+    /// The hand-written servers: a blocking `recv_from`/`send_to` loop
+    /// without `poll`; with it, a `recvmmsg`/`sendmmsg` loop that polls for
+    /// `poll` after each batch (the hand-written polling server).
+    fn hand_server(poll: Option<Duration>) -> io::Result<HandServer> {
+        match poll {
+            None => HandServer::std_loop(),
+            Some(_) => {
+                HandServer::start(move |socket, stop| mmsg_greet_loop_polling(socket, stop, poll))
             }
         }
     }
@@ -185,8 +144,8 @@ mod bench {
         if pinned {
             pin_to_cpu(1)?;
         }
-        let (std_server, std_tids) = started(|| Ok(HandServer::start(None)?))?;
-        let (poll_server, poll_tids) = started(|| Ok(HandServer::start(Some(WINDOW))?))?;
+        let (std_server, std_tids) = started(|| Ok(hand_server(None)?))?;
+        let (poll_server, poll_tids) = started(|| Ok(hand_server(Some(WINDOW))?))?;
         let (greet_off, off_tids): (ServerHandle, _) =
             started(|| Ok(GreetServer::bind("127.0.0.1:0")?.spawn(udp_greet::greet)?))?;
         let (greet_on, on_tids): (ServerHandle, _) = started(|| {

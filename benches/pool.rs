@@ -41,7 +41,7 @@ mod bench {
     use udp_greet::{Action, GreetServer, Request, ServerBuilder, ServerHandle};
 
     use crate::common::linux::{Generator, cpu_time, pin_to_cpu, thread_ids};
-    use crate::common::{Table, median, percentile};
+    use crate::common::{HandServer, Table, median, percentile};
 
     const HANDLER_TIME: Duration = Duration::from_millis(1);
 
@@ -91,50 +91,23 @@ mod bench {
     }
 
     /// A `std::net` server that starts a thread for each request.
-    struct ThreadPerRequest {
-        addr: SocketAddr,
-        stop: Arc<AtomicBool>,
-        thread: Option<thread::JoinHandle<()>>,
-    }
-
-    impl ThreadPerRequest {
-        fn start() -> std::io::Result<Self> {
-            let socket = Arc::new(UdpSocket::bind("127.0.0.1:0")?);
-            socket.set_read_timeout(Some(Duration::from_millis(20)))?;
-            let addr = socket.local_addr()?;
-            let stop = Arc::new(AtomicBool::new(false));
-            let done = stop.clone();
-            let thread = thread::spawn(move || {
-                let mut buf = [0u8; 2048];
-                while !done.load(Ordering::Relaxed) {
-                    let Ok((n, peer)) = socket.recv_from(&mut buf) else {
-                        continue;
-                    };
-                    let request = buf[..n].to_vec();
-                    let socket = socket.clone();
-                    thread::spawn(move || {
-                        thread::sleep(HANDLER_TIME);
-                        let mut reply = Vec::new();
-                        udp_greet::greet_into(&request, &mut reply);
-                        let _ = socket.send_to(&reply, peer);
-                    });
-                }
-            });
-            Ok(ThreadPerRequest {
-                addr,
-                stop,
-                thread: Some(thread),
-            })
-        }
-    }
-
-    impl Drop for ThreadPerRequest {
-        fn drop(&mut self) {
-            self.stop.store(true, Ordering::Relaxed);
-            if let Some(thread) = self.thread.take() {
-                let _ = thread.join();
+    fn thread_per_request() -> std::io::Result<HandServer> {
+        HandServer::start(|socket, stopped| {
+            let mut buf = [0u8; 2048];
+            while !stopped.load(Ordering::Relaxed) {
+                let Ok((n, peer)) = socket.recv_from(&mut buf) else {
+                    continue;
+                };
+                let request = buf[..n].to_vec();
+                let socket = socket.clone();
+                thread::spawn(move || {
+                    thread::sleep(HANDLER_TIME);
+                    let mut reply = Vec::new();
+                    udp_greet::greet_into(&request, &mut reply);
+                    let _ = socket.send_to(&reply, peer);
+                });
             }
-        }
+        })
     }
 
     fn concurrency(full: bool) -> Result<(), Box<dyn std::error::Error>> {
@@ -166,7 +139,7 @@ mod bench {
                 spawn(GreetServer::builder().workers(32))?,
             ),
         ];
-        let by_hand = ThreadPerRequest::start()?;
+        let by_hand = thread_per_request()?;
         let mut results: Vec<Vec<f64>> = vec![Vec::new(); servers.len() + 1];
         for _ in 0..rounds {
             for (i, (_, _, server)) in servers.iter().enumerate() {

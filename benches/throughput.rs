@@ -36,10 +36,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 #[cfg(target_os = "linux")]
 mod bench {
-    use std::net::{SocketAddr, UdpSocket};
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::thread::{self, JoinHandle};
+    use std::net::SocketAddr;
+    use std::thread;
     use std::time::Duration;
 
     use udp_greet::{GreetServer, ServerBuilder, ServerHandle};
@@ -47,7 +45,7 @@ mod bench {
     use crate::common::linux::{
         Generator, Load, cpu_time, mmsg_greet_loop, pin_to_cpu, thread_ids, udp_rcvbuf_errors,
     };
-    use crate::common::{Table, median};
+    use crate::common::{HandServer, Table, median};
 
     const REQUEST: &[u8] = b"0123456789abcdef"; // 16 bytes
 
@@ -85,53 +83,6 @@ mod bench {
     }
 
     /// The plain std loop the targets are stated against.
-    struct StdServer {
-        addr: SocketAddr,
-        stop: Arc<AtomicBool>,
-        thread: Option<JoinHandle<()>>,
-    }
-
-    impl StdServer {
-        fn start() -> std::io::Result<StdServer> {
-            Self::start_with(|socket, stopped| {
-                let mut buf = vec![0u8; 65_536];
-                let mut reply = Vec::with_capacity(256);
-                while !stopped.load(Ordering::Relaxed) {
-                    if let Ok((n, peer)) = socket.recv_from(&mut buf) {
-                        reply.clear();
-                        udp_greet::greet_into(&buf[..n], &mut reply);
-                        let _ = socket.send_to(&reply, peer);
-                    }
-                }
-            })
-        }
-
-        fn start_with(serve: fn(&UdpSocket, &AtomicBool)) -> std::io::Result<StdServer> {
-            let socket = UdpSocket::bind("127.0.0.1:0")?;
-            socket.set_read_timeout(Some(Duration::from_millis(20)))?;
-            let addr = socket.local_addr()?;
-            let stop = Arc::new(AtomicBool::new(false));
-            let stopped = stop.clone();
-            let thread = thread::Builder::new()
-                .name("bench-server".into())
-                .spawn(move || serve(&socket, &stopped))?;
-            Ok(StdServer {
-                addr,
-                stop,
-                thread: Some(thread),
-            })
-        }
-    }
-
-    impl Drop for StdServer {
-        fn drop(&mut self) {
-            self.stop.store(true, Ordering::Relaxed);
-            if let Some(thread) = self.thread.take() {
-                let _ = thread.join();
-            }
-        }
-    }
-
     /// Starts a udp-greet server and finds the threads it started.
     fn start_greet(builder: ServerBuilder) -> Result<(ServerHandle, Vec<u32>), udp_greet::Error> {
         let before = thread_ids();
@@ -144,8 +95,8 @@ mod bench {
     }
 
     fn start_std(
-        serve: fn() -> std::io::Result<StdServer>,
-    ) -> std::io::Result<(StdServer, Vec<u32>)> {
+        serve: fn() -> std::io::Result<HandServer>,
+    ) -> std::io::Result<(HandServer, Vec<u32>)> {
         let before = thread_ids();
         let server = serve()?;
         let tids = thread_ids()
@@ -180,8 +131,9 @@ mod bench {
         }
         let (batched, batched_tids) = start_greet(GreetServer::builder())?;
         let (portable, portable_tids) = start_greet(GreetServer::builder().portable_io(true))?;
-        let (plain, plain_tids) = start_std(StdServer::start)?;
-        let (mmsg, mmsg_tids) = start_std(|| StdServer::start_with(mmsg_greet_loop))?;
+        let (plain, plain_tids) = start_std(HandServer::std_loop)?;
+        let (mmsg, mmsg_tids) =
+            start_std(|| HandServer::start(|socket, stop| mmsg_greet_loop(socket, stop)))?;
         let (workers, workers_tids) = start_greet(GreetServer::builder().workers(2))?;
         let (no_gso, no_gso_tids) = start_greet(GreetServer::builder().gso(false))?;
         if pinned {

@@ -1,10 +1,71 @@
 //! Helpers shared by the benches: percentiles, medians, aligned tables.
 #![allow(dead_code)] // each bench uses its own subset
 
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 #[cfg(target_os = "linux")]
 pub mod linux;
+
+/// A hand-written server on a thread of its own, over a socket bound to
+/// loopback with a 20 ms read timeout (so that it sees its stop flag);
+/// stopped and joined when dropped.
+pub struct HandServer {
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl HandServer {
+    /// Starts `serve`, which must return soon after the flag it is given
+    /// is set.
+    pub fn start(
+        serve: impl FnOnce(&Arc<UdpSocket>, &AtomicBool) + Send + 'static,
+    ) -> io::Result<HandServer> {
+        let socket = Arc::new(UdpSocket::bind("127.0.0.1:0")?);
+        socket.set_read_timeout(Some(Duration::from_millis(20)))?;
+        let addr = socket.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = thread::Builder::new()
+            .name("bench-server".into())
+            .spawn(move || serve(&socket, &stopped))?;
+        Ok(HandServer {
+            addr,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// A plain `recv_from`/`send_to` greet loop, the baseline of the
+    /// benches.
+    pub fn std_loop() -> io::Result<HandServer> {
+        HandServer::start(|socket, stopped| {
+            let mut buf = vec![0u8; 65_536];
+            let mut reply = Vec::with_capacity(256);
+            while !stopped.load(Ordering::Relaxed) {
+                if let Ok((n, peer)) = socket.recv_from(&mut buf) {
+                    reply.clear();
+                    udp_greet::greet_into(&buf[..n], &mut reply);
+                    let _ = socket.send_to(&reply, peer);
+                }
+            }
+        })
+    }
+}
+
+impl Drop for HandServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
 
 /// The `p`th percentile (nearest rank) of `samples`, which it sorts.
 pub fn percentile(samples: &mut [Duration], p: f64) -> Duration {
