@@ -47,6 +47,13 @@ impl Observer {
         self.events.published(totals);
     }
 
+    /// Whether a second has passed since this was last true: time to read
+    /// the kernel's drop count for the metrics.
+    #[cfg(feature = "metrics")]
+    pub(crate) fn drops_due(&mut self) -> bool {
+        self.metrics.drops_due()
+    }
+
     /// A handler call took `took`.
     #[inline]
     #[allow(unused_variables)]
@@ -224,6 +231,8 @@ mod metrics_hooks {
     /// increments at each publish.
     #[derive(Debug)]
     pub(super) struct Handles {
+        /// When the kernel's drop count was last read.
+        drops_read: Option<std::time::Instant>,
         counters: Vec<metrics::Counter>,
         in_flight: metrics::Gauge,
         pub(super) handler: metrics::Histogram,
@@ -236,6 +245,7 @@ mod metrics_hooks {
         pub(super) fn new(addr: SocketAddr) -> Handles {
             let server = addr.to_string();
             Handles {
+                drops_read: None,
                 counters: Stats::NAMES
                     .iter()
                     .map(|field| metrics::counter!(counter_name(field), "server" => server.clone()))
@@ -248,6 +258,17 @@ mod metrics_hooks {
                 queue_wait: metrics::histogram!("udp_greet_queue_wait_seconds", "server" => server),
                 last: [0; Stats::NAMES.len()],
             }
+        }
+
+        pub(super) fn drops_due(&mut self) -> bool {
+            let now = std::time::Instant::now();
+            let due = self.drops_read.is_none_or(|at| {
+                now.saturating_duration_since(at) >= std::time::Duration::from_secs(1)
+            });
+            if due {
+                self.drops_read = Some(now);
+            }
+            due
         }
 
         pub(super) fn published(&mut self, totals: &Stats) {

@@ -72,6 +72,14 @@ impl<H: HandlerFn> Worker<H> {
     }
 
     fn publish(&self, processor: &mut Processor<'_, H>) {
+        // The kernel's drop count is read when a snapshot is taken, or as
+        // the worker stops; with the `metrics` feature, which publishes
+        // without snapshots, it is also read once a second.
+        #[cfg(feature = "metrics")]
+        if self.reports_drops && processor.observer.drops_due() {
+            processor.totals.kernel_drops =
+                sys::kernel_drops(&self.socket).unwrap_or(processor.totals.kernel_drops);
+        }
         self.shared.stats.publish(self.index, &processor.totals);
         processor.observer.published(&processor.totals);
     }
