@@ -33,9 +33,9 @@ mod bench {
     use std::thread;
     use std::time::{Duration, Instant};
 
-    use udp_greet::{GreetClient, GreetServer, ServerHandle};
+    use udp_greet::{GreetClient, GreetServer};
 
-    use crate::common::linux::{cpu_time, mmsg_greet_loop_polling, pin_to_cpu, thread_ids};
+    use crate::common::linux::{cpu_time, mmsg_greet_loop_polling, pin_to_cpu, with_new_threads};
     use crate::common::{HandServer, Table, median, percentile};
 
     const WINDOW: Duration = Duration::from_micros(200);
@@ -125,18 +125,6 @@ mod bench {
         Ok(Client::Hand(socket2::Socket::from(socket), poll))
     }
 
-    fn started<T>(
-        start: impl FnOnce() -> Result<T, Box<dyn std::error::Error>>,
-    ) -> Result<(T, Vec<u32>), Box<dyn std::error::Error>> {
-        let before = thread_ids();
-        let server = start()?;
-        let tids = thread_ids()
-            .into_iter()
-            .filter(|t| !before.contains(t))
-            .collect();
-        Ok((server, tids))
-    }
-
     pub fn main() -> Result<(), Box<dyn std::error::Error>> {
         let full = std::env::args().any(|a| a == "--bench");
         let (rounds, per_round) = if full { (11, 2_000) } else { (1, 20) };
@@ -144,15 +132,15 @@ mod bench {
         if pinned {
             pin_to_cpu(1)?;
         }
-        let (std_server, std_tids) = started(|| Ok(hand_server(None)?))?;
-        let (poll_server, poll_tids) = started(|| Ok(hand_server(Some(WINDOW))?))?;
-        let (greet_off, off_tids): (ServerHandle, _) =
-            started(|| Ok(GreetServer::bind("127.0.0.1:0")?.spawn(udp_greet::greet)?))?;
-        let (greet_on, on_tids): (ServerHandle, _) = started(|| {
-            Ok(GreetServer::builder()
+        let (std_server, std_tids) = with_new_threads(|| hand_server(None))?;
+        let (poll_server, poll_tids) = with_new_threads(|| hand_server(Some(WINDOW)))?;
+        let (greet_off, off_tids) =
+            with_new_threads(|| GreetServer::bind("127.0.0.1:0")?.spawn(udp_greet::greet))?;
+        let (greet_on, on_tids) = with_new_threads(|| {
+            GreetServer::builder()
                 .busy_poll(WINDOW)
                 .bind("127.0.0.1:0")?
-                .spawn(udp_greet::greet)?)
+                .spawn(udp_greet::greet)
         })?;
         if pinned {
             pin_to_cpu(0)?;

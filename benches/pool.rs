@@ -40,7 +40,7 @@ mod bench {
 
     use udp_greet::{Action, GreetServer, Request, ServerBuilder, ServerHandle};
 
-    use crate::common::linux::{Generator, cpu_time, pin_to_cpu, thread_ids};
+    use crate::common::linux::{Generator, cpu_time, pin_to_cpu, with_new_threads};
     use crate::common::{HandServer, Table, median, percentile};
 
     const HANDLER_TIME: Duration = Duration::from_millis(1);
@@ -192,13 +192,7 @@ mod bench {
             pin_to_cpu(1)?;
         }
         let start = |b: ServerBuilder| -> Result<(ServerHandle, Vec<u32>), udp_greet::Error> {
-            let before = thread_ids();
-            let server = b.bind("127.0.0.1:0")?.spawn(udp_greet::greet)?;
-            let tids = thread_ids()
-                .into_iter()
-                .filter(|t| !before.contains(t))
-                .collect();
-            Ok((server, tids))
+            with_new_threads(|| b.bind("127.0.0.1:0")?.spawn(udp_greet::greet))
         };
         let cases = [
             ("inline", start(GreetServer::builder())?),

@@ -43,7 +43,7 @@ mod bench {
     use udp_greet::{GreetServer, ServerBuilder, ServerHandle};
 
     use crate::common::linux::{
-        Generator, Load, cpu_time, mmsg_greet_loop, pin_to_cpu, thread_ids, udp_rcvbuf_errors,
+        Generator, Load, cpu_time, mmsg_greet_loop, pin_to_cpu, udp_rcvbuf_errors, with_new_threads,
     };
     use crate::common::{HandServer, Table, median};
 
@@ -82,28 +82,15 @@ mod bench {
         }
     }
 
-    /// The plain std loop the targets are stated against.
     /// Starts a udp-greet server and finds the threads it started.
     fn start_greet(builder: ServerBuilder) -> Result<(ServerHandle, Vec<u32>), udp_greet::Error> {
-        let before = thread_ids();
-        let server = builder.bind("127.0.0.1:0")?.spawn(udp_greet::greet)?;
-        let tids = thread_ids()
-            .into_iter()
-            .filter(|t| !before.contains(t))
-            .collect();
-        Ok((server, tids))
+        with_new_threads(|| builder.bind("127.0.0.1:0")?.spawn(udp_greet::greet))
     }
 
     fn start_std(
         serve: fn() -> std::io::Result<HandServer>,
     ) -> std::io::Result<(HandServer, Vec<u32>)> {
-        let before = thread_ids();
-        let server = serve()?;
-        let tids = thread_ids()
-            .into_iter()
-            .filter(|t| !before.contains(t))
-            .collect();
-        Ok((server, tids))
+        with_new_threads(serve)
     }
 
     pub fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -59,6 +59,18 @@ pub fn thread_ids() -> Vec<u32> {
         .unwrap_or_default()
 }
 
+/// Runs `start` and returns what it made with the ids of the threads it
+/// started (those that exist after it and did not before).
+pub fn with_new_threads<T, E>(start: impl FnOnce() -> Result<T, E>) -> Result<(T, Vec<u32>), E> {
+    let before = thread_ids();
+    let made = start()?;
+    let tids = thread_ids()
+        .into_iter()
+        .filter(|t| !before.contains(t))
+        .collect();
+    Ok((made, tids))
+}
+
 /// CPU time the given threads of this process have used, from the
 /// scheduler's statistics (nanoseconds on CPU).
 pub fn cpu_time(tids: &[u32]) -> Duration {
