@@ -53,6 +53,8 @@ pub struct ServerBuilder {
     pub(crate) max_queue_wait: Option<Duration>,
     pub(crate) drain_timeout: Duration,
     pub(crate) busy_poll: Option<Duration>,
+    pub(crate) max_in_flight: Option<usize>,
+    pub(crate) handler_timeout: Option<Duration>,
 }
 
 /// The handler pool's queue holds this many requests per handler thread
@@ -76,6 +78,21 @@ pub const DEFAULT_QUEUE_PER_THREAD: usize = 64;
 /// the resend; later than that, its client has given up or resent, and
 /// answering it only adds to the load that made it wait.
 pub const DEFAULT_MAX_QUEUE_WAIT: Duration = Duration::from_millis(500);
+
+/// How many handler futures the async server runs at once unless
+/// [`ServerBuilder::max_in_flight`] says otherwise: 1024.
+///
+/// Enough for handlers that wait 10 ms to answer about 100 000 requests a
+/// second, in about a megabyte of places for small requests; a server that
+/// needs more in flight is better served by faster handlers or more
+/// machines than by a longer line.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
+
+/// How long an async handler may run unless
+/// [`ServerBuilder::handler_timeout`] says otherwise: 10 s, the default
+/// [`ClientBuilder::deadline`](crate::ClientBuilder::deadline), after which
+/// a client of this crate has given up.
+pub const DEFAULT_HANDLER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The most handler threads one server may have.
 const MAX_HANDLER_THREADS: usize = 1024;
@@ -120,6 +137,8 @@ impl Default for ServerBuilder {
             max_queue_wait: Some(DEFAULT_MAX_QUEUE_WAIT),
             drain_timeout: Duration::ZERO,
             busy_poll: None,
+            max_in_flight: None,
+            handler_timeout: Some(DEFAULT_HANDLER_TIMEOUT),
         }
     }
 }
@@ -456,6 +475,39 @@ impl ServerBuilder {
         self
     }
 
+    /// The most handler futures the async server (`GreetServer::serve_async`,
+    /// feature `tokio`) runs at once, over all its workers. A request that arrives while
+    /// that many are in flight is shed at once, as a full handler-pool queue
+    /// sheds ([`overload_reply`](ServerBuilder::overload_reply),
+    /// [`Stats::overloaded`](crate::Stats::overloaded)): the receive loop
+    /// never waits for room, and requests in flight are never cancelled to
+    /// make it.
+    ///
+    /// Each place holds one handler future and its request, made once and
+    /// reused: the memory is the handler future's size plus 512 bytes and
+    /// the request's bytes, per place ever used.
+    ///
+    /// Only used by the async server (feature `tokio`). Must be between 1
+    /// and 1 048 576. Defaults to [`DEFAULT_MAX_IN_FLIGHT`] (1024).
+    pub fn max_in_flight(mut self, requests: usize) -> Self {
+        self.max_in_flight = Some(requests);
+        self
+    }
+
+    /// The longest a handler future of the async server
+    /// (`GreetServer::serve_async`, feature `tokio`) may run: one still running then is dropped (cancelled at its await
+    /// point), nothing is sent, and the request is counted in
+    /// [`Stats::timed_out`](crate::Stats::timed_out). `None` lets handlers
+    /// run until shutdown.
+    ///
+    /// Only used by the async server (feature `tokio`); blocking handlers
+    /// cannot be cancelled. Must not be zero. Defaults to
+    /// [`DEFAULT_HANDLER_TIMEOUT`] (10 s).
+    pub fn handler_timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
+        self.handler_timeout = timeout.into();
+        self
+    }
+
     /// Creates the socket, applies the options and binds it to `addr`.
     ///
     /// Each address `addr` resolves to is tried in turn, as
@@ -578,6 +630,21 @@ impl ServerBuilder {
                 reason: "must be between 1 and 1048576 requests",
             });
         }
+        if self
+            .max_in_flight
+            .is_some_and(|n| !(1..=MAX_QUEUE_CAPACITY).contains(&n))
+        {
+            return Err(Error::InvalidConfig {
+                setting: "ServerBuilder::max_in_flight",
+                reason: "must be between 1 and 1048576 requests",
+            });
+        }
+        if self.handler_timeout.is_some_and(|t| t.is_zero()) {
+            return Err(Error::InvalidConfig {
+                setting: "ServerBuilder::handler_timeout",
+                reason: "must be greater than zero (None lets handlers run until shutdown)",
+            });
+        }
         if self.max_queue_wait.is_some_and(|w| w.is_zero()) {
             return Err(Error::InvalidConfig {
                 setting: "ServerBuilder::max_queue_wait",
@@ -614,10 +681,12 @@ impl ServerBuilder {
                         .saturating_mul(DEFAULT_QUEUE_PER_THREAD)
                         .min(MAX_QUEUE_CAPACITY),
                 ),
-                overload_reply: self.overload_reply.clone(),
                 max_queue_wait: self.max_queue_wait,
-                drain_timeout: self.drain_timeout,
             }),
+            overload_reply: self.overload_reply.clone(),
+            drain_timeout: self.drain_timeout,
+            max_in_flight: self.max_in_flight.unwrap_or(DEFAULT_MAX_IN_FLIGHT),
+            handler_timeout: self.handler_timeout,
         }
     }
 }
@@ -653,6 +722,18 @@ pub(crate) struct Config {
     pub(crate) pool: Option<PoolConfig>,
     /// How long a worker polls after work before it blocks again.
     pub(crate) busy_poll: Option<Duration>,
+    /// The reply to shed requests (handler pool or async server).
+    pub(crate) overload_reply: Option<Vec<u8>>,
+    /// How long a handler pool or an async server goes on answering at
+    /// shutdown.
+    pub(crate) drain_timeout: Duration,
+    /// The async server's limit on handler futures in flight, over all
+    /// workers.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) max_in_flight: usize,
+    /// The async server drops a handler future that runs longer.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) handler_timeout: Option<Duration>,
 }
 
 impl Config {
@@ -667,7 +748,5 @@ impl Config {
 pub(crate) struct PoolConfig {
     pub(crate) threads: usize,
     pub(crate) capacity: usize,
-    pub(crate) overload_reply: Option<Vec<u8>>,
     pub(crate) max_queue_wait: Option<Duration>,
-    pub(crate) drain_timeout: Duration,
 }

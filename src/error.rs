@@ -145,6 +145,18 @@ pub enum Error {
         waited: Duration,
     },
 
+    /// An async server or client was used outside a tokio runtime.
+    #[cfg(feature = "tokio")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
+    #[error(
+        "no tokio runtime for the async socket for {addr}: use the async server and client from \
+         a task or inside Runtime::block_on"
+    )]
+    NoRuntime {
+        /// The server's address.
+        addr: SocketAddr,
+    },
+
     /// Any other I/O error, with the operation and the address it was about.
     #[error("{action} {addr} failed")]
     Io {

@@ -30,6 +30,9 @@ pub(crate) struct Shared {
     /// How many of the server's threads have ended.
     ended: Mutex<usize>,
     ended_changed: Condvar,
+    /// Wakes the async server's tasks when `stop` is set.
+    #[cfg(feature = "tokio")]
+    pub(crate) stopping: Arc<tokio::sync::Notify>,
 }
 
 impl Shared {
@@ -47,6 +50,8 @@ impl Shared {
             pool,
             ended: Mutex::new(0),
             ended_changed: Condvar::new(),
+            #[cfg(feature = "tokio")]
+            stopping: Arc::new(tokio::sync::Notify::new()),
         })
     }
 
@@ -101,6 +106,8 @@ impl Shared {
         if self.stop.swap(true, Ordering::AcqRel) {
             return;
         }
+        #[cfg(feature = "tokio")]
+        self.stopping.notify_waiters();
         for socket in self.sockets.iter().filter_map(Weak::upgrade) {
             // Wakes a worker blocked in a receive (see `sys::WAKE_INTERVAL`).
             // Unconnected UDP sockets report `ENOTCONN` even when the wake-up

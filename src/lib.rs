@@ -81,6 +81,8 @@
 #![deny(unsafe_code)]
 #![doc(test(attr(deny(warnings))))]
 
+#[cfg(feature = "tokio")]
+mod asynch;
 mod client;
 mod config;
 mod error;
@@ -96,10 +98,14 @@ mod stats;
 mod sys;
 mod worker;
 
-pub use client::{ClientBuilder, GreetClient};
+#[cfg(feature = "tokio")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
+pub use asynch::{AsyncGreetClient, AsyncRequest, AsyncServerHandle, Reply, greet_async};
+pub use client::{ClientBuilder, DEFAULT_CLIENT_MAX_IN_FLIGHT, GreetClient};
 pub use config::{
-    DEFAULT_BATCH_SIZE, DEFAULT_MAX_QUEUE_WAIT, DEFAULT_QUEUE_PER_THREAD, DEFAULT_RECV_BUFFER,
-    MAX_UDP_PAYLOAD_V4, MAX_UDP_PAYLOAD_V6, ServerBuilder,
+    DEFAULT_BATCH_SIZE, DEFAULT_HANDLER_TIMEOUT, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_QUEUE_WAIT,
+    DEFAULT_QUEUE_PER_THREAD, DEFAULT_RECV_BUFFER, MAX_UDP_PAYLOAD_V4, MAX_UDP_PAYLOAD_V6,
+    ServerBuilder,
 };
 pub use error::Error;
 pub use handle::{ServerHandle, ShutdownHandle};

@@ -48,9 +48,9 @@ use crate::worker::{HandlerFn, PoolThread, Worker};
 /// # }
 /// ```
 pub struct GreetServer {
-    sockets: Vec<Arc<Socket>>,
-    config: Arc<Config>,
-    shared: Arc<Shared>,
+    pub(crate) sockets: Vec<Arc<Socket>>,
+    pub(crate) config: Arc<Config>,
+    pub(crate) shared: Arc<Shared>,
 }
 
 impl fmt::Debug for GreetServer {
@@ -141,10 +141,12 @@ impl GreetServer {
         }
         let config = Arc::new(Config { pktinfo, ..config });
         let sockets: Vec<Arc<Socket>> = bound.into_iter().map(|b| Arc::new(b.socket)).collect();
-        let pool = config
-            .pool
-            .as_ref()
-            .map(|p| (Arc::new(Pool::new(p.capacity, p.threads)), p.drain_timeout));
+        let pool = config.pool.as_ref().map(|p| {
+            (
+                Arc::new(Pool::new(p.capacity, p.threads)),
+                config.drain_timeout,
+            )
+        });
         let shared = Shared::new(&sockets, config.threads(), pool);
         Ok(GreetServer {
             sockets,

@@ -68,21 +68,34 @@ pub(crate) struct Resolved {
 
 /// Resolves `addr` to its socket addresses, naming the input on failure.
 pub(crate) fn resolve<A: ToSocketAddrs + fmt::Debug>(addr: A) -> Result<Resolved, Error> {
-    let resolve_error = |source| Error::Resolve {
-        input: format!("{addr:?}"),
-        source,
-    };
-    let mut addrs = addr.to_socket_addrs().map_err(resolve_error)?;
-    let Some(first) = addrs.next() else {
-        return Err(resolve_error(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "it resolved to no socket address",
-        )));
-    };
-    Ok(Resolved {
-        first,
-        rest: addrs.collect(),
-    })
+    let input = format!("{addr:?}");
+    match addr.to_socket_addrs() {
+        Ok(addrs) => Resolved::from_addrs(input, addrs),
+        Err(source) => Err(Error::Resolve { input, source }),
+    }
+}
+
+impl Resolved {
+    /// The addresses `input` resolved to, naming it when there are none.
+    pub(crate) fn from_addrs(
+        input: String,
+        addrs: impl IntoIterator<Item = SocketAddr>,
+    ) -> Result<Resolved, Error> {
+        let mut addrs = addrs.into_iter();
+        let Some(first) = addrs.next() else {
+            return Err(Error::Resolve {
+                input,
+                source: io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "it resolved to no socket address",
+                ),
+            });
+        };
+        Ok(Resolved {
+            first,
+            rest: addrs.collect(),
+        })
+    }
 }
 
 /// Tries `f` on each address in turn; returns the first success or the last

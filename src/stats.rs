@@ -84,6 +84,10 @@ pub struct Stats {
     /// [busy polling](crate::ServerBuilder::busy_poll) that found nothing:
     /// what polling costs. It stops growing once the server is idle.
     pub busy_poll_misses: u64,
+    /// Requests whose async handler (feature `tokio`) ran
+    /// longer than [`handler_timeout`](crate::ServerBuilder::handler_timeout):
+    /// its future was dropped and nothing was sent.
+    pub timed_out: u64,
     /// Requests waiting in the [handler pool](crate::ServerBuilder::handler_threads)'s
     /// queue when the snapshot was taken: a gauge, not a counter (part of
     /// [`in_flight`](Stats::in_flight)). Always 0 without a pool.
@@ -130,6 +134,7 @@ counters!(
     kernel_drops,
     rate_limit_evictions,
     busy_poll_misses,
+    timed_out,
 );
 
 /// Where `received` is in [`Stats::to_array`]: published first, read last.
@@ -140,7 +145,7 @@ const KERNEL_DROPS: usize = 13;
 impl Stats {
     /// The outcome counters' names: the ones [`Stats::accounted`] sums.
     #[allow(dead_code)] // used by the `metrics` feature
-    pub(crate) const OUTCOMES: [&'static str; 11] = [
+    pub(crate) const OUTCOMES: [&'static str; 12] = [
         "replied",
         "no_reply",
         "truncated",
@@ -152,12 +157,13 @@ impl Stats {
         "shutdown_dropped",
         "overloaded",
         "expired",
+        "timed_out",
     ];
 
     /// The sum of the outcome counters: every received datagram ends in
     /// exactly one of `replied`, `no_reply`, `truncated`, `handler_panics`,
     /// `rate_limited`, `amplification_capped`, `bad_source`, `send_errors`,
-    /// `shutdown_dropped`, `overloaded` and `expired`.
+    /// `shutdown_dropped`, `overloaded`, `expired` and `timed_out`.
     #[must_use]
     pub fn accounted(&self) -> u64 {
         self.replied
@@ -171,6 +177,7 @@ impl Stats {
             + self.shutdown_dropped
             + self.overloaded
             + self.expired
+            + self.timed_out
     }
 
     /// Requests received and not yet accounted for: in a batch being worked

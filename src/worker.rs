@@ -17,6 +17,7 @@ use crate::handler::{Action, Request};
 use crate::latency::Recorders;
 use crate::observe::Observer;
 use crate::pool::{Pool, Submitted, Taken};
+use crate::stats::SharedStats;
 use crate::stats::Stats;
 use crate::sys::{self, Received};
 
@@ -56,11 +57,7 @@ impl<H: HandlerFn> Worker<H> {
     /// Runs the receive loop until the server shuts down: batched where the
     /// platform allows and the builder did not ask for the portable loop.
     pub(crate) fn run(self) {
-        let mut processor = Processor::new(
-            &*self.handler,
-            &self.config,
-            self.shared.stats.recorders(self.index),
-        );
+        let mut processor = Processor::new(&self.config, &self.shared.stats, self.index);
         match sys::Batch::new(&self.socket, &self.config) {
             Some(batch) => self.run_batched(&mut processor, batch),
             None => self.run_portable(&mut processor),
@@ -71,24 +68,16 @@ impl<H: HandlerFn> Worker<H> {
         self.publish(&mut processor);
     }
 
-    fn publish(&self, processor: &mut Processor<'_, H>) {
-        // The kernel's drop count is read when a snapshot is taken, or as
-        // the worker stops; with the `metrics` feature, which publishes
-        // without snapshots, it is also read once a second.
-        #[cfg(feature = "metrics")]
-        if self.reports_drops && processor.observer.drops_due() {
-            processor.totals.kernel_drops =
-                sys::kernel_drops(&self.socket).unwrap_or(processor.totals.kernel_drops);
-        }
-        self.shared.stats.publish(self.index, &processor.totals);
-        processor.observer.published(&processor.totals);
+    fn publish(&self, processor: &mut Processor) {
+        let drops = self.reports_drops.then_some(&*self.socket);
+        publish(&self.shared, self.index, processor, drops);
     }
 
     /// The batched loop: one `recvmmsg` for up to a batch of datagrams, each
     /// handled inline or queued for the pool, and the replies sent together
     /// with one `sendmmsg` unless a slow handler makes them wait (see
     /// [`FLUSH_AFTER`]).
-    fn run_batched(&self, processor: &mut Processor<'_, H>, mut batch: sys::Batch) {
+    fn run_batched(&self, processor: &mut Processor, mut batch: sys::Batch) {
         let mut poll = Polling::new(self.config.busy_poll);
         while !self.shared.is_stopped() {
             let polling = poll.active(|| self.publish(processor));
@@ -133,7 +122,8 @@ impl<H: HandlerFn> Worker<H> {
                     }
                     continue;
                 }
-                let ready = processor.handle_timed(&datagram, reply, arrived, clock);
+                let ready =
+                    processor.handle_timed(&*self.handler, &datagram, reply, arrived, clock);
                 if ready {
                     batch.queue_reply(i, true);
                 }
@@ -161,7 +151,7 @@ impl<H: HandlerFn> Worker<H> {
     /// every platform, and on Linux when the builder asks; on a
     /// wildcard-bound Linux socket it replies from each datagram's arrival
     /// address.
-    fn run_portable(&self, processor: &mut Processor<'_, H>) {
+    fn run_portable(&self, processor: &mut Processor) {
         let mut buf = vec![0u8; self.config.max_datagram];
         let mut reply = Vec::with_capacity(sys::REPLY_RESERVE);
         let mut io = sys::Portable::new(self.config.pktinfo);
@@ -193,8 +183,13 @@ impl<H: HandlerFn> Worker<H> {
                                 )
                             }
                             None => {
-                                let ready =
-                                    processor.handle_timed(&datagram, &mut reply, arrived, arrived);
+                                let ready = processor.handle_timed(
+                                    &*self.handler,
+                                    &datagram,
+                                    &mut reply,
+                                    arrived,
+                                    arrived,
+                                );
                                 processor.handled_at(Instant::now());
                                 ready
                             }
@@ -216,6 +211,27 @@ impl<H: HandlerFn> Worker<H> {
             self.publish(processor);
         }
     }
+}
+
+/// Publishes a receive worker's totals to counter slot `index`. The
+/// kernel's drop count is read when a snapshot is taken, or as the worker
+/// stops; with the `metrics` feature, which publishes without snapshots, it
+/// is also read from `drops` (the worker's own socket) once a second.
+pub(crate) fn publish(
+    shared: &Shared,
+    index: usize,
+    processor: &mut Processor,
+    drops: Option<&Socket>,
+) {
+    #[cfg(feature = "metrics")]
+    if let Some(socket) = drops.filter(|_| processor.observer.drops_due()) {
+        processor.totals.kernel_drops =
+            sys::kernel_drops(socket).unwrap_or(processor.totals.kernel_drops);
+    }
+    #[cfg(not(feature = "metrics"))]
+    let _ = drops;
+    shared.stats.publish(index, &processor.totals);
+    processor.observer.published(&processor.totals);
 }
 
 /// One thread of the handler pool.
@@ -241,11 +257,7 @@ impl<H: HandlerFn> PoolThread<H> {
     /// a batch) and go out together; they go out at once when the queue runs
     /// dry, and as soon as work has waited [`FLUSH_AFTER`].
     pub(crate) fn run(self) {
-        let mut processor = Processor::new(
-            &*self.handler,
-            &self.config,
-            self.shared.stats.recorders(self.slot),
-        );
+        let mut processor = Processor::new(&self.config, &self.shared.stats, self.slot);
         let Some(first) = self.sockets.first().and_then(Weak::upgrade) else {
             return;
         };
@@ -313,7 +325,13 @@ impl<H: HandlerFn> PoolThread<H> {
                             peer: job.peer,
                             arrival: job.arrival,
                         };
-                        let ready = processor.handle_timed(&datagram, reply, job.arrived, started);
+                        let ready = processor.handle_timed(
+                            &*self.handler,
+                            &datagram,
+                            reply,
+                            job.arrived,
+                            started,
+                        );
                         let now = Instant::now();
                         processor.handled_at(now);
                         if ready {
@@ -335,14 +353,14 @@ impl<H: HandlerFn> PoolThread<H> {
         }
     }
 
-    fn publish(&self, processor: &mut Processor<'_, H>) {
+    fn publish(&self, processor: &mut Processor) {
         self.shared.stats.publish(self.slot, &processor.totals);
         processor.observer.published(&processor.totals);
     }
 
     /// Sends the replies gathered so far, through the socket their requests
     /// came in on.
-    fn flush(&self, processor: &mut Processor<'_, H>, out: &mut Outgoing) {
+    fn flush(&self, processor: &mut Processor, out: &mut Outgoing) {
         if out.replies.queued() > 0 {
             match self.sockets.get(out.socket).and_then(Weak::upgrade) {
                 Some(socket) => {
@@ -424,10 +442,11 @@ struct Outgoing {
 
 /// Decides the fate of each datagram and keeps a thread's running totals
 /// and latency histograms.
-pub(crate) struct Processor<'a, H> {
-    handler: &'a H,
-    config: &'a Config,
-    recorders: Option<&'a Recorders>,
+pub(crate) struct Processor {
+    config: Arc<Config>,
+    stats: Arc<SharedStats>,
+    /// Its counter slot, and latency recorders.
+    slot: usize,
     pub(crate) observer: Observer,
     pub(crate) totals: Stats,
     /// The pause after a receive error, doubled each time one follows.
@@ -436,16 +455,13 @@ pub(crate) struct Processor<'a, H> {
     call_started: Instant,
 }
 
-impl<'a, H: HandlerFn> Processor<'a, H> {
-    pub(crate) fn new(
-        handler: &'a H,
-        config: &'a Config,
-        recorders: Option<&'a Recorders>,
-    ) -> Self {
+impl Processor {
+    /// For the thread (or task) with counter slot `slot`.
+    pub(crate) fn new(config: &Arc<Config>, stats: &Arc<SharedStats>, slot: usize) -> Self {
         Processor {
-            handler,
-            config,
-            recorders,
+            config: config.clone(),
+            stats: stats.clone(),
+            slot,
             observer: Observer::new(config.local_addr),
             totals: Stats::default(),
             backoff: Duration::ZERO,
@@ -505,12 +521,7 @@ impl<'a, H: HandlerFn> Processor<'a, H> {
     /// Returns whether `reply` is to be sent (not counted as a reply).
     pub(crate) fn shed(&mut self, datagram: &Received<'_>, reply: &mut Vec<u8>) -> bool {
         self.totals.overloaded += 1;
-        let Some(busy) = self
-            .config
-            .pool
-            .as_ref()
-            .and_then(|p| p.overload_reply.as_ref())
-        else {
+        let Some(busy) = self.config.overload_reply.as_ref() else {
             return false;
         };
         if self.too_large(busy.len(), datagram.data.len()) {
@@ -527,8 +538,12 @@ impl<'a, H: HandlerFn> Processor<'a, H> {
             .is_some_and(|factor| reply > factor.saturating_mul(request))
     }
 
-    fn record_wait(&self, waited: Duration) {
-        if let Some(recorders) = self.recorders {
+    fn recorders(&self) -> Option<&Recorders> {
+        self.stats.recorders(self.slot)
+    }
+
+    pub(crate) fn record_wait(&self, waited: Duration) {
+        if let Some(recorders) = self.recorders() {
             recorders.queue_wait.record(waited);
         }
         self.observer.queue_wait(waited);
@@ -539,8 +554,9 @@ impl<'a, H: HandlerFn> Processor<'a, H> {
     /// [`handled_at`](Processor::handled_at). Counts every outcome but a
     /// reply to send: returns `true` when `reply` holds one, and the caller
     /// reports how its send went with [`sent`](Processor::sent).
-    pub(crate) fn handle_timed(
+    pub(crate) fn handle_timed<H: HandlerFn>(
         &mut self,
+        handler: &H,
         datagram: &Received<'_>,
         reply: &mut Vec<u8>,
         arrived: Instant,
@@ -550,45 +566,61 @@ impl<'a, H: HandlerFn> Processor<'a, H> {
         self.call_started = started;
         reply.clear();
         let peer = datagram.peer;
-        let local = datagram.arrival.local.or(self.config.bound_ip);
-        let request = Request::new(datagram.data, peer, same_family(local, peer));
-        let handler = self.handler;
+        let request = Request::new(datagram.data, peer, self.local_ip(datagram));
         // A panic is caught per datagram so that one bad request cannot stop
         // the server. The reply buffer is cleared after it; whatever state
         // the handler shares between calls is the handler's to keep sound,
         // as with any `Fn + Sync` shared by threads.
         let outcome = panic::catch_unwind(AssertUnwindSafe(|| handler(request, reply)));
         match outcome {
-            Ok(Action::Reply) => {
-                if self.too_large(reply.len(), datagram.data.len()) {
-                    self.totals.amplification_capped += 1;
-                    return false;
-                }
-                true
-            }
+            Ok(Action::Reply) => !self.capped(reply.len(), datagram.data.len()),
             Ok(Action::Ignore) => {
                 self.totals.no_reply += 1;
                 false
             }
             Err(payload) => {
-                self.totals.handler_panics += 1;
-                self.observer.handler_panicked(&*payload);
                 reply.clear();
-                // Dropping a panic payload can itself panic; that second
-                // panic must not escape either.
-                if let Err(again) = panic::catch_unwind(AssertUnwindSafe(|| drop(payload))) {
-                    std::mem::forget(again);
-                }
+                self.panicked(payload);
                 false
             }
         }
+    }
+
+    /// The address `datagram` was sent to, in its sender's family.
+    pub(crate) fn local_ip(&self, datagram: &Received<'_>) -> Option<IpAddr> {
+        let local = datagram.arrival.local.or(self.config.bound_ip);
+        same_family(local, datagram.peer)
+    }
+
+    /// Counts (and reports) a handler that panicked with `payload`.
+    pub(crate) fn panicked(&mut self, payload: Box<dyn std::any::Any + Send>) {
+        self.totals.handler_panics += 1;
+        self.observer.handler_panicked(&*payload);
+        // Dropping a panic payload can itself panic; that second panic must
+        // not escape either.
+        if let Err(again) = panic::catch_unwind(AssertUnwindSafe(|| drop(payload))) {
+            std::mem::forget(again);
+        }
+    }
+
+    /// Whether a reply of `reply` bytes to a request of `request` bytes is
+    /// over the amplification limit (and so is counted, not sent).
+    pub(crate) fn capped(&mut self, reply: usize, request: usize) -> bool {
+        let capped = self.too_large(reply, request);
+        self.totals.amplification_capped += u64::from(capped);
+        capped
     }
 
     /// Records the handler call that [`handle_timed`](Processor::handle_timed)
     /// started as ending at `now`.
     pub(crate) fn handled_at(&self, now: Instant) {
         let took = now.saturating_duration_since(self.call_started);
-        if let Some(recorders) = self.recorders {
+        self.record_handler(took);
+    }
+
+    /// Records a handler call that took `took`.
+    pub(crate) fn record_handler(&self, took: Duration) {
+        if let Some(recorders) = self.recorders() {
             recorders.handler.record(took);
         }
         self.observer.handler_time(took);
@@ -627,16 +659,24 @@ impl<'a, H: HandlerFn> Processor<'a, H> {
     /// anything else is counted and followed by a short, growing pause so a
     /// persistent failure cannot spin the CPU.
     pub(crate) fn recv_failed(&mut self, err: &io::Error, shared: &Shared) {
+        if let Some(pause) = self.recv_error(err, shared) {
+            thread::sleep(pause);
+        }
+    }
+
+    /// Counts a failed receive call; returns the pause to take before the
+    /// next one, if any (see [`recv_failed`](Processor::recv_failed)).
+    pub(crate) fn recv_error(&mut self, err: &io::Error, shared: &Shared) -> Option<Duration> {
         if crate::error::is_timeout(err) {
-            return;
+            return None;
         }
         self.totals.recv_errors += 1;
         self.observer.recv_failed(err);
         if is_icmp_report(err) || shared.is_stopped() {
-            return;
+            return None;
         }
         self.backoff = (self.backoff * 2).clamp(MIN_BACKOFF, MAX_BACKOFF);
-        thread::sleep(self.backoff);
+        Some(self.backoff)
     }
 }
 

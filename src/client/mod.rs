@@ -1,9 +1,9 @@
 //! The client: one connected socket, request out, reply back, with
 //! timeouts, retries and a reply check.
 
-mod builder;
+pub(crate) mod builder;
 
-pub use builder::ClientBuilder;
+pub use builder::{ClientBuilder, DEFAULT_CLIENT_MAX_IN_FLIGHT};
 
 use std::fmt;
 use std::io;
@@ -19,12 +19,12 @@ use crate::socket::BufferSize;
 use crate::sys;
 
 /// Room for any UDP payload, IPv4 or IPv6.
-const MAX_REPLY: usize = 65_536;
+pub(crate) const MAX_REPLY: usize = 65_536;
 
 /// The shortest wait the client asks the kernel for. A socket read timeout
 /// is set in whole microseconds, and one that rounds to zero means "wait
 /// forever"; every wait the client sets is at least this long.
-const MIN_WAIT: Duration = Duration::from_micros(1);
+pub(crate) const MIN_WAIT: Duration = Duration::from_micros(1);
 
 /// A UDP client connected to one server.
 ///
@@ -96,16 +96,7 @@ impl State {
 
     /// `nominal` spread at random over ± `fraction` of itself.
     fn jittered(&mut self, nominal: Duration, fraction: f64) -> Duration {
-        if fraction <= 0.0 {
-            return nominal;
-        }
-        self.rng ^= self.rng >> 12;
-        self.rng ^= self.rng << 25;
-        self.rng ^= self.rng >> 27;
-        let bits = self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11; // 53 bits
-        let unit = bits as f64 / (1u64 << 53) as f64; // [0, 1)
-        let factor = 1.0 + fraction.min(1.0) * (2.0 * unit - 1.0); // [0, 2]
-        Duration::try_from_secs_f64(nominal.as_secs_f64() * factor).unwrap_or(nominal)
+        jittered(&mut self.rng, nominal, fraction)
     }
 }
 
@@ -209,47 +200,18 @@ impl GreetClient {
     }
 
     fn exchange(&self, state: &mut State, request: &[u8], buf: &mut [u8]) -> Result<usize, Error> {
-        let started = Instant::now();
-        let deadline = self.settings.deadline.and_then(|d| started.checked_add(d));
+        let mut attempts = Attempts::new(&self.settings, Instant::now());
         self.discard_queued(buf)?;
-        let max_attempts = self.settings.retries.saturating_add(1);
-        let mut nominal = self.settings.timeout;
-        let mut attempts = 0;
-        let mut too_large = false;
-        while attempts < max_attempts {
-            let mut wait = if attempts == 0 {
-                nominal
-            } else {
-                state.jittered(nominal, self.settings.jitter)
-            };
-            let now = Instant::now();
-            if let Some(deadline) = deadline {
-                let left = deadline.saturating_duration_since(now);
-                if left.is_zero() {
-                    break;
-                }
-                wait = wait.min(left);
-            }
+        let jitter = self.settings.jitter;
+        while let Some((now, wait)) = attempts.next(|nominal| state.jittered(nominal, jitter)) {
             self.send(request)?;
-            attempts += 1;
             match self.await_reply(state, request, buf, now, wait)? {
                 Awaited::Reply(len) => return Ok(len),
-                Awaited::TooLarge => too_large = true,
+                Awaited::TooLarge => attempts.too_large = true,
                 Awaited::Nothing => {}
             }
-            nominal = nominal.saturating_mul(2);
         }
-        if too_large {
-            return Err(Error::ReplyTooLarge {
-                addr: self.peer,
-                capacity: buf.len(),
-            });
-        }
-        Err(Error::Timeout {
-            addr: self.peer,
-            attempts,
-            elapsed: started.elapsed(),
-        })
+        Err(attempts.failed(self.peer, buf.len()))
     }
 
     /// Discards datagrams already queued: late replies to earlier requests.
@@ -317,30 +279,20 @@ impl GreetClient {
                     .map(|(len, flags)| (len, flags.is_truncated()))
             };
             match received {
-                // Too large for `buf`: without a check it is the reply, and
-                // does not fit; with one it cannot be checked.
-                Ok((_, true)) => {
-                    if self.settings.check.is_none() {
+                Ok((len, truncated)) => match self.settings.judge(request, buf, len, truncated) {
+                    Judged::Accepted(len) => return Ok(Awaited::Reply(len)),
+                    Judged::DoesNotFit => {
                         return Err(Error::ReplyTooLarge {
                             addr: self.peer,
                             capacity: buf.len(),
                         });
                     }
-                    self.count_discarded();
-                    outcome = Awaited::TooLarge;
-                }
-                Ok((len, false)) => {
-                    let reply = buf.get(..len).unwrap_or_default();
-                    if self
-                        .settings
-                        .check
-                        .as_ref()
-                        .is_none_or(|check| check(request, reply))
-                    {
-                        return Ok(Awaited::Reply(len));
+                    Judged::Oversized => {
+                        self.count_discarded();
+                        outcome = Awaited::TooLarge;
                     }
-                    self.count_discarded();
-                }
+                    Judged::Rejected => self.count_discarded(),
+                },
                 // Nothing yet: poll again (the window ends before the
                 // wait does), or block for the rest.
                 Err(e) if polling && error::is_timeout(&e) => {
@@ -385,6 +337,133 @@ impl GreetClient {
 }
 
 /// How one attempt's wait ended.
+/// `nominal` scaled by a random factor within `1 ± fraction`, drawn from
+/// the xorshift generator `rng`.
+pub(crate) fn jittered(rng: &mut u64, nominal: Duration, fraction: f64) -> Duration {
+    if fraction <= 0.0 {
+        return nominal;
+    }
+    *rng ^= *rng >> 12;
+    *rng ^= *rng << 25;
+    *rng ^= *rng >> 27;
+    let bits = rng.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11; // 53 bits
+    let unit = bits as f64 / (1u64 << 53) as f64; // [0, 1)
+    let factor = 1.0 + fraction.min(1.0) * (2.0 * unit - 1.0); // [0, 2]
+    Duration::try_from_secs_f64(nominal.as_secs_f64() * factor).unwrap_or(nominal)
+}
+
+/// The schedule of one call's attempts: the first waits the timeout, each
+/// later one twice as long as the one before (with jitter), within the
+/// retries and the deadline.
+pub(crate) struct Attempts {
+    started: Instant,
+    deadline: Option<Instant>,
+    max: u32,
+    sent: u32,
+    nominal: Duration,
+    /// A datagram too large to check was discarded.
+    pub(crate) too_large: bool,
+}
+
+impl Attempts {
+    pub(crate) fn new(settings: &builder::Settings, started: Instant) -> Attempts {
+        Attempts {
+            started,
+            deadline: settings.deadline.and_then(|d| started.checked_add(d)),
+            max: settings.retries.saturating_add(1),
+            sent: 0,
+            nominal: settings.timeout,
+            too_large: false,
+        }
+    }
+
+    /// When the call must end, if it has a deadline.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// The next attempt, if one is left: the time it starts (now) and how
+    /// long it waits for a reply. `jitter` varies the nominal wait of
+    /// resends.
+    pub(crate) fn next(
+        &mut self,
+        jitter: impl FnOnce(Duration) -> Duration,
+    ) -> Option<(Instant, Duration)> {
+        if self.sent >= self.max {
+            return None;
+        }
+        let mut wait = if self.sent == 0 {
+            self.nominal
+        } else {
+            jitter(self.nominal)
+        };
+        let now = Instant::now();
+        if let Some(deadline) = self.deadline {
+            let left = deadline.saturating_duration_since(now);
+            if left.is_zero() {
+                return None;
+            }
+            wait = wait.min(left);
+        }
+        self.sent += 1;
+        self.nominal = self.nominal.saturating_mul(2);
+        Some((now, wait))
+    }
+
+    /// The error of a call that got no reply: too large (when that is all
+    /// that came) or a timeout.
+    pub(crate) fn failed(&self, peer: SocketAddr, capacity: usize) -> Error {
+        if self.too_large {
+            return Error::ReplyTooLarge {
+                addr: peer,
+                capacity,
+            };
+        }
+        Error::Timeout {
+            addr: peer,
+            attempts: self.sent,
+            elapsed: self.started.elapsed(),
+        }
+    }
+}
+
+/// What a received datagram is to the call waiting for a reply.
+pub(crate) enum Judged {
+    /// The reply, of this length.
+    Accepted(usize),
+    /// Too large for the buffer, with no reply check: it is the reply and
+    /// does not fit.
+    DoesNotFit,
+    /// Too large for the buffer to be checked: discarded.
+    Oversized,
+    /// Failed the reply check: discarded.
+    Rejected,
+}
+
+impl builder::Settings {
+    /// Judges a datagram of `len` bytes in `buf` (`truncated`: it was larger
+    /// than `buf`) received in answer to `request`.
+    pub(crate) fn judge(&self, request: &[u8], buf: &[u8], len: usize, truncated: bool) -> Judged {
+        if truncated {
+            return match self.check {
+                None => Judged::DoesNotFit,
+                Some(_) => Judged::Oversized,
+            };
+        }
+        let reply = buf.get(..len).unwrap_or_default();
+        if self
+            .check
+            .as_ref()
+            .is_none_or(|check| check(request, reply))
+        {
+            Judged::Accepted(len)
+        } else {
+            Judged::Rejected
+        }
+    }
+}
+
 enum Awaited {
     /// A reply of this length is in the caller's buffer.
     Reply(usize),

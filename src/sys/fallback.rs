@@ -92,25 +92,46 @@ impl Replies {
         self.queue.clear();
     }
 
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn drop_queued(&mut self) -> u64 {
+        let counted = self.queue.iter().filter(|q| q.2).count();
+        self.queue.clear();
+        counted as u64
+    }
+
     pub(crate) fn take_error(&mut self) -> Option<io::Error> {
         self.last_error.take()
     }
 
     pub(crate) fn send(&mut self, socket: &Socket) -> (u64, u64) {
+        self.send_some(socket, false)
+    }
+
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn try_send(&mut self, socket: &Socket) -> (u64, u64) {
+        self.send_some(socket, true)
+    }
+
+    fn send_some(&mut self, socket: &Socket, keep_blocked: bool) -> (u64, u64) {
         let (mut sent, mut failed) = (0, 0);
-        for (i, to, counted) in self.queue.drain(..) {
+        let mut done = 0;
+        for &(i, to, counted) in &self.queue {
             let Some(buffer) = self.buffers.get(i) else {
+                done += 1;
                 continue;
             };
             let to = socket2::SockAddr::from(to);
             match super::retry_interrupted(|| socket.send_to(buffer, &to)) {
                 Ok(_) => sent += u64::from(counted),
+                Err(err) if keep_blocked && err.kind() == io::ErrorKind::WouldBlock => break,
                 Err(err) => {
                     failed += u64::from(counted);
                     self.last_error = Some(err);
                 }
             }
+            done += 1;
         }
+        self.queue.drain(..done);
         (sent, failed)
     }
 }

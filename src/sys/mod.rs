@@ -226,6 +226,29 @@ pub(crate) fn recv_dont_wait(socket: &Socket, buf: &mut [u8]) -> io::Result<(usi
     received.map(|(len, flags)| (len, flags.is_truncated()))
 }
 
+/// Receives one datagram from a connected non-blocking socket into `buf`,
+/// which is cleared and given room for `capacity` bytes first, without
+/// zeroing it; returns the datagram's length and whether it was larger
+/// than `capacity`. Fails with `WouldBlock` when none is queued.
+#[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+pub(crate) fn recv_to_vec(
+    socket: &Socket,
+    buf: &mut Vec<u8>,
+    capacity: usize,
+) -> io::Result<(usize, bool)> {
+    buf.clear();
+    buf.reserve(capacity);
+    let spare = buf.spare_capacity_mut();
+    let room = spare.len().min(capacity);
+    let (len, flags) = socket.recv_vectored(&mut [MaybeUninitSlice::new(&mut spare[..room])])?;
+    let len = len.min(room);
+    // SAFETY: the kernel wrote `len` bytes (at most the `room` it was given)
+    // at the start of the spare capacity, so the first `len` bytes of `buf`
+    // are initialised, and `len` is within its capacity.
+    unsafe { buf.set_len(len) };
+    Ok((len, flags.is_truncated()))
+}
+
 /// Sets `SO_BUSY_POLL` to `duration` (whole microseconds): the kernel polls
 /// the device queue for that long on a blocking receive that finds nothing.
 pub(crate) fn set_busy_poll(socket: &Socket, duration: Duration) -> io::Result<()> {

@@ -51,6 +51,13 @@ pub(crate) struct Batch {
     headers_ready: bool,
 }
 
+// SAFETY: the raw pointers in `recv_iovs` and `recv_hdrs` point only into
+// buffers this `Batch` owns (boxed, so they stay put when the `Batch`
+// moves), and they are rebuilt or used only through `&mut self`; no other
+// thread can reach them. Moving a `Batch` to another thread (an async
+// worker task can move between a runtime's threads) is therefore sound.
+unsafe impl Send for Batch {}
+
 /// One received datagram, as read from its header once.
 #[derive(Debug, Clone, Copy)]
 struct Datagram {

@@ -50,6 +50,12 @@ pub(crate) struct Replies {
     last_error: Option<io::Error>,
 }
 
+// SAFETY: as for `Batch`: the raw pointers in `iovs` and `hdrs` point only
+// into buffers this `Replies` owns (boxed, or the reply vectors' heap
+// memory, which does not move with it), set and used only through
+// `&mut self`, so moving it to another thread is sound.
+unsafe impl Send for Replies {}
+
 #[derive(Debug, Clone, Copy)]
 struct Queued {
     place: usize,
@@ -152,6 +158,18 @@ impl Replies {
         self.queued = 0;
     }
 
+    /// Drops the queued replies unsent; returns how many of them were
+    /// counted.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn drop_queued(&mut self) -> u64 {
+        let counted = self.queue[..self.queued]
+            .iter()
+            .filter(|q| q.counted)
+            .count();
+        self.queued = 0;
+        counted as u64
+    }
+
     /// The error of the last reply that failed to send, once.
     pub(crate) fn take_error(&mut self) -> Option<io::Error> {
         self.last_error.take()
@@ -169,6 +187,18 @@ impl Replies {
     /// and how many failed. A failed message is counted and the rest still
     /// go out.
     pub(crate) fn send(&mut self, socket: &Socket) -> (u64, u64) {
+        self.send_some(socket, false)
+    }
+
+    /// As [`send`](Replies::send), for a non-blocking socket: when the
+    /// socket cannot take more now (`WouldBlock`), the replies not yet sent
+    /// stay queued, in order, for the caller to send again once it can.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn try_send(&mut self, socket: &Socket) -> (u64, u64) {
+        self.send_some(socket, true)
+    }
+
+    fn send_some(&mut self, socket: &Socket, keep_blocked: bool) -> (u64, u64) {
         let messages = self.build_messages();
         let (mut sent, mut failed) = (0u64, 0u64);
         let mut start = 0;
@@ -198,6 +228,12 @@ impl Replies {
                 // `sendmmsg` fails only when the first message fails (and
                 // never returns 0 for a non-empty list; handled the same so
                 // the loop always advances).
+                Err(err) if keep_blocked && err.kind() == io::ErrorKind::WouldBlock => {
+                    let first = self.messages[start].first;
+                    self.queue.copy_within(first..self.queued, 0);
+                    self.queued -= first;
+                    return (sent, failed);
+                }
                 failure => {
                     let err = failure.err();
                     let (ok, bad) = self.first_failed(socket, start, err.as_ref());

@@ -1,0 +1,528 @@
+//! The async client: every call in flight on a connected socket of its own,
+//! reused only when nothing is outstanding on it.
+
+use std::fmt;
+use std::future::poll_fn;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use socket2::SockRef;
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::ClientBuilder;
+use crate::client::builder::Settings;
+use crate::client::{Attempts, Judged, MAX_REPLY, jittered};
+use crate::error::{self, Error};
+use crate::socket::{self, BufferSize, SocketOptions};
+use crate::sys;
+
+/// An async UDP client for tokio: many calls at once on one client, each
+/// with every promise of [`GreetClient`](crate::GreetClient).
+///
+/// Made with [`AsyncGreetClient::connect`] or
+/// [`ClientBuilder::connect_async`], with the builder's policies unchanged:
+/// timeout, retries with jittered backoff, deadline, reply check,
+/// `refused_as_loss`, busy polling and buffer sizes. Cheap to clone; clones
+/// share the sockets and the limit.
+///
+/// - **One socket per call in flight.** The wire format has no request id,
+///   so calls in flight together must not share a socket whose replies
+///   could reach the wrong call. Each call takes a connected socket on a
+///   port the system picks (which also makes forged replies harder to
+///   land). A socket goes back for reuse only when every request sent on it
+///   was answered, and is drained of stray datagrams before its next call
+///   (counted in [`discarded`](AsyncGreetClient::discarded)); one with a
+///   request outstanding is closed.
+/// - **Bounded.** At most
+///   [`max_in_flight`](ClientBuilder::max_in_flight) calls run at once,
+///   which caps the sockets the client holds, in flight and idle; further
+///   calls wait their turn, in order, within their deadline.
+/// - **Cancellation-safe.** Dropping a call's future at any await point
+///   releases its turn and its socket, and its late reply can never reach
+///   another call: the socket is closed, not reused.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), udp_greet::Error> {
+/// # let server = udp_greet::GreetServer::bind("127.0.0.1:0")?.spawn_async(udp_greet::greet_async)?;
+/// # let addr = server.local_addr();
+/// use udp_greet::AsyncGreetClient;
+///
+/// let client = AsyncGreetClient::connect(addr).await?;
+/// let (a, b) = tokio::join!(client.send_recv(b"Michael"), client.send_recv(b"Sarah"));
+/// assert_eq!(a?, b"Hello, Michael!");
+/// assert_eq!(b?, b"Hello, Sarah!");
+/// # Ok(())
+/// # }
+/// ```
+///
+/// Needs the `tokio` feature.
+#[derive(Clone)]
+pub struct AsyncGreetClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    peer: SocketAddr,
+    options: SocketOptions,
+    settings: Settings,
+    max_in_flight: usize,
+    turns: Arc<Semaphore>,
+    /// Sockets with nothing outstanding, ready for the next call.
+    idle: Mutex<Vec<UdpSocket>>,
+    /// Sockets open, idle or in a call.
+    open: AtomicUsize,
+    discarded: AtomicU64,
+    rng: Mutex<u64>,
+    recv_buffer: BufferSize,
+    send_buffer: BufferSize,
+}
+
+impl fmt::Debug for AsyncGreetClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AsyncGreetClient")
+            .field("peer", &self.inner.peer)
+            .field("settings", &self.inner.settings)
+            .field("max_in_flight", &self.inner.max_in_flight)
+            .field("open_sockets", &self.open_sockets())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientBuilder {
+    /// Makes an [`AsyncGreetClient`] for the server at `addr`, resolved
+    /// without blocking the runtime; each address it resolves to is tried
+    /// in turn, with a first socket (kept for the first call).
+    ///
+    /// Needs the `tokio` feature.
+    ///
+    /// # Errors
+    ///
+    /// As [`connect`](ClientBuilder::connect), and [`Error::NoRuntime`]
+    /// outside a tokio runtime.
+    pub async fn connect_async<A>(self, addr: A) -> Result<AsyncGreetClient, Error>
+    where
+        A: tokio::net::ToSocketAddrs + fmt::Debug,
+    {
+        self.validate()?;
+        let input = format!("{addr:?}");
+        let addrs = tokio::net::lookup_host(addr)
+            .await
+            .map_err(|source| Error::Resolve {
+                input: input.clone(),
+                source,
+            })?;
+        let addrs = socket::Resolved::from_addrs(input, addrs)?;
+        socket::first_ok(&addrs, |peer| {
+            let (first, recv_buffer, send_buffer) = open(peer, &self.socket)?;
+            Ok(AsyncGreetClient {
+                inner: Arc::new(Inner {
+                    peer,
+                    options: self.socket.clone(),
+                    settings: self.settings.clone(),
+                    max_in_flight: self.max_in_flight,
+                    turns: Arc::new(Semaphore::new(self.max_in_flight)),
+                    idle: Mutex::new(vec![first]),
+                    open: AtomicUsize::new(1),
+                    discarded: AtomicU64::new(0),
+                    rng: Mutex::new(crate::client::builder::seed(peer.port())),
+                    recv_buffer,
+                    send_buffer,
+                }),
+            })
+        })
+    }
+}
+
+/// A new connected, non-blocking socket to `peer`, registered with the
+/// current runtime, with the buffer sizes it was granted.
+fn open(
+    peer: SocketAddr,
+    options: &SocketOptions,
+) -> Result<(UdpSocket, BufferSize, BufferSize), Error> {
+    let made = socket::connect(peer, options)?;
+    if tokio::runtime::Handle::try_current().is_err() {
+        return Err(Error::NoRuntime { addr: peer });
+    }
+    let fail = |source| Error::Socket {
+        action: "register with the tokio runtime",
+        addr: peer,
+        source,
+    };
+    made.socket.set_nonblocking(true).map_err(fail)?;
+    let socket = UdpSocket::from_std(made.socket.into()).map_err(fail)?;
+    Ok((socket, made.recv_buffer, made.send_buffer))
+}
+
+impl AsyncGreetClient {
+    /// Makes a client with default settings for the server at `addr`:
+    /// `ClientBuilder::new().connect_async(addr)`.
+    ///
+    /// Needs the `tokio` feature.
+    ///
+    /// # Errors
+    ///
+    /// As [`ClientBuilder::connect_async`].
+    pub async fn connect<A>(addr: A) -> Result<AsyncGreetClient, Error>
+    where
+        A: tokio::net::ToSocketAddrs + fmt::Debug,
+    {
+        ClientBuilder::default().connect_async(addr).await
+    }
+
+    /// The server's address.
+    #[must_use]
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.inner.peer
+    }
+
+    /// The receive buffer size requested and granted (for the first socket;
+    /// every socket asks for the same).
+    #[must_use]
+    pub fn recv_buffer_size(&self) -> BufferSize {
+        self.inner.recv_buffer
+    }
+
+    /// The send buffer size requested and granted (for the first socket).
+    #[must_use]
+    pub fn send_buffer_size(&self) -> BufferSize {
+        self.inner.send_buffer
+    }
+
+    /// How many calls may be in flight at once (and so how many sockets
+    /// the client may hold).
+    #[must_use]
+    pub fn max_in_flight(&self) -> usize {
+        self.inner.max_in_flight
+    }
+
+    /// How many sockets the client holds now: in calls, and idle.
+    #[must_use]
+    pub fn open_sockets(&self) -> usize {
+        self.inner.open.load(Ordering::Acquire)
+    }
+
+    /// How many datagrams the client has discarded: stray ones drained from
+    /// a socket before its reuse, and ones that failed the reply check or
+    /// were too large to check.
+    #[must_use]
+    pub fn discarded(&self) -> u64 {
+        self.inner.discarded.load(Ordering::Relaxed)
+    }
+
+    /// Sends `request` and returns the reply, as
+    /// [`GreetClient::send_recv`](crate::GreetClient::send_recv) does, without blocking the runtime. Many
+    /// calls may run at once on one client.
+    ///
+    /// # Errors
+    ///
+    /// As [`GreetClient::send_recv`](crate::GreetClient::send_recv). A call that waits for its turn
+    /// (see [`max_in_flight`](ClientBuilder::max_in_flight)) past its
+    /// deadline ends with [`Error::Timeout`] after 0 attempts.
+    pub async fn send_recv(&self, request: &[u8]) -> Result<Vec<u8>, Error> {
+        let mut reply = Vec::new();
+        let len = self.exchange(request, &mut Buf::Owned(&mut reply)).await?;
+        reply.truncate(len);
+        reply.shrink_to_fit();
+        Ok(reply)
+    }
+
+    /// As [`send_recv`](AsyncGreetClient::send_recv), with the reply written
+    /// into `buf`; returns its length. Allocates nothing per call.
+    ///
+    /// # Errors
+    ///
+    /// As [`GreetClient::send_recv_into`](crate::GreetClient::send_recv_into).
+    pub async fn send_recv_into(&self, request: &[u8], buf: &mut [u8]) -> Result<usize, Error> {
+        self.exchange(request, &mut Buf::Borrowed(buf)).await
+    }
+
+    async fn exchange(&self, request: &[u8], buf: &mut Buf<'_>) -> Result<usize, Error> {
+        let inner = &*self.inner;
+        let mut attempts = Attempts::new(&inner.settings, Instant::now());
+        let turn = inner.clone_turns();
+        let permit = match attempts.deadline() {
+            Some(deadline) => {
+                match tokio::time::timeout_at(deadline.into(), turn.acquire_owned()).await {
+                    Ok(permit) => permit,
+                    Err(_) => return Err(attempts.failed(inner.peer, buf.capacity())),
+                }
+            }
+            None => turn.acquire_owned().await,
+        };
+        // The semaphore is never closed.
+        let Ok(permit) = permit else {
+            return Err(attempts.failed(inner.peer, buf.capacity()));
+        };
+        let mut call = self.lease(permit)?;
+        while let Some((now, wait)) = attempts.next(|nominal| inner.jittered(nominal)) {
+            call.send(inner, request).await?;
+            match call.await_reply(inner, request, buf, now, wait).await? {
+                Awaited::Reply(len) => return Ok(len),
+                Awaited::TooLarge => attempts.too_large = true,
+                Awaited::Nothing => {}
+            }
+        }
+        Err(attempts.failed(inner.peer, buf.capacity()))
+    }
+
+    /// A socket for one call: an idle one, drained, or a new one.
+    fn lease(&self, permit: OwnedSemaphorePermit) -> Result<Call, Error> {
+        let inner = &self.inner;
+        let socket = loop {
+            let idle = inner.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            match idle {
+                Some(socket) if drain(&socket, inner) => break socket,
+                // Failed: closed, and another tried.
+                Some(socket) => {
+                    inner.open.fetch_sub(1, Ordering::AcqRel);
+                    drop(socket);
+                }
+                None => {
+                    let (socket, _, _) = open(inner.peer, &inner.options)?;
+                    inner.open.fetch_add(1, Ordering::AcqRel);
+                    break socket;
+                }
+            }
+        };
+        Ok(Call {
+            socket: Some(socket),
+            sent: 0,
+            answers: 0,
+            client: self.inner.clone(),
+            _permit: permit,
+        })
+    }
+}
+
+/// Discards whatever is queued on an idle socket (counted); returns `false`
+/// if the socket failed and must not be used.
+fn drain(socket: &UdpSocket, inner: &Inner) -> bool {
+    let mut scratch = [0u8; 1];
+    loop {
+        match SockRef::from(socket).recv_vectored(&mut [sys::recv_slice(&mut scratch)]) {
+            Ok(_) => inner.count_discarded(),
+            Err(e) if error::is_timeout(&e) => return true,
+            // An ICMP report for an earlier request, taken off the socket.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return false,
+        }
+    }
+}
+
+impl Inner {
+    fn clone_turns(&self) -> Arc<Semaphore> {
+        self.turns.clone()
+    }
+
+    fn jittered(&self, nominal: Duration) -> Duration {
+        let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
+        jittered(&mut rng, nominal, self.settings.jitter)
+    }
+
+    fn count_discarded(&self) {
+        self.discarded.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn is_ignored_refusal(&self, err: &io::Error) -> bool {
+        self.settings.refused_as_loss && err.kind() == io::ErrorKind::ConnectionRefused
+    }
+
+    fn io_error(&self, action: &'static str, source: io::Error) -> Error {
+        if source.kind() == io::ErrorKind::ConnectionRefused {
+            Error::Refused {
+                addr: self.peer,
+                source,
+            }
+        } else {
+            Error::Io {
+                action,
+                addr: self.peer,
+                source,
+            }
+        }
+    }
+}
+
+/// Where a call's reply goes.
+enum Buf<'a> {
+    /// A vector the call fills (room for the largest datagram).
+    Owned(&'a mut Vec<u8>),
+    /// The caller's buffer.
+    Borrowed(&'a mut [u8]),
+}
+
+impl Buf<'_> {
+    fn capacity(&self) -> usize {
+        match self {
+            Buf::Owned(_) => MAX_REPLY,
+            Buf::Borrowed(buf) => buf.len(),
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Buf::Owned(vec) => vec,
+            Buf::Borrowed(buf) => buf,
+        }
+    }
+
+    /// Receives one datagram without waiting: its length, and whether it
+    /// was larger than the buffer.
+    fn recv(&mut self, socket: &UdpSocket) -> io::Result<(usize, bool)> {
+        let sock = SockRef::from(socket);
+        match self {
+            Buf::Owned(vec) => sys::recv_to_vec(&sock, vec, MAX_REPLY),
+            Buf::Borrowed(buf) => sock
+                .recv_vectored(&mut [sys::recv_slice(buf)])
+                .map(|(len, flags)| (len, flags.is_truncated())),
+        }
+    }
+}
+
+enum Awaited {
+    Reply(usize),
+    TooLarge,
+    Nothing,
+}
+
+/// One call's socket. Dropped (the call ended, or its future was dropped),
+/// it goes back for reuse if every request sent on it was answered, and is
+/// closed otherwise; its turn is given back either way.
+struct Call {
+    socket: Option<UdpSocket>,
+    /// Requests sent on the socket in this call.
+    sent: u64,
+    /// Datagrams received on it in this call (replies, and discarded ones).
+    answers: u64,
+    client: Arc<Inner>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Call {
+    fn socket(&self) -> Result<&UdpSocket, Error> {
+        self.socket.as_ref().ok_or_else(|| Error::Io {
+            action: "use the socket for",
+            addr: self.client.peer,
+            source: io::Error::from(io::ErrorKind::NotConnected),
+        })
+    }
+
+    async fn send(&mut self, inner: &Inner, request: &[u8]) -> Result<(), Error> {
+        // Counted before the send: a call dropped while sending may have
+        // sent, so its socket is not reused.
+        self.sent += 1;
+        match self.socket()?.send(request).await {
+            Ok(_) => Ok(()),
+            // An earlier ICMP error, reported on this send: the request was
+            // not sent, which counts as one more loss.
+            Err(e) if inner.is_ignored_refusal(&e) => Ok(()),
+            Err(e) => Err(inner.io_error("send to", e)),
+        }
+    }
+
+    async fn await_reply(
+        &mut self,
+        inner: &Inner,
+        request: &[u8],
+        buf: &mut Buf<'_>,
+        sent: Instant,
+        wait: Duration,
+    ) -> Result<Awaited, Error> {
+        let end = sent.checked_add(wait);
+        let poll_until = inner
+            .settings
+            .busy_poll
+            .and_then(|window| sent.checked_add(window.min(wait)));
+        let mut outcome = Awaited::Nothing;
+        loop {
+            let socket = self.socket()?;
+            let polling = poll_until.is_some_and(|until| Instant::now() < until);
+            let received = if polling {
+                // Latency mode: try at once, and between tries let the
+                // runtime run other tasks.
+                match buf.recv(socket) {
+                    Err(e) if error::is_timeout(&e) => {
+                        yield_now().await;
+                        continue;
+                    }
+                    other => other,
+                }
+            } else {
+                let reading = socket.async_io(Interest::READABLE, || buf.recv(socket));
+                match end {
+                    Some(end) => match tokio::time::timeout_at(end.into(), reading).await {
+                        Ok(received) => received,
+                        Err(_) => return Ok(outcome),
+                    },
+                    None => reading.await,
+                }
+            };
+            match received {
+                Ok((len, truncated)) => {
+                    self.answers += 1;
+                    match inner.settings.judge(request, buf.bytes(), len, truncated) {
+                        Judged::Accepted(len) => return Ok(Awaited::Reply(len)),
+                        Judged::DoesNotFit => {
+                            return Err(Error::ReplyTooLarge {
+                                addr: inner.peer,
+                                capacity: buf.capacity(),
+                            });
+                        }
+                        Judged::Oversized => {
+                            inner.count_discarded();
+                            outcome = Awaited::TooLarge;
+                        }
+                        Judged::Rejected => inner.count_discarded(),
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if inner.is_ignored_refusal(&e) => {}
+                Err(e) => return Err(inner.io_error("receive from", e)),
+            }
+            if end.is_some_and(|end| Instant::now() >= end) {
+                return Ok(outcome);
+            }
+        }
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        let Some(socket) = self.socket.take() else {
+            return;
+        };
+        if self.answers >= self.sent {
+            self.client
+                .idle
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(socket);
+        } else {
+            // A reply may still come: the socket is closed, never reused.
+            self.client.open.fetch_sub(1, Ordering::AcqRel);
+            drop(socket);
+        }
+    }
+}
+
+/// Lets the runtime run other tasks once, then goes on.
+async fn yield_now() {
+    let mut yielded = false;
+    poll_fn(|cx| {
+        if yielded {
+            return Poll::Ready(());
+        }
+        yielded = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    })
+    .await;
+}

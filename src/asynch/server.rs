@@ -1,0 +1,805 @@
+//! The async server: one task per socket, each receiving in batches when
+//! the socket is ready, running handler futures in places it reuses, and
+//! sending their replies in batches.
+
+use std::fmt;
+use std::future::{Future, poll_fn};
+use std::io;
+use std::net::SocketAddr;
+use std::pin::{Pin, pin};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use socket2::{SockRef, Socket};
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+use tokio::sync::futures::OwnedNotified;
+use tokio::task::JoinHandle;
+use tokio::time::Sleep;
+
+use super::inflight::{Ended, InFlight, Permits, Started};
+use super::request::{AsyncRequest, Buffers, Reply};
+use crate::config::{Config, DEFAULT_BATCH_SIZE};
+use crate::error::Error;
+use crate::handle::{Shared, ShutdownHandle};
+use crate::latency::Latency;
+use crate::server::GreetServer;
+use crate::stats::Stats;
+use crate::sys::{self, Arrival, Received};
+use crate::worker::{self, Processor};
+
+/// The most receive calls one wake-up of a worker makes before it lets the
+/// runtime run other tasks.
+const RECV_CALLS_PER_TURN: usize = 16;
+/// The most datagrams one wake-up of a worker takes before it lets the
+/// runtime run other tasks: with the default batch of 32, 8 full batches.
+/// Measured (`cargo bench --bench async`), larger turns gained nothing.
+const DATAGRAMS_PER_TURN: usize = 256;
+
+impl GreetServer {
+    /// Runs the server on the caller's tokio runtime until a
+    /// [`ShutdownHandle`] (taken with
+    /// [`shutdown_handle`](GreetServer::shutdown_handle) before) stops it,
+    /// then returns the final counters once every socket is closed.
+    ///
+    /// For each datagram, `handler` gets an [`AsyncRequest`] (owned) and
+    /// returns a future of the [`Reply`], or of `None` for no reply. See
+    /// [`spawn_async`](GreetServer::spawn_async) for how requests are
+    /// admitted, run and answered. Dropping this future stops the server.
+    ///
+    /// Needs the `tokio` feature.
+    ///
+    /// # Errors
+    ///
+    /// As [`spawn_async`](GreetServer::spawn_async), and
+    /// [`Error::WorkerPanicked`] if a worker task ended abnormally.
+    pub async fn serve_async<H, F>(self, handler: H) -> Result<Stats, Error>
+    where
+        H: Fn(AsyncRequest) -> F + Send + Sync + 'static,
+        F: Future<Output = Option<Reply>> + Send + 'static,
+    {
+        self.serve_async_until(handler, std::future::pending())
+            .await
+    }
+
+    /// As [`serve_async`](GreetServer::serve_async), until `signal`
+    /// completes (or a [`ShutdownHandle`] stops it); then shuts down as
+    /// [`AsyncServerHandle::shutdown`] does and returns the final counters.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), udp_greet::Error> {
+    /// use udp_greet::GreetServer;
+    ///
+    /// let server = GreetServer::bind("127.0.0.1:0")?;
+    /// let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    /// let served = tokio::spawn(server.serve_async_until(udp_greet::greet_async, async {
+    ///     let _ = stopped.await;
+    /// }));
+    /// let _ = stop.send(());
+    /// let stats = served.await.expect("server task")?;
+    /// assert_eq!(stats.received, 0);
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// Needs the `tokio` feature.
+    ///
+    /// # Errors
+    ///
+    /// As [`serve_async`](GreetServer::serve_async).
+    pub async fn serve_async_until<H, F, S>(self, handler: H, signal: S) -> Result<Stats, Error>
+    where
+        H: Fn(AsyncRequest) -> F + Send + Sync + 'static,
+        F: Future<Output = Option<Reply>> + Send + 'static,
+        S: Future<Output = ()>,
+    {
+        let mut handle = self.spawn_async(handler)?;
+        let mut signal = pin!(signal);
+        poll_fn(|cx| {
+            if signal.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(());
+            }
+            handle.poll_finished(cx)
+        })
+        .await;
+        handle.shutdown().await
+    }
+
+    /// Runs the server on tasks of the caller's tokio runtime (one per
+    /// socket: see [`ServerBuilder::workers`](crate::ServerBuilder::workers))
+    /// and returns a handle to it.
+    ///
+    /// - **Receiving** is batched (`recvmmsg` on Linux) and driven by the
+    ///   socket's readiness. One wake-up takes at most 256 datagrams before
+    ///   the task yields, so a flood on one socket cannot starve the
+    ///   runtime's other tasks.
+    /// - **Admission.** Each admitted request takes a permit, without
+    ///   waiting: at most
+    ///   [`max_in_flight`](crate::ServerBuilder::max_in_flight) handler
+    ///   futures run at once, over all workers. With none free the request
+    ///   is shed at once ([`Stats::overloaded`], and the
+    ///   [busy reply](crate::ServerBuilder::overload_reply) if set); the
+    ///   receive loop never waits for a permit, and futures in flight are
+    ///   never cancelled to make room. The rate limit, the amplification cap
+    ///   and the checks on sources apply as on the blocking server.
+    /// - **Handlers** run inside the worker task: each future is polled
+    ///   once when its request arrives (a handler that needs no await
+    ///   answers in the same batch) and again whenever it is woken. A
+    ///   handler that has CPU-heavy work to do should hand it to
+    ///   `tokio::task::spawn_blocking` and await that. One that runs longer
+    ///   than [`handler_timeout`](crate::ServerBuilder::handler_timeout) is
+    ///   dropped ([`Stats::timed_out`]); one that panics is caught
+    ///   ([`Stats::handler_panics`]).
+    /// - **Replies** ready together go out together (`sendmmsg`). A reply
+    ///   the socket cannot take yet waits for it to be writable; a send
+    ///   that fails is counted ([`Stats::send_errors`]) and the rest go on.
+    /// - **Memory.** A request's bytes are copied from the batch into a
+    ///   buffer the server reuses, and a reply made with
+    ///   [`AsyncRequest::reply_with`] is written into another; each handler
+    ///   future lives in a place made once and reused. Once warm, a server
+    ///   whose handler allocates nothing allocates nothing per request
+    ///   (`tests/alloc.rs`).
+    ///
+    /// The [handler pool](crate::ServerBuilder::handler_threads) is for the
+    /// blocking server; here it is an error.
+    ///
+    /// Needs the `tokio` feature.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NoRuntime`] outside a tokio runtime;
+    /// [`Error::InvalidConfig`] with
+    /// [`handler_threads`](crate::ServerBuilder::handler_threads);
+    /// [`Error::Socket`] when a socket cannot be registered with the
+    /// runtime.
+    pub fn spawn_async<H, F>(self, handler: H) -> Result<AsyncServerHandle, Error>
+    where
+        H: Fn(AsyncRequest) -> F + Send + Sync + 'static,
+        F: Future<Output = Option<Reply>> + Send + 'static,
+    {
+        let addr = self.config.local_addr;
+        if self.config.pool.is_some() {
+            return Err(Error::InvalidConfig {
+                setting: "ServerBuilder::handler_threads",
+                reason: "the async server runs handlers as futures, not on a pool: \
+                         limit them with max_in_flight instead",
+            });
+        }
+        let runtime =
+            tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime { addr })?;
+        let handler = Arc::new(handler);
+        let permits = Permits::new(self.config.max_in_flight);
+        let mut workers = Vec::with_capacity(self.sockets.len());
+        for (index, socket) in self.sockets.iter().enumerate() {
+            let registered = register(socket, &runtime).map_err(|source| Error::Socket {
+                action: "register with the tokio runtime",
+                addr,
+                source,
+            })?;
+            workers.push(Worker::new(
+                index,
+                registered,
+                socket.clone(),
+                handler.clone(),
+                &self.config,
+                &self.shared,
+                permits.clone(),
+            ));
+        }
+        drop(self.sockets);
+        let tasks = workers
+            .into_iter()
+            .map(|worker| Some(runtime.spawn(worker)))
+            .collect();
+        Ok(AsyncServerHandle {
+            local_addr: addr,
+            shared: self.shared,
+            tasks,
+            panicked: false,
+        })
+    }
+}
+
+/// The tokio socket a worker serves on: a duplicate of `socket`, so that
+/// the original stays readable for snapshots (kernel drops) while the
+/// worker runs; both close when it ends.
+fn register(socket: &Socket, runtime: &tokio::runtime::Handle) -> io::Result<UdpSocket> {
+    let dup = socket.try_clone()?;
+    dup.set_nonblocking(true)?;
+    dup.set_read_timeout(None)?;
+    let _entered = runtime.enter();
+    UdpSocket::from_std(dup.into())
+}
+
+/// A server running on tokio tasks, from
+/// [`GreetServer::spawn_async`](GreetServer::spawn_async).
+///
+/// Dropping the handle stops the server without waiting: its tasks finish
+/// their drain on their own. Await [`shutdown`](AsyncServerHandle::shutdown)
+/// to know the port is free.
+///
+/// Needs the `tokio` feature.
+#[must_use = "dropping the handle shuts the server down"]
+pub struct AsyncServerHandle {
+    local_addr: SocketAddr,
+    shared: Arc<Shared>,
+    tasks: Vec<Option<JoinHandle<()>>>,
+    panicked: bool,
+}
+
+impl fmt::Debug for AsyncServerHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AsyncServerHandle")
+            .field("local_addr", &self.local_addr)
+            .field("tasks", &self.tasks.len())
+            .field("stopped", &self.shared.is_stopped())
+            .finish()
+    }
+}
+
+impl AsyncServerHandle {
+    /// The address the server is bound to.
+    #[must_use]
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The server's counters now.
+    #[must_use]
+    pub fn stats(&self) -> Stats {
+        self.shared.snapshot()
+    }
+
+    /// The server's latency histograms now: handler time (from the request's
+    /// arrival to its future's end) and the wait before the handler was
+    /// called.
+    #[must_use]
+    pub fn latency(&self) -> Latency {
+        self.shared.latency()
+    }
+
+    /// A handle that can stop the server from any thread or task.
+    #[must_use]
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle::new(self.shared.clone(), self.local_addr)
+    }
+
+    /// Stops the server and waits until every task has ended and every
+    /// socket is closed; returns the final counters.
+    ///
+    /// Shutdown stops receiving at once, lets handler futures in flight
+    /// finish (and their replies go out) until the
+    /// [drain time](crate::ServerBuilder::drain_timeout) is over, then
+    /// drops the futures still running and counts them in
+    /// [`Stats::shutdown_dropped`]. Without a drain time (the default)
+    /// the futures in flight are dropped at once.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::WorkerPanicked`] if a worker task ended abnormally (a bug in
+    /// udp-greet; handler panics are caught and counted).
+    pub async fn shutdown(mut self) -> Result<Stats, Error> {
+        self.shared.stop();
+        poll_fn(|cx| self.poll_finished(cx)).await;
+        if self.panicked {
+            return Err(Error::WorkerPanicked {
+                addr: self.local_addr,
+            });
+        }
+        Ok(self.shared.snapshot())
+    }
+
+    /// Whether every task has ended (the server stopped).
+    #[must_use]
+    pub fn is_finished(&self) -> bool {
+        self.tasks
+            .iter()
+            .all(|task| task.as_ref().is_none_or(JoinHandle::is_finished))
+    }
+
+    /// Ready once every task has ended.
+    fn poll_finished(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut pending = false;
+        for slot in &mut self.tasks {
+            if let Some(task) = slot {
+                match Pin::new(task).poll(cx) {
+                    Poll::Pending => pending = true,
+                    Poll::Ready(result) => {
+                        self.panicked |= result.is_err();
+                        *slot = None;
+                    }
+                }
+            }
+        }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    }
+}
+
+impl Drop for AsyncServerHandle {
+    fn drop(&mut self) {
+        self.shared.stop();
+    }
+}
+
+/// What a worker keeps about a request while its handler runs.
+#[derive(Debug, Clone, Copy)]
+struct Meta {
+    peer: SocketAddr,
+    arrival: Arrival,
+    request_len: usize,
+}
+
+/// How a worker receives: batches, or one datagram at a time. (One per
+/// worker: the variants' sizes do not matter.)
+#[allow(clippy::large_enum_variant)]
+enum Receiver {
+    Batch(sys::Batch),
+    Portable(sys::Portable, Vec<u8>),
+}
+
+/// One socket's task.
+struct Worker<H, F> {
+    socket: UdpSocket,
+    /// The socket as the server made it (the same socket as `socket`):
+    /// held so that snapshots read its kernel drops, and closed with the
+    /// worker.
+    _original: Arc<Socket>,
+    receiver: Receiver,
+    core: Core<H, F>,
+}
+
+/// Everything of a worker but its socket and receive buffers.
+struct Core<H, F> {
+    index: usize,
+    handler: Arc<H>,
+    config: Arc<Config>,
+    shared: Arc<Shared>,
+    processor: Processor,
+    inflight: InFlight<F, Meta>,
+    buffers: Arc<Buffers>,
+    /// Replies on their way out; places `0..out_used` are taken.
+    out: sys::Replies,
+    out_used: usize,
+    /// Futures that ended in one round of polling (kept for its memory).
+    ended: Vec<Ended<Option<Reply>, Meta>>,
+    /// Datagrams one receive takes at most.
+    batch_len: usize,
+    /// Wakes the task at the earliest of the times below.
+    timer: Pin<Box<Sleep>>,
+    timer_set: Option<Instant>,
+    /// The earliest deadline of a handler future in flight.
+    next_expiry: Option<Instant>,
+    /// When receiving resumes after a failed receive.
+    paused_until: Option<Instant>,
+    /// Shutdown has begun; in-flight futures are dropped at this time.
+    drain_until: Option<Instant>,
+    /// Busy polling goes on until then.
+    poll_until: Option<Instant>,
+    stop: Pin<Box<OwnedNotified>>,
+}
+
+impl<H, F> Worker<H, F>
+where
+    H: Fn(AsyncRequest) -> F + Send + Sync + 'static,
+    F: Future<Output = Option<Reply>> + Send + 'static,
+{
+    fn new(
+        index: usize,
+        socket: UdpSocket,
+        original: Arc<Socket>,
+        handler: Arc<H>,
+        config: &Arc<Config>,
+        shared: &Arc<Shared>,
+        permits: Arc<Permits>,
+    ) -> Self {
+        let sock = SockRef::from(&socket);
+        let receiver = match sys::Batch::new(&sock, config) {
+            Some(batch) => Receiver::Batch(batch),
+            None => Receiver::Portable(
+                sys::Portable::new(config.pktinfo),
+                vec![0; config.max_datagram],
+            ),
+        };
+        let batch_len = config.batch_size.unwrap_or(1);
+        let out_size = config.batch_size.unwrap_or(DEFAULT_BATCH_SIZE);
+        let out = sys::Replies::new(&sock, out_size, config.gso && config.batch_size.is_some());
+        let mut stop = Box::pin(shared.stopping.clone().notified_owned());
+        stop.as_mut().enable();
+        Worker {
+            socket,
+            _original: original,
+            receiver,
+            core: Core {
+                index,
+                handler,
+                config: config.clone(),
+                shared: shared.clone(),
+                processor: Processor::new(config, &shared.stats, index),
+                inflight: InFlight::new(permits),
+                // Room for every request and reply in flight, and a batch.
+                buffers: Buffers::new(config.max_in_flight.saturating_mul(2) + out_size),
+                out,
+                out_used: 0,
+                ended: Vec::with_capacity(out_size),
+                batch_len,
+                timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+                timer_set: None,
+                next_expiry: None,
+                paused_until: None,
+                drain_until: None,
+                poll_until: None,
+                stop,
+            },
+        }
+    }
+}
+
+impl<H, F> Future for Worker<H, F>
+where
+    H: Fn(AsyncRequest) -> F + Send + Sync + 'static,
+    F: Future<Output = Option<Reply>> + Send + 'static,
+{
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        let core = &mut this.core;
+        core.inflight.set_task(cx.waker());
+        // A few turns at most: a timer that is already due is handled at
+        // once rather than after another wake-up.
+        for _ in 0..4 {
+            let now = Instant::now();
+            if core.drain_until.is_none()
+                && (core.stop.as_mut().poll(cx).is_ready() || core.shared.is_stopped())
+            {
+                let far = now + Duration::from_secs(100 * 365 * 24 * 3600);
+                core.drain_until = Some(now.checked_add(core.config.drain_timeout).unwrap_or(far));
+            }
+            core.poll_woken(&this.socket, cx);
+            if core.next_expiry.is_some_and(|at| at <= now) {
+                core.expire(now);
+            }
+            if let Some(until) = core.drain_until {
+                if core.finish_drain(&this.socket, cx, now >= until) {
+                    return Poll::Ready(());
+                }
+            }
+            let mut yielded = false;
+            if core.drain_until.is_none() && core.paused_until.is_none_or(|p| p <= now) {
+                core.paused_until = None;
+                yielded = core.receive(&this.socket, &mut this.receiver, cx);
+            }
+            core.flush(&this.socket, cx);
+            core.publish(&this.socket, false);
+            if core.arm_timer(cx) {
+                continue;
+            }
+            if yielded {
+                cx.waker().wake_by_ref();
+            }
+            return Poll::Pending;
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+impl<H, F> Core<H, F>
+where
+    H: Fn(AsyncRequest) -> F + Send + Sync + 'static,
+    F: Future<Output = Option<Reply>> + Send + 'static,
+{
+    /// Receives what the socket has, up to a turn's budget; returns whether
+    /// the budget ran out (or busy polling goes on), so that the task
+    /// yields and runs again.
+    fn receive(
+        &mut self,
+        socket: &UdpSocket,
+        receiver: &mut Receiver,
+        cx: &mut Context<'_>,
+    ) -> bool {
+        let mut taken = 0;
+        for _ in 0..RECV_CALLS_PER_TURN {
+            if taken >= DATAGRAMS_PER_TURN {
+                return true;
+            }
+            // Every datagram of a batch may need a place for its reply.
+            if self.out.size() - self.out_used < self.batch_len {
+                self.flush(socket, cx);
+                if self.out.size() - self.out_used < self.batch_len {
+                    // Resumed when the socket can take replies again.
+                    return false;
+                }
+            }
+            let polling = self.poll_until.is_some_and(|until| Instant::now() < until);
+            match socket.poll_recv_ready(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(err)) => {
+                    self.recv_failed(&err);
+                    return false;
+                }
+                Poll::Pending if polling => {}
+                Poll::Pending => {
+                    self.poll_until = None;
+                    return false;
+                }
+            }
+            let sock = SockRef::from(socket);
+            let result = match receiver {
+                Receiver::Batch(batch) => {
+                    let count = if polling {
+                        batch.recv(&sock, true)
+                    } else {
+                        socket.try_io(Interest::READABLE, || batch.recv(&sock, true))
+                    };
+                    count.inspect(|&count| {
+                        let arrived = Instant::now();
+                        self.processor.totals.received += count as u64;
+                        for i in 0..count {
+                            if let Some((datagram, _)) = batch.datagram(i) {
+                                self.accept(&datagram, arrived);
+                            }
+                        }
+                    })
+                }
+                Receiver::Portable(io, buf) => {
+                    let received = if polling {
+                        io.recv(&sock, buf, true)
+                    } else {
+                        socket.try_io(Interest::READABLE, || io.recv(&sock, buf, true))
+                    };
+                    received.map(|datagram| match datagram {
+                        Some(datagram) => {
+                            self.processor.totals.received += 1;
+                            self.accept(&datagram, Instant::now());
+                            1
+                        }
+                        None => 0,
+                    })
+                }
+            };
+            match result {
+                Ok(count) => {
+                    taken += count;
+                    if count > 0 {
+                        if let Some(window) = self.config.busy_poll {
+                            self.poll_until = Instant::now().checked_add(window);
+                        }
+                    }
+                }
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                    if polling {
+                        // Polled and found nothing: let other tasks run,
+                        // and poll again.
+                        self.processor.totals.busy_poll_misses += 1;
+                        return true;
+                    }
+                }
+                Err(err) => {
+                    self.recv_failed(&err);
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    fn recv_failed(&mut self, err: &io::Error) {
+        if let Some(pause) = self.processor.recv_error(err, &self.shared) {
+            self.paused_until = Instant::now().checked_add(pause);
+        }
+    }
+
+    /// The fate of one received datagram: dropped by the checks, shed, or
+    /// handed to a handler future (polled once at once).
+    fn accept(&mut self, datagram: &Received<'_>, arrived: Instant) {
+        if !self.processor.admit(datagram, arrived) {
+            return;
+        }
+        let Some(index) = self.inflight.reserve() else {
+            let place = self.out_used;
+            if let Some(buffer) = self.out.buffer(place) {
+                if self.processor.shed(datagram, buffer) {
+                    self.out
+                        .queue(place, datagram.peer, datagram.arrival, false);
+                    self.out_used += 1;
+                }
+            }
+            return;
+        };
+        let mut data = self.buffers.take();
+        data.bytes.extend_from_slice(datagram.data);
+        let request = AsyncRequest::new(
+            data,
+            datagram.peer,
+            self.processor.local_ip(datagram),
+            self.buffers.clone(),
+        );
+        let now = Instant::now();
+        self.processor
+            .record_wait(now.saturating_duration_since(arrived));
+        let handler = &*self.handler;
+        let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler(request)));
+        let future = match made {
+            Ok(future) => future,
+            Err(payload) => {
+                self.inflight.unreserve(index);
+                self.processor.record_handler(now.elapsed());
+                self.processor.panicked(payload);
+                return;
+            }
+        };
+        let deadline = self
+            .config
+            .handler_timeout
+            .and_then(|timeout| arrived.checked_add(timeout));
+        let started = Started {
+            meta: Meta {
+                peer: datagram.peer,
+                arrival: datagram.arrival,
+                request_len: datagram.data.len(),
+            },
+            started: arrived,
+            deadline,
+        };
+        match self.inflight.start(index, future, started) {
+            Some(ended) => self.ended(ended),
+            None => {
+                if let Some(deadline) = deadline {
+                    self.next_expiry =
+                        Some(self.next_expiry.map_or(deadline, |at| at.min(deadline)));
+                }
+            }
+        }
+    }
+
+    /// Counts how a handler future ended, and queues its reply.
+    fn ended(&mut self, ended: Ended<Option<Reply>, Meta>) {
+        match ended {
+            Ended::Done(output, started) => {
+                self.processor.record_handler(started.started.elapsed());
+                let Some(mut reply) = output else {
+                    self.processor.totals.no_reply += 1;
+                    return;
+                };
+                let meta = started.meta;
+                if self
+                    .processor
+                    .capped(reply.bytes.bytes.len(), meta.request_len)
+                {
+                    return;
+                }
+                let place = self.out_used;
+                match self.out.buffer(place) {
+                    Some(buffer) => {
+                        // The reply's buffer takes the place's; the place's
+                        // goes back with the reply.
+                        std::mem::swap(buffer, &mut reply.bytes.bytes);
+                        self.out.queue(place, meta.peer, meta.arrival, true);
+                        self.out_used += 1;
+                    }
+                    // Callers make room first; counted rather than lost.
+                    None => self.processor.totals.send_errors += 1,
+                }
+            }
+            Ended::Panicked(payload, started) => {
+                self.processor.record_handler(started.started.elapsed());
+                self.processor.panicked(payload);
+            }
+        }
+    }
+
+    /// Polls the handler futures that were woken, as far as there is room
+    /// for their replies.
+    fn poll_woken(&mut self, socket: &UdpSocket, cx: &mut Context<'_>) {
+        loop {
+            let room = self.out.size() - self.out_used;
+            let mut ended = std::mem::take(&mut self.ended);
+            self.inflight.poll_woken(room, |e| ended.push(e));
+            let count = ended.len();
+            for e in ended.drain(..) {
+                self.ended(e);
+            }
+            self.ended = ended;
+            if count < room || !self.inflight.any_woken() {
+                return;
+            }
+            // Out of room with futures still woken: send, and go on if the
+            // socket took the replies.
+            self.flush(socket, cx);
+            if self.out_used > 0 {
+                return;
+            }
+        }
+    }
+
+    /// Drops the handler futures whose time is up.
+    fn expire(&mut self, now: Instant) {
+        let mut expired = 0;
+        self.next_expiry = self.inflight.expire(now, |_| expired += 1);
+        self.processor.totals.timed_out += expired;
+    }
+
+    /// Sends the queued replies, as far as the socket takes them now.
+    fn flush(&mut self, socket: &UdpSocket, cx: &mut Context<'_>) {
+        while self.out.queued() > 0 {
+            match socket.poll_send_ready(cx) {
+                Poll::Pending => return,
+                Poll::Ready(Err(_)) => {}
+                Poll::Ready(Ok(())) => {}
+            }
+            let sock = SockRef::from(socket);
+            let mut counts = (0, 0);
+            let out = &mut self.out;
+            let sent = socket.try_io(Interest::WRITABLE, || {
+                counts = out.try_send(&sock);
+                if out.queued() > 0 {
+                    Err(io::ErrorKind::WouldBlock.into())
+                } else {
+                    Ok(())
+                }
+            });
+            let error = self.out.take_error();
+            self.processor.sent_counts(counts, error);
+            if sent.is_ok() {
+                break;
+            }
+        }
+        if self.out.queued() == 0 {
+            self.out.trim(self.out_used);
+            self.out_used = 0;
+        }
+    }
+
+    /// Shutdown: once nothing is in flight (or `give_up`: the drain time is
+    /// over), drops what is left, counts it, and reports that the worker
+    /// is done.
+    fn finish_drain(&mut self, socket: &UdpSocket, cx: &mut Context<'_>, give_up: bool) -> bool {
+        self.flush(socket, cx);
+        if !give_up && (self.inflight.len() > 0 || self.out.queued() > 0) {
+            return false;
+        }
+        let dropped = self.inflight.cancel_all() + self.out.drop_queued();
+        self.processor.totals.shutdown_dropped += dropped;
+        self.publish(socket, true);
+        true
+    }
+
+    /// Publishes the totals; `last`: as the worker ends, with the socket's
+    /// final kernel drop count.
+    fn publish(&mut self, socket: &UdpSocket, last: bool) {
+        let sock = SockRef::from(socket);
+        if last {
+            if let Some(drops) = sys::kernel_drops(&sock) {
+                self.processor.totals.kernel_drops = drops;
+            }
+        }
+        worker::publish(&self.shared, self.index, &mut self.processor, Some(&sock));
+    }
+
+    /// Sets the timer for the earliest of the times the worker waits for;
+    /// returns whether that time has come already.
+    fn arm_timer(&mut self, cx: &mut Context<'_>) -> bool {
+        let next = [self.next_expiry, self.paused_until, self.drain_until]
+            .into_iter()
+            .flatten()
+            .min();
+        let Some(at) = next else {
+            self.timer_set = None;
+            return false;
+        };
+        if self.timer_set != Some(at) {
+            self.timer
+                .as_mut()
+                .reset(tokio::time::Instant::from_std(at));
+            self.timer_set = Some(at);
+        }
+        self.timer.as_mut().poll(cx).is_ready()
+    }
+}
