@@ -276,6 +276,106 @@ fn idle_heap_per_worker(builder: ServerBuilder, workers: usize) -> Result<u64, S
     Ok(per_worker)
 }
 
+/// The async server (feature `tokio`) on a runtime of its own, answering
+/// bursts from a plain socket; `deferred`: each handler future waits once
+/// (a yield) before it answers, so replies come from woken futures rather
+/// than at once.
+#[cfg(feature = "tokio")]
+fn async_bursts(builder: ServerBuilder, deferred: bool) -> Result<u64, String> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let server = {
+        let _entered = runtime.enter();
+        builder
+            .bind("127.0.0.1:0")
+            .and_then(|s| {
+                s.spawn_async(move |request: udp_greet::AsyncRequest| async move {
+                    if deferred {
+                        tokio::task::yield_now().await;
+                    }
+                    Some(request.reply_with(udp_greet::greet_into))
+                })
+            })
+            .map_err(|e| e.report())?
+    };
+    let socket = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    socket
+        .connect(server.local_addr())
+        .map_err(|e| e.to_string())?;
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 64];
+    let mut burst = || -> Result<(), String> {
+        for _ in 0..BURST {
+            socket.send(b"burst").map_err(|e| e.to_string())?;
+        }
+        for _ in 0..BURST {
+            let n = socket.recv(&mut buf).map_err(|e| format!("reply: {e}"))?;
+            if &buf[..n] != b"Hello, burst!" {
+                return Err(format!("wrong reply {:?}", &buf[..n]));
+            }
+        }
+        Ok(())
+    };
+    for _ in 0..WARMUP / BURST {
+        burst()?;
+    }
+    let before = allocations();
+    for _ in 0..MEASURED / BURST {
+        burst()?;
+    }
+    let delta = allocations() - before;
+    let stats = runtime
+        .block_on(server.shutdown())
+        .map_err(|e| e.report())?;
+    if stats.replied != ((WARMUP / BURST + MEASURED / BURST) * BURST) as u64 {
+        return Err(format!("not every request was answered: {stats:?}"));
+    }
+    Ok(delta)
+}
+
+/// The async client's `send_recv_into`, one call at a time, against the
+/// async server, on one runtime: both sides' allocations per call.
+#[cfg(feature = "tokio")]
+fn async_client_calls(builder: ServerBuilder) -> Result<u64, String> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    runtime.block_on(async move {
+        let server = builder
+            .bind("127.0.0.1:0")
+            .and_then(|s| s.spawn_async(udp_greet::greet_async))
+            .map_err(|e| e.report())?;
+        let client = udp_greet::AsyncGreetClient::connect(server.local_addr())
+            .await
+            .map_err(|e| e.report())?;
+        let mut buf = [0u8; 64];
+        let mut before = 0;
+        for i in 0..WARMUP + MEASURED {
+            if i == WARMUP {
+                before = allocations();
+            }
+            let name = [b'a' + (i % 26) as u8; 16];
+            let n = client
+                .send_recv_into(&name, &mut buf)
+                .await
+                .map_err(|e| e.report())?;
+            if !udp_greet::is_greeting(&name, &buf[..n]) {
+                return Err(format!("wrong reply {:?}", &buf[..n]));
+            }
+        }
+        let delta = allocations() - before;
+        server.shutdown().await.map_err(|e| e.report())?;
+        Ok(delta)
+    })
+}
+
 fn main() -> ExitCode {
     type Scenario = fn(ServerBuilder) -> Result<u64, String>;
     let scenarios: [(&str, Scenario); 4] = [
@@ -360,6 +460,47 @@ fn main() -> ExitCode {
                 Err(e) => {
                     println!("FAILED: idle heap, {path} path: {e}");
                     failed += 1;
+                }
+            }
+        }
+    }
+    #[cfg(feature = "tokio")]
+    for (path, portable) in [("batched", false), ("portable", true)] {
+        for workers in [1, 2] {
+            let builder = || {
+                GreetServer::builder()
+                    .portable_io(portable)
+                    .workers(workers)
+            };
+            let runs: [(&str, Result<u64, String>); 3] = [
+                (
+                    "bursts of 32, answered at once",
+                    async_bursts(builder(), false),
+                ),
+                (
+                    "bursts of 32, answered after a yield",
+                    async_bursts(builder(), true),
+                ),
+                (
+                    "AsyncGreetClient::send_recv_into, one call at a time",
+                    async_client_calls(builder()),
+                ),
+            ];
+            for (name, result) in runs {
+                let label = format!("async server, {path} path, {workers} worker(s), {name}");
+                match result {
+                    Ok(0) => {
+                        println!("ok: {label}: 0 allocations over {MEASURED} requests");
+                        passed += 1;
+                    }
+                    Ok(n) => {
+                        println!("FAILED: {label}: {n} allocations over {MEASURED} requests");
+                        failed += 1;
+                    }
+                    Err(e) => {
+                        println!("FAILED: {label}: {e}");
+                        failed += 1;
+                    }
                 }
             }
         }

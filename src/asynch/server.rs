@@ -191,7 +191,7 @@ impl GreetServer {
         drop(self.sockets);
         let tasks = workers
             .into_iter()
-            .map(|worker| Some(runtime.spawn(worker)))
+            .map(|worker| Some(runtime.spawn(worker.run())))
             .collect();
         Ok(AsyncServerHandle {
             local_addr: addr,
@@ -440,15 +440,36 @@ where
     }
 }
 
-impl<H, F> Future for Worker<H, F>
+/// How a worker's turn ended, when it did not wait.
+enum Turn {
+    /// Out of budget (or busy polling): let the runtime run its other
+    /// tasks, timers and I/O, then go on.
+    Yield,
+    /// Shut down: the worker is done.
+    Done,
+}
+
+impl<H, F> Worker<H, F>
 where
     H: Fn(AsyncRequest) -> F + Send + Sync + 'static,
     F: Future<Output = Option<Reply>> + Send + 'static,
 {
-    type Output = ();
+    /// The worker's task. A turn that runs out of budget yields through
+    /// tokio's own `yield_now`, which lets the runtime poll its timers and
+    /// I/O before the worker's next turn (a plain self-wake would not, on a
+    /// one-thread runtime, for dozens of turns).
+    async fn run(mut self) {
+        loop {
+            match poll_fn(|cx| self.turn(cx)).await {
+                Turn::Done => return,
+                Turn::Yield => tokio::task::yield_now().await,
+            }
+        }
+    }
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let this = self.get_mut();
+    /// One turn: whatever is ready, up to the budget.
+    fn turn(&mut self, cx: &mut Context<'_>) -> Poll<Turn> {
+        let this = self;
         let core = &mut this.core;
         core.inflight.set_task(cx.waker());
         // A few turns at most: a timer that is already due is handled at
@@ -467,7 +488,7 @@ where
             }
             if let Some(until) = core.drain_until {
                 if core.finish_drain(&this.socket, cx, now >= until) {
-                    return Poll::Ready(());
+                    return Poll::Ready(Turn::Done);
                 }
             }
             let mut yielded = false;
@@ -481,12 +502,11 @@ where
                 continue;
             }
             if yielded {
-                cx.waker().wake_by_ref();
+                return Poll::Ready(Turn::Yield);
             }
             return Poll::Pending;
         }
-        cx.waker().wake_by_ref();
-        Poll::Pending
+        Poll::Ready(Turn::Yield)
     }
 }
 

@@ -147,3 +147,22 @@ pub fn workers_of(port: u16) -> usize {
         })
         .count()
 }
+
+/// As [`wait_until`], from async code: yields to the runtime between checks
+/// so that the tasks being waited for can run.
+pub async fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + HANG_GUARD;
+    while !check() {
+        assert!(Instant::now() < deadline, "gave up waiting for {what}");
+        tokio::task::yield_now().await;
+    }
+}
+
+/// A future that fails the test, rather than hanging it, if `future` does
+/// not finish within the hang guard.
+pub async fn guarded<T>(what: &str, future: impl std::future::Future<Output = T>) -> T {
+    match tokio::time::timeout(HANG_GUARD, future).await {
+        Ok(out) => out,
+        Err(_) => panic!("{what} did not finish within {HANG_GUARD:?}"),
+    }
+}

@@ -1,0 +1,259 @@
+//! A fault-injecting UDP proxy in user space (the kernel here has no
+//! `netem`): it drops, duplicates, reorders, delays and truncates datagrams
+//! in both directions, from a seeded random stream. Shared by the blocking
+//! and async clients' lossy-network tests.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+/// What the proxy does to each datagram, in each direction.
+#[derive(Debug, Clone, Copy)]
+pub struct Faults {
+    pub drop: f64,
+    pub duplicate: f64,
+    pub truncate: f64,
+    /// Held back behind the datagrams that follow it.
+    pub reorder: f64,
+    /// Delayed by `delay_min..delay_max`.
+    pub delay: f64,
+    pub delay_min: Duration,
+    pub delay_max: Duration,
+}
+
+pub const FAULTS: Faults = Faults {
+    drop: 0.05,
+    duplicate: 0.01,
+    truncate: 0.01,
+    reorder: 0.05,
+    delay: 0.10,
+    delay_min: Duration::from_millis(10),
+    delay_max: Duration::from_millis(60),
+};
+
+/// Longest a datagram can be held: the delay plus the reorder hold-back.
+pub const MAX_HOLD: Duration = Duration::from_millis(90);
+
+/// A small seeded generator (xorshift64*), so a run's faults can be
+/// reproduced from the seed it prints.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn chance(&mut self, p: f64) -> bool {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64 <= p
+    }
+
+    fn between(&mut self, low: Duration, high: Duration) -> Duration {
+        let span = (high - low).as_micros() as u64;
+        low + Duration::from_micros(self.next() % span.max(1))
+    }
+}
+
+/// A datagram due to go out at `due` from `via` to `to`.
+struct Pending {
+    due: Instant,
+    seq: u64,
+    via: Arc<UdpSocket>,
+    to: SocketAddr,
+    data: Vec<u8>,
+}
+
+impl PartialEq for Pending {
+    fn eq(&self, other: &Self) -> bool {
+        (self.due, self.seq) == (other.due, other.seq)
+    }
+}
+impl Eq for Pending {}
+impl PartialOrd for Pending {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Pending {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.due, self.seq).cmp(&(other.due, other.seq))
+    }
+}
+
+/// Decides each datagram's fate and hands the survivors to the scheduler.
+struct Injector {
+    rng: Mutex<Rng>,
+    schedule: Mutex<mpsc::Sender<Pending>>,
+    seq: std::sync::atomic::AtomicU64,
+}
+
+impl Injector {
+    fn pass(&self, via: &Arc<UdpSocket>, to: SocketAddr, data: &[u8]) {
+        let Ok(mut rng) = self.rng.lock() else { return };
+        if rng.chance(FAULTS.drop) {
+            return;
+        }
+        let mut data = data.to_vec();
+        if !data.is_empty() && rng.chance(FAULTS.truncate) {
+            let keep = (rng.next() as usize) % data.len();
+            data.truncate(keep);
+        }
+        let copies = if rng.chance(FAULTS.duplicate) { 2 } else { 1 };
+        for _ in 0..copies {
+            let mut hold = Duration::ZERO;
+            if rng.chance(FAULTS.delay) {
+                hold += rng.between(FAULTS.delay_min, FAULTS.delay_max);
+            }
+            if rng.chance(FAULTS.reorder) {
+                hold += rng.between(Duration::from_millis(1), Duration::from_millis(30));
+            }
+            let pending = Pending {
+                due: Instant::now() + hold,
+                seq: self.seq.fetch_add(1, Ordering::Relaxed),
+                via: via.clone(),
+                to,
+                data: data.clone(),
+            };
+            if let Ok(schedule) = self.schedule.lock() {
+                let _ = schedule.send(pending);
+            }
+        }
+    }
+}
+
+/// The proxy: clients talk to `addr`; each client gets an upstream socket
+/// of its own toward the server, so replies find their way back.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// How often the proxy's blocked threads look at the stop flag.
+const POLL: Duration = Duration::from_millis(50);
+
+impl Proxy {
+    /// A proxy in front of `server`, its faults drawn from `seed`.
+    pub fn start(server: SocketAddr, seed: u64) -> Proxy {
+        let front = Arc::new(UdpSocket::bind("127.0.0.1:0").expect("bind the proxy"));
+        front.set_read_timeout(Some(POLL)).expect("timeout");
+        let addr = front.local_addr().expect("addr");
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = mpsc::channel::<Pending>();
+        let injector = Arc::new(Injector {
+            rng: Mutex::new(Rng(seed | 1)),
+            schedule: Mutex::new(tx),
+            seq: std::sync::atomic::AtomicU64::new(0),
+        });
+        let mut threads = Vec::new();
+
+        // The scheduler: sends each datagram when it is due.
+        let stopped = stop.clone();
+        threads.push(thread::spawn(move || {
+            let mut queue: BinaryHeap<Reverse<Pending>> = BinaryHeap::new();
+            while !stopped.load(Ordering::Relaxed) {
+                let now = Instant::now();
+                while queue.peek().is_some_and(|Reverse(p)| p.due <= now) {
+                    if let Some(Reverse(p)) = queue.pop() {
+                        let _ = p.via.send_to(&p.data, p.to);
+                    }
+                }
+                let wait = queue
+                    .peek()
+                    .map_or(POLL, |Reverse(p)| p.due.saturating_duration_since(now))
+                    .min(POLL);
+                match rx.recv_timeout(wait.max(Duration::from_micros(50))) {
+                    Ok(p) => queue.push(Reverse(p)),
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            }
+        }));
+
+        // Client to server, creating an upstream socket (and a thread for
+        // its replies) per client.
+        let stopped = stop.clone();
+        let (upstream_tx, upstream_rx) = mpsc::channel::<JoinHandle<()>>();
+        let front_in = front.clone();
+        let inject = injector.clone();
+        threads.push(thread::spawn(move || {
+            let mut upstreams: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
+            let mut buf = vec![0u8; 65_536];
+            while !stopped.load(Ordering::Relaxed) {
+                let Ok((n, client)) = front_in.recv_from(&mut buf) else {
+                    continue;
+                };
+                let up = upstreams.entry(client).or_insert_with(|| {
+                    let up = Arc::new(UdpSocket::bind("127.0.0.1:0").expect("bind upstream"));
+                    up.set_read_timeout(Some(POLL)).expect("timeout");
+                    let (up_in, front_out, inject, stopped) = (
+                        up.clone(),
+                        front_in.clone(),
+                        inject.clone(),
+                        stopped.clone(),
+                    );
+                    let replies = thread::spawn(move || {
+                        let mut buf = vec![0u8; 65_536];
+                        while !stopped.load(Ordering::Relaxed) {
+                            if let Ok((n, _)) = up_in.recv_from(&mut buf) {
+                                inject.pass(&front_out, client, &buf[..n]);
+                            }
+                        }
+                    });
+                    let _ = upstream_tx.send(replies);
+                    up
+                });
+                inject.pass(up, server, &buf[..n]);
+            }
+        }));
+        let mut proxy = Proxy {
+            addr,
+            stop,
+            threads,
+        };
+        proxy.threads.push(thread::spawn(move || {
+            for handle in upstream_rx {
+                let _ = handle.join();
+            }
+        }));
+        proxy
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The fault seed: `UDP_GREET_FAULT_SEED` if set (to replay a run), else a
+/// fixed one.
+pub fn seed() -> u64 {
+    let seed = std::env::var("UDP_GREET_FAULT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x005e_ed0f_fa17);
+    println!("fault seed: {seed} (set UDP_GREET_FAULT_SEED to replay)");
+    seed
+}
+
+/// The most calls of `calls` expected to fail with `retries` resends
+/// (timeouts from `timeout`, doubling, less 20% jitter): an attempt is lost
+/// when the request or the reply is dropped or cut short; from the third
+/// attempt on (four times the first timeout or more) no delay outlasts
+/// one, so the first two attempts count as lost whatever happens.
+pub fn predicted_failures(calls: f64, retries: u32, timeout: Duration) -> f64 {
+    let per_attempt = 1.0 - ((1.0 - FAULTS.drop) * (1.0 - FAULTS.truncate)).powi(2);
+    assert!(MAX_HOLD * 2 < timeout.mul_f64(0.8 * 4.0));
+    calls * per_attempt.powi(retries as i32 + 1 - 2)
+}
