@@ -43,7 +43,8 @@ mod bench {
     use udp_greet::{GreetServer, ServerBuilder, ServerHandle};
 
     use crate::common::linux::{
-        Generator, Load, cpu_time, mmsg_greet_loop, pin_to_cpu, udp_rcvbuf_errors, with_new_threads,
+        Generator, Load, measure_round, mmsg_greet_loop, pin_to_cpu, udp_rcvbuf_errors,
+        with_new_threads,
     };
     use crate::common::{HandServer, Table, median};
 
@@ -150,15 +151,13 @@ mod bench {
         }
 
         for _ in 0..plan.rounds {
-            let mut round = Vec::with_capacity(subjects.len());
-            for (subject, generator) in subjects.iter_mut().zip(generators.iter_mut()) {
-                let cpu_before = cpu_time(&subject.tids);
-                let load = generator.run(plan.per_server, u64::MAX);
-                let cpu = cpu_time(&subject.tids).saturating_sub(cpu_before);
-                let rps = load.received as f64 / load.elapsed.as_secs_f64();
-                let cpu_per_reply = cpu.as_secs_f64() / load.received.max(1) as f64;
-                round.push((rps, cpu_per_reply));
-            }
+            let round = measure_round(
+                subjects
+                    .iter()
+                    .map(|s| s.tids.as_slice())
+                    .zip(generators.iter_mut()),
+                plan.per_server,
+            );
             let (std_rps, std_cpu) = round[STD];
             for (subject, (rps, cpu)) in subjects.iter_mut().zip(round) {
                 subject.rps.push(rps);

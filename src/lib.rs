@@ -52,6 +52,10 @@
 //!   bounded pool ([`ServerBuilder::handler_threads`]) that sheds load at
 //!   once when full and drops requests that waited too long, with counters
 //!   and latency histograms ([`ServerHandle::latency`]) to watch it by.
+//! - Handlers that await (feature `tokio`) run as futures on the caller's
+//!   runtime, bounded by [`ServerBuilder::max_in_flight`] and
+//!   [`ServerBuilder::handler_timeout`], with the same batching, counters
+//!   and shutdown.
 //! - Opt-in latency mode ([`ServerBuilder::busy_poll`],
 //!   [`ClientBuilder::busy_poll`]) trades a core for the thread wake-ups of
 //!   each round trip.
@@ -59,8 +63,14 @@
 //!
 //! # Features
 //!
-//! Both are off by default.
+//! All are off by default.
 //!
+//! - `tokio`: an async server (`GreetServer::serve_async`,
+//!   `GreetServer::spawn_async`, handlers that take an owned
+//!   `AsyncRequest` and return a future of a `Reply`) and an async client
+//!   (`AsyncGreetClient`, many calls at once on one client) for the
+//!   caller's [tokio](https://docs.rs/tokio) runtime, with the same
+//!   settings, promises and counters as the blocking ones.
 //! - `metrics`: publishes every counter of [`Stats`], the requests in
 //!   flight and both latency histograms through the
 //!   [`metrics`](https://docs.rs/metrics) facade, labelled with the server's
@@ -99,7 +109,6 @@ mod sys;
 mod worker;
 
 #[cfg(feature = "tokio")]
-#[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
 pub use asynch::{AsyncGreetClient, AsyncRequest, AsyncServerHandle, Reply, greet_async};
 pub use client::{ClientBuilder, DEFAULT_CLIENT_MAX_IN_FLIGHT, GreetClient};
 pub use config::{
@@ -116,7 +125,9 @@ pub use server::GreetServer;
 pub use socket::BufferSize;
 pub use stats::Stats;
 
-/// The README's examples, run as doc tests.
-#[cfg(doctest)]
+/// The README's examples, run as doc tests. Some need the `tokio` feature,
+/// so they run with it (CI's `cargo test --all-features`); the first is
+/// also the crate's own example above, which runs in every configuration.
+#[cfg(all(doctest, feature = "tokio"))]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;

@@ -60,7 +60,9 @@ pub struct Stats {
     pub shutdown_dropped: u64,
     /// Requests shed because the
     /// [handler pool](crate::ServerBuilder::handler_threads)'s queue was
-    /// full: dropped, or answered with the
+    /// full, or because the async server had
+    /// [`max_in_flight`](crate::ServerBuilder::max_in_flight) handlers
+    /// running: dropped, or answered with the
     /// [busy reply](crate::ServerBuilder::overload_reply), at once.
     pub overloaded: u64,
     /// Requests dropped unanswered by a handler thread because they had

@@ -82,6 +82,27 @@ pub fn cpu_time(tids: &[u32]) -> Duration {
     Duration::from_nanos(nanos)
 }
 
+/// One round over several servers: each server's generator runs for
+/// `span` in turn; returns, for each, replies per second and the CPU time
+/// per reply of its threads (`tids`).
+pub fn measure_round<'a>(
+    servers: impl IntoIterator<Item = (&'a [u32], &'a mut Generator)>,
+    span: Duration,
+) -> Vec<(f64, f64)> {
+    servers
+        .into_iter()
+        .map(|(tids, generator)| {
+            let before = cpu_time(tids);
+            let load = generator.run(span, u64::MAX);
+            let cpu = cpu_time(tids).saturating_sub(before);
+            (
+                load.received as f64 / load.elapsed.as_secs_f64(),
+                cpu.as_secs_f64() / load.received.max(1) as f64,
+            )
+        })
+        .collect()
+}
+
 /// What one generator run did.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Load {

@@ -64,6 +64,7 @@ use crate::sys;
 ///
 /// Needs the `tokio` feature.
 #[derive(Clone)]
+#[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
 pub struct AsyncGreetClient {
     inner: Arc<Inner>,
 }
@@ -106,6 +107,7 @@ impl ClientBuilder {
     ///
     /// As [`connect`](ClientBuilder::connect), and [`Error::NoRuntime`]
     /// outside a tokio runtime.
+    #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
     pub async fn connect_async<A>(self, addr: A) -> Result<AsyncGreetClient, Error>
     where
         A: tokio::net::ToSocketAddrs + fmt::Debug,
@@ -174,6 +176,13 @@ impl AsyncGreetClient {
         A: tokio::net::ToSocketAddrs + fmt::Debug,
     {
         ClientBuilder::default().connect_async(addr).await
+    }
+
+    /// A builder for a client with non-default settings (the same builder
+    /// as the blocking client's); finish it with
+    /// [`connect_async`](ClientBuilder::connect_async).
+    pub fn builder() -> ClientBuilder {
+        ClientBuilder::default()
     }
 
     /// The server's address.

@@ -70,6 +70,7 @@ impl Drop for Pooled {
 /// Its bytes live in a buffer the server reuses: dropping the request (or
 /// the [`Reply`] made from it with [`reply_with`](AsyncRequest::reply_with))
 /// gives the buffer back, on whatever task or thread that happens.
+#[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
 pub struct AsyncRequest {
     data: Pooled,
     peer: SocketAddr,
@@ -161,6 +162,7 @@ impl fmt::Debug for AsyncRequest {
 /// Made with [`AsyncRequest::reply_with`] (in a reused buffer: no
 /// allocation once the server is warm), or from bytes of the handler's own
 /// ([`Reply::new`], `From<Vec<u8>>`, `From<&[u8]>`).
+#[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
 pub struct Reply {
     pub(crate) bytes: Pooled,
 }
@@ -218,6 +220,7 @@ impl fmt::Debug for Reply {
 /// # Ok(())
 /// # }
 /// ```
+#[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
 pub async fn greet_async(request: AsyncRequest) -> Option<Reply> {
     Some(request.reply_with(crate::greet_into))
 }

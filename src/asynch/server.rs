@@ -54,6 +54,7 @@ impl GreetServer {
     ///
     /// As [`spawn_async`](GreetServer::spawn_async), and
     /// [`Error::WorkerPanicked`] if a worker task ended abnormally.
+    #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
     pub async fn serve_async<H, F>(self, handler: H) -> Result<Stats, Error>
     where
         H: Fn(AsyncRequest) -> F + Send + Sync + 'static,
@@ -89,6 +90,7 @@ impl GreetServer {
     /// # Errors
     ///
     /// As [`serve_async`](GreetServer::serve_async).
+    #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
     pub async fn serve_async_until<H, F, S>(self, handler: H, signal: S) -> Result<Stats, Error>
     where
         H: Fn(AsyncRequest) -> F + Send + Sync + 'static,
@@ -154,6 +156,7 @@ impl GreetServer {
     /// [`handler_threads`](crate::ServerBuilder::handler_threads);
     /// [`Error::Socket`] when a socket cannot be registered with the
     /// runtime.
+    #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
     pub fn spawn_async<H, F>(self, handler: H) -> Result<AsyncServerHandle, Error>
     where
         H: Fn(AsyncRequest) -> F + Send + Sync + 'static,
@@ -222,6 +225,7 @@ fn register(socket: &Socket, runtime: &tokio::runtime::Handle) -> io::Result<Udp
 ///
 /// Needs the `tokio` feature.
 #[must_use = "dropping the handle shuts the server down"]
+#[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
 pub struct AsyncServerHandle {
     local_addr: SocketAddr,
     shared: Arc<Shared>,
