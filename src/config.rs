@@ -436,8 +436,10 @@ impl ServerBuilder {
     /// once it has passed. Shutdown stays as prompt.
     ///
     /// Every mode polls: the batched and portable receive loops poll their
-    /// socket, and [handler-pool](ServerBuilder::handler_threads) threads
-    /// poll the queue between requests. Empty polls are counted in
+    /// socket, [handler-pool](ServerBuilder::handler_threads) threads
+    /// poll the queue between requests, and the async server (feature
+    /// `tokio`) keeps trying its socket, yielding to the runtime between
+    /// tries, so that its other tasks still run. Empty polls are counted in
     /// [`Stats::busy_poll_misses`](crate::Stats::busy_poll_misses).
     ///
     /// The cost is plain: a polling thread uses a whole core while traffic

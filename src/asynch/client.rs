@@ -2,12 +2,10 @@
 //! reused only when nothing is outstanding on it.
 
 use std::fmt;
-use std::future::poll_fn;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use socket2::SockRef;
@@ -459,7 +457,7 @@ impl Call {
                 // runtime run other tasks.
                 match buf.recv(socket) {
                     Err(e) if error::is_timeout(&e) => {
-                        yield_now().await;
+                        tokio::task::yield_now().await;
                         continue;
                     }
                     other => other,
@@ -520,18 +518,4 @@ impl Drop for Call {
             drop(socket);
         }
     }
-}
-
-/// Lets the runtime run other tasks once, then goes on.
-async fn yield_now() {
-    let mut yielded = false;
-    poll_fn(|cx| {
-        if yielded {
-            return Poll::Ready(());
-        }
-        yielded = true;
-        cx.waker().wake_by_ref();
-        Poll::Pending
-    })
-    .await;
 }

@@ -206,7 +206,9 @@ impl ClientBuilder {
     /// The calling thread uses a whole core while it polls. It pays with a
     /// core to spare and a server that answers within the window; with more
     /// polling threads than cores, latency gets worse, not better. `None` (or
-    /// zero) turns it off.
+    /// zero) turns it off. The async client (feature `tokio`) polls too,
+    /// yielding to the runtime between tries, so that its other tasks
+    /// still run.
     ///
     /// # Platform-specific behavior
     ///
