@@ -198,7 +198,7 @@ fn a_polling_client_keeps_every_promise() {
 
     // A wrong reply first, then the right one: the check discards the
     // first while polling; a stale datagram queued before the request is
-    // discarded before it is sent.
+    // discarded by the check that follows the first send.
     let server = UdpSocket::bind(V4).expect("bind");
     server.set_read_timeout(Some(HANG_GUARD)).expect("timeout");
     let addr = server.local_addr().expect("addr");
@@ -252,5 +252,82 @@ fn polling_settings_at_their_ends() {
     {
         Ok(server) => drop(server),
         Err(err) => assert!(err.to_string().contains("SO_BUSY_POLL"), "{err}"),
+    }
+}
+
+/// A server socket on loopback that ignores the first copy of each request
+/// and greets the second; `None` for a server that never answers.
+fn answers_second_copy(server: UdpSocket, requests: usize) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        for _ in 0..requests {
+            let Ok((_, _)) = server.recv_from(&mut buf) else {
+                return;
+            };
+            let Ok((n, from)) = server.recv_from(&mut buf) else {
+                return;
+            };
+            let mut greeting = Vec::new();
+            udp_greet::greet_into(&buf[..n], &mut greeting);
+            let _ = server.send_to(&greeting, from);
+        }
+    })
+}
+
+#[test]
+fn the_latency_mode_stale_check_discards_and_asks_again_at_once() {
+    // In latency mode the stale check runs right after the first send. A
+    // datagram found then may be the reply itself (one faster than the
+    // check), so the client asks again at once: with a timeout as long as
+    // the test's guard and no retries, only that second request gets this
+    // call its answer.
+    let server = UdpSocket::bind(V4).expect("bind");
+    server.set_read_timeout(Some(HANG_GUARD)).expect("timeout");
+    let addr = server.local_addr().expect("addr");
+    let client = GreetClient::builder()
+        .timeout(HANG_GUARD * 2)
+        .retries(0)
+        .deadline(None)
+        .busy_poll(WINDOW)
+        .connect(addr)
+        .expect("connect");
+    server
+        .send_to(b"Hello, stale!", client.local_addr())
+        .expect("stale");
+    let answering = answers_second_copy(server.try_clone().expect("clone"), 1);
+    let reply = within_guard("a call whose check found a stale datagram", move || {
+        let reply = client.send_recv(b"Tracy");
+        (reply, client.discarded())
+    });
+    assert_eq!(
+        reply.0.expect("reply"),
+        b"Hello, Tracy!",
+        "not the stale one"
+    );
+    assert_eq!(reply.1, 1, "the stale datagram was discarded");
+    answering.join().expect("server thread");
+
+    // Nothing stale: one request per attempt, as without polling (the
+    // server here answers only a second copy, so the call times out after
+    // its one attempt).
+    let client = GreetClient::builder()
+        .timeout(Duration::from_millis(5))
+        .retries(0)
+        .busy_poll(WINDOW)
+        .connect(addr)
+        .expect("connect");
+    match client.send_recv(b"once") {
+        Err(Error::Timeout { attempts: 1, .. }) => {}
+        other => panic!("expected a timeout after 1 request, got {other:?}"),
+    }
+    // The extra request is counted in the timeout's attempts.
+    let mut buf = [0u8; 64];
+    let _ = server.recv_from(&mut buf); // the `once` request, unanswered
+    server
+        .send_to(b"Hello, stale!", client.local_addr())
+        .expect("stale");
+    match client.send_recv(b"twice") {
+        Err(Error::Timeout { attempts: 2, .. }) => {}
+        other => panic!("expected a timeout after 2 requests, got {other:?}"),
     }
 }

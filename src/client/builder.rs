@@ -206,7 +206,18 @@ impl ClientBuilder {
     /// The calling thread uses a whole core while it polls. It pays with a
     /// core to spare and a server that answers within the window; with more
     /// polling threads than cores, latency gets worse, not better. `None` (or
-    /// zero) turns it off. The async client (feature `tokio`) polls too,
+    /// zero) turns it off.
+    ///
+    /// In latency mode the check for stale datagrams runs right after the
+    /// first send, while the request is in flight, instead of before it,
+    /// where it would add a system call to every round trip. A datagram it
+    /// finds came before the request, or is a reply faster than the check:
+    /// one that passes the [reply check](ClientBuilder::reply_check) is
+    /// taken as the reply, the others are discarded, and then the request is
+    /// sent again at once (counted in [`Error::Timeout`]'s attempts), so a
+    /// reply discarded that way costs a round trip, not a timeout.
+    ///
+    /// The async client (feature `tokio`) polls too,
     /// yielding to the runtime between tries, so that its other tasks
     /// still run.
     ///

@@ -37,7 +37,8 @@ pub(crate) const MIN_WAIT: Duration = Duration::from_micros(1);
 /// silence, doubling the wait each time (with jitter), up to the configured
 /// retries and deadline; see [`ClientBuilder`]. Before each request it
 /// discards any datagram already queued (a late reply to an earlier request,
-/// or a duplicate), and a [reply check](ClientBuilder::reply_check) rejects
+/// or a duplicate; in [latency mode](ClientBuilder::busy_poll), right after
+/// sending it), and a [reply check](ClientBuilder::reply_check) rejects
 /// any datagram that is not the answer to this request.
 ///
 /// Calls from several threads on one client are serialised; use one client
@@ -201,10 +202,29 @@ impl GreetClient {
 
     fn exchange(&self, state: &mut State, request: &[u8], buf: &mut [u8]) -> Result<usize, Error> {
         let mut attempts = Attempts::new(&self.settings, Instant::now());
-        self.discard_queued(buf)?;
+        // In latency mode the stale check runs while the first request is
+        // in flight, where it costs the round trip nothing; otherwise before
+        // it (see `ClientBuilder::busy_poll`).
+        let check_after_send = self.settings.busy_poll.is_some();
+        if !check_after_send {
+            self.discard_queued(buf)?;
+        }
         let jitter = self.settings.jitter;
+        let mut first = true;
         while let Some((now, wait)) = attempts.next(|nominal| state.jittered(nominal, jitter)) {
             self.send(request)?;
+            if std::mem::take(&mut first) && check_after_send {
+                match self.discard_after_send(request, buf)? {
+                    AfterSend::Reply(len) => return Ok(len),
+                    AfterSend::Discarded => {
+                        // The reply itself may have been among them: ask
+                        // again at once rather than wait out the timeout.
+                        self.send(request)?;
+                        attempts.resent();
+                    }
+                    AfterSend::Nothing => {}
+                }
+            }
             match self.await_reply(state, request, buf, now, wait)? {
                 Awaited::Reply(len) => return Ok(len),
                 Awaited::TooLarge => attempts.too_large = true,
@@ -220,6 +240,38 @@ impl GreetClient {
             match sys::retry_interrupted(|| sys::recv_nonblocking(&self.socket, buf)) {
                 Ok(_) => self.count_discarded(),
                 Err(e) if error::is_timeout(&e) => return Ok(()),
+                Err(e) if self.is_ignored_refusal(&e) => continue,
+                Err(e) => return Err(self.io_error("receive from", e)),
+            }
+        }
+    }
+
+    /// The stale check of latency mode, right after the first send:
+    /// whatever is queued came before the request, or is a reply faster
+    /// than this check. A datagram that passes the reply check answers the
+    /// request either way; the others are discarded.
+    fn discard_after_send(&self, request: &[u8], buf: &mut [u8]) -> Result<AfterSend, Error> {
+        let mut discarded = false;
+        loop {
+            match sys::retry_interrupted(|| sys::recv_dont_wait(&self.socket, buf)) {
+                Ok((len, truncated)) => {
+                    if self.settings.check.is_some() {
+                        if let Judged::Accepted(len) =
+                            self.settings.judge(request, buf, len, truncated)
+                        {
+                            return Ok(AfterSend::Reply(len));
+                        }
+                    }
+                    self.count_discarded();
+                    discarded = true;
+                }
+                Err(e) if error::is_timeout(&e) => {
+                    return Ok(if discarded {
+                        AfterSend::Discarded
+                    } else {
+                        AfterSend::Nothing
+                    });
+                }
                 Err(e) if self.is_ignored_refusal(&e) => continue,
                 Err(e) => return Err(self.io_error("receive from", e)),
             }
@@ -361,6 +413,8 @@ pub(crate) struct Attempts {
     max: u32,
     sent: u32,
     nominal: Duration,
+    /// Requests sent again at once within an attempt.
+    resent: u32,
     /// A datagram too large to check was discarded.
     pub(crate) too_large: bool,
 }
@@ -373,6 +427,7 @@ impl Attempts {
             max: settings.retries.saturating_add(1),
             sent: 0,
             nominal: settings.timeout,
+            resent: 0,
             too_large: false,
         }
     }
@@ -411,6 +466,11 @@ impl Attempts {
         Some((now, wait))
     }
 
+    /// Counts a request sent again at once, within the current attempt.
+    pub(crate) fn resent(&mut self) {
+        self.resent = self.resent.saturating_add(1);
+    }
+
     /// The error of a call that got no reply: too large (when that is all
     /// that came) or a timeout.
     pub(crate) fn failed(&self, peer: SocketAddr, capacity: usize) -> Error {
@@ -422,7 +482,7 @@ impl Attempts {
         }
         Error::Timeout {
             addr: peer,
-            attempts: self.sent,
+            attempts: self.sent.saturating_add(self.resent),
             elapsed: self.started.elapsed(),
         }
     }
@@ -462,6 +522,15 @@ impl builder::Settings {
             Judged::Rejected
         }
     }
+}
+
+/// What the latency-mode stale check found.
+enum AfterSend {
+    /// A datagram that passed the reply check: the reply.
+    Reply(usize),
+    /// Datagrams, discarded: one may have been the reply.
+    Discarded,
+    Nothing,
 }
 
 enum Awaited {
