@@ -45,6 +45,9 @@ use crate::sys;
 ///   releases its turn and its socket, and its late reply can never reach
 ///   another call: the socket is closed, not reused.
 ///
+/// Its sockets are registered with the runtime the client (or the call
+/// that opened them) ran on: use a client within one runtime.
+///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), udp_greet::Error> {
