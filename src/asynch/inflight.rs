@@ -163,6 +163,14 @@ impl<F: Future, M: Copy> InFlight<F, M> {
                     wake,
                     started: None,
                 });
+                // Each place is listed at most once, so lists with room for
+                // every place never grow while futures are woken.
+                let places = self.places.len();
+                reserve_to(&mut self.scratch, places);
+                reserve_to(
+                    &mut self.woken.indices.lock().unwrap_or_else(|e| e.into_inner()),
+                    places,
+                );
                 index
             }
         };
@@ -304,6 +312,11 @@ impl<F: Future, M: Copy> InFlight<F, M> {
         }
         cancelled
     }
+}
+
+/// Gives `list` room for `places` entries in all.
+fn reserve_to(list: &mut Vec<usize>, places: usize) {
+    list.reserve(places.saturating_sub(list.len()));
 }
 
 impl<F, M> Drop for InFlight<F, M> {

@@ -463,6 +463,10 @@ where
     /// I/O before the worker's next turn (a plain self-wake would not, on a
     /// one-thread runtime, for dozens of turns).
     async fn run(mut self) {
+        // Once at the start: the runtime makes its list of deferred
+        // wake-ups on first use, so that is not in the first turn that runs
+        // out of budget (an allocation while requests flow).
+        tokio::task::yield_now().await;
         loop {
             match poll_fn(|cx| self.turn(cx)).await {
                 Turn::Done => return,
