@@ -518,7 +518,7 @@ fn main() -> ExitCode {
                     async_bursts(builder(), false),
                 ),
                 (
-                    "bursts of 32, answered after a yield",
+                    "bursts of 32, answered after an await",
                     async_bursts(builder(), true),
                 ),
                 (
