@@ -98,23 +98,10 @@ fn one_at_a_time(builder: ServerBuilder) -> Result<u64, String> {
     Ok(delta)
 }
 
-/// Bursts of requests from a plain socket, so the server takes them in
-/// batches of more than one.
-fn bursts(builder: ServerBuilder) -> Result<u64, String> {
-    bursts_to(builder, "127.0.0.1:0")
-}
-
-fn bursts_to(builder: ServerBuilder, bind: &str) -> Result<u64, String> {
-    let server = builder
-        .bind(bind)
-        .and_then(|s| s.spawn(udp_greet::greet))
-        .map_err(|e| e.report())?;
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], server.local_addr().port()));
-    let socket = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-    socket.connect(addr).map_err(|e| e.to_string())?;
-    socket
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(|e| e.to_string())?;
+/// Bursts of `BURST` greet requests on `socket` (connected to a greet
+/// server), each answered in full: the warm-up, then the measured bursts;
+/// returns the allocations made during the measured ones.
+fn count_bursts(socket: &UdpSocket) -> Result<u64, String> {
     let mut buf = [0u8; 64];
     let mut burst = || -> Result<(), String> {
         for _ in 0..BURST {
@@ -135,7 +122,27 @@ fn bursts_to(builder: ServerBuilder, bind: &str) -> Result<u64, String> {
     for _ in 0..MEASURED / BURST {
         burst()?;
     }
-    let delta = allocations() - before;
+    Ok(allocations() - before)
+}
+
+/// Bursts of requests from a plain socket, so the server takes them in
+/// batches of more than one.
+fn bursts(builder: ServerBuilder) -> Result<u64, String> {
+    bursts_to(builder, "127.0.0.1:0")
+}
+
+fn bursts_to(builder: ServerBuilder, bind: &str) -> Result<u64, String> {
+    let server = builder
+        .bind(bind)
+        .and_then(|s| s.spawn(udp_greet::greet))
+        .map_err(|e| e.report())?;
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], server.local_addr().port()));
+    let socket = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    socket.connect(addr).map_err(|e| e.to_string())?;
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    let delta = count_bursts(&socket)?;
     server.shutdown().map_err(|e| e.report())?;
     Ok(delta)
 }
@@ -337,7 +344,6 @@ fn async_bursts(builder: ServerBuilder, deferred: bool) -> Result<u64, String> {
     socket
         .set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(|e| e.to_string())?;
-    let mut buf = [0u8; 64];
     // A flood larger than a worker takes in one turn, so that the count
     // starts after the worker has run out of budget and yielded.
     socket2::SockRef::from(&socket)
@@ -346,29 +352,11 @@ fn async_bursts(builder: ServerBuilder, deferred: bool) -> Result<u64, String> {
     for _ in 0..FLOOD {
         socket.send(b"burst").map_err(|e| e.to_string())?;
     }
+    let mut buf = [0u8; 64];
     for _ in 0..FLOOD {
         socket.recv(&mut buf).map_err(|e| format!("reply: {e}"))?;
     }
-    let mut burst = || -> Result<(), String> {
-        for _ in 0..BURST {
-            socket.send(b"burst").map_err(|e| e.to_string())?;
-        }
-        for _ in 0..BURST {
-            let n = socket.recv(&mut buf).map_err(|e| format!("reply: {e}"))?;
-            if &buf[..n] != b"Hello, burst!" {
-                return Err(format!("wrong reply {:?}", &buf[..n]));
-            }
-        }
-        Ok(())
-    };
-    for _ in 0..WARMUP / BURST {
-        burst()?;
-    }
-    let before = allocations();
-    for _ in 0..MEASURED / BURST {
-        burst()?;
-    }
-    let delta = allocations() - before;
+    let delta = count_bursts(&socket)?;
     let stats = runtime
         .block_on(server.shutdown())
         .map_err(|e| e.report())?;

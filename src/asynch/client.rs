@@ -15,7 +15,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::ClientBuilder;
 use crate::client::builder::Settings;
-use crate::client::{Attempts, Judged, MAX_REPLY, jittered};
+use crate::client::{Attempts, Judged, MAX_REPLY, io_error, jittered};
 use crate::error::{self, Error};
 use crate::socket::{self, BufferSize, SocketOptions};
 use crate::sys;
@@ -342,22 +342,11 @@ impl Inner {
     }
 
     fn is_ignored_refusal(&self, err: &io::Error) -> bool {
-        self.settings.refused_as_loss && err.kind() == io::ErrorKind::ConnectionRefused
+        self.settings.is_ignored_refusal(err)
     }
 
     fn io_error(&self, action: &'static str, source: io::Error) -> Error {
-        if source.kind() == io::ErrorKind::ConnectionRefused {
-            Error::Refused {
-                addr: self.peer,
-                source,
-            }
-        } else {
-            Error::Io {
-                action,
-                addr: self.peer,
-                source,
-            }
-        }
+        io_error(self.peer, action, source)
     }
 }
 

@@ -368,27 +368,28 @@ impl GreetClient {
 
     /// A refusal the client was told to treat as a lost reply.
     fn is_ignored_refusal(&self, err: &io::Error) -> bool {
-        self.settings.refused_as_loss && err.kind() == io::ErrorKind::ConnectionRefused
+        self.settings.is_ignored_refusal(err)
     }
 
-    /// Names the failed operation; a refused port is its own error.
     fn io_error(&self, action: &'static str, source: io::Error) -> Error {
-        if source.kind() == io::ErrorKind::ConnectionRefused {
-            Error::Refused {
-                addr: self.peer,
-                source,
-            }
-        } else {
-            Error::Io {
-                action,
-                addr: self.peer,
-                source,
-            }
+        io_error(self.peer, action, source)
+    }
+}
+
+/// The error for a failed `action` with `peer`, naming both; a refused port
+/// is its own error.
+pub(crate) fn io_error(peer: SocketAddr, action: &'static str, source: io::Error) -> Error {
+    if source.kind() == io::ErrorKind::ConnectionRefused {
+        Error::Refused { addr: peer, source }
+    } else {
+        Error::Io {
+            action,
+            addr: peer,
+            source,
         }
     }
 }
 
-/// How one attempt's wait ended.
 /// `nominal` scaled by a random factor within `1 ± fraction`, drawn from
 /// the xorshift generator `rng`.
 pub(crate) fn jittered(rng: &mut u64, nominal: Duration, fraction: f64) -> Duration {
@@ -502,6 +503,12 @@ pub(crate) enum Judged {
 }
 
 impl builder::Settings {
+    /// A refusal (ICMP port unreachable) the client was told to treat as a
+    /// lost reply.
+    pub(crate) fn is_ignored_refusal(&self, err: &io::Error) -> bool {
+        self.refused_as_loss && err.kind() == io::ErrorKind::ConnectionRefused
+    }
+
     /// Judges a datagram of `len` bytes in `buf` (`truncated`: it was larger
     /// than `buf`) received in answer to `request`.
     pub(crate) fn judge(&self, request: &[u8], buf: &[u8], len: usize, truncated: bool) -> Judged {
@@ -533,6 +540,7 @@ enum AfterSend {
     Nothing,
 }
 
+/// How one attempt's wait ended.
 enum Awaited {
     /// A reply of this length is in the caller's buffer.
     Reply(usize),
