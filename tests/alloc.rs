@@ -404,6 +404,25 @@ fn async_client_calls(builder: ServerBuilder) -> Result<u64, String> {
     })
 }
 
+/// Reports one scenario: it passes with 0 allocations over the measured
+/// requests.
+fn tally(label: &str, result: Result<u64, String>, passed: &mut u32, failed: &mut u32) {
+    match result {
+        Ok(0) => {
+            println!("ok: {label}: 0 allocations over {MEASURED} requests");
+            *passed += 1;
+        }
+        Ok(n) => {
+            println!("FAILED: {label}: {n} allocations over {MEASURED} requests");
+            *failed += 1;
+        }
+        Err(e) => {
+            println!("FAILED: {label}: {e}");
+            *failed += 1;
+        }
+    }
+}
+
 fn main() -> ExitCode {
     type Scenario = fn(ServerBuilder) -> Result<u64, String>;
     let scenarios: [(&str, Scenario); 4] = [
@@ -418,7 +437,7 @@ fn main() -> ExitCode {
             many_prefixes,
         ),
     ];
-    let (mut passed, mut failed) = (0, 0);
+    let (mut passed, mut failed) = (0u32, 0u32);
     for (path, portable) in [("batched", false), ("portable", true)] {
         for (workers, handler_threads) in [(1, 0), (2, 0), (1, 2), (2, 3)] {
             for (name, scenario) in scenarios {
@@ -431,20 +450,7 @@ fn main() -> ExitCode {
                     n => format!("pool of {n}"),
                 };
                 let label = format!("{path} path, {workers} worker(s), {mode}, {name}");
-                match scenario(builder) {
-                    Ok(0) => {
-                        println!("ok: {label}: 0 allocations over {MEASURED} requests");
-                        passed += 1;
-                    }
-                    Ok(n) => {
-                        println!("FAILED: {label}: {n} allocations over {MEASURED} requests");
-                        failed += 1;
-                    }
-                    Err(e) => {
-                        println!("FAILED: {label}: {e}");
-                        failed += 1;
-                    }
-                }
+                tally(&label, scenario(builder), &mut passed, &mut failed);
             }
         }
     }
@@ -516,20 +522,7 @@ fn main() -> ExitCode {
             ];
             for (name, result) in runs {
                 let label = format!("async server, {path} path, {workers} worker(s), {name}");
-                match result {
-                    Ok(0) => {
-                        println!("ok: {label}: 0 allocations over {MEASURED} requests");
-                        passed += 1;
-                    }
-                    Ok(n) => {
-                        println!("FAILED: {label}: {n} allocations over {MEASURED} requests");
-                        failed += 1;
-                    }
-                    Err(e) => {
-                        println!("FAILED: {label}: {e}");
-                        failed += 1;
-                    }
-                }
+                tally(&label, result, &mut passed, &mut failed);
             }
         }
     }
