@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use socket2::Socket;
 
+use crate::busy_poll::later;
 use crate::error::Error;
 use crate::latency::Latency;
 use crate::pool::Pool;
@@ -115,10 +116,7 @@ impl Shared {
             let _ = socket.shutdown(Shutdown::Read);
         }
         if let Some((pool, drain)) = &self.pool {
-            let now = Instant::now();
-            // A drain too long to add is as good as forever.
-            let far = now + Duration::from_secs(100 * 365 * 24 * 3600);
-            pool.close(now.checked_add(*drain).unwrap_or(far).min(far));
+            pool.close(later(Instant::now(), *drain));
         }
     }
 

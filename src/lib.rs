@@ -93,6 +93,7 @@
 
 #[cfg(feature = "tokio")]
 mod asynch;
+mod busy_poll;
 mod client;
 mod config;
 mod error;

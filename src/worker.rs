@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use socket2::Socket;
 
+use crate::busy_poll::PollWindow;
 use crate::config::Config;
 use crate::handle::Shared;
 use crate::handler::{Action, Request};
@@ -78,9 +79,9 @@ impl<H: HandlerFn> Worker<H> {
     /// with one `sendmmsg` unless a slow handler makes them wait (see
     /// [`FLUSH_AFTER`]).
     fn run_batched(&self, processor: &mut Processor, mut batch: sys::Batch) {
-        let mut poll = Polling::new(self.config.busy_poll);
+        let mut poll = PollWindow::new(self.config.busy_poll);
         while !self.shared.is_stopped() {
-            let polling = poll.active(|| self.publish(processor));
+            let polling = poll.poll_now(|| self.publish(processor));
             let count = match batch.recv(&self.socket, polling) {
                 Ok(count) => count,
                 Err(err) if polling && crate::error::is_timeout(&err) => {
@@ -142,7 +143,7 @@ impl<H: HandlerFn> Worker<H> {
             processor.sent_batch(sent, &mut batch);
             self.publish(processor);
             if count > 0 {
-                poll.restart_at(clock);
+                poll.open(clock);
             }
         }
     }
@@ -155,9 +156,9 @@ impl<H: HandlerFn> Worker<H> {
         let mut buf = vec![0u8; self.config.max_datagram];
         let mut reply = Vec::with_capacity(sys::REPLY_RESERVE);
         let mut io = sys::Portable::new(self.config.pktinfo);
-        let mut poll = Polling::new(self.config.busy_poll);
+        let mut poll = PollWindow::new(self.config.busy_poll);
         while !self.shared.is_stopped() {
-            let polling = poll.active(|| self.publish(processor));
+            let polling = poll.poll_now(|| self.publish(processor));
             match io.recv(&self.socket, &mut buf, polling) {
                 Err(err) if polling && crate::error::is_timeout(&err) => {
                     processor.totals.busy_poll_misses += 1;
@@ -165,8 +166,8 @@ impl<H: HandlerFn> Worker<H> {
                     continue;
                 }
                 Ok(Some(datagram)) => {
-                    poll.restart();
                     let arrived = Instant::now();
+                    poll.open(arrived);
                     processor.totals.received += 1;
                     if self.shared.is_stopped() {
                         processor.totals.shutdown_dropped += 1;
@@ -274,7 +275,7 @@ impl<H: HandlerFn> PoolThread<H> {
         };
         drop(first);
         let max_wait = self.config.pool.as_ref().and_then(|p| p.max_queue_wait);
-        let mut poll = Polling::new(self.config.busy_poll);
+        let mut poll = PollWindow::new(self.config.busy_poll);
         loop {
             let taken = if out.replies.queued() > 0 {
                 match self.pool.try_take() {
@@ -285,7 +286,7 @@ impl<H: HandlerFn> PoolThread<H> {
                         continue;
                     }
                 }
-            } else if poll.active(|| self.publish(&mut processor)) {
+            } else if poll.poll_now(|| self.publish(&mut processor)) {
                 match self.pool.try_take() {
                     Some(taken) => taken,
                     None => {
@@ -307,7 +308,7 @@ impl<H: HandlerFn> PoolThread<H> {
                     self.pool.give_back(job);
                 }
                 Taken::Job(job) => {
-                    poll.restart();
+                    poll.open(Instant::now());
                     if out.used == out.replies.size()
                         || (out.replies.queued() > 0 && out.socket != job.socket)
                     {
@@ -379,53 +380,6 @@ impl<H: HandlerFn> PoolThread<H> {
         out.used = 0;
         out.since = None;
         self.publish(processor);
-    }
-}
-
-/// A busy-polling window (see [`ServerBuilder::busy_poll`](crate::ServerBuilder::busy_poll)).
-struct Polling {
-    window: Option<Duration>,
-    until: Option<Instant>,
-}
-
-impl Polling {
-    fn new(window: Option<Duration>) -> Polling {
-        Polling {
-            window,
-            until: None,
-        }
-    }
-
-    /// Work arrived: poll for up to the window from now (a window too long
-    /// to add is a century: as good as forever).
-    fn restart(&mut self) {
-        if self.window.is_some() {
-            self.restart_at(Instant::now());
-        }
-    }
-
-    /// As [`restart`](Polling::restart), from a clock reading just taken.
-    fn restart_at(&mut self, now: Instant) {
-        if let Some(window) = self.window {
-            let century = Duration::from_secs(100 * 365 * 24 * 3600);
-            self.until = now
-                .checked_add(window.min(century))
-                .or_else(|| now.checked_add(Duration::from_secs(3600)));
-        }
-    }
-
-    /// Whether to poll now rather than block; `closing` runs once as the
-    /// window closes (to publish what polling counted before sleeping).
-    fn active(&mut self, closing: impl FnOnce()) -> bool {
-        match self.until {
-            Some(until) if Instant::now() < until => true,
-            Some(_) => {
-                self.until = None;
-                closing();
-                false
-            }
-            None => false,
-        }
     }
 }
 

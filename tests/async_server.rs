@@ -50,6 +50,7 @@ on_both_paths!(
     shutdown_drains_in_flight_handlers_then_frees_the_port,
     shutdown_cancels_what_the_drain_time_leaves,
     checks_apply_before_the_handler,
+    a_window_of_duration_max_polls_and_publishes_live,
 );
 
 /// A test client socket: sends raw datagrams, reads replies with a guard.
@@ -591,4 +592,32 @@ async fn several_workers_share_the_limit_and_each_answers() {
     }
     let stats = stop(server).await;
     assert_eq!(stats.replied, 32);
+}
+
+/// `busy_poll(Duration::MAX)` polls (it once turned polling off: the window's
+/// end overflowed), and the misses reach live snapshots while it is open.
+async fn a_window_of_duration_max_polls_and_publishes_live(builder: ServerBuilder) {
+    let server = builder
+        .busy_poll(Duration::MAX)
+        .bind(V4)
+        .expect("bind")
+        .spawn_async(udp_greet::greet_async)
+        .expect("spawn_async");
+    let socket = peer().await;
+    socket
+        .send_to(b"open", server.local_addr())
+        .await
+        .expect("send");
+    assert_eq!(recv(&socket).await, b"Hello, open!");
+    let mut seen = 0;
+    wait_for("busy_poll_misses to rise in live snapshots", || {
+        let misses = server.stats().busy_poll_misses;
+        if seen > 0 && misses > seen {
+            return true;
+        }
+        seen = seen.max(misses);
+        false
+    })
+    .await;
+    stop(server).await;
 }

@@ -17,6 +17,8 @@ util::on_both_paths!(
     a_polling_server_keeps_every_promise,
     a_polling_pool_keeps_every_promise,
     an_idle_polling_server_stops_polling,
+    misses_are_published_while_the_window_is_open,
+    a_pool_publishes_misses_while_the_window_is_open,
 );
 
 /// The scheduler state (`R`, `S`, ...) of this process's threads named
@@ -80,6 +82,35 @@ fn a_polling_pool_keeps_every_promise(b: ServerBuilder) {
     let stats = exercise(b.busy_poll(WINDOW).handler_threads(2));
     assert_eq!(stats.replied, 102, "{stats:?}");
     assert_balanced(&stats);
+}
+
+/// A window that never closes (`Duration::MAX` polls for a century): the
+/// misses counted while it is open reach live snapshots, rising from one to
+/// the next, not only once the window closes or the server stops.
+fn assert_misses_rise_live(b: ServerBuilder) {
+    let server = greet_server(b.busy_poll(Duration::MAX), V4);
+    let client = GreetClient::connect(server.local_addr()).expect("connect");
+    assert_eq!(client.send_recv(b"open").expect("reply"), b"Hello, open!");
+    let mut seen = 0;
+    wait_until("busy_poll_misses to rise in live snapshots", || {
+        let misses = server.stats().busy_poll_misses;
+        if seen > 0 && misses > seen {
+            return true;
+        }
+        seen = seen.max(misses);
+        false
+    });
+    // Still polling: work is answered as before.
+    assert_eq!(client.send_recv(b"again").expect("reply"), b"Hello, again!");
+    assert_balanced(&within_guard("shutdown", move || server.shutdown()).expect("shutdown"));
+}
+
+fn misses_are_published_while_the_window_is_open(b: ServerBuilder) {
+    assert_misses_rise_live(b);
+}
+
+fn a_pool_publishes_misses_while_the_window_is_open(b: ServerBuilder) {
+    assert_misses_rise_live(b.handler_threads(1));
 }
 
 fn an_idle_polling_server_stops_polling(b: ServerBuilder) {

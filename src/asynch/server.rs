@@ -20,6 +20,7 @@ use tokio::time::Sleep;
 
 use super::inflight::{Ended, InFlight, Permits, Started};
 use super::request::{AsyncRequest, Buffers, Reply};
+use crate::busy_poll::{PollWindow, later};
 use crate::config::{Config, DEFAULT_BATCH_SIZE};
 use crate::error::Error;
 use crate::handle::{Shared, ShutdownHandle};
@@ -383,8 +384,8 @@ struct Core<H, F> {
     paused_until: Option<Instant>,
     /// Shutdown has begun; in-flight futures are dropped at this time.
     drain_until: Option<Instant>,
-    /// Busy polling goes on until then.
-    poll_until: Option<Instant>,
+    /// Latency mode's polling window.
+    poll: PollWindow,
     stop: Pin<Box<OwnedNotified>>,
 }
 
@@ -437,7 +438,7 @@ where
                 next_expiry: None,
                 paused_until: None,
                 drain_until: None,
-                poll_until: None,
+                poll: PollWindow::new(config.busy_poll),
                 stop,
             },
         }
@@ -487,8 +488,7 @@ where
             if core.drain_until.is_none()
                 && (core.stop.as_mut().poll(cx).is_ready() || core.shared.is_stopped())
             {
-                let far = now + Duration::from_secs(100 * 365 * 24 * 3600);
-                core.drain_until = Some(now.checked_add(core.config.drain_timeout).unwrap_or(far));
+                core.drain_until = Some(later(now, core.config.drain_timeout));
             }
             core.poll_woken(&this.socket, cx);
             if core.next_expiry.is_some_and(|at| at <= now) {
@@ -545,7 +545,7 @@ where
                     return false;
                 }
             }
-            let polling = self.poll_until.is_some_and(|until| Instant::now() < until);
+            let polling = self.poll.check().polls();
             match socket.poll_recv_ready(cx) {
                 Poll::Ready(Ok(())) => {}
                 Poll::Ready(Err(err)) => {
@@ -553,10 +553,7 @@ where
                     return false;
                 }
                 Poll::Pending if polling => {}
-                Poll::Pending => {
-                    self.poll_until = None;
-                    return false;
-                }
+                Poll::Pending => return false,
             }
             let sock = SockRef::from(socket);
             let result = match receiver {
@@ -596,9 +593,7 @@ where
                 Ok(count) => {
                     taken += count;
                     if count > 0 {
-                        if let Some(window) = self.config.busy_poll {
-                            self.poll_until = Instant::now().checked_add(window);
-                        }
+                        self.poll.open(Instant::now());
                     }
                 }
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
