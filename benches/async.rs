@@ -14,7 +14,7 @@
 //! is the server threads' scheduler time.
 //!
 //! Clients: 1 000 calls kept in flight against the blocking batched server,
-//! by `AsyncGreetClient` (`max_in_flight(1000)`) and by a hand-written
+//! by `aio::GreetClient` (`max_in_flight(1000)`) and by a hand-written
 //! tokio client that opens a socket per call, both on a one-thread runtime
 //! on CPU 0, in alternate rounds.
 
@@ -43,7 +43,8 @@ mod bench {
     use tokio::net::UdpSocket;
     use tokio::runtime::Runtime;
     use tokio::sync::oneshot;
-    use udp_greet::{AsyncGreetClient, GreetServer};
+    use udp_greet::GreetServer;
+    use udp_greet::tokio as aio;
 
     use crate::common::linux::{Generator, measure_round, pin_to_cpu, with_new_threads};
     use crate::common::{Table, median};
@@ -92,14 +93,14 @@ mod bench {
         }
 
         /// udp-greet's async server with the greet handler.
-        fn greet_async() -> Result<OnRuntime, BoxError> {
+        fn greet_server() -> Result<OnRuntime, BoxError> {
             OnRuntime::start(|addr, stop| async move {
                 let Ok(server) = GreetServer::bind("127.0.0.1:0") else {
                     return;
                 };
                 let _ = addr.send(server.local_addr());
                 let stats = server
-                    .serve_async_until(udp_greet::greet_async, async {
+                    .serve_async_until(aio::greet, async {
                         let _ = stop.await;
                     })
                     .await;
@@ -187,7 +188,7 @@ mod bench {
         let (blocking, blocking_tids) =
             with_new_threads(|| GreetServer::bind("127.0.0.1:0")?.spawn(udp_greet::greet))?;
         let (asynchronous, async_tids) =
-            with_new_threads(|| OnRuntime::greet_async().map_err(|e| e.to_string()))?;
+            with_new_threads(|| OnRuntime::greet_server().map_err(|e| e.to_string()))?;
         let (hand, hand_tids) =
             with_new_threads(|| OnRuntime::tokio_loop().map_err(|e| e.to_string()))?;
         if pinned {
@@ -341,7 +342,7 @@ mod bench {
             .enable_all()
             .build()?;
         let client = runtime.block_on(
-            AsyncGreetClient::builder()
+            aio::GreetClient::builder()
                 .max_in_flight(CALLS_IN_FLIGHT)
                 .connect_async(server),
         )?;
@@ -386,7 +387,7 @@ mod bench {
             "calls/s vs hand-written",
         ]);
         table.row(&[
-            "udp-greet AsyncGreetClient".to_owned(),
+            "udp-greet aio::GreetClient".to_owned(),
             format!("{:.0}", median(&mut ours)),
             failed_ours.to_string(),
             format!("{:.2}", median(&mut ratio)),

@@ -91,8 +91,6 @@
 #![deny(unsafe_code)]
 #![doc(test(attr(deny(warnings))))]
 
-#[cfg(feature = "tokio")]
-mod asynch;
 mod busy_poll;
 mod client;
 mod config;
@@ -107,10 +105,11 @@ mod server;
 mod socket;
 mod stats;
 mod sys;
+#[cfg(feature = "tokio")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
+pub mod tokio;
 mod worker;
 
-#[cfg(feature = "tokio")]
-pub use asynch::{AsyncGreetClient, AsyncRequest, AsyncServerHandle, Reply, greet_async};
 pub use client::{ClientBuilder, DEFAULT_CLIENT_MAX_IN_FLIGHT, GreetClient};
 pub use config::{
     DEFAULT_BATCH_SIZE, DEFAULT_HANDLER_TIMEOUT, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_QUEUE_WAIT,

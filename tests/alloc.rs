@@ -328,7 +328,7 @@ fn async_bursts(builder: ServerBuilder, deferred: bool) -> Result<u64, String> {
         builder
             .bind("127.0.0.1:0")
             .and_then(|s| {
-                s.spawn_async(move |request: udp_greet::AsyncRequest| async move {
+                s.spawn_async(move |request: udp_greet::tokio::Request| async move {
                     if deferred {
                         PendingOnce(false).await;
                     }
@@ -378,9 +378,9 @@ fn async_client_calls(builder: ServerBuilder) -> Result<u64, String> {
     runtime.block_on(async move {
         let server = builder
             .bind("127.0.0.1:0")
-            .and_then(|s| s.spawn_async(udp_greet::greet_async))
+            .and_then(|s| s.spawn_async(udp_greet::tokio::greet))
             .map_err(|e| e.report())?;
-        let client = udp_greet::AsyncGreetClient::connect(server.local_addr())
+        let client = udp_greet::tokio::GreetClient::connect(server.local_addr())
             .await
             .map_err(|e| e.report())?;
         let mut buf = [0u8; 64];
@@ -516,7 +516,7 @@ fn main() -> ExitCode {
                     async_bursts(builder(), true),
                 ),
                 (
-                    "AsyncGreetClient::send_recv_into, one call at a time",
+                    "tokio::GreetClient::send_recv_into, one call at a time",
                     async_client_calls(builder()),
                 ),
             ];

@@ -14,14 +14,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use udp_greet::{AsyncGreetClient, AsyncServerHandle, Error, GreetClient, GreetServer};
+use udp_greet::tokio as aio;
+use udp_greet::{Error, GreetClient, GreetServer};
 use util::{V4, assert_balanced, guarded};
 
 /// A greet server whose handler waits `delay` before answering.
-fn slow_greeter(delay: Duration) -> AsyncServerHandle {
+fn slow_greeter(delay: Duration) -> aio::ServerHandle {
     GreetServer::bind(V4)
         .expect("bind")
-        .spawn_async(move |request: udp_greet::AsyncRequest| async move {
+        .spawn_async(move |request: aio::Request| async move {
             tokio::time::sleep(delay).await;
             Some(request.reply_with(udp_greet::greet_into))
         })
@@ -39,9 +40,9 @@ fn silent_port() -> (std::net::UdpSocket, SocketAddr) {
 async fn greets_like_the_blocking_client() {
     let server = GreetServer::bind(V4)
         .expect("bind")
-        .spawn_async(udp_greet::greet_async)
+        .spawn_async(aio::greet)
         .expect("spawn");
-    let client = AsyncGreetClient::connect(server.local_addr())
+    let client = aio::GreetClient::connect(server.local_addr())
         .await
         .expect("connect");
     for name in ["Michael", "Tracy", "Sarah", ""] {
@@ -118,7 +119,7 @@ async fn refusal_is_an_error_or_a_loss_as_configured() {
         drop(socket);
         addr
     };
-    let client = AsyncGreetClient::connect(addr).await.expect("connect");
+    let client = aio::GreetClient::connect(addr).await.expect("connect");
     match guarded("a call", client.send_recv(b"x")).await {
         Err(Error::Refused { addr: a, .. }) => assert_eq!(a, addr),
         other => panic!("expected Refused, got {other:?}"),
@@ -255,7 +256,7 @@ async fn ten_thousand_concurrent_calls_through_a_lossy_network_get_no_wrong_repl
     let seed = proxy::seed();
     let server = GreetServer::bind(V4)
         .expect("bind")
-        .spawn_async(udp_greet::greet_async)
+        .spawn_async(aio::greet)
         .expect("spawn");
     let lossy = proxy::Proxy::start(server.local_addr(), seed);
     let client = GreetClient::builder()
@@ -407,7 +408,7 @@ async fn busy_polling_keeps_every_promise() {
         .busy_poll(Duration::from_micros(200))
         .bind(V4)
         .expect("bind")
-        .spawn_async(udp_greet::greet_async)
+        .spawn_async(aio::greet)
         .expect("spawn");
     let client = GreetClient::builder()
         .busy_poll(Duration::from_micros(200))

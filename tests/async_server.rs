@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use tokio::net::UdpSocket;
 use tokio::sync::Semaphore;
-use udp_greet::{AsyncRequest, AsyncServerHandle, Error, GreetServer, Reply, ServerBuilder, Stats};
+use udp_greet::tokio::{self as aio, Reply};
+use udp_greet::{Error, GreetServer, ServerBuilder, Stats};
 use util::{V4, assert_balanced, guarded, wait_for};
 
 /// Declares each named async scenario (taking a `ServerBuilder`) twice: on
@@ -76,9 +77,9 @@ async fn assert_nothing_before_marker(socket: &UdpSocket, server: SocketAddr) {
 }
 
 type Handler =
-    Box<dyn Fn(AsyncRequest) -> Pin<Box<dyn Future<Output = Option<Reply>> + Send>> + Send + Sync>;
+    Box<dyn Fn(aio::Request) -> Pin<Box<dyn Future<Output = Option<Reply>> + Send>> + Send + Sync>;
 
-fn start(builder: ServerBuilder, handler: Handler) -> AsyncServerHandle {
+fn start(builder: ServerBuilder, handler: Handler) -> aio::ServerHandle {
     builder
         .bind(V4)
         .expect("bind")
@@ -86,7 +87,7 @@ fn start(builder: ServerBuilder, handler: Handler) -> AsyncServerHandle {
         .expect("spawn_async")
 }
 
-async fn stop(server: AsyncServerHandle) -> Stats {
+async fn stop(server: aio::ServerHandle) -> Stats {
     let stats = guarded("shutdown", server.shutdown())
         .await
         .expect("shutdown");
@@ -99,7 +100,7 @@ async fn greets_and_accounts_for_every_datagram(builder: ServerBuilder) {
     let server = builder
         .bind(V4)
         .expect("bind")
-        .spawn_async(udp_greet::greet_async)
+        .spawn_async(aio::greet)
         .expect("spawn");
     let addr = server.local_addr();
     let socket = peer().await;
@@ -414,7 +415,7 @@ async fn a_flood_does_not_starve_a_one_thread_runtime() {
     let server = GreetServer::builder()
         .bind(V4)
         .expect("bind")
-        .spawn_async(|request: AsyncRequest| async move {
+        .spawn_async(|request: aio::Request| async move {
             let mut x = 0u64;
             for b in request.data() {
                 x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(u64::from(*b)));
@@ -493,7 +494,7 @@ async fn a_flood_does_not_starve_a_one_thread_runtime() {
 fn spawn_async_outside_a_runtime_is_an_error() {
     let server = GreetServer::bind(V4).expect("bind");
     let addr = server.local_addr();
-    match server.spawn_async(udp_greet::greet_async) {
+    match server.spawn_async(aio::greet) {
         Err(Error::NoRuntime { addr: a }) => assert_eq!(a, addr),
         other => panic!("expected NoRuntime, got {other:?}"),
     }
@@ -505,7 +506,7 @@ async fn the_handler_pool_is_refused_and_settings_are_checked() {
         .handler_threads(2)
         .bind(V4)
         .expect("bind");
-    match server.spawn_async(udp_greet::greet_async) {
+    match server.spawn_async(aio::greet) {
         Err(Error::InvalidConfig { setting, .. }) => {
             assert_eq!(setting, "ServerBuilder::handler_threads")
         }
@@ -536,7 +537,7 @@ async fn the_handler_pool_is_refused_and_settings_are_checked() {
         .handler_timeout(Duration::MAX)
         .bind(V4)
         .expect("bind")
-        .spawn_async(udp_greet::greet_async)
+        .spawn_async(aio::greet)
         .expect("spawn");
     let socket = peer().await;
     socket
@@ -552,7 +553,7 @@ async fn serve_async_until_stops_on_the_callers_signal() {
     let server = GreetServer::bind(V4).expect("bind");
     let addr = server.local_addr();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let serving = tokio::spawn(server.serve_async_until(udp_greet::greet_async, async {
+    let serving = tokio::spawn(server.serve_async_until(aio::greet, async {
         let _ = stop_rx.await;
     }));
     let socket = peer().await;
@@ -574,7 +575,7 @@ async fn several_workers_share_the_limit_and_each_answers() {
         .workers(4)
         .bind(V4)
         .expect("bind")
-        .spawn_async(udp_greet::greet_async)
+        .spawn_async(aio::greet)
         .expect("spawn");
     let addr = server.local_addr();
     // Many peers, so the kernel's hash spreads them over the sockets.
@@ -601,7 +602,7 @@ async fn a_window_of_duration_max_polls_and_publishes_live(builder: ServerBuilde
         .busy_poll(Duration::MAX)
         .bind(V4)
         .expect("bind")
-        .spawn_async(udp_greet::greet_async)
+        .spawn_async(aio::greet)
         .expect("spawn_async");
     let socket = peer().await;
     socket

@@ -68,24 +68,24 @@ impl Drop for Pooled {
 /// ([`GreetServer::serve_async`](crate::GreetServer::serve_async)).
 ///
 /// Its bytes live in a buffer the server reuses: dropping the request (or
-/// the [`Reply`] made from it with [`reply_with`](AsyncRequest::reply_with))
+/// the [`Reply`] made from it with [`reply_with`](Request::reply_with))
 /// gives the buffer back, on whatever task or thread that happens.
 #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
-pub struct AsyncRequest {
+pub struct Request {
     data: Pooled,
     peer: SocketAddr,
     local: Option<IpAddr>,
     buffers: Arc<Buffers>,
 }
 
-impl AsyncRequest {
+impl Request {
     pub(crate) fn new(
         data: Pooled,
         peer: SocketAddr,
         local: Option<IpAddr>,
         buffers: Arc<Buffers>,
     ) -> Self {
-        AsyncRequest {
+        Request {
             data,
             peer,
             local,
@@ -122,9 +122,10 @@ impl AsyncRequest {
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), udp_greet::Error> {
-    /// use udp_greet::{AsyncRequest, GreetServer, Reply};
+    /// use udp_greet::GreetServer;
+    /// use udp_greet::tokio::{Reply, Request};
     ///
-    /// async fn shout(request: AsyncRequest) -> Option<Reply> {
+    /// async fn shout(request: Request) -> Option<Reply> {
     ///     Some(request.reply_with(|data, out| out.extend(data.to_ascii_uppercase())))
     /// }
     /// let server = GreetServer::bind("127.0.0.1:0")?.spawn_async(shout)?;
@@ -147,9 +148,9 @@ impl AsyncRequest {
     }
 }
 
-impl fmt::Debug for AsyncRequest {
+impl fmt::Debug for Request {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AsyncRequest")
+        f.debug_struct("Request")
             .field("peer", &self.peer)
             .field("local", &self.local)
             .field("len", &self.data.bytes.len())
@@ -159,7 +160,7 @@ impl fmt::Debug for AsyncRequest {
 
 /// An async handler's reply: the bytes sent back to the request's sender.
 ///
-/// Made with [`AsyncRequest::reply_with`] (in a reused buffer: no
+/// Made with [`Request::reply_with`] (in a reused buffer: no
 /// allocation once the server is warm), or from bytes of the handler's own
 /// ([`Reply::new`], `From<Vec<u8>>`, `From<&[u8]>`).
 #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
@@ -211,16 +212,17 @@ impl fmt::Debug for Reply {
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), udp_greet::Error> {
-/// use udp_greet::{AsyncGreetClient, GreetServer};
+/// use udp_greet::GreetServer;
+/// use udp_greet::tokio::GreetClient;
 ///
-/// let server = GreetServer::bind("127.0.0.1:0")?.spawn_async(udp_greet::greet_async)?;
-/// let client = AsyncGreetClient::connect(server.local_addr()).await?;
+/// let server = GreetServer::bind("127.0.0.1:0")?.spawn_async(udp_greet::tokio::greet)?;
+/// let client = GreetClient::connect(server.local_addr()).await?;
 /// assert_eq!(client.send_recv(b"Tracy").await?, b"Hello, Tracy!");
 /// server.shutdown().await?;
 /// # Ok(())
 /// # }
 /// ```
 #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
-pub async fn greet_async(request: AsyncRequest) -> Option<Reply> {
+pub async fn greet(request: Request) -> Option<Reply> {
     Some(request.reply_with(crate::greet_into))
 }

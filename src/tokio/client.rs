@@ -23,7 +23,7 @@ use crate::sys;
 /// An async UDP client for tokio: many calls at once on one client, each
 /// with every promise of [`GreetClient`](crate::GreetClient).
 ///
-/// Made with [`AsyncGreetClient::connect`] or
+/// Made with [`GreetClient::connect`] or
 /// [`ClientBuilder::connect_async`], with the builder's policies unchanged:
 /// timeout, retries with jittered backoff, deadline, reply check,
 /// `refused_as_loss`, busy polling and buffer sizes. Cheap to clone; clones
@@ -35,7 +35,7 @@ use crate::sys;
 ///   port the system picks (which also makes forged replies harder to
 ///   land). A socket goes back for reuse only when every request sent on it
 ///   was answered, and is drained of stray datagrams before its next call
-///   (counted in [`discarded`](AsyncGreetClient::discarded)); one with a
+///   (counted in [`discarded`](GreetClient::discarded)); one with a
 ///   request outstanding is closed.
 /// - **Bounded.** At most
 ///   [`max_in_flight`](ClientBuilder::max_in_flight) calls run at once,
@@ -51,11 +51,11 @@ use crate::sys;
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), udp_greet::Error> {
-/// # let server = udp_greet::GreetServer::bind("127.0.0.1:0")?.spawn_async(udp_greet::greet_async)?;
+/// # let server = udp_greet::GreetServer::bind("127.0.0.1:0")?.spawn_async(udp_greet::tokio::greet)?;
 /// # let addr = server.local_addr();
-/// use udp_greet::AsyncGreetClient;
+/// use udp_greet::tokio::GreetClient;
 ///
-/// let client = AsyncGreetClient::connect(addr).await?;
+/// let client = GreetClient::connect(addr).await?;
 /// let (a, b) = tokio::join!(client.send_recv(b"Michael"), client.send_recv(b"Sarah"));
 /// assert_eq!(a?, b"Hello, Michael!");
 /// assert_eq!(b?, b"Hello, Sarah!");
@@ -66,7 +66,7 @@ use crate::sys;
 /// Needs the `tokio` feature.
 #[derive(Clone)]
 #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
-pub struct AsyncGreetClient {
+pub struct GreetClient {
     inner: Arc<Inner>,
 }
 
@@ -86,9 +86,9 @@ struct Inner {
     send_buffer: BufferSize,
 }
 
-impl fmt::Debug for AsyncGreetClient {
+impl fmt::Debug for GreetClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AsyncGreetClient")
+        f.debug_struct("GreetClient")
             .field("peer", &self.inner.peer)
             .field("settings", &self.inner.settings)
             .field("max_in_flight", &self.inner.max_in_flight)
@@ -98,7 +98,7 @@ impl fmt::Debug for AsyncGreetClient {
 }
 
 impl ClientBuilder {
-    /// Makes an [`AsyncGreetClient`] for the server at `addr`, resolved
+    /// Makes an [`GreetClient`] for the server at `addr`, resolved
     /// without blocking the runtime; each address it resolves to is tried
     /// in turn, with a first socket (kept for the first call).
     ///
@@ -109,7 +109,7 @@ impl ClientBuilder {
     /// As [`connect`](ClientBuilder::connect), and [`Error::NoRuntime`]
     /// outside a tokio runtime.
     #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
-    pub async fn connect_async<A>(self, addr: A) -> Result<AsyncGreetClient, Error>
+    pub async fn connect_async<A>(self, addr: A) -> Result<GreetClient, Error>
     where
         A: tokio::net::ToSocketAddrs + fmt::Debug,
     {
@@ -124,7 +124,7 @@ impl ClientBuilder {
         let addrs = socket::Resolved::from_addrs(input, addrs)?;
         socket::first_ok(&addrs, |peer| {
             let (first, recv_buffer, send_buffer) = open(peer, &self.socket)?;
-            Ok(AsyncGreetClient {
+            Ok(GreetClient {
                 inner: Arc::new(Inner {
                     peer,
                     options: self.socket.clone(),
@@ -163,7 +163,7 @@ fn open(
     Ok((socket, made.recv_buffer, made.send_buffer))
 }
 
-impl AsyncGreetClient {
+impl GreetClient {
     /// Makes a client with default settings for the server at `addr`:
     /// `ClientBuilder::new().connect_async(addr)`.
     ///
@@ -172,7 +172,7 @@ impl AsyncGreetClient {
     /// # Errors
     ///
     /// As [`ClientBuilder::connect_async`].
-    pub async fn connect<A>(addr: A) -> Result<AsyncGreetClient, Error>
+    pub async fn connect<A>(addr: A) -> Result<GreetClient, Error>
     where
         A: tokio::net::ToSocketAddrs + fmt::Debug,
     {
@@ -243,7 +243,7 @@ impl AsyncGreetClient {
         Ok(reply)
     }
 
-    /// As [`send_recv`](AsyncGreetClient::send_recv), with the reply written
+    /// As [`send_recv`](GreetClient::send_recv), with the reply written
     /// into `buf`; returns its length. Allocates nothing per call.
     ///
     /// # Errors

@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Sleep;
 
 use super::inflight::{Ended, InFlight, Permits, Started};
-use super::request::{AsyncRequest, Buffers, Reply};
+use super::request::{Buffers, Reply, Request};
 use crate::busy_poll::{PollWindow, later};
 use crate::config::{Config, DEFAULT_BATCH_SIZE};
 use crate::error::Error;
@@ -44,7 +44,7 @@ impl GreetServer {
     /// [`shutdown_handle`](GreetServer::shutdown_handle) before) stops it,
     /// then returns the final counters once every socket is closed.
     ///
-    /// For each datagram, `handler` gets an [`AsyncRequest`] (owned) and
+    /// For each datagram, `handler` gets an [`Request`] (owned) and
     /// returns a future of the [`Reply`], or of `None` for no reply. See
     /// [`spawn_async`](GreetServer::spawn_async) for how requests are
     /// admitted, run and answered. Dropping this future stops the server.
@@ -58,7 +58,7 @@ impl GreetServer {
     #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
     pub async fn serve_async<H, F>(self, handler: H) -> Result<Stats, Error>
     where
-        H: Fn(AsyncRequest) -> F + Send + Sync + 'static,
+        H: Fn(Request) -> F + Send + Sync + 'static,
         F: Future<Output = Option<Reply>> + Send + 'static,
     {
         self.serve_async_until(handler, std::future::pending())
@@ -67,7 +67,7 @@ impl GreetServer {
 
     /// As [`serve_async`](GreetServer::serve_async), until `signal`
     /// completes (or a [`ShutdownHandle`] stops it); then shuts down as
-    /// [`AsyncServerHandle::shutdown`] does and returns the final counters.
+    /// [`ServerHandle::shutdown`] does and returns the final counters.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
@@ -76,7 +76,7 @@ impl GreetServer {
     ///
     /// let server = GreetServer::bind("127.0.0.1:0")?;
     /// let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    /// let served = tokio::spawn(server.serve_async_until(udp_greet::greet_async, async {
+    /// let served = tokio::spawn(server.serve_async_until(udp_greet::tokio::greet, async {
     ///     let _ = stopped.await;
     /// }));
     /// let _ = stop.send(());
@@ -94,7 +94,7 @@ impl GreetServer {
     #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
     pub async fn serve_async_until<H, F, S>(self, handler: H, signal: S) -> Result<Stats, Error>
     where
-        H: Fn(AsyncRequest) -> F + Send + Sync + 'static,
+        H: Fn(Request) -> F + Send + Sync + 'static,
         F: Future<Output = Option<Reply>> + Send + 'static,
         S: Future<Output = ()>,
     {
@@ -140,7 +140,7 @@ impl GreetServer {
     ///   that fails is counted ([`Stats::send_errors`]) and the rest go on.
     /// - **Memory.** A request's bytes are copied from the batch into a
     ///   buffer the server reuses, and a reply made with
-    ///   [`AsyncRequest::reply_with`] is written into another; each handler
+    ///   [`Request::reply_with`] is written into another; each handler
     ///   future lives in a place made once and reused. Once warm, a server
     ///   whose handler allocates nothing allocates nothing per request
     ///   (`tests/alloc.rs`).
@@ -158,9 +158,9 @@ impl GreetServer {
     /// [`Error::Socket`] when a socket cannot be registered with the
     /// runtime.
     #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
-    pub fn spawn_async<H, F>(self, handler: H) -> Result<AsyncServerHandle, Error>
+    pub fn spawn_async<H, F>(self, handler: H) -> Result<ServerHandle, Error>
     where
-        H: Fn(AsyncRequest) -> F + Send + Sync + 'static,
+        H: Fn(Request) -> F + Send + Sync + 'static,
         F: Future<Output = Option<Reply>> + Send + 'static,
     {
         let addr = self.config.local_addr;
@@ -197,7 +197,7 @@ impl GreetServer {
             .into_iter()
             .map(|worker| Some(runtime.spawn(worker.run())))
             .collect();
-        Ok(AsyncServerHandle {
+        Ok(ServerHandle {
             local_addr: addr,
             shared: self.shared,
             tasks,
@@ -221,22 +221,22 @@ fn register(socket: &Socket, runtime: &tokio::runtime::Handle) -> io::Result<Udp
 /// [`GreetServer::spawn_async`](GreetServer::spawn_async).
 ///
 /// Dropping the handle stops the server without waiting: its tasks finish
-/// their drain on their own. Await [`shutdown`](AsyncServerHandle::shutdown)
+/// their drain on their own. Await [`shutdown`](ServerHandle::shutdown)
 /// to know the port is free.
 ///
 /// Needs the `tokio` feature.
 #[must_use = "dropping the handle shuts the server down"]
 #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
-pub struct AsyncServerHandle {
+pub struct ServerHandle {
     local_addr: SocketAddr,
     shared: Arc<Shared>,
     tasks: Vec<Option<JoinHandle<()>>>,
     panicked: bool,
 }
 
-impl fmt::Debug for AsyncServerHandle {
+impl fmt::Debug for ServerHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AsyncServerHandle")
+        f.debug_struct("ServerHandle")
             .field("local_addr", &self.local_addr)
             .field("tasks", &self.tasks.len())
             .field("stopped", &self.shared.is_stopped())
@@ -244,7 +244,7 @@ impl fmt::Debug for AsyncServerHandle {
     }
 }
 
-impl AsyncServerHandle {
+impl ServerHandle {
     /// The address the server is bound to.
     #[must_use]
     pub fn local_addr(&self) -> SocketAddr {
@@ -326,7 +326,7 @@ impl AsyncServerHandle {
     }
 }
 
-impl Drop for AsyncServerHandle {
+impl Drop for ServerHandle {
     fn drop(&mut self) {
         self.shared.stop();
     }
@@ -391,7 +391,7 @@ struct Core<H, F> {
 
 impl<H, F> Worker<H, F>
 where
-    H: Fn(AsyncRequest) -> F + Send + Sync + 'static,
+    H: Fn(Request) -> F + Send + Sync + 'static,
     F: Future<Output = Option<Reply>> + Send + 'static,
 {
     fn new(
@@ -456,7 +456,7 @@ enum Turn {
 
 impl<H, F> Worker<H, F>
 where
-    H: Fn(AsyncRequest) -> F + Send + Sync + 'static,
+    H: Fn(Request) -> F + Send + Sync + 'static,
     F: Future<Output = Option<Reply>> + Send + 'static,
 {
     /// The worker's task. A turn that runs out of budget yields through
@@ -520,7 +520,7 @@ where
 
 impl<H, F> Core<H, F>
 where
-    H: Fn(AsyncRequest) -> F + Send + Sync + 'static,
+    H: Fn(Request) -> F + Send + Sync + 'static,
     F: Future<Output = Option<Reply>> + Send + 'static,
 {
     /// Receives what the socket has, up to a turn's budget; returns whether
@@ -638,7 +638,7 @@ where
         };
         let mut data = self.buffers.take();
         data.bytes.extend_from_slice(datagram.data);
-        let request = AsyncRequest::new(
+        let request = Request::new(
             data,
             datagram.peer,
             self.processor.local_ip(datagram),
