@@ -94,6 +94,7 @@
 mod busy_poll;
 mod client;
 mod config;
+mod engine;
 mod error;
 mod handle;
 mod handler;
@@ -116,6 +117,7 @@ pub use config::{
     DEFAULT_QUEUE_PER_THREAD, DEFAULT_RECV_BUFFER, MAX_UDP_PAYLOAD_V4, MAX_UDP_PAYLOAD_V6,
     ServerBuilder,
 };
+pub use engine::{Blocking, Engine};
 pub use error::Error;
 pub use handle::{ServerHandle, ShutdownHandle};
 pub use handler::{Action, Request, greet, greet_into, is_greeting};

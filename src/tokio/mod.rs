@@ -13,6 +13,7 @@ mod inflight;
 mod request;
 mod server;
 
+pub use crate::engine::Tokio;
 pub use client::GreetClient;
 pub use request::{Reply, Request, greet};
 pub use server::ServerHandle;
