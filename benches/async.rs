@@ -95,12 +95,12 @@ mod bench {
         /// udp-greet's async server with the greet handler.
         fn greet_server() -> Result<OnRuntime, BoxError> {
             OnRuntime::start(|addr, stop| async move {
-                let Ok(server) = GreetServer::bind("127.0.0.1:0") else {
+                let Ok(server) = aio::GreetServer::bind("127.0.0.1:0") else {
                     return;
                 };
                 let _ = addr.send(server.local_addr());
                 let stats = server
-                    .serve_async_until(aio::greet, async {
+                    .serve_until(aio::greet, async {
                         let _ = stop.await;
                     })
                     .await;

@@ -38,7 +38,7 @@ mod bench {
     use std::thread;
     use std::time::{Duration, Instant};
 
-    use udp_greet::{Action, GreetServer, Request, ServerBuilder, ServerHandle};
+    use udp_greet::{Action, GreetServer, HandlerPool, Request, ServerBuilder, ServerHandle};
 
     use crate::common::linux::{Generator, cpu_time, pin_to_cpu, with_new_threads};
     use crate::common::{HandServer, Table, median, percentile};
@@ -121,12 +121,12 @@ mod bench {
             (
                 "udp-greet pool of 8".into(),
                 Some(8.0),
-                spawn(GreetServer::builder().handler_threads(8))?,
+                spawn(GreetServer::builder().handler_pool(HandlerPool::threads(8)))?,
             ),
             (
                 "udp-greet pool of 32".into(),
                 Some(32.0),
-                spawn(GreetServer::builder().handler_threads(32))?,
+                spawn(GreetServer::builder().handler_pool(HandlerPool::threads(32)))?,
             ),
             (
                 "udp-greet inline, workers(8)".into(),
@@ -198,11 +198,11 @@ mod bench {
             ("inline", start(GreetServer::builder())?),
             (
                 "pool of 1",
-                start(GreetServer::builder().handler_threads(1))?,
+                start(GreetServer::builder().handler_pool(HandlerPool::threads(1)))?,
             ),
             (
                 "pool of 2",
-                start(GreetServer::builder().handler_threads(2))?,
+                start(GreetServer::builder().handler_pool(HandlerPool::threads(2)))?,
             ),
         ];
         if pinned {
@@ -285,9 +285,11 @@ mod bench {
         // overload is mostly shed at once and partly left to expire.
         let queue = THREADS * 24;
         let server = GreetServer::builder()
-            .handler_threads(THREADS)
-            .queue_capacity(queue)
-            .max_queue_wait(max_wait)
+            .handler_pool(
+                HandlerPool::threads(THREADS)
+                    .queue_capacity(queue)
+                    .max_queue_wait(max_wait),
+            )
             .bind("127.0.0.1:0")?
             .spawn(|request: Request<'_>, reply: &mut Vec<u8>| {
                 thread::sleep(HANDLER_TIME);

@@ -11,7 +11,7 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use udp_greet::{GreetServer, Request};
+use udp_greet::{GreetServer, HandlerPool, Request};
 
 const USAGE: &str = "\
 usage: udp_server [--bind ADDR] [--workers N] [--threads N] [--busy-poll-us N] [--quiet]
@@ -102,7 +102,7 @@ fn main() -> ExitCode {
 fn run(options: &Options) -> Result<(), udp_greet::Error> {
     let server = GreetServer::builder()
         .workers(options.workers)
-        .handler_threads(options.threads)
+        .handler_pool((options.threads > 0).then(|| HandlerPool::threads(options.threads)))
         .busy_poll(std::time::Duration::from_micros(options.busy_poll_us))
         .bind(options.bind.as_str())?;
     say(format_args!(

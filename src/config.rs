@@ -1,15 +1,14 @@
 //! The server builder: every server setting, its default, and its check.
 
-use std::fmt;
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs, UdpSocket};
+use std::marker::PhantomData;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use socket2::Socket;
-
+use crate::engine::{Blocking, Engine};
 use crate::error::Error;
+use crate::pool::HandlerPool;
 use crate::ratelimit::{Limiter, RateLimit};
-use crate::server::GreetServer;
-use crate::socket::{self, BoundSocket, BufferSize, SocketOptions};
+use crate::socket::{BoundSocket, BufferSize, SocketOptions};
 use crate::sys;
 
 /// The most workers one server may have.
@@ -20,9 +19,13 @@ pub const MAX_UDP_PAYLOAD_V4: usize = 65_507;
 /// The largest UDP payload over IPv6 (without jumbograms): 65 535 − 8 (UDP header).
 pub const MAX_UDP_PAYLOAD_V6: usize = 65_527;
 
-/// Configures and binds a [`GreetServer`].
+/// Configures and binds a server: the blocking [`GreetServer`] (from
+/// [`GreetServer::builder`], `ServerBuilder<Blocking>`), or with the
+/// feature `tokio` the async `udp_greet::tokio::GreetServer` (from its own
+/// `builder()`, `ServerBuilder<Tokio>`).
 ///
-/// Every option is applied through socket2 before the socket is bound.
+/// Every socket option is applied through socket2 before the socket is
+/// bound, and every setting is checked before anything is bound.
 ///
 /// ```
 /// # fn main() -> Result<(), udp_greet::Error> {
@@ -36,68 +39,71 @@ pub const MAX_UDP_PAYLOAD_V6: usize = 65_527;
 /// # Ok(())
 /// # }
 /// ```
+///
+/// # Settings that belong to one engine
+///
+/// The settings shared by every engine are methods of every builder.
+/// Those of one engine are grouped in a value of their own, which only that
+/// engine's builder takes: a [`HandlerPool`] for the blocking server
+/// ([`handler_pool`](ServerBuilder::handler_pool)), `Limits` for the async
+/// server (`limits`). A setting that does not apply cannot be written:
+///
+/// ```compile_fail,E0599
+/// // Handlers run inline here: there is no queue to size.
+/// let builder = udp_greet::GreetServer::builder().queue_capacity(64);
+/// ```
+///
+/// ```compile_fail,E0599
+/// // A busy reply is for requests shed by a pool or the async limits.
+/// let builder = udp_greet::GreetServer::builder().overload_reply(&b"busy"[..]);
+/// ```
+///
+/// ```compile_fail,E0599
+/// // Futures in flight are the async server's.
+/// let builder = udp_greet::GreetServer::builder().max_in_flight(64);
+/// ```
+///
+/// Settings that contradict the I/O path or the socket chosen are refused
+/// with [`Error::InvalidConfig`] when binding, before any socket is made:
+/// [`batch_size`](ServerBuilder::batch_size) or [`gso(true)`](ServerBuilder::gso)
+/// with [`portable_io(true)`](ServerBuilder::portable_io) (or where the
+/// platform has no batches), and the settings that apply before bind with
+/// [`from_std`](ServerBuilder::from_std). No setting is ever accepted and
+/// then ignored.
 #[derive(Debug, Clone)]
 #[must_use = "a builder does nothing until `bind` is called"]
-pub struct ServerBuilder {
+pub struct ServerBuilder<E: Engine = Blocking> {
     pub(crate) socket: SocketOptions,
-    pub(crate) max_datagram: Option<usize>,
-    pub(crate) workers: usize,
-    pub(crate) batch_size: usize,
-    pub(crate) portable_io: bool,
-    pub(crate) gso: bool,
-    pub(crate) rate_limit: Option<RateLimit>,
-    pub(crate) max_amplification: Option<usize>,
-    pub(crate) handler_threads: usize,
-    pub(crate) queue_capacity: Option<usize>,
-    pub(crate) overload_reply: Option<Vec<u8>>,
-    pub(crate) max_queue_wait: Option<Duration>,
-    pub(crate) drain_timeout: Duration,
-    pub(crate) busy_poll: Option<Duration>,
-    pub(crate) max_in_flight: Option<usize>,
-    pub(crate) handler_timeout: Option<Duration>,
+    max_datagram: Option<usize>,
+    workers: usize,
+    /// `None`: the default, [`DEFAULT_BATCH_SIZE`]; `Some`: set by the user.
+    batch_size: Option<usize>,
+    portable_io: bool,
+    /// `None`: the default, on; `Some`: set by the user.
+    gso: Option<bool>,
+    rate_limit: Option<RateLimit>,
+    max_amplification: Option<usize>,
+    busy_poll: Option<Duration>,
+    /// The first setting made that applies before bind only, if any: a
+    /// socket made elsewhere ([`from_std`](ServerBuilder::from_std)) cannot
+    /// take it.
+    pre_bind: Option<&'static str>,
+    /// Where handlers run.
+    dispatch: Dispatch,
+    engine: PhantomData<E>,
 }
 
-/// The handler pool's queue holds this many requests per handler thread
-/// unless [`ServerBuilder::queue_capacity`] says otherwise: 64.
-///
-/// A request that is `k`-th in the queue of `n` threads whose handlers take
-/// `h` each waits about `k × h / n`; with the default
-/// [`max_queue_wait`](ServerBuilder::max_queue_wait) of 500 ms, 64 per
-/// thread is as deep as a queue of 8 ms handlers can usefully be. Deeper,
-/// the requests at the back would only expire; faster handlers drain it
-/// well within the wait. Each place holds one request's bytes: 512 bytes
-/// reserved up front, growing to the largest request it has carried.
-pub const DEFAULT_QUEUE_PER_THREAD: usize = 64;
-
-/// How long a request may wait in the handler pool's queue unless
-/// [`ServerBuilder::max_queue_wait`] says otherwise: 500 ms, half of
-/// [`ClientBuilder::timeout`](crate::ClientBuilder::timeout)'s default.
-///
-/// A client of this crate resends after 1 s by default. A request taken up
-/// after 500 ms would need a handler of under 500 ms for its reply to beat
-/// the resend; later than that, its client has given up or resent, and
-/// answering it only adds to the load that made it wait.
-pub const DEFAULT_MAX_QUEUE_WAIT: Duration = Duration::from_millis(500);
-
-/// How many handler futures the async server runs at once unless
-/// [`ServerBuilder::max_in_flight`] says otherwise: 1024.
-///
-/// Enough for handlers that wait 10 ms to answer about 100 000 requests a
-/// second, in about a megabyte of places for small requests; a server that
-/// needs more in flight is better served by faster handlers or more
-/// machines than by a longer line.
-pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
-
-/// How long an async handler may run unless
-/// [`ServerBuilder::handler_timeout`] says otherwise: 10 s, the default
-/// [`ClientBuilder::deadline`](crate::ClientBuilder::deadline), after which
-/// a client of this crate has given up.
-pub const DEFAULT_HANDLER_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The most handler threads one server may have.
-const MAX_HANDLER_THREADS: usize = 1024;
-/// The largest handler-pool queue.
-const MAX_QUEUE_CAPACITY: usize = 1 << 20;
+/// Where a server's handlers run, with that engine's own settings.
+#[derive(Debug, Clone)]
+pub(crate) enum Dispatch {
+    /// On the receive workers (blocking engine).
+    Inline,
+    /// On a handler pool (blocking engine).
+    Pool(HandlerPool),
+    /// As futures on the receive tasks (tokio engine).
+    #[cfg(feature = "tokio")]
+    Async(crate::tokio::Limits),
+}
 
 /// The default number of datagrams per batch on the batched path: 32.
 ///
@@ -105,7 +111,7 @@ const MAX_QUEUE_CAPACITY: usize = 1 << 20;
 /// CPU per reply relative to a plain std loop was 0.72 with batches of 8 and
 /// 0.68 to 0.69 with 16, 32 or 64, so 32 leaves headroom at no cost. A batch
 /// never waits to fill: the receive returns as soon as one datagram is there.
-pub const DEFAULT_BATCH_SIZE: usize = 32;
+pub(crate) const DEFAULT_BATCH_SIZE: usize = 32;
 
 /// The receive buffer a server asks for unless told otherwise: 1 MiB.
 ///
@@ -115,10 +121,11 @@ pub const DEFAULT_BATCH_SIZE: usize = 32;
 /// (`cargo bench --bench throughput`), any grant from 512 KiB up dropped
 /// nothing, where the kernel's default 208 KiB buffer (about 190 queued
 /// small datagrams) dropped some.
-pub const DEFAULT_RECV_BUFFER: usize = 1 << 20;
+pub(crate) const DEFAULT_RECV_BUFFER: usize = 1 << 20;
 
-impl Default for ServerBuilder {
-    fn default() -> Self {
+impl<E: Engine> ServerBuilder<E> {
+    /// Every setting at its default, with handlers run as `dispatch` says.
+    pub(crate) fn with_dispatch(dispatch: Dispatch) -> Self {
         ServerBuilder {
             socket: SocketOptions {
                 only_v6: true,
@@ -126,29 +133,59 @@ impl Default for ServerBuilder {
             },
             max_datagram: None,
             workers: 1,
-            batch_size: DEFAULT_BATCH_SIZE,
+            batch_size: None,
             portable_io: false,
-            gso: true,
+            gso: None,
             rate_limit: None,
             max_amplification: None,
-            handler_threads: 0,
-            queue_capacity: None,
-            overload_reply: None,
-            max_queue_wait: Some(DEFAULT_MAX_QUEUE_WAIT),
-            drain_timeout: Duration::ZERO,
             busy_poll: None,
-            max_in_flight: None,
-            handler_timeout: Some(DEFAULT_HANDLER_TIMEOUT),
+            pre_bind: None,
+            dispatch,
+            engine: PhantomData,
         }
+    }
+
+    /// Where handlers run, for the engines that choose.
+    pub(crate) fn set_dispatch(mut self, dispatch: Dispatch) -> Self {
+        self.dispatch = dispatch;
+        self
+    }
+
+    /// Notes a setting that applies before bind only.
+    fn before_bind(mut self, setting: &'static str) -> Self {
+        self.pre_bind.get_or_insert(setting);
+        self
     }
 }
 
-impl ServerBuilder {
-    /// A builder with every setting at its default.
+impl Default for ServerBuilder<Blocking> {
+    fn default() -> Self {
+        Self::with_dispatch(Dispatch::Inline)
+    }
+}
+
+impl ServerBuilder<Blocking> {
+    /// A builder for the blocking server with every setting at its default.
     pub fn new() -> Self {
         Self::default()
     }
 
+    /// Runs handlers on a pool of threads instead of on the receive
+    /// workers, for handlers that wait (on a database, a file, another
+    /// service); see [`HandlerPool`] for how requests are queued, shed and
+    /// expired.
+    ///
+    /// The receive workers keep receiving in batches and hand each request
+    /// to the pool through a bounded queue without ever waiting for room.
+    /// Without a pool (`None`, the default), handlers run inline on the
+    /// receive workers, which is fastest for handlers that answer in
+    /// microseconds.
+    pub fn handler_pool(self, pool: impl Into<Option<HandlerPool>>) -> Self {
+        self.set_dispatch(pool.into().map_or(Dispatch::Inline, Dispatch::Pool))
+    }
+}
+
+impl<E: Engine> ServerBuilder<E> {
     /// Requests a receive buffer (`SO_RCVBUF`) of `bytes`: how much the
     /// kernel queues for the server while it is busy, beyond which it drops.
     ///
@@ -178,7 +215,7 @@ impl ServerBuilder {
     /// Defaults to `false`.
     pub fn reuse_address(mut self, on: bool) -> Self {
         self.socket.reuse_address = on;
-        self
+        self.before_bind("ServerBuilder::reuse_address")
     }
 
     /// Sets `SO_REUSEPORT` before binding, so that other sockets that also set
@@ -201,7 +238,7 @@ impl ServerBuilder {
     /// Defaults to `false`.
     pub fn reuse_port(mut self, on: bool) -> Self {
         self.socket.reuse_port = on;
-        self
+        self.before_bind("ServerBuilder::reuse_port")
     }
 
     /// Sets `IPV6_V6ONLY` on IPv6 sockets: when `true`, a socket bound to
@@ -213,7 +250,7 @@ impl ServerBuilder {
     /// Ignored for IPv4 sockets. Defaults to `true`.
     pub fn only_v6(mut self, on: bool) -> Self {
         self.socket.only_v6 = on;
-        self
+        self.before_bind("ServerBuilder::only_v6")
     }
 
     /// The largest request the server accepts, in bytes. A larger datagram is
@@ -283,7 +320,7 @@ impl ServerBuilder {
     ///
     /// Must be between 1 and 1024. Defaults to [`DEFAULT_BATCH_SIZE`] (32).
     pub fn batch_size(mut self, datagrams: usize) -> Self {
-        self.batch_size = datagrams;
+        self.batch_size = Some(datagrams);
         self
     }
 
@@ -316,7 +353,7 @@ impl ServerBuilder {
     ///
     /// Defaults to `true`.
     pub fn gso(mut self, on: bool) -> Self {
-        self.gso = on;
+        self.gso = Some(on);
         self
     }
 
@@ -343,91 +380,6 @@ impl ServerBuilder {
         self
     }
 
-    /// Runs handlers on a pool of `threads` threads instead of on the
-    /// receive workers, for handlers that wait (on a database, a file,
-    /// another service).
-    ///
-    /// The receive workers keep receiving in batches and hand each request
-    /// to the pool through a bounded queue
-    /// ([`queue_capacity`](ServerBuilder::queue_capacity)) without ever
-    /// waiting for room: when the queue is full the request is shed at once
-    /// ([`overload_reply`](ServerBuilder::overload_reply),
-    /// [`Stats::overloaded`](crate::Stats::overloaded)). A handler thread
-    /// drops a request that waited too long
-    /// ([`max_queue_wait`](ServerBuilder::max_queue_wait)), and sends each
-    /// reply itself as soon as it is ready, from the address the request
-    /// arrived on. Up to `threads` handler calls run at once, whichever
-    /// peers they come from.
-    ///
-    /// 0 runs handlers inline on the receive workers, which is fastest for
-    /// handlers that answer in microseconds. Must be at most 1024. Defaults
-    /// to 0.
-    pub fn handler_threads(mut self, threads: usize) -> Self {
-        self.handler_threads = threads;
-        self
-    }
-
-    /// How many requests may wait for the handler pool: requests received
-    /// while that many wait are shed. The queue's memory is allocated when
-    /// the server starts, one place per waiting request and one per handler
-    /// thread, each with 512 bytes reserved for its request and growing to
-    /// the largest request it has carried (up to
-    /// [`max_datagram_size`](ServerBuilder::max_datagram_size)). Measured
-    /// (`tests/alloc.rs`, 8 threads, default capacity): 808 bytes of heap
-    /// per place on the portable path and 1.25 KiB on the batched path,
-    /// where each handler thread also keeps a batch of reply buffers.
-    ///
-    /// Only used with [`handler_threads`](ServerBuilder::handler_threads).
-    /// Must be between 1 and 1 048 576. Defaults to
-    /// [`DEFAULT_QUEUE_PER_THREAD`] (64) per handler thread.
-    pub fn queue_capacity(mut self, requests: usize) -> Self {
-        self.queue_capacity = Some(requests);
-        self
-    }
-
-    /// A fixed reply for requests shed because the handler pool's queue is
-    /// full ("busy, try later" in the protocol's own words), instead of
-    /// dropping them silently. It is sent by the receive worker, at once,
-    /// only to requests that passed the [rate limit](ServerBuilder::rate_limit),
-    /// and not when it is larger than the
-    /// [amplification limit](ServerBuilder::max_amplification) allows for
-    /// the request's size. Shed requests are counted in
-    /// [`Stats::overloaded`](crate::Stats::overloaded) either way.
-    ///
-    /// Only used with [`handler_threads`](ServerBuilder::handler_threads).
-    /// Defaults to dropping shed requests.
-    pub fn overload_reply(mut self, reply: impl Into<Vec<u8>>) -> Self {
-        self.overload_reply = Some(reply.into());
-        self
-    }
-
-    /// The longest a request may wait in the handler pool's queue: a handler
-    /// thread that takes up a request which has waited longer drops it
-    /// unanswered ([`Stats::expired`](crate::Stats::expired)), since its
-    /// client has given up or resent by then. `None` lets requests wait
-    /// indefinitely.
-    ///
-    /// Only used with [`handler_threads`](ServerBuilder::handler_threads).
-    /// Must not be zero. Defaults to [`DEFAULT_MAX_QUEUE_WAIT`] (500 ms).
-    pub fn max_queue_wait(mut self, wait: impl Into<Option<Duration>>) -> Self {
-        self.max_queue_wait = wait.into();
-        self
-    }
-
-    /// How long, at shutdown, the handler pool goes on answering requests
-    /// already queued; what is left after that is dropped and counted in
-    /// [`Stats::shutdown_dropped`](crate::Stats::shutdown_dropped). Handler
-    /// calls in progress are always waited for (see
-    /// [`ServerHandle::shutdown_timeout`](crate::ServerHandle::shutdown_timeout)
-    /// for a bound).
-    ///
-    /// Only used with [`handler_threads`](ServerBuilder::handler_threads).
-    /// Defaults to zero: the queue is dropped at once.
-    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
-        self.drain_timeout = timeout;
-        self
-    }
-
     /// Latency mode: after handling what arrived, a worker keeps receiving
     /// without blocking for up to `window` before it blocks again, so that a
     /// request that comes within the window is taken at once rather than
@@ -436,7 +388,7 @@ impl ServerBuilder {
     /// once it has passed. Shutdown stays as prompt.
     ///
     /// Every mode polls: the batched and portable receive loops poll their
-    /// socket, [handler-pool](ServerBuilder::handler_threads) threads
+    /// socket, [handler-pool](ServerBuilder::handler_pool) threads
     /// poll the queue between requests, and the async server (feature
     /// `tokio`) keeps trying its socket, yielding to the runtime between
     /// tries, so that its other tasks still run. Empty polls are counted in
@@ -477,186 +429,106 @@ impl ServerBuilder {
         self
     }
 
-    /// The most handler futures the async server (`GreetServer::serve_async`,
-    /// feature `tokio`) runs at once, over all its workers. A request that arrives while
-    /// that many are in flight is shed at once, as a full handler-pool queue
-    /// sheds ([`overload_reply`](ServerBuilder::overload_reply),
-    /// [`Stats::overloaded`](crate::Stats::overloaded)): the receive loop
-    /// never waits for room, and requests in flight are never cancelled to
-    /// make it.
-    ///
-    /// Each place holds one handler future and its request, made once and
-    /// reused: the memory is the handler future's size plus 512 bytes and
-    /// the request's bytes, per place ever used.
-    ///
-    /// Only used by the async server (feature `tokio`). Must be between 1
-    /// and 1 048 576. Defaults to [`DEFAULT_MAX_IN_FLIGHT`] (1024).
-    pub fn max_in_flight(mut self, requests: usize) -> Self {
-        self.max_in_flight = Some(requests);
-        self
-    }
-
-    /// The longest a handler future of the async server
-    /// (`GreetServer::serve_async`, feature `tokio`) may run: one still running then is dropped (cancelled at its await
-    /// point), nothing is sent, and the request is counted in
-    /// [`Stats::timed_out`](crate::Stats::timed_out). `None` lets handlers
-    /// run until shutdown.
-    ///
-    /// Only used by the async server (feature `tokio`); blocking handlers
-    /// cannot be cancelled. Must not be zero. Defaults to
-    /// [`DEFAULT_HANDLER_TIMEOUT`] (10 s).
-    pub fn handler_timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
-        self.handler_timeout = timeout.into();
-        self
-    }
-
-    /// Creates the socket, applies the options and binds it to `addr`.
-    ///
-    /// Each address `addr` resolves to is tried in turn, as
-    /// [`std::net::UdpSocket::bind`] does.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::InvalidConfig`] for an out-of-range setting,
-    /// [`Error::Resolve`] when `addr` does not resolve, [`Error::AddrInUse`]
-    /// when another socket holds the address (also with several
-    /// [`workers`](ServerBuilder::workers), unless
-    /// [`reuse_port`](ServerBuilder::reuse_port) asks to share it),
-    /// [`Error::Bind`] or [`Error::Socket`] for other failures (the last
-    /// address tried).
-    pub fn bind<A: ToSocketAddrs + fmt::Debug>(self, addr: A) -> Result<GreetServer, Error> {
-        self.validate()?;
-        let addrs = socket::resolve(addr)?;
-        let mut options = self.socket.clone();
-        options.recv_buffer = options.recv_buffer.or(Some(DEFAULT_RECV_BUFFER));
-        socket::first_ok(&addrs, |addr| {
-            let (first, others) = socket::bind_workers(addr, &options, self.socket_per_worker())?;
-            GreetServer::new(&self, first, others)
-        })
-    }
-
-    /// Serves on a socket made elsewhere, with this builder's settings: for
-    /// socket options this crate does not set, or a socket inherited from a
-    /// service manager.
-    ///
-    /// The socket must be a bound UDP socket. It is put in the mode the
-    /// server needs: blocking, with no read timeout (on Linux, where a
-    /// shutdown wakes a blocked receive) or a short one (elsewhere). The
-    /// receive and send buffer sizes are set only if this builder sets them;
-    /// every other setting applies as with [`bind`](ServerBuilder::bind),
-    /// except those that must come before bind:
-    /// [`reuse_address`](ServerBuilder::reuse_address),
-    /// [`reuse_port`](ServerBuilder::reuse_port) and
-    /// [`only_v6`](ServerBuilder::only_v6) are ignored (the socket keeps what
-    /// it has), and several [`workers`](ServerBuilder::workers) share the one
-    /// socket.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::InvalidConfig`] for an out-of-range setting;
-    /// [`Error::UnsuitableSocket`] when the socket is not a UDP socket over
-    /// IPv4 or IPv6, or is not bound; [`Error::Socket`] when an option
-    /// cannot be set or read.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// # fn main() -> Result<(), udp_greet::Error> {
-    /// use udp_greet::{GreetClient, GreetServer, RateLimit};
-    ///
-    /// let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
-    /// socket.set_nonblocking(true).expect("non-blocking"); // put right by from_std
-    /// let server = GreetServer::builder()
-    ///     .rate_limit(RateLimit::new(100, 10))
-    ///     .from_std(socket)?
-    ///     .spawn(udp_greet::greet)?;
-    /// let client = GreetClient::connect(server.local_addr())?;
-    /// assert_eq!(client.send_recv(b"Tracy")?, b"Hello, Tracy!");
-    /// # Ok(())
-    /// # }
-    /// ```
-    pub fn from_std(self, socket: UdpSocket) -> Result<GreetServer, Error> {
-        self.validate()?;
-        let adopted = socket::adopt(Socket::from(socket), &self.socket)?;
-        GreetServer::new(&self, adopted, Vec::new())
-    }
-
-    /// Whether each worker gets a socket of its own: with several workers,
-    /// where the kernel spreads datagrams over sockets that share a port.
-    fn socket_per_worker(&self) -> usize {
-        if REUSE_PORT_SPREADS { self.workers } else { 1 }
-    }
-
-    fn validate(&self) -> Result<(), Error> {
-        if let Some(max) = self.max_datagram {
-            if !(1..=usize::from(u16::MAX)).contains(&max) {
-                return Err(Error::InvalidConfig {
-                    setting: "ServerBuilder::max_datagram_size",
-                    reason: "must be between 1 and 65535 bytes",
-                });
-            }
+    /// Checks every setting, and that each applies to the engine and the
+    /// socket chosen (`adopted`: a socket made elsewhere, through
+    /// `from_std`). Nothing is bound before this passes.
+    pub(crate) fn validate(&self, adopted: bool) -> Result<(), Error> {
+        if self
+            .max_datagram
+            .is_some_and(|max| !(1..=usize::from(u16::MAX)).contains(&max))
+        {
+            return Err(Error::invalid(
+                "ServerBuilder::max_datagram_size",
+                "must be between 1 and 65535 bytes",
+            ));
         }
         if self.max_amplification == Some(0) {
-            return Err(Error::InvalidConfig {
-                setting: "ServerBuilder::max_amplification",
-                reason: "must be at least 1",
-            });
+            return Err(Error::invalid(
+                "ServerBuilder::max_amplification",
+                "must be at least 1",
+            ));
         }
         if let Some(limit) = &self.rate_limit {
             limit.validate()?;
         }
         if !(1..=MAX_WORKERS).contains(&self.workers) {
-            return Err(Error::InvalidConfig {
-                setting: "ServerBuilder::workers",
-                reason: "must be between 1 and 1024",
-            });
-        }
-        if !(1..=sys::MAX_BATCH).contains(&self.batch_size) {
-            return Err(Error::InvalidConfig {
-                setting: "ServerBuilder::batch_size",
-                reason: "must be between 1 and 1024",
-            });
-        }
-        if self.handler_threads > MAX_HANDLER_THREADS {
-            return Err(Error::InvalidConfig {
-                setting: "ServerBuilder::handler_threads",
-                reason: "must be at most 1024",
-            });
+            return Err(Error::invalid(
+                "ServerBuilder::workers",
+                "must be between 1 and 1024",
+            ));
         }
         if self
-            .queue_capacity
-            .is_some_and(|c| !(1..=MAX_QUEUE_CAPACITY).contains(&c))
+            .batch_size
+            .is_some_and(|size| !(1..=sys::MAX_BATCH).contains(&size))
         {
-            return Err(Error::InvalidConfig {
-                setting: "ServerBuilder::queue_capacity",
-                reason: "must be between 1 and 1048576 requests",
-            });
+            return Err(Error::invalid(
+                "ServerBuilder::batch_size",
+                "must be between 1 and 1024",
+            ));
         }
-        if self
-            .max_in_flight
-            .is_some_and(|n| !(1..=MAX_QUEUE_CAPACITY).contains(&n))
-        {
-            return Err(Error::InvalidConfig {
-                setting: "ServerBuilder::max_in_flight",
-                reason: "must be between 1 and 1048576 requests",
-            });
+        if let Some(duration) = self.socket.so_busy_poll {
+            if !cfg!(target_os = "linux") {
+                return Err(Error::invalid(
+                    "ServerBuilder::so_busy_poll",
+                    "SO_BUSY_POLL is Linux only",
+                ));
+            }
+            if duration.as_micros() > i32::MAX as u128 {
+                return Err(Error::invalid(
+                    "ServerBuilder::so_busy_poll",
+                    "must be at most i32::MAX microseconds (about 35 minutes)",
+                ));
+            }
         }
-        if self.handler_timeout.is_some_and(|t| t.is_zero()) {
-            return Err(Error::InvalidConfig {
-                setting: "ServerBuilder::handler_timeout",
-                reason: "must be greater than zero (None lets handlers run until shutdown)",
-            });
+        // Batching settings where there is no batching.
+        let no_batches = if self.portable_io {
+            "it applies to batched I/O, and portable_io(true) turns that off"
+        } else if !BATCHES {
+            "it applies to batched I/O, which this platform does not have (Linux only)"
+        } else {
+            ""
+        };
+        if !no_batches.is_empty() {
+            if self.batch_size.is_some() {
+                return Err(Error::invalid("ServerBuilder::batch_size", no_batches));
+            }
+            if self.gso == Some(true) {
+                return Err(Error::invalid("ServerBuilder::gso", no_batches));
+            }
         }
-        if self.max_queue_wait.is_some_and(|w| w.is_zero()) {
-            return Err(Error::InvalidConfig {
-                setting: "ServerBuilder::max_queue_wait",
-                reason: "must be greater than zero (None lets requests wait indefinitely)",
-            });
+        if let Some(setting) = self.pre_bind.filter(|_| adopted) {
+            return Err(Error::invalid(
+                setting,
+                "it applies before bind, and a socket made elsewhere (from_std) is bound \
+                 already: set it on that socket instead",
+            ));
+        }
+        match &self.dispatch {
+            Dispatch::Inline => {}
+            Dispatch::Pool(pool) => pool.validate()?,
+            #[cfg(feature = "tokio")]
+            Dispatch::Async(limits) => {
+                limits.validate()?;
+                if self.workers > 1 && !REUSE_PORT_SPREADS {
+                    return Err(Error::invalid(
+                        "ServerBuilder::workers",
+                        "the async server runs one task per socket, and this platform \
+                         cannot spread one port over several sockets (Linux only): \
+                         use one worker",
+                    ));
+                }
+            }
         }
         Ok(())
     }
 
-    /// The settings every worker shares, for sockets bound to `local_addr`.
+    /// Whether each worker gets a socket of its own: with several workers,
+    /// where the kernel spreads datagrams over sockets that share a port.
+    pub(crate) fn socket_per_worker(&self) -> usize {
+        if REUSE_PORT_SPREADS { self.workers } else { 1 }
+    }
+
+    /// The settings every worker shares, for sockets bound like `first`.
     /// Call after [`validate`](ServerBuilder::validate).
     pub(crate) fn config(&self, first: &BoundSocket, pktinfo: bool) -> Config {
         let local_addr = first.local_addr;
@@ -669,26 +541,15 @@ impl ServerBuilder {
                 SocketAddr::V6(_) => MAX_UDP_PAYLOAD_V6,
             }),
             workers: self.workers,
-            batch_size: (!self.portable_io).then_some(self.batch_size),
-            gso: self.gso,
+            batch_size: (!self.portable_io && BATCHES)
+                .then_some(self.batch_size.unwrap_or(DEFAULT_BATCH_SIZE)),
+            gso: self.gso.unwrap_or(true),
             pktinfo,
             bound_ip: Some(local_addr.ip()).filter(|ip| !ip.is_unspecified()),
             limiter: self.rate_limit.as_ref().map(Limiter::new),
             max_amplification: self.max_amplification,
             busy_poll: self.busy_poll,
-            pool: (self.handler_threads > 0).then(|| PoolConfig {
-                threads: self.handler_threads,
-                capacity: self.queue_capacity.unwrap_or(
-                    self.handler_threads
-                        .saturating_mul(DEFAULT_QUEUE_PER_THREAD)
-                        .min(MAX_QUEUE_CAPACITY),
-                ),
-                max_queue_wait: self.max_queue_wait,
-            }),
-            overload_reply: self.overload_reply.clone(),
-            drain_timeout: self.drain_timeout,
-            max_in_flight: self.max_in_flight.unwrap_or(DEFAULT_MAX_IN_FLIGHT),
-            handler_timeout: self.handler_timeout,
+            dispatch: self.dispatch.clone(),
         }
     }
 }
@@ -697,6 +558,9 @@ impl ServerBuilder {
 /// `SO_REUSEPORT` (Linux, by a hash of the peer's address); elsewhere
 /// workers share one socket.
 const REUSE_PORT_SPREADS: bool = cfg!(any(target_os = "linux", target_os = "android"));
+
+/// Whether the platform has batched receives and sends.
+const BATCHES: bool = cfg!(target_os = "linux");
 
 /// A server's settings, checked and fixed at bind, shared by its workers.
 #[derive(Debug)]
@@ -707,9 +571,9 @@ pub(crate) struct Config {
     pub(crate) send_buffer: BufferSize,
     /// The largest accepted datagram, in bytes.
     pub(crate) max_datagram: usize,
-    /// Worker threads.
+    /// Receive workers.
     pub(crate) workers: usize,
-    /// Datagrams per batch on the batched path; `None` for the portable loop.
+    /// Datagrams per batch on the batched path; `None` for one at a time.
     pub(crate) batch_size: Option<usize>,
     /// Coalesce replies to one peer with segmentation offload (batched path).
     pub(crate) gso: bool,
@@ -720,35 +584,52 @@ pub(crate) struct Config {
     pub(crate) bound_ip: Option<IpAddr>,
     pub(crate) limiter: Option<Limiter>,
     pub(crate) max_amplification: Option<usize>,
-    /// The handler pool, if handlers do not run inline.
-    pub(crate) pool: Option<PoolConfig>,
     /// How long a worker polls after work before it blocks again.
     pub(crate) busy_poll: Option<Duration>,
-    /// The reply to shed requests (handler pool or async server).
-    pub(crate) overload_reply: Option<Vec<u8>>,
-    /// How long a handler pool or an async server goes on answering at
-    /// shutdown.
-    pub(crate) drain_timeout: Duration,
-    /// The async server's limit on handler futures in flight, over all
-    /// workers.
-    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
-    pub(crate) max_in_flight: usize,
-    /// The async server drops a handler future that runs longer.
-    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
-    pub(crate) handler_timeout: Option<Duration>,
+    /// Where handlers run, with that engine's settings.
+    pub(crate) dispatch: Dispatch,
 }
 
 impl Config {
+    /// The handler pool, if handlers run on one.
+    pub(crate) fn pool(&self) -> Option<&HandlerPool> {
+        match &self.dispatch {
+            Dispatch::Pool(pool) => Some(pool),
+            _ => None,
+        }
+    }
+
+    /// The async server's limits.
+    #[cfg(feature = "tokio")]
+    pub(crate) fn limits(&self) -> Option<&crate::tokio::Limits> {
+        match &self.dispatch {
+            Dispatch::Async(limits) => Some(limits),
+            _ => None,
+        }
+    }
+
+    /// The reply to requests shed for overload, if any.
+    pub(crate) fn overload_reply(&self) -> Option<&[u8]> {
+        match &self.dispatch {
+            Dispatch::Inline => None,
+            Dispatch::Pool(pool) => pool.overload_reply.as_deref(),
+            #[cfg(feature = "tokio")]
+            Dispatch::Async(limits) => limits.overload_reply.as_deref(),
+        }
+    }
+
+    /// How long handlers go on answering at shutdown.
+    pub(crate) fn drain_timeout(&self) -> Duration {
+        match &self.dispatch {
+            Dispatch::Inline => Duration::ZERO,
+            Dispatch::Pool(pool) => pool.drain_timeout,
+            #[cfg(feature = "tokio")]
+            Dispatch::Async(limits) => limits.drain_timeout,
+        }
+    }
+
     /// Every thread of the server: receive workers, then handler threads.
     pub(crate) fn threads(&self) -> usize {
-        self.workers + self.pool.as_ref().map_or(0, |p| p.threads)
+        self.workers + self.pool().map_or(0, HandlerPool::thread_count)
     }
-}
-
-/// The handler pool's settings.
-#[derive(Debug)]
-pub(crate) struct PoolConfig {
-    pub(crate) threads: usize,
-    pub(crate) capacity: usize,
-    pub(crate) max_queue_wait: Option<Duration>,
 }

@@ -129,6 +129,16 @@ pub enum Error {
         addr: SocketAddr,
     },
 
+    /// The tokio runtime an async server ran on shut down while it ran, and
+    /// cancelled its tasks: the server stopped without its shutdown, so its
+    /// counters may not account for the requests that were in flight.
+    /// Shut the server down before its runtime.
+    #[error("the async server on {addr} was cancelled: its tokio runtime shut down while it ran")]
+    Cancelled {
+        /// The server's address.
+        addr: SocketAddr,
+    },
+
     /// [`ServerHandle::shutdown_timeout`](crate::ServerHandle::shutdown_timeout)
     /// gave up waiting: some of the server's threads are still in a handler
     /// call. They finish on their own; their replies are not sent.
@@ -212,4 +222,12 @@ pub(crate) fn is_timeout(err: &io::Error) -> bool {
         err.kind(),
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
     )
+}
+
+impl Error {
+    /// [`Error::InvalidConfig`] for `setting` (`Type::method`), which must
+    /// be as `reason` says.
+    pub(crate) fn invalid(setting: &'static str, reason: &'static str) -> Error {
+        Error::InvalidConfig { setting, reason }
+    }
 }

@@ -1,10 +1,11 @@
 //! What a running server is controlled through: the stop flag and the
-//! counters its handles share, `ShutdownHandle` and `ServerHandle`.
+//! counters every handle shares, [`ServerControl`], and the blocking
+//! server's [`ServerHandle`].
 
 use std::fmt;
 use std::net::{Shutdown, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -28,8 +29,9 @@ pub(crate) struct Shared {
     pub(crate) stats: Arc<SharedStats>,
     /// The handler pool, and how long it drains at shutdown.
     pub(crate) pool: Option<(Arc<Pool>, Duration)>,
-    /// How many of the server's threads have ended.
-    ended: Mutex<usize>,
+    /// How many of the server's threads have ended, and the sockets kept
+    /// open for them.
+    ended: Mutex<Ending>,
     ended_changed: Condvar,
     /// Wakes the async server's tasks when `stop` is set.
     #[cfg(feature = "tokio")]
@@ -49,24 +51,61 @@ impl Shared {
             sockets: sockets.iter().map(Arc::downgrade).collect(),
             stats: SharedStats::new(threads),
             pool,
-            ended: Mutex::new(0),
+            ended: Mutex::new(Ending::default()),
             ended_changed: Condvar::new(),
             #[cfg(feature = "tokio")]
             stopping: Arc::new(tokio::sync::Notify::new()),
         })
     }
 
+    fn ending(&self) -> MutexGuard<'_, Ending> {
+        // Counts and a list: nothing a panic could leave half-made.
+        self.ended.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Keeps `sockets` open until the server's threads have ended (or a
+    /// bounded shutdown gives up on them): with a handler pool, whose
+    /// threads hold the sockets weakly so that a stuck handler cannot keep
+    /// the port once shutdown is over.
+    pub(crate) fn keep_open(&self, sockets: Vec<Arc<Socket>>) {
+        self.ending().keep_open = sockets;
+    }
+
+    /// Closes the sockets kept open (see [`keep_open`](Shared::keep_open)).
+    fn release(&self) {
+        let sockets = std::mem::take(&mut self.ending().keep_open);
+        drop(sockets);
+    }
+
+    /// The handle lets go of a server of `threads` threads: the sockets kept
+    /// open close once they have all ended.
+    fn detach(&self, threads: usize) {
+        let mut ending = self.ending();
+        ending.release_at = Some(threads);
+        let done = ending.ended >= threads;
+        drop(ending);
+        if done {
+            self.release();
+        }
+    }
+
     /// Marks the end of one of the server's threads; see [`ThreadEnd`].
     fn thread_ended(&self) {
-        *self.ended.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        let mut ending = self.ending();
+        ending.ended += 1;
+        let done = ending.release_at.is_some_and(|n| ending.ended >= n);
+        drop(ending);
         self.ended_changed.notify_all();
+        if done {
+            self.release();
+        }
     }
 
     /// Waits until `threads` threads have ended or `deadline` passes;
     /// returns how many have ended.
     fn wait_for_threads(&self, threads: usize, deadline: Option<Instant>) -> usize {
-        let mut ended = self.ended.lock().unwrap_or_else(|e| e.into_inner());
-        while *ended < threads {
+        let mut ended = self.ending();
+        while ended.ended < threads {
             let Some(deadline) = deadline else {
                 ended = self
                     .ended_changed
@@ -84,7 +123,7 @@ impl Shared {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
-        *ended
+        ended.ended
     }
 
     /// The counters summed over workers, with the kernel's drop count read
@@ -125,6 +164,16 @@ impl Shared {
     }
 }
 
+/// How many of a server's threads have ended, and what waits for them.
+#[derive(Debug, Default)]
+struct Ending {
+    ended: usize,
+    /// Once the handle has let go: how many threads must end before
+    /// `keep_open` is released.
+    release_at: Option<usize>,
+    keep_open: Vec<Arc<Socket>>,
+}
+
 /// Counts a server thread as ended when dropped: at the end of its run, or
 /// as it unwinds.
 #[derive(Debug)]
@@ -136,31 +185,35 @@ impl Drop for ThreadEnd {
     }
 }
 
-/// Stops a server from any thread, and reads its counters while it runs.
+/// Controls a running server from any thread or task: its address, its
+/// counters and latency histograms, and its stop signal. The same type for
+/// both engines.
 ///
-/// Cheap to clone. Taken with [`GreetServer::shutdown_handle`](crate::GreetServer::shutdown_handle) or
-/// [`ServerHandle::shutdown_handle`].
+/// Cheap to clone, and never keeps the server running: taken with
+/// [`GreetServer::control`](crate::GreetServer::control) (before
+/// [`serve`](crate::GreetServer::serve)) or from a running server's handle
+/// ([`ServerHandle::control`]).
 #[derive(Debug, Clone)]
-pub struct ShutdownHandle {
+pub struct ServerControl {
     shared: Arc<Shared>,
     local_addr: SocketAddr,
 }
 
-impl ShutdownHandle {
+impl ServerControl {
     pub(crate) fn new(shared: Arc<Shared>, local_addr: SocketAddr) -> Self {
-        ShutdownHandle { shared, local_addr }
+        ServerControl { shared, local_addr }
     }
 
     /// Asks the server to stop. Returns at once; [`GreetServer::serve`](crate::GreetServer::serve)
-    /// returns, or [`ServerHandle::shutdown`] can join, once every worker has
-    /// finished the handler call in progress. Requests received but not yet
+    /// returns, or the handle's `shutdown` can wait for it, once every
+    /// worker has finished the handler call in progress. Requests received but not yet
     /// handled are dropped and counted in
     /// [`Stats::shutdown_dropped`]. Calling it again does nothing.
     pub fn shutdown(&self) {
         self.shared.stop();
     }
 
-    /// Whether [`shutdown`](ShutdownHandle::shutdown) has been called.
+    /// Whether [`shutdown`](ServerControl::shutdown) has been called.
     #[must_use]
     pub fn is_shutdown(&self) -> bool {
         self.shared.is_stopped()
@@ -188,8 +241,12 @@ impl ShutdownHandle {
 
 /// A server running on background threads, from [`GreetServer::spawn`](crate::GreetServer::spawn).
 ///
-/// Dropping the handle shuts the server down and waits for it, as
-/// [`shutdown`](ServerHandle::shutdown) does.
+/// Dropping the handle asks the server to stop and returns at once, as
+/// dropping the async server's handle does: the threads finish on their
+/// own (within about one handler call, or the pool's drain time). Call
+/// [`shutdown`](ServerHandle::shutdown) or
+/// [`shutdown_timeout`](ServerHandle::shutdown_timeout) to wait until the
+/// port is free and read the final counters.
 #[must_use = "dropping the handle shuts the server down"]
 pub struct ServerHandle {
     local_addr: SocketAddr,
@@ -198,10 +255,6 @@ pub struct ServerHandle {
     /// How many threads the server has started, the caller's own for
     /// `serve` included.
     thread_count: usize,
-    /// With a handler pool, the sockets are kept open here until the pool
-    /// has drained (its threads hold them weakly, so that a handler that
-    /// never returns cannot keep the port).
-    keep_open: Vec<Arc<Socket>>,
     finished: bool,
 }
 
@@ -216,17 +269,12 @@ impl fmt::Debug for ServerHandle {
 }
 
 impl ServerHandle {
-    pub(crate) fn new(
-        shared: Arc<Shared>,
-        local_addr: SocketAddr,
-        keep_open: Vec<Arc<Socket>>,
-    ) -> Self {
+    pub(crate) fn new(shared: Arc<Shared>, local_addr: SocketAddr) -> Self {
         ServerHandle {
             local_addr,
             shared,
             threads: Vec::new(),
             thread_count: 0,
-            keep_open,
             finished: false,
         }
     }
@@ -260,10 +308,11 @@ impl ServerHandle {
         self.shared.latency()
     }
 
-    /// A handle that can stop the server from another thread.
+    /// A control that can stop the server from another thread, and read
+    /// its counters.
     #[must_use]
-    pub fn shutdown_handle(&self) -> ShutdownHandle {
-        ShutdownHandle::new(self.shared.clone(), self.local_addr)
+    pub fn control(&self) -> ServerControl {
+        ServerControl::new(self.shared.clone(), self.local_addr)
     }
 
     /// Stops the server and waits until every thread has stopped and every
@@ -314,7 +363,7 @@ impl ServerHandle {
     /// use std::time::Duration;
     ///
     /// let server = udp_greet::GreetServer::builder()
-    ///     .handler_threads(4)
+    ///     .handler_pool(udp_greet::HandlerPool::threads(4))
     ///     .bind("127.0.0.1:0")?
     ///     .spawn(udp_greet::greet)?;
     /// let stats = server.shutdown_timeout(Duration::from_secs(5))?;
@@ -349,7 +398,7 @@ impl ServerHandle {
                 });
             }
         }
-        self.keep_open.clear();
+        self.shared.release();
         let stuck = self.thread_count.saturating_sub(ended);
         if stuck > 0 {
             return Err(Error::ShutdownTimedOut {
@@ -364,6 +413,9 @@ impl ServerHandle {
 
 impl Drop for ServerHandle {
     fn drop(&mut self) {
-        let _ = self.finish(None);
+        // Signal and detach: never wait here, where a handler that never
+        // returns would block the dropping thread forever.
+        self.shared.stop();
+        self.shared.detach(self.thread_count);
     }
 }

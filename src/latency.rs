@@ -176,7 +176,7 @@ pub struct Latency {
     pub handler: Histogram,
     /// Queue wait: from a request's arrival (the receive call that took it)
     /// to the start of its handler call, one entry per request a handler
-    /// took up. With a [handler pool](crate::ServerBuilder::handler_threads)
+    /// took up. With a [handler pool](crate::ServerBuilder::handler_pool)
     /// this is the time in the queue, expired requests included; inline, the
     /// time behind the requests before it in the same batch.
     pub queue_wait: Histogram,

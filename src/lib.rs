@@ -49,13 +49,12 @@
 //!   about one handler call, and [`ServerHandle::shutdown_timeout`] bounds
 //!   it even when a handler never returns.
 //! - Handlers that wait (on a database, another service) can run on a
-//!   bounded pool ([`ServerBuilder::handler_threads`]) that sheds load at
+//!   bounded pool ([`HandlerPool`]) that sheds load at
 //!   once when full and drops requests that waited too long, with counters
 //!   and latency histograms ([`ServerHandle::latency`]) to watch it by.
 //! - Handlers that await (feature `tokio`) run as futures on the caller's
-//!   runtime, bounded by [`ServerBuilder::max_in_flight`] and
-//!   [`ServerBuilder::handler_timeout`], with the same batching, counters
-//!   and shutdown.
+//!   runtime, bounded in number and time (`udp_greet::tokio::Limits`),
+//!   with the same batching, counters and shutdown.
 //! - Opt-in latency mode ([`ServerBuilder::busy_poll`],
 //!   [`ClientBuilder::busy_poll`]) trades a core for the thread wake-ups of
 //!   each round trip.
@@ -65,12 +64,13 @@
 //!
 //! All are off by default.
 //!
-//! - `tokio`: an async server (`GreetServer::serve_async`,
-//!   `GreetServer::spawn_async`, handlers that take an owned
-//!   `AsyncRequest` and return a future of a `Reply`) and an async client
-//!   (`AsyncGreetClient`, many calls at once on one client) for the
-//!   caller's [tokio](https://docs.rs/tokio) runtime, with the same
-//!   settings, promises and counters as the blocking ones.
+//! - `tokio`: the module `udp_greet::tokio`, with an async server
+//!   (`udp_greet::tokio::GreetServer`, whose handlers take an owned
+//!   `Request` and return a future of a `Reply`) and an async client
+//!   (`udp_greet::tokio::GreetClient`, many calls at once on one client)
+//!   for the caller's [tokio](https://docs.rs/tokio) runtime, with the
+//!   same settings, promises and counters as the blocking ones, under the
+//!   same names.
 //! - `metrics`: publishes every counter of [`Stats`], the requests in
 //!   flight and both latency histograms through the
 //!   [`metrics`](https://docs.rs/metrics) facade, labelled with the server's
@@ -112,16 +112,13 @@ pub mod tokio;
 mod worker;
 
 pub use client::{ClientBuilder, DEFAULT_CLIENT_MAX_IN_FLIGHT, GreetClient};
-pub use config::{
-    DEFAULT_BATCH_SIZE, DEFAULT_HANDLER_TIMEOUT, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_QUEUE_WAIT,
-    DEFAULT_QUEUE_PER_THREAD, DEFAULT_RECV_BUFFER, MAX_UDP_PAYLOAD_V4, MAX_UDP_PAYLOAD_V6,
-    ServerBuilder,
-};
+pub use config::{MAX_UDP_PAYLOAD_V4, MAX_UDP_PAYLOAD_V6, ServerBuilder};
 pub use engine::{Blocking, Engine};
 pub use error::Error;
-pub use handle::{ServerHandle, ShutdownHandle};
+pub use handle::{ServerControl, ServerHandle};
 pub use handler::{Action, Request, greet, greet_into, is_greeting};
 pub use latency::{Histogram, Latency};
+pub use pool::HandlerPool;
 pub use ratelimit::RateLimit;
 pub use server::GreetServer;
 pub use socket::BufferSize;

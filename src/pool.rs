@@ -4,9 +4,192 @@
 use std::collections::VecDeque;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Condvar, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use crate::error::Error;
 use crate::sys::{Arrival, REPLY_RESERVE, Received};
+
+/// The handler pool's queue holds this many requests per handler thread
+/// unless [`HandlerPool::queue_capacity`] says otherwise.
+const DEFAULT_QUEUE_PER_THREAD: usize = 64;
+/// How long a request may wait in the queue unless
+/// [`HandlerPool::max_queue_wait`] says otherwise.
+const DEFAULT_MAX_QUEUE_WAIT: Duration = Duration::from_millis(500);
+/// The most handler threads one server may have.
+const MAX_THREADS: usize = 1024;
+/// The largest queue, and the most requests in flight on the async server.
+pub(crate) const MAX_QUEUE: usize = 1 << 20;
+
+/// A pool of threads that runs a blocking server's handlers, for handlers
+/// that wait (on a database, a file, another service); given to
+/// [`ServerBuilder::handler_pool`](crate::ServerBuilder::handler_pool).
+///
+/// The receive workers keep receiving in batches and hand each request to
+/// the pool through a bounded queue
+/// ([`queue_capacity`](HandlerPool::queue_capacity)) without ever waiting
+/// for room: when the queue is full the request is shed at once
+/// ([`overload_reply`](HandlerPool::overload_reply),
+/// [`Stats::overloaded`](crate::Stats::overloaded)). A handler thread drops
+/// a request that waited too long
+/// ([`max_queue_wait`](HandlerPool::max_queue_wait)), and sends each reply
+/// itself as soon as it is ready, from the address the request arrived on.
+/// Up to `threads` handler calls run at once, whichever peers they come
+/// from.
+///
+/// ```
+/// # fn main() -> Result<(), udp_greet::Error> {
+/// use std::time::Duration;
+/// use udp_greet::{GreetServer, HandlerPool};
+///
+/// let server = GreetServer::builder()
+///     .handler_pool(
+///         HandlerPool::threads(8)
+///             .queue_capacity(256)
+///             .max_queue_wait(Duration::from_millis(200))
+///             .overload_reply(&b"busy"[..]),
+///     )
+///     .bind("127.0.0.1:0")?
+///     .spawn(udp_greet::greet)?;
+/// # server.shutdown()?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[must_use = "a pool does nothing until given to ServerBuilder::handler_pool"]
+pub struct HandlerPool {
+    threads: usize,
+    queue_capacity: Option<usize>,
+    max_queue_wait: Option<Duration>,
+    pub(crate) overload_reply: Option<Vec<u8>>,
+    pub(crate) drain_timeout: Duration,
+}
+
+impl HandlerPool {
+    /// A pool of `threads` handler threads, every other setting at its
+    /// default. Must be between 1 and 1024 (checked at bind).
+    pub fn threads(threads: usize) -> HandlerPool {
+        HandlerPool {
+            threads,
+            queue_capacity: None,
+            max_queue_wait: Some(DEFAULT_MAX_QUEUE_WAIT),
+            overload_reply: None,
+            drain_timeout: Duration::ZERO,
+        }
+    }
+
+    /// How many requests may wait for a handler thread: requests received
+    /// while that many wait are shed. The queue's memory is allocated when
+    /// the server starts, one place per waiting request and one per handler
+    /// thread, each with 512 bytes reserved for its request and growing to
+    /// the largest request it has carried (up to
+    /// [`max_datagram_size`](crate::ServerBuilder::max_datagram_size)).
+    /// Measured (`tests/alloc.rs`, 8 threads, default capacity): 808 bytes
+    /// of heap per place on the portable path and 1.25 KiB on the batched
+    /// path, where each handler thread also keeps a batch of reply buffers.
+    ///
+    /// A request that is `k`-th in the queue of `n` threads whose handlers
+    /// take `h` each waits about `k × h / n`; with the default
+    /// [`max_queue_wait`](HandlerPool::max_queue_wait) of 500 ms, 64 per
+    /// thread is as deep as a queue of 8 ms handlers can usefully be.
+    /// Deeper, the requests at the back would only expire; faster handlers
+    /// drain it well within the wait.
+    ///
+    /// Must be between 1 and 1 048 576. Defaults to 64 per handler thread.
+    pub fn queue_capacity(mut self, requests: usize) -> Self {
+        self.queue_capacity = Some(requests);
+        self
+    }
+
+    /// The longest a request may wait in the queue: a handler thread that
+    /// takes up a request which has waited longer drops it unanswered
+    /// ([`Stats::expired`](crate::Stats::expired)), since its client has
+    /// given up or resent by then. `None` lets requests wait indefinitely.
+    ///
+    /// A client of this crate resends after 1 s by default. A request taken
+    /// up after 500 ms would need a handler of under 500 ms for its reply to
+    /// beat the resend; later than that, its client has given up or resent,
+    /// and answering it only adds to the load that made it wait.
+    ///
+    /// Must not be zero. Defaults to 500 ms, half of
+    /// [`ClientBuilder::timeout`](crate::ClientBuilder::timeout)'s default.
+    pub fn max_queue_wait(mut self, wait: impl Into<Option<Duration>>) -> Self {
+        self.max_queue_wait = wait.into();
+        self
+    }
+
+    /// A fixed reply for requests shed because the queue is full ("busy,
+    /// try later" in the protocol's own words), instead of dropping them
+    /// silently. It is sent by the receive worker, at once, only to
+    /// requests that passed the [rate limit](crate::ServerBuilder::rate_limit),
+    /// and not when it is larger than the
+    /// [amplification limit](crate::ServerBuilder::max_amplification)
+    /// allows for the request's size. Shed requests are counted in
+    /// [`Stats::overloaded`](crate::Stats::overloaded) either way.
+    ///
+    /// Defaults to dropping shed requests.
+    pub fn overload_reply(mut self, reply: impl Into<Vec<u8>>) -> Self {
+        self.overload_reply = Some(reply.into());
+        self
+    }
+
+    /// How long, at shutdown, the pool goes on answering requests already
+    /// queued; what is left after that is dropped and counted in
+    /// [`Stats::shutdown_dropped`](crate::Stats::shutdown_dropped). Handler
+    /// calls in progress are always waited for (see
+    /// [`ServerHandle::shutdown_timeout`](crate::ServerHandle::shutdown_timeout)
+    /// for a bound).
+    ///
+    /// Defaults to zero: the queue is dropped at once.
+    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
+        self.drain_timeout = timeout;
+        self
+    }
+
+    /// How many handler threads run.
+    pub(crate) fn thread_count(&self) -> usize {
+        self.threads
+    }
+
+    /// The queue's capacity.
+    pub(crate) fn capacity(&self) -> usize {
+        self.queue_capacity.unwrap_or(
+            self.threads
+                .saturating_mul(DEFAULT_QUEUE_PER_THREAD)
+                .min(MAX_QUEUE),
+        )
+    }
+
+    /// The longest wait in the queue, if any.
+    pub(crate) fn max_wait(&self) -> Option<Duration> {
+        self.max_queue_wait
+    }
+
+    /// Checks every setting.
+    pub(crate) fn validate(&self) -> Result<(), Error> {
+        if !(1..=MAX_THREADS).contains(&self.threads) {
+            return Err(Error::invalid(
+                "HandlerPool::threads",
+                "must be between 1 and 1024",
+            ));
+        }
+        if self
+            .queue_capacity
+            .is_some_and(|c| !(1..=MAX_QUEUE).contains(&c))
+        {
+            return Err(Error::invalid(
+                "HandlerPool::queue_capacity",
+                "must be between 1 and 1048576 requests",
+            ));
+        }
+        if self.max_queue_wait.is_some_and(|w| w.is_zero()) {
+            return Err(Error::invalid(
+                "HandlerPool::max_queue_wait",
+                "must be greater than zero (None lets requests wait indefinitely)",
+            ));
+        }
+        Ok(())
+    }
+}
 
 /// One queued request: a copy of its bytes, and what its reply needs.
 #[derive(Debug)]

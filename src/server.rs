@@ -1,4 +1,5 @@
-//! The server: bind, serve or spawn, observe, shut down.
+//! Binding a server (for either engine), and the blocking server: serve
+//! or spawn.
 
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
@@ -7,15 +8,127 @@ use std::thread;
 
 use socket2::Socket;
 
-use crate::config::{Config, ServerBuilder};
+use crate::config::{Config, DEFAULT_RECV_BUFFER, ServerBuilder};
+use crate::engine::{Blocking, Engine};
 use crate::error::Error;
-use crate::handle::{ServerHandle, Shared, ShutdownHandle, ThreadEnd};
+use crate::handle::{ServerControl, ServerHandle, Shared, ThreadEnd};
 use crate::handler::{Action, Request};
-use crate::pool::Pool;
-use crate::socket::{BoundSocket, BufferSize};
+use crate::pool::{HandlerPool, Pool};
+use crate::socket::{self, BoundSocket, BufferSize};
 use crate::stats::Stats;
 use crate::sys;
 use crate::worker::{HandlerFn, PoolThread, Worker};
+
+/// A server's sockets, bound and configured, not yet serving: what either
+/// engine starts from.
+pub(crate) struct Bound {
+    pub(crate) sockets: Vec<Arc<Socket>>,
+    pub(crate) config: Arc<Config>,
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl fmt::Debug for Bound {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Bound")
+            .field("config", &self.config)
+            .field("sockets", &self.sockets.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<E: Engine> ServerBuilder<E> {
+    /// Checks the settings, then binds the sockets to the first address
+    /// `addr` resolves to that takes them.
+    pub(crate) fn bind_sockets<A: ToSocketAddrs + fmt::Debug>(
+        self,
+        addr: A,
+    ) -> Result<Bound, Error> {
+        self.validate(false)?;
+        let addrs = socket::resolve(addr)?;
+        let mut options = self.socket.clone();
+        options.recv_buffer = options.recv_buffer.or(Some(DEFAULT_RECV_BUFFER));
+        socket::first_ok(&addrs, |addr| {
+            let (first, others) = socket::bind_workers(addr, &options, self.socket_per_worker())?;
+            Bound::new(&self, first, others)
+        })
+    }
+
+    /// Checks the settings, then takes a socket made elsewhere.
+    pub(crate) fn adopt_socket(self, socket: UdpSocket) -> Result<Bound, Error> {
+        self.validate(true)?;
+        let adopted = socket::adopt(Socket::from(socket), &self.socket)?;
+        Bound::new(&self, adopted, Vec::new())
+    }
+}
+
+impl ServerBuilder<Blocking> {
+    /// Creates the socket, applies the options and binds it to `addr`.
+    ///
+    /// Each address `addr` resolves to is tried in turn, as
+    /// [`std::net::UdpSocket::bind`] does.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] for an out-of-range setting,
+    /// [`Error::Resolve`] when `addr` does not resolve, [`Error::AddrInUse`]
+    /// when another socket holds the address (also with several
+    /// [`workers`](ServerBuilder::workers), unless
+    /// [`reuse_port`](ServerBuilder::reuse_port) asks to share it),
+    /// [`Error::Bind`] or [`Error::Socket`] for other failures (the last
+    /// address tried).
+    pub fn bind<A: ToSocketAddrs + fmt::Debug>(self, addr: A) -> Result<GreetServer, Error> {
+        Ok(GreetServer {
+            bound: self.bind_sockets(addr)?,
+        })
+    }
+
+    /// Serves on a socket made elsewhere, with this builder's settings: for
+    /// socket options this crate does not set, or a socket inherited from a
+    /// service manager.
+    ///
+    /// The socket must be a bound UDP socket. It is put in the mode the
+    /// server needs: blocking, with no read timeout (on Linux, where a
+    /// shutdown wakes a blocked receive) or a short one (elsewhere). The
+    /// receive and send buffer sizes are set only if this builder sets them;
+    /// every other setting applies as with [`bind`](ServerBuilder::bind),
+    /// and several [`workers`](ServerBuilder::workers) share the one
+    /// socket. The settings that apply before bind
+    /// ([`reuse_address`](ServerBuilder::reuse_address),
+    /// [`reuse_port`](ServerBuilder::reuse_port) and
+    /// [`only_v6`](ServerBuilder::only_v6)) are refused: set them on the
+    /// socket before binding it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] for an out-of-range setting, or one that
+    /// applies before bind;
+    /// [`Error::UnsuitableSocket`] when the socket is not a UDP socket over
+    /// IPv4 or IPv6, or is not bound; [`Error::Socket`] when an option
+    /// cannot be set or read.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # fn main() -> Result<(), udp_greet::Error> {
+    /// use udp_greet::{GreetClient, GreetServer, RateLimit};
+    ///
+    /// let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    /// socket.set_nonblocking(true).expect("non-blocking"); // put right by from_std
+    /// let server = GreetServer::builder()
+    ///     .rate_limit(RateLimit::new(100, 10))
+    ///     .from_std(socket)?
+    ///     .spawn(udp_greet::greet)?;
+    /// let client = GreetClient::connect(server.local_addr())?;
+    /// assert_eq!(client.send_recv(b"Tracy")?, b"Hello, Tracy!");
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn from_std(self, socket: UdpSocket) -> Result<GreetServer, Error> {
+        Ok(GreetServer {
+            bound: self.adopt_socket(socket)?,
+        })
+    }
+}
 
 /// A bound UDP server, ready to [`serve`](GreetServer::serve) on the calling
 /// thread or to [`spawn`](GreetServer::spawn) on its own.
@@ -47,69 +160,20 @@ use crate::worker::{HandlerFn, PoolThread, Worker};
 /// # Ok(())
 /// # }
 /// ```
+#[derive(Debug)]
 pub struct GreetServer {
-    pub(crate) sockets: Vec<Arc<Socket>>,
-    pub(crate) config: Arc<Config>,
-    pub(crate) shared: Arc<Shared>,
+    bound: Bound,
 }
 
-impl fmt::Debug for GreetServer {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("GreetServer")
-            .field("config", &self.config)
-            .field("sockets", &self.sockets.len())
-            .finish_non_exhaustive()
-    }
-}
-
-impl GreetServer {
-    /// Binds a server with default settings to `addr`.
-    ///
-    /// Port 0 asks the system for a free port: read it back with
-    /// [`local_addr`](GreetServer::local_addr).
-    ///
-    /// # Errors
-    ///
-    /// As [`ServerBuilder::bind`]: for example [`Error::AddrInUse`] when
-    /// another socket holds the address.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// # fn main() -> Result<(), udp_greet::Error> {
-    /// let server = udp_greet::GreetServer::bind("127.0.0.1:0")?;
-    /// assert_ne!(server.local_addr().port(), 0);
-    /// # Ok(())
-    /// # }
-    /// ```
-    pub fn bind<A: ToSocketAddrs + fmt::Debug>(addr: A) -> Result<GreetServer, Error> {
-        ServerBuilder::default().bind(addr)
-    }
-
-    /// A builder for a server with non-default settings.
-    pub fn builder() -> ServerBuilder {
-        ServerBuilder::default()
-    }
-
-    /// Serves on a socket made elsewhere, with every setting at its default
-    /// and the socket's own buffer sizes: `ServerBuilder::new().from_std(socket)`.
-    ///
-    /// # Errors
-    ///
-    /// As [`ServerBuilder::from_std`]: [`Error::UnsuitableSocket`] for a
-    /// socket that is not a bound UDP socket.
-    pub fn from_std(socket: UdpSocket) -> Result<GreetServer, Error> {
-        ServerBuilder::default().from_std(socket)
-    }
-
+impl Bound {
     /// A server over `first` and `others` (one socket per worker, or one
     /// shared by all), bound and configured by `builder`, which has checked
     /// its settings.
-    pub(crate) fn new(
-        builder: &ServerBuilder,
+    fn new<E: Engine>(
+        builder: &ServerBuilder<E>,
         first: BoundSocket,
         others: Vec<BoundSocket>,
-    ) -> Result<Self, Error> {
+    ) -> Result<Bound, Error> {
         let local_addr = first.local_addr;
         let config = builder.config(&first, local_addr.ip().is_unspecified());
         let mut bound = others;
@@ -141,14 +205,14 @@ impl GreetServer {
         }
         let config = Arc::new(Config { pktinfo, ..config });
         let sockets: Vec<Arc<Socket>> = bound.into_iter().map(|b| Arc::new(b.socket)).collect();
-        let pool = config.pool.as_ref().map(|p| {
+        let pool = config.pool().map(|p| {
             (
-                Arc::new(Pool::new(p.capacity, p.threads)),
-                config.drain_timeout,
+                Arc::new(Pool::new(p.capacity(), p.thread_count())),
+                config.drain_timeout(),
             )
         });
         let shared = Shared::new(&sockets, config.threads(), pool);
-        Ok(GreetServer {
+        Ok(Bound {
             sockets,
             config,
             shared,
@@ -157,37 +221,89 @@ impl GreetServer {
 
     /// The address the server is bound to, with the real port when port 0
     /// was asked for.
+    pub(crate) fn local_addr(&self) -> SocketAddr {
+        self.config.local_addr
+    }
+
+    /// A control for the server, before or while it runs.
+    pub(crate) fn control(&self) -> ServerControl {
+        ServerControl::new(self.shared.clone(), self.config.local_addr)
+    }
+}
+
+impl GreetServer {
+    /// Binds a server with default settings to `addr`.
+    ///
+    /// Port 0 asks the system for a free port: read it back with
+    /// [`local_addr`](GreetServer::local_addr).
+    ///
+    /// # Errors
+    ///
+    /// As [`ServerBuilder::bind`]: for example [`Error::AddrInUse`] when
+    /// another socket holds the address.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # fn main() -> Result<(), udp_greet::Error> {
+    /// let server = udp_greet::GreetServer::bind("127.0.0.1:0")?;
+    /// assert_ne!(server.local_addr().port(), 0);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn bind<A: ToSocketAddrs + fmt::Debug>(addr: A) -> Result<GreetServer, Error> {
+        ServerBuilder::new().bind(addr)
+    }
+
+    /// A builder for a server with non-default settings.
+    pub fn builder() -> ServerBuilder {
+        ServerBuilder::default()
+    }
+
+    /// Serves on a socket made elsewhere, with every setting at its default
+    /// and the socket's own buffer sizes: `ServerBuilder::new().from_std(socket)`.
+    ///
+    /// # Errors
+    ///
+    /// As [`ServerBuilder::from_std`]: [`Error::UnsuitableSocket`] for a
+    /// socket that is not a bound UDP socket.
+    pub fn from_std(socket: UdpSocket) -> Result<GreetServer, Error> {
+        ServerBuilder::new().from_std(socket)
+    }
+
+    /// The address the server is bound to, with the real port when port 0
+    /// was asked for.
     #[must_use]
     pub fn local_addr(&self) -> SocketAddr {
-        self.config.local_addr
+        self.bound.local_addr()
     }
 
     /// The receive buffer size requested and granted.
     #[must_use]
     pub fn recv_buffer_size(&self) -> BufferSize {
-        self.config.recv_buffer
+        self.bound.config.recv_buffer
     }
 
     /// The send buffer size requested and granted.
     #[must_use]
     pub fn send_buffer_size(&self) -> BufferSize {
-        self.config.send_buffer
+        self.bound.config.send_buffer
     }
 
     /// The largest request the server accepts, in bytes.
     #[must_use]
     pub fn max_datagram_size(&self) -> usize {
-        self.config.max_datagram
+        self.bound.config.max_datagram
     }
 
-    /// A handle that stops the server and reads its counters from another
+    /// A control that stops the server and reads its counters from another
     /// thread; take it before calling [`serve`](GreetServer::serve).
     #[must_use]
-    pub fn shutdown_handle(&self) -> ShutdownHandle {
-        ShutdownHandle::new(self.shared.clone(), self.config.local_addr)
+    pub fn control(&self) -> ServerControl {
+        self.bound.control()
     }
 
-    /// Runs the server on the calling thread until a [`ShutdownHandle`]
+    /// Runs the server on the calling thread until its [`ServerControl`]
     /// stops it, then returns the final counters.
     ///
     /// For each datagram, `handler` gets the [`Request`] and an empty reply
@@ -224,7 +340,7 @@ impl GreetServer {
     ///
     /// let server = GreetServer::bind("127.0.0.1:0")?;
     /// let addr = server.local_addr();
-    /// let stop = server.shutdown_handle();
+    /// let stop = server.control();
     /// let client = std::thread::spawn(move || -> Result<Vec<u8>, udp_greet::Error> {
     ///     let reply = GreetClient::connect(addr)?.send_recv(b"Sarah");
     ///     stop.shutdown();
@@ -264,20 +380,23 @@ impl GreetServer {
     /// the first receive worker runs on the calling thread once the others
     /// are running.
     fn start<H: HandlerFn>(self, handler: H, on_this_thread: bool) -> Result<ServerHandle, Error> {
+        let Bound {
+            sockets,
+            config,
+            shared,
+        } = self.bound;
         let handler = Arc::new(handler);
-        let addr = self.config.local_addr;
-        let pool = self.shared.pool.as_ref().map(|(pool, _)| pool.clone());
+        let addr = config.local_addr;
+        let pool = shared.pool.as_ref().map(|(pool, _)| pool.clone());
         // With a pool, the handle keeps the sockets open until the pool has
         // drained; handler threads hold them weakly.
-        let keep_open = if pool.is_some() {
-            self.sockets.clone()
-        } else {
-            Vec::new()
-        };
-        let weak: Vec<Weak<Socket>> = self.sockets.iter().map(Arc::downgrade).collect();
-        let mut handle = ServerHandle::new(self.shared.clone(), addr, keep_open);
+        if pool.is_some() {
+            shared.keep_open(sockets.clone());
+        }
+        let weak: Vec<Weak<Socket>> = sockets.iter().map(Arc::downgrade).collect();
+        let mut handle = ServerHandle::new(shared.clone(), addr);
         let spawn = |handle: &mut ServerHandle, name: String, run: Box<dyn FnOnce() + Send>| {
-            let end = ThreadEnd(self.shared.clone());
+            let end = ThreadEnd(shared.clone());
             let spawned = thread::Builder::new().name(name).spawn(move || {
                 let _end = end;
                 run();
@@ -293,13 +412,13 @@ impl GreetServer {
             }
         };
         if let Some(pool) = &pool {
-            for k in 0..self.config.pool.as_ref().map_or(0, |p| p.threads) {
+            for k in 0..config.pool().map_or(0, HandlerPool::thread_count) {
                 let thread = PoolThread {
-                    slot: self.config.workers + k,
+                    slot: config.workers + k,
                     pool: pool.clone(),
                     handler: handler.clone(),
-                    config: self.config.clone(),
-                    shared: self.shared.clone(),
+                    config: config.clone(),
+                    shared: shared.clone(),
                     sockets: weak.clone(),
                 };
                 // `udp:PORT/hN`: fits Linux's 15-byte thread names for ports
@@ -314,9 +433,8 @@ impl GreetServer {
         // Moved out, so that the workers (and, with a pool, the handle) hold
         // the only strong references, and each socket closes when the last
         // of them is done.
-        let sockets = self.sockets;
         let mut inline = None;
-        for index in 0..self.config.workers {
+        for index in 0..config.workers {
             // One socket per worker, or one shared by all.
             let own = index < sockets.len();
             let Some(socket) = sockets.get(index).or(sockets.first()).cloned() else {
@@ -327,8 +445,8 @@ impl GreetServer {
                 socket,
                 socket_index: if own { index } else { 0 },
                 handler: handler.clone(),
-                config: self.config.clone(),
-                shared: self.shared.clone(),
+                config: config.clone(),
+                shared: shared.clone(),
                 pool: pool.clone(),
                 reports_drops: own,
             };
@@ -347,7 +465,7 @@ impl GreetServer {
         drop(sockets);
         if let Some(worker) = inline {
             handle.started(None);
-            let _end = ThreadEnd(self.shared.clone());
+            let _end = ThreadEnd(shared.clone());
             worker.run();
         }
         Ok(handle)

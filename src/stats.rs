@@ -59,15 +59,15 @@ pub struct Stats {
     /// [drain time](crate::ServerBuilder::drain_timeout) is over).
     pub shutdown_dropped: u64,
     /// Requests shed because the
-    /// [handler pool](crate::ServerBuilder::handler_threads)'s queue was
+    /// [handler pool](crate::ServerBuilder::handler_pool)'s queue was
     /// full, or because the async server had
-    /// [`max_in_flight`](crate::ServerBuilder::max_in_flight) handlers
+    /// `max_in_flight` (async `Limits`) handlers
     /// running: dropped, or answered with the
     /// [busy reply](crate::ServerBuilder::overload_reply), at once.
     pub overloaded: u64,
     /// Requests dropped unanswered by a handler thread because they had
     /// waited in the queue longer than
-    /// [`max_queue_wait`](crate::ServerBuilder::max_queue_wait).
+    /// [`max_queue_wait`](crate::HandlerPool::max_queue_wait).
     pub expired: u64,
     /// Failed receive calls. These are not datagrams: on an unconnected
     /// socket they mostly report ICMP errors for earlier replies, and the
@@ -87,10 +87,10 @@ pub struct Stats {
     /// what polling costs. It stops growing once the server is idle.
     pub busy_poll_misses: u64,
     /// Requests whose async handler (feature `tokio`) ran
-    /// longer than [`handler_timeout`](crate::ServerBuilder::handler_timeout):
+    /// longer than `handler_timeout` (async `Limits`):
     /// its future was dropped and nothing was sent.
     pub timed_out: u64,
-    /// Requests waiting in the [handler pool](crate::ServerBuilder::handler_threads)'s
+    /// Requests waiting in the [handler pool](crate::ServerBuilder::handler_pool)'s
     /// queue when the snapshot was taken: a gauge, not a counter (part of
     /// [`in_flight`](Stats::in_flight)). Always 0 without a pool.
     pub queued: u64,

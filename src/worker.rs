@@ -17,7 +17,7 @@ use crate::handle::Shared;
 use crate::handler::{Action, Request};
 use crate::latency::Recorders;
 use crate::observe::Observer;
-use crate::pool::{Pool, Submitted, Taken};
+use crate::pool::{HandlerPool, Pool, Submitted, Taken};
 use crate::stats::SharedStats;
 use crate::stats::Stats;
 use crate::sys::{self, Received};
@@ -274,7 +274,7 @@ impl<H: HandlerFn> PoolThread<H> {
             since: None,
         };
         drop(first);
-        let max_wait = self.config.pool.as_ref().and_then(|p| p.max_queue_wait);
+        let max_wait = self.config.pool().and_then(HandlerPool::max_wait);
         let mut poll = PollWindow::new(self.config.busy_poll);
         loop {
             let taken = if out.replies.queued() > 0 {
@@ -475,7 +475,7 @@ impl Processor {
     /// Returns whether `reply` is to be sent (not counted as a reply).
     pub(crate) fn shed(&mut self, datagram: &Received<'_>, reply: &mut Vec<u8>) -> bool {
         self.totals.overloaded += 1;
-        let Some(busy) = self.config.overload_reply.as_ref() else {
+        let Some(busy) = self.config.overload_reply() else {
             return false;
         };
         if self.too_large(busy.len(), datagram.data.len()) {

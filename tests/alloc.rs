@@ -13,7 +13,7 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use udp_greet::{GreetClient, GreetServer, ServerBuilder};
+use udp_greet::{GreetClient, GreetServer, HandlerPool, ServerBuilder};
 
 struct Counting;
 
@@ -163,8 +163,6 @@ fn many_prefixes(builder: ServerBuilder) -> Result<u64, String> {
             // reached: buckets stay busy, so 256 prefixes overflow the table.
             udp_greet::RateLimit::new(1, 1_000_000).table_size(64),
         )
-        // All 256 at once fit a handler pool's queue.
-        .queue_capacity(512)
         .bind("127.0.0.1:0")
         .and_then(|s| s.spawn(udp_greet::greet))
         .map_err(|e| e.report())?;
@@ -317,7 +315,10 @@ impl std::future::Future for PendingOnce {
 /// once before it answers, so replies come from woken futures rather than
 /// at once.
 #[cfg(feature = "tokio")]
-fn async_bursts(builder: ServerBuilder, deferred: bool) -> Result<u64, String> {
+fn async_bursts(
+    builder: ServerBuilder<udp_greet::tokio::Tokio>,
+    deferred: bool,
+) -> Result<u64, String> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -328,7 +329,7 @@ fn async_bursts(builder: ServerBuilder, deferred: bool) -> Result<u64, String> {
         builder
             .bind("127.0.0.1:0")
             .and_then(|s| {
-                s.spawn_async(move |request: udp_greet::tokio::Request| async move {
+                s.spawn(move |request: udp_greet::tokio::Request| async move {
                     if deferred {
                         PendingOnce(false).await;
                     }
@@ -369,7 +370,7 @@ fn async_bursts(builder: ServerBuilder, deferred: bool) -> Result<u64, String> {
 /// The async client's `send_recv_into`, one call at a time, against the
 /// async server, on one runtime: both sides' allocations per call.
 #[cfg(feature = "tokio")]
-fn async_client_calls(builder: ServerBuilder) -> Result<u64, String> {
+fn async_client_calls(builder: ServerBuilder<udp_greet::tokio::Tokio>) -> Result<u64, String> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -378,7 +379,7 @@ fn async_client_calls(builder: ServerBuilder) -> Result<u64, String> {
     runtime.block_on(async move {
         let server = builder
             .bind("127.0.0.1:0")
-            .and_then(|s| s.spawn_async(udp_greet::tokio::greet))
+            .and_then(|s| s.spawn(udp_greet::tokio::greet))
             .map_err(|e| e.report())?;
         let client = udp_greet::tokio::GreetClient::connect(server.local_addr())
             .await
@@ -444,7 +445,10 @@ fn main() -> ExitCode {
                 let builder = GreetServer::builder()
                     .portable_io(portable)
                     .workers(workers)
-                    .handler_threads(handler_threads);
+                    .handler_pool((handler_threads > 0).then(|| {
+                        // All 256 of the many-prefix case at once fit the queue.
+                        HandlerPool::threads(handler_threads).queue_capacity(512)
+                    }));
                 let mode = match handler_threads {
                     0 => "inline".to_owned(),
                     n => format!("pool of {n}"),
@@ -470,7 +474,7 @@ fn main() -> ExitCode {
         let pooled = idle_heap_per_worker(
             GreetServer::builder()
                 .portable_io(portable)
-                .handler_threads(8),
+                .handler_pool(HandlerPool::threads(8)),
             1,
         );
         if let (Ok(inline), Ok(pooled)) = (inline, pooled) {
@@ -481,13 +485,16 @@ fn main() -> ExitCode {
                 pooled.saturating_sub(inline) / 520
             );
         }
-        for batch in [32, 1024] {
-            let builder = GreetServer::builder()
-                .portable_io(portable)
-                .batch_size(batch);
+        // The portable path has no batches to size.
+        let batches: &[usize] = if portable { &[1] } else { &[32, 1024] };
+        for &batch in batches {
+            let mut builder = GreetServer::builder().portable_io(portable);
+            if !portable {
+                builder = builder.batch_size(batch);
+            }
             match idle_heap_per_worker(builder, 8) {
                 Ok(bytes) => println!(
-                    "note: {path} path, batch_size({batch}), max_datagram_size(1200): \
+                    "note: {path} path, {batch} datagram(s) per receive, max_datagram_size(1200): \
                      {} KiB of heap per idle worker",
                     bytes / 1024
                 ),
@@ -502,7 +509,7 @@ fn main() -> ExitCode {
     for (path, portable) in [("batched", false), ("portable", true)] {
         for workers in [1, 2] {
             let builder = || {
-                GreetServer::builder()
+                udp_greet::tokio::GreetServer::builder()
                     .portable_io(portable)
                     .workers(workers)
             };

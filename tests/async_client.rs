@@ -15,14 +15,14 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use udp_greet::tokio as aio;
-use udp_greet::{Error, GreetClient, GreetServer};
+use udp_greet::{Error, GreetClient};
 use util::{V4, assert_balanced, guarded};
 
 /// A greet server whose handler waits `delay` before answering.
 fn slow_greeter(delay: Duration) -> aio::ServerHandle {
-    GreetServer::bind(V4)
+    aio::GreetServer::bind(V4)
         .expect("bind")
-        .spawn_async(move |request: aio::Request| async move {
+        .spawn(move |request: aio::Request| async move {
             tokio::time::sleep(delay).await;
             Some(request.reply_with(udp_greet::greet_into))
         })
@@ -38,9 +38,9 @@ fn silent_port() -> (std::net::UdpSocket, SocketAddr) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn greets_like_the_blocking_client() {
-    let server = GreetServer::bind(V4)
+    let server = aio::GreetServer::bind(V4)
         .expect("bind")
-        .spawn_async(aio::greet)
+        .spawn(aio::greet)
         .expect("spawn");
     let client = aio::GreetClient::connect(server.local_addr())
         .await
@@ -254,9 +254,9 @@ async fn ten_thousand_concurrent_calls_through_a_lossy_network_get_no_wrong_repl
     const RETRIES: u32 = 4;
     const TIMEOUT: Duration = Duration::from_millis(100);
     let seed = proxy::seed();
-    let server = GreetServer::bind(V4)
+    let server = aio::GreetServer::bind(V4)
         .expect("bind")
-        .spawn_async(aio::greet)
+        .spawn(aio::greet)
         .expect("spawn");
     let lossy = proxy::Proxy::start(server.local_addr(), seed);
     let client = GreetClient::builder()
@@ -404,11 +404,11 @@ async fn cancellation_at_every_await_point_leaks_nothing_and_misdirects_nothing(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn busy_polling_keeps_every_promise() {
-    let server = GreetServer::builder()
+    let server = aio::GreetServer::builder()
         .busy_poll(Duration::from_micros(200))
         .bind(V4)
         .expect("bind")
-        .spawn_async(aio::greet)
+        .spawn(aio::greet)
         .expect("spawn");
     let client = GreetClient::builder()
         .busy_poll(Duration::from_micros(200))
@@ -423,7 +423,7 @@ async fn busy_polling_keeps_every_promise() {
             .expect("reply");
         assert_eq!(reply, format!("Hello, {name}!").as_bytes());
     }
-    let handle = server.shutdown_handle();
+    let handle = server.control();
     // An idle server stops polling: the miss count settles.
     util::wait_for("the polling window to close", || {
         let before = handle.stats().busy_poll_misses;

@@ -16,7 +16,8 @@ use std::time::Duration;
 use tokio::net::UdpSocket;
 use tokio::sync::Semaphore;
 use udp_greet::tokio::{self as aio, Reply};
-use udp_greet::{Error, GreetServer, ServerBuilder, Stats};
+use udp_greet::tokio::{GreetServer, Limits, Tokio};
+use udp_greet::{Error, ServerBuilder, Stats};
 use util::{V4, assert_balanced, guarded, wait_for};
 
 /// Declares each named async scenario (taking a `ServerBuilder`) twice: on
@@ -27,7 +28,7 @@ macro_rules! on_both_paths {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    super::$name(udp_greet::GreetServer::builder()).await;
+                    super::$name(udp_greet::tokio::GreetServer::builder()).await;
                 }
             )*
         }
@@ -35,7 +36,7 @@ macro_rules! on_both_paths {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    super::$name(udp_greet::GreetServer::builder().portable_io(true)).await;
+                    super::$name(udp_greet::tokio::GreetServer::builder().portable_io(true)).await;
                 }
             )*
         }
@@ -52,6 +53,7 @@ on_both_paths!(
     shutdown_cancels_what_the_drain_time_leaves,
     checks_apply_before_the_handler,
     a_window_of_duration_max_polls_and_publishes_live,
+    a_window_of_one_nanosecond_polls,
 );
 
 /// A test client socket: sends raw datagrams, reads replies with a guard.
@@ -79,11 +81,11 @@ async fn assert_nothing_before_marker(socket: &UdpSocket, server: SocketAddr) {
 type Handler =
     Box<dyn Fn(aio::Request) -> Pin<Box<dyn Future<Output = Option<Reply>> + Send>> + Send + Sync>;
 
-fn start(builder: ServerBuilder, handler: Handler) -> aio::ServerHandle {
+fn start(builder: ServerBuilder<Tokio>, handler: Handler) -> aio::ServerHandle {
     builder
         .bind(V4)
         .expect("bind")
-        .spawn_async(handler)
+        .spawn(handler)
         .expect("spawn_async")
 }
 
@@ -96,11 +98,11 @@ async fn stop(server: aio::ServerHandle) -> Stats {
     stats
 }
 
-async fn greets_and_accounts_for_every_datagram(builder: ServerBuilder) {
+async fn greets_and_accounts_for_every_datagram(builder: ServerBuilder<Tokio>) {
     let server = builder
         .bind(V4)
         .expect("bind")
-        .spawn_async(aio::greet)
+        .spawn(aio::greet)
         .expect("spawn");
     let addr = server.local_addr();
     let socket = peer().await;
@@ -125,7 +127,7 @@ async fn greets_and_accounts_for_every_datagram(builder: ServerBuilder) {
         .collect();
     want.sort();
     assert_eq!(got, want);
-    let handle = server.shutdown_handle();
+    let handle = server.control();
     let stats = stop(server).await;
     assert_eq!((stats.received, stats.replied), (204, 204), "{stats:?}");
     // Every handler call is in the histogram, readable after shutdown.
@@ -144,13 +146,17 @@ fn gated(gate: Arc<Semaphore>, started: Arc<AtomicUsize>) -> Handler {
     })
 }
 
-async fn overload_is_exact_and_answered_with_the_busy_reply(builder: ServerBuilder) {
+async fn overload_is_exact_and_answered_with_the_busy_reply(builder: ServerBuilder<Tokio>) {
     const LIMIT: usize = 4;
     const EXTRA: usize = 6;
     let gate = Arc::new(Semaphore::new(0));
     let started = Arc::new(AtomicUsize::new(0));
     let server = start(
-        builder.max_in_flight(LIMIT).overload_reply(&b"busy"[..]),
+        builder.limits(
+            Limits::new()
+                .max_in_flight(LIMIT)
+                .overload_reply(&b"busy"[..]),
+        ),
         gated(gate.clone(), started.clone()),
     );
     let addr = server.local_addr();
@@ -210,12 +216,12 @@ impl Drop for DropCount {
     }
 }
 
-async fn handler_timeout_drops_the_future_and_counts_it(builder: ServerBuilder) {
+async fn handler_timeout_drops_the_future_and_counts_it(builder: ServerBuilder<Tokio>) {
     const HUNG: u64 = 5;
     let dropped = Arc::new(AtomicU64::new(0));
     let counter = dropped.clone();
     let server = start(
-        builder.handler_timeout(Duration::from_millis(20)),
+        builder.limits(Limits::new().handler_timeout(Duration::from_millis(20))),
         Box::new(move |request| {
             let guard = DropCount(counter.clone());
             Box::pin(async move {
@@ -250,7 +256,7 @@ async fn handler_timeout_drops_the_future_and_counts_it(builder: ServerBuilder) 
     assert_eq!((stats.timed_out, stats.replied), (HUNG, 1), "{stats:?}");
 }
 
-async fn handler_panics_are_caught_in_making_and_in_polling(builder: ServerBuilder) {
+async fn handler_panics_are_caught_in_making_and_in_polling(builder: ServerBuilder<Tokio>) {
     let server = start(
         builder,
         Box::new(|request| {
@@ -279,7 +285,7 @@ async fn handler_panics_are_caught_in_making_and_in_polling(builder: ServerBuild
     assert_eq!((stats.handler_panics, stats.replied), (4, 1), "{stats:?}");
 }
 
-async fn a_failed_send_is_counted_and_the_loop_goes_on(builder: ServerBuilder) {
+async fn a_failed_send_is_counted_and_the_loop_goes_on(builder: ServerBuilder<Tokio>) {
     let server = start(
         builder,
         Box::new(|request| {
@@ -301,11 +307,11 @@ async fn a_failed_send_is_counted_and_the_loop_goes_on(builder: ServerBuilder) {
     assert_eq!((stats.send_errors, stats.replied), (2, 1), "{stats:?}");
 }
 
-async fn shutdown_drains_in_flight_handlers_then_frees_the_port(builder: ServerBuilder) {
+async fn shutdown_drains_in_flight_handlers_then_frees_the_port(builder: ServerBuilder<Tokio>) {
     let gate = Arc::new(Semaphore::new(0));
     let started = Arc::new(AtomicUsize::new(0));
     let server = start(
-        builder.drain_timeout(Duration::from_secs(3600)),
+        builder.limits(Limits::new().drain_timeout(Duration::from_secs(3600))),
         gated(gate.clone(), started.clone()),
     );
     let addr = server.local_addr();
@@ -320,7 +326,7 @@ async fn shutdown_drains_in_flight_handlers_then_frees_the_port(builder: ServerB
         started.load(Ordering::SeqCst) == 3
     })
     .await;
-    let stop_handle = server.shutdown_handle();
+    let stop_handle = server.control();
     let shutting = tokio::spawn(server.shutdown());
     wait_for("shutdown to begin", || stop_handle.is_shutdown()).await;
     // Received after shutdown began: not taken.
@@ -339,11 +345,11 @@ async fn shutdown_drains_in_flight_handlers_then_frees_the_port(builder: ServerB
     std::net::UdpSocket::bind(addr).expect("the port is free again");
 }
 
-async fn shutdown_cancels_what_the_drain_time_leaves(builder: ServerBuilder) {
+async fn shutdown_cancels_what_the_drain_time_leaves(builder: ServerBuilder<Tokio>) {
     let dropped = Arc::new(AtomicU64::new(0));
     let counter = dropped.clone();
     let server = start(
-        builder.drain_timeout(Duration::from_millis(10)),
+        builder.limits(Limits::new().drain_timeout(Duration::from_millis(10))),
         Box::new(move |_request| {
             let guard = DropCount(counter.clone());
             Box::pin(async move {
@@ -368,7 +374,7 @@ async fn shutdown_cancels_what_the_drain_time_leaves(builder: ServerBuilder) {
     std::net::UdpSocket::bind(addr).expect("the port is free again");
 }
 
-async fn checks_apply_before_the_handler(builder: ServerBuilder) {
+async fn checks_apply_before_the_handler(builder: ServerBuilder<Tokio>) {
     let called = Arc::new(AtomicU64::new(0));
     let count = called.clone();
     let server = start(
@@ -415,7 +421,7 @@ async fn a_flood_does_not_starve_a_one_thread_runtime() {
     let server = GreetServer::builder()
         .bind(V4)
         .expect("bind")
-        .spawn_async(|request: aio::Request| async move {
+        .spawn(|request: aio::Request| async move {
             let mut x = 0u64;
             for b in request.data() {
                 x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(u64::from(*b)));
@@ -425,7 +431,7 @@ async fn a_flood_does_not_starve_a_one_thread_runtime() {
         })
         .expect("spawn");
     let addr = server.local_addr();
-    let stats = server.shutdown_handle();
+    let stats = server.control();
     let done = Arc::new(AtomicBool::new(false));
     // The flood, from a thread of its own: bounded in count and in time.
     let flooding = {
@@ -494,36 +500,29 @@ async fn a_flood_does_not_starve_a_one_thread_runtime() {
 fn spawn_async_outside_a_runtime_is_an_error() {
     let server = GreetServer::bind(V4).expect("bind");
     let addr = server.local_addr();
-    match server.spawn_async(aio::greet) {
+    match server.spawn(aio::greet) {
         Err(Error::NoRuntime { addr: a }) => assert_eq!(a, addr),
         other => panic!("expected NoRuntime, got {other:?}"),
     }
 }
 
+/// The blocking engine's handler pool has no method on this builder at all
+/// (see the `compile_fail` examples on `ServerBuilder`); the async limits are
+/// checked before anything is bound.
 #[tokio::test]
-async fn the_handler_pool_is_refused_and_settings_are_checked() {
-    let server = GreetServer::builder()
-        .handler_threads(2)
-        .bind(V4)
-        .expect("bind");
-    match server.spawn_async(aio::greet) {
-        Err(Error::InvalidConfig { setting, .. }) => {
-            assert_eq!(setting, "ServerBuilder::handler_threads")
-        }
-        other => panic!("expected InvalidConfig, got {other:?}"),
-    }
+async fn async_limits_are_checked() {
     for (builder, setting) in [
         (
-            GreetServer::builder().max_in_flight(0),
-            "ServerBuilder::max_in_flight",
+            GreetServer::builder().limits(Limits::new().max_in_flight(0)),
+            "Limits::max_in_flight",
         ),
         (
-            GreetServer::builder().max_in_flight(usize::MAX),
-            "ServerBuilder::max_in_flight",
+            GreetServer::builder().limits(Limits::new().max_in_flight(usize::MAX)),
+            "Limits::max_in_flight",
         ),
         (
-            GreetServer::builder().handler_timeout(Duration::ZERO),
-            "ServerBuilder::handler_timeout",
+            GreetServer::builder().limits(Limits::new().handler_timeout(Duration::ZERO)),
+            "Limits::handler_timeout",
         ),
     ] {
         match builder.bind(V4) {
@@ -533,11 +532,14 @@ async fn the_handler_pool_is_refused_and_settings_are_checked() {
     }
     // Extremes that are valid: one in flight, the longest timeout.
     let server = GreetServer::builder()
-        .max_in_flight(1)
-        .handler_timeout(Duration::MAX)
+        .limits(
+            Limits::new()
+                .max_in_flight(1)
+                .handler_timeout(Duration::MAX),
+        )
         .bind(V4)
         .expect("bind")
-        .spawn_async(aio::greet)
+        .spawn(aio::greet)
         .expect("spawn");
     let socket = peer().await;
     socket
@@ -553,7 +555,7 @@ async fn serve_async_until_stops_on_the_callers_signal() {
     let server = GreetServer::bind(V4).expect("bind");
     let addr = server.local_addr();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let serving = tokio::spawn(server.serve_async_until(aio::greet, async {
+    let serving = tokio::spawn(server.serve_until(aio::greet, async {
         let _ = stop_rx.await;
     }));
     let socket = peer().await;
@@ -575,7 +577,7 @@ async fn several_workers_share_the_limit_and_each_answers() {
         .workers(4)
         .bind(V4)
         .expect("bind")
-        .spawn_async(aio::greet)
+        .spawn(aio::greet)
         .expect("spawn");
     let addr = server.local_addr();
     // Many peers, so the kernel's hash spreads them over the sockets.
@@ -597,12 +599,12 @@ async fn several_workers_share_the_limit_and_each_answers() {
 
 /// `busy_poll(Duration::MAX)` polls (it once turned polling off: the window's
 /// end overflowed), and the misses reach live snapshots while it is open.
-async fn a_window_of_duration_max_polls_and_publishes_live(builder: ServerBuilder) {
+async fn a_window_of_duration_max_polls_and_publishes_live(builder: ServerBuilder<Tokio>) {
     let server = builder
         .busy_poll(Duration::MAX)
         .bind(V4)
         .expect("bind")
-        .spawn_async(aio::greet)
+        .spawn(aio::greet)
         .expect("spawn_async");
     let socket = peer().await;
     socket
@@ -621,4 +623,53 @@ async fn a_window_of_duration_max_polls_and_publishes_live(builder: ServerBuilde
     })
     .await;
     stop(server).await;
+}
+
+/// The shortest window there is still polls once after each piece of work.
+async fn a_window_of_one_nanosecond_polls(builder: ServerBuilder<Tokio>) {
+    let server = builder
+        .busy_poll(Duration::from_nanos(1))
+        .bind(V4)
+        .expect("bind")
+        .spawn(aio::greet)
+        .expect("spawn");
+    let socket = peer().await;
+    socket
+        .send_to(b"tiny", server.local_addr())
+        .await
+        .expect("send");
+    assert_eq!(recv(&socket).await, b"Hello, tiny!");
+    wait_for("a 1 ns window to poll", || {
+        server.stats().busy_poll_misses > 0
+    })
+    .await;
+    stop(server).await;
+}
+
+/// A server whose runtime shuts down under it is reported as cancelled,
+/// not as a bug in the crate (`WorkerPanicked`).
+#[test]
+fn a_runtime_shut_down_under_the_server_is_reported_as_cancelled() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let server = {
+        let _entered = runtime.enter();
+        GreetServer::bind(V4)
+            .expect("bind")
+            .spawn(aio::greet)
+            .expect("spawn")
+    };
+    let addr = server.local_addr();
+    drop(runtime);
+    let other = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    match other.block_on(guarded("shutdown", server.shutdown())) {
+        Err(Error::Cancelled { addr: a, .. }) => assert_eq!(a, addr),
+        other => panic!("expected Cancelled, got {other:?}"),
+    }
 }

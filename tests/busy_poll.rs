@@ -6,7 +6,7 @@ mod util;
 use std::net::UdpSocket;
 use std::time::Duration;
 
-use udp_greet::{Error, GreetClient, GreetServer, ServerBuilder, Stats};
+use udp_greet::{Error, GreetClient, GreetServer, HandlerPool, ServerBuilder, Stats};
 use util::{
     HANG_GUARD, V4, assert_balanced, greet_server, raw_socket_for, wait_until, within_guard,
 };
@@ -19,6 +19,7 @@ util::on_both_paths!(
     an_idle_polling_server_stops_polling,
     misses_are_published_while_the_window_is_open,
     a_pool_publishes_misses_while_the_window_is_open,
+    a_window_of_one_nanosecond_polls,
 );
 
 /// The scheduler state (`R`, `S`, ...) of this process's threads named
@@ -79,7 +80,7 @@ fn a_polling_server_keeps_every_promise(b: ServerBuilder) {
 }
 
 fn a_polling_pool_keeps_every_promise(b: ServerBuilder) {
-    let stats = exercise(b.busy_poll(WINDOW).handler_threads(2));
+    let stats = exercise(b.busy_poll(WINDOW).handler_pool(HandlerPool::threads(2)));
     assert_eq!(stats.replied, 102, "{stats:?}");
     assert_balanced(&stats);
 }
@@ -110,7 +111,27 @@ fn misses_are_published_while_the_window_is_open(b: ServerBuilder) {
 }
 
 fn a_pool_publishes_misses_while_the_window_is_open(b: ServerBuilder) {
-    assert_misses_rise_live(b.handler_threads(1));
+    assert_misses_rise_live(b.handler_pool(HandlerPool::threads(1)));
+}
+
+/// The shortest window there is still polls once after each piece of
+/// work (it once polled nothing: the window had passed before the first
+/// try), and the tries reach the counters as the window closes.
+fn a_window_of_one_nanosecond_polls(b: ServerBuilder) {
+    for pool in [None, Some(HandlerPool::threads(1))] {
+        let server = greet_server(
+            b.clone()
+                .busy_poll(Duration::from_nanos(1))
+                .handler_pool(pool),
+            V4,
+        );
+        let client = GreetClient::connect(server.local_addr()).expect("connect");
+        assert_eq!(client.send_recv(b"tiny").expect("reply"), b"Hello, tiny!");
+        wait_until("a 1 ns window to poll", || {
+            server.stats().busy_poll_misses > 0
+        });
+        assert_balanced(&within_guard("shutdown", move || server.shutdown()).expect("shutdown"));
+    }
 }
 
 fn an_idle_polling_server_stops_polling(b: ServerBuilder) {
@@ -118,7 +139,11 @@ fn an_idle_polling_server_stops_polling(b: ServerBuilder) {
         eprintln!("note: thread states come from Linux's /proc; test skipped");
         return;
     }
-    let server = greet_server(b.busy_poll(Duration::from_millis(1)).handler_threads(1), V4);
+    let server = greet_server(
+        b.busy_poll(Duration::from_millis(1))
+            .handler_pool(HandlerPool::threads(1)),
+        V4,
+    );
     let addr = server.local_addr();
     let client = GreetClient::connect(addr).expect("connect");
     for _ in 0..20 {

@@ -45,7 +45,7 @@ fn a_thousand_starts_and_stops_leave_nothing_behind() {
     // Serve on the calling thread too, stopped from another.
     for _ in 0..100 {
         let server = GreetServer::bind(util::V4).expect("bind");
-        let stop = server.shutdown_handle();
+        let stop = server.control();
         let stopper = std::thread::spawn(move || stop.shutdown());
         server.serve(udp_greet::greet).expect("serve");
         stopper.join().expect("stopper");

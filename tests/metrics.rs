@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use metrics::{Counter, Gauge, Histogram, HistogramFn, Key, KeyName, Metadata, SharedString, Unit};
-use udp_greet::{GreetClient, GreetServer, Request};
+use udp_greet::{GreetClient, GreetServer, HandlerPool, Request};
 use util::{V4, assert_balanced, raw_socket_for, wait_until};
 
 /// Counts the values a histogram was given.
@@ -66,7 +66,7 @@ fn counters_gauge_and_histograms_are_published() {
     metrics::set_global_recorder(recorded).expect("the only recorder");
     for (handler_threads, portable) in [(0, false), (2, false), (2, true)] {
         let server = GreetServer::builder()
-            .handler_threads(handler_threads)
+            .handler_pool((handler_threads > 0).then(|| HandlerPool::threads(handler_threads)))
             .portable_io(portable)
             .bind(V4)
             .expect("bind")

@@ -11,7 +11,9 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use udp_greet::{Action, Error, GreetServer, Request, ServerBuilder, ServerHandle, Stats};
+use udp_greet::{
+    Action, Error, GreetServer, HandlerPool, Request, ServerBuilder, ServerHandle, Stats,
+};
 use util::{HANG_GUARD, V4, assert_balanced, raw_socket_for, wait_until, within_guard};
 
 util::on_both_paths!(
@@ -116,7 +118,7 @@ fn n_handlers_run_at_once_and_the_next_one_waits(b: ServerBuilder) {
     let started_tx = Mutex::new(started_tx);
     let inside = barrier.clone();
     let server = b
-        .handler_threads(N)
+        .handler_pool(HandlerPool::threads(N))
         .bind(V4)
         .expect("bind")
         .spawn(move |request: Request<'_>, reply: &mut Vec<u8>| {
@@ -168,10 +170,11 @@ fn n_handlers_run_at_once_and_the_next_one_waits(b: ServerBuilder) {
 /// requests: two are queued, three are shed.
 fn shed_scenario(builder: ServerBuilder) -> (Stats, Vec<Vec<u8>>) {
     let (server, handler, gates) = gated_server(
-        builder
-            .handler_threads(1)
-            .queue_capacity(2)
-            .max_queue_wait(None),
+        builder.handler_pool(
+            HandlerPool::threads(1)
+                .queue_capacity(2)
+                .max_queue_wait(None),
+        ),
     );
     let addr = server.local_addr();
     let client = raw_socket_for(addr);
@@ -208,9 +211,11 @@ fn a_full_queue_sheds_exactly_what_does_not_fit(b: ServerBuilder) {
 
 fn a_full_queue_answers_with_the_busy_reply(b: ServerBuilder) {
     let (server, _handler, gates) = gated_server(
-        b.handler_threads(1)
-            .queue_capacity(1)
-            .overload_reply(&b"busy"[..]),
+        b.handler_pool(
+            HandlerPool::threads(1)
+                .queue_capacity(1)
+                .overload_reply(&b"busy"[..]),
+        ),
     );
     let addr = server.local_addr();
     let client = raw_socket_for(addr);
@@ -233,10 +238,12 @@ fn the_busy_reply_obeys_the_amplification_cap(b: ServerBuilder) {
     // 3x: a 2-byte request may get 6 bytes back, so the 10-byte busy reply
     // is held back; a 4-byte request may get 12, so it is sent.
     let (server, _handler, gates) = gated_server(
-        b.handler_threads(1)
-            .queue_capacity(1)
-            .max_amplification(3)
-            .overload_reply(&b"busy, later"[..10]),
+        b.handler_pool(
+            HandlerPool::threads(1)
+                .queue_capacity(1)
+                .overload_reply(&b"busy, later"[..10]),
+        )
+        .max_amplification(3),
     );
     let addr = server.local_addr();
     let client = raw_socket_for(addr);
@@ -266,10 +273,12 @@ fn the_busy_reply_obeys_the_rate_limit(b: ServerBuilder) {
     // request, the queued one and one shed one pass the limit (the shed one
     // gets the busy reply); the two after them are over it and get nothing.
     let (server, _handler, gates) = gated_server(
-        b.handler_threads(1)
-            .queue_capacity(1)
-            .rate_limit(udp_greet::RateLimit::new(1, 3))
-            .overload_reply(&b"busy"[..]),
+        b.handler_pool(
+            HandlerPool::threads(1)
+                .queue_capacity(1)
+                .overload_reply(&b"busy"[..]),
+        )
+        .rate_limit(udp_greet::RateLimit::new(1, 3)),
     );
     let addr = server.local_addr();
     let client = raw_socket_for(addr);
@@ -302,8 +311,7 @@ fn requests_that_waited_too_long_expire(b: ServerBuilder) {
     let counted = calls.clone();
     let server = b
         .clone()
-        .handler_threads(2)
-        .max_queue_wait(Duration::from_nanos(1))
+        .handler_pool(HandlerPool::threads(2).max_queue_wait(Duration::from_nanos(1)))
         .bind(V4)
         .expect("bind")
         .spawn(move |request: Request<'_>, reply: &mut Vec<u8>| {
@@ -332,7 +340,10 @@ fn requests_that_waited_too_long_expire(b: ServerBuilder) {
     assert_balanced(&stats);
 
     // With no limit, nothing expires.
-    let server = util::greet_server(b.handler_threads(2).max_queue_wait(None), V4);
+    let server = util::greet_server(
+        b.handler_pool(HandlerPool::threads(2).max_queue_wait(None)),
+        V4,
+    );
     let client = udp_greet::GreetClient::connect(server.local_addr()).expect("connect");
     for _ in 0..10 {
         client.send_recv(b"x").expect("reply");
@@ -342,9 +353,9 @@ fn requests_that_waited_too_long_expire(b: ServerBuilder) {
 }
 
 fn a_stuck_handler_cannot_hold_shutdown_forever(b: ServerBuilder) {
-    let (server, _handler, gates) = gated_server(b.clone().handler_threads(2));
+    let (server, _handler, gates) = gated_server(b.clone().handler_pool(HandlerPool::threads(2)));
     let addr = server.local_addr();
-    let stop = server.shutdown_handle();
+    let stop = server.control();
     let client = raw_socket_for(addr);
     send_all(&client, addr, &[b"stuck"]);
     gates.next_started();
@@ -393,9 +404,11 @@ fn a_stuck_handler_cannot_hold_shutdown_forever(b: ServerBuilder) {
 
 fn the_pool_drains_its_queue_when_asked(b: ServerBuilder) {
     let (server, _handler, gates) = gated_server(
-        b.handler_threads(1)
-            .queue_capacity(8)
-            .drain_timeout(HANG_GUARD * 6),
+        b.handler_pool(
+            HandlerPool::threads(1)
+                .queue_capacity(8)
+                .drain_timeout(HANG_GUARD * 6),
+        ),
     );
     let addr = server.local_addr();
     let client = raw_socket_for(addr);
@@ -403,7 +416,7 @@ fn the_pool_drains_its_queue_when_asked(b: ServerBuilder) {
     gates.next_started();
     send_all(&client, addr, &[b"a", b"b", b"c"]);
     wait_until("three queued", || server.stats().queued == 3);
-    let stop = server.shutdown_handle();
+    let stop = server.control();
     stop.shutdown();
     // The queue is still answered after shutdown began.
     gates.release(4);
@@ -423,15 +436,16 @@ fn the_pool_drains_its_queue_when_asked(b: ServerBuilder) {
 
 #[test]
 fn without_a_drain_time_the_queue_is_dropped_and_counted() {
-    let (server, _handler, gates) =
-        gated_server(GreetServer::builder().handler_threads(1).queue_capacity(8));
+    let (server, _handler, gates) = gated_server(
+        GreetServer::builder().handler_pool(HandlerPool::threads(1).queue_capacity(8)),
+    );
     let addr = server.local_addr();
     let client = raw_socket_for(addr);
     send_all(&client, addr, &[b"first"]);
     gates.next_started();
     send_all(&client, addr, &[b"a", b"b", b"c"]);
     wait_until("three queued", || server.stats().queued == 3);
-    server.shutdown_handle().shutdown();
+    server.control().shutdown();
     gates.release(1);
     let stats = within_guard("shutdown", move || server.shutdown()).expect("shutdown");
     assert_eq!((stats.replied, stats.shutdown_dropped), (1, 3), "{stats:?}");
@@ -442,7 +456,7 @@ fn histograms_count_every_request(b: ServerBuilder) {
     for threads in [0, 3] {
         let server = b
             .clone()
-            .handler_threads(threads)
+            .handler_pool((threads > 0).then(|| HandlerPool::threads(threads)))
             .bind(V4)
             .expect("bind")
             .spawn(|request: Request<'_>, reply: &mut Vec<u8>| {
@@ -494,20 +508,29 @@ fn histograms_count_every_request(b: ServerBuilder) {
 fn pool_settings_are_checked() {
     for (setting, builder) in [
         (
-            "ServerBuilder::handler_threads",
-            GreetServer::builder().handler_threads(1025),
+            "HandlerPool::threads",
+            GreetServer::builder().handler_pool(HandlerPool::threads(1025)),
         ),
         (
-            "ServerBuilder::queue_capacity",
-            GreetServer::builder().handler_threads(1).queue_capacity(0),
+            "HandlerPool::threads",
+            GreetServer::builder().handler_pool(HandlerPool::threads(0)),
         ),
         (
-            "ServerBuilder::queue_capacity",
-            GreetServer::builder().queue_capacity(usize::MAX),
+            "HandlerPool::threads",
+            GreetServer::builder().handler_pool(HandlerPool::threads(usize::MAX)),
         ),
         (
-            "ServerBuilder::max_queue_wait",
-            GreetServer::builder().max_queue_wait(Duration::ZERO),
+            "HandlerPool::queue_capacity",
+            GreetServer::builder().handler_pool(HandlerPool::threads(1).queue_capacity(0)),
+        ),
+        (
+            "HandlerPool::queue_capacity",
+            GreetServer::builder().handler_pool(HandlerPool::threads(1).queue_capacity(usize::MAX)),
+        ),
+        (
+            "HandlerPool::max_queue_wait",
+            GreetServer::builder()
+                .handler_pool(HandlerPool::threads(1).max_queue_wait(Duration::ZERO)),
         ),
     ] {
         let err = builder.bind(V4).expect_err("out of range");
@@ -518,10 +541,12 @@ fn pool_settings_are_checked() {
     }
     // The far ends that are allowed.
     let server = GreetServer::builder()
-        .handler_threads(1)
-        .queue_capacity(1)
-        .max_queue_wait(Duration::MAX)
-        .drain_timeout(Duration::MAX)
+        .handler_pool(
+            HandlerPool::threads(1)
+                .queue_capacity(1)
+                .max_queue_wait(Duration::MAX)
+                .drain_timeout(Duration::MAX),
+        )
         .bind(V4)
         .expect("bind")
         .spawn(udp_greet::greet)

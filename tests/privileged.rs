@@ -14,7 +14,7 @@ mod util;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::process::Command;
 
-use udp_greet::{GreetServer, ServerBuilder};
+use udp_greet::{GreetServer, HandlerPool, ServerBuilder};
 use util::{HANG_GUARD, tell_local, wait_until, within_guard};
 
 const NEEDS_ROOT: &str = "needs root and iproute2: run by .ci/run";
@@ -118,7 +118,9 @@ fn a_wildcard_server_answers_from_the_address_asked_on_a_two_address_host() {
                     GreetServer::builder()
                         .portable_io(portable)
                         .workers(workers)
-                        .handler_threads(handler_threads)
+                        .handler_pool(
+                            (handler_threads > 0).then(|| HandlerPool::threads(handler_threads)),
+                        )
                 };
                 check_replies(builder(), "0.0.0.0:0", ["192.0.2.1", "192.0.2.2"])?;
                 check_replies(builder(), "[::]:0", ["2001:db8::1", "2001:db8::2"])?;

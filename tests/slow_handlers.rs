@@ -93,7 +93,7 @@ fn shutdown_waits_for_the_call_in_hand_only(b: ServerBuilder) {
     in_call
         .recv_timeout(HANG_GUARD)
         .expect("the first handler call starts");
-    server.shutdown_handle().shutdown();
+    server.control().shutdown();
     release.send(()).expect("the handler waits");
     let stats = within_guard("shutdown", move || server.shutdown()).expect("shutdown");
     assert_eq!(

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing::{Event, Level, Metadata, Subscriber};
-use udp_greet::{GreetServer, Request};
+use udp_greet::{GreetServer, HandlerPool, Request};
 use util::{HANG_GUARD, V4, assert_balanced, raw_socket_for, wait_until};
 
 /// One event as seen: its level and its fields, as text.
@@ -103,8 +103,7 @@ fn panics_and_overload_are_reported_at_most_once_a_second() {
     let (release, gate) = mpsc::channel::<()>();
     let (started, gate) = (Mutex::new(started), Mutex::new(gate));
     let server = GreetServer::builder()
-        .handler_threads(1)
-        .queue_capacity(1)
+        .handler_pool(HandlerPool::threads(1).queue_capacity(1))
         .bind(V4)
         .expect("bind")
         .spawn(move |request: Request<'_>, reply: &mut Vec<u8>| {

@@ -51,7 +51,7 @@ use crate::sys;
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), udp_greet::Error> {
-/// # let server = udp_greet::GreetServer::bind("127.0.0.1:0")?.spawn_async(udp_greet::tokio::greet)?;
+/// # let server = udp_greet::tokio::GreetServer::bind("127.0.0.1:0")?.spawn(udp_greet::tokio::greet)?;
 /// # let addr = server.local_addr();
 /// use udp_greet::tokio::GreetClient;
 ///

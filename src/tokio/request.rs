@@ -65,7 +65,7 @@ impl Drop for Pooled {
 }
 
 /// One datagram, owned, handed to an async handler
-/// ([`GreetServer::serve_async`](crate::GreetServer::serve_async)).
+/// ([`GreetServer::serve`](super::GreetServer::serve)).
 ///
 /// Its bytes live in a buffer the server reuses: dropping the request (or
 /// the [`Reply`] made from it with [`reply_with`](Request::reply_with))
@@ -122,13 +122,12 @@ impl Request {
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), udp_greet::Error> {
-    /// use udp_greet::GreetServer;
-    /// use udp_greet::tokio::{Reply, Request};
+    /// use udp_greet::tokio::{GreetServer, Reply, Request};
     ///
     /// async fn shout(request: Request) -> Option<Reply> {
     ///     Some(request.reply_with(|data, out| out.extend(data.to_ascii_uppercase())))
     /// }
-    /// let server = GreetServer::bind("127.0.0.1:0")?.spawn_async(shout)?;
+    /// let server = GreetServer::bind("127.0.0.1:0")?.spawn(shout)?;
     /// # server.shutdown().await?;
     /// # Ok(())
     /// # }
@@ -212,10 +211,9 @@ impl fmt::Debug for Reply {
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), udp_greet::Error> {
-/// use udp_greet::GreetServer;
-/// use udp_greet::tokio::GreetClient;
+/// use udp_greet::tokio::{GreetClient, GreetServer};
 ///
-/// let server = GreetServer::bind("127.0.0.1:0")?.spawn_async(udp_greet::tokio::greet)?;
+/// let server = GreetServer::bind("127.0.0.1:0")?.spawn(udp_greet::tokio::greet)?;
 /// let client = GreetClient::connect(server.local_addr()).await?;
 /// assert_eq!(client.send_recv(b"Tracy").await?, b"Hello, Tracy!");
 /// server.shutdown().await?;

@@ -5,7 +5,7 @@
 use std::fmt;
 use std::future::{Future, poll_fn};
 use std::io;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -18,14 +18,16 @@ use tokio::sync::futures::OwnedNotified;
 use tokio::task::JoinHandle;
 use tokio::time::Sleep;
 
+use super::Limits;
 use super::inflight::{Ended, InFlight, Permits, Started};
 use super::request::{Buffers, Reply, Request};
 use crate::busy_poll::{PollWindow, later};
-use crate::config::{Config, DEFAULT_BATCH_SIZE};
+use crate::config::{Config, DEFAULT_BATCH_SIZE, Dispatch, ServerBuilder};
+use crate::engine::Tokio;
 use crate::error::Error;
-use crate::handle::{Shared, ShutdownHandle};
+use crate::handle::{ServerControl, Shared};
 use crate::latency::Latency;
-use crate::server::GreetServer;
+use crate::server::Bound;
 use crate::stats::Stats;
 use crate::sys::{self, Arrival, Received};
 use crate::worker::{self, Processor};
@@ -38,45 +40,150 @@ const RECV_CALLS_PER_TURN: usize = 16;
 /// Measured (`cargo bench --bench async`), larger turns gained nothing.
 const DATAGRAMS_PER_TURN: usize = 256;
 
-impl GreetServer {
-    /// Runs the server on the caller's tokio runtime until a
-    /// [`ShutdownHandle`] (taken with
-    /// [`shutdown_handle`](GreetServer::shutdown_handle) before) stops it,
-    /// then returns the final counters once every socket is closed.
-    ///
-    /// For each datagram, `handler` gets an [`Request`] (owned) and
-    /// returns a future of the [`Reply`], or of `None` for no reply. See
-    /// [`spawn_async`](GreetServer::spawn_async) for how requests are
-    /// admitted, run and answered. Dropping this future stops the server.
-    ///
-    /// Needs the `tokio` feature.
+impl Default for ServerBuilder<Tokio> {
+    fn default() -> Self {
+        Self::with_dispatch(Dispatch::Async(Limits::default()))
+    }
+}
+
+impl ServerBuilder<Tokio> {
+    /// The limits on the server's handler futures: how many run at once,
+    /// how long each may run, what is sent to requests shed, and how long
+    /// shutdown waits for them. Defaults to [`Limits::new`].
+    pub fn limits(self, limits: Limits) -> Self {
+        self.set_dispatch(Dispatch::Async(limits))
+    }
+
+    /// Creates the sockets, applies the options and binds them to `addr`,
+    /// as [`ServerBuilder::bind`](crate::ServerBuilder::bind) does for the
+    /// blocking server.
     ///
     /// # Errors
     ///
-    /// As [`spawn_async`](GreetServer::spawn_async), and
-    /// [`Error::WorkerPanicked`] if a worker task ended abnormally.
-    #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
-    pub async fn serve_async<H, F>(self, handler: H) -> Result<Stats, Error>
+    /// As [`ServerBuilder::bind`](crate::ServerBuilder::bind).
+    pub fn bind<A: ToSocketAddrs + fmt::Debug>(self, addr: A) -> Result<GreetServer, Error> {
+        Ok(GreetServer {
+            bound: self.bind_sockets(addr)?,
+        })
+    }
+
+    /// Serves on a socket made elsewhere, as
+    /// [`ServerBuilder::from_std`](crate::ServerBuilder::from_std) does for
+    /// the blocking server.
+    ///
+    /// # Errors
+    ///
+    /// As [`ServerBuilder::from_std`](crate::ServerBuilder::from_std).
+    pub fn from_std(self, socket: std::net::UdpSocket) -> Result<GreetServer, Error> {
+        Ok(GreetServer {
+            bound: self.adopt_socket(socket)?,
+        })
+    }
+}
+
+/// A bound UDP server for the caller's tokio runtime, ready to
+/// [`serve`](GreetServer::serve) or [`spawn`](GreetServer::spawn): the async
+/// twin of [`udp_greet::GreetServer`](crate::GreetServer), with the same
+/// settings, promises and counters.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), udp_greet::Error> {
+/// use udp_greet::tokio::{GreetClient, GreetServer};
+///
+/// let server = GreetServer::bind("127.0.0.1:0")?.spawn(udp_greet::tokio::greet)?;
+/// let client = GreetClient::connect(server.local_addr()).await?;
+/// assert_eq!(client.send_recv(b"Tracy").await?, b"Hello, Tracy!");
+/// let stats = server.shutdown().await?;
+/// assert_eq!(stats.replied, 1);
+/// # Ok(())
+/// # }
+/// ```
+///
+/// Its builder takes [`Limits`]; the blocking server's handler pool is not
+/// one of its settings:
+///
+/// ```compile_fail,E0599
+/// use udp_greet::HandlerPool;
+///
+/// let builder = udp_greet::tokio::GreetServer::builder().handler_pool(HandlerPool::threads(4));
+/// ```
+#[derive(Debug)]
+pub struct GreetServer {
+    bound: Bound,
+}
+
+impl GreetServer {
+    /// Binds a server with default settings to `addr`.
+    ///
+    /// # Errors
+    ///
+    /// As [`ServerBuilder::bind`](crate::ServerBuilder::bind).
+    pub fn bind<A: ToSocketAddrs + fmt::Debug>(addr: A) -> Result<GreetServer, Error> {
+        ServerBuilder::<Tokio>::default().bind(addr)
+    }
+
+    /// A builder for a server with non-default settings.
+    pub fn builder() -> ServerBuilder<Tokio> {
+        ServerBuilder::default()
+    }
+
+    /// Serves on a socket made elsewhere, with every setting at its default.
+    ///
+    /// # Errors
+    ///
+    /// As [`ServerBuilder::from_std`](crate::ServerBuilder::from_std).
+    pub fn from_std(socket: std::net::UdpSocket) -> Result<GreetServer, Error> {
+        ServerBuilder::<Tokio>::default().from_std(socket)
+    }
+
+    /// The address the server is bound to, with the real port when port 0
+    /// was asked for.
+    #[must_use]
+    pub fn local_addr(&self) -> SocketAddr {
+        self.bound.local_addr()
+    }
+
+    /// A control that stops the server and reads its counters from any
+    /// thread or task; take it before calling [`serve`](GreetServer::serve).
+    #[must_use]
+    pub fn control(&self) -> ServerControl {
+        self.bound.control()
+    }
+
+    /// Runs the server on the caller's tokio runtime until its
+    /// [`ServerControl`] stops it, then returns the final counters once
+    /// every socket is closed.
+    ///
+    /// For each datagram, `handler` gets a [`Request`] (owned) and returns
+    /// a future of the [`Reply`], or of `None` for no reply. See
+    /// [`spawn`](GreetServer::spawn) for how requests are admitted, run and
+    /// answered. Dropping this future stops the server.
+    ///
+    /// # Errors
+    ///
+    /// As [`spawn`](GreetServer::spawn), and [`Error::WorkerPanicked`] if a
+    /// worker task ended abnormally.
+    pub async fn serve<H, F>(self, handler: H) -> Result<Stats, Error>
     where
         H: Fn(Request) -> F + Send + Sync + 'static,
         F: Future<Output = Option<Reply>> + Send + 'static,
     {
-        self.serve_async_until(handler, std::future::pending())
-            .await
+        self.serve_until(handler, std::future::pending()).await
     }
 
-    /// As [`serve_async`](GreetServer::serve_async), until `signal`
-    /// completes (or a [`ShutdownHandle`] stops it); then shuts down as
+    /// As [`serve`](GreetServer::serve), until `signal` completes (or the
+    /// server's [`ServerControl`] stops it); then shuts down as
     /// [`ServerHandle::shutdown`] does and returns the final counters.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), udp_greet::Error> {
-    /// use udp_greet::GreetServer;
+    /// use udp_greet::tokio::GreetServer;
     ///
     /// let server = GreetServer::bind("127.0.0.1:0")?;
     /// let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    /// let served = tokio::spawn(server.serve_async_until(udp_greet::tokio::greet, async {
+    /// let served = tokio::spawn(server.serve_until(udp_greet::tokio::greet, async {
     ///     let _ = stopped.await;
     /// }));
     /// let _ = stop.send(());
@@ -86,19 +193,16 @@ impl GreetServer {
     /// # }
     /// ```
     ///
-    /// Needs the `tokio` feature.
-    ///
     /// # Errors
     ///
-    /// As [`serve_async`](GreetServer::serve_async).
-    #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
-    pub async fn serve_async_until<H, F, S>(self, handler: H, signal: S) -> Result<Stats, Error>
+    /// As [`serve`](GreetServer::serve).
+    pub async fn serve_until<H, F, S>(self, handler: H, signal: S) -> Result<Stats, Error>
     where
         H: Fn(Request) -> F + Send + Sync + 'static,
         F: Future<Output = Option<Reply>> + Send + 'static,
         S: Future<Output = ()>,
     {
-        let mut handle = self.spawn_async(handler)?;
+        let mut handle = self.spawn(handler)?;
         let mut signal = pin!(signal);
         poll_fn(|cx| {
             if signal.as_mut().poll(cx).is_ready() {
@@ -120,10 +224,10 @@ impl GreetServer {
     ///   runtime's other tasks.
     /// - **Admission.** Each admitted request takes a permit, without
     ///   waiting: at most
-    ///   [`max_in_flight`](crate::ServerBuilder::max_in_flight) handler
+    ///   [`max_in_flight`](Limits::max_in_flight) handler
     ///   futures run at once, over all workers. With none free the request
     ///   is shed at once ([`Stats::overloaded`], and the
-    ///   [busy reply](crate::ServerBuilder::overload_reply) if set); the
+    ///   [busy reply](Limits::overload_reply) if set); the
     ///   receive loop never waits for a permit, and futures in flight are
     ///   never cancelled to make room. The rate limit, the amplification cap
     ///   and the checks on sources apply as on the blocking server.
@@ -132,7 +236,7 @@ impl GreetServer {
     ///   answers in the same batch) and again whenever it is woken. A
     ///   handler that has CPU-heavy work to do should hand it to
     ///   `tokio::task::spawn_blocking` and await that. One that runs longer
-    ///   than [`handler_timeout`](crate::ServerBuilder::handler_timeout) is
+    ///   than [`handler_timeout`](Limits::handler_timeout) is
     ///   dropped ([`Stats::timed_out`]); one that panics is caught
     ///   ([`Stats::handler_panics`]).
     /// - **Replies** ready together go out together (`sendmmsg`). A reply
@@ -145,38 +249,29 @@ impl GreetServer {
     ///   whose handler allocates nothing allocates nothing per request
     ///   (`tests/alloc.rs`).
     ///
-    /// The [handler pool](crate::ServerBuilder::handler_threads) is for the
-    /// blocking server; here it is an error.
-    ///
-    /// Needs the `tokio` feature.
-    ///
     /// # Errors
     ///
-    /// [`Error::NoRuntime`] outside a tokio runtime;
-    /// [`Error::InvalidConfig`] with
-    /// [`handler_threads`](crate::ServerBuilder::handler_threads);
-    /// [`Error::Socket`] when a socket cannot be registered with the
-    /// runtime.
+    /// [`Error::NoRuntime`] outside a tokio runtime; [`Error::Socket`] when
+    /// a socket cannot be registered with the runtime.
     #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
-    pub fn spawn_async<H, F>(self, handler: H) -> Result<ServerHandle, Error>
+    pub fn spawn<H, F>(self, handler: H) -> Result<ServerHandle, Error>
     where
         H: Fn(Request) -> F + Send + Sync + 'static,
         F: Future<Output = Option<Reply>> + Send + 'static,
     {
-        let addr = self.config.local_addr;
-        if self.config.pool.is_some() {
-            return Err(Error::InvalidConfig {
-                setting: "ServerBuilder::handler_threads",
-                reason: "the async server runs handlers as futures, not on a pool: \
-                         limit them with max_in_flight instead",
-            });
-        }
+        let Bound {
+            sockets,
+            config,
+            shared,
+        } = self.bound;
+        let addr = config.local_addr;
         let runtime =
             tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime { addr })?;
         let handler = Arc::new(handler);
-        let permits = Permits::new(self.config.max_in_flight);
-        let mut workers = Vec::with_capacity(self.sockets.len());
-        for (index, socket) in self.sockets.iter().enumerate() {
+        let limits = config.limits().cloned().unwrap_or_default();
+        let permits = Permits::new(limits.max_in_flight);
+        let mut workers = Vec::with_capacity(sockets.len());
+        for (index, socket) in sockets.iter().enumerate() {
             let registered = register(socket, &runtime).map_err(|source| Error::Socket {
                 action: "register with the tokio runtime",
                 addr,
@@ -187,21 +282,22 @@ impl GreetServer {
                 registered,
                 socket.clone(),
                 handler.clone(),
-                &self.config,
-                &self.shared,
+                &config,
+                &shared,
                 permits.clone(),
             ));
         }
-        drop(self.sockets);
+        drop(sockets);
         let tasks = workers
             .into_iter()
             .map(|worker| Some(runtime.spawn(worker.run())))
             .collect();
         Ok(ServerHandle {
             local_addr: addr,
-            shared: self.shared,
+            shared,
             tasks,
             panicked: false,
+            cancelled: false,
         })
     }
 }
@@ -218,13 +314,11 @@ fn register(socket: &Socket, runtime: &tokio::runtime::Handle) -> io::Result<Udp
 }
 
 /// A server running on tokio tasks, from
-/// [`GreetServer::spawn_async`](GreetServer::spawn_async).
+/// [`GreetServer::spawn`].
 ///
 /// Dropping the handle stops the server without waiting: its tasks finish
 /// their drain on their own. Await [`shutdown`](ServerHandle::shutdown)
 /// to know the port is free.
-///
-/// Needs the `tokio` feature.
 #[must_use = "dropping the handle shuts the server down"]
 #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
 pub struct ServerHandle {
@@ -232,6 +326,8 @@ pub struct ServerHandle {
     shared: Arc<Shared>,
     tasks: Vec<Option<JoinHandle<()>>>,
     panicked: bool,
+    /// A task was cancelled by its runtime shutting down.
+    cancelled: bool,
 }
 
 impl fmt::Debug for ServerHandle {
@@ -267,8 +363,8 @@ impl ServerHandle {
 
     /// A handle that can stop the server from any thread or task.
     #[must_use]
-    pub fn shutdown_handle(&self) -> ShutdownHandle {
-        ShutdownHandle::new(self.shared.clone(), self.local_addr)
+    pub fn control(&self) -> ServerControl {
+        ServerControl::new(self.shared.clone(), self.local_addr)
     }
 
     /// Stops the server and waits until every task has ended and every
@@ -276,22 +372,26 @@ impl ServerHandle {
     ///
     /// Shutdown stops receiving at once, lets handler futures in flight
     /// finish (and their replies go out) until the
-    /// [drain time](crate::ServerBuilder::drain_timeout) is over, then
+    /// [drain time](Limits::drain_timeout) is over, then
     /// drops the futures still running and counts them in
     /// [`Stats::shutdown_dropped`]. Without a drain time (the default)
     /// the futures in flight are dropped at once.
     ///
     /// # Errors
     ///
-    /// [`Error::WorkerPanicked`] if a worker task ended abnormally (a bug in
-    /// udp-greet; handler panics are caught and counted).
+    /// [`Error::Cancelled`] if the runtime the server ran on shut down
+    /// under it; [`Error::WorkerPanicked`] if a worker task ended
+    /// abnormally (a bug in udp-greet; handler panics are caught and
+    /// counted).
     pub async fn shutdown(mut self) -> Result<Stats, Error> {
         self.shared.stop();
         poll_fn(|cx| self.poll_finished(cx)).await;
+        let addr = self.local_addr;
         if self.panicked {
-            return Err(Error::WorkerPanicked {
-                addr: self.local_addr,
-            });
+            return Err(Error::WorkerPanicked { addr });
+        }
+        if self.cancelled {
+            return Err(Error::Cancelled { addr });
         }
         Ok(self.shared.snapshot())
     }
@@ -312,7 +412,10 @@ impl ServerHandle {
                 match Pin::new(task).poll(cx) {
                     Poll::Pending => pending = true,
                     Poll::Ready(result) => {
-                        self.panicked |= result.is_err();
+                        if let Err(err) = result {
+                            self.cancelled |= err.is_cancelled();
+                            self.panicked |= !err.is_cancelled();
+                        }
                         *slot = None;
                     }
                 }
@@ -363,7 +466,7 @@ struct Worker<H, F> {
 struct Core<H, F> {
     index: usize,
     handler: Arc<H>,
-    config: Arc<Config>,
+    limits: Limits,
     shared: Arc<Shared>,
     processor: Processor,
     inflight: InFlight<F, Meta>,
@@ -403,6 +506,7 @@ where
         shared: &Arc<Shared>,
         permits: Arc<Permits>,
     ) -> Self {
+        let limits = config.limits().cloned().unwrap_or_default();
         let sock = SockRef::from(&socket);
         let receiver = match sys::Batch::new(&sock, config) {
             Some(batch) => Receiver::Batch(batch),
@@ -414,6 +518,8 @@ where
         let batch_len = config.batch_size.unwrap_or(1);
         let out_size = config.batch_size.unwrap_or(DEFAULT_BATCH_SIZE);
         let out = sys::Replies::new(&sock, out_size, config.gso && config.batch_size.is_some());
+        // Room for every request and reply in flight, and a batch.
+        let buffers = Buffers::new(limits.max_in_flight.saturating_mul(2) + out_size);
         let mut stop = Box::pin(shared.stopping.clone().notified_owned());
         stop.as_mut().enable();
         Worker {
@@ -423,12 +529,11 @@ where
             core: Core {
                 index,
                 handler,
-                config: config.clone(),
+                limits,
                 shared: shared.clone(),
                 processor: Processor::new(config, &shared.stats, index),
                 inflight: InFlight::new(permits),
-                // Room for every request and reply in flight, and a batch.
-                buffers: Buffers::new(config.max_in_flight.saturating_mul(2) + out_size),
+                buffers,
                 out,
                 out_used: 0,
                 ended: Vec::with_capacity(out_size),
@@ -488,7 +593,7 @@ where
             if core.drain_until.is_none()
                 && (core.stop.as_mut().poll(cx).is_ready() || core.shared.is_stopped())
             {
-                core.drain_until = Some(later(now, core.config.drain_timeout));
+                core.drain_until = Some(later(now, core.limits.drain_timeout));
             }
             core.poll_woken(&this.socket, cx);
             if core.next_expiry.is_some_and(|at| at <= now) {
@@ -659,7 +764,7 @@ where
             }
         };
         let deadline = self
-            .config
+            .limits
             .handler_timeout
             .and_then(|timeout| arrived.checked_add(timeout));
         let started = Started {
