@@ -19,8 +19,8 @@ pub const MAX_UDP_PAYLOAD_V4: usize = 65_507;
 /// The largest UDP payload over IPv6 (without jumbograms): 65 535 − 8 (UDP header).
 pub const MAX_UDP_PAYLOAD_V6: usize = 65_527;
 
-/// Configures and binds a server: the blocking [`GreetServer`] (from
-/// [`GreetServer::builder`], `ServerBuilder<Blocking>`), or with the
+/// Configures and binds a server: the blocking [`GreetServer`](crate::GreetServer) (from
+/// [`GreetServer::builder`](crate::GreetServer::builder), `ServerBuilder<Blocking>`), or with the
 /// feature `tokio` the async `udp_greet::tokio::GreetServer` (from its own
 /// `builder()`, `ServerBuilder<Tokio>`).
 ///
@@ -190,9 +190,9 @@ impl<E: Engine> ServerBuilder<E> {
     /// kernel queues for the server while it is busy, beyond which it drops.
     ///
     /// The kernel may adjust the size: read what it granted with
-    /// [`GreetServer::recv_buffer_size`]. A request above `i32::MAX` (the
+    /// [`GreetServer::recv_buffer_size`](crate::GreetServer::recv_buffer_size). A request above `i32::MAX` (the
     /// largest the option takes) asks for `i32::MAX`. Defaults to
-    /// [`DEFAULT_RECV_BUFFER`] (1 MiB) for [`bind`](ServerBuilder::bind);
+    /// 1 MiB for [`bind`](ServerBuilder::bind);
     /// [`from_std`](ServerBuilder::from_std) leaves the socket's own size
     /// unless this is called.
     pub fn recv_buffer_size(mut self, bytes: usize) -> Self {
@@ -203,7 +203,7 @@ impl<E: Engine> ServerBuilder<E> {
     /// Requests a send buffer (`SO_SNDBUF`) of `bytes` (at most `i32::MAX`,
     /// as for [`recv_buffer_size`](ServerBuilder::recv_buffer_size)).
     ///
-    /// Read what the kernel granted with [`GreetServer::send_buffer_size`].
+    /// Read what the kernel granted with [`GreetServer::send_buffer_size`](crate::GreetServer::send_buffer_size).
     /// Defaults to the system default.
     pub fn send_buffer_size(mut self, bytes: usize) -> Self {
         self.socket.send_buffer = Some(bytes);
@@ -318,7 +318,7 @@ impl<E: Engine> ServerBuilder<E> {
     /// Batches are used on Linux only; elsewhere the setting is checked and
     /// otherwise ignored.
     ///
-    /// Must be between 1 and 1024. Defaults to [`DEFAULT_BATCH_SIZE`] (32).
+    /// Must be between 1 and 1024. Defaults to 32.
     pub fn batch_size(mut self, datagrams: usize) -> Self {
         self.batch_size = Some(datagrams);
         self

@@ -323,7 +323,7 @@ impl ServerHandle {
     /// mode), sends the replies it has ready, and drops the requests it
     /// received but has not handled ([`Stats::shutdown_dropped`]). A
     /// handler pool answers what is queued until its
-    /// [drain time](crate::ServerBuilder::drain_timeout) is over, drops the
+    /// [drain time](crate::HandlerPool::drain_timeout) is over, drops the
     /// rest, and then the calls in progress are waited for. Without a drain
     /// time, shutdown takes about one handler call.
     ///

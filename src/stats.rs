@@ -56,14 +56,14 @@ pub struct Stats {
     /// Requests already received but not yet handled when the server was
     /// shut down: dropped unanswered (a batch is not finished once shutdown
     /// has begun, and a handler pool's queue is dropped once its
-    /// [drain time](crate::ServerBuilder::drain_timeout) is over).
+    /// [drain time](crate::HandlerPool::drain_timeout) is over).
     pub shutdown_dropped: u64,
     /// Requests shed because the
     /// [handler pool](crate::ServerBuilder::handler_pool)'s queue was
     /// full, or because the async server had
     /// `max_in_flight` (async `Limits`) handlers
     /// running: dropped, or answered with the
-    /// [busy reply](crate::ServerBuilder::overload_reply), at once.
+    /// [busy reply](crate::HandlerPool::overload_reply), at once.
     pub overloaded: u64,
     /// Requests dropped unanswered by a handler thread because they had
     /// waited in the queue longer than
