@@ -42,9 +42,9 @@ fn echo(request: Request<'_>, reply: &mut Vec<u8>) -> Action {
 
 /// Sends `request` from a plain std socket and returns the reply.
 fn raw_exchange(socket: &UdpSocket, to: SocketAddr, request: &[u8]) -> Vec<u8> {
-    socket.send_to(request, to).expect("send");
+    util::send_to(socket, request, to).expect("send");
     let mut buf = vec![0u8; 70_000];
-    let (len, from) = socket.recv_from(&mut buf).expect("a reply");
+    let (len, from) = util::recv_from(socket, &mut buf).expect("a reply");
     assert_eq!(from, to, "the reply comes from the server's address");
     buf.truncate(len);
     buf
@@ -125,7 +125,7 @@ fn handler_can_choose_not_to_reply(b: ServerBuilder) {
         })
         .expect("spawn");
     let socket = raw_socket_for(server.local_addr());
-    socket.send_to(b"quiet", server.local_addr()).expect("send");
+    util::send_to(&socket, b"quiet", server.local_addr()).expect("send");
     // The server handles datagrams in order: the reply to the second request
     // arriving first proves the first was handled and not answered.
     assert_eq!(
@@ -184,12 +184,8 @@ fn oversized_datagram_is_dropped_and_counted(b: ServerBuilder) {
         })
         .expect("spawn");
     let socket = raw_socket_for(server.local_addr());
-    socket
-        .send_to(&[7u8; 101], server.local_addr())
-        .expect("send");
-    socket
-        .send_to(&[7u8; 5000], server.local_addr())
-        .expect("send");
+    util::send_to(&socket, &[7u8; 101], server.local_addr()).expect("send");
+    util::send_to(&socket, &[7u8; 5000], server.local_addr()).expect("send");
     let exact = [9u8; 100];
     assert_eq!(raw_exchange(&socket, server.local_addr(), &exact), exact);
     let stats = server.shutdown().expect("shutdown");
@@ -215,7 +211,7 @@ fn panicking_handler_is_caught_and_counted(b: ServerBuilder) {
         .expect("spawn");
     let socket = raw_socket_for(server.local_addr());
     for _ in 0..3 {
-        socket.send_to(b"boom", server.local_addr()).expect("send");
+        util::send_to(&socket, b"boom", server.local_addr()).expect("send");
     }
     let reply = raw_exchange(&socket, server.local_addr(), b"fine");
     assert_eq!(
@@ -241,7 +237,7 @@ fn oversized_reply_is_a_send_error_not_fatal(b: ServerBuilder) {
         })
         .expect("spawn");
     let socket = raw_socket_for(server.local_addr());
-    socket.send_to(b"big", server.local_addr()).expect("send");
+    util::send_to(&socket, b"big", server.local_addr()).expect("send");
     assert_eq!(
         raw_exchange(&socket, server.local_addr(), b"ok"),
         b"Hello, ok!"
@@ -567,7 +563,7 @@ fn bursts_to_one_peer_get_every_reply_intact(b: ServerBuilder) {
             .map(|(i, &n)| (0..n).map(|j| (i * 7 + j) as u8).collect())
             .collect();
         for request in &requests {
-            socket.send_to(request, addr).expect("send");
+            util::send_to(&socket, request, addr).expect("send");
         }
         let mut expected: Vec<Vec<u8>> = requests
             .iter()
@@ -580,7 +576,7 @@ fn bursts_to_one_peer_get_every_reply_intact(b: ServerBuilder) {
         let mut got = Vec::new();
         let mut buf = vec![0u8; 70_000];
         for _ in 0..requests.len() {
-            let (n, from) = socket.recv_from(&mut buf).expect("every reply");
+            let (n, from) = util::recv_from(&socket, &mut buf).expect("every reply");
             assert_eq!(from, addr);
             got.push(buf[..n].to_vec());
         }
@@ -626,16 +622,16 @@ fn a_failed_reply_does_not_lose_the_rest_of_its_batch(b: ServerBuilder) {
         .expect("spawn");
     let addr = server.local_addr();
     let socket = raw_socket_for(addr);
-    socket.send_to(b"gate", addr).expect("send");
+    util::send_to(&socket, b"gate", addr).expect("send");
     let rest: [&[u8]; 5] = [b"a", b"big", b"b", b"big", b"c"];
     for request in rest {
-        socket.send_to(request, addr).expect("send");
+        util::send_to(&socket, request, addr).expect("send");
     }
     release.send(()).expect("release the gate");
     let mut buf = [0u8; 64];
     let mut got = Vec::new();
     for _ in 0..4 {
-        let n = socket.recv(&mut buf).expect("a reply");
+        let n = util::recv(&socket, &mut buf).expect("a reply");
         got.push(buf[..n].to_vec());
     }
     got.sort();
