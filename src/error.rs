@@ -204,6 +204,53 @@ impl Error {
     }
 }
 
+/// An [`io::Error`] of the matching [`kind`](io::Error::kind), for code that
+/// works in `io::Result`: a timeout is [`TimedOut`](io::ErrorKind::TimedOut),
+/// a refusal [`ConnectionRefused`](io::ErrorKind::ConnectionRefused), a
+/// taken address [`AddrInUse`](io::ErrorKind::AddrInUse), an invalid setting
+/// or socket [`InvalidInput`](io::ErrorKind::InvalidInput), and an error
+/// with an operating-system error as its source takes that error's kind.
+///
+/// The `udp_greet::Error` itself is the inner error: the message is the
+/// same, [`get_ref`](io::Error::get_ref) and
+/// [`downcast`](io::Error::downcast) give it back, and
+/// [`source`](std::error::Error::source) is its source, the
+/// operating-system error where there is one.
+///
+/// ```
+/// let err = udp_greet::GreetServer::builder().workers(0).bind("127.0.0.1:0").unwrap_err();
+/// let io = std::io::Error::from(err);
+/// assert_eq!(io.kind(), std::io::ErrorKind::InvalidInput);
+/// assert!(io.get_ref().is_some_and(|e| e.is::<udp_greet::Error>()));
+/// ```
+impl From<Error> for io::Error {
+    fn from(err: Error) -> io::Error {
+        io::Error::new(err.io_kind(), err)
+    }
+}
+
+impl Error {
+    /// The [`io::ErrorKind`] this error converts to.
+    fn io_kind(&self) -> io::ErrorKind {
+        use io::ErrorKind;
+        match self {
+            Error::AddrInUse { .. } => ErrorKind::AddrInUse,
+            Error::Refused { .. } => ErrorKind::ConnectionRefused,
+            Error::Timeout { .. } | Error::ShutdownTimedOut { .. } => ErrorKind::TimedOut,
+            Error::InvalidConfig { .. } | Error::UnsuitableSocket { .. } => ErrorKind::InvalidInput,
+            Error::ReplyTooLarge { .. } => ErrorKind::InvalidData,
+            Error::Resolve { source, .. }
+            | Error::Bind { source, .. }
+            | Error::Socket { source, .. }
+            | Error::Spawn { source, .. }
+            | Error::Io { source, .. } => source.kind(),
+            Error::WorkerPanicked { .. } => ErrorKind::Other,
+            #[cfg(feature = "tokio")]
+            Error::NoRuntime { .. } => ErrorKind::Other,
+        }
+    }
+}
+
 /// Whether a receive error means "the read timeout expired".
 ///
 /// Unix reports `WouldBlock` (`EAGAIN`), Windows `TimedOut`.
