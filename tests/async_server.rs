@@ -493,7 +493,7 @@ fn spawn_async_outside_a_runtime_is_an_error() {
     let server = GreetServer::bind(V4).expect("bind");
     let addr = server.local_addr();
     match server.spawn_async(udp_greet::greet_async) {
-        Err(Error::NoRuntime { addr: a }) => assert_eq!(a, addr),
+        Err(Error::NoRuntime { addr: a, .. }) => assert_eq!(a, addr),
         other => panic!("expected NoRuntime, got {other:?}"),
     }
 }

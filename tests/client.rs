@@ -58,6 +58,7 @@ fn silence_is_a_timeout_after_every_attempt() {
             addr,
             attempts,
             elapsed,
+            ..
         } => {
             assert_eq!(addr, server.local_addr());
             assert_eq!(attempts, 3);
@@ -117,7 +118,7 @@ fn send_recv_into_fills_the_callers_buffer() {
         .send_recv_into(b"Michael", &mut small)
         .expect_err("too small");
     assert!(
-        matches!(err, Error::ReplyTooLarge { capacity: 8, addr } if addr == server.local_addr()),
+        matches!(err, Error::ReplyTooLarge { capacity: 8, addr, .. } if addr == server.local_addr()),
         "{err:?}"
     );
     // The client is still usable, and the discarded reply does not linger.
