@@ -592,3 +592,57 @@ async fn several_workers_share_the_limit_and_each_answers() {
     let stats = stop(server).await;
     assert_eq!(stats.replied, 32);
 }
+
+/// A reply cloned from one in a reused buffer carries the same bytes after
+/// the original is dropped, and replies made from a `&str`, a `Vec` and a
+/// slice carry theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_clone_and_convert() {
+    let server = GreetServer::bind(V4)
+        .expect("bind")
+        .spawn_async(|request: AsyncRequest| async move {
+            let reply = match request.data().to_vec().as_slice() {
+                b"str" => Reply::from("from a str"),
+                b"vec" => Reply::from(b"from a vec".to_vec()),
+                b"slice" => Reply::from(&b"from a slice"[..]),
+                _ => {
+                    let original = request.reply_with(udp_greet::greet_into);
+                    let copy = original.clone();
+                    drop(original);
+                    copy
+                }
+            };
+            Some(reply)
+        })
+        .expect("spawn");
+    let addr = server.local_addr();
+    let socket = peer().await;
+    for (request, expected) in [
+        (&b"Ada"[..], &b"Hello, Ada!"[..]),
+        (b"str", b"from a str"),
+        (b"vec", b"from a vec"),
+        (b"slice", b"from a slice"),
+        (b"Grace", b"Hello, Grace!"),
+    ] {
+        socket.send_to(request, addr).await.expect("send");
+        assert_eq!(recv(&socket).await, expected);
+    }
+    let stats = guarded("shutdown", server.shutdown())
+        .await
+        .expect("shutdown");
+    assert_eq!(stats.replied, 5, "{stats:?}");
+    assert_balanced(&stats);
+}
+
+#[test]
+fn a_reply_is_its_bytes() {
+    let reply = Reply::from(b"bytes".to_vec());
+    assert_eq!(reply.as_ref(), b"bytes");
+    assert_eq!(reply.clone().as_ref(), reply.as_bytes());
+    assert_eq!(Reply::from("text").as_ref(), b"text");
+    assert_eq!(Reply::from(&b"slice"[..]).as_bytes(), b"slice");
+    fn takes_bytes(bytes: impl AsRef<[u8]>) -> usize {
+        bytes.as_ref().len()
+    }
+    assert_eq!(takes_bytes(Reply::new("four")), 4);
+}
