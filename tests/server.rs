@@ -8,8 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 
 use udp_greet::{
-    Action, Error, GreetClient, GreetServer, MAX_UDP_PAYLOAD_V4, Request, ServerBuilder,
-    ServerHandle, ShutdownHandle, Stats,
+    Action, Error, GreetClient, GreetServer, MAX_UDP_PAYLOAD_V4, Request, ServerBuilder, Stats,
 };
 use util::{V4, assert_balanced, greet_server, has_ipv6, raw_socket_for, wait_until, within_guard};
 
@@ -48,23 +47,6 @@ fn raw_exchange(socket: &UdpSocket, to: SocketAddr, request: &[u8]) -> Vec<u8> {
     assert_eq!(from, to, "the reply comes from the server's address");
     buf.truncate(len);
     buf
-}
-
-#[test]
-fn public_types_are_send_and_sync() {
-    fn check<T: Send + Sync + std::fmt::Debug>() {}
-    check::<GreetServer>();
-    check::<ServerHandle>();
-    check::<ShutdownHandle>();
-    check::<GreetClient>();
-    check::<udp_greet::ServerBuilder>();
-    check::<udp_greet::ClientBuilder>();
-    check::<Stats>();
-    check::<Error>();
-    check::<Request<'static>>();
-    check::<Action>();
-    check::<udp_greet::BufferSize>();
-    check::<udp_greet::RateLimit>();
 }
 
 fn greets_over_ipv4_and_ipv6(b: ServerBuilder) {
