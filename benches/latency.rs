@@ -87,7 +87,7 @@ mod bench {
     /// One request and its reply, on a connected socket: blocking, or
     /// polling for `poll` after the send before it blocks.
     fn hand_exchange(socket: &socket2::Socket, poll: Option<Duration>, buf: &mut [u8]) -> bool {
-        if socket.send(REQUEST).is_err() {
+        if crate::common::retrying(None, || socket.send(REQUEST)).is_err() {
             return false;
         }
         if let Some(poll) = poll {
@@ -99,9 +99,10 @@ mod bench {
                 std::hint::spin_loop();
             }
         }
-        socket
-            .recv_vectored(&mut [socket2::MaybeUninitSlice::new(as_uninit(buf))])
-            .is_ok()
+        crate::common::retrying(socket.read_timeout().ok().flatten(), || {
+            socket.recv_vectored(&mut [socket2::MaybeUninitSlice::new(as_uninit(buf))])
+        })
+        .is_ok()
     }
 
     enum Client {

@@ -9,10 +9,23 @@ use std::time::Duration;
 /// Each message names the operation and the address it was about; the
 /// underlying operating-system error, where there is one, is the
 /// [`source`](std::error::Error::source) and is not repeated in the message.
+///
+/// New variants and new fields in a variant may come in a minor release:
+/// every variant is `#[non_exhaustive]`, so a pattern names the fields it
+/// uses and ends with `..`, and only udp-greet constructs them.
+///
+/// ```
+/// let err = udp_greet::GreetServer::builder().workers(0).bind("127.0.0.1:0").unwrap_err();
+/// match err {
+///     udp_greet::Error::InvalidConfig { setting, .. } => assert_eq!(setting, "ServerBuilder::workers"),
+///     other => panic!("{other}"),
+/// }
+/// ```
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// The address could not be resolved or parsed, or resolved to nothing.
+    #[non_exhaustive]
     #[error("cannot resolve address {input}")]
     Resolve {
         /// The address as the caller wrote it (its `Debug` form).
@@ -23,6 +36,7 @@ pub enum Error {
     },
 
     /// Another socket already holds the address.
+    #[non_exhaustive]
     #[error(
         "address {addr} is already in use: stop the process that holds it, pick another port, \
          or enable reuse_port on every socket that shares it"
@@ -37,6 +51,7 @@ pub enum Error {
 
     /// Binding failed for a reason other than the address being in use
     /// (for example an address this host does not have, or a privileged port).
+    #[non_exhaustive]
     #[error("cannot bind UDP socket to {addr}")]
     Bind {
         /// The address that was asked for.
@@ -47,6 +62,7 @@ pub enum Error {
     },
 
     /// Creating the socket or setting one of its options failed.
+    #[non_exhaustive]
     #[error("cannot {action} on the UDP socket for {addr}")]
     Socket {
         /// What was being done, such as `set SO_RCVBUF`.
@@ -60,6 +76,7 @@ pub enum Error {
 
     /// A socket handed to [`ServerBuilder::from_std`](crate::ServerBuilder::from_std)
     /// cannot be served on.
+    #[non_exhaustive]
     #[error("cannot serve on the socket given to from_std: {reason}")]
     UnsuitableSocket {
         /// What is wrong with it, and what to do.
@@ -67,6 +84,7 @@ pub enum Error {
     },
 
     /// A builder setting is out of range.
+    #[non_exhaustive]
     #[error("invalid setting {setting}: {reason}")]
     InvalidConfig {
         /// The method that set the wrong value, with its type, such as
@@ -77,6 +95,7 @@ pub enum Error {
     },
 
     /// No reply arrived in time, after every attempt.
+    #[non_exhaustive]
     #[error("no reply from {addr} after {attempts} attempt(s) in {elapsed:?}")]
     Timeout {
         /// The server that did not answer.
@@ -89,6 +108,7 @@ pub enum Error {
 
     /// The server's host answered that nothing listens on that port
     /// (an ICMP port-unreachable message, reported as `ECONNREFUSED`).
+    #[non_exhaustive]
     #[error("nothing is listening on UDP {addr} (port unreachable)")]
     Refused {
         /// The address that refused.
@@ -103,6 +123,7 @@ pub enum Error {
     /// With a [reply check](crate::ClientBuilder::reply_check), a datagram
     /// too large to check is discarded and the wait goes on; this error then
     /// comes only if no valid reply arrived by the end of the call.
+    #[non_exhaustive]
     #[error("reply from {addr} is larger than the {capacity}-byte buffer given for it")]
     ReplyTooLarge {
         /// The server that sent it.
@@ -112,6 +133,7 @@ pub enum Error {
     },
 
     /// Starting a server thread failed.
+    #[non_exhaustive]
     #[error("cannot start a server thread for {addr}")]
     Spawn {
         /// The server's address.
@@ -123,6 +145,7 @@ pub enum Error {
 
     /// A server thread ended abnormally (a bug in udp-greet: handler panics
     /// are caught and counted, never reported this way).
+    #[non_exhaustive]
     #[error("a server thread for {addr} stopped abnormally")]
     WorkerPanicked {
         /// The server's address.
@@ -133,7 +156,10 @@ pub enum Error {
     /// cancelled its tasks: the server stopped without its shutdown, so its
     /// counters may not account for the requests that were in flight.
     /// Shut the server down before its runtime.
+    #[cfg(feature = "tokio")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
     #[error("the async server on {addr} was cancelled: its tokio runtime shut down while it ran")]
+    #[non_exhaustive]
     Cancelled {
         /// The server's address.
         addr: SocketAddr,
@@ -142,6 +168,7 @@ pub enum Error {
     /// [`ServerHandle::shutdown_timeout`](crate::ServerHandle::shutdown_timeout)
     /// gave up waiting: some of the server's threads are still in a handler
     /// call. They finish on their own; their replies are not sent.
+    #[non_exhaustive]
     #[error(
         "the server on {addr} did not stop within {waited:?}: {stuck_threads} thread(s) are \
          still in a handler call"
@@ -158,6 +185,7 @@ pub enum Error {
     /// An async server or client was used outside a tokio runtime.
     #[cfg(feature = "tokio")]
     #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
+    #[non_exhaustive]
     #[error(
         "no tokio runtime for the async socket for {addr}: use the async server and client from \
          a task or inside Runtime::block_on"
@@ -168,6 +196,7 @@ pub enum Error {
     },
 
     /// Any other I/O error, with the operation and the address it was about.
+    #[non_exhaustive]
     #[error("{action} {addr} failed")]
     Io {
         /// What was being done, such as `send to`.
@@ -211,6 +240,55 @@ impl Error {
     #[must_use]
     pub fn is_refused(&self) -> bool {
         matches!(self, Error::Refused { .. })
+    }
+}
+
+/// An [`io::Error`] of the matching [`kind`](io::Error::kind), for code that
+/// works in `io::Result`: a timeout is [`TimedOut`](io::ErrorKind::TimedOut),
+/// a refusal [`ConnectionRefused`](io::ErrorKind::ConnectionRefused), a
+/// taken address [`AddrInUse`](io::ErrorKind::AddrInUse), an invalid setting
+/// or socket [`InvalidInput`](io::ErrorKind::InvalidInput), and an error
+/// with an operating-system error as its source takes that error's kind.
+///
+/// The `udp_greet::Error` itself is the inner error: the message is the
+/// same, [`get_ref`](io::Error::get_ref) and
+/// [`downcast`](io::Error::downcast) give it back, and
+/// [`source`](std::error::Error::source) is its source, the
+/// operating-system error where there is one.
+///
+/// ```
+/// let err = udp_greet::GreetServer::builder().workers(0).bind("127.0.0.1:0").unwrap_err();
+/// let io = std::io::Error::from(err);
+/// assert_eq!(io.kind(), std::io::ErrorKind::InvalidInput);
+/// assert!(io.get_ref().is_some_and(|e| e.is::<udp_greet::Error>()));
+/// ```
+impl From<Error> for io::Error {
+    fn from(err: Error) -> io::Error {
+        io::Error::new(err.io_kind(), err)
+    }
+}
+
+impl Error {
+    /// The [`io::ErrorKind`] this error converts to.
+    fn io_kind(&self) -> io::ErrorKind {
+        use io::ErrorKind;
+        match self {
+            Error::AddrInUse { .. } => ErrorKind::AddrInUse,
+            Error::Refused { .. } => ErrorKind::ConnectionRefused,
+            Error::Timeout { .. } | Error::ShutdownTimedOut { .. } => ErrorKind::TimedOut,
+            Error::InvalidConfig { .. } | Error::UnsuitableSocket { .. } => ErrorKind::InvalidInput,
+            Error::ReplyTooLarge { .. } => ErrorKind::InvalidData,
+            Error::Resolve { source, .. }
+            | Error::Bind { source, .. }
+            | Error::Socket { source, .. }
+            | Error::Spawn { source, .. }
+            | Error::Io { source, .. } => source.kind(),
+            Error::WorkerPanicked { .. } => ErrorKind::Other,
+            #[cfg(feature = "tokio")]
+            Error::NoRuntime { .. } => ErrorKind::Other,
+            #[cfg(feature = "tokio")]
+            Error::Cancelled { .. } => ErrorKind::Interrupted,
+        }
     }
 }
 

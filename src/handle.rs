@@ -134,7 +134,7 @@ impl Shared {
                 let socket = self.sockets.get(i)?.upgrade()?;
                 sys::kernel_drops(&socket)
             },
-            self.pool.as_ref().map(|(pool, _)| pool.queued()),
+            || self.pool.as_ref().map(|(pool, _)| pool.queued()),
         )
     }
 

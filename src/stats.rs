@@ -92,7 +92,8 @@ pub struct Stats {
     pub timed_out: u64,
     /// Requests waiting in the [handler pool](crate::ServerBuilder::handler_pool)'s
     /// queue when the snapshot was taken: a gauge, not a counter (part of
-    /// [`in_flight`](Stats::in_flight)). Always 0 without a pool.
+    /// [`in_flight`](Stats::in_flight), never more than it in any
+    /// snapshot). Always 0 without a pool.
     pub queued: u64,
 }
 
@@ -236,16 +237,26 @@ impl SharedStats {
 
     /// The sum over all workers. `live_drops(i)` gives worker `i`'s socket's
     /// kernel drop count while that socket is open; once it is closed, the
-    /// highest count seen is used.
+    /// highest count seen is used. `queued()` gives the handler pool's queue
+    /// depth (`None` without a pool); it is called between reading the
+    /// outcomes and reading `received`.
     ///
-    /// No snapshot shows more outcomes than datagrams received. A request's
-    /// outcome is published after its `received` count was (by the same
-    /// thread, or by the receive worker before it queued the request for a
-    /// handler thread), each with a release store; this reads every
-    /// thread's outcomes (acquire) before any thread's `received`, so the
-    /// `received` it reads are at least as new as the outcomes it read, and
-    /// every outcome counter only grows.
-    pub(crate) fn snapshot(&self, live_drops: impl Fn(usize) -> Option<u64>) -> Stats {
+    /// No snapshot shows more outcomes than datagrams received, nor more
+    /// requests queued than in flight. A request's outcome is published
+    /// after its `received` count was (by the same thread, or by the
+    /// receive worker before it queued the request for a handler thread),
+    /// each with a release store, and a queued request's `received` is
+    /// published before it enters the queue, its outcome only after it has
+    /// left it. This reads every thread's outcomes (acquire), then the
+    /// queue depth (under the pool's lock), then every thread's `received`
+    /// (acquire): the `received` it reads are at least as new as the
+    /// outcomes and include every request it saw queued, none of whose
+    /// outcomes it read; and every outcome counter only grows.
+    pub(crate) fn snapshot_with_queue(
+        &self,
+        live_drops: impl Fn(usize) -> Option<u64>,
+        queued: impl FnOnce() -> Option<usize>,
+    ) -> Stats {
         let mut sum = Stats::default();
         for (i, slot) in self.slots.iter().enumerate() {
             let mut values = [0u64; FIELDS];
@@ -262,23 +273,11 @@ impl SharedStats {
             }
             sum = sum.add(&Stats::from_array(values));
         }
+        sum.queued = queued().unwrap_or(0) as u64;
         for slot in self.slots.iter() {
             sum.received += slot.0[RECEIVED].load(Ordering::Acquire);
         }
         sum
-    }
-
-    /// The counters and the pool's queue depth.
-    pub(crate) fn snapshot_with_queue(
-        &self,
-        live_drops: impl Fn(usize) -> Option<u64>,
-        queued: Option<usize>,
-    ) -> Stats {
-        let queued = queued.unwrap_or(0) as u64;
-        Stats {
-            queued,
-            ..self.snapshot(live_drops)
-        }
     }
 
     /// Publishes worker `index`'s running totals. Only that worker writes its
@@ -341,13 +340,21 @@ mod tests {
     #[test]
     fn kernel_drops_never_go_back_once_the_socket_closes() {
         let shared = SharedStats::new(1);
-        assert_eq!(shared.snapshot(|_| Some(5)).kernel_drops, 5);
+        assert_eq!(
+            shared
+                .snapshot_with_queue(|_| Some(5), || None)
+                .kernel_drops,
+            5
+        );
         // The worker published a lower count as it stopped; the socket is gone.
         let stopped = Stats {
             kernel_drops: 4,
             ..Stats::default()
         };
         shared.publish(0, &stopped);
-        assert_eq!(shared.snapshot(|_| None).kernel_drops, 5);
+        assert_eq!(
+            shared.snapshot_with_queue(|_| None, || None).kernel_drops,
+            5
+        );
     }
 }

@@ -49,8 +49,8 @@ fn a_non_blocking_socket_is_served_with_the_builders_settings(b: ServerBuilder) 
     // "x" gets 9 bytes back, within 9x; "" would get 8 for 0 and is capped.
     assert_eq!(client.send_recv(b"x").expect("reply"), b"Hello, x!");
     let raw = raw_socket_for(addr);
-    raw.send_to(b"", addr).expect("send");
-    raw.send_to(&[b'y'; 101], addr).expect("send");
+    util::send_to(&raw, b"", addr).expect("send");
+    util::send_to(&raw, &[b'y'; 101], addr).expect("send");
     wait_until("the capped and the oversized request", || {
         let stats = server.stats();
         stats.amplification_capped == 1 && stats.truncated == 1
@@ -197,7 +197,7 @@ fn receive_errors_do_not_stop_the_server(b: ServerBuilder) {
             })
             .expect("spawn");
         let gone = raw_socket_for(addr);
-        gone.send_to(b"first", addr).expect("send");
+        util::send_to(&gone, b"first", addr).expect("send");
         in_call.recv_timeout(HANG_GUARD).expect("the handler runs");
         // The sender's port closes before its reply goes out: the reply
         // draws an ICMP port-unreachable back at the server.

@@ -15,6 +15,8 @@ use std::time::Duration;
 
 use udp_greet::{GreetClient, GreetServer, HandlerPool, ServerBuilder};
 
+mod util;
+
 struct Counting;
 
 static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
@@ -105,10 +107,10 @@ fn count_bursts(socket: &UdpSocket) -> Result<u64, String> {
     let mut buf = [0u8; 64];
     let mut burst = || -> Result<(), String> {
         for _ in 0..BURST {
-            socket.send(b"burst").map_err(|e| e.to_string())?;
+            util::send(socket, b"burst").map_err(|e| e.to_string())?;
         }
         for _ in 0..BURST {
-            let n = socket.recv(&mut buf).map_err(|e| format!("reply: {e}"))?;
+            let n = util::recv(socket, &mut buf).map_err(|e| format!("reply: {e}"))?;
             if &buf[..n] != b"Hello, burst!" {
                 return Err(format!("wrong reply {:?}", &buf[..n]));
             }
@@ -178,10 +180,10 @@ fn many_prefixes(builder: ServerBuilder) -> Result<u64, String> {
     let mut buf = [0u8; 64];
     let mut round = |sockets: &[UdpSocket]| -> Result<(), String> {
         for socket in sockets {
-            socket.send_to(b"spray", addr).map_err(|e| e.to_string())?;
+            util::send_to(socket, b"spray", addr).map_err(|e| e.to_string())?;
         }
         for socket in sockets {
-            socket.recv(&mut buf).map_err(|e| format!("reply: {e}"))?;
+            util::recv(socket, &mut buf).map_err(|e| format!("reply: {e}"))?;
         }
         Ok(())
     };
@@ -232,7 +234,7 @@ fn huge_replies_are_given_back(builder: ServerBuilder) -> Result<u64, String> {
     let before = live();
     let sender = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     for _ in 0..BURST {
-        sender.send_to(b"huge", addr).map_err(|e| e.to_string())?;
+        util::send_to(&sender, b"huge", addr).map_err(|e| e.to_string())?;
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while server.stats().send_errors < BURST as u64 {
@@ -351,11 +353,11 @@ fn async_bursts(
         .set_recv_buffer_size(4 << 20)
         .map_err(|e| e.to_string())?;
     for _ in 0..FLOOD {
-        socket.send(b"burst").map_err(|e| e.to_string())?;
+        util::send(&socket, b"burst").map_err(|e| e.to_string())?;
     }
     let mut buf = [0u8; 64];
     for _ in 0..FLOOD {
-        socket.recv(&mut buf).map_err(|e| format!("reply: {e}"))?;
+        util::recv(&socket, &mut buf).map_err(|e| format!("reply: {e}"))?;
     }
     let delta = count_bursts(&socket)?;
     let stats = runtime

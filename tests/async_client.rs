@@ -147,18 +147,18 @@ fn doubling_server() -> (std::thread::JoinHandle<()>, SocketAddr) {
     let addr = socket.local_addr().expect("addr");
     let thread = std::thread::spawn(move || {
         let mut buf = [0u8; 1500];
-        while let Ok((n, from)) = socket.recv_from(&mut buf) {
+        while let Ok((n, from)) = util::recv_from(&socket, &mut buf) {
             let name = &buf[..n];
             if name == b"stop" {
                 return;
             }
             if name == b"wrong" {
-                let _ = socket.send_to(b"Hello, someone else!", from);
+                let _ = util::send_to(&socket, b"Hello, someone else!", from);
             }
             let mut reply = Vec::new();
             udp_greet::greet_into(name, &mut reply);
-            let _ = socket.send_to(&reply, from);
-            let _ = socket.send_to(&reply, from);
+            let _ = util::send_to(&socket, &reply, from);
+            let _ = util::send_to(&socket, &reply, from);
         }
     });
     (thread, addr)
@@ -180,14 +180,12 @@ async fn stale_datagrams_are_drained_before_reuse_and_checks_reject() {
     // reply check, only the drain keeps "Hello, one!" from being taken as
     // the answer to "two".
     let probe = std::net::UdpSocket::bind(V4).expect("bind");
-    probe.send_to(b"sync", addr).expect("send");
+    util::send_to(&probe, b"sync", addr).expect("send");
     let mut buf = [0u8; 64];
     probe
         .set_read_timeout(Some(util::HANG_GUARD))
         .expect("timeout");
-    probe
-        .recv_from(&mut buf)
-        .expect("the server has answered the earlier request too");
+    util::recv_from(&probe, &mut buf).expect("the server has answered the earlier request too");
     let second = guarded("a call", client.send_recv(b"two"))
         .await
         .expect("reply");
@@ -206,7 +204,7 @@ async fn stale_datagrams_are_drained_before_reuse_and_checks_reject() {
         b"Hello, wrong!"
     );
     assert_eq!(checked.discarded(), 1);
-    probe.send_to(b"stop", addr).expect("send");
+    util::send_to(&probe, b"stop", addr).expect("send");
     server.join().expect("server thread");
 }
 

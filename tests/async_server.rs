@@ -86,7 +86,7 @@ fn start(builder: ServerBuilder<Tokio>, handler: Handler) -> aio::ServerHandle {
         .bind(V4)
         .expect("bind")
         .spawn(handler)
-        .expect("spawn_async")
+        .expect("spawn")
 }
 
 async fn stop(server: aio::ServerHandle) -> Stats {
@@ -497,11 +497,11 @@ async fn a_flood_does_not_starve_a_one_thread_runtime() {
 }
 
 #[test]
-fn spawn_async_outside_a_runtime_is_an_error() {
+fn spawn_outside_a_runtime_is_an_error() {
     let server = GreetServer::bind(V4).expect("bind");
     let addr = server.local_addr();
     match server.spawn(aio::greet) {
-        Err(Error::NoRuntime { addr: a }) => assert_eq!(a, addr),
+        Err(Error::NoRuntime { addr: a, .. }) => assert_eq!(a, addr),
         other => panic!("expected NoRuntime, got {other:?}"),
     }
 }
@@ -605,7 +605,7 @@ async fn a_window_of_duration_max_polls_and_publishes_live(builder: ServerBuilde
         .bind(V4)
         .expect("bind")
         .spawn(aio::greet)
-        .expect("spawn_async");
+        .expect("spawn");
     let socket = peer().await;
     socket
         .send_to(b"open", server.local_addr())
@@ -672,4 +672,58 @@ fn a_runtime_shut_down_under_the_server_is_reported_as_cancelled() {
         Err(Error::Cancelled { addr: a, .. }) => assert_eq!(a, addr),
         other => panic!("expected Cancelled, got {other:?}"),
     }
+}
+
+/// A reply cloned from one in a reused buffer carries the same bytes after
+/// the original is dropped, and replies made from a `&str`, a `Vec` and a
+/// slice carry theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_clone_and_convert() {
+    let server = GreetServer::bind(V4)
+        .expect("bind")
+        .spawn(|request: aio::Request| async move {
+            let reply = match request.data().to_vec().as_slice() {
+                b"str" => Reply::from("from a str"),
+                b"vec" => Reply::from(b"from a vec".to_vec()),
+                b"slice" => Reply::from(&b"from a slice"[..]),
+                _ => {
+                    let original = request.reply_with(udp_greet::greet_into);
+                    let copy = original.clone();
+                    drop(original);
+                    copy
+                }
+            };
+            Some(reply)
+        })
+        .expect("spawn");
+    let addr = server.local_addr();
+    let socket = peer().await;
+    for (request, expected) in [
+        (&b"Ada"[..], &b"Hello, Ada!"[..]),
+        (b"str", b"from a str"),
+        (b"vec", b"from a vec"),
+        (b"slice", b"from a slice"),
+        (b"Grace", b"Hello, Grace!"),
+    ] {
+        socket.send_to(request, addr).await.expect("send");
+        assert_eq!(recv(&socket).await, expected);
+    }
+    let stats = guarded("shutdown", server.shutdown())
+        .await
+        .expect("shutdown");
+    assert_eq!(stats.replied, 5, "{stats:?}");
+    assert_balanced(&stats);
+}
+
+#[test]
+fn a_reply_is_its_bytes() {
+    let reply = Reply::from(b"bytes".to_vec());
+    assert_eq!(reply.as_ref(), b"bytes");
+    assert_eq!(reply.clone().as_ref(), reply.as_bytes());
+    assert_eq!(Reply::from("text").as_ref(), b"text");
+    assert_eq!(Reply::from(&b"slice"[..]).as_bytes(), b"slice");
+    fn takes_bytes(bytes: impl AsRef<[u8]>) -> usize {
+        bytes.as_ref().len()
+    }
+    assert_eq!(takes_bytes(Reply::new("four")), 4);
 }

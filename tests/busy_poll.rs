@@ -62,10 +62,13 @@ fn exercise(builder: ServerBuilder) -> Stats {
         assert_eq!(reply, format!("Hello, {name}!").as_bytes());
     }
     let raw = raw_socket_for(addr);
-    raw.send_to(&[0u8; 0], addr).expect("send");
-    raw.send_to(&vec![7u8; 70_000 / 2], addr).expect("send");
+    util::send_to(&raw, &[0u8; 0], addr).expect("send");
+    util::send_to(&raw, &vec![7u8; 70_000 / 2], addr).expect("send");
     let mut buf = [0u8; 64];
-    assert_eq!(raw.recv(&mut buf).expect("reply to the empty one"), 8);
+    assert_eq!(
+        util::recv(&raw, &mut buf).expect("reply to the empty one"),
+        8
+    );
     wait_until("all 102 dealt with", || {
         let stats = server.stats();
         stats.received == 102 && stats.in_flight() == 0
@@ -164,7 +167,7 @@ fn an_idle_polling_server_stops_polling(b: ServerBuilder) {
     idle.set_read_timeout(Some(Duration::from_millis(20)))
         .expect("timeout");
     let mut buf = [0u8; 8];
-    assert!(idle.recv(&mut buf).is_err());
+    assert!(matches!(util::recv(&idle, &mut buf), Err(e) if util::is_timeout(&e)));
     assert_eq!(
         server.stats().busy_poll_misses,
         misses,
@@ -264,18 +267,14 @@ fn a_polling_client_keeps_every_promise() {
         .reply_check(udp_greet::is_greeting)
         .connect(addr)
         .expect("connect");
-    server
-        .send_to(b"Hello, stale!", client.local_addr())
-        .expect("stale");
+    util::send_to(&server, b"Hello, stale!", client.local_addr()).expect("stale");
     let answer = std::thread::spawn(move || {
         let mut buf = [0u8; 64];
-        let (n, from) = server.recv_from(&mut buf).expect("request");
-        server
-            .send_to(b"Hello, somebody else!", from)
-            .expect("wrong");
+        let (n, from) = util::recv_from(&server, &mut buf).expect("request");
+        util::send_to(&server, b"Hello, somebody else!", from).expect("wrong");
         let mut greeting = Vec::new();
         udp_greet::greet_into(&buf[..n], &mut greeting);
-        server.send_to(&greeting, from).expect("greeting");
+        util::send_to(&server, &greeting, from).expect("greeting");
     });
     assert_eq!(client.send_recv(b"Sarah").expect("reply"), b"Hello, Sarah!");
     assert_eq!(client.discarded(), 2, "the stale one and the wrong one");
@@ -317,15 +316,15 @@ fn answers_second_copy(server: UdpSocket, requests: usize) -> std::thread::JoinH
     std::thread::spawn(move || {
         let mut buf = [0u8; 64];
         for _ in 0..requests {
-            let Ok((_, _)) = server.recv_from(&mut buf) else {
+            let Ok((_, _)) = util::recv_from(&server, &mut buf) else {
                 return;
             };
-            let Ok((n, from)) = server.recv_from(&mut buf) else {
+            let Ok((n, from)) = util::recv_from(&server, &mut buf) else {
                 return;
             };
             let mut greeting = Vec::new();
             udp_greet::greet_into(&buf[..n], &mut greeting);
-            let _ = server.send_to(&greeting, from);
+            let _ = util::send_to(&server, &greeting, from);
         }
     })
 }
@@ -347,9 +346,7 @@ fn the_latency_mode_stale_check_discards_and_asks_again_at_once() {
         .busy_poll(WINDOW)
         .connect(addr)
         .expect("connect");
-    server
-        .send_to(b"Hello, stale!", client.local_addr())
-        .expect("stale");
+    util::send_to(&server, b"Hello, stale!", client.local_addr()).expect("stale");
     let answering = answers_second_copy(server.try_clone().expect("clone"), 1);
     let reply = within_guard("a call whose check found a stale datagram", move || {
         let reply = client.send_recv(b"Tracy");
@@ -378,10 +375,8 @@ fn the_latency_mode_stale_check_discards_and_asks_again_at_once() {
     }
     // The extra request is counted in the timeout's attempts.
     let mut buf = [0u8; 64];
-    let _ = server.recv_from(&mut buf); // the `once` request, unanswered
-    server
-        .send_to(b"Hello, stale!", client.local_addr())
-        .expect("stale");
+    let _ = util::recv_from(&server, &mut buf); // the `once` request, unanswered
+    util::send_to(&server, b"Hello, stale!", client.local_addr()).expect("stale");
     match client.send_recv(b"twice") {
         Err(Error::Timeout { attempts: 2, .. }) => {}
         other => panic!("expected a timeout after 2 requests, got {other:?}"),

@@ -58,6 +58,7 @@ fn silence_is_a_timeout_after_every_attempt() {
             addr,
             attempts,
             elapsed,
+            ..
         } => {
             assert_eq!(addr, server.local_addr());
             assert_eq!(attempts, 3);
@@ -117,7 +118,7 @@ fn send_recv_into_fills_the_callers_buffer() {
         .send_recv_into(b"Michael", &mut small)
         .expect_err("too small");
     assert!(
-        matches!(err, Error::ReplyTooLarge { capacity: 8, addr } if addr == server.local_addr()),
+        matches!(err, Error::ReplyTooLarge { capacity: 8, addr, .. } if addr == server.local_addr()),
         "{err:?}"
     );
     // The client is still usable, and the discarded reply does not linger.
@@ -143,9 +144,9 @@ fn relayed_greet_server(
         let up = raw_socket_for(upstream);
         let mut buf = [0u8; 2048];
         for _ in 0..requests {
-            let (n, client) = relay.recv_from(&mut buf).expect("request");
-            up.send_to(&buf[..n], upstream).expect("forward");
-            let m = up.recv(&mut buf).expect("reply");
+            let (n, client) = util::recv_from(&relay, &mut buf).expect("request");
+            util::send_to(&up, &buf[..n], upstream).expect("forward");
+            let m = util::recv(&up, &mut buf).expect("reply");
             answer(&relay, &buf[..m], client);
         }
         server
@@ -160,8 +161,8 @@ fn a_stale_reply_is_not_taken_for_the_next_answer() {
     // returned for the next request.
     let (queued_tx, queued) = std::sync::mpsc::channel();
     let (relay_addr, relay) = relayed_greet_server(3, move |relay, reply, client| {
-        relay.send_to(reply, client).expect("reply");
-        relay.send_to(reply, client).expect("duplicate");
+        util::send_to(relay, reply, client).expect("reply");
+        util::send_to(relay, reply, client).expect("duplicate");
         // Loopback delivers within send_to: both copies are queued now.
         queued_tx.send(()).expect("test thread");
     });
@@ -253,10 +254,8 @@ fn a_reply_that_fails_the_check_is_discarded_and_the_wait_goes_on() {
     // The relay answers every request with a wrong greeting first, then the
     // right one.
     let (relay_addr, relay_thread) = relayed_greet_server(1, |relay, reply, client| {
-        relay
-            .send_to(b"Hello, somebody else!", client)
-            .expect("wrong reply");
-        relay.send_to(reply, client).expect("reply");
+        util::send_to(relay, b"Hello, somebody else!", client).expect("wrong reply");
+        util::send_to(relay, reply, client).expect("reply");
     });
     let client = GreetClient::builder()
         .timeout(util::HANG_GUARD)
@@ -344,12 +343,12 @@ fn answers_with(first: Vec<u8>, then_greet: bool) -> (SocketAddr, std::thread::J
         .expect("timeout");
     let thread = std::thread::spawn(move || {
         let mut buf = [0u8; 64];
-        let (n, client) = server.recv_from(&mut buf).expect("request");
-        server.send_to(&first, client).expect("first answer");
+        let (n, client) = util::recv_from(&server, &mut buf).expect("request");
+        util::send_to(&server, &first, client).expect("first answer");
         if then_greet {
             let mut greeting = Vec::new();
             udp_greet::greet_into(&buf[..n], &mut greeting);
-            server.send_to(&greeting, client).expect("greeting");
+            util::send_to(&server, &greeting, client).expect("greeting");
         }
     });
     (addr, thread)
@@ -422,11 +421,11 @@ fn discarded_does_not_wait_for_a_call_in_progress() {
     };
     // The request arrived: the call is in progress, waiting for a reply.
     let mut buf = [0u8; 64];
-    let (_, from) = silent.recv_from(&mut buf).expect("the request");
+    let (_, from) = util::recv_from(&silent, &mut buf).expect("the request");
     let reader = client.clone();
     let discarded = within_guard("discarded() during a call", move || reader.discarded());
     assert_eq!(discarded, 0);
-    silent.send_to(b"done", from).expect("answer");
+    util::send_to(&silent, b"done", from).expect("answer");
     assert_eq!(caller.join().expect("caller").expect("reply"), b"done");
 }
 

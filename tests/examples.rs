@@ -132,9 +132,9 @@ fn client_takes_names_and_the_server_answers_a_raw_peer() {
     );
 
     let socket = util::raw_socket_for(addr);
-    socket.send_to(b"raw\xff", addr).expect("send");
+    util::send_to(&socket, b"raw\xff", addr).expect("send");
     let mut buf = [0u8; 64];
-    let n = socket.recv(&mut buf).expect("reply");
+    let n = util::recv(&socket, &mut buf).expect("reply");
     assert_eq!(&buf[..n], b"Hello, raw\xff!");
 }
 

@@ -40,7 +40,8 @@ fn wait_received(server: &ServerHandle, count: u64) {
     );
 }
 
-/// Everything already queued on `socket`, without waiting.
+/// Everything already queued on `socket`, without waiting. Non-blocking
+/// calls do not sleep, so no signal interrupts them: plain `recv_from`.
 fn drain(socket: &UdpSocket) -> Vec<(Vec<u8>, SocketAddr)> {
     let mut out = Vec::new();
     let mut buf = vec![0u8; 70_000];
@@ -67,10 +68,10 @@ fn sizes_at_every_edge_are_answered_or_counted(b: ServerBuilder) {
         let mut too_big = 0;
         for size in [0, 1, 1_200, 1_472, 1_500, 9_000, max - 8, max - 1, max] {
             let request = vec![b'x'; size];
-            socket.send_to(&request, addr).expect("send");
+            util::send_to(&socket, &request, addr).expect("send");
             sent += 1;
             if size + 8 <= max {
-                let (n, _) = socket.recv_from(&mut buf).expect("a reply");
+                let (n, _) = util::recv_from(&socket, &mut buf).expect("a reply");
                 assert!(udp_greet::is_greeting(&request, &buf[..n]), "size {size}");
             } else {
                 // The greeting does not fit in a datagram: a send error.
@@ -92,7 +93,7 @@ fn oversized_datagrams_are_counted_and_the_server_goes_on(b: ServerBuilder) {
     let addr = server.local_addr();
     let socket = raw_socket_for(addr);
     for size in [1_001, 1_472, 5_000, MAX_UDP_PAYLOAD_V4] {
-        socket.send_to(&vec![0u8; size], addr).expect("send");
+        util::send_to(&socket, &vec![0u8; size], addr).expect("send");
     }
     let client = GreetClient::connect(addr).expect("connect");
     let exact = vec![b'y'; 1_000];
@@ -137,13 +138,13 @@ fn a_flood_is_survived_and_the_kernel_drops_are_reported(b: ServerBuilder) {
         .expect("spawn");
     let addr = server.local_addr();
     let flooder = raw_socket_for(addr);
-    flooder.send_to(b"gate", addr).expect("send");
+    util::send_to(&flooder, b"gate", addr).expect("send");
     entered
         .recv_timeout(HANG_GUARD)
         .expect("the worker is held in the handler");
     // Far more than a 16 KiB buffer holds while the worker is held up.
     for i in 0..FLOOD {
-        let _ = flooder.send_to(&i.to_be_bytes(), addr);
+        let _ = util::send_to(&flooder, &i.to_be_bytes(), addr);
     }
     release.send(()).expect("release the worker");
     if cfg!(target_os = "linux") {
@@ -182,13 +183,11 @@ fn one_panic_in_a_thousand_costs_one_reply(b: ServerBuilder) {
     let mut buf = [0u8; 64];
     for burst in 0..10 {
         for i in burst * 100..(burst + 1) * 100 {
-            socket
-                .send_to(i.to_string().as_bytes(), addr)
-                .expect("send");
+            util::send_to(&socket, i.to_string().as_bytes(), addr).expect("send");
         }
         let expected = if burst == 5 { 99 } else { 100 };
         for _ in 0..expected {
-            let n = socket.recv(&mut buf).expect("a reply");
+            let n = util::recv(&socket, &mut buf).expect("a reply");
             assert!(buf[..n].starts_with(b"Hello, "));
             answered += 1;
         }
@@ -228,7 +227,7 @@ fn rate_limit_holds_each_prefix_to_rate_times_time_plus_burst(b: ServerBuilder) 
         let start = Instant::now();
         for i in 0..EACH {
             let from = if i % 2 == 0 { &a } else { &b };
-            from.send_to(b"flood", addr).expect("send");
+            util::send_to(from, b"flood", addr).expect("send");
         }
         sent += EACH;
         wait_received(&server, sent);
@@ -264,12 +263,10 @@ fn an_abusive_prefix_does_not_starve_a_quiet_one(b: ServerBuilder) {
     let mut buf = [0u8; 64];
     for round in 0..3 {
         for _ in 0..200 {
-            abuser.send_to(b"more", addr).expect("send");
+            util::send_to(&abuser, b"more", addr).expect("send");
         }
-        quiet
-            .send_to(format!("q{round}").as_bytes(), addr)
-            .expect("send");
-        let n = quiet.recv(&mut buf).expect("the quiet prefix is answered");
+        util::send_to(&quiet, format!("q{round}").as_bytes(), addr).expect("send");
+        let n = util::recv(&quiet, &mut buf).expect("the quiet prefix is answered");
         assert_eq!(&buf[..n], format!("Hello, q{round}!").as_bytes());
     }
     wait_received(&server, 603);
@@ -285,7 +282,7 @@ fn amplification_cap_holds_back_large_replies(b: ServerBuilder) {
     // "Hello, " + name + "!" is 8 bytes more than the name: within 3x from
     // 4 bytes up.
     for name in ["", "a", "ab", "abc"] {
-        socket.send_to(name.as_bytes(), addr).expect("send");
+        util::send_to(&socket, name.as_bytes(), addr).expect("send");
     }
     let client = GreetClient::connect(addr).expect("connect");
     assert_eq!(client.send_recv(b"abcd").expect("reply"), b"Hello, abcd!");
@@ -309,7 +306,7 @@ fn shutdown_under_a_flood_completes(b: ServerBuilder) {
         let socket = raw_socket_for(addr);
         // Bounded: at most a million datagrams, or until told to stop.
         for i in 0..1_000_000u64 {
-            let _ = socket.send_to(b"flood", addr);
+            let _ = util::send_to(&socket, b"flood", addr);
             counter.store(i + 1, Ordering::Relaxed);
             if stop.try_recv().is_ok() {
                 break;
@@ -352,14 +349,14 @@ proptest! {
         let mut buf = vec![0u8; 70_000];
         let mut expect = Stats::default();
         for payload in &payloads {
-            socket.send_to(payload, addr).expect("send");
+            util::send_to(&socket, payload, addr).expect("send");
             expect.received += 1;
             if payload.len() > max {
                 expect.truncated += 1;
             } else if payload.len() + 8 > MAX_UDP_PAYLOAD_V4 {
                 expect.send_errors += 1;
             } else {
-                let (n, from) = socket.recv_from(&mut buf).expect("a reply");
+                let (n, from) = util::recv_from(&socket, &mut buf).expect("a reply");
                 prop_assert_eq!(from, addr);
                 prop_assert!(udp_greet::is_greeting(payload, &buf[..n]));
                 expect.replied += 1;

@@ -82,7 +82,7 @@ fn counters_gauge_and_histograms_are_published() {
         for _ in 0..20 {
             client.send_recv(b"m").expect("reply");
         }
-        raw_socket_for(addr).send_to(b"panic", addr).expect("send");
+        util::send_to(&raw_socket_for(addr), b"panic", addr).expect("send");
         wait_until("21 requests dealt with", || {
             let s = server.stats();
             s.received == 21 && s.in_flight() == 0

@@ -6,7 +6,7 @@
 mod util;
 
 use std::net::{SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -26,6 +26,7 @@ util::on_both_paths!(
     a_stuck_handler_cannot_hold_shutdown_forever,
     the_pool_drains_its_queue_when_asked,
     histograms_count_every_request,
+    snapshots_never_show_more_queued_than_in_flight,
 );
 
 /// A handler whose calls report that they started and then wait, each, for
@@ -97,7 +98,7 @@ fn replies(socket: &UdpSocket, count: usize) -> Vec<Vec<u8>> {
     (0..count)
         .map(|_| {
             let mut buf = [0u8; 64];
-            let n = socket.recv(&mut buf).expect("a reply");
+            let n = util::recv(socket, &mut buf).expect("a reply");
             buf[..n].to_vec()
         })
         .collect()
@@ -105,7 +106,7 @@ fn replies(socket: &UdpSocket, count: usize) -> Vec<Vec<u8>> {
 
 fn send_all(socket: &UdpSocket, to: SocketAddr, requests: &[&[u8]]) {
     for request in requests {
-        socket.send_to(request, to).expect("send");
+        util::send_to(socket, request, to).expect("send");
     }
 }
 
@@ -132,9 +133,7 @@ fn n_handlers_run_at_once_and_the_next_one_waits(b: ServerBuilder) {
     let addr = server.local_addr();
     let clients: Vec<_> = (0..N).map(|_| raw_socket_for(addr)).collect();
     for (i, client) in clients.iter().enumerate() {
-        client
-            .send_to(format!("r{i}").as_bytes(), addr)
-            .expect("send");
+        util::send_to(client, format!("r{i}").as_bytes(), addr).expect("send");
     }
     for _ in 0..N {
         started
@@ -143,7 +142,7 @@ fn n_handlers_run_at_once_and_the_next_one_waits(b: ServerBuilder) {
     }
     // N calls are inside the handler; one more request must wait its turn.
     let last = raw_socket_for(addr);
-    last.send_to(b"last", addr).expect("send");
+    util::send_to(&last, b"last", addr).expect("send");
     wait_until("the last request to be received", || {
         server.stats().received == N as u64 + 1
     });
@@ -260,7 +259,7 @@ fn the_busy_reply_obeys_the_amplification_cap(b: ServerBuilder) {
     let stats = server.shutdown().expect("shutdown");
     let mut buf = [0u8; 64];
     assert!(
-        client.recv(&mut buf).is_err(),
+        matches!(util::recv(&client, &mut buf), Err(e) if util::is_timeout(&e)),
         "no reply to the capped request"
     );
     // "held" and "wait" get greetings of 4 + 8 bytes, within 3x of 4.
@@ -322,9 +321,7 @@ fn requests_that_waited_too_long_expire(b: ServerBuilder) {
     let addr = server.local_addr();
     let client = raw_socket_for(addr);
     for i in 0..10 {
-        client
-            .send_to(format!("{i}").as_bytes(), addr)
-            .expect("send");
+        util::send_to(&client, format!("{i}").as_bytes(), addr).expect("send");
     }
     wait_until("ten requests dealt with", || server.stats().expired == 10);
     let latency = server.latency();
@@ -554,4 +551,64 @@ fn pool_settings_are_checked() {
     let client = udp_greet::GreetClient::connect(server.local_addr()).expect("connect");
     assert_eq!(client.send_recv(b"edge").expect("reply"), b"Hello, edge!");
     assert_balanced(&within_guard("shutdown", move || server.shutdown()).expect("shutdown"));
+}
+
+/// Under a flood through a handler pool, every snapshot shows the queued
+/// requests among those in flight (`queued <= in_flight()`), no more
+/// outcomes than arrivals, and no counter lower than the snapshot before.
+/// Correctness only: the loops are bounded in count, and how many snapshots
+/// land while the queue is busy does not matter to the verdict.
+fn snapshots_never_show_more_queued_than_in_flight(b: ServerBuilder) {
+    const SENT: usize = 100_000;
+    const SNAPSHOTS: usize = 200_000;
+    let server = util::greet_server(
+        b.handler_pool(HandlerPool::threads(2).max_queue_wait(None)),
+        V4,
+    );
+    let addr = server.local_addr();
+    let done = Arc::new(AtomicBool::new(false));
+    let sender = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let sockets: Vec<_> = (0..2).map(|_| raw_socket_for(addr)).collect();
+            for i in 0..SENT {
+                // A full receive buffer may drop some; that is fine here.
+                let _ = util::send_to(&sockets[i % 2], b"x", addr);
+            }
+            done.store(true, Ordering::Release);
+        })
+    };
+    let mut before = server.stats();
+    let (mut taken, mut busy, mut bad) = (0, 0, Vec::new());
+    while taken < SNAPSHOTS && !(done.load(Ordering::Acquire) && taken > 1_000) {
+        let stats = server.stats();
+        taken += 1;
+        busy += usize::from(stats.queued > 0);
+        if stats.queued > stats.in_flight() {
+            bad.push(stats);
+        }
+        assert!(stats.accounted() <= stats.received, "{stats:?}");
+        assert!(
+            stats.received >= before.received,
+            "{before:?} then {stats:?}"
+        );
+        assert!(
+            stats.accounted() >= before.accounted(),
+            "{before:?} then {stats:?}"
+        );
+        before = stats;
+    }
+    sender.join().expect("sender");
+    let stats = within_guard("shutdown", move || server.shutdown()).expect("shutdown");
+    assert_balanced(&stats);
+    println!(
+        "{taken} snapshots, {busy} with a request queued, {} with more queued than in flight",
+        bad.len()
+    );
+    assert!(
+        bad.is_empty(),
+        "{} of {taken} snapshots showed more queued than in flight, first {:?}",
+        bad.len(),
+        bad.first()
+    );
 }

@@ -82,10 +82,9 @@ fn check_replies(builder: ServerBuilder, wildcard: &str, addrs: [&str; 2]) -> Re
         socket
             .set_read_timeout(Some(HANG_GUARD))
             .map_err(|e| e.to_string())?;
-        socket.send(b"who?").map_err(|e| e.to_string())?;
+        util::send(&socket, b"who?").map_err(|e| e.to_string())?;
         let mut buf = [0u8; 64];
-        let n = socket
-            .recv(&mut buf)
+        let n = util::recv(&socket, &mut buf)
             .map_err(|e| format!("no reply from {to} to a client at {from}: {e}"))?;
         let said = String::from_utf8_lossy(&buf[..n]).into_owned();
         // A dual-stack socket sees an IPv4 peer as IPv4-mapped IPv6, and the
@@ -153,7 +152,7 @@ fn forge_from_port_zero(to: SocketAddr, payload: &[u8]) -> Result<(), String> {
     packet.extend_from_slice(&0u16.to_be_bytes()); // no checksum (allowed over IPv4)
     packet.extend_from_slice(payload);
     let dest = SocketAddr::new(to.ip(), 0);
-    raw.send_to(&packet, &dest.into())
+    util::retrying(None, || raw.send_to(&packet, &dest.into()))
         .map_err(|e| format!("send: {e}"))?;
     Ok(())
 }

@@ -36,9 +36,7 @@ fn each_reply_leaves_before_the_next_handler_call(b: ServerBuilder) {
     let clients: Vec<_> = (0..4).map(|_| raw_socket_for(addr)).collect();
     // Queued before the server runs, so one receive takes them all.
     for (i, client) in clients.iter().enumerate() {
-        client
-            .send_to(i.to_string().as_bytes(), addr)
-            .expect("send");
+        util::send_to(client, i.to_string().as_bytes(), addr).expect("send");
     }
     let (go, gate) = mpsc::channel();
     let gate = Mutex::new(gate);
@@ -54,8 +52,7 @@ fn each_reply_leaves_before_the_next_handler_call(b: ServerBuilder) {
     for (i, client) in clients.iter().enumerate() {
         go.send(()).expect("the handler waits");
         let mut buf = [0u8; 64];
-        let n = client
-            .recv(&mut buf)
+        let n = util::recv(client, &mut buf)
             .unwrap_or_else(|e| panic!("no reply to request {i} before the next call: {e}"));
         assert_eq!(&buf[..n], format!("Hello, {i}!").as_bytes());
     }
@@ -72,9 +69,7 @@ fn shutdown_waits_for_the_call_in_hand_only(b: ServerBuilder) {
     let addr = server.local_addr();
     let client = raw_socket_for(addr);
     for i in 0..10 {
-        client
-            .send_to(format!("r{i}").as_bytes(), addr)
-            .expect("send");
+        util::send_to(&client, format!("r{i}").as_bytes(), addr).expect("send");
     }
     let calls = Arc::new(AtomicUsize::new(0));
     let (started, in_call) = mpsc::channel();
@@ -139,7 +134,7 @@ fn no_snapshot_shows_more_outcomes_than_received(b: ServerBuilder) {
             let sockets: Vec<_> = (0..4).map(|_| raw_socket_for(addr)).collect();
             for i in 0..200_000usize {
                 // A full receive buffer may drop some; that is fine here.
-                let _ = sockets[i % 4].send_to(b"x", addr);
+                let _ = util::send_to(&sockets[i % 4], b"x", addr);
             }
             done.store(true, Ordering::Release);
         })

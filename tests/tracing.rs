@@ -92,7 +92,7 @@ fn panics_and_overload_are_reported_at_most_once_a_second() {
     let addr = server.local_addr();
     let client = raw_socket_for(addr);
     for _ in 0..100 {
-        client.send_to(b"boom", addr).expect("send");
+        util::send_to(&client, b"boom", addr).expect("send");
     }
     wait_until("a hundred panics", || server.stats().handler_panics == 100);
     assert_balanced(&server.shutdown().expect("shutdown"));
@@ -115,10 +115,10 @@ fn panics_and_overload_are_reported_at_most_once_a_second() {
         })
         .expect("spawn");
     let addr = server.local_addr();
-    client.send_to(b"hold", addr).expect("send");
+    util::send_to(&client, b"hold", addr).expect("send");
     in_call.recv_timeout(HANG_GUARD).expect("held");
     for _ in 0..4 {
-        client.send_to(b"x", addr).expect("send");
+        util::send_to(&client, b"x", addr).expect("send");
     }
     wait_until("three shed", || server.stats().overloaded == 3);
     release.send(()).expect("release");

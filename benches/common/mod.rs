@@ -11,6 +11,12 @@ use std::time::Duration;
 #[cfg(target_os = "linux")]
 pub mod linux;
 
+/// Blocking socket calls that retry `EINTR` and early timeouts, shared with
+/// the tests.
+#[path = "../../tests/util/retry.rs"]
+mod retry;
+pub use retry::*;
+
 /// A hand-written server on a thread of its own, over a socket bound to
 /// loopback with a 20 ms read timeout (so that it sees its stop flag);
 /// stopped and joined when dropped.
@@ -48,10 +54,10 @@ impl HandServer {
             let mut buf = vec![0u8; 65_536];
             let mut reply = Vec::with_capacity(256);
             while !stopped.load(Ordering::Relaxed) {
-                if let Ok((n, peer)) = socket.recv_from(&mut buf) {
+                if let Ok((n, peer)) = recv_from(socket, &mut buf) {
                     reply.clear();
                     udp_greet::greet_into(&buf[..n], &mut reply);
-                    let _ = socket.send_to(&reply, peer);
+                    let _ = send_to(socket, &reply, peer);
                 }
             }
         })

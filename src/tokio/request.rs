@@ -161,7 +161,16 @@ impl fmt::Debug for Request {
 ///
 /// Made with [`Request::reply_with`] (in a reused buffer: no
 /// allocation once the server is warm), or from bytes of the handler's own
-/// ([`Reply::new`], `From<Vec<u8>>`, `From<&[u8]>`).
+/// ([`Reply::new`], `From<Vec<u8>>`, `From<&[u8]>`, `From<&str>`).
+///
+/// ```
+/// use udp_greet::Reply;
+///
+/// let reply = Reply::from("Hello, Sarah!");
+/// let copy = reply.clone();
+/// assert_eq!(copy.as_ref(), b"Hello, Sarah!");
+/// assert_eq!(reply.as_bytes(), copy.as_bytes());
+/// ```
 #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
 pub struct Reply {
     pub(crate) bytes: Pooled,
@@ -185,15 +194,44 @@ impl Reply {
     }
 }
 
+/// A copy of the bytes, in a buffer from the same server's reused ones
+/// when the reply was made with [`Request::reply_with`].
+impl Clone for Reply {
+    fn clone(&self) -> Reply {
+        let Some(home) = &self.bytes.home else {
+            return Reply::new(self.bytes.bytes.clone());
+        };
+        let mut bytes = home.take();
+        bytes.bytes.extend_from_slice(&self.bytes.bytes);
+        Reply { bytes }
+    }
+}
+
+/// The reply's bytes, as [`Reply::as_bytes`].
+impl AsRef<[u8]> for Reply {
+    fn as_ref(&self) -> &[u8] {
+        self.as_bytes()
+    }
+}
+
+/// A reply of these bytes, without copying them.
 impl From<Vec<u8>> for Reply {
     fn from(bytes: Vec<u8>) -> Reply {
         Reply::new(bytes)
     }
 }
 
+/// A reply of a copy of these bytes.
 impl From<&[u8]> for Reply {
     fn from(bytes: &[u8]) -> Reply {
         Reply::new(bytes)
+    }
+}
+
+/// A reply of a copy of this text's UTF-8 bytes.
+impl From<&str> for Reply {
+    fn from(text: &str) -> Reply {
+        Reply::new(text)
     }
 }
 

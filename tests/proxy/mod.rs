@@ -162,7 +162,7 @@ impl Proxy {
                 let now = Instant::now();
                 while queue.peek().is_some_and(|Reverse(p)| p.due <= now) {
                     if let Some(Reverse(p)) = queue.pop() {
-                        let _ = p.via.send_to(&p.data, p.to);
+                        let _ = crate::util::send_to(&p.via, &p.data, p.to);
                     }
                 }
                 let wait = queue
@@ -187,7 +187,7 @@ impl Proxy {
             let mut upstreams: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
             let mut buf = vec![0u8; 65_536];
             while !stopped.load(Ordering::Relaxed) {
-                let Ok((n, client)) = front_in.recv_from(&mut buf) else {
+                let Ok((n, client)) = crate::util::recv_from(&front_in, &mut buf) else {
                     continue;
                 };
                 let up = upstreams.entry(client).or_insert_with(|| {
@@ -202,7 +202,7 @@ impl Proxy {
                     let replies = thread::spawn(move || {
                         let mut buf = vec![0u8; 65_536];
                         while !stopped.load(Ordering::Relaxed) {
-                            if let Ok((n, _)) = up_in.recv_from(&mut buf) {
+                            if let Ok((n, _)) = crate::util::recv_from(&up_in, &mut buf) {
                                 inject.pass(&front_out, client, &buf[..n]);
                             }
                         }

@@ -6,6 +6,10 @@ use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 use udp_greet::{Action, Request, ServerBuilder, ServerHandle, Stats};
 
+mod retry;
+#[allow(unused_imports)] // each test binary uses its own subset
+pub use retry::*;
+
 /// How long any single wait in a test may take before the test fails
 /// instead of hanging. Generous: CI machines are shared and slow.
 pub const HANG_GUARD: Duration = Duration::from_secs(10);
