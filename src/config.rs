@@ -743,6 +743,16 @@ impl Config {
     pub(crate) fn threads(&self) -> usize {
         self.workers + self.pool.as_ref().map_or(0, |p| p.threads)
     }
+
+    /// What a worker's batches are made for; `None` for the portable loop.
+    pub(crate) fn batch_spec(&self) -> Option<sys::BatchSpec> {
+        Some(sys::BatchSpec {
+            size: self.batch_size?,
+            max_datagram: self.max_datagram,
+            pktinfo: self.pktinfo,
+            gso: self.gso,
+        })
+    }
 }
 
 /// The handler pool's settings.

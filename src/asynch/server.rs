@@ -403,7 +403,7 @@ where
         permits: Arc<Permits>,
     ) -> Self {
         let sock = SockRef::from(&socket);
-        let receiver = match sys::Batch::new(&sock, config) {
+        let receiver = match sys::Batch::new(&sock, config.batch_spec()) {
             Some(batch) => Receiver::Batch(batch),
             None => Receiver::Portable(
                 sys::Portable::new(config.pktinfo),

@@ -18,8 +18,7 @@ use socket2::Socket;
 use super::cmsg::{self, RecvCmsg};
 use super::replies::Replies;
 use super::{cvt, to_std, zeroed};
-use crate::config::Config;
-use crate::sys::{Arrival, Received, retry_interrupted};
+use crate::sys::{Arrival, BatchSpec, Received, retry_interrupted};
 
 /// The most messages one `recvmmsg`/`sendmmsg` call takes (`UIO_MAXIOV`).
 pub(crate) const MAX_BATCH: usize = 1024;
@@ -81,27 +80,27 @@ const NO_DATAGRAM: Datagram = Datagram {
 };
 
 impl Batch {
-    /// Buffers for the batches of `config` (its batch size, largest
-    /// datagram, segmentation and pktinfo settings); `None` when the config
-    /// asks for the portable loop.
-    pub(crate) fn new(socket: &Socket, config: &Config) -> Option<Batch> {
-        let size = config.batch_size?.clamp(1, MAX_BATCH);
-        let max_datagram = config.max_datagram;
+    /// Buffers for the batches `spec` describes; `None` without one (the
+    /// caller runs the portable loop).
+    pub(crate) fn new(socket: &Socket, spec: Option<BatchSpec>) -> Option<Batch> {
+        let spec = spec?;
+        let size = spec.size.clamp(1, MAX_BATCH);
+        let max_datagram = spec.max_datagram;
         Some(Batch {
             size,
             max_datagram,
-            pktinfo: config.pktinfo,
+            pktinfo: spec.pktinfo,
             // Zeroed memory from the allocator: pages are only touched by
             // the datagrams that reach them.
             bufs: vec![0u8; size * max_datagram].into_boxed_slice(),
             addrs: zeroed(size),
-            recv_cmsgs: vec![RecvCmsg::EMPTY; if config.pktinfo { size } else { 0 }]
+            recv_cmsgs: vec![RecvCmsg::EMPTY; if spec.pktinfo { size } else { 0 }]
                 .into_boxed_slice(),
             recv_iovs: zeroed(size),
             recv_hdrs: zeroed(size),
             datagrams: vec![NO_DATAGRAM; size].into_boxed_slice(),
             count: 0,
-            replies: Replies::new(socket, size, config.gso),
+            replies: Replies::new(socket, size, spec.gso),
             headers_ready: false,
         })
     }
