@@ -160,3 +160,28 @@ pub(crate) fn kernel_drops(socket: &Socket) -> Option<u64> {
 pub(crate) fn enable_pktinfo(socket: &Socket, ipv6: bool) -> io::Result<bool> {
     cmsg::enable_pktinfo(socket, ipv6).map(|()| true)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scratch_starts_zeroed_and_keeps_what_is_written() {
+        // `mmsghdr` has padding on 64-bit glibc and a size that is not a
+        // multiple of 8 bytes on some targets; 3 and 1024 values.
+        for len in [3, MAX_BATCH] {
+            let mut scratch = Scratch::<libc::mmsghdr>::new(len);
+            let hdrs = scratch.get();
+            assert_eq!(hdrs.len(), len);
+            assert!(
+                hdrs.iter()
+                    .all(|h| h.msg_len == 0 && h.msg_hdr.msg_name.is_null())
+            );
+            hdrs[len - 1].msg_len = 7;
+            hdrs[len - 1].msg_hdr.msg_namelen = 9;
+            let last = &scratch.get()[len - 1];
+            assert_eq!((last.msg_len, last.msg_hdr.msg_namelen), (7, 9));
+        }
+        assert!(Scratch::<libc::iovec>::new(0).get().is_empty());
+    }
+}
