@@ -228,9 +228,11 @@ impl Replies {
                 // points at a `SockAddr` of `names` (its length given), at
                 // `msg_iovlen` consecutive iovecs of `iovs` over reply
                 // buffers, and at `msg_controllen` bytes of a `SendCmsg` of
-                // `cmsgs` or none. `out` borrows all of those until after
-                // the loop, so none can move, grow or be freed before the
-                // kernel is done; the kernel only reads them on send.
+                // `cmsgs` or none. `out` borrows the names, reply buffers
+                // and control messages until after the loop, so none can
+                // move, grow or be freed before the kernel is done, and the
+                // `iovs` and `hdrs` scratch is not touched again in this
+                // function; the kernel only reads all of it on send.
                 let rc = unsafe { libc::sendmmsg(fd, rest, rest_len as c_uint, 0) };
                 cvt(rc as isize)
             });
