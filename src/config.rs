@@ -632,4 +632,14 @@ impl Config {
     pub(crate) fn threads(&self) -> usize {
         self.workers + self.pool().map_or(0, HandlerPool::thread_count)
     }
+
+    /// What a worker's batches are made for; `None` for the portable loop.
+    pub(crate) fn batch_spec(&self) -> Option<sys::BatchSpec> {
+        Some(sys::BatchSpec {
+            size: self.batch_size?,
+            max_datagram: self.max_datagram,
+            pktinfo: self.pktinfo,
+            gso: self.gso,
+        })
+    }
 }

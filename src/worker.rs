@@ -59,7 +59,7 @@ impl<H: HandlerFn> Worker<H> {
     /// platform allows and the builder did not ask for the portable loop.
     pub(crate) fn run(self) {
         let mut processor = Processor::new(&self.config, &self.shared.stats, self.index);
-        match sys::Batch::new(&self.socket, &self.config) {
+        match sys::Batch::new(&self.socket, self.config.batch_spec()) {
             Some(batch) => self.run_batched(&mut processor, batch),
             None => self.run_portable(&mut processor),
         }

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 
 use socket2::Socket;
 
-use super::Received;
+use super::{BatchSpec, Received};
 
 /// The largest batch size the builder accepts (batches are not used here).
 pub(crate) const MAX_BATCH: usize = 1024;
@@ -16,7 +16,7 @@ pub(crate) enum Batch {}
 
 impl Batch {
     /// Always `None`: the portable loop serves instead.
-    pub(crate) fn new(_: &Socket, _: &crate::config::Config) -> Option<Batch> {
+    pub(crate) fn new(_: &Socket, _: Option<BatchSpec>) -> Option<Batch> {
         None
     }
 

@@ -28,6 +28,22 @@ pub(crate) use imp::{Batch, MAX_BATCH, Replies, enable_pktinfo, kernel_drops};
 #[cfg(windows)]
 mod windows;
 
+/// What a [`Batch`] is made for: plain values, so that this module needs
+/// nothing from the rest of the crate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct BatchSpec {
+    /// Datagrams per receive (taken as at least 1 and at most
+    /// [`MAX_BATCH`]).
+    pub(crate) size: usize,
+    /// The largest datagram received whole, in bytes.
+    pub(crate) max_datagram: usize,
+    /// The socket reports arrival addresses, and replies go out from them.
+    pub(crate) pktinfo: bool,
+    /// Replies to one peer are coalesced with segmentation offload, where
+    /// the kernel has it.
+    pub(crate) gso: bool,
+}
+
 /// Settings a server socket needs before bind, where the platform has
 /// them: on Windows, ICMP reports about earlier replies are kept out of the
 /// receive path, and unless `shared` (reuse of the address was asked for)

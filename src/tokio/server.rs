@@ -508,7 +508,7 @@ where
     ) -> Self {
         let limits = config.limits().cloned().unwrap_or_default();
         let sock = SockRef::from(&socket);
-        let receiver = match sys::Batch::new(&sock, config) {
+        let receiver = match sys::Batch::new(&sock, config.batch_spec()) {
             Some(batch) => Receiver::Batch(batch),
             None => Receiver::Portable(
                 sys::Portable::new(config.pktinfo),

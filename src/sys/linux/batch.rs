@@ -4,7 +4,9 @@
 //! No message header outlives the call that uses it: `recv` builds its
 //! headers and iovecs from fresh pointers right before the system call, so
 //! nothing the kernel writes to can have moved since it was pointed at (the
-//! approach of quinn-udp).
+//! approach of quinn-udp). Between calls they sit in [`Scratch`] storage,
+//! plain integers, so a `Batch` holds no raw pointer and is `Send` as it
+//! is.
 
 use std::io;
 use std::mem;
@@ -17,20 +19,15 @@ use socket2::Socket;
 
 use super::cmsg::{self, RecvCmsg};
 use super::replies::Replies;
-use super::{cvt, to_std, zeroed};
-use crate::config::Config;
-use crate::sys::{Arrival, Received, retry_interrupted};
+use super::{Scratch, cvt, to_std, zeroed};
+use crate::sys::{Arrival, BatchSpec, Received, retry_interrupted};
 
 /// The most messages one `recvmmsg`/`sendmmsg` call takes (`UIO_MAXIOV`).
 pub(crate) const MAX_BATCH: usize = 1024;
 
 /// One worker's buffers for batches, allocated once.
 pub(crate) struct Batch {
-    size: usize,
     max_datagram: usize,
-    /// Whether the socket reports arrival addresses, and replies go out
-    /// from them.
-    pktinfo: bool,
 
     // What the kernel writes on receive, one per slot.
     /// `size` receive buffers of `max_datagram` bytes, end to end.
@@ -38,25 +35,16 @@ pub(crate) struct Batch {
     addrs: Box<[sockaddr_storage]>,
     /// One per slot where `pktinfo` is set, else none.
     recv_cmsgs: Box<[RecvCmsg]>,
-    recv_iovs: Box<[iovec]>,
-    recv_hdrs: Box<[mmsghdr]>,
+    /// Scratch for the headers of one `recvmmsg`, rebuilt before each.
+    recv_iovs: Scratch<iovec>,
+    recv_hdrs: Scratch<mmsghdr>,
 
     /// The datagrams of the last receive that have a sender, in order.
     datagrams: Box<[Datagram]>,
     count: usize,
     /// The replies, one place per entry of `datagrams`.
     replies: Replies,
-    /// The receive headers are set up, untouched since a receive that got
-    /// nothing.
-    headers_ready: bool,
 }
-
-// SAFETY: the raw pointers in `recv_iovs` and `recv_hdrs` point only into
-// buffers this `Batch` owns (boxed, so they stay put when the `Batch`
-// moves), and they are rebuilt or used only through `&mut self`; no other
-// thread can reach them. Moving a `Batch` to another thread (an async
-// worker task can move between a runtime's threads) is therefore sound.
-unsafe impl Send for Batch {}
 
 /// One received datagram, as read from its header once.
 #[derive(Debug, Clone, Copy)]
@@ -81,28 +69,25 @@ const NO_DATAGRAM: Datagram = Datagram {
 };
 
 impl Batch {
-    /// Buffers for the batches of `config` (its batch size, largest
-    /// datagram, segmentation and pktinfo settings); `None` when the config
-    /// asks for the portable loop.
-    pub(crate) fn new(socket: &Socket, config: &Config) -> Option<Batch> {
-        let size = config.batch_size?.clamp(1, MAX_BATCH);
-        let max_datagram = config.max_datagram;
+    /// Buffers for the batches `spec` describes; `None` without one (the
+    /// caller runs the portable loop).
+    pub(crate) fn new(socket: &Socket, spec: Option<BatchSpec>) -> Option<Batch> {
+        let spec = spec?;
+        let size = spec.size.clamp(1, MAX_BATCH);
+        let max_datagram = spec.max_datagram;
         Some(Batch {
-            size,
             max_datagram,
-            pktinfo: config.pktinfo,
             // Zeroed memory from the allocator: pages are only touched by
             // the datagrams that reach them.
             bufs: vec![0u8; size * max_datagram].into_boxed_slice(),
             addrs: zeroed(size),
-            recv_cmsgs: vec![RecvCmsg::EMPTY; if config.pktinfo { size } else { 0 }]
+            recv_cmsgs: vec![RecvCmsg::EMPTY; if spec.pktinfo { size } else { 0 }]
                 .into_boxed_slice(),
-            recv_iovs: zeroed(size),
-            recv_hdrs: zeroed(size),
+            recv_iovs: Scratch::new(size),
+            recv_hdrs: Scratch::new(size),
             datagrams: vec![NO_DATAGRAM; size].into_boxed_slice(),
             count: 0,
-            replies: Replies::new(socket, size, config.gso),
-            headers_ready: false,
+            replies: Replies::new(socket, size, spec.gso),
         })
     }
 
@@ -117,74 +102,72 @@ impl Batch {
         // back before the worker waits.
         self.replies.trim(self.count);
         self.count = 0;
-        if !self.headers_ready {
-            self.prepare_headers();
-        }
-        let (fd, hdrs, size) = (socket.as_raw_fd(), self.recv_hdrs.as_mut_ptr(), self.size);
+        let fd = socket.as_raw_fd();
         let flags = libc::MSG_WAITFORONE | if dont_wait { libc::MSG_DONTWAIT } else { 0 };
-        let result = retry_interrupted(|| {
-            // SAFETY: `hdrs` holds `size` headers, each pointing (with
-            // pointers `prepare_headers` made, in this call or in the last
-            // one, which received nothing and nothing touched the buffers
-            // since) at its own `sockaddr_storage` (its size in
+        let hdrs = self.prepare_headers();
+        let (len, hdrs) = (hdrs.len(), hdrs.as_mut_ptr());
+        let received = retry_interrupted(|| {
+            // SAFETY: `prepare_headers` has just built the `len` headers at
+            // `hdrs` from fresh borrows of this `Batch`'s buffers: each
+            // points at its own `sockaddr_storage` (its size in
             // `msg_namelen`), its own one-element `iovec` over
             // `max_datagram` bytes of `bufs`, and either no control buffer
-            // or its own `RecvCmsg` (its size in `msg_controllen`); all are
-            // owned by `self`, which this call borrows mutably, so nothing
-            // else touches them until the call returns. A null timeout is
-            // allowed (the socket's read timeout applies).
+            // or its own `RecvCmsg` (its size in `msg_controllen`). `self`
+            // is borrowed mutably for this whole function and nothing else
+            // touches those buffers until the call returns. A null timeout
+            // is allowed (the socket's read timeout applies).
             let rc =
-                unsafe { libc::recvmmsg(fd, hdrs, size as c_uint, flags as _, ptr::null_mut()) };
+                unsafe { libc::recvmmsg(fd, hdrs, len as c_uint, flags as _, ptr::null_mut()) };
             cvt(rc as isize)
-        });
-        // A call that received nothing leaves the headers as they were, so
-        // the next one (a busy poll) can use them again.
-        self.headers_ready = result.is_err();
-        let received = result?;
+        })?;
         self.read_headers(received);
         Ok(self.count)
     }
 
     /// Points every receive header at its slot's buffer, address and
-    /// control space, with the lengths the kernel reads.
-    fn prepare_headers(&mut self) {
+    /// control space, with the lengths the kernel reads; returns the
+    /// headers, ready for one `recvmmsg`.
+    fn prepare_headers(&mut self) -> &mut [mmsghdr] {
+        let max_datagram = self.max_datagram;
         let bufs = self.bufs.as_mut_ptr();
-        let addrs = self.addrs.as_mut_ptr();
-        let iovs = self.recv_iovs.as_mut_ptr();
-        let cmsgs = self.recv_cmsgs.as_mut_ptr();
-        for (i, mmsg) in self.recv_hdrs.iter_mut().enumerate() {
-            // In bounds: `bufs` holds `size * max_datagram` bytes, and every
-            // other array `size` entries (`recv_cmsgs` too when `pktinfo`).
-            let iov = iovs.wrapping_add(i);
-            // SAFETY: `iov` points at entry `i` of `recv_iovs`, in bounds and
-            // not otherwise borrowed here.
-            unsafe {
-                iov.write(iovec {
-                    iov_base: bufs.wrapping_add(i * self.max_datagram).cast::<c_void>(),
-                    iov_len: self.max_datagram,
-                });
-            }
+        let iovs = self.recv_iovs.get();
+        for (i, iov) in iovs.iter_mut().enumerate() {
+            // In bounds: `bufs` holds `size * max_datagram` bytes, and
+            // `i < size`.
+            *iov = iovec {
+                iov_base: bufs.wrapping_add(i * max_datagram).cast::<c_void>(),
+                iov_len: max_datagram,
+            };
+        }
+        // One control buffer per slot where `pktinfo` is set, else none.
+        let mut cmsgs = self.recv_cmsgs.iter_mut();
+        let hdrs = self.recv_hdrs.get();
+        for ((mmsg, iov), addr) in hdrs.iter_mut().zip(iovs).zip(self.addrs.iter_mut()) {
             let hdr = &mut mmsg.msg_hdr;
-            hdr.msg_name = addrs.wrapping_add(i).cast::<c_void>();
+            hdr.msg_name = ptr::from_mut(addr).cast::<c_void>();
             hdr.msg_namelen = mem::size_of::<sockaddr_storage>() as socklen_t;
             hdr.msg_iov = iov;
             hdr.msg_iovlen = 1;
-            if self.pktinfo {
-                hdr.msg_control = cmsgs.wrapping_add(i).cast::<c_void>();
-                hdr.msg_controllen = mem::size_of::<RecvCmsg>() as _;
-            } else {
-                hdr.msg_control = ptr::null_mut();
-                hdr.msg_controllen = 0;
+            match cmsgs.next() {
+                Some(control) => {
+                    hdr.msg_control = ptr::from_mut(control).cast::<c_void>();
+                    hdr.msg_controllen = mem::size_of::<RecvCmsg>() as _;
+                }
+                None => {
+                    hdr.msg_control = ptr::null_mut();
+                    hdr.msg_controllen = 0;
+                }
             }
             hdr.msg_flags = 0;
             mmsg.msg_len = 0;
         }
+        hdrs
     }
 
     /// Reads the headers of the `received` datagrams the kernel filled.
     fn read_headers(&mut self, received: usize) {
-        for slot in 0..received.min(self.size) {
-            let mmsg = &self.recv_hdrs[slot];
+        let hdrs = self.recv_hdrs.get();
+        for (slot, mmsg) in hdrs.iter().enumerate().take(received) {
             let hdr = &mmsg.msg_hdr;
             // A shutdown wake-up carries no sender: not a datagram.
             let Some(peer) = to_std(&self.addrs[slot], hdr.msg_namelen) else {

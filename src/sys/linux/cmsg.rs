@@ -43,8 +43,9 @@ pub(crate) const SEND_ROOM: usize =
 /// Control messages of one outgoing message.
 pub(crate) type SendCmsg = CmsgBuf<SEND_ROOM>;
 
-// The buffers are read and written as `cmsghdr`s: they must be aligned for
-// one, and the send buffer must hold the largest set of messages `write`
+// The buffers are read and written as `cmsghdr`s (reads and writes are
+// unaligned-safe, but the kernel expects them aligned): they must be
+// aligned for one, and the send buffer must hold the largest set of messages `write`
 // produces.
 const _: () = assert!(mem::align_of::<RecvCmsg>() >= mem::align_of::<cmsghdr>());
 const _: () = assert!(mem::align_of::<SendCmsg>() >= mem::align_of::<cmsghdr>());
@@ -102,21 +103,28 @@ const fn space(len: usize) -> usize {
 }
 
 /// Reads the arrival address from the first `len` bytes of `control`,
-/// skipping every other kind of control message.
+/// skipping every other kind of control message. Safe for any contents and
+/// any `len`: every read is checked against the buffer (a `len` past its
+/// end counts as its end), and a malformed message ends the walk.
 pub(crate) fn parse<const N: usize>(control: &CmsgBuf<N>, len: usize) -> Arrival {
     let len = len.min(N);
     let mut arrival = Arrival::default();
     let mut offset = 0;
     while offset + HEADER <= len {
-        // SAFETY: `offset + HEADER <= len <= N`, and `HEADER` is at
-        // least the size of `cmsghdr`, so the read stays in the buffer; the
-        // bytes are initialised and any bit pattern is a valid `cmsghdr`.
-        let cmsg: cmsghdr = unsafe { ptr::read_unaligned(control.0.as_ptr().add(offset).cast()) };
+        let Some(cmsg) = control.0.get(offset..len).and_then(read::<cmsghdr>) else {
+            break;
+        };
+        // `cmsg_len` is `size_t` on glibc, `socklen_t` on musl.
+        #[allow(clippy::unnecessary_cast)]
         let cmsg_len = cmsg.cmsg_len as usize;
-        if cmsg_len < HEADER || offset + cmsg_len > len {
+        // `offset + HEADER <= len`, so `len - offset` does not wrap, and a
+        // garbage `cmsg_len` cannot overflow the sum.
+        if cmsg_len < HEADER || cmsg_len > len - offset {
             break;
         }
-        let data = &control.0[offset + HEADER..offset + cmsg_len];
+        let Some(data) = control.0.get(offset + HEADER..offset + cmsg_len) else {
+            break;
+        };
         match (cmsg.cmsg_level, cmsg.cmsg_type) {
             (libc::IPPROTO_IP, libc::IP_PKTINFO) => {
                 if let Some(info) = read::<in_pktinfo>(data) {
@@ -147,14 +155,35 @@ pub(crate) fn parse<const N: usize>(control: &CmsgBuf<N>, len: usize) -> Arrival
     arrival
 }
 
+/// Plain C values that control messages carry, read from and written to
+/// byte buffers.
+///
+/// # Safety
+///
+/// Implementors promise that the type has no padding bytes and that every
+/// bit pattern of its size is a valid value (integers and arrays of them
+/// only), so reading one from initialised bytes gives a valid value and
+/// writing one leaves initialised bytes behind.
+unsafe trait Plain: Copy {}
+// SAFETY: `cmsg_len` (`size_t`, or `socklen_t` beside an explicit padding
+// field on musl), `cmsg_level` and `cmsg_type` (`c_int`): integers that
+// fill the struct.
+unsafe impl Plain for cmsghdr {}
+// SAFETY: a `c_int` and two `in_addr` (one `u32` each): 12 bytes, no
+// padding.
+unsafe impl Plain for in_pktinfo {}
+// SAFETY: an `in6_addr` (16 bytes) and a `c_uint`: 20 bytes, no padding.
+unsafe impl Plain for in6_pktinfo {}
+// SAFETY: an integer.
+unsafe impl Plain for u16 {}
+
 /// Reads a `T` from the start of `data`, if it is long enough.
-fn read<T: Copy>(data: &[u8]) -> Option<T> {
+fn read<T: Plain>(data: &[u8]) -> Option<T> {
     if data.len() < mem::size_of::<T>() {
         return None;
     }
-    // SAFETY: `data` holds at least `size_of::<T>()` initialised bytes, and
-    // `T` is only instantiated here with plain C structs for which any bit
-    // pattern is valid.
+    // SAFETY: `data` holds at least `size_of::<T>()` initialised bytes, the
+    // read is unaligned-safe, and `T: Plain` makes any bit pattern valid.
     Some(unsafe { ptr::read_unaligned(data.as_ptr().cast::<T>()) })
 }
 
@@ -196,7 +225,7 @@ pub(crate) fn write(control: &mut SendCmsg, from: &Arrival, segment: Option<u16>
 /// Appends one control message at `offset`; returns the offset after it
 /// (unchanged when it would not fit, which `SEND_ROOM` rules out for what
 /// this module writes).
-fn push<T: Copy>(
+fn push<T: Plain>(
     control: &mut SendCmsg,
     offset: usize,
     level: c_int,
@@ -216,7 +245,8 @@ fn push<T: Copy>(
     header.cmsg_type = kind;
     // SAFETY: `space` spans `align(HEADER + size_of::<T>())` bytes, so the
     // header fits at its start and the value right after `HEADER`; both
-    // writes are unaligned-safe.
+    // writes are unaligned-safe, and both types are `Plain`, without
+    // padding, so the buffer's bytes stay initialised.
     unsafe {
         ptr::write_unaligned(space.as_mut_ptr().cast::<cmsghdr>(), header);
         ptr::write_unaligned(space.as_mut_ptr().add(HEADER).cast::<T>(), value);
@@ -256,5 +286,18 @@ mod tests {
         control.0 = [0; RECV_ROOM];
         assert_eq!(parse(&control, 3), Arrival::default());
         assert_eq!(parse(&control, 10_000), Arrival::default());
+    }
+
+    #[test]
+    fn a_huge_length_after_a_good_message_is_ignored() {
+        let arrival = Arrival {
+            local: Some(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7))),
+            ifindex: 0,
+        };
+        let mut sent = SendCmsg::EMPTY;
+        let used = write(&mut sent, &arrival, None);
+        let mut control: RecvCmsg = CmsgBuf([0xff; RECV_ROOM]);
+        control.0[..used].copy_from_slice(&sent.0[..used]);
+        assert_eq!(parse(&control, RECV_ROOM), arrival);
     }
 }

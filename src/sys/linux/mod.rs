@@ -2,10 +2,12 @@
 //! messages, and the socket options socket2 lacks.
 
 use std::io;
-use std::mem;
+use std::marker::PhantomData;
+use std::mem::{self, MaybeUninit};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::AsRawFd;
 use std::ptr;
+use std::slice;
 
 use libc::{c_int, c_void, sockaddr_in, sockaddr_in6, sockaddr_storage, socklen_t};
 use socket2::Socket;
@@ -19,19 +21,81 @@ pub(crate) use batch::{Batch, MAX_BATCH};
 pub(crate) use pktinfo_io::PktinfoIo;
 pub(crate) use replies::Replies;
 
+// Batches and replies move between threads (an async worker task can move
+// between a runtime's threads): they are `Send` by their fields alone, as
+// they hold no raw pointer between calls.
+const _: fn() = || {
+    fn is_send<T: Send>() {}
+    is_send::<Batch>();
+    is_send::<Replies>();
+};
+
 /// `n` zeroed values of a plain C struct.
 fn zeroed<T: Zeroable>(n: usize) -> Box<[T]> {
-    // SAFETY: `Zeroable` is implemented only for plain C structs of
-    // integers and pointers, for which all zeroes is a valid value (null
-    // pointers, zero lengths).
+    // SAFETY: `T: Zeroable` promises that all zeroes is a valid `T`.
     (0..n).map(|_| unsafe { mem::zeroed() }).collect()
 }
 
 /// Plain C structs that are valid when zeroed.
-trait Zeroable {}
-impl Zeroable for libc::sockaddr_storage {}
-impl Zeroable for libc::iovec {}
-impl Zeroable for libc::mmsghdr {}
+///
+/// # Safety
+///
+/// Implementors promise that a value whose bytes are all zero is a valid
+/// value of the type (integers are 0, pointers null, and the type has no
+/// references, `NonNull`, enums or other fields where zero is invalid).
+unsafe trait Zeroable {}
+// SAFETY: integers and a byte array only (the family, padding and an
+// alignment field).
+unsafe impl Zeroable for libc::sockaddr_storage {}
+// SAFETY: a raw pointer (null when zero) and a length.
+unsafe impl Zeroable for libc::iovec {}
+// SAFETY: a `msghdr` (raw pointers, null when zero, and integer lengths and
+// flags) and an integer length.
+unsafe impl Zeroable for libc::mmsghdr {}
+
+/// Room for `len` values of a plain C struct `T`, zeroed at first, kept as
+/// plain integers: holding it holds no raw pointer, so it is `Send` and
+/// `Sync` like any integer array, whatever `T` contains. It is seen as
+/// `&mut [T]` only through [`Scratch::get`], for as long as that borrow
+/// lasts; whoever fills it with pointers rebuilds them from fresh borrows
+/// before each use, so none outlives the call that made it.
+struct Scratch<T> {
+    /// `MaybeUninit`, because writing a `T` may leave its padding bytes
+    /// uninitialised; the words are never read as integers.
+    words: Box<[MaybeUninit<u64>]>,
+    len: usize,
+    _holds: PhantomData<fn() -> T>,
+}
+
+impl<T: Zeroable> Scratch<T> {
+    /// Room for `len` values, all zero.
+    fn new(len: usize) -> Scratch<T> {
+        const {
+            assert!(mem::size_of::<T>() > 0);
+            assert!(mem::align_of::<T>() <= mem::align_of::<u64>());
+        }
+        let bytes = len.saturating_mul(mem::size_of::<T>());
+        Scratch {
+            words: vec![MaybeUninit::new(0); bytes.div_ceil(mem::size_of::<u64>())]
+                .into_boxed_slice(),
+            len,
+            _holds: PhantomData,
+        }
+    }
+
+    /// The values, for the duration of the borrow.
+    fn get(&mut self) -> &mut [T] {
+        // SAFETY: `words` spans at least `len * size_of::<T>()` bytes,
+        // aligned for `T` (checked in `new`), and is borrowed mutably for
+        // the lifetime of the result, so nothing else reads or writes it
+        // meanwhile. Its bytes are either zero (valid for `T: Zeroable`) or
+        // were written as whole `T` values through an earlier such borrow
+        // (padding bytes may then be uninitialised, which `MaybeUninit`
+        // words allow and a `T` does not mind), so every element is a valid
+        // `T`.
+        unsafe { slice::from_raw_parts_mut(self.words.as_mut_ptr().cast::<T>(), self.len) }
+    }
+}
 
 /// The result of a system call that returns a count or -1 with `errno`.
 fn cvt(rc: isize) -> io::Result<usize> {
@@ -95,4 +159,29 @@ pub(crate) fn kernel_drops(socket: &Socket) -> Option<u64> {
 /// replies can go out from it; returns whether it will.
 pub(crate) fn enable_pktinfo(socket: &Socket, ipv6: bool) -> io::Result<bool> {
     cmsg::enable_pktinfo(socket, ipv6).map(|()| true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scratch_starts_zeroed_and_keeps_what_is_written() {
+        // `mmsghdr` has padding on 64-bit glibc and a size that is not a
+        // multiple of 8 bytes on some targets; 3 and 1024 values.
+        for len in [3, MAX_BATCH] {
+            let mut scratch = Scratch::<libc::mmsghdr>::new(len);
+            let hdrs = scratch.get();
+            assert_eq!(hdrs.len(), len);
+            assert!(
+                hdrs.iter()
+                    .all(|h| h.msg_len == 0 && h.msg_hdr.msg_name.is_null())
+            );
+            hdrs[len - 1].msg_len = 7;
+            hdrs[len - 1].msg_hdr.msg_namelen = 9;
+            let last = &scratch.get()[len - 1];
+            assert_eq!((last.msg_len, last.msg_hdr.msg_namelen), (7, 9));
+        }
+        assert!(Scratch::<libc::iovec>::new(0).get().is_empty());
+    }
 }

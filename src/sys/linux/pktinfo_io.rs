@@ -99,7 +99,7 @@ impl PktinfoIo {
 ///
 /// `to` must point at a socket address of `to_len` bytes that stays valid
 /// for the call.
-unsafe fn send_msg(
+pub(super) unsafe fn send_msg(
     socket: &Socket,
     reply: &[u8],
     to: *const libc::sockaddr,

@@ -2,8 +2,10 @@
 //! (`UDP_SEGMENT`) for replies that go to the same peer from the same
 //! address. Used by the batched receive loop and by handler-pool threads.
 //!
-//! Headers, iovecs and control messages are built inside [`Replies::send`]
-//! from fresh pointers, right before the system call that reads them.
+//! Headers and iovecs are built inside [`Replies::send`] from fresh
+//! pointers, right before the system calls that read them, while the
+//! buffers they point at are borrowed; they are kept in [`Scratch`]
+//! storage, which holds no pointer between calls.
 
 use std::io;
 use std::mem;
@@ -15,7 +17,8 @@ use libc::{c_int, c_uint, c_void, iovec, mmsghdr, socklen_t};
 use socket2::{SockAddr, Socket};
 
 use super::cmsg::{self, SendCmsg};
-use super::{cvt, zeroed};
+use super::pktinfo_io::send_msg;
+use super::{Scratch, cvt};
 use crate::sys::{Arrival, REPLY_RESERVE, retry_interrupted, trim_reply};
 
 /// The most segments one `UDP_SEGMENT` send may carry (the kernel's
@@ -40,21 +43,16 @@ pub(crate) struct Replies {
     /// out from, and whether its send is counted.
     queue: Box<[Queued]>,
     queued: usize,
-    // Scratch for `send`, filled by it.
+    // Scratch for `send`, filled by it: one entry per message (names,
+    // messages, cmsgs, hdrs) or per reply (iovs).
     names: Box<[SockAddr]>,
     messages: Box<[Message]>,
-    iovs: Box<[iovec]>,
-    hdrs: Box<[mmsghdr]>,
     cmsgs: Box<[SendCmsg]>,
+    iovs: Scratch<iovec>,
+    hdrs: Scratch<mmsghdr>,
     /// The error of the last message that failed, for the caller to report.
     last_error: Option<io::Error>,
 }
-
-// SAFETY: as for `Batch`: the raw pointers in `iovs` and `hdrs` point only
-// into buffers this `Replies` owns (boxed, or the reply vectors' heap
-// memory, which does not move with it), set and used only through
-// `&mut self`, so moving it to another thread is sound.
-unsafe impl Send for Replies {}
 
 #[derive(Debug, Clone, Copy)]
 struct Queued {
@@ -81,6 +79,8 @@ struct Message {
     /// No further reply may join (the last segment was short, or the
     /// message cannot be segmented).
     closed: bool,
+    /// Bytes of control messages (in its `SendCmsg`); 0 for none.
+    control_len: usize,
 }
 
 impl Replies {
@@ -108,9 +108,9 @@ impl Replies {
             queued: 0,
             names: (0..size).map(|_| SockAddr::from(NOWHERE)).collect(),
             messages: vec![Message::default(); size].into_boxed_slice(),
-            iovs: zeroed(size),
-            hdrs: zeroed(size),
             cmsgs: vec![SendCmsg::EMPTY; size].into_boxed_slice(),
+            iovs: Scratch::new(size),
+            hdrs: Scratch::new(size),
             last_error: None,
         }
     }
@@ -175,14 +175,6 @@ impl Replies {
         self.last_error.take()
     }
 
-    /// How many of the replies in `message` are counted.
-    fn counted(&self, message: &Message) -> u64 {
-        self.queue[message.first..message.first + message.segments]
-            .iter()
-            .filter(|q| q.counted)
-            .count() as u64
-    }
-
     /// Sends every queued reply; returns how many counted replies were sent
     /// and how many failed. A failed message is counted and the rest still
     /// go out.
@@ -199,29 +191,57 @@ impl Replies {
     }
 
     fn send_some(&mut self, socket: &Socket, keep_blocked: bool) -> (u64, u64) {
-        let messages = self.build_messages();
+        let count = self.plan_messages();
+        let Replies {
+            gso,
+            buffers,
+            queue,
+            queued,
+            names,
+            messages,
+            iovs,
+            hdrs,
+            cmsgs,
+            last_error,
+            ..
+        } = self;
+        // Shared borrows of everything the headers point at, held until the
+        // last system call: nothing can change, move or free it meanwhile.
+        let out = Outgoing {
+            queue: &queue[..*queued],
+            buffers,
+            names,
+            cmsgs,
+            messages: &messages[..count],
+        };
+        let hdrs = out.headers(iovs.get(), hdrs.get());
+        let (len, hdrs) = (hdrs.len(), hdrs.as_mut_ptr());
+        let fd = socket.as_raw_fd();
         let (mut sent, mut failed) = (0u64, 0u64);
         let mut start = 0;
-        while start < messages {
-            let rest = &mut self.hdrs[start..messages];
-            let (fd, hdrs, len) = (socket.as_raw_fd(), rest.as_mut_ptr(), rest.len());
+        let mut blocked = None;
+        while start < len {
+            let (rest, rest_len) = (hdrs.wrapping_add(start), len - start);
             let result = retry_interrupted(|| {
-                // SAFETY: each of the `len` headers was built by
-                // `build_messages` in this call: it points at a `SockAddr`
-                // of `names` (its length given), at `msg_iovlen`
-                // consecutive iovecs of `iovs` over reply buffers, and at a
-                // `SendCmsg` of `cmsgs` (`msg_controllen` bytes) or none.
-                // `self` is borrowed mutably for the whole call, so none of
-                // them can move, grow or be freed before the kernel is done.
-                let rc = unsafe { libc::sendmmsg(fd, hdrs, len as c_uint, 0) };
+                // SAFETY: `out.headers` built the `len` headers at `hdrs` in
+                // this call, and `rest` is the tail from `start < len`; each
+                // points at a `SockAddr` of `names` (its length given), at
+                // `msg_iovlen` consecutive iovecs of `iovs` over reply
+                // buffers, and at `msg_controllen` bytes of a `SendCmsg` of
+                // `cmsgs` or none. `out` borrows the names, reply buffers
+                // and control messages until after the loop, so none can
+                // move, grow or be freed before the kernel is done, and the
+                // `iovs` and `hdrs` scratch is not touched again in this
+                // function; the kernel only reads all of it on send.
+                let rc = unsafe { libc::sendmmsg(fd, rest, rest_len as c_uint, 0) };
                 cvt(rc as isize)
             });
             match result {
                 Ok(n) if n > 0 => {
-                    let n = n.min(len);
-                    sent += self.messages[start..start + n]
+                    let n = n.min(rest_len);
+                    sent += out.messages[start..start + n]
                         .iter()
-                        .map(|m| self.counted(m))
+                        .map(|m| out.counted(m))
                         .sum::<u64>();
                     start += n;
                 }
@@ -229,16 +249,14 @@ impl Replies {
                 // never returns 0 for a non-empty list; handled the same so
                 // the loop always advances).
                 Err(err) if keep_blocked && err.kind() == io::ErrorKind::WouldBlock => {
-                    let first = self.messages[start].first;
-                    self.queue.copy_within(first..self.queued, 0);
-                    self.queued -= first;
-                    return (sent, failed);
+                    blocked = Some(out.messages[start].first);
+                    break;
                 }
                 failure => {
                     let err = failure.err();
-                    let (ok, bad) = self.first_failed(socket, start, err.as_ref());
+                    let (ok, bad) = out.first_failed(socket, start, err.as_ref(), gso, last_error);
                     if bad > 0 {
-                        self.last_error = err;
+                        *last_error = err;
                     }
                     sent += ok;
                     failed += bad;
@@ -246,24 +264,26 @@ impl Replies {
                 }
             }
         }
-        self.queued = 0;
+        match blocked {
+            Some(first) => {
+                queue.copy_within(first..*queued, 0);
+                *queued -= first;
+            }
+            None => *queued = 0,
+        }
         (sent, failed)
     }
 
-    /// Builds the outgoing messages for the queued replies; returns how
-    /// many. With segmentation offload, a reply joins the message before it
-    /// when it goes to the same peer from the same address and is no larger
-    /// than that message's segments.
-    fn build_messages(&mut self) -> usize {
+    /// Groups the queued replies into outgoing messages, with each
+    /// message's address and control messages; returns how many. With
+    /// segmentation offload, a reply joins the message before it when it
+    /// goes to the same peer from the same address and is no larger than
+    /// that message's segments.
+    fn plan_messages(&mut self) -> usize {
         let mut count = 0;
         for q in 0..self.queued {
             let entry = self.queue[q];
-            let buffer = &self.buffers[entry.place];
-            let len = buffer.len();
-            self.iovs[q] = iovec {
-                iov_base: buffer.as_ptr().cast_mut().cast::<c_void>(),
-                iov_len: len,
-            };
+            let len = self.buffers[entry.place].len();
             if count > 0 && self.joins(&self.messages[count - 1], &entry, len) {
                 let last = &mut self.messages[count - 1];
                 last.segments += 1;
@@ -277,42 +297,23 @@ impl Replies {
                 segment_size: len,
                 total: len,
                 closed: !self.gso || len == 0 || len > MAX_SEGMENT_SIZE,
+                control_len: 0,
             };
             count += 1;
         }
         for m in 0..count {
-            let message = self.messages[m];
+            let message = &mut self.messages[m];
+            let entry = self.queue[message.first];
             // At most MAX_SEGMENT_SIZE, so it fits.
             let segment = (message.segments > 1).then_some(message.segment_size as u16);
-            self.set_header(m, message.first, message.segments, segment);
+            self.names[m] = SockAddr::from(entry.to);
+            message.control_len = if entry.from.local.is_some() || segment.is_some() {
+                cmsg::write(&mut self.cmsgs[m], &entry.from, segment)
+            } else {
+                0
+            };
         }
         count
-    }
-
-    /// Fills header `m` for `iovs` iovecs from queue entry `first`, to that
-    /// entry's peer, from its arrival address where set, with a segment
-    /// size where given.
-    fn set_header(&mut self, m: usize, first: usize, iovs: usize, segment: Option<u16>) {
-        let entry = self.queue[first];
-        self.names[m] = SockAddr::from(entry.to);
-        let used = if entry.from.local.is_some() || segment.is_some() {
-            cmsg::write(&mut self.cmsgs[m], &entry.from, segment)
-        } else {
-            0
-        };
-        let hdr = &mut self.hdrs[m].msg_hdr;
-        hdr.msg_name = self.names[m].as_ptr().cast_mut().cast::<c_void>();
-        hdr.msg_namelen = self.names[m].len() as socklen_t;
-        hdr.msg_iov = self.iovs.as_mut_ptr().wrapping_add(first);
-        hdr.msg_iovlen = iovs as _;
-        if used == 0 {
-            hdr.msg_control = ptr::null_mut();
-            hdr.msg_controllen = 0;
-        } else {
-            hdr.msg_control = self.cmsgs[m].0.as_mut_ptr().cast::<c_void>();
-            hdr.msg_controllen = used as _;
-        }
-        hdr.msg_flags = 0;
     }
 
     /// Whether a reply of `len` bytes for `entry` can join `message`.
@@ -326,15 +327,80 @@ impl Replies {
             && first.to == entry.to
             && first.from == entry.from
     }
+}
+
+/// The planned messages of one send and everything their headers point at,
+/// borrowed for as long as the headers are in use.
+struct Outgoing<'a> {
+    /// The queued replies, in order.
+    queue: &'a [Queued],
+    buffers: &'a [Vec<u8>],
+    /// Message `m` goes to `names[m]`...
+    names: &'a [SockAddr],
+    /// ...with the first `control_len` bytes of `cmsgs[m]`.
+    cmsgs: &'a [SendCmsg],
+    messages: &'a [Message],
+}
+
+impl Outgoing<'_> {
+    /// Fills one header per message, and the iovecs they point at, from
+    /// fresh pointers into the borrowed buffers; returns the headers.
+    fn headers<'h>(&self, iovs: &mut [iovec], hdrs: &'h mut [mmsghdr]) -> &'h mut [mmsghdr] {
+        for (iov, entry) in iovs.iter_mut().zip(self.queue) {
+            let buffer = &self.buffers[entry.place];
+            *iov = iovec {
+                iov_base: buffer.as_ptr().cast_mut().cast::<c_void>(),
+                iov_len: buffer.len(),
+            };
+        }
+        let iovs = iovs.as_mut_ptr();
+        let places = self.names.iter().zip(self.cmsgs);
+        let hdrs = &mut hdrs[..self.messages.len()];
+        for ((mmsg, message), (name, control)) in hdrs.iter_mut().zip(self.messages).zip(places) {
+            let hdr = &mut mmsg.msg_hdr;
+            hdr.msg_name = name.as_ptr().cast_mut().cast::<c_void>();
+            hdr.msg_namelen = name.len();
+            // In bounds: a message's iovecs are entries `first..first +
+            // segments` of the queue's.
+            hdr.msg_iov = iovs.wrapping_add(message.first);
+            hdr.msg_iovlen = message.segments as _;
+            if message.control_len == 0 {
+                hdr.msg_control = ptr::null_mut();
+                hdr.msg_controllen = 0;
+            } else {
+                hdr.msg_control = control.0.as_ptr().cast_mut().cast::<c_void>();
+                hdr.msg_controllen = message.control_len as _;
+            }
+            hdr.msg_flags = 0;
+            mmsg.msg_len = 0;
+        }
+        hdrs
+    }
+
+    /// How many of the replies in `message` are counted.
+    fn counted(&self, message: &Message) -> u64 {
+        self.queue[message.first..message.first + message.segments]
+            .iter()
+            .filter(|q| q.counted)
+            .count() as u64
+    }
 
     /// Message `m` failed with `err`; returns how many of its counted
     /// replies were sent after all and how many failed.
     ///
     /// Some devices and drivers cannot segment, and Linux says so only when
     /// a segmented send fails with `EIO` (or sometimes `EINVAL`): then
-    /// segmentation is turned off and the message's replies go one by one.
-    /// Any other error fails the whole message.
-    fn first_failed(&mut self, socket: &Socket, m: usize, err: Option<&io::Error>) -> (u64, u64) {
+    /// segmentation is turned off (`gso`) and the message's replies go one
+    /// by one, a failure among them kept in `last_error`. Any other error
+    /// fails the whole message.
+    fn first_failed(
+        &self,
+        socket: &Socket,
+        m: usize,
+        err: Option<&io::Error>,
+        gso: &mut bool,
+        last_error: &mut Option<io::Error>,
+    ) -> (u64, u64) {
         let message = self.messages[m];
         let cannot_segment = matches!(
             err.and_then(io::Error::raw_os_error),
@@ -343,26 +409,22 @@ impl Replies {
         if message.segments < 2 || !cannot_segment {
             return (0, self.counted(&message));
         }
-        self.gso = false;
+        *gso = false;
+        let to = &self.names[m];
         let (mut sent, mut failed) = (0u64, 0u64);
-        for q in message.first..message.first + message.segments {
-            // Header `m` is rebuilt for one reply at a time; the headers
-            // after it are untouched.
-            self.set_header(m, q, 1, None);
-            let hdr = ptr::from_ref(&self.hdrs[m].msg_hdr);
-            let fd = socket.as_raw_fd();
+        for entry in &self.queue[message.first..message.first + message.segments] {
+            let reply = &self.buffers[entry.place];
             let result = retry_interrupted(|| {
-                // SAFETY: header `m` was just built as in `build_messages`,
-                // with one iovec over one reply buffer and no segment size;
-                // `self` stays mutably borrowed across the call.
-                cvt(unsafe { libc::sendmsg(fd, hdr, 0) })
+                // SAFETY: `to` is a live `SockAddr`, `to.len()` bytes long,
+                // borrowed for the call.
+                unsafe { send_msg(socket, reply, to.as_ptr().cast(), to.len(), &entry.from) }
             });
-            let counted = u64::from(self.queue[q].counted);
+            let counted = u64::from(entry.counted);
             match result {
-                Ok(_) => sent += counted,
+                Ok(()) => sent += counted,
                 Err(err) => {
                     failed += counted;
-                    self.last_error = Some(err);
+                    *last_error = Some(err);
                 }
             }
         }
