@@ -102,7 +102,7 @@ pub(crate) enum Dispatch {
     Pool(HandlerPool),
     /// As futures on the receive tasks (tokio engine).
     #[cfg(feature = "tokio")]
-    Async(crate::tokio::Limits),
+    Async(crate::limits::Limits),
 }
 
 /// The default number of datagrams per batch on the batched path: 32.
@@ -601,7 +601,7 @@ impl Config {
 
     /// The async server's limits.
     #[cfg(feature = "tokio")]
-    pub(crate) fn limits(&self) -> Option<&crate::tokio::Limits> {
+    pub(crate) fn limits(&self) -> Option<&crate::limits::Limits> {
         match &self.dispatch {
             Dispatch::Async(limits) => Some(limits),
             _ => None,

@@ -91,17 +91,21 @@
 #![deny(unsafe_code)]
 #![doc(test(attr(deny(warnings))))]
 
+mod blocking;
 mod busy_poll;
 mod client;
 mod config;
+mod control;
 mod engine;
 mod error;
-mod handle;
-mod handler;
-mod latency;
+mod histogram;
+#[cfg(feature = "tokio")]
+mod limits;
 mod observe;
+mod policy;
 mod pool;
 mod ratelimit;
+mod request;
 mod server;
 mod socket;
 mod stats;
@@ -109,17 +113,16 @@ mod sys;
 #[cfg(feature = "tokio")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
 pub mod tokio;
-mod worker;
 
 pub use client::{ClientBuilder, DEFAULT_CLIENT_MAX_IN_FLIGHT, GreetClient};
 pub use config::{MAX_UDP_PAYLOAD_V4, MAX_UDP_PAYLOAD_V6, ServerBuilder};
+pub use control::{ServerControl, ServerHandle};
 pub use engine::{Blocking, Engine};
 pub use error::Error;
-pub use handle::{ServerControl, ServerHandle};
-pub use handler::{Action, Request, greet, greet_into, is_greeting};
-pub use latency::{Histogram, Latency};
+pub use histogram::{Histogram, Latency};
 pub use pool::HandlerPool;
 pub use ratelimit::RateLimit;
+pub use request::{Action, Request, greet, greet_into, is_greeting};
 pub use server::GreetServer;
 pub use socket::BufferSize;
 pub use stats::Stats;

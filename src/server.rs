@@ -8,16 +8,17 @@ use std::thread;
 
 use socket2::Socket;
 
+use crate::blocking::{PoolThread, ReceiveWorker};
 use crate::config::{Config, DEFAULT_RECV_BUFFER, ServerBuilder};
+use crate::control::{ServerControl, ServerHandle, Shared, ThreadEnd};
 use crate::engine::{Blocking, Engine};
 use crate::error::Error;
-use crate::handle::{ServerControl, ServerHandle, Shared, ThreadEnd};
-use crate::handler::{Action, Request};
+use crate::policy::HandlerFn;
 use crate::pool::{HandlerPool, Pool};
+use crate::request::{Action, Request};
 use crate::socket::{self, BoundSocket, BufferSize};
 use crate::stats::Stats;
 use crate::sys;
-use crate::worker::{HandlerFn, PoolThread, Worker};
 
 /// A server's sockets, bound and configured, not yet serving: what either
 /// engine starts from.
@@ -440,7 +441,7 @@ impl GreetServer {
             let Some(socket) = sockets.get(index).or(sockets.first()).cloned() else {
                 break;
             };
-            let worker = Worker {
+            let worker = ReceiveWorker {
                 index,
                 socket,
                 socket_index: if own { index } else { 0 },

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::latency::{self, Latency, Recorders};
+use crate::histogram::{self, Latency, Recorders};
 
 /// A snapshot of a server's counters, summed over its workers.
 ///
@@ -232,7 +232,7 @@ impl SharedStats {
 
     /// The histograms summed over every thread.
     pub(crate) fn latency(&self) -> Latency {
-        latency::sum(self.latency.iter())
+        histogram::sum(self.latency.iter())
     }
 
     /// The sum over all workers. `live_drops(i)` gives worker `i`'s socket's

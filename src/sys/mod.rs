@@ -25,8 +25,11 @@ mod imp;
 
 pub(crate) use imp::{Batch, MAX_BATCH, Replies, enable_pktinfo, kernel_drops};
 
+mod source;
 #[cfg(windows)]
 mod windows;
+
+pub(crate) use source::Source;
 
 /// What a [`Batch`] is made for: plain values, so that this module needs
 /// nothing from the rest of the crate.

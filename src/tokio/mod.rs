@@ -10,13 +10,12 @@
 
 mod client;
 mod inflight;
-mod limits;
 mod request;
 mod server;
 
 pub use crate::engine::Tokio;
+pub use crate::limits::Limits;
 pub use client::GreetClient;
-pub use limits::Limits;
 pub use request::{Reply, Request, greet};
 pub use server::GreetServer;
 pub use server::ServerHandle;

@@ -18,19 +18,19 @@ use tokio::sync::futures::OwnedNotified;
 use tokio::task::JoinHandle;
 use tokio::time::Sleep;
 
-use super::Limits;
 use super::inflight::{Ended, InFlight, Permits, Started};
 use super::request::{Buffers, Reply, Request};
 use crate::busy_poll::{PollWindow, later};
 use crate::config::{Config, DEFAULT_BATCH_SIZE, Dispatch, ServerBuilder};
+use crate::control::{ServerControl, Shared};
 use crate::engine::Tokio;
 use crate::error::Error;
-use crate::handle::{ServerControl, Shared};
-use crate::latency::Latency;
+use crate::histogram::Latency;
+use crate::limits::Limits;
+use crate::policy::Processor;
 use crate::server::Bound;
 use crate::stats::Stats;
-use crate::sys::{self, Arrival, Received};
-use crate::worker::{self, Processor};
+use crate::sys::{self, Arrival, Received, Source};
 
 /// The most receive calls one wake-up of a worker makes before it lets the
 /// runtime run other tasks.
@@ -277,7 +277,7 @@ impl GreetServer {
                 addr,
                 source,
             })?;
-            workers.push(Worker::new(
+            workers.push(ReceiveTask::new(
                 index,
                 registered,
                 socket.clone(),
@@ -443,28 +443,19 @@ struct Meta {
     request_len: usize,
 }
 
-/// How a worker receives: batches, or one datagram at a time. (One per
-/// worker: the variants' sizes do not matter.)
-#[allow(clippy::large_enum_variant)]
-enum Receiver {
-    Batch(sys::Batch),
-    Portable(sys::Portable, Vec<u8>),
-}
-
 /// One socket's task.
-struct Worker<H, F> {
+struct ReceiveTask<H, F> {
     socket: UdpSocket,
     /// The socket as the server made it (the same socket as `socket`):
     /// held so that snapshots read its kernel drops, and closed with the
     /// worker.
     _original: Arc<Socket>,
-    receiver: Receiver,
+    source: Source,
     core: Core<H, F>,
 }
 
 /// Everything of a worker but its socket and receive buffers.
 struct Core<H, F> {
-    index: usize,
     handler: Arc<H>,
     limits: Limits,
     shared: Arc<Shared>,
@@ -492,7 +483,7 @@ struct Core<H, F> {
     stop: Pin<Box<OwnedNotified>>,
 }
 
-impl<H, F> Worker<H, F>
+impl<H, F> ReceiveTask<H, F>
 where
     H: Fn(Request) -> F + Send + Sync + 'static,
     F: Future<Output = Option<Reply>> + Send + 'static,
@@ -508,13 +499,12 @@ where
     ) -> Self {
         let limits = config.limits().cloned().unwrap_or_default();
         let sock = SockRef::from(&socket);
-        let receiver = match sys::Batch::new(&sock, config.batch_spec()) {
-            Some(batch) => Receiver::Batch(batch),
-            None => Receiver::Portable(
-                sys::Portable::new(config.pktinfo),
-                vec![0; config.max_datagram],
-            ),
-        };
+        let source = Source::new(
+            &sock,
+            config.batch_spec(),
+            config.max_datagram,
+            config.pktinfo,
+        );
         let batch_len = config.batch_size.unwrap_or(1);
         let out_size = config.batch_size.unwrap_or(DEFAULT_BATCH_SIZE);
         let out = sys::Replies::new(&sock, out_size, config.gso && config.batch_size.is_some());
@@ -522,12 +512,11 @@ where
         let buffers = Buffers::new(limits.max_in_flight.saturating_mul(2) + out_size);
         let mut stop = Box::pin(shared.stopping.clone().notified_owned());
         stop.as_mut().enable();
-        Worker {
+        ReceiveTask {
             socket,
             _original: original,
-            receiver,
+            source,
             core: Core {
-                index,
                 handler,
                 limits,
                 shared: shared.clone(),
@@ -559,7 +548,7 @@ enum Turn {
     Done,
 }
 
-impl<H, F> Worker<H, F>
+impl<H, F> ReceiveTask<H, F>
 where
     H: Fn(Request) -> F + Send + Sync + 'static,
     F: Future<Output = Option<Reply>> + Send + 'static,
@@ -607,7 +596,7 @@ where
             let mut yielded = false;
             if core.drain_until.is_none() && core.paused_until.is_none_or(|p| p <= now) {
                 core.paused_until = None;
-                yielded = core.receive(&this.socket, &mut this.receiver, cx);
+                yielded = core.receive(&this.socket, &mut this.source, cx);
             }
             core.flush(&this.socket, cx);
             core.publish(&this.socket, false);
@@ -631,12 +620,7 @@ where
     /// Receives what the socket has, up to a turn's budget; returns whether
     /// the budget ran out (or busy polling goes on), so that the task
     /// yields and runs again.
-    fn receive(
-        &mut self,
-        socket: &UdpSocket,
-        receiver: &mut Receiver,
-        cx: &mut Context<'_>,
-    ) -> bool {
+    fn receive(&mut self, socket: &UdpSocket, source: &mut Source, cx: &mut Context<'_>) -> bool {
         let mut taken = 0;
         for _ in 0..RECV_CALLS_PER_TURN {
             if taken >= DATAGRAMS_PER_TURN {
@@ -661,39 +645,20 @@ where
                 Poll::Pending => return false,
             }
             let sock = SockRef::from(socket);
-            let result = match receiver {
-                Receiver::Batch(batch) => {
-                    let count = if polling {
-                        batch.recv(&sock, true)
-                    } else {
-                        socket.try_io(Interest::READABLE, || batch.recv(&sock, true))
-                    };
-                    count.inspect(|&count| {
-                        let arrived = Instant::now();
-                        self.processor.totals.received += count as u64;
-                        for i in 0..count {
-                            if let Some((datagram, _)) = batch.datagram(i) {
-                                self.accept(&datagram, arrived);
-                            }
-                        }
-                    })
-                }
-                Receiver::Portable(io, buf) => {
-                    let received = if polling {
-                        io.recv(&sock, buf, true)
-                    } else {
-                        socket.try_io(Interest::READABLE, || io.recv(&sock, buf, true))
-                    };
-                    received.map(|datagram| match datagram {
-                        Some(datagram) => {
-                            self.processor.totals.received += 1;
-                            self.accept(&datagram, Instant::now());
-                            1
-                        }
-                        None => 0,
-                    })
-                }
+            let received = if polling {
+                source.recv(&sock, true)
+            } else {
+                socket.try_io(Interest::READABLE, || source.recv(&sock, true))
             };
+            let result = received.inspect(|&count| {
+                let arrived = Instant::now();
+                self.processor.totals.received += count as u64;
+                for i in 0..count {
+                    if let Some((datagram, _)) = source.datagram(i) {
+                        self.accept(&datagram, arrived);
+                    }
+                }
+            });
             match result {
                 Ok(count) => {
                     taken += count;
@@ -908,7 +873,7 @@ where
                 self.processor.totals.kernel_drops = drops;
             }
         }
-        worker::publish(&self.shared, self.index, &mut self.processor, Some(&sock));
+        self.processor.publish(Some(&sock));
     }
 
     /// Sets the timer for the earliest of the times the worker waits for;

@@ -13,7 +13,7 @@ use socket2::Socket;
 
 use crate::busy_poll::later;
 use crate::error::Error;
-use crate::latency::Latency;
+use crate::histogram::Latency;
 use crate::pool::Pool;
 use crate::stats::{SharedStats, Stats};
 use crate::sys;

@@ -1,4 +1,5 @@
-//! The async server's own settings: how many handler futures run at once,
+//! The async server's own settings (feature `tokio`, published as
+//! `udp_greet::tokio::Limits`): how many handler futures run at once,
 //! how long each may run, and what happens to the rest.
 
 use std::time::Duration;

@@ -1,0 +1,307 @@
+//! The blocking engine's threads: receive workers, each running one loop
+//! over one receive source (handlers inline, or handed to the pool), and
+//! handler-pool threads. What happens to each datagram is the policy's
+//! (`crate::policy`), shared with the async engine.
+
+use std::sync::{Arc, Weak};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use socket2::Socket;
+
+use crate::busy_poll::PollWindow;
+use crate::config::Config;
+use crate::control::Shared;
+use crate::policy::{HandlerFn, Processor};
+use crate::pool::{HandlerPool, Pool, Taken};
+use crate::sys::{self, Received, Source};
+
+/// How long a ready reply may wait for the rest of its batch. Handlers that
+/// answer in microseconds fill a batch well within it, so their replies go
+/// out together in one `sendmmsg`; behind a slow handler, the replies ready
+/// so far leave as soon as that handler returns, and a slow handler's own
+/// reply leaves at once. A reply therefore waits at most about one handler
+/// call (the one after it), whatever the batch size.
+const FLUSH_AFTER: Duration = Duration::from_micros(50);
+
+/// Everything one receive worker needs.
+pub(crate) struct ReceiveWorker<H> {
+    /// Its counter slot.
+    pub(crate) index: usize,
+    pub(crate) socket: Arc<Socket>,
+    /// Which of the server's sockets `socket` is.
+    pub(crate) socket_index: usize,
+    pub(crate) handler: Arc<H>,
+    pub(crate) config: Arc<Config>,
+    pub(crate) shared: Arc<Shared>,
+    /// Where requests go when handlers do not run inline.
+    pub(crate) pool: Option<Arc<Pool>>,
+    /// This worker's socket is its own (or it is the first of those sharing
+    /// one): it reports the socket's kernel drops.
+    pub(crate) reports_drops: bool,
+}
+
+impl<H: HandlerFn> ReceiveWorker<H> {
+    /// Runs the receive loop until the server shuts down: one receive (a
+    /// batch, or a batch of one) for whatever is queued, each datagram
+    /// handled inline or queued for the pool, and the replies sent
+    /// together unless a slow handler makes them wait (see
+    /// [`FLUSH_AFTER`]).
+    pub(crate) fn run(self) {
+        let config = &*self.config;
+        let mut processor = Processor::new(&self.config, &self.shared.stats, self.index);
+        let mut source = Source::new(
+            &self.socket,
+            config.batch_spec(),
+            config.max_datagram,
+            config.pktinfo,
+        );
+        let mut poll = PollWindow::new(config.busy_poll);
+        while !self.shared.is_stopped() {
+            let polling = poll.poll_now(|| self.publish(&mut processor));
+            let count = match source.recv(&self.socket, polling) {
+                Ok(count) => count,
+                Err(err) if polling && crate::error::is_timeout(&err) => {
+                    processor.totals.busy_poll_misses += 1;
+                    std::hint::spin_loop();
+                    continue;
+                }
+                Err(err) => {
+                    if let Some(pause) = processor.recv_error(&err, &self.shared) {
+                        thread::sleep(pause);
+                    }
+                    self.publish(&mut processor);
+                    continue;
+                }
+            };
+            let arrived = Instant::now();
+            processor.totals.received += count as u64;
+            if self.pool.is_some() {
+                // Published before any request is handed on, so that no
+                // snapshot counts an outcome (published by a handler
+                // thread) whose arrival it does not.
+                self.publish(&mut processor);
+            }
+            let clock = self.handle(&mut processor, &mut source, count, arrived);
+            let sent = source.send(&self.socket);
+            processor.sent_counts(sent, source.take_error());
+            self.publish(&mut processor);
+            if count > 0 {
+                poll.open(clock);
+            }
+        }
+        if self.reports_drops {
+            processor.totals.kernel_drops = sys::kernel_drops(&self.socket).unwrap_or(0);
+        }
+        self.publish(&mut processor);
+    }
+
+    /// Deals with the `count` datagrams of one receive, which returned at
+    /// `arrived`; returns the time the last was done with.
+    fn handle(
+        &self,
+        processor: &mut Processor,
+        source: &mut Source,
+        count: usize,
+        arrived: Instant,
+    ) -> Instant {
+        let mut clock = arrived;
+        // When the oldest reply not yet sent began to be worked on.
+        let mut unsent_since = clock;
+        for i in 0..count {
+            if self.shared.is_stopped() {
+                processor.totals.shutdown_dropped += (count - i) as u64;
+                break;
+            }
+            let Some((datagram, reply)) = source.datagram(i) else {
+                break;
+            };
+            if !processor.admit(&datagram, clock) {
+                continue;
+            }
+            if let Some(pool) = &self.pool {
+                if processor.submit(pool, &datagram, self.socket_index, arrived, reply) {
+                    source.queue_reply(i, false);
+                }
+                continue;
+            }
+            let ready = processor.handle_timed(&*self.handler, &datagram, reply, arrived, clock);
+            if ready {
+                source.queue_reply(i, true);
+            }
+            clock = Instant::now();
+            processor.handled_at(clock);
+            if source.queued() == 0 {
+                unsent_since = clock;
+            } else if clock.saturating_duration_since(unsent_since) >= FLUSH_AFTER {
+                let sent = source.send(&self.socket);
+                processor.sent_counts(sent, source.take_error());
+                unsent_since = clock;
+                self.publish(processor);
+            }
+        }
+        clock
+    }
+
+    fn publish(&self, processor: &mut Processor) {
+        processor.publish(self.reports_drops.then_some(&*self.socket));
+    }
+}
+
+/// One thread of the handler pool.
+pub(crate) struct PoolThread<H> {
+    /// Its counter slot (after the receive workers').
+    pub(crate) slot: usize,
+    pub(crate) pool: Arc<Pool>,
+    pub(crate) handler: Arc<H>,
+    pub(crate) config: Arc<Config>,
+    pub(crate) shared: Arc<Shared>,
+    /// The server's sockets, held weakly: the server's handle keeps them
+    /// open while the pool drains, and a handler that never returns cannot
+    /// keep them open after that.
+    pub(crate) sockets: Vec<Weak<Socket>>,
+}
+
+impl<H: HandlerFn> PoolThread<H> {
+    /// Takes requests from the queue and handles them until the pool is
+    /// closed and empty.
+    ///
+    /// Replies are sent in batches with the rule of the receive loop: while
+    /// more requests are queued and handlers are fast, replies gather (up to
+    /// a batch) and go out together; they go out at once when the queue runs
+    /// dry, and as soon as work has waited [`FLUSH_AFTER`].
+    pub(crate) fn run(self) {
+        let mut processor = Processor::new(&self.config, &self.shared.stats, self.slot);
+        let Some(first) = self.sockets.first().and_then(Weak::upgrade) else {
+            return;
+        };
+        let size = self.config.batch_size.unwrap_or(1);
+        let mut out = Outgoing {
+            replies: sys::Replies::new(
+                &first,
+                size,
+                self.config.gso && self.config.batch_size.is_some(),
+            ),
+            used: 0,
+            socket: 0,
+            since: None,
+        };
+        drop(first);
+        let max_wait = self.config.pool().and_then(HandlerPool::max_wait);
+        let mut poll = PollWindow::new(self.config.busy_poll);
+        loop {
+            let taken = if out.replies.queued() > 0 {
+                match self.pool.try_take() {
+                    Some(taken) => taken,
+                    None => {
+                        // Nothing more is queued: what is ready goes now.
+                        self.flush(&mut processor, &mut out);
+                        continue;
+                    }
+                }
+            } else if poll.poll_now(|| self.publish(&mut processor)) {
+                match self.pool.try_take() {
+                    Some(taken) => taken,
+                    None => {
+                        processor.totals.busy_poll_misses += 1;
+                        std::hint::spin_loop();
+                        continue;
+                    }
+                }
+            } else {
+                self.pool.take()
+            };
+            match taken {
+                Taken::Closed => {
+                    self.flush(&mut processor, &mut out);
+                    break;
+                }
+                Taken::Late(job) => {
+                    processor.totals.shutdown_dropped += 1;
+                    self.pool.give_back(job);
+                }
+                Taken::Job(job) => {
+                    poll.open(Instant::now());
+                    if out.used == out.replies.size()
+                        || (out.replies.queued() > 0 && out.socket != job.socket)
+                    {
+                        self.flush(&mut processor, &mut out);
+                    }
+                    let started = Instant::now();
+                    let waited = started.saturating_duration_since(job.arrived);
+                    if max_wait.is_some_and(|max| waited > max) {
+                        processor.record_wait(waited);
+                        processor.totals.expired += 1;
+                    } else if let Some(reply) = out.replies.buffer(out.used) {
+                        let datagram = Received {
+                            data: &job.data,
+                            truncated: false,
+                            peer: job.peer,
+                            arrival: job.arrival,
+                        };
+                        let ready = processor.handle_timed(
+                            &*self.handler,
+                            &datagram,
+                            reply,
+                            job.arrived,
+                            started,
+                        );
+                        let now = Instant::now();
+                        processor.handled_at(now);
+                        if ready {
+                            out.replies.queue(out.used, job.peer, job.arrival, true);
+                            out.used += 1;
+                            out.socket = job.socket;
+                            out.since.get_or_insert(started);
+                        }
+                        if out.since.is_some_and(|since| {
+                            now.saturating_duration_since(since) >= FLUSH_AFTER
+                        }) {
+                            self.flush(&mut processor, &mut out);
+                        }
+                    }
+                    self.pool.give_back(job);
+                }
+            }
+            self.publish(&mut processor);
+        }
+    }
+
+    fn publish(&self, processor: &mut Processor) {
+        processor.publish(None);
+    }
+
+    /// Sends the replies gathered so far, through the socket their requests
+    /// came in on.
+    fn flush(&self, processor: &mut Processor, out: &mut Outgoing) {
+        if out.replies.queued() > 0 {
+            match self.sockets.get(out.socket).and_then(Weak::upgrade) {
+                Some(socket) => {
+                    let sent = out.replies.send(&socket);
+                    let error = out.replies.take_error();
+                    processor.sent_counts(sent, error);
+                }
+                None => {
+                    // The server has stopped and closed its sockets.
+                    processor.totals.shutdown_dropped += out.replies.queued() as u64;
+                    out.replies.clear();
+                }
+            }
+        }
+        out.replies.trim(out.used);
+        out.used = 0;
+        out.since = None;
+        self.publish(processor);
+    }
+}
+
+/// A handler thread's replies on their way out.
+struct Outgoing {
+    replies: sys::Replies,
+    /// Places of `replies` used since the last flush.
+    used: usize,
+    /// The socket the queued replies go out through.
+    socket: usize,
+    /// When the oldest reply not yet sent began to be worked on.
+    since: Option<Instant>,
+}
