@@ -204,6 +204,11 @@ impl ServerControl {
         ServerControl { shared, local_addr }
     }
 
+    /// What the server's threads or tasks share.
+    pub(crate) fn shared(&self) -> &Shared {
+        &self.shared
+    }
+
     /// Asks the server to stop. Returns at once; [`GreetServer::serve`](crate::GreetServer::serve)
     /// returns, or the handle's `shutdown` can wait for it, once every
     /// worker has finished the handler call in progress. Requests received but not yet
@@ -249,8 +254,7 @@ impl ServerControl {
 /// port is free and read the final counters.
 #[must_use = "dropping the handle shuts the server down"]
 pub struct ServerHandle {
-    local_addr: SocketAddr,
-    shared: Arc<Shared>,
+    control: ServerControl,
     threads: Vec<JoinHandle<()>>,
     /// How many threads the server has started, the caller's own for
     /// `serve` included.
@@ -261,9 +265,9 @@ pub struct ServerHandle {
 impl fmt::Debug for ServerHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ServerHandle")
-            .field("local_addr", &self.local_addr)
+            .field("local_addr", &self.control.local_addr)
             .field("threads", &self.thread_count)
-            .field("stopped", &self.shared.is_stopped())
+            .field("stopped", &self.control.is_shutdown())
             .finish()
     }
 }
@@ -271,8 +275,7 @@ impl fmt::Debug for ServerHandle {
 impl ServerHandle {
     pub(crate) fn new(shared: Arc<Shared>, local_addr: SocketAddr) -> Self {
         ServerHandle {
-            local_addr,
-            shared,
+            control: ServerControl::new(shared, local_addr),
             threads: Vec::new(),
             thread_count: 0,
             finished: false,
@@ -287,32 +290,32 @@ impl ServerHandle {
     }
 
     pub(crate) fn shared(&self) -> &Shared {
-        &self.shared
+        self.control.shared()
     }
 
     /// The address the server is bound to.
     #[must_use]
     pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+        self.control.local_addr()
     }
 
     /// The server's counters now.
     #[must_use]
     pub fn stats(&self) -> Stats {
-        self.shared.snapshot()
+        self.control.stats()
     }
 
     /// The server's latency histograms now: handler time and queue wait.
     #[must_use]
     pub fn latency(&self) -> Latency {
-        self.shared.latency()
+        self.control.latency()
     }
 
     /// A control that can stop the server from another thread, and read
-    /// its counters.
+    /// its counters: the same type for both engines.
     #[must_use]
     pub fn control(&self) -> ServerControl {
-        ServerControl::new(self.shared.clone(), self.local_addr)
+        self.control.clone()
     }
 
     /// Stops the server and waits until every thread has stopped and every
@@ -337,7 +340,7 @@ impl ServerHandle {
     /// in udp-greet; handler panics are caught and never end a thread).
     pub fn shutdown(mut self) -> Result<Stats, Error> {
         self.finish(None)?;
-        Ok(self.shared.snapshot())
+        Ok(self.control.shared.snapshot())
     }
 
     /// Stops the server as [`shutdown`](ServerHandle::shutdown) does, but
@@ -373,7 +376,7 @@ impl ServerHandle {
     /// ```
     pub fn shutdown_timeout(mut self, limit: Duration) -> Result<Stats, Error> {
         self.finish(Some(limit))?;
-        Ok(self.shared.snapshot())
+        Ok(self.control.shared.snapshot())
     }
 
     /// Stops the server and waits for its threads, for at most `limit`.
@@ -382,10 +385,13 @@ impl ServerHandle {
             return Ok(());
         }
         self.finished = true;
-        self.shared.stop();
+        self.control.shared.stop();
         let started = Instant::now();
         let deadline = limit.and_then(|l| started.checked_add(l));
-        let ended = self.shared.wait_for_threads(self.thread_count, deadline);
+        let ended = self
+            .control
+            .shared
+            .wait_for_threads(self.thread_count, deadline);
         let mut result = Ok(());
         for thread in std::mem::take(&mut self.threads) {
             if deadline.is_some() && !thread.is_finished() {
@@ -394,15 +400,15 @@ impl ServerHandle {
             }
             if thread.join().is_err() {
                 result = Err(Error::WorkerPanicked {
-                    addr: self.local_addr,
+                    addr: self.control.local_addr,
                 });
             }
         }
-        self.shared.release();
+        self.control.shared.release();
         let stuck = self.thread_count.saturating_sub(ended);
         if stuck > 0 {
             return Err(Error::ShutdownTimedOut {
-                addr: self.local_addr,
+                addr: self.control.local_addr,
                 stuck_threads: stuck,
                 waited: started.elapsed(),
             });
@@ -415,7 +421,7 @@ impl Drop for ServerHandle {
     fn drop(&mut self) {
         // Signal and detach: never wait here, where a handler that never
         // returns would block the dropping thread forever.
-        self.shared.stop();
-        self.shared.detach(self.thread_count);
+        self.control.shared.stop();
+        self.control.shared.detach(self.thread_count);
     }
 }

@@ -293,8 +293,7 @@ impl GreetServer {
             .map(|worker| Some(runtime.spawn(worker.run())))
             .collect();
         Ok(ServerHandle {
-            local_addr: addr,
-            shared,
+            control: ServerControl::new(shared, addr),
             tasks,
             panicked: false,
             cancelled: false,
@@ -322,8 +321,7 @@ fn register(socket: &Socket, runtime: &tokio::runtime::Handle) -> io::Result<Udp
 #[must_use = "dropping the handle shuts the server down"]
 #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
 pub struct ServerHandle {
-    local_addr: SocketAddr,
-    shared: Arc<Shared>,
+    control: ServerControl,
     tasks: Vec<Option<JoinHandle<()>>>,
     panicked: bool,
     /// A task was cancelled by its runtime shutting down.
@@ -333,9 +331,9 @@ pub struct ServerHandle {
 impl fmt::Debug for ServerHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ServerHandle")
-            .field("local_addr", &self.local_addr)
+            .field("local_addr", &self.control.local_addr())
             .field("tasks", &self.tasks.len())
-            .field("stopped", &self.shared.is_stopped())
+            .field("stopped", &self.control.is_shutdown())
             .finish()
     }
 }
@@ -344,13 +342,13 @@ impl ServerHandle {
     /// The address the server is bound to.
     #[must_use]
     pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+        self.control.local_addr()
     }
 
     /// The server's counters now.
     #[must_use]
     pub fn stats(&self) -> Stats {
-        self.shared.snapshot()
+        self.control.stats()
     }
 
     /// The server's latency histograms now: handler time (from the request's
@@ -358,13 +356,14 @@ impl ServerHandle {
     /// called.
     #[must_use]
     pub fn latency(&self) -> Latency {
-        self.shared.latency()
+        self.control.latency()
     }
 
-    /// A handle that can stop the server from any thread or task.
+    /// A control that can stop the server from any thread or task: the
+    /// same type for both engines.
     #[must_use]
     pub fn control(&self) -> ServerControl {
-        ServerControl::new(self.shared.clone(), self.local_addr)
+        self.control.clone()
     }
 
     /// Stops the server and waits until every task has ended and every
@@ -384,16 +383,16 @@ impl ServerHandle {
     /// abnormally (a bug in udp-greet; handler panics are caught and
     /// counted).
     pub async fn shutdown(mut self) -> Result<Stats, Error> {
-        self.shared.stop();
+        self.control.shutdown();
         poll_fn(|cx| self.poll_finished(cx)).await;
-        let addr = self.local_addr;
+        let addr = self.control.local_addr();
         if self.panicked {
             return Err(Error::WorkerPanicked { addr });
         }
         if self.cancelled {
             return Err(Error::Cancelled { addr });
         }
-        Ok(self.shared.snapshot())
+        Ok(self.control.shared().snapshot())
     }
 
     /// Whether every task has ended (the server stopped).
@@ -431,7 +430,7 @@ impl ServerHandle {
 
 impl Drop for ServerHandle {
     fn drop(&mut self) {
-        self.shared.stop();
+        self.control.shutdown();
     }
 }
 
