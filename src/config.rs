@@ -297,8 +297,9 @@ impl<E: Engine> ServerBuilder<E> {
     /// A batch never waits to fill, and never holds a ready reply back for
     /// long: replies go out together when the handler is fast, and as soon
     /// as the handler call that follows them has taken more than 50 µs when
-    /// it is not, so each reply leaves within about one handler call of
-    /// being ready, whatever the batch size.
+    /// it is not, so each reply waits at most for the one handler call that
+    /// follows it in its batch, whatever the batch size. (A
+    /// [`HandlerPool`]'s threads send each reply before their next call.)
     ///
     /// Memory per worker: a receive buffer of the largest accepted datagram
     /// per batch slot (2 MiB of address space for 32 slots of 64 KiB,

@@ -316,10 +316,12 @@ impl GreetServer {
     /// so it must be `Fn`, `Send` and `Sync`; per-request state belongs in
     /// the request.
     ///
-    /// The handler runs on the worker threads. A reply leaves as soon as it
-    /// is ready or, for fast handlers, together with the rest of its batch
-    /// (see [`ServerBuilder::batch_size`]); a slow handler delays only the
-    /// requests behind it on the same worker.
+    /// The handler runs on the worker threads, or on the
+    /// [pool](ServerBuilder::handler_pool). Inline, the replies to fast
+    /// handlers go out together with the rest of their batch, and a reply
+    /// waits at most for the one handler call that follows it in its batch
+    /// (see [`ServerBuilder::batch_size`]); on a pool, a reply leaves before
+    /// its thread takes up the next request.
     ///
     /// A handler that panics is caught: the datagram is counted in
     /// [`Stats::handler_panics`] and answered with nothing. The panic still

@@ -10,13 +10,14 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use udp_greet::{Request, ServerBuilder, Stats};
+use udp_greet::{HandlerPool, Request, ServerBuilder, Stats};
 use util::{HANG_GUARD, V4, assert_balanced, greet_server, raw_socket_for, within_guard};
 
 util::on_both_paths!(
     each_reply_leaves_before_the_next_handler_call,
     shutdown_waits_for_the_call_in_hand_only,
     no_snapshot_shows_more_outcomes_than_received,
+    a_pool_reply_never_waits_for_another_handler_call,
 );
 
 /// Waits for the test to let one handler call through.
@@ -158,5 +159,45 @@ fn no_snapshot_shows_more_outcomes_than_received(b: ServerBuilder) {
     sender.join().expect("sender");
     let stats = server.shutdown().expect("shutdown");
     assert!(stats.received > 0 && snapshots > 0);
+    assert_balanced(&stats);
+}
+
+/// A fast request and a slow one arrive together at a pool of one thread:
+/// the fast one's reply arrives while the slow handler is still running
+/// (it waits for the test's go-ahead, given only once that reply is in).
+/// A pool thread that held the ready reply until its next call ended never
+/// sends it, and the test fails on its hang guard.
+fn a_pool_reply_never_waits_for_another_handler_call(b: ServerBuilder) {
+    let server = b
+        .handler_pool(HandlerPool::threads(1))
+        .bind(V4)
+        .expect("bind");
+    let addr = server.local_addr();
+    let fast = raw_socket_for(addr);
+    let slow = raw_socket_for(addr);
+    // Queued before the server runs, so one receive takes both, in order.
+    util::send_to(&fast, b"fast", addr).expect("send");
+    util::send_to(&slow, b"slow", addr).expect("send");
+    let (go, gate) = mpsc::channel();
+    let gate = Mutex::new(gate);
+    let server = server
+        .spawn(move |request: Request<'_>, reply: &mut Vec<u8>| {
+            if request.data() == b"slow" {
+                // Longer than the test waits for the fast reply (at most
+                // twice the hang guard), so that a held reply fails it.
+                let gate = gate.lock().unwrap_or_else(|e| e.into_inner());
+                let _ = gate.recv_timeout(HANG_GUARD * 3);
+            }
+            udp_greet::greet(request, reply)
+        })
+        .expect("spawn");
+    let mut buf = [0u8; 64];
+    let n = util::recv(&fast, &mut buf).expect("the fast reply, while the slow call runs");
+    assert_eq!(&buf[..n], b"Hello, fast!");
+    go.send(()).expect("the slow handler waits");
+    let n = util::recv(&slow, &mut buf).expect("the slow reply");
+    assert_eq!(&buf[..n], b"Hello, slow!");
+    let stats = server.shutdown().expect("shutdown");
+    assert_eq!(stats.replied, 2);
     assert_balanced(&stats);
 }
