@@ -64,6 +64,7 @@ impl Replies {
         }
     }
 
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
     pub(crate) fn size(&self) -> usize {
         self.buffers.len()
     }

@@ -116,6 +116,7 @@ impl Replies {
     }
 
     /// How many places there are.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
     pub(crate) fn size(&self) -> usize {
         self.size
     }
