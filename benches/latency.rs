@@ -87,7 +87,7 @@ mod bench {
     /// One request and its reply, on a connected socket: blocking, or
     /// polling for `poll` after the send before it blocks.
     fn hand_exchange(socket: &socket2::Socket, poll: Option<Duration>, buf: &mut [u8]) -> bool {
-        if crate::common::retrying(None, || socket.send(REQUEST)).is_err() {
+        if crate::common::again(|| socket.send(REQUEST)).is_err() {
             return false;
         }
         if let Some(poll) = poll {
@@ -99,7 +99,7 @@ mod bench {
                 std::hint::spin_loop();
             }
         }
-        crate::common::retrying(socket.read_timeout().ok().flatten(), || {
+        crate::common::again(|| {
             socket.recv_vectored(&mut [socket2::MaybeUninitSlice::new(as_uninit(buf))])
         })
         .is_ok()

@@ -72,9 +72,7 @@ mod bench {
                     }
                     let mut buf = [0u8; 64];
                     while !stop.load(Ordering::Relaxed) {
-                        if crate::common::send(&socket, b"client").is_ok()
-                            && crate::common::recv(&socket, &mut buf).is_ok()
-                        {
+                        if socket.send(b"client").is_ok() && socket.recv(&mut buf).is_ok() {
                             replies.fetch_add(1, Ordering::Relaxed);
                         }
                     }
@@ -97,7 +95,7 @@ mod bench {
         HandServer::start(|socket, stopped| {
             let mut buf = [0u8; 2048];
             while !stopped.load(Ordering::Relaxed) {
-                let Ok((n, peer)) = crate::common::recv_from(socket, &mut buf) else {
+                let Ok((n, peer)) = socket.recv_from(&mut buf) else {
                     continue;
                 };
                 let request = buf[..n].to_vec();
@@ -106,7 +104,7 @@ mod bench {
                     thread::sleep(HANDLER_TIME);
                     let mut reply = Vec::new();
                     udp_greet::greet_into(&request, &mut reply);
-                    let _ = crate::common::send_to(&socket, &reply, peer);
+                    let _ = socket.send_to(&reply, peer);
                 });
             }
         })
@@ -313,7 +311,7 @@ mod bench {
                 let mut idle = 0;
                 // Until nothing has come for a while after the sender stops.
                 while idle < 10 {
-                    match crate::common::recv(&socket, &mut buf) {
+                    match crate::common::again(|| socket.recv(&mut buf)) {
                         Ok(16) => {
                             idle = 0;
                             let sent = u64::from_le_bytes(buf[8..16].try_into().unwrap_or([0; 8]));
@@ -342,7 +340,7 @@ mod bench {
                 let mut request = [0u8; 16];
                 request[..8].copy_from_slice(&sent.to_le_bytes());
                 request[8..].copy_from_slice(&(epoch.elapsed().as_nanos() as u64).to_le_bytes());
-                let _ = crate::common::send(&socket, &request);
+                let _ = socket.send(&request);
                 sent += 1;
             }
             if Instant::now() >= next_rss {

@@ -57,8 +57,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         (
             "std connected ping-pong",
             Box::new(|| {
-                common::send(&raw, black_box(REQUEST))?;
-                black_box(common::recv(&raw, &mut buf)?);
+                common::again(|| raw.send(black_box(REQUEST)))?;
+                black_box(common::again(|| raw.recv(&mut buf))?);
                 Ok(())
             }),
         ),

@@ -72,7 +72,7 @@ fn one_cycle(
                 if stop.load(Ordering::Relaxed) {
                     break;
                 }
-                let _ = common::send_to(&socket, b"0123456789abcdef", addr);
+                let _ = socket.send_to(b"0123456789abcdef", addr);
             }
             Ok(())
         })

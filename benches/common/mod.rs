@@ -11,11 +11,17 @@ use std::time::Duration;
 #[cfg(target_os = "linux")]
 pub mod linux;
 
-/// Blocking socket calls that retry `EINTR` and early timeouts, shared with
-/// the tests.
-#[path = "../../tests/util/retry.rs"]
-mod retry;
-pub use retry::*;
+/// Runs a socket call again while it fails with `EINTR` (a signal on this
+/// thread): no clock read, no system call beyond the call itself, so that
+/// the hand-written baselines cost what a user's plain loop costs.
+pub fn again<T>(mut call: impl FnMut() -> std::io::Result<T>) -> std::io::Result<T> {
+    loop {
+        match call() {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            other => return other,
+        }
+    }
+}
 
 /// A hand-written server on a thread of its own, over a socket bound to
 /// loopback with a 20 ms read timeout (so that it sees its stop flag);
@@ -54,10 +60,10 @@ impl HandServer {
             let mut buf = vec![0u8; 65_536];
             let mut reply = Vec::with_capacity(256);
             while !stopped.load(Ordering::Relaxed) {
-                if let Ok((n, peer)) = recv_from(socket, &mut buf) {
+                if let Ok((n, peer)) = socket.recv_from(&mut buf) {
                     reply.clear();
                     udp_greet::greet_into(&buf[..n], &mut reply);
-                    let _ = send_to(socket, &reply, peer);
+                    let _ = socket.send_to(&reply, peer);
                 }
             }
         })

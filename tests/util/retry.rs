@@ -1,5 +1,5 @@
-//! Blocking socket calls that retry what is not an answer, shared by the
-//! tests (`util`) and the benches (`common`).
+//! Blocking socket calls that retry what is not an answer, for the
+//! tests (`util`). (The benches retry only `EINTR`, with no clock read.)
 //!
 //! A blocking call on a socket with a timeout fails with `Interrupted`
 //! (`EINTR`) when a signal lands on its thread, even one installed with
