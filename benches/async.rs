@@ -344,7 +344,7 @@ mod bench {
         let client = runtime.block_on(
             aio::GreetClient::builder()
                 .max_in_flight(CALLS_IN_FLIGHT)
-                .connect_async(server),
+                .connect(server),
         )?;
         let (mut ours, mut hand, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
         let (mut failed_ours, mut failed_hand) = (0, 0);

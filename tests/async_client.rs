@@ -3,6 +3,7 @@
 //! bounded number of sockets, and cancellation at every await point.
 #![cfg(feature = "tokio")]
 
+mod on_time;
 mod proxy;
 mod util;
 
@@ -14,8 +15,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use udp_greet::Error;
 use udp_greet::tokio as aio;
-use udp_greet::{Error, GreetClient};
 use util::{V4, assert_balanced, guarded};
 
 /// A greet server whose handler waits `delay` before answering.
@@ -72,11 +73,11 @@ async fn greets_like_the_blocking_client() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timeout_retries_and_deadline_hold() {
     let (_silent, addr) = silent_port();
-    let client = GreetClient::builder()
+    let client = aio::GreetClient::builder()
         .timeout(Duration::from_millis(5))
         .retries(3)
         .deadline(None)
-        .connect_async(addr)
+        .connect(addr)
         .await
         .expect("connect");
     match guarded("a call", client.send_recv(b"x")).await {
@@ -85,12 +86,12 @@ async fn timeout_retries_and_deadline_hold() {
     }
     // The deadline cuts the retries short: 5 + 10 + 20 ms of waits do not
     // fit in 12 ms, so fewer than 4 attempts are made.
-    let client = GreetClient::builder()
+    let client = aio::GreetClient::builder()
         .timeout(Duration::from_millis(5))
         .retries(3)
         .jitter(0.0)
         .deadline(Duration::from_millis(12))
-        .connect_async(addr)
+        .connect(addr)
         .await
         .expect("connect");
     match guarded("a call", client.send_recv(b"x")).await {
@@ -98,10 +99,10 @@ async fn timeout_retries_and_deadline_hold() {
         other => panic!("expected a timeout, got {other:?}"),
     }
     // Sub-microsecond and zero-retry extremes end, too.
-    let client = GreetClient::builder()
+    let client = aio::GreetClient::builder()
         .timeout(Duration::from_nanos(1))
         .retries(0)
-        .connect_async(addr)
+        .connect(addr)
         .await
         .expect("connect");
     match guarded("a call", client.send_recv(b"x")).await {
@@ -124,11 +125,11 @@ async fn refusal_is_an_error_or_a_loss_as_configured() {
         Err(Error::Refused { addr: a, .. }) => assert_eq!(a, addr),
         other => panic!("expected Refused, got {other:?}"),
     }
-    let client = GreetClient::builder()
+    let client = aio::GreetClient::builder()
         .timeout(Duration::from_millis(5))
         .retries(2)
         .refused_as_loss(true)
-        .connect_async(addr)
+        .connect(addr)
         .await
         .expect("connect");
     match guarded("a call", client.send_recv(b"x")).await {
@@ -167,9 +168,9 @@ fn doubling_server() -> (std::thread::JoinHandle<()>, SocketAddr) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_datagrams_are_drained_before_reuse_and_checks_reject() {
     let (server, addr) = doubling_server();
-    let client = GreetClient::builder()
+    let client = aio::GreetClient::builder()
         .max_in_flight(1)
-        .connect_async(addr)
+        .connect(addr)
         .await
         .expect("connect");
     let first = guarded("a call", client.send_recv(b"one"))
@@ -192,9 +193,9 @@ async fn stale_datagrams_are_drained_before_reuse_and_checks_reject() {
     assert_eq!(second, b"Hello, two!");
     assert!(client.discarded() >= 1, "the duplicate was drained");
     // With the greet check, someone else's greeting is discarded.
-    let checked = GreetClient::builder()
+    let checked = aio::GreetClient::builder()
         .reply_check(udp_greet::is_greeting)
-        .connect_async(addr)
+        .connect(addr)
         .await
         .expect("connect");
     assert_eq!(
@@ -213,10 +214,10 @@ async fn a_burst_never_holds_more_sockets_than_the_limit() {
     const LIMIT: usize = 8;
     const CALLS: usize = 2_000;
     let server = slow_greeter(Duration::from_millis(1));
-    let client = GreetClient::builder()
+    let client = aio::GreetClient::builder()
         .max_in_flight(LIMIT)
         .reply_check(udp_greet::is_greeting)
-        .connect_async(server.local_addr())
+        .connect(server.local_addr())
         .await
         .expect("connect");
     let most = Arc::new(AtomicUsize::new(0));
@@ -257,12 +258,12 @@ async fn ten_thousand_concurrent_calls_through_a_lossy_network_get_no_wrong_repl
         .spawn(aio::greet)
         .expect("spawn");
     let lossy = proxy::Proxy::start(server.local_addr(), seed);
-    let client = GreetClient::builder()
+    let client = aio::GreetClient::builder()
         .timeout(TIMEOUT)
         .retries(RETRIES)
         .deadline(Duration::from_secs(30))
         .reply_check(udp_greet::is_greeting)
-        .connect_async(lossy.addr)
+        .connect(lossy.addr)
         .await
         .expect("connect");
     let calls: Vec<_> = (0..CALLS)
@@ -340,11 +341,11 @@ async fn cancellation_at_every_await_point_leaks_nothing_and_misdirects_nothing(
     // resends before its answer comes, and a cancelled call's answer comes
     // while the next call waits.
     let server = slow_greeter(Duration::from_millis(20));
-    let client = GreetClient::builder()
+    let client = aio::GreetClient::builder()
         .max_in_flight(1)
         .timeout(Duration::from_millis(5))
         .retries(5)
-        .connect_async(server.local_addr())
+        .connect(server.local_addr())
         .await
         .expect("connect");
     let mut cut_points = 0;
@@ -408,10 +409,10 @@ async fn busy_polling_keeps_every_promise() {
         .expect("bind")
         .spawn(aio::greet)
         .expect("spawn");
-    let client = GreetClient::builder()
+    let client = aio::GreetClient::builder()
         .busy_poll(Duration::from_micros(200))
         .reply_check(udp_greet::is_greeting)
-        .connect_async(server.local_addr())
+        .connect(server.local_addr())
         .await
         .expect("connect");
     for i in 0..100 {
@@ -442,11 +443,11 @@ async fn busy_polling_keeps_every_promise() {
     assert!(stats.busy_poll_misses > 0, "the server polled: {stats:?}");
     // A silent peer: the poll window passes, then the timeout and retries.
     let (_silent, addr) = silent_port();
-    let client = GreetClient::builder()
+    let client = aio::GreetClient::builder()
         .busy_poll(Duration::from_micros(200))
         .timeout(Duration::from_millis(2))
         .retries(1)
-        .connect_async(addr)
+        .connect(addr)
         .await
         .expect("connect");
     match guarded("a call", client.send_recv(b"x")).await {
@@ -463,9 +464,9 @@ fn settings_are_checked_and_a_runtime_is_needed() {
         .expect("runtime");
     for calls in [0, 65_537, usize::MAX] {
         match runtime.block_on(
-            GreetClient::builder()
+            aio::GreetClient::builder()
                 .max_in_flight(calls)
-                .connect_async("127.0.0.1:9"),
+                .connect("127.0.0.1:9"),
         ) {
             Err(Error::InvalidConfig { setting, .. }) => {
                 assert_eq!(setting, "ClientBuilder::max_in_flight")
@@ -474,12 +475,25 @@ fn settings_are_checked_and_a_runtime_is_needed() {
         }
     }
     // Polled outside any runtime (a bare executor): an error, not a panic.
-    let connecting = GreetClient::builder().connect_async(SocketAddr::from(([127, 0, 0, 1], 9)));
+    let connecting = aio::GreetClient::builder().connect(SocketAddr::from(([127, 0, 0, 1], 9)));
     let mut connecting = std::pin::pin!(connecting);
     let waker = std::task::Waker::noop();
     match connecting.as_mut().poll(&mut Context::from_waker(waker)) {
         Poll::Ready(Err(Error::NoRuntime { .. })) => {}
         Poll::Ready(other) => panic!("expected NoRuntime, got {other:?}"),
         Poll::Pending => panic!("resolving a socket address needs no runtime"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_polling_call_ends_when_its_waits_and_deadline_say() {
+    let (_silent, addr) = silent_port();
+    for (what, builder, attempts) in on_time::cases(aio::GreetClient::builder) {
+        let client = builder.connect(addr).await.expect("connect");
+        let started = std::time::Instant::now();
+        let err = guarded("a polling call", client.send_recv(b"anyone?"))
+            .await
+            .expect_err("silence");
+        on_time::assert_on_time(what, err, started.elapsed(), attempts);
     }
 }

@@ -1,6 +1,7 @@
 //! Latency mode (busy polling) on both sides: every promise of the server
 //! and the client holds with it on, and an idle server stops polling.
 
+mod on_time;
 mod util;
 
 use std::net::UdpSocket;
@@ -380,5 +381,22 @@ fn the_latency_mode_stale_check_discards_and_asks_again_at_once() {
     match client.send_recv(b"twice") {
         Err(Error::Timeout { attempts: 2, .. }) => {}
         other => panic!("expected a timeout after 2 requests, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_polling_call_ends_when_its_waits_and_deadline_say() {
+    let (_silent, addr) = {
+        let socket = UdpSocket::bind(V4).expect("bind");
+        let addr = socket.local_addr().expect("addr");
+        (socket, addr)
+    };
+    for (what, builder, attempts) in on_time::cases(GreetClient::builder) {
+        let client = builder.connect(addr).expect("connect");
+        let started = std::time::Instant::now();
+        let err = within_guard("a polling call to a silent port", move || {
+            client.send_recv(b"anyone?").expect_err("silence")
+        });
+        on_time::assert_on_time(what, err, started.elapsed(), attempts);
     }
 }

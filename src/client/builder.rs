@@ -1,19 +1,22 @@
-//! The client builder: timeouts, retries, the reply check, buffer sizes.
+//! The client builder: timeouts, retries, the reply check, buffer sizes;
+//! one builder for both clients, whose engine parameter says which one it
+//! makes.
 
 use std::fmt;
+use std::marker::PhantomData;
 use std::net::ToSocketAddrs;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use std::sync::atomic::AtomicU64;
-
+use super::exchange::Peer;
 use super::{GreetClient, State};
+use crate::engine::{Blocking, Engine};
 use crate::error::Error;
 use crate::socket::{self, SocketOptions};
 
-/// A reply check: `(request, reply) -> bool`.
-/// How many calls an async client has in flight at once unless
-/// [`ClientBuilder::max_in_flight`] says otherwise: 256.
+/// How many calls an async client (`udp_greet::tokio::GreetClient`, feature
+/// `tokio`) has in flight at once unless its builder's `max_in_flight` says
+/// otherwise: 256.
 ///
 /// Each call in flight holds a socket, so this is also the most file
 /// descriptors the client takes: well within the usual limit of 1024 per
@@ -21,9 +24,10 @@ use crate::socket::{self, SocketOptions};
 /// in 10 ms.
 pub const DEFAULT_CLIENT_MAX_IN_FLIGHT: usize = 256;
 
-/// The largest [`ClientBuilder::max_in_flight`].
+/// The largest `max_in_flight` of an async client's builder.
 const MAX_CLIENT_IN_FLIGHT: usize = 65_536;
 
+/// A reply check: `(request, reply) -> bool`.
 pub(crate) type ReplyCheck = Arc<dyn Fn(&[u8], &[u8]) -> bool + Send + Sync>;
 
 /// How a client waits, resends and checks replies; fixed when it connects.
@@ -52,7 +56,8 @@ impl fmt::Debug for Settings {
     }
 }
 
-/// Configures and connects a [`GreetClient`].
+/// Configures and connects a client: a blocking [`GreetClient`], or with
+/// the feature `tokio` an async `udp_greet::tokio::GreetClient`.
 ///
 /// A call sends the request and waits up to [`timeout`](ClientBuilder::timeout)
 /// for a reply that passes the [reply check](ClientBuilder::reply_check);
@@ -77,16 +82,88 @@ impl fmt::Debug for Settings {
 /// # Ok(())
 /// # }
 /// ```
+///
+/// # Engines
+///
+/// The parameter `E` says which client the builder makes, and so which
+/// settings it has: [`Blocking`] (the default; from
+/// [`GreetClient::builder`] or [`ClientBuilder::new`]) connects a
+/// [`GreetClient`], and `udp_greet::tokio::Tokio` (feature `tokio`; from
+/// `udp_greet::tokio::GreetClient::builder()`) connects an async client
+/// with `connect(addr).await`, and adds `max_in_flight`. Every other setting
+/// is the same for both.
+///
+/// A setting of the async client cannot be set for a blocking one:
+///
+/// ```compile_fail,E0599
+/// let _builder = udp_greet::GreetClient::builder().max_in_flight(8);
+/// ```
 #[derive(Debug, Clone)]
 #[must_use = "a builder does nothing until `connect` is called"]
-pub struct ClientBuilder {
+pub struct ClientBuilder<E: Engine = Blocking> {
     pub(crate) socket: SocketOptions,
     pub(crate) settings: Settings,
+    /// Only the async engine's builder sets it.
     pub(crate) max_in_flight: usize,
+    engine: PhantomData<E>,
 }
 
-impl Default for ClientBuilder {
+/// Only the blocking builder has a default, so that
+/// `ClientBuilder::default()` names one type with or without the feature
+/// `tokio`.
+impl Default for ClientBuilder<Blocking> {
     fn default() -> Self {
+        Self::with_defaults()
+    }
+}
+
+impl ClientBuilder<Blocking> {
+    /// A builder for a blocking [`GreetClient`] with every setting at its
+    /// default; the same as [`GreetClient::builder`] and
+    /// [`ClientBuilder::default`]. Only the blocking builder has these, so
+    /// the engine need not be named:
+    ///
+    /// ```
+    /// use udp_greet::ClientBuilder;
+    ///
+    /// let builder = ClientBuilder::new().retries(5);
+    /// let same = ClientBuilder::default().retries(5);
+    /// # let _ = (builder, same);
+    /// ```
+    pub fn new() -> Self {
+        Self::with_defaults()
+    }
+
+    /// Makes a socket of the server's address family, bound to an ephemeral
+    /// port, and connects it to `addr` (the first address it resolves to
+    /// that works).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] for a setting out of range,
+    /// [`Error::Resolve`] when `addr` does not resolve, [`Error::Socket`] or
+    /// [`Error::Io`] when the socket cannot be made or connected.
+    pub fn connect<A: ToSocketAddrs + fmt::Debug>(self, addr: A) -> Result<GreetClient, Error> {
+        self.validate()?;
+        let addrs = socket::resolve(addr)?;
+        socket::first_ok(&addrs, |peer| {
+            let made = socket::connect(peer, &self.socket)?;
+            let seed = seed(made.local_addr.port());
+            Ok(GreetClient {
+                socket: made.socket,
+                local_addr: made.local_addr,
+                recv_buffer: made.recv_buffer,
+                send_buffer: made.send_buffer,
+                peer: Peer::new(peer, self.settings.clone()),
+                state: Mutex::new(State::new(seed)),
+            })
+        })
+    }
+}
+
+impl<E: Engine> ClientBuilder<E> {
+    /// A builder for engine `E` with every setting at its default.
+    pub(crate) fn with_defaults() -> Self {
         ClientBuilder {
             socket: SocketOptions::default(),
             settings: Settings {
@@ -99,14 +176,8 @@ impl Default for ClientBuilder {
                 busy_poll: None,
             },
             max_in_flight: DEFAULT_CLIENT_MAX_IN_FLIGHT,
+            engine: PhantomData,
         }
-    }
-}
-
-impl ClientBuilder {
-    /// A builder with every setting at its default.
-    pub fn new() -> Self {
-        Self::default()
     }
 
     /// How long the first attempt waits for a reply; each retry waits about
@@ -250,19 +321,6 @@ impl ClientBuilder {
         self
     }
 
-    /// The most calls an async client (`AsyncGreetClient`, feature `tokio`)
-    /// has in flight at once, each on a socket of its own: calls beyond it
-    /// wait for one to end (within their deadline). This caps the sockets
-    /// (file descriptors) the client holds, in flight and idle together,
-    /// whatever a burst of calls asks for.
-    ///
-    /// Only used by the async client (feature `tokio`). Must be between 1
-    /// and 65 536. Defaults to [`DEFAULT_CLIENT_MAX_IN_FLIGHT`] (256).
-    pub fn max_in_flight(mut self, calls: usize) -> Self {
-        self.max_in_flight = calls;
-        self
-    }
-
     /// Requests a receive buffer (`SO_RCVBUF`) of `bytes` (at most
     /// `i32::MAX`, the largest the option takes).
     ///
@@ -280,34 +338,7 @@ impl ClientBuilder {
         self
     }
 
-    /// Makes a socket of the server's address family, bound to an ephemeral
-    /// port, and connects it to `addr` (the first address it resolves to
-    /// that works).
-    ///
-    /// # Errors
-    ///
-    /// [`Error::InvalidConfig`] for a setting out of range,
-    /// [`Error::Resolve`] when `addr` does not resolve, [`Error::Socket`] or
-    /// [`Error::Io`] when the socket cannot be made or connected.
-    pub fn connect<A: ToSocketAddrs + fmt::Debug>(self, addr: A) -> Result<GreetClient, Error> {
-        self.validate()?;
-        let addrs = socket::resolve(addr)?;
-        socket::first_ok(&addrs, |peer| {
-            let made = socket::connect(peer, &self.socket)?;
-            let seed = seed(made.local_addr.port());
-            Ok(GreetClient {
-                socket: made.socket,
-                peer,
-                local_addr: made.local_addr,
-                recv_buffer: made.recv_buffer,
-                send_buffer: made.send_buffer,
-                settings: self.settings.clone(),
-                state: Mutex::new(State::new(seed)),
-                discarded: AtomicU64::new(0),
-            })
-        })
-    }
-
+    /// Checks every setting; each engine's `connect` calls it first.
     pub(crate) fn validate(&self) -> Result<(), Error> {
         let invalid = |setting, reason| Err(Error::InvalidConfig { setting, reason });
         if self.settings.timeout.is_zero() {

@@ -4,18 +4,19 @@
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::Tokio;
 use crate::ClientBuilder;
-use crate::client::builder::Settings;
-use crate::client::{Attempts, Judged, MAX_REPLY, io_error, jittered};
+use crate::client::MAX_REPLY;
+use crate::client::exchange::{Exchange, Peer, Queue, Step, Wait, call_seed};
 use crate::error::{self, Error};
 use crate::socket::{self, BufferSize, SocketOptions};
 use crate::sys;
@@ -23,8 +24,8 @@ use crate::sys;
 /// An async UDP client for tokio: many calls at once on one client, each
 /// with every promise of [`GreetClient`](crate::GreetClient).
 ///
-/// Made with [`GreetClient::connect`] or
-/// [`ClientBuilder::connect_async`], with the builder's policies unchanged:
+/// Made with [`GreetClient::connect`], or [`GreetClient::builder`] and
+/// `connect(addr).await`, with the builder's policies unchanged:
 /// timeout, retries with jittered backoff, deadline, reply check,
 /// `refused_as_loss`, busy polling and buffer sizes. Cheap to clone; clones
 /// share the sockets and the limit.
@@ -38,7 +39,7 @@ use crate::sys;
 ///   (counted in [`discarded`](GreetClient::discarded)); one with a
 ///   request outstanding is closed.
 /// - **Bounded.** At most
-///   [`max_in_flight`](ClientBuilder::max_in_flight) calls run at once,
+///   [`max_in_flight`](ClientBuilder::<Tokio>::max_in_flight) calls run at once,
 ///   which caps the sockets the client holds, in flight and idle; further
 ///   calls wait their turn, in order, within their deadline.
 /// - **Cancellation-safe.** Dropping a call's future at any await point
@@ -71,16 +72,16 @@ pub struct GreetClient {
 }
 
 struct Inner {
-    peer: SocketAddr,
+    /// The server, the settings, and the count of discarded datagrams.
+    peer: Peer,
     options: SocketOptions,
-    settings: Settings,
     max_in_flight: usize,
     turns: Arc<Semaphore>,
     /// Sockets with nothing outstanding, ready for the next call.
     idle: Mutex<Vec<UdpSocket>>,
     /// Sockets open, idle or in a call.
     open: AtomicUsize,
-    discarded: AtomicU64,
+    /// The jitter's random state, from which each call draws its own.
     rng: Mutex<u64>,
     recv_buffer: BufferSize,
     send_buffer: BufferSize,
@@ -89,16 +90,31 @@ struct Inner {
 impl fmt::Debug for GreetClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("GreetClient")
-            .field("peer", &self.inner.peer)
-            .field("settings", &self.inner.settings)
+            .field("peer", &self.inner.peer.addr)
+            .field("settings", &self.inner.peer.settings)
             .field("max_in_flight", &self.inner.max_in_flight)
             .field("open_sockets", &self.open_sockets())
             .finish_non_exhaustive()
     }
 }
 
-impl ClientBuilder {
-    /// Makes an [`GreetClient`] for the server at `addr`, resolved
+impl ClientBuilder<Tokio> {
+    /// The most calls the client has in flight at once, each on a socket of
+    /// its own: calls beyond it wait for one to end (within their deadline).
+    /// This caps the sockets (file descriptors) the client holds, in flight
+    /// and idle together, whatever a burst of calls asks for.
+    ///
+    /// Must be between 1 and 65 536. Defaults to
+    /// [`DEFAULT_CLIENT_MAX_IN_FLIGHT`](crate::DEFAULT_CLIENT_MAX_IN_FLIGHT)
+    /// (256).
+    ///
+    /// Needs the `tokio` feature.
+    pub fn max_in_flight(mut self, calls: usize) -> Self {
+        self.max_in_flight = calls;
+        self
+    }
+
+    /// Makes an async [`GreetClient`] for the server at `addr`, resolved
     /// without blocking the runtime; each address it resolves to is tried
     /// in turn, with a first socket (kept for the first call).
     ///
@@ -106,10 +122,11 @@ impl ClientBuilder {
     ///
     /// # Errors
     ///
-    /// As [`connect`](ClientBuilder::connect), and [`Error::NoRuntime`]
-    /// outside a tokio runtime.
-    #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
-    pub async fn connect_async<A>(self, addr: A) -> Result<GreetClient, Error>
+    /// [`Error::InvalidConfig`] for a setting out of range,
+    /// [`Error::Resolve`] when `addr` does not resolve, [`Error::Socket`] or
+    /// [`Error::Io`] when the socket cannot be made or connected, and
+    /// [`Error::NoRuntime`] outside a tokio runtime.
+    pub async fn connect<A>(self, addr: A) -> Result<GreetClient, Error>
     where
         A: tokio::net::ToSocketAddrs + fmt::Debug,
     {
@@ -126,14 +143,12 @@ impl ClientBuilder {
             let (first, recv_buffer, send_buffer) = open(peer, &self.socket)?;
             Ok(GreetClient {
                 inner: Arc::new(Inner {
-                    peer,
+                    peer: Peer::new(peer, self.settings.clone()),
                     options: self.socket.clone(),
-                    settings: self.settings.clone(),
                     max_in_flight: self.max_in_flight,
                     turns: Arc::new(Semaphore::new(self.max_in_flight)),
                     idle: Mutex::new(vec![first]),
                     open: AtomicUsize::new(1),
-                    discarded: AtomicU64::new(0),
                     rng: Mutex::new(crate::client::builder::seed(peer.port())),
                     recv_buffer,
                     send_buffer,
@@ -165,31 +180,32 @@ fn open(
 
 impl GreetClient {
     /// Makes a client with default settings for the server at `addr`:
-    /// `ClientBuilder::new().connect_async(addr)`.
+    /// `GreetClient::builder().connect(addr).await`.
     ///
     /// Needs the `tokio` feature.
     ///
     /// # Errors
     ///
-    /// As [`ClientBuilder::connect_async`].
+    /// As [`ClientBuilder::<Tokio>::connect`].
     pub async fn connect<A>(addr: A) -> Result<GreetClient, Error>
     where
         A: tokio::net::ToSocketAddrs + fmt::Debug,
     {
-        ClientBuilder::default().connect_async(addr).await
+        GreetClient::builder().connect(addr).await
     }
 
-    /// A builder for a client with non-default settings (the same builder
-    /// as the blocking client's); finish it with
-    /// [`connect_async`](ClientBuilder::connect_async).
-    pub fn builder() -> ClientBuilder {
-        ClientBuilder::default()
+    /// A builder for a client with non-default settings: the blocking
+    /// client's settings, and
+    /// [`max_in_flight`](ClientBuilder::<Tokio>::max_in_flight); finish it
+    /// with [`connect(addr).await`](ClientBuilder::<Tokio>::connect).
+    pub fn builder() -> ClientBuilder<Tokio> {
+        ClientBuilder::with_defaults()
     }
 
     /// The server's address.
     #[must_use]
     pub fn peer_addr(&self) -> SocketAddr {
-        self.inner.peer
+        self.inner.peer.addr
     }
 
     /// The receive buffer size requested and granted (for the first socket;
@@ -223,7 +239,7 @@ impl GreetClient {
     /// were too large to check.
     #[must_use]
     pub fn discarded(&self) -> u64 {
-        self.inner.discarded.load(Ordering::Relaxed)
+        self.inner.peer.discarded()
     }
 
     /// Sends `request` and returns the reply, as
@@ -233,7 +249,7 @@ impl GreetClient {
     /// # Errors
     ///
     /// As [`GreetClient::send_recv`](crate::GreetClient::send_recv). A call that waits for its turn
-    /// (see [`max_in_flight`](ClientBuilder::max_in_flight)) past its
+    /// (see [`max_in_flight`](ClientBuilder::<Tokio>::max_in_flight)) past its
     /// deadline ends with [`Error::Timeout`] after 0 attempts.
     pub async fn send_recv(&self, request: &[u8]) -> Result<Vec<u8>, Error> {
         let mut reply = Vec::new();
@@ -253,33 +269,54 @@ impl GreetClient {
         self.exchange(request, &mut Buf::Borrowed(buf)).await
     }
 
+    /// Drives one call's [`Exchange`]: a turn, a socket, then each step on
+    /// it until the exchange ends the call (when its attempts' time has
+    /// passed, at the latest).
     async fn exchange(&self, request: &[u8], buf: &mut Buf<'_>) -> Result<usize, Error> {
         let inner = &*self.inner;
-        let mut attempts = Attempts::new(&inner.settings, Instant::now());
-        let turn = inner.clone_turns();
-        let permit = match attempts.deadline() {
-            Some(deadline) => {
-                match tokio::time::timeout_at(deadline.into(), turn.acquire_owned()).await {
-                    Ok(permit) => permit,
-                    Err(_) => return Err(attempts.failed(inner.peer, buf.capacity())),
-                }
-            }
-            None => turn.acquire_owned().await,
+        let seed = call_seed(&mut inner.rng.lock().unwrap_or_else(|e| e.into_inner()));
+        // The socket is drained when it is leased.
+        let mut call = Exchange::new(
+            &inner.peer,
+            buf.capacity(),
+            Queue::Drained,
+            Instant::now(),
+            seed,
+        );
+        let turn = inner.turns.clone().acquire_owned();
+        let permit = match call.deadline() {
+            Some(deadline) => match tokio::time::timeout_at(deadline.into(), turn).await {
+                Ok(permit) => permit,
+                Err(_) => return Err(call.failed(Instant::now())),
+            },
+            None => turn.await,
         };
         // The semaphore is never closed.
         let Ok(permit) = permit else {
-            return Err(attempts.failed(inner.peer, buf.capacity()));
+            return Err(call.failed(Instant::now()));
         };
-        let mut call = self.lease(permit)?;
-        while let Some((now, wait)) = attempts.next(|nominal| inner.jittered(nominal)) {
-            call.send(inner, request).await?;
-            match call.await_reply(inner, request, buf, now, wait).await? {
-                Awaited::Reply(len) => return Ok(len),
-                Awaited::TooLarge => attempts.too_large = true,
-                Awaited::Nothing => {}
+        let mut socket = self.lease(permit)?;
+        loop {
+            match call.next(Instant::now()) {
+                Step::Send => call.sent(socket.send(request).await),
+                Step::Discard | Step::Check => {
+                    call.received(socket.try_recv(buf), request, buf.bytes())
+                }
+                Step::Poll => {
+                    let received = socket.try_recv(buf);
+                    if received.as_ref().is_err_and(error::is_timeout) {
+                        // Let the runtime run other tasks between tries.
+                        tokio::task::yield_now().await;
+                    }
+                    call.received(received, request, buf.bytes());
+                }
+                Step::Wait(wait) => {
+                    let received = socket.recv_until(buf, wait).await;
+                    call.received(received, request, buf.bytes());
+                }
+                Step::Done(outcome) => return outcome,
             }
         }
-        Err(attempts.failed(inner.peer, buf.capacity()))
     }
 
     /// A socket for one call: an idle one, drained, or a new one.
@@ -295,7 +332,7 @@ impl GreetClient {
                     drop(socket);
                 }
                 None => {
-                    let (socket, _, _) = open(inner.peer, &inner.options)?;
+                    let (socket, _, _) = open(inner.peer.addr, &inner.options)?;
                     inner.open.fetch_add(1, Ordering::AcqRel);
                     break socket;
                 }
@@ -317,36 +354,13 @@ fn drain(socket: &UdpSocket, inner: &Inner) -> bool {
     let mut scratch = [0u8; 1];
     loop {
         match SockRef::from(socket).recv_vectored(&mut [sys::recv_slice(&mut scratch)]) {
-            Ok(_) => inner.count_discarded(),
+            Ok(_) => inner.peer.count_discarded(),
             Err(e) if error::is_timeout(&e) => return true,
             // An ICMP report for an earlier request, taken off the socket.
             Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(_) => return false,
         }
-    }
-}
-
-impl Inner {
-    fn clone_turns(&self) -> Arc<Semaphore> {
-        self.turns.clone()
-    }
-
-    fn jittered(&self, nominal: Duration) -> Duration {
-        let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
-        jittered(&mut rng, nominal, self.settings.jitter)
-    }
-
-    fn count_discarded(&self) {
-        self.discarded.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn is_ignored_refusal(&self, err: &io::Error) -> bool {
-        self.settings.is_ignored_refusal(err)
-    }
-
-    fn io_error(&self, action: &'static str, source: io::Error) -> Error {
-        io_error(self.peer, action, source)
     }
 }
 
@@ -386,12 +400,6 @@ impl Buf<'_> {
     }
 }
 
-enum Awaited {
-    Reply(usize),
-    TooLarge,
-    Nothing,
-}
-
 /// One call's socket. Dropped (the call ended, or its future was dropped),
 /// it goes back for reuse if every request sent on it was answered, and is
 /// closed otherwise; its turn is given back either way.
@@ -406,90 +414,43 @@ struct Call {
 }
 
 impl Call {
-    fn socket(&self) -> Result<&UdpSocket, Error> {
-        self.socket.as_ref().ok_or_else(|| Error::Io {
-            action: "use the socket for",
-            addr: self.client.peer,
-            source: io::Error::from(io::ErrorKind::NotConnected),
-        })
+    fn socket(&self) -> io::Result<&UdpSocket> {
+        self.socket
+            .as_ref()
+            .ok_or_else(|| io::ErrorKind::NotConnected.into())
     }
 
-    async fn send(&mut self, inner: &Inner, request: &[u8]) -> Result<(), Error> {
-        // Counted before the send: a call dropped while sending may have
-        // sent, so its socket is not reused.
+    /// Sends `request`. Counted before the send: a call dropped while
+    /// sending may have sent, so its socket is not reused.
+    async fn send(&mut self, request: &[u8]) -> io::Result<usize> {
         self.sent += 1;
-        match self.socket()?.send(request).await {
-            Ok(_) => Ok(()),
-            // An earlier ICMP error, reported on this send: the request was
-            // not sent, which counts as one more loss.
-            Err(e) if inner.is_ignored_refusal(&e) => Ok(()),
-            Err(e) => Err(inner.io_error("send to", e)),
-        }
+        self.socket()?.send(request).await
     }
 
-    async fn await_reply(
-        &mut self,
-        inner: &Inner,
-        request: &[u8],
-        buf: &mut Buf<'_>,
-        sent: Instant,
-        wait: Duration,
-    ) -> Result<Awaited, Error> {
-        let end = sent.checked_add(wait);
-        let poll_until = inner
-            .settings
-            .busy_poll
-            .and_then(|window| sent.checked_add(window.min(wait)));
-        let mut outcome = Awaited::Nothing;
-        loop {
-            let socket = self.socket()?;
-            let polling = poll_until.is_some_and(|until| Instant::now() < until);
-            let received = if polling {
-                // Latency mode: try at once, and between tries let the
-                // runtime run other tasks.
-                match buf.recv(socket) {
-                    Err(e) if error::is_timeout(&e) => {
-                        tokio::task::yield_now().await;
-                        continue;
-                    }
-                    other => other,
-                }
-            } else {
-                let reading = socket.async_io(Interest::READABLE, || buf.recv(socket));
-                match end {
-                    Some(end) => match tokio::time::timeout_at(end.into(), reading).await {
-                        Ok(received) => received,
-                        Err(_) => return Ok(outcome),
-                    },
-                    None => reading.await,
-                }
-            };
-            match received {
-                Ok((len, truncated)) => {
-                    self.answers += 1;
-                    match inner.settings.judge(request, buf.bytes(), len, truncated) {
-                        Judged::Accepted(len) => return Ok(Awaited::Reply(len)),
-                        Judged::DoesNotFit => {
-                            return Err(Error::ReplyTooLarge {
-                                addr: inner.peer,
-                                capacity: buf.capacity(),
-                            });
-                        }
-                        Judged::Oversized => {
-                            inner.count_discarded();
-                            outcome = Awaited::TooLarge;
-                        }
-                        Judged::Rejected => inner.count_discarded(),
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if inner.is_ignored_refusal(&e) => {}
-                Err(e) => return Err(inner.io_error("receive from", e)),
-            }
-            if end.is_some_and(|end| Instant::now() >= end) {
-                return Ok(outcome);
-            }
+    /// Receives one datagram into `buf` without waiting.
+    fn try_recv(&mut self, buf: &mut Buf<'_>) -> io::Result<(usize, bool)> {
+        let received = buf.recv(self.socket()?);
+        self.answered(received)
+    }
+
+    /// Waits for one datagram into `buf` until `wait.until`; a timeout
+    /// error if none came by then.
+    async fn recv_until(&mut self, buf: &mut Buf<'_>, wait: Wait) -> io::Result<(usize, bool)> {
+        let socket = self.socket()?;
+        let reading = socket.async_io(Interest::READABLE, || buf.recv(socket));
+        let received = match tokio::time::timeout_at(wait.until.into(), reading).await {
+            Ok(received) => received,
+            Err(_) => Err(io::ErrorKind::TimedOut.into()),
+        };
+        self.answered(received)
+    }
+
+    /// Counts a datagram received on the socket in this call.
+    fn answered(&mut self, received: io::Result<(usize, bool)>) -> io::Result<(usize, bool)> {
+        if received.is_ok() {
+            self.answers += 1;
         }
+        received
     }
 }
 

@@ -1,0 +1,752 @@
+//! One call, written once for both clients: an I/O-free state machine, as
+//! quinn-proto is to quinn.
+//!
+//! A client makes an [`Exchange`] per call and drives it: it asks
+//! [`Exchange::next`] what to do at the time it reads from its clock, does
+//! that on its socket (a send, a receive without waiting, a wait until a
+//! time), and reports the result ([`Exchange::sent`],
+//! [`Exchange::received`]), until the exchange answers [`Step::Done`]. The
+//! exchange holds every policy of a call: the attempt schedule (timeout,
+//! doubling retries with jitter, deadline), the check for stale datagrams
+//! (before the first send, or in latency mode right after it, with the
+//! request sent again at once if it found any), busy polling through a
+//! [`PollWindow`] that never outlasts the attempt's wait, the judging of each
+//! datagram against the reply check, `refused_as_loss`, and the count of
+//! discarded datagrams. The clients only do the I/O and the waiting.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use super::builder::Settings;
+use crate::busy_poll::{PollWindow, later};
+use crate::error::{self, Error};
+
+/// What every call to one server shares: its address, the client's
+/// settings, and the count of datagrams discarded.
+#[derive(Debug)]
+pub(crate) struct Peer {
+    pub(crate) addr: SocketAddr,
+    pub(crate) settings: Settings,
+    /// Kept apart from any lock, so that reading it never waits for a call.
+    discarded: AtomicU64,
+}
+
+impl Peer {
+    pub(crate) fn new(addr: SocketAddr, settings: Settings) -> Peer {
+        Peer {
+            addr,
+            settings,
+            discarded: AtomicU64::new(0),
+        }
+    }
+
+    /// How many datagrams calls to this peer have discarded.
+    pub(crate) fn discarded(&self) -> u64 {
+        self.discarded.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn count_discarded(&self) {
+        self.discarded.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The error for a failed `action` with the peer.
+    pub(crate) fn io_error(&self, action: &'static str, source: io::Error) -> Error {
+        io_error(self.addr, action, source)
+    }
+}
+
+/// The error for a failed `action` with `peer`, naming both; a refused port
+/// is its own error.
+pub(crate) fn io_error(peer: SocketAddr, action: &'static str, source: io::Error) -> Error {
+    if source.kind() == io::ErrorKind::ConnectionRefused {
+        Error::Refused { addr: peer, source }
+    } else {
+        Error::Io {
+            action,
+            addr: peer,
+            source,
+        }
+    }
+}
+
+/// What may be queued on the call's socket before its first request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Queue {
+    /// Datagrams left by earlier calls (late replies, duplicates): the
+    /// exchange checks for them before the first send, or in latency mode
+    /// right after it.
+    MayHoldStale,
+    /// Nothing: the client drained the socket before the call.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    Drained,
+}
+
+/// What the client does next for a call.
+#[derive(Debug)]
+pub(crate) enum Step {
+    /// Send the request (the first of an attempt, or again at once), and
+    /// report it with [`Exchange::sent`].
+    Send,
+    /// The stale check before the first send: receive one datagram without
+    /// waiting (its bytes are discarded whatever they are, so a receive that
+    /// does not tell truncation will do), and report it.
+    Discard,
+    /// The stale check of latency mode, right after the first send: receive
+    /// one datagram without waiting, and report it.
+    Check,
+    /// Busy polling: receive one datagram without waiting, and report it;
+    /// on a miss, pause briefly (a spin hint, or a yield to the runtime).
+    Poll,
+    /// Wait for one datagram, and report it (a wait that ends without one
+    /// reports a timeout error).
+    Wait(Wait),
+    /// The call is over: the reply's length in the buffer, or the error.
+    Done(Result<usize, Error>),
+}
+
+/// How long a [`Step::Wait`] waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Wait {
+    /// When the attempt's wait ends.
+    pub(crate) until: Instant,
+    /// The same as a duration from the time given to [`Exchange::next`];
+    /// for the first receive of an attempt, its whole wait, measured from
+    /// the attempt's start as if the send took no time (a blocking client's
+    /// read timeout then usually matches the one already set, which spares
+    /// a system call).
+    pub(crate) timeout: Duration,
+}
+
+/// Where a call is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// The stale check before the first send.
+    Discarding,
+    /// The next attempt is due.
+    Attempt,
+    /// The request is to be sent: as an attempt (`first`: the call's first)
+    /// or `again` at once within the attempt.
+    Sending { first: bool, again: bool },
+    /// The stale check of latency mode; `found`: it discarded a datagram.
+    Checking { found: bool },
+    /// Waiting for the reply within the attempt. `tried`: a receive has been
+    /// asked for in this wait; `blocking`: the last one was a wait.
+    Awaiting { tried: bool, blocking: bool },
+    /// The outcome has been handed out.
+    Over,
+}
+
+const AWAITING: Phase = Phase::Awaiting {
+    tried: false,
+    blocking: false,
+};
+
+/// One call's exchange with the peer: see the module's documentation.
+///
+/// Every receive the exchange asks for is reported back; it ends each
+/// attempt when its wait has passed, so a client that follows it makes at
+/// most a bounded number of steps per attempt that do not wait (the stale
+/// checks, and polls within the window).
+#[derive(Debug)]
+pub(crate) struct Exchange<'p> {
+    peer: &'p Peer,
+    /// The reply buffer's size, as errors report it.
+    capacity: usize,
+    attempts: Attempts,
+    /// The jitter's random state (xorshift64*; never zero).
+    rng: u64,
+    window: PollWindow,
+    /// Latency mode on a socket that may hold stale datagrams: check after
+    /// the first send, not before it.
+    check_after_send: bool,
+    phase: Phase,
+    /// The current attempt's wait, and when it ends.
+    wait: Duration,
+    end: Instant,
+    /// How the call ended, until it is handed out.
+    outcome: Option<Result<usize, Error>>,
+}
+
+impl<'p> Exchange<'p> {
+    /// A call to `peer` starting at `now`, with a reply buffer of `capacity`
+    /// bytes; `seed` (see [`call_seed`]) drives its jitter.
+    pub(crate) fn new(
+        peer: &'p Peer,
+        capacity: usize,
+        queue: Queue,
+        now: Instant,
+        seed: u64,
+    ) -> Exchange<'p> {
+        let settings = &peer.settings;
+        let latency = settings.busy_poll.is_some();
+        let phase = match queue {
+            Queue::MayHoldStale if !latency => Phase::Discarding,
+            Queue::MayHoldStale | Queue::Drained => Phase::Attempt,
+        };
+        Exchange {
+            peer,
+            capacity,
+            attempts: Attempts::new(settings, now),
+            rng: seed | 1,
+            window: PollWindow::new(settings.busy_poll),
+            check_after_send: latency && queue == Queue::MayHoldStale,
+            phase,
+            wait: Duration::ZERO,
+            end: now,
+            outcome: None,
+        }
+    }
+
+    /// When the call must end, if it has a deadline.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn deadline(&self) -> Option<Instant> {
+        self.attempts.deadline
+    }
+
+    /// The error of a call given up at `now` before any reply: the call's
+    /// deadline passed while the client could not start it, say.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn failed(&self, now: Instant) -> Error {
+        self.attempts.failed(self.peer.addr, self.capacity, now)
+    }
+
+    /// What to do at `now`.
+    pub(crate) fn next(&mut self, now: Instant) -> Step {
+        if let Some(outcome) = self.outcome.take() {
+            self.phase = Phase::Over;
+            return Step::Done(outcome);
+        }
+        match self.phase {
+            Phase::Discarding => Step::Discard,
+            Phase::Attempt => self.attempt(now),
+            Phase::Sending { .. } => Step::Send,
+            Phase::Checking { .. } => Step::Check,
+            Phase::Awaiting { tried, .. } => {
+                // The attempt's wait has passed once it has received at
+                // least once: each attempt tries at least once.
+                if tried && now >= self.end {
+                    return self.attempt(now);
+                }
+                if self.window.at(now).polls() {
+                    self.phase = Phase::Awaiting {
+                        tried: true,
+                        blocking: false,
+                    };
+                    return Step::Poll;
+                }
+                let timeout = if tried {
+                    self.end.saturating_duration_since(now)
+                } else {
+                    self.wait
+                };
+                self.phase = Phase::Awaiting {
+                    tried: true,
+                    blocking: true,
+                };
+                Step::Wait(Wait {
+                    until: self.end,
+                    timeout,
+                })
+            }
+            // Asked again after the end: the call has nothing more to give.
+            Phase::Over => Step::Done(Err(self.failed(now))),
+        }
+    }
+
+    /// Starts the next attempt at `now`, or ends the call if none is left.
+    fn attempt(&mut self, now: Instant) -> Step {
+        let (rng, jitter) = (&mut self.rng, self.peer.settings.jitter);
+        let Some(wait) = self
+            .attempts
+            .next(now, |nominal| jittered(rng, nominal, jitter))
+        else {
+            self.phase = Phase::Over;
+            return Step::Done(Err(self.failed(now)));
+        };
+        self.wait = wait;
+        self.end = later(now, wait);
+        // Polling counts toward the wait, and never outlasts it.
+        self.window.open_within(now, Some(self.end));
+        self.phase = Phase::Sending {
+            first: self.attempts.sent == 1,
+            again: false,
+        };
+        Step::Send
+    }
+
+    /// The result of a [`Step::Send`].
+    pub(crate) fn sent(&mut self, result: io::Result<usize>) {
+        let Phase::Sending { first, again } = self.phase else {
+            return;
+        };
+        match result {
+            Ok(_) => {}
+            // Not sent; the step is asked for again.
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return,
+            // An earlier ICMP error, reported on this send: the request was
+            // not sent, which counts as one more loss.
+            Err(e) if self.peer.settings.is_ignored_refusal(&e) => {}
+            Err(e) => return self.finish(Err(self.peer.io_error("send to", e))),
+        }
+        self.phase = if again {
+            self.attempts.resent();
+            AWAITING
+        } else if first && self.check_after_send {
+            Phase::Checking { found: false }
+        } else {
+            AWAITING
+        };
+    }
+
+    /// The result of a receive ([`Step::Discard`], [`Step::Check`],
+    /// [`Step::Poll`] or [`Step::Wait`]): a datagram's length and whether it
+    /// was larger than the buffer, with the buffer it went into; or the
+    /// error (`WouldBlock` or `TimedOut`: nothing came).
+    pub(crate) fn received(
+        &mut self,
+        result: io::Result<(usize, bool)>,
+        request: &[u8],
+        buf: &[u8],
+    ) {
+        let (len, truncated) = match result {
+            Ok(datagram) => datagram,
+            Err(e) if error::is_timeout(&e) => return self.nothing(),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return,
+            Err(e) if self.peer.settings.is_ignored_refusal(&e) => return,
+            Err(e) => return self.finish(Err(self.peer.io_error("receive from", e))),
+        };
+        let settings = &self.peer.settings;
+        match self.phase {
+            Phase::Discarding => self.peer.count_discarded(),
+            // Whatever is queued came before the request, or is a reply
+            // faster than this check: one that passes the reply check
+            // answers the request either way; the others are discarded.
+            Phase::Checking { .. } => {
+                if settings.check.is_some() {
+                    if let Judged::Accepted(len) = settings.judge(request, buf, len, truncated) {
+                        return self.finish(Ok(len));
+                    }
+                }
+                self.peer.count_discarded();
+                self.phase = Phase::Checking { found: true };
+            }
+            Phase::Awaiting { .. } => match settings.judge(request, buf, len, truncated) {
+                Judged::Accepted(len) => self.finish(Ok(len)),
+                Judged::DoesNotFit => self.finish(Err(Error::ReplyTooLarge {
+                    addr: self.peer.addr,
+                    capacity: self.capacity,
+                })),
+                Judged::Oversized => {
+                    self.peer.count_discarded();
+                    self.attempts.too_large = true;
+                }
+                Judged::Rejected => self.peer.count_discarded(),
+            },
+            // Not asked for: nothing waits for it.
+            Phase::Attempt | Phase::Sending { .. } | Phase::Over => {
+                self.peer.count_discarded();
+            }
+        }
+    }
+
+    /// A receive found nothing.
+    fn nothing(&mut self) {
+        self.phase = match self.phase {
+            Phase::Discarding => Phase::Attempt,
+            // The reply itself may have been among the datagrams the check
+            // discarded: ask again at once rather than wait out the timeout.
+            Phase::Checking { found: true } => Phase::Sending {
+                first: false,
+                again: true,
+            },
+            Phase::Checking { found: false } => AWAITING,
+            // The wait ran out: so did the attempt.
+            Phase::Awaiting { blocking: true, .. } => Phase::Attempt,
+            other => other,
+        };
+    }
+
+    fn finish(&mut self, outcome: Result<usize, Error>) {
+        self.outcome = Some(outcome);
+    }
+}
+
+/// A seed for one call's jitter, drawn from a client's generator `rng`
+/// (which it moves on): each call's jitter is its own.
+pub(crate) fn call_seed(rng: &mut u64) -> u64 {
+    xorshift(rng) | 1
+}
+
+/// One step of the xorshift64* generator `rng`.
+fn xorshift(rng: &mut u64) -> u64 {
+    *rng ^= *rng >> 12;
+    *rng ^= *rng << 25;
+    *rng ^= *rng >> 27;
+    rng.wrapping_mul(0x2545_f491_4f6c_dd1d)
+}
+
+/// `nominal` scaled by a random factor within `1 ± fraction`, drawn from
+/// the xorshift generator `rng`.
+fn jittered(rng: &mut u64, nominal: Duration, fraction: f64) -> Duration {
+    if fraction <= 0.0 {
+        return nominal;
+    }
+    let bits = xorshift(rng) >> 11; // 53 bits
+    let unit = bits as f64 / (1u64 << 53) as f64; // [0, 1)
+    let factor = 1.0 + fraction.min(1.0) * (2.0 * unit - 1.0); // [0, 2]
+    Duration::try_from_secs_f64(nominal.as_secs_f64() * factor).unwrap_or(nominal)
+}
+
+/// The schedule of one call's attempts: the first waits the timeout, each
+/// later one twice as long as the one before (with jitter), within the
+/// retries and the deadline.
+#[derive(Debug)]
+struct Attempts {
+    started: Instant,
+    deadline: Option<Instant>,
+    max: u32,
+    sent: u32,
+    nominal: Duration,
+    /// Requests sent again at once within an attempt.
+    resent: u32,
+    /// A datagram too large to check was discarded.
+    too_large: bool,
+}
+
+impl Attempts {
+    fn new(settings: &Settings, started: Instant) -> Attempts {
+        Attempts {
+            started,
+            deadline: settings.deadline.and_then(|d| started.checked_add(d)),
+            max: settings.retries.saturating_add(1),
+            sent: 0,
+            nominal: settings.timeout,
+            resent: 0,
+            too_large: false,
+        }
+    }
+
+    /// The next attempt at `now`, if one is left: how long it waits for a
+    /// reply. `jitter` varies the nominal wait of resends.
+    fn next(
+        &mut self,
+        now: Instant,
+        jitter: impl FnOnce(Duration) -> Duration,
+    ) -> Option<Duration> {
+        if self.sent >= self.max {
+            return None;
+        }
+        let mut wait = if self.sent == 0 {
+            self.nominal
+        } else {
+            jitter(self.nominal)
+        };
+        if let Some(deadline) = self.deadline {
+            let left = deadline.saturating_duration_since(now);
+            if left.is_zero() {
+                return None;
+            }
+            wait = wait.min(left);
+        }
+        self.sent += 1;
+        self.nominal = self.nominal.saturating_mul(2);
+        Some(wait)
+    }
+
+    /// Counts a request sent again at once, within the current attempt.
+    fn resent(&mut self) {
+        self.resent = self.resent.saturating_add(1);
+    }
+
+    /// The error of a call that got no reply by `now`: too large (when that
+    /// is all that came) or a timeout.
+    fn failed(&self, peer: SocketAddr, capacity: usize, now: Instant) -> Error {
+        if self.too_large {
+            return Error::ReplyTooLarge {
+                addr: peer,
+                capacity,
+            };
+        }
+        Error::Timeout {
+            addr: peer,
+            attempts: self.sent.saturating_add(self.resent),
+            elapsed: now.saturating_duration_since(self.started),
+        }
+    }
+}
+
+/// What a received datagram is to the call waiting for a reply.
+enum Judged {
+    /// The reply, of this length.
+    Accepted(usize),
+    /// Too large for the buffer, with no reply check: it is the reply and
+    /// does not fit.
+    DoesNotFit,
+    /// Too large for the buffer to be checked: discarded.
+    Oversized,
+    /// Failed the reply check: discarded.
+    Rejected,
+}
+
+impl Settings {
+    /// A refusal (ICMP port unreachable) the client was told to treat as a
+    /// lost reply.
+    pub(crate) fn is_ignored_refusal(&self, err: &io::Error) -> bool {
+        self.refused_as_loss && err.kind() == io::ErrorKind::ConnectionRefused
+    }
+
+    /// Judges a datagram of `len` bytes in `buf` (`truncated`: it was larger
+    /// than `buf`) received in answer to `request`.
+    fn judge(&self, request: &[u8], buf: &[u8], len: usize, truncated: bool) -> Judged {
+        if truncated {
+            return match self.check {
+                None => Judged::DoesNotFit,
+                Some(_) => Judged::Oversized,
+            };
+        }
+        let reply = buf.get(..len).unwrap_or_default();
+        if self
+            .check
+            .as_ref()
+            .is_none_or(|check| check(request, reply))
+        {
+            Judged::Accepted(len)
+        } else {
+            Judged::Rejected
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ClientBuilder;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn peer(builder: ClientBuilder) -> Peer {
+        Peer::new(SocketAddr::from(([127, 0, 0, 1], 9)), builder.settings)
+    }
+
+    fn nothing() -> io::Result<(usize, bool)> {
+        Err(io::ErrorKind::WouldBlock.into())
+    }
+
+    /// What a client saw of a call: its outcome, when it ended, its sends,
+    /// and every step in order (`S`end, `D`iscard, `C`heck, `P`oll,
+    /// `W`ait).
+    struct Run {
+        outcome: Result<usize, Error>,
+        took: Duration,
+        sends: u32,
+        steps: String,
+    }
+
+    /// Drives a call on a clock that moves only as the steps say: a send
+    /// takes no time, a poll `poll`, a wait until its end. The server is
+    /// silent; `stale` datagrams are queued before the call.
+    fn drive(peer: &Peer, mut stale: usize, poll: Duration) -> Run {
+        let start = Instant::now();
+        let mut now = start;
+        let mut call = Exchange::new(peer, 64, Queue::MayHoldStale, now, 7);
+        let (mut sends, mut steps) = (0, String::new());
+        let mut queued = || match stale.checked_sub(1) {
+            Some(left) => {
+                stale = left;
+                Ok((5, false))
+            }
+            None => nothing(),
+        };
+        for _ in 0..1_000_000 {
+            match call.next(now) {
+                Step::Send => {
+                    sends += 1;
+                    steps.push('S');
+                    call.sent(Ok(1));
+                }
+                Step::Discard => {
+                    steps.push('D');
+                    call.received(queued(), b"x", b"stale");
+                }
+                Step::Check => {
+                    steps.push('C');
+                    call.received(queued(), b"x", b"stale");
+                }
+                Step::Poll => {
+                    steps.push('P');
+                    now += poll;
+                    call.received(queued(), b"x", b"stale");
+                }
+                Step::Wait(wait) => {
+                    steps.push('W');
+                    // Every wait ends where the attempt does, and says so
+                    // as a duration too: polling counts toward it.
+                    assert_eq!(wait.timeout, wait.until - now, "{steps}");
+                    now = wait.until;
+                    call.received(Err(io::ErrorKind::TimedOut.into()), b"x", &[]);
+                }
+                Step::Done(outcome) => {
+                    return Run {
+                        outcome,
+                        took: now - start,
+                        sends,
+                        steps,
+                    };
+                }
+            }
+        }
+        panic!("the call never ended: {steps}");
+    }
+
+    fn attempts(run: &Run) -> u32 {
+        match run.outcome {
+            Err(Error::Timeout { attempts, .. }) => attempts,
+            ref other => panic!("expected a timeout, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn polling_counts_toward_each_wait_and_the_deadline() {
+        // A window longer than the waits: each attempt polls its whole
+        // wait and no more.
+        let long = peer(
+            ClientBuilder::new()
+                .timeout(100 * MS)
+                .retries(1)
+                .jitter(0.0)
+                .deadline(None)
+                .busy_poll(Duration::from_secs(3600)),
+        );
+        let run = drive(&long, 0, MS);
+        assert_eq!(run.took, 300 * MS, "{}", run.steps);
+        assert_eq!(attempts(&run), 2);
+        assert!(!run.steps.contains('W'), "{}", run.steps);
+        // A window as long as the deadline.
+        let deadline = peer(
+            ClientBuilder::new()
+                .timeout(Duration::from_secs(1))
+                .retries(0)
+                .deadline(300 * MS)
+                .busy_poll(300 * MS),
+        );
+        let run = drive(&deadline, 0, MS);
+        assert_eq!(run.took, 300 * MS, "{}", run.steps);
+        assert_eq!(attempts(&run), 1);
+        // A shorter window: poll, then block for the rest of the wait.
+        let short = peer(
+            ClientBuilder::new()
+                .timeout(100 * MS)
+                .retries(0)
+                .busy_poll(50 * MS),
+        );
+        let run = drive(&short, 0, MS);
+        assert_eq!(run.took, 100 * MS, "{}", run.steps);
+        assert_eq!(run.steps, format!("SC{}W", "P".repeat(50)));
+    }
+
+    #[test]
+    fn attempts_double_their_waits_within_retries_and_deadline() {
+        let plain = ClientBuilder::new().timeout(10 * MS).retries(3).jitter(0.0);
+        let run = drive(&peer(plain.clone()), 0, MS);
+        assert_eq!(run.took, (10 + 20 + 40 + 80) * MS);
+        assert_eq!((attempts(&run), run.steps.as_str()), (4, "DSWSWSWSW"));
+        let run = drive(&peer(plain.deadline(25 * MS)), 0, MS);
+        assert_eq!(run.took, 25 * MS);
+        assert_eq!(attempts(&run), 2);
+        // With jitter, each retry's wait lies within its fraction.
+        let jittered = peer(ClientBuilder::new().timeout(10 * MS).retries(1).jitter(0.5));
+        let run = drive(&jittered, 0, MS);
+        assert!(run.took >= 20 * MS && run.took <= 40 * MS, "{:?}", run.took);
+    }
+
+    #[test]
+    fn stale_datagrams_are_discarded_before_the_request_or_right_after_it() {
+        // Without polling: before the first request, and never again.
+        let run = drive(&peer(ClientBuilder::new().timeout(MS).retries(1)), 2, MS);
+        assert_eq!((run.steps.as_str(), run.sends), ("DDDSWSW", 2));
+        // Polling: right after the first send; having found some, the
+        // request is sent again at once, and counted in the attempts.
+        let polling = ClientBuilder::new()
+            .timeout(2 * MS)
+            .retries(0)
+            .busy_poll(MS);
+        let run = drive(&peer(polling.clone()), 2, MS);
+        assert_eq!(run.steps, "SCCCSPW");
+        assert_eq!((run.sends, attempts(&run)), (2, 2));
+        let run = drive(&peer(polling), 0, MS);
+        assert_eq!((run.steps.as_str(), attempts(&run)), ("SCPW", 1));
+    }
+
+    #[test]
+    fn a_reply_that_passes_the_check_is_taken_even_by_the_stale_check() {
+        let checked = peer(
+            ClientBuilder::new()
+                .busy_poll(MS)
+                .reply_check(|_, reply| reply == b"yes"),
+        );
+        let now = Instant::now();
+        let mut call = Exchange::new(&checked, 64, Queue::MayHoldStale, now, 7);
+        assert!(matches!(call.next(now), Step::Send));
+        call.sent(Ok(1));
+        assert!(matches!(call.next(now), Step::Check));
+        call.received(Ok((2, false)), b"x", b"no");
+        assert!(matches!(call.next(now), Step::Check));
+        call.received(Ok((3, false)), b"x", b"yes");
+        assert!(matches!(call.next(now), Step::Done(Ok(3))));
+        assert_eq!(checked.discarded(), 1);
+    }
+
+    #[test]
+    fn errors_end_the_call_unless_they_are_losses() {
+        let refused = || io::Error::from(io::ErrorKind::ConnectionRefused);
+        let now = Instant::now();
+        let strict = peer(ClientBuilder::new());
+        let mut call = Exchange::new(&strict, 64, Queue::Drained, now, 7);
+        assert!(matches!(call.next(now), Step::Send));
+        call.sent(Ok(1));
+        assert!(matches!(call.next(now), Step::Wait(_)));
+        call.received(Err(refused()), b"x", &[]);
+        assert!(matches!(
+            call.next(now),
+            Step::Done(Err(Error::Refused { .. }))
+        ));
+        // Told to, a refusal is a loss; an interrupted call is tried again.
+        let lenient = peer(ClientBuilder::new().refused_as_loss(true));
+        let mut call = Exchange::new(&lenient, 64, Queue::Drained, now, 7);
+        assert!(matches!(call.next(now), Step::Send));
+        call.sent(Err(io::ErrorKind::Interrupted.into()));
+        assert!(matches!(call.next(now), Step::Send));
+        call.sent(Err(refused()));
+        assert!(matches!(call.next(now), Step::Wait(_)));
+        call.received(Err(refused()), b"x", &[]);
+        assert!(matches!(call.next(now), Step::Wait(_)));
+        // Too large for the buffer: the reply, which does not fit.
+        call.received(Ok((64, true)), b"x", &[0; 64]);
+        assert!(matches!(
+            call.next(now),
+            Step::Done(Err(Error::ReplyTooLarge { capacity: 64, .. }))
+        ));
+    }
+
+    #[test]
+    fn jitter_stays_within_its_fraction_and_varies() {
+        let mut rng = 12345;
+        let nominal = Duration::from_millis(100);
+        let waits: Vec<Duration> = (0..1_000)
+            .map(|_| jittered(&mut rng, nominal, 0.2))
+            .collect();
+        assert!(waits.iter().all(|w| *w >= Duration::from_millis(80)));
+        assert!(waits.iter().all(|w| *w <= Duration::from_millis(120)));
+        let (min, max) = (waits.iter().min(), waits.iter().max());
+        assert!(
+            max.zip(min)
+                .is_some_and(|(max, min)| *max - *min > Duration::from_millis(30))
+        );
+        assert_eq!(jittered(&mut rng, nominal, 0.0), nominal);
+        // No overflow at the far end.
+        assert_eq!(jittered(&mut rng, Duration::MAX, 0.0), Duration::MAX);
+        let _ = jittered(&mut rng, Duration::MAX, 1.0);
+    }
+}
