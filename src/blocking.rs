@@ -76,16 +76,15 @@ impl<H: HandlerFn> ReceiveWorker<H> {
             };
             let arrived = Instant::now();
             processor.totals.received += count as u64;
-            if self.pool.is_some() {
-                // Published before any request is handed on, so that no
-                // snapshot counts an outcome (published by a handler
+            if count > 0 {
+                // Published before any request is handled or handed on: a
+                // request in a handler call is in flight in a snapshot, and
+                // no snapshot counts an outcome (published by a handler
                 // thread) whose arrival it does not.
-                self.publish(&mut processor);
+                processor.publish_received();
             }
             let clock = self.handle(&mut processor, &mut source, count, arrived);
-            let sent = source.send(&self.socket);
-            processor.sent_counts(sent, source.take_error());
-            self.publish(&mut processor);
+            self.send(&mut processor, &mut source);
             if count > 0 {
                 poll.open(clock);
             }
@@ -134,13 +133,24 @@ impl<H: HandlerFn> ReceiveWorker<H> {
             if source.queued() == 0 {
                 unsent_since = clock;
             } else if clock.saturating_duration_since(unsent_since) >= FLUSH_AFTER {
-                let sent = source.send(&self.socket);
-                processor.sent_counts(sent, source.take_error());
+                self.send(processor, source);
                 unsent_since = clock;
-                self.publish(processor);
             }
         }
         clock
+    }
+
+    /// Sends the replies queued, and publishes. Once a bounded shutdown
+    /// has given up on this worker, they are not sent: counted as dropped
+    /// at shutdown instead.
+    fn send(&self, processor: &mut Processor, source: &mut Source) {
+        if self.shared.is_abandoned() {
+            processor.totals.shutdown_dropped += source.drop_queued();
+        } else {
+            let sent = source.send(&self.socket);
+            processor.sent_counts(sent, source.take_error());
+        }
+        self.publish(processor);
     }
 
     fn publish(&self, processor: &mut Processor) {

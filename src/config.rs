@@ -247,7 +247,10 @@ impl<E: Engine> ServerBuilder<E> {
     ///
     /// The option is always set explicitly, so behaviour does not depend on
     /// the platform's default (Linux: `false`, Windows and the BSDs: `true`).
-    /// Ignored for IPv4 sockets. Defaults to `true`.
+    /// It is the one setting that can apply to some addresses and not
+    /// others: an address that resolves to both families binds whichever
+    /// takes it, so the setting is accepted for IPv4 sockets and does
+    /// nothing there. Defaults to `true`.
     pub fn only_v6(mut self, on: bool) -> Self {
         self.socket.only_v6 = on;
         self.before_bind("ServerBuilder::only_v6")
@@ -296,10 +299,12 @@ impl<E: Engine> ServerBuilder<E> {
     ///
     /// A batch never waits to fill, and never holds a ready reply back for
     /// long: replies go out together when the handler is fast, and as soon
-    /// as the handler call that follows them has taken more than 50 µs when
-    /// it is not, so each reply waits at most for the one handler call that
-    /// follows it in its batch, whatever the batch size. (A
-    /// [`HandlerPool`]'s threads send each reply before their next call.)
+    /// as 50 µs of handler calls have passed since the oldest reply not yet
+    /// sent began to be worked on. A ready reply therefore waits for the
+    /// calls after it in its batch until they have taken 50 µs, together
+    /// with the one call that takes it past 50 µs, however long that call
+    /// is; a slow handler delays the replies made just before it. A
+    /// [`HandlerPool`]'s threads send each reply before their next call.
     ///
     /// Memory per worker: a receive buffer of the largest accepted datagram
     /// per batch slot (2 MiB of address space for 32 slots of 64 KiB,
@@ -316,8 +321,9 @@ impl<E: Engine> ServerBuilder<E> {
     ///
     /// # Platform-specific behavior
     ///
-    /// Batches are used on Linux only; elsewhere the setting is checked and
-    /// otherwise ignored.
+    /// Batches are used on Linux only; elsewhere, and with
+    /// [`portable_io(true)`](ServerBuilder::portable_io), setting this is
+    /// refused with [`Error::InvalidConfig`].
     ///
     /// Must be between 1 and 1024. Defaults to 32.
     pub fn batch_size(mut self, datagrams: usize) -> Self {
@@ -350,7 +356,10 @@ impl<E: Engine> ServerBuilder<E> {
     ///
     /// # Platform-specific behavior
     ///
-    /// Linux 4.18 and later, batched path only; ignored elsewhere.
+    /// Linux 4.18 and later, batched path only. `gso(true)` with
+    /// [`portable_io(true)`](ServerBuilder::portable_io), or off Linux, is
+    /// refused with [`Error::InvalidConfig`]; `gso(false)` is always
+    /// accepted.
     ///
     /// Defaults to `true`.
     pub fn gso(mut self, on: bool) -> Self {
@@ -422,7 +431,10 @@ impl<E: Engine> ServerBuilder<E> {
     ///
     /// # Platform-specific behavior
     ///
-    /// Linux only: binding fails with [`Error::Socket`] elsewhere.
+    /// Linux only: refused with [`Error::InvalidConfig`] elsewhere, as is a
+    /// duration above `i32::MAX` microseconds (about 35 minutes), the most
+    /// the option takes. A duration is set in whole microseconds, rounded
+    /// down.
     ///
     /// Defaults to the system setting (`net.core.busy_read`, usually 0).
     pub fn so_busy_poll(mut self, duration: Duration) -> Self {
@@ -510,6 +522,13 @@ impl<E: Engine> ServerBuilder<E> {
             #[cfg(feature = "tokio")]
             Dispatch::Async(limits) => {
                 limits.validate()?;
+                if self.workers > 1 && adopted {
+                    return Err(Error::invalid(
+                        "ServerBuilder::workers",
+                        "the async server runs one task per socket, and a socket made \
+                         elsewhere (from_std) is one socket: use one worker",
+                    ));
+                }
                 if self.workers > 1 && !REUSE_PORT_SPREADS {
                     return Err(Error::invalid(
                         "ServerBuilder::workers",

@@ -23,6 +23,9 @@ use crate::sys;
 #[derive(Debug)]
 pub(crate) struct Shared {
     stop: AtomicBool,
+    /// A bounded shutdown gave up waiting: replies made after that are not
+    /// sent.
+    abandoned: AtomicBool,
     /// Weak, so that a handle never keeps a socket (and its port) open after
     /// the worker that owns it has finished.
     sockets: Vec<Weak<Socket>>,
@@ -48,6 +51,7 @@ impl Shared {
     ) -> Arc<Shared> {
         Arc::new(Shared {
             stop: AtomicBool::new(false),
+            abandoned: AtomicBool::new(false),
             sockets: sockets.iter().map(Arc::downgrade).collect(),
             stats: SharedStats::new(threads),
             pool,
@@ -136,6 +140,11 @@ impl Shared {
             },
             || self.pool.as_ref().map(|(pool, _)| pool.queued()),
         )
+    }
+
+    /// Whether a bounded shutdown gave up waiting for the server's threads.
+    pub(crate) fn is_abandoned(&self) -> bool {
+        self.abandoned.load(Ordering::Acquire)
     }
 
     pub(crate) fn is_stopped(&self) -> bool {
@@ -348,7 +357,8 @@ impl ServerHandle {
     ///
     /// Threads still in a handler call when the time is up are left to
     /// finish on their own: their requests stay counted in
-    /// [`Stats::in_flight`], and a reply they make later is not sent. With
+    /// [`Stats::in_flight`] until they do, and a reply they make later is
+    /// not sent (it is counted in [`Stats::shutdown_dropped`]). With
     /// a handler pool the sockets are closed all the same, so the address is
     /// free at once; in inline mode a stuck receive worker keeps its socket
     /// until its handler returns.
@@ -392,6 +402,11 @@ impl ServerHandle {
             .control
             .shared
             .wait_for_threads(self.thread_count, deadline);
+        if ended < self.thread_count {
+            // Threads still in a handler call are left to finish on their
+            // own; what they make from now on is not sent.
+            self.control.shared.abandoned.store(true, Ordering::Release);
+        }
         let mut result = Ok(());
         for thread in std::mem::take(&mut self.threads) {
             if deadline.is_some() && !thread.is_finished() {

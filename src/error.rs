@@ -170,8 +170,8 @@ pub enum Error {
     /// call. They finish on their own; their replies are not sent.
     #[non_exhaustive]
     #[error(
-        "the server on {addr} did not stop within {waited:?}: {stuck_threads} thread(s) are \
-         still in a handler call"
+        "the server on {addr} did not stop within {waited:?}: {stuck_threads} thread(s) still \
+         running (in a handler call, or not yet out of their last receive)"
     )]
     ShutdownTimedOut {
         /// The server's address.
@@ -248,7 +248,11 @@ impl Error {
 /// a refusal [`ConnectionRefused`](io::ErrorKind::ConnectionRefused), a
 /// taken address [`AddrInUse`](io::ErrorKind::AddrInUse), an invalid setting
 /// or socket [`InvalidInput`](io::ErrorKind::InvalidInput), and an error
-/// with an operating-system error as its source takes that error's kind.
+/// with an operating-system error as its source takes that error's kind;
+/// a reply too large for the buffer is
+/// [`InvalidData`](io::ErrorKind::InvalidData), a shutdown that timed out
+/// `TimedOut`, and the rest (a worker that panicked, no runtime, a server
+/// cancelled by its runtime) [`Other`](io::ErrorKind::Other).
 ///
 /// The `udp_greet::Error` itself is the inner error: the message is the
 /// same, [`get_ref`](io::Error::get_ref) and
@@ -287,7 +291,7 @@ impl Error {
             #[cfg(feature = "tokio")]
             Error::NoRuntime { .. } => ErrorKind::Other,
             #[cfg(feature = "tokio")]
-            Error::Cancelled { .. } => ErrorKind::Interrupted,
+            Error::Cancelled { .. } => ErrorKind::Other,
         }
     }
 }

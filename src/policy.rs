@@ -143,6 +143,12 @@ impl Processor {
         self.observer.published(&self.totals);
     }
 
+    /// Publishes the count of datagrams received alone, before they are
+    /// dealt with (see [`SharedStats::publish_received`]).
+    pub(crate) fn publish_received(&self) {
+        self.stats.publish_received(self.slot, self.totals.received);
+    }
+
     fn recorders(&self) -> Option<&Recorders> {
         self.stats.recorders(self.slot)
     }

@@ -318,10 +318,10 @@ impl GreetServer {
     ///
     /// The handler runs on the worker threads, or on the
     /// [pool](ServerBuilder::handler_pool). Inline, the replies to fast
-    /// handlers go out together with the rest of their batch, and a reply
-    /// waits at most for the one handler call that follows it in its batch
-    /// (see [`ServerBuilder::batch_size`]); on a pool, a reply leaves before
-    /// its thread takes up the next request.
+    /// handlers go out together with the rest of their batch, and a slow
+    /// handler call can delay the replies made just before it in its batch
+    /// (see [`ServerBuilder::batch_size`] for the exact rule); on a pool, a
+    /// reply leaves before its thread takes up the next request.
     ///
     /// A handler that panics is caught: the datagram is counted in
     /// [`Stats::handler_panics`] and answered with nothing. The panic still
@@ -409,8 +409,8 @@ impl GreetServer {
                     handle.started(Some(thread));
                     Ok(())
                 }
-                // `handle` stops and joins the threads already started when
-                // it is dropped.
+                // `handle` stops the threads already started when it is
+                // dropped (and they end on their own).
                 Err(source) => Err(Error::Spawn { addr, source }),
             }
         };

@@ -283,6 +283,15 @@ impl SharedStats {
     /// Publishes worker `index`'s running totals. Only that worker writes its
     /// slot's counters (a reader may raise `kernel_drops`, hence its
     /// `fetch_max`).
+    /// Publishes worker `index`'s count of datagrams received, alone: as a
+    /// batch arrives, before any of it is handled, so that a request in a
+    /// handler call is in flight in every snapshot.
+    pub(crate) fn publish_received(&self, index: usize, received: u64) {
+        if let Some(slot) = self.slots.get(index) {
+            slot.0[RECEIVED].store(received, Ordering::Release);
+        }
+    }
+
     pub(crate) fn publish(&self, index: usize, totals: &Stats) {
         let Some(slot) = self.slots.get(index) else {
             return;

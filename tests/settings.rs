@@ -158,6 +158,12 @@ fn the_async_server_refuses_the_same_and_its_own() {
         GreetServer::builder().limits(Limits::new().max_in_flight(0)),
         bind,
     );
+    // One socket made elsewhere is one task: more workers would be ignored.
+    assert_refused(
+        "ServerBuilder::workers",
+        GreetServer::builder().workers(2),
+        adopted,
+    );
     if !cfg!(target_os = "linux") {
         // One task per socket, and only Linux spreads a port over sockets.
         assert_refused(

@@ -18,6 +18,8 @@ util::on_both_paths!(
     shutdown_waits_for_the_call_in_hand_only,
     no_snapshot_shows_more_outcomes_than_received,
     a_pool_reply_never_waits_for_another_handler_call,
+    a_request_in_a_handler_call_is_in_flight,
+    a_reply_made_after_shutdown_timeout_gave_up_is_not_sent,
 );
 
 /// Waits for the test to let one handler call through.
@@ -200,4 +202,82 @@ fn a_pool_reply_never_waits_for_another_handler_call(b: ServerBuilder) {
     let stats = server.shutdown().expect("shutdown");
     assert_eq!(stats.replied, 2);
     assert_balanced(&stats);
+}
+
+/// A gated handler: tells the test it has started, then waits for the
+/// test's go-ahead (or a long guard) before it greets.
+fn gated_greeter(
+    started: mpsc::Sender<()>,
+    gate: Receiver<()>,
+) -> impl Fn(Request<'_>, &mut Vec<u8>) -> udp_greet::Action + Send + Sync + 'static {
+    let started = Mutex::new(started);
+    let gate = Mutex::new(gate);
+    move |request: Request<'_>, reply: &mut Vec<u8>| {
+        let _ = started.lock().unwrap_or_else(|e| e.into_inner()).send(());
+        wait_for(&gate);
+        udp_greet::greet(request, reply)
+    }
+}
+
+/// While a handler call runs inline, its request is received and in flight
+/// in every snapshot (it once showed `received 0, in_flight 0` until the
+/// batch was done).
+fn a_request_in_a_handler_call_is_in_flight(b: ServerBuilder) {
+    let server = b.bind(V4).expect("bind");
+    let addr = server.local_addr();
+    let (started_tx, started) = mpsc::channel();
+    let (go, gate) = mpsc::channel();
+    let server = server
+        .spawn(gated_greeter(started_tx, gate))
+        .expect("spawn");
+    let client = raw_socket_for(addr);
+    util::send_to(&client, b"held", addr).expect("send");
+    started
+        .recv_timeout(HANG_GUARD)
+        .expect("the handler started");
+    let stats = server.stats();
+    assert_eq!((stats.received, stats.in_flight()), (1, 1), "{stats:?}");
+    go.send(()).expect("the handler waits");
+    let mut buf = [0u8; 64];
+    let n = util::recv(&client, &mut buf).expect("reply");
+    assert_eq!(&buf[..n], b"Hello, held!");
+    assert_balanced(&server.shutdown().expect("shutdown"));
+}
+
+/// `shutdown_timeout` gives up on a handler call in progress: the reply
+/// that call makes later is not sent, and is counted as dropped at
+/// shutdown.
+fn a_reply_made_after_shutdown_timeout_gave_up_is_not_sent(b: ServerBuilder) {
+    let server = b.bind(V4).expect("bind");
+    let addr = server.local_addr();
+    let (started_tx, started) = mpsc::channel();
+    let (go, gate) = mpsc::channel();
+    let server = server
+        .spawn(gated_greeter(started_tx, gate))
+        .expect("spawn");
+    let control = server.control();
+    let client = raw_socket_for(addr);
+    util::send_to(&client, b"late", addr).expect("send");
+    started
+        .recv_timeout(HANG_GUARD)
+        .expect("the handler started");
+    match server.shutdown_timeout(Duration::from_millis(1)) {
+        Err(udp_greet::Error::ShutdownTimedOut { stuck_threads, .. }) => {
+            assert_eq!(stuck_threads, 1)
+        }
+        other => panic!("expected ShutdownTimedOut, got {other:?}"),
+    }
+    go.send(()).expect("the handler waits");
+    util::wait_until("the late reply to be counted", || {
+        control.stats().shutdown_dropped == 1
+    });
+    let stats = control.stats();
+    assert_eq!(stats.replied, 0, "{stats:?}");
+    assert_balanced(&stats);
+    // A reply sent would be in the socket by now (loopback delivers before
+    // the send returns, and the count is published after it).
+    client.set_nonblocking(true).expect("non-blocking");
+    let mut buf = [0u8; 64];
+    let err = client.recv(&mut buf).expect_err("no late reply");
+    assert_eq!(err.kind(), std::io::ErrorKind::WouldBlock);
 }

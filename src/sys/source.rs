@@ -85,6 +85,15 @@ impl Source {
         }
     }
 
+    /// Drops the queued replies unsent; returns how many of them were
+    /// counted.
+    pub(crate) fn drop_queued(&mut self) -> u64 {
+        match self {
+            Source::Batch(batch) => batch.drop_queued(),
+            Source::One(one) => u64::from(one.queued.take().unwrap_or(false)),
+        }
+    }
+
     /// The error of the last reply that failed to send, once.
     pub(crate) fn take_error(&mut self) -> Option<io::Error> {
         match self {

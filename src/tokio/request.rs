@@ -164,7 +164,7 @@ impl fmt::Debug for Request {
 /// ([`Reply::new`], `From<Vec<u8>>`, `From<&[u8]>`, `From<&str>`).
 ///
 /// ```
-/// use udp_greet::Reply;
+/// use udp_greet::tokio::Reply;
 ///
 /// let reply = Reply::from("Hello, Sarah!");
 /// let copy = reply.clone();

@@ -224,6 +224,11 @@ impl Batch {
         }
     }
 
+    /// Drops the queued replies unsent; returns how many were counted.
+    pub(crate) fn drop_queued(&mut self) -> u64 {
+        self.replies.drop_queued()
+    }
+
     /// The error of the last reply that failed to send, once.
     pub(crate) fn take_error(&mut self) -> Option<io::Error> {
         self.replies.take_error()

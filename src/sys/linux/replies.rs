@@ -161,7 +161,6 @@ impl Replies {
 
     /// Drops the queued replies unsent; returns how many of them were
     /// counted.
-    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
     pub(crate) fn drop_queued(&mut self) -> u64 {
         let counted = self.queue[..self.queued]
             .iter()
