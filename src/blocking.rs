@@ -176,24 +176,43 @@ impl<H: HandlerFn> PoolThread<H> {
     /// Takes requests from the queue and handles them until the pool is
     /// closed and empty.
     ///
-    /// A reply leaves as soon as it is made: before the thread takes up the
-    /// next request, so a reply that is ready never waits for another
-    /// handler call, however slow that one is.
+    /// Replies are sent in batches with the rule of the receive loop while
+    /// the pool is under load: while more requests are queued than the pool
+    /// has threads and handlers are fast, replies gather (up to a batch) and
+    /// go out together, and as soon as work has waited [`FLUSH_AFTER`].
+    /// Otherwise the replies ready go out before the thread takes up its
+    /// next request: a reply then never waits for another handler call.
     pub(crate) fn run(self) {
         let mut processor = Processor::new(&self.config, &self.shared.stats, self.slot);
         let Some(first) = self.sockets.first().and_then(Weak::upgrade) else {
             return;
         };
-        // One place: each reply goes before the next call.
+        let size = self.config.batch_size.unwrap_or(1);
         let mut out = Outgoing {
-            replies: sys::Replies::new(&first, 1, false),
+            replies: sys::Replies::new(
+                &first,
+                size,
+                self.config.gso && self.config.batch_size.is_some(),
+            ),
+            used: 0,
             socket: 0,
+            since: None,
         };
         drop(first);
         let max_wait = self.config.pool().and_then(HandlerPool::max_wait);
+        let threads = self.config.pool().map_or(1, HandlerPool::thread_count);
         let mut poll = PollWindow::new(self.config.busy_poll);
         loop {
-            let taken = if poll.poll_now(|| self.publish(&mut processor)) {
+            let taken = if out.replies.queued() > 0 {
+                match self.pool.try_take() {
+                    Some(taken) => taken,
+                    None => {
+                        // Nothing more is queued: what is ready goes now.
+                        self.flush(&mut processor, &mut out);
+                        continue;
+                    }
+                }
+            } else if poll.poll_now(|| self.publish(&mut processor)) {
                 match self.pool.try_take() {
                     Some(taken) => taken,
                     None => {
@@ -206,19 +225,31 @@ impl<H: HandlerFn> PoolThread<H> {
                 self.pool.take()
             };
             match taken {
-                Taken::Closed => break,
+                Taken::Closed => {
+                    self.flush(&mut processor, &mut out);
+                    break;
+                }
                 Taken::Late(job) => {
                     processor.totals.shutdown_dropped += 1;
                     self.pool.give_back(job);
                 }
                 Taken::Job(job) => {
                     poll.open(Instant::now());
+                    // Under load (more requests queued than threads), replies
+                    // gather; otherwise what is ready leaves before the call.
+                    if out.replies.queued() > 0
+                        && (out.used == out.replies.size()
+                            || out.socket != job.socket
+                            || job.behind < threads)
+                    {
+                        self.flush(&mut processor, &mut out);
+                    }
                     let started = Instant::now();
                     let waited = started.saturating_duration_since(job.arrived);
                     if max_wait.is_some_and(|max| waited > max) {
                         processor.record_wait(waited);
                         processor.totals.expired += 1;
-                    } else if let Some(reply) = out.replies.buffer(0) {
+                    } else if let Some(reply) = out.replies.buffer(out.used) {
                         let datagram = Received {
                             data: &job.data,
                             truncated: false,
@@ -232,10 +263,17 @@ impl<H: HandlerFn> PoolThread<H> {
                             job.arrived,
                             started,
                         );
-                        processor.handled_at(Instant::now());
+                        let now = Instant::now();
+                        processor.handled_at(now);
                         if ready {
-                            out.replies.queue(0, job.peer, job.arrival, true);
+                            out.replies.queue(out.used, job.peer, job.arrival, true);
+                            out.used += 1;
                             out.socket = job.socket;
+                            out.since.get_or_insert(started);
+                        }
+                        if out.since.is_some_and(|since| {
+                            now.saturating_duration_since(since) >= FLUSH_AFTER
+                        }) {
                             self.flush(&mut processor, &mut out);
                         }
                     }
@@ -250,7 +288,8 @@ impl<H: HandlerFn> PoolThread<H> {
         processor.publish(None);
     }
 
-    /// Sends the reply made, through the socket its request came in on.
+    /// Sends the replies gathered so far, through the socket their requests
+    /// came in on.
     fn flush(&self, processor: &mut Processor, out: &mut Outgoing) {
         if out.replies.queued() > 0 {
             match self.sockets.get(out.socket).and_then(Weak::upgrade) {
@@ -266,15 +305,20 @@ impl<H: HandlerFn> PoolThread<H> {
                 }
             }
         }
-        out.replies.trim(1);
+        out.replies.trim(out.used);
+        out.used = 0;
+        out.since = None;
         self.publish(processor);
     }
 }
 
-/// A handler thread's reply on its way out.
+/// A handler thread's replies on their way out.
 struct Outgoing {
-    /// One place (`sendmsg` with the arrival address, where there is one).
     replies: sys::Replies,
-    /// The socket the queued reply goes out through.
+    /// Places of `replies` used since the last flush.
+    used: usize,
+    /// The socket the queued replies go out through.
     socket: usize,
+    /// When the oldest reply not yet sent began to be worked on.
+    since: Option<Instant>,
 }

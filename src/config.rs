@@ -304,7 +304,8 @@ impl<E: Engine> ServerBuilder<E> {
     /// calls after it in its batch until they have taken 50 µs, together
     /// with the one call that takes it past 50 µs, however long that call
     /// is; a slow handler delays the replies made just before it. A
-    /// [`HandlerPool`]'s threads send each reply before their next call.
+    /// [`HandlerPool`]'s threads send each reply before their next call,
+    /// unless more requests are queued than the pool has threads.
     ///
     /// Memory per worker: a receive buffer of the largest accepted datagram
     /// per batch slot (2 MiB of address space for 32 slots of 64 KiB,

@@ -202,6 +202,8 @@ pub(crate) struct Job {
     pub(crate) socket: usize,
     /// When the receive call that took it returned.
     pub(crate) arrived: Instant,
+    /// How many requests were still queued when a thread took it up.
+    pub(crate) behind: usize,
 }
 
 impl Job {
@@ -212,6 +214,7 @@ impl Job {
             arrival: Arrival::default(),
             socket: 0,
             arrived: now,
+            behind: 0,
         }
     }
 }
@@ -352,7 +355,8 @@ impl Pool {
     pub(crate) fn take(&self) -> Taken {
         let mut state = self.lock();
         loop {
-            if let Some(job) = state.queue.pop_front() {
+            if let Some(mut job) = state.queue.pop_front() {
+                job.behind = state.queue.len();
                 let late = state
                     .drain_until
                     .is_some_and(|until| Instant::now() >= until);
@@ -379,7 +383,8 @@ impl Pool {
     /// waiting.
     pub(crate) fn try_take(&self) -> Option<Taken> {
         let mut state = self.lock();
-        if let Some(job) = state.queue.pop_front() {
+        if let Some(mut job) = state.queue.pop_front() {
+            job.behind = state.queue.len();
             let late = state
                 .drain_until
                 .is_some_and(|until| Instant::now() >= until);

@@ -321,7 +321,8 @@ impl GreetServer {
     /// handlers go out together with the rest of their batch, and a slow
     /// handler call can delay the replies made just before it in its batch
     /// (see [`ServerBuilder::batch_size`] for the exact rule); on a pool, a
-    /// reply leaves before its thread takes up the next request.
+    /// reply leaves before its thread takes up the next request, unless
+    /// more requests are queued than the pool has threads.
     ///
     /// A handler that panics is caught: the datagram is counted in
     /// [`Stats::handler_panics`] and answered with nothing. The panic still

@@ -164,43 +164,69 @@ fn no_snapshot_shows_more_outcomes_than_received(b: ServerBuilder) {
     assert_balanced(&stats);
 }
 
-/// A fast request and a slow one arrive together at a pool of one thread:
-/// the fast one's reply arrives while the slow handler is still running
-/// (it waits for the test's go-ahead, given only once that reply is in).
-/// A pool thread that held the ready reply until its next call ended never
-/// sends it, and the test fails on its hang guard.
+/// A fast request and a slow one wait together behind a held first one, at
+/// a pool of one thread: once the first is let go, the fast one's reply
+/// arrives while the slow handler is still running (it waits for the
+/// test's go-ahead, given only once that reply is in). A pool thread that
+/// held the ready reply until its next call ended never sends it, and the
+/// test fails on its hang guard.
 fn a_pool_reply_never_waits_for_another_handler_call(b: ServerBuilder) {
     let server = b
         .handler_pool(HandlerPool::threads(1))
         .bind(V4)
         .expect("bind");
     let addr = server.local_addr();
-    let fast = raw_socket_for(addr);
-    let slow = raw_socket_for(addr);
-    // Queued before the server runs, so one receive takes both, in order.
-    util::send_to(&fast, b"fast", addr).expect("send");
-    util::send_to(&slow, b"slow", addr).expect("send");
-    let (go, gate) = mpsc::channel();
-    let gate = Mutex::new(gate);
+    let (first, fast, slow) = (
+        raw_socket_for(addr),
+        raw_socket_for(addr),
+        raw_socket_for(addr),
+    );
+    let (started_tx, started) = mpsc::channel();
+    let started_tx = Mutex::new(started_tx);
+    let (go_first, first_gate) = mpsc::channel();
+    let first_gate = Mutex::new(first_gate);
+    let (go_slow, slow_gate) = mpsc::channel::<()>();
+    let slow_gate = Mutex::new(slow_gate);
     let server = server
         .spawn(move |request: Request<'_>, reply: &mut Vec<u8>| {
-            if request.data() == b"slow" {
-                // Longer than the test waits for the fast reply (at most
-                // twice the hang guard), so that a held reply fails it.
-                let gate = gate.lock().unwrap_or_else(|e| e.into_inner());
-                let _ = gate.recv_timeout(HANG_GUARD * 3);
+            match request.data() {
+                b"first" => {
+                    let _ = started_tx
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .send(());
+                    wait_for(&first_gate);
+                }
+                b"slow" => {
+                    // Longer than the test waits for the fast reply (at
+                    // most twice the hang guard), so that a held reply
+                    // fails it.
+                    let gate = slow_gate.lock().unwrap_or_else(|e| e.into_inner());
+                    let _ = gate.recv_timeout(HANG_GUARD * 3);
+                }
+                _ => {}
             }
             udp_greet::greet(request, reply)
         })
         .expect("spawn");
+    util::send_to(&first, b"first", addr).expect("send");
+    started
+        .recv_timeout(HANG_GUARD)
+        .expect("the first call started");
+    util::send_to(&fast, b"fast", addr).expect("send");
+    util::send_to(&slow, b"slow", addr).expect("send");
+    util::wait_until("fast and slow to be queued", || server.stats().queued == 2);
+    go_first.send(()).expect("the first handler waits");
     let mut buf = [0u8; 64];
+    let n = util::recv(&first, &mut buf).expect("the first reply");
+    assert_eq!(&buf[..n], b"Hello, first!");
     let n = util::recv(&fast, &mut buf).expect("the fast reply, while the slow call runs");
     assert_eq!(&buf[..n], b"Hello, fast!");
-    go.send(()).expect("the slow handler waits");
+    go_slow.send(()).expect("the slow handler waits");
     let n = util::recv(&slow, &mut buf).expect("the slow reply");
     assert_eq!(&buf[..n], b"Hello, slow!");
     let stats = server.shutdown().expect("shutdown");
-    assert_eq!(stats.replied, 2);
+    assert_eq!(stats.replied, 3);
     assert_balanced(&stats);
 }
 
