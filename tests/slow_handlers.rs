@@ -20,6 +20,7 @@ util::on_both_paths!(
     a_pool_reply_never_waits_for_another_handler_call,
     a_request_in_a_handler_call_is_in_flight,
     a_reply_made_after_shutdown_timeout_gave_up_is_not_sent,
+    dropping_a_handle_never_waits_for_a_stuck_handler,
 );
 
 /// Waits for the test to let one handler call through.
@@ -306,4 +307,29 @@ fn a_reply_made_after_shutdown_timeout_gave_up_is_not_sent(b: ServerBuilder) {
     let mut buf = [0u8; 64];
     let err = client.recv(&mut buf).expect_err("no late reply");
     assert_eq!(err.kind(), std::io::ErrorKind::WouldBlock);
+}
+
+/// Dropping a server's handle while a handler never returns (here: until
+/// the test lets it) returns at once: it signals and detaches. It once
+/// joined every thread, and blocked forever.
+fn dropping_a_handle_never_waits_for_a_stuck_handler(b: ServerBuilder) {
+    for pool in [None, Some(HandlerPool::threads(1))] {
+        let server = b.clone().handler_pool(pool).bind(V4).expect("bind");
+        let addr = server.local_addr();
+        let (started_tx, started) = mpsc::channel();
+        let (go, gate) = mpsc::channel();
+        let server = server
+            .spawn(gated_greeter(started_tx, gate))
+            .expect("spawn");
+        let control = server.control();
+        let client = raw_socket_for(addr);
+        util::send_to(&client, b"stuck", addr).expect("send");
+        started
+            .recv_timeout(HANG_GUARD)
+            .expect("the handler started");
+        within_guard("dropping the handle", move || drop(server));
+        assert!(control.is_shutdown());
+        // Let the handler go, so that the thread ends.
+        go.send(()).expect("the handler waits");
+    }
 }
