@@ -97,6 +97,7 @@ impl Replies {
         self.queue.clear();
     }
 
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
     pub(crate) fn drop_queued(&mut self) -> u64 {
         let counted = self.queue.iter().filter(|q| q.2).count();
         self.queue.clear();
