@@ -246,10 +246,17 @@ fn gated_greeter(
     }
 }
 
-/// While a handler call runs inline, its request is received and in flight
-/// in every snapshot (it once showed `received 0, in_flight 0` until the
-/// batch was done).
-fn a_request_in_a_handler_call_is_in_flight(b: ServerBuilder) {
+/// A server from `b` whose handler is held: one request (`data`) has been
+/// sent from the returned socket, and its handler call has started and
+/// waits for the returned go-ahead.
+fn held_call(
+    b: ServerBuilder,
+    data: &[u8],
+) -> (
+    udp_greet::ServerHandle,
+    std::net::UdpSocket,
+    mpsc::Sender<()>,
+) {
     let server = b.bind(V4).expect("bind");
     let addr = server.local_addr();
     let (started_tx, started) = mpsc::channel();
@@ -258,10 +265,18 @@ fn a_request_in_a_handler_call_is_in_flight(b: ServerBuilder) {
         .spawn(gated_greeter(started_tx, gate))
         .expect("spawn");
     let client = raw_socket_for(addr);
-    util::send_to(&client, b"held", addr).expect("send");
+    util::send_to(&client, data, addr).expect("send");
     started
         .recv_timeout(HANG_GUARD)
         .expect("the handler started");
+    (server, client, go)
+}
+
+/// While a handler call runs inline, its request is received and in flight
+/// in every snapshot (it once showed `received 0, in_flight 0` until the
+/// batch was done).
+fn a_request_in_a_handler_call_is_in_flight(b: ServerBuilder) {
+    let (server, client, go) = held_call(b, b"held");
     let stats = server.stats();
     assert_eq!((stats.received, stats.in_flight()), (1, 1), "{stats:?}");
     go.send(()).expect("the handler waits");
@@ -275,19 +290,8 @@ fn a_request_in_a_handler_call_is_in_flight(b: ServerBuilder) {
 /// that call makes later is not sent, and is counted as dropped at
 /// shutdown.
 fn a_reply_made_after_shutdown_timeout_gave_up_is_not_sent(b: ServerBuilder) {
-    let server = b.bind(V4).expect("bind");
-    let addr = server.local_addr();
-    let (started_tx, started) = mpsc::channel();
-    let (go, gate) = mpsc::channel();
-    let server = server
-        .spawn(gated_greeter(started_tx, gate))
-        .expect("spawn");
+    let (server, client, go) = held_call(b, b"late");
     let control = server.control();
-    let client = raw_socket_for(addr);
-    util::send_to(&client, b"late", addr).expect("send");
-    started
-        .recv_timeout(HANG_GUARD)
-        .expect("the handler started");
     match server.shutdown_timeout(Duration::from_millis(1)) {
         Err(udp_greet::Error::ShutdownTimedOut { stuck_threads, .. }) => {
             assert_eq!(stuck_threads, 1)
@@ -314,19 +318,8 @@ fn a_reply_made_after_shutdown_timeout_gave_up_is_not_sent(b: ServerBuilder) {
 /// joined every thread, and blocked forever.
 fn dropping_a_handle_never_waits_for_a_stuck_handler(b: ServerBuilder) {
     for pool in [None, Some(HandlerPool::threads(1))] {
-        let server = b.clone().handler_pool(pool).bind(V4).expect("bind");
-        let addr = server.local_addr();
-        let (started_tx, started) = mpsc::channel();
-        let (go, gate) = mpsc::channel();
-        let server = server
-            .spawn(gated_greeter(started_tx, gate))
-            .expect("spawn");
+        let (server, _client, go) = held_call(b.clone().handler_pool(pool), b"stuck");
         let control = server.control();
-        let client = raw_socket_for(addr);
-        util::send_to(&client, b"stuck", addr).expect("send");
-        started
-            .recv_timeout(HANG_GUARD)
-            .expect("the handler started");
         within_guard("dropping the handle", move || drop(server));
         assert!(control.is_shutdown());
         // Let the handler go, so that the thread ends.
