@@ -120,7 +120,16 @@ async fn refusal_is_an_error_or_a_loss_as_configured() {
         drop(socket);
         addr
     };
-    let client = aio::GreetClient::connect(addr).await.expect("connect");
+    // At once, not at the end of the wait (or at the next send): with no
+    // retry and a timeout past the guard, a refusal noticed only when the
+    // wait ends fails the test.
+    let client = aio::GreetClient::builder()
+        .retries(0)
+        .timeout(util::HANG_GUARD * 3)
+        .deadline(None)
+        .connect(addr)
+        .await
+        .expect("connect");
     match guarded("a call", client.send_recv(b"x")).await {
         Err(Error::Refused { addr: a, .. }) => assert_eq!(a, addr),
         other => panic!("expected Refused, got {other:?}"),

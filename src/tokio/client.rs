@@ -437,7 +437,9 @@ impl Call {
     /// error if none came by then.
     async fn recv_until(&mut self, buf: &mut Buf<'_>, wait: Wait) -> io::Result<(usize, bool)> {
         let socket = self.socket()?;
-        let reading = socket.async_io(Interest::READABLE, || buf.recv(socket));
+        // ERROR too: an ICMP "port unreachable" sets the socket's error
+        // without making it readable, and must end the wait at once.
+        let reading = socket.async_io(Interest::READABLE | Interest::ERROR, || buf.recv(socket));
         let received = match tokio::time::timeout_at(wait.until.into(), reading).await {
             Ok(received) => received,
             Err(_) => Err(io::ErrorKind::TimedOut.into()),
