@@ -70,6 +70,25 @@ async fn recv(socket: &UdpSocket) -> Vec<u8> {
     buf
 }
 
+/// A greet server from `builder`, running.
+fn greeter(builder: ServerBuilder<Tokio>) -> aio::ServerHandle {
+    builder
+        .bind(V4)
+        .expect("bind")
+        .spawn(aio::greet)
+        .expect("spawn")
+}
+
+/// One greeting through `server`, from a fresh peer.
+async fn greet_once(server: &aio::ServerHandle, name: &str) {
+    let socket = peer().await;
+    socket
+        .send_to(name.as_bytes(), server.local_addr())
+        .await
+        .expect("send");
+    assert_eq!(recv(&socket).await, format!("Hello, {name}!").as_bytes());
+}
+
 /// Nothing arrives on `socket` before a marker datagram sent through the
 /// server after everything else: replies to one peer come in order from one
 /// worker, so the marker's reply coming first proves nothing else was sent.
@@ -531,22 +550,14 @@ async fn async_limits_are_checked() {
         }
     }
     // Extremes that are valid: one in flight, the longest timeout.
-    let server = GreetServer::builder()
-        .limits(
+    let server = greeter(
+        GreetServer::builder().limits(
             Limits::new()
                 .max_in_flight(1)
                 .handler_timeout(Duration::MAX),
-        )
-        .bind(V4)
-        .expect("bind")
-        .spawn(aio::greet)
-        .expect("spawn");
-    let socket = peer().await;
-    socket
-        .send_to(b"x", server.local_addr())
-        .await
-        .expect("send");
-    assert_eq!(recv(&socket).await, b"Hello, x!");
+        ),
+    );
+    greet_once(&server, "x").await;
     stop(server).await;
 }
 
@@ -600,18 +611,8 @@ async fn several_workers_share_the_limit_and_each_answers() {
 /// `busy_poll(Duration::MAX)` polls (it once turned polling off: the window's
 /// end overflowed), and the misses reach live snapshots while it is open.
 async fn a_window_of_duration_max_polls_and_publishes_live(builder: ServerBuilder<Tokio>) {
-    let server = builder
-        .busy_poll(Duration::MAX)
-        .bind(V4)
-        .expect("bind")
-        .spawn(aio::greet)
-        .expect("spawn");
-    let socket = peer().await;
-    socket
-        .send_to(b"open", server.local_addr())
-        .await
-        .expect("send");
-    assert_eq!(recv(&socket).await, b"Hello, open!");
+    let server = greeter(builder.busy_poll(Duration::MAX));
+    greet_once(&server, "open").await;
     let mut seen = 0;
     wait_for("busy_poll_misses to rise in live snapshots", || {
         let misses = server.stats().busy_poll_misses;
@@ -627,18 +628,8 @@ async fn a_window_of_duration_max_polls_and_publishes_live(builder: ServerBuilde
 
 /// The shortest window there is still polls once after each piece of work.
 async fn a_window_of_one_nanosecond_polls(builder: ServerBuilder<Tokio>) {
-    let server = builder
-        .busy_poll(Duration::from_nanos(1))
-        .bind(V4)
-        .expect("bind")
-        .spawn(aio::greet)
-        .expect("spawn");
-    let socket = peer().await;
-    socket
-        .send_to(b"tiny", server.local_addr())
-        .await
-        .expect("send");
-    assert_eq!(recv(&socket).await, b"Hello, tiny!");
+    let server = greeter(builder.busy_poll(Duration::from_nanos(1)));
+    greet_once(&server, "tiny").await;
     wait_for("a 1 ns window to poll", || {
         server.stats().busy_poll_misses > 0
     })
