@@ -87,7 +87,7 @@ impl Limits {
     /// `None` lets handlers run until shutdown.
     ///
     /// Must not be zero. Defaults to 10 s, the default
-    /// [`ClientBuilder::deadline`](crate::ClientBuilder::deadline), after
+    /// [`ClientBuilder::call_timeout`](crate::ClientBuilder::call_timeout), after
     /// which a client of this crate has given up.
     pub fn handler_timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
         self.handler_timeout = timeout.into();

@@ -111,7 +111,7 @@ impl HandlerPool {
     /// and answering it only adds to the load that made it wait.
     ///
     /// Must not be zero. Defaults to 500 ms, half of
-    /// [`ClientBuilder::timeout`](crate::ClientBuilder::timeout)'s default.
+    /// [`ClientBuilder::initial_timeout`](crate::ClientBuilder::initial_timeout)'s default.
     pub fn max_queue_wait(mut self, wait: impl Into<Option<Duration>>) -> Self {
         self.max_queue_wait = wait.into();
         self

@@ -74,9 +74,9 @@ async fn greets_like_the_blocking_client() {
 async fn timeout_retries_and_deadline_hold() {
     let (_silent, addr) = silent_port();
     let client = aio::GreetClient::builder()
-        .timeout(Duration::from_millis(5))
+        .initial_timeout(Duration::from_millis(5))
         .retries(3)
-        .deadline(None)
+        .call_timeout(None)
         .connect(addr)
         .await
         .expect("connect");
@@ -87,10 +87,10 @@ async fn timeout_retries_and_deadline_hold() {
     // The deadline cuts the retries short: 5 + 10 + 20 ms of waits do not
     // fit in 12 ms, so fewer than 4 attempts are made.
     let client = aio::GreetClient::builder()
-        .timeout(Duration::from_millis(5))
+        .initial_timeout(Duration::from_millis(5))
         .retries(3)
         .jitter(0.0)
-        .deadline(Duration::from_millis(12))
+        .call_timeout(Duration::from_millis(12))
         .connect(addr)
         .await
         .expect("connect");
@@ -100,7 +100,7 @@ async fn timeout_retries_and_deadline_hold() {
     }
     // Sub-microsecond and zero-retry extremes end, too.
     let client = aio::GreetClient::builder()
-        .timeout(Duration::from_nanos(1))
+        .initial_timeout(Duration::from_nanos(1))
         .retries(0)
         .connect(addr)
         .await
@@ -125,8 +125,8 @@ async fn refusal_is_an_error_or_a_loss_as_configured() {
     // wait ends fails the test.
     let client = aio::GreetClient::builder()
         .retries(0)
-        .timeout(util::HANG_GUARD * 3)
-        .deadline(None)
+        .initial_timeout(util::HANG_GUARD * 3)
+        .call_timeout(None)
         .connect(addr)
         .await
         .expect("connect");
@@ -135,7 +135,7 @@ async fn refusal_is_an_error_or_a_loss_as_configured() {
         other => panic!("expected Refused, got {other:?}"),
     }
     let client = aio::GreetClient::builder()
-        .timeout(Duration::from_millis(5))
+        .initial_timeout(Duration::from_millis(5))
         .retries(2)
         .refused_as_loss(true)
         .connect(addr)
@@ -268,9 +268,9 @@ async fn ten_thousand_concurrent_calls_through_a_lossy_network_get_no_wrong_repl
         .expect("spawn");
     let lossy = proxy::Proxy::start(server.local_addr(), seed);
     let client = aio::GreetClient::builder()
-        .timeout(TIMEOUT)
+        .initial_timeout(TIMEOUT)
         .retries(RETRIES)
-        .deadline(Duration::from_secs(30))
+        .call_timeout(Duration::from_secs(30))
         .reply_check(udp_greet::is_greeting)
         .connect(lossy.addr)
         .await
@@ -352,7 +352,7 @@ async fn cancellation_at_every_await_point_leaks_nothing_and_misdirects_nothing(
     let server = slow_greeter(Duration::from_millis(20));
     let client = aio::GreetClient::builder()
         .max_in_flight(1)
-        .timeout(Duration::from_millis(5))
+        .initial_timeout(Duration::from_millis(5))
         .retries(5)
         .connect(server.local_addr())
         .await
@@ -454,7 +454,7 @@ async fn busy_polling_keeps_every_promise() {
     let (_silent, addr) = silent_port();
     let client = aio::GreetClient::builder()
         .busy_poll(Duration::from_micros(200))
-        .timeout(Duration::from_millis(2))
+        .initial_timeout(Duration::from_millis(2))
         .retries(1)
         .connect(addr)
         .await

@@ -192,7 +192,7 @@ fn a_polling_client_keeps_every_promise() {
         (socket, addr)
     };
     let client = GreetClient::builder()
-        .timeout(Duration::from_millis(5))
+        .initial_timeout(Duration::from_millis(5))
         .retries(2)
         .jitter(0.0)
         .busy_poll(Duration::from_secs(3600))
@@ -211,9 +211,9 @@ fn a_polling_client_keeps_every_promise() {
         other => panic!("expected a timeout, got {other:?}"),
     }
     let client = GreetClient::builder()
-        .timeout(Duration::from_millis(50))
+        .initial_timeout(Duration::from_millis(50))
         .retries(20)
-        .deadline(Duration::from_millis(120))
+        .call_timeout(Duration::from_millis(120))
         .busy_poll(Duration::from_secs(3600))
         .connect(addr)
         .expect("connect");
@@ -238,7 +238,7 @@ fn a_polling_client_keeps_every_promise() {
         .local_addr()
         .expect("addr");
     let client = GreetClient::builder()
-        .timeout(HANG_GUARD)
+        .initial_timeout(HANG_GUARD)
         .busy_poll(WINDOW)
         .connect(closed)
         .expect("connect");
@@ -247,7 +247,7 @@ fn a_polling_client_keeps_every_promise() {
     });
     assert!(err.is_refused(), "{err:?}");
     let client = GreetClient::builder()
-        .timeout(Duration::from_millis(2))
+        .initial_timeout(Duration::from_millis(2))
         .retries(1)
         .busy_poll(WINDOW)
         .refused_as_loss(true)
@@ -263,7 +263,7 @@ fn a_polling_client_keeps_every_promise() {
     server.set_read_timeout(Some(HANG_GUARD)).expect("timeout");
     let addr = server.local_addr().expect("addr");
     let client = GreetClient::builder()
-        .timeout(HANG_GUARD)
+        .initial_timeout(HANG_GUARD)
         .busy_poll(WINDOW)
         .reply_check(udp_greet::is_greeting)
         .connect(addr)
@@ -341,9 +341,9 @@ fn the_latency_mode_stale_check_discards_and_asks_again_at_once() {
     server.set_read_timeout(Some(HANG_GUARD)).expect("timeout");
     let addr = server.local_addr().expect("addr");
     let client = GreetClient::builder()
-        .timeout(HANG_GUARD * 2)
+        .initial_timeout(HANG_GUARD * 2)
         .retries(0)
-        .deadline(None)
+        .call_timeout(None)
         .busy_poll(WINDOW)
         .connect(addr)
         .expect("connect");
@@ -365,7 +365,7 @@ fn the_latency_mode_stale_check_discards_and_asks_again_at_once() {
     // server here answers only a second copy, so the call times out after
     // its one attempt).
     let client = GreetClient::builder()
-        .timeout(Duration::from_millis(5))
+        .initial_timeout(Duration::from_millis(5))
         .retries(0)
         .busy_poll(WINDOW)
         .connect(addr)

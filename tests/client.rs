@@ -22,7 +22,7 @@ fn refused_is_reported_at_once_not_as_a_timeout() {
         // A timeout this long would outlast the hang guard: only the ICMP
         // port-unreachable can end the call in time.
         let client = GreetClient::builder()
-            .timeout(Duration::from_secs(60))
+            .initial_timeout(Duration::from_secs(60))
             .retries(0)
             .connect(addr)
             .expect("connect");
@@ -47,7 +47,7 @@ fn silence_is_a_timeout_after_every_attempt() {
         .expect("spawn");
     const JITTER: f64 = 0.2;
     let client = GreetClient::builder()
-        .timeout(Duration::from_millis(10))
+        .initial_timeout(Duration::from_millis(10))
         .retries(2)
         .jitter(JITTER)
         .connect(server.local_addr())
@@ -94,7 +94,7 @@ fn a_lost_request_is_retried() {
         })
         .expect("spawn");
     let client = GreetClient::builder()
-        .timeout(Duration::from_millis(20))
+        .initial_timeout(Duration::from_millis(20))
         .retries(3)
         .connect(server.local_addr())
         .expect("connect");
@@ -181,13 +181,13 @@ fn a_stale_reply_is_not_taken_for_the_next_answer() {
 #[test]
 fn settings_are_checked_and_reported() {
     let err = GreetClient::builder()
-        .timeout(Duration::ZERO)
+        .initial_timeout(Duration::ZERO)
         .connect("127.0.0.1:9")
         .expect_err("zero timeout");
     assert!(matches!(
         err,
         Error::InvalidConfig {
-            setting: "ClientBuilder::timeout",
+            setting: "ClientBuilder::initial_timeout",
             ..
         }
     ));
@@ -206,7 +206,7 @@ fn settings_are_checked_and_reported() {
 fn refused_as_loss_keeps_trying_until_the_attempts_run_out() {
     let addr = closed_port(V4);
     let client = GreetClient::builder()
-        .timeout(Duration::from_millis(5))
+        .initial_timeout(Duration::from_millis(5))
         .retries(3)
         .jitter(0.0)
         .refused_as_loss(true)
@@ -230,9 +230,9 @@ fn the_deadline_cuts_the_retries_short() {
     // Twenty retries would wait 50 ms x (2^21 - 1) in all; the deadline
     // ends the call after a handful.
     let client = GreetClient::builder()
-        .timeout(Duration::from_millis(50))
+        .initial_timeout(Duration::from_millis(50))
         .retries(20)
-        .deadline(Duration::from_millis(300))
+        .call_timeout(Duration::from_millis(300))
         .connect(server.local_addr())
         .expect("connect");
     let err = within_guard("a call with a deadline", move || {
@@ -258,7 +258,7 @@ fn a_reply_that_fails_the_check_is_discarded_and_the_wait_goes_on() {
         util::send_to(relay, reply, client).expect("reply");
     });
     let client = GreetClient::builder()
-        .timeout(util::HANG_GUARD)
+        .initial_timeout(util::HANG_GUARD)
         .retries(0)
         .reply_check(udp_greet::is_greeting)
         .connect(relay_addr)
@@ -282,9 +282,9 @@ fn a_wait_under_a_microsecond_still_ends() {
     // timeout": the call would never return.
     let (_silent, addr) = silent_port();
     let client = GreetClient::builder()
-        .timeout(Duration::from_nanos(500))
+        .initial_timeout(Duration::from_nanos(500))
         .retries(0)
-        .deadline(Duration::from_secs(1))
+        .call_timeout(Duration::from_secs(1))
         .connect(addr)
         .expect("connect");
     let err = within_guard("a 500 ns wait", move || {
@@ -294,7 +294,7 @@ fn a_wait_under_a_microsecond_still_ends() {
     // Jittered retries of a 1 us timeout fall under 1 us about a quarter of
     // the time; a hundred calls of five attempts each meet that often.
     let client = GreetClient::builder()
-        .timeout(Duration::from_micros(1))
+        .initial_timeout(Duration::from_micros(1))
         .retries(4)
         .jitter(1.0)
         .connect(addr)
@@ -307,13 +307,13 @@ fn a_wait_under_a_microsecond_still_ends() {
     assert!(err.is_none(), "every call times out: {err:?}");
     // Nothing is sent to a zero deadline either way: it is refused at once.
     let err = GreetClient::builder()
-        .deadline(Duration::ZERO)
+        .call_timeout(Duration::ZERO)
         .connect(addr)
         .expect_err("zero deadline");
     assert!(matches!(
         err,
         Error::InvalidConfig {
-            setting: "ClientBuilder::deadline",
+            setting: "ClientBuilder::call_timeout",
             ..
         }
     ));
@@ -323,9 +323,9 @@ fn a_wait_under_a_microsecond_still_ends() {
 fn the_deadline_can_be_turned_off() {
     let (_silent, addr) = silent_port();
     let client = GreetClient::builder()
-        .timeout(Duration::from_millis(5))
+        .initial_timeout(Duration::from_millis(5))
         .retries(2)
-        .deadline(None)
+        .call_timeout(None)
         .connect(addr)
         .expect("connect");
     let err = within_guard("a call without a deadline", move || {
@@ -358,7 +358,7 @@ fn answers_with(first: Vec<u8>, then_greet: bool) -> (SocketAddr, std::thread::J
 fn a_datagram_too_large_to_check_is_discarded_and_the_wait_goes_on() {
     let (addr, server) = answers_with(vec![b'x'; 100], true);
     let client = GreetClient::builder()
-        .timeout(util::HANG_GUARD)
+        .initial_timeout(util::HANG_GUARD)
         .retries(0)
         .reply_check(udp_greet::is_greeting)
         .connect(addr)
@@ -374,7 +374,7 @@ fn a_datagram_too_large_to_check_is_discarded_and_the_wait_goes_on() {
     // When nothing valid follows, the call says why it failed.
     let (addr, server) = answers_with(vec![b'x'; 100], false);
     let client = GreetClient::builder()
-        .timeout(Duration::from_millis(20))
+        .initial_timeout(Duration::from_millis(20))
         .retries(0)
         .reply_check(udp_greet::is_greeting)
         .connect(addr)
@@ -391,7 +391,7 @@ fn a_datagram_too_large_to_check_is_discarded_and_the_wait_goes_on() {
     // Without a check, the first datagram is the reply, and it does not fit.
     let (addr, server) = answers_with(vec![b'x'; 100], true);
     let client = GreetClient::builder()
-        .timeout(util::HANG_GUARD)
+        .initial_timeout(util::HANG_GUARD)
         .connect(addr)
         .expect("connect");
     let err = client
@@ -409,9 +409,9 @@ fn discarded_does_not_wait_for_a_call_in_progress() {
         .expect("timeout");
     let client = std::sync::Arc::new(
         GreetClient::builder()
-            .timeout(Duration::from_secs(60))
+            .initial_timeout(Duration::from_secs(60))
             .retries(0)
-            .deadline(None)
+            .call_timeout(None)
             .connect(addr)
             .expect("connect"),
     );

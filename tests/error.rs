@@ -50,7 +50,7 @@ fn a_taken_address_is_addr_in_use_with_the_os_error_as_source() {
 
 /// What one call of a client without retries to `addr` fails with.
 fn failed_call(addr: SocketAddr, timeout: Duration) -> Error {
-    let client = GreetClient::builder().timeout(timeout).retries(0);
+    let client = GreetClient::builder().initial_timeout(timeout).retries(0);
     let client = client.connect(addr).expect("connect");
     within_guard("a call", move || {
         client.send_recv(b"?").expect_err("no answer")

@@ -35,9 +35,9 @@ fn ten_thousand_calls_through_a_lossy_network_get_no_wrong_reply() {
         .map(|t| {
             thread::spawn(move || {
                 let client = GreetClient::builder()
-                    .timeout(TIMEOUT)
+                    .initial_timeout(TIMEOUT)
                     .retries(RETRIES)
-                    .deadline(Duration::from_secs(5))
+                    .call_timeout(Duration::from_secs(5))
                     .reply_check(udp_greet::is_greeting)
                     .connect(proxy_addr)
                     .expect("connect");

@@ -466,7 +466,7 @@ fn histograms_count_every_request(b: ServerBuilder) {
             })
             .expect("spawn");
         let client = udp_greet::GreetClient::builder()
-            .timeout(Duration::from_millis(200))
+            .initial_timeout(Duration::from_millis(200))
             .retries(0)
             .connect(server.local_addr())
             .expect("connect");

@@ -647,7 +647,7 @@ fn wildcard_server_replies_from_the_address_asked(b: ServerBuilder) {
     };
     for &ip in asked {
         let client = GreetClient::builder()
-            .timeout(util::HANG_GUARD)
+            .initial_timeout(util::HANG_GUARD)
             .retries(0)
             .connect((ip, port))
             .expect("connect");

@@ -33,9 +33,9 @@ pub(crate) type ReplyCheck = Arc<dyn Fn(&[u8], &[u8]) -> bool + Send + Sync>;
 /// How a client waits, resends and checks replies; fixed when it connects.
 #[derive(Clone)]
 pub(crate) struct Settings {
-    pub(crate) timeout: Duration,
+    pub(crate) initial_timeout: Duration,
     pub(crate) retries: u32,
-    pub(crate) deadline: Option<Duration>,
+    pub(crate) call_timeout: Option<Duration>,
     pub(crate) jitter: f64,
     pub(crate) check: Option<ReplyCheck>,
     pub(crate) refused_as_loss: bool,
@@ -45,9 +45,9 @@ pub(crate) struct Settings {
 impl fmt::Debug for Settings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Settings")
-            .field("timeout", &self.timeout)
+            .field("initial_timeout", &self.initial_timeout)
             .field("retries", &self.retries)
-            .field("deadline", &self.deadline)
+            .field("call_timeout", &self.call_timeout)
             .field("jitter", &self.jitter)
             .field("reply_check", &self.check.is_some())
             .field("refused_as_loss", &self.refused_as_loss)
@@ -59,11 +59,11 @@ impl fmt::Debug for Settings {
 /// Configures and connects a client: a blocking [`GreetClient`], or with
 /// the feature `tokio` an async `udp_greet::tokio::GreetClient`.
 ///
-/// A call sends the request and waits up to [`timeout`](ClientBuilder::timeout)
+/// A call sends the request and waits up to [`initial_timeout`](ClientBuilder::initial_timeout)
 /// for a reply that passes the [reply check](ClientBuilder::reply_check);
 /// on silence it sends again, each wait twice the one before give or take
 /// the [jitter](ClientBuilder::jitter), until [`retries`](ClientBuilder::retries)
-/// are spent or the [`deadline`](ClientBuilder::deadline) for the whole call
+/// are spent or the [`call_timeout`](ClientBuilder::call_timeout) for the whole call
 /// passes.
 ///
 /// ```
@@ -73,9 +73,9 @@ impl fmt::Debug for Settings {
 /// use std::time::Duration;
 ///
 /// let client = udp_greet::GreetClient::builder()
-///     .timeout(Duration::from_millis(200))
+///     .initial_timeout(Duration::from_millis(200))
 ///     .retries(4)
-///     .deadline(Duration::from_secs(2))
+///     .call_timeout(Duration::from_secs(2))
 ///     .reply_check(udp_greet::is_greeting)
 ///     .connect(addr)?;
 /// assert_eq!(client.send_recv(b"Sarah")?, b"Hello, Sarah!");
@@ -167,9 +167,9 @@ impl<E: Engine> ClientBuilder<E> {
         ClientBuilder {
             socket: SocketOptions::default(),
             settings: Settings {
-                timeout: Duration::from_secs(1),
+                initial_timeout: Duration::from_secs(1),
                 retries: 2,
-                deadline: Some(Duration::from_secs(10)),
+                call_timeout: Some(Duration::from_secs(10)),
                 jitter: 0.2,
                 check: None,
                 refused_as_loss: false,
@@ -184,9 +184,13 @@ impl<E: Engine> ClientBuilder<E> {
     /// twice as long as the one before. Must not be zero; a wait under 1 µs
     /// (the finest a socket timeout can be set) waits 1 µs.
     ///
+    /// This is not a bound on the whole call: that is
+    /// [`call_timeout`](ClientBuilder::call_timeout). (Before 0.2 this
+    /// setting was named `timeout`.)
+    ///
     /// Defaults to 1 second.
-    pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.settings.timeout = timeout;
+    pub fn initial_timeout(mut self, wait: Duration) -> Self {
+        self.settings.initial_timeout = wait;
         self
     }
 
@@ -200,23 +204,25 @@ impl<E: Engine> ClientBuilder<E> {
         self
     }
 
-    /// The longest one call may take, all attempts together; the last wait
-    /// is cut short to end there. Must not be zero. `None` turns the
-    /// deadline off: a call then ends after its attempts' waits alone (with
-    /// the default timeout and retries, about 7 seconds; with many retries,
-    /// the doubling waits can add up to a very long time).
+    /// The longest one call may take, all attempts together, as
+    /// `tokio::time::timeout` bounds a future: the last wait is cut short to
+    /// end there. Must not be zero. `None` turns the bound off: a call then
+    /// ends after its attempts' waits alone (with the default
+    /// [`initial_timeout`](ClientBuilder::initial_timeout) and retries, about
+    /// 7 seconds; with many retries, the doubling waits can add up to a very
+    /// long time). (Before 0.2 this setting was named `deadline`.)
     ///
     /// ```
     /// use std::time::Duration;
     ///
-    /// let builder = udp_greet::GreetClient::builder().deadline(Duration::from_secs(3));
-    /// let no_deadline = udp_greet::GreetClient::builder().deadline(None);
-    /// # let _ = (builder, no_deadline);
+    /// let builder = udp_greet::GreetClient::builder().call_timeout(Duration::from_secs(3));
+    /// let unbounded = udp_greet::GreetClient::builder().call_timeout(None);
+    /// # let _ = (builder, unbounded);
     /// ```
     ///
     /// Defaults to 10 seconds.
-    pub fn deadline(mut self, deadline: impl Into<Option<Duration>>) -> Self {
-        self.settings.deadline = deadline.into();
+    pub fn call_timeout(mut self, limit: impl Into<Option<Duration>>) -> Self {
+        self.settings.call_timeout = limit.into();
         self
     }
 
@@ -341,11 +347,14 @@ impl<E: Engine> ClientBuilder<E> {
     /// Checks every setting; each engine's `connect` calls it first.
     pub(crate) fn validate(&self) -> Result<(), Error> {
         let invalid = |setting, reason| Err(Error::InvalidConfig { setting, reason });
-        if self.settings.timeout.is_zero() {
-            return invalid("ClientBuilder::timeout", "must be greater than zero");
+        if self.settings.initial_timeout.is_zero() {
+            return invalid(
+                "ClientBuilder::initial_timeout",
+                "must be greater than zero",
+            );
         }
-        if self.settings.deadline.is_some_and(|d| d.is_zero()) {
-            return invalid("ClientBuilder::deadline", "must be greater than zero");
+        if self.settings.call_timeout.is_some_and(|d| d.is_zero()) {
+            return invalid("ClientBuilder::call_timeout", "must be greater than zero");
         }
         if !(1..=MAX_CLIENT_IN_FLIGHT).contains(&self.max_in_flight) {
             return invalid(

@@ -419,10 +419,10 @@ impl Attempts {
     fn new(settings: &Settings, started: Instant) -> Attempts {
         Attempts {
             started,
-            deadline: settings.deadline.and_then(|d| started.checked_add(d)),
+            deadline: settings.call_timeout.and_then(|d| started.checked_add(d)),
             max: settings.retries.saturating_add(1),
             sent: 0,
-            nominal: settings.timeout,
+            nominal: settings.initial_timeout,
             resent: 0,
             too_large: false,
         }
@@ -613,10 +613,10 @@ mod tests {
         // wait and no more.
         let long = peer(
             ClientBuilder::new()
-                .timeout(100 * MS)
+                .initial_timeout(100 * MS)
                 .retries(1)
                 .jitter(0.0)
-                .deadline(None)
+                .call_timeout(None)
                 .busy_poll(Duration::from_secs(3600)),
         );
         let run = drive(&long, 0, MS);
@@ -626,9 +626,9 @@ mod tests {
         // A window as long as the deadline.
         let deadline = peer(
             ClientBuilder::new()
-                .timeout(Duration::from_secs(1))
+                .initial_timeout(Duration::from_secs(1))
                 .retries(0)
-                .deadline(300 * MS)
+                .call_timeout(300 * MS)
                 .busy_poll(300 * MS),
         );
         let run = drive(&deadline, 0, MS);
@@ -637,7 +637,7 @@ mod tests {
         // A shorter window: poll, then block for the rest of the wait.
         let short = peer(
             ClientBuilder::new()
-                .timeout(100 * MS)
+                .initial_timeout(100 * MS)
                 .retries(0)
                 .busy_poll(50 * MS),
         );
@@ -648,15 +648,23 @@ mod tests {
 
     #[test]
     fn attempts_double_their_waits_within_retries_and_deadline() {
-        let plain = ClientBuilder::new().timeout(10 * MS).retries(3).jitter(0.0);
+        let plain = ClientBuilder::new()
+            .initial_timeout(10 * MS)
+            .retries(3)
+            .jitter(0.0);
         let run = drive(&peer(plain.clone()), 0, MS);
         assert_eq!(run.took, (10 + 20 + 40 + 80) * MS);
         assert_eq!((attempts(&run), run.steps.as_str()), (4, "DSWSWSWSW"));
-        let run = drive(&peer(plain.deadline(25 * MS)), 0, MS);
+        let run = drive(&peer(plain.call_timeout(25 * MS)), 0, MS);
         assert_eq!(run.took, 25 * MS);
         assert_eq!(attempts(&run), 2);
         // With jitter, each retry's wait lies within its fraction.
-        let jittered = peer(ClientBuilder::new().timeout(10 * MS).retries(1).jitter(0.5));
+        let jittered = peer(
+            ClientBuilder::new()
+                .initial_timeout(10 * MS)
+                .retries(1)
+                .jitter(0.5),
+        );
         let run = drive(&jittered, 0, MS);
         assert!(run.took >= 20 * MS && run.took <= 40 * MS, "{:?}", run.took);
     }
@@ -664,12 +672,16 @@ mod tests {
     #[test]
     fn stale_datagrams_are_discarded_before_the_request_or_right_after_it() {
         // Without polling: before the first request, and never again.
-        let run = drive(&peer(ClientBuilder::new().timeout(MS).retries(1)), 2, MS);
+        let run = drive(
+            &peer(ClientBuilder::new().initial_timeout(MS).retries(1)),
+            2,
+            MS,
+        );
         assert_eq!((run.steps.as_str(), run.sends), ("DDDSWSW", 2));
         // Polling: right after the first send; having found some, the
         // request is sent again at once, and counted in the attempts.
         let polling = ClientBuilder::new()
-            .timeout(2 * MS)
+            .initial_timeout(2 * MS)
             .retries(0)
             .busy_poll(MS);
         let run = drive(&peer(polling.clone()), 2, MS);

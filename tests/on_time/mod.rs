@@ -20,19 +20,19 @@ pub fn cases<E: Engine>(
         (
             "timeout 100 ms, 1 retry",
             builder()
-                .timeout(Duration::from_millis(100))
+                .initial_timeout(Duration::from_millis(100))
                 .retries(1)
                 .jitter(0.0)
-                .deadline(None)
+                .call_timeout(None)
                 .busy_poll(Duration::from_secs(3600)),
             2,
         ),
         (
             "a deadline as long as the window",
             builder()
-                .timeout(Duration::from_secs(1))
+                .initial_timeout(Duration::from_secs(1))
                 .retries(0)
-                .deadline(PROMISED)
+                .call_timeout(PROMISED)
                 .busy_poll(PROMISED),
             1,
         ),

@@ -248,7 +248,7 @@ pub fn seed() -> u64 {
 }
 
 /// The most calls of `calls` expected to fail with `retries` resends
-/// (timeouts from `timeout`, doubling, less 20% jitter): an attempt is lost
+/// (timeouts from `initial_timeout`, doubling, less 20% jitter): an attempt is lost
 /// when the request or the reply is dropped or cut short; from the third
 /// attempt on (four times the first timeout or more) no delay outlasts
 /// one, so the first two attempts count as lost whatever happens.
