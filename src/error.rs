@@ -132,6 +132,48 @@ pub enum Error {
         capacity: usize,
     },
 
+    /// A call's request id is that of another call in flight to the same
+    /// address on this client (with
+    /// [`request_id`](crate::ClientBuilder::request_id)): the call was not
+    /// made, since the two could take each other's replies. Pick another
+    /// id (a counter or a random one) and call again.
+    #[non_exhaustive]
+    #[error(
+        "a call to {addr} with request id {id} is already in flight on this client; pick another id"
+    )]
+    IdInUse {
+        /// Where the call was to go.
+        addr: SocketAddr,
+        /// The id, as [`request_id`](crate::ClientBuilder::request_id) read it.
+        id: u64,
+    },
+
+    /// A request carries no id that
+    /// [`request_id`](crate::ClientBuilder::request_id) can read (it
+    /// returned `None`): the call was not made.
+    #[non_exhaustive]
+    #[error(
+        "the request to {addr} carries no request id that the client's request_id function can read"
+    )]
+    NoRequestId {
+        /// Where the call was to go.
+        addr: SocketAddr,
+    },
+
+    /// A call to a server the client was not made for: `send_recv` on a
+    /// client made with [`bind`](crate::ClientBuilder::bind), which has no
+    /// server of its own (`peer: None`), or `send_recv_to` on a client
+    /// connected to another server (`peer`).
+    #[non_exhaustive]
+    #[error("{}", wrong_destination(*addr, *peer))]
+    WrongDestination {
+        /// Where the call was to go (for `send_recv` on a bound client, the
+        /// client's own address).
+        addr: SocketAddr,
+        /// The server the client is connected to, if any.
+        peer: Option<SocketAddr>,
+    },
+
     /// Starting a server thread failed.
     #[non_exhaustive]
     #[error("cannot start a server thread for {addr}")]
@@ -209,6 +251,18 @@ pub enum Error {
     },
 }
 
+/// The message of [`Error::WrongDestination`].
+fn wrong_destination(addr: SocketAddr, peer: Option<SocketAddr>) -> String {
+    match peer {
+        Some(peer) => format!(
+            "this client is connected to {peer} and cannot call {addr}: make a client with ClientBuilder::bind to call many servers"
+        ),
+        None => format!(
+            "this client (bound to {addr}) has no server of its own: call send_recv_to(addr, request)"
+        ),
+    }
+}
+
 impl Error {
     /// This error's message followed by each of its causes, on one line,
     /// separated by `": "`: what a command-line program prints.
@@ -247,7 +301,9 @@ impl Error {
 /// works in `io::Result`: a timeout is [`TimedOut`](io::ErrorKind::TimedOut),
 /// a refusal [`ConnectionRefused`](io::ErrorKind::ConnectionRefused), a
 /// taken address [`AddrInUse`](io::ErrorKind::AddrInUse), an invalid setting
-/// or socket [`InvalidInput`](io::ErrorKind::InvalidInput), and an error
+/// or socket, a request without an id or a call to a server the client
+/// was not made for [`InvalidInput`](io::ErrorKind::InvalidInput), a request
+/// id in use [`AlreadyExists`](io::ErrorKind::AlreadyExists), and an error
 /// with an operating-system error as its source takes that error's kind;
 /// a reply too large for the buffer is
 /// [`InvalidData`](io::ErrorKind::InvalidData), a shutdown that timed out
@@ -282,6 +338,8 @@ impl Error {
             Error::Timeout { .. } | Error::ShutdownTimedOut { .. } => ErrorKind::TimedOut,
             Error::InvalidConfig { .. } | Error::UnsuitableSocket { .. } => ErrorKind::InvalidInput,
             Error::ReplyTooLarge { .. } => ErrorKind::InvalidData,
+            Error::IdInUse { .. } => ErrorKind::AlreadyExists,
+            Error::NoRequestId { .. } | Error::WrongDestination { .. } => ErrorKind::InvalidInput,
             Error::Resolve { source, .. }
             | Error::Bind { source, .. }
             | Error::Socket { source, .. }

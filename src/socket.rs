@@ -121,6 +121,14 @@ pub(crate) fn bind(addr: SocketAddr, opts: &SocketOptions) -> Result<BoundSocket
     finish(socket, addr, opts)
 }
 
+/// Creates a client's UDP socket for `addr`'s family, applies `opts`, and
+/// binds it to `addr` (unconnected: it sends to any address).
+pub(crate) fn bind_client(addr: SocketAddr, opts: &SocketOptions) -> Result<BoundSocket, Error> {
+    let socket = configured(addr, opts)?;
+    bind_configured(&socket, addr)?;
+    finish(socket, addr, opts)
+}
+
 /// A server socket for `addr`, configured, not yet bound.
 fn configured_server(addr: SocketAddr, opts: &SocketOptions) -> Result<Socket, Error> {
     let socket = configured(addr, opts)?;

@@ -4,15 +4,18 @@
 
 use std::fmt;
 use std::marker::PhantomData;
-use std::net::ToSocketAddrs;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::exchange::Peer;
-use super::{GreetClient, State};
+use super::demux::RequestId;
+use super::exchange::Shared;
+use super::mux::MuxSocket;
+use super::{GreetClient, Io, State};
 use crate::engine::{Blocking, Engine};
 use crate::error::Error;
 use crate::socket::{self, SocketOptions};
+use crate::sys;
 
 /// How many calls an async client (`udp_greet::tokio::GreetClient`, feature
 /// `tokio`) has in flight at once unless its builder's `max_in_flight` says
@@ -27,6 +30,9 @@ pub const DEFAULT_CLIENT_MAX_IN_FLIGHT: usize = 256;
 /// The largest `max_in_flight` of an async client's builder.
 const MAX_CLIENT_IN_FLIGHT: usize = 65_536;
 
+/// The most sockets multiplexed calls share.
+const MAX_SOCKETS: usize = 1024;
+
 /// A reply check: `(request, reply) -> bool`.
 pub(crate) type ReplyCheck = Arc<dyn Fn(&[u8], &[u8]) -> bool + Send + Sync>;
 
@@ -40,6 +46,8 @@ pub(crate) struct Settings {
     pub(crate) check: Option<ReplyCheck>,
     pub(crate) refused_as_loss: bool,
     pub(crate) busy_poll: Option<Duration>,
+    /// Reads the id of a request and of a reply: calls are multiplexed.
+    pub(crate) request_id: Option<RequestId>,
 }
 
 impl fmt::Debug for Settings {
@@ -52,6 +60,7 @@ impl fmt::Debug for Settings {
             .field("reply_check", &self.check.is_some())
             .field("refused_as_loss", &self.refused_as_loss)
             .field("busy_poll", &self.busy_poll)
+            .field("request_id", &self.request_id.is_some())
             .finish()
     }
 }
@@ -105,6 +114,8 @@ pub struct ClientBuilder<E: Engine = Blocking> {
     pub(crate) settings: Settings,
     /// Only the async engine's builder sets it.
     pub(crate) max_in_flight: usize,
+    /// Sockets shared by multiplexed calls.
+    pub(crate) sockets: usize,
     engine: PhantomData<E>,
 }
 
@@ -134,9 +145,10 @@ impl ClientBuilder<Blocking> {
         Self::with_defaults()
     }
 
-    /// Makes a socket of the server's address family, bound to an ephemeral
-    /// port, and connects it to `addr` (the first address it resolves to
-    /// that works).
+    /// Makes a client for the server at `addr` (the first address it
+    /// resolves to that works): a socket of the server's address family,
+    /// bound to an ephemeral port and connected to the server (with
+    /// [`sockets(n)`](ClientBuilder::sockets), `n` of them).
     ///
     /// # Errors
     ///
@@ -146,18 +158,115 @@ impl ClientBuilder<Blocking> {
     pub fn connect<A: ToSocketAddrs + fmt::Debug>(self, addr: A) -> Result<GreetClient, Error> {
         self.validate()?;
         let addrs = socket::resolve(addr)?;
-        socket::first_ok(&addrs, |peer| {
-            let made = socket::connect(peer, &self.socket)?;
-            let seed = seed(made.local_addr.port());
-            Ok(GreetClient {
-                socket: made.socket,
-                local_addr: made.local_addr,
-                recv_buffer: made.recv_buffer,
-                send_buffer: made.send_buffer,
-                peer: Peer::new(peer, self.settings.clone()),
-                state: Mutex::new(State::new(seed)),
-            })
+        socket::first_ok(&addrs, |peer| self.make(Some(peer), peer))
+    }
+
+    /// Makes a client for many servers: an unconnected socket bound to
+    /// `local` (port 0 for an ephemeral one), called with
+    /// [`send_recv_to(addr, request)`](GreetClient::send_recv_to). Its
+    /// address family is the family of the servers it can reach:
+    /// `"0.0.0.0:0"` or `"127.0.0.1:0"` for IPv4, `"[::]:0"` for IPv6.
+    ///
+    /// A reply counts only if it comes from the address its call was sent
+    /// to. Without request ids, calls run one at a time, each with the
+    /// socket connected to its server for the call, so the kernel filters
+    /// and reports refusals as for a connected client. With
+    /// [`request_id`](ClientBuilder::request_id), calls to any servers are
+    /// in flight together on the shared sockets, and a reply goes to the
+    /// call with its sender's address and id.
+    ///
+    /// # Platform-specific behavior
+    ///
+    /// With request ids, on Linux an ICMP "port unreachable" is matched to
+    /// its destination (and to its call by the id in the start of the
+    /// refused request the kernel returns, `IP_RECVERR`), so one server's
+    /// refusal fails only the calls to it. Elsewhere an unconnected socket
+    /// is not told which destination refused: calls to a closed port end in
+    /// [`Error::Timeout`] instead of [`Error::Refused`].
+    ///
+    /// # Errors
+    ///
+    /// As [`connect`](ClientBuilder::connect); [`Error::AddrInUse`] or
+    /// [`Error::Bind`] when `local` cannot be bound, and
+    /// [`Error::InvalidConfig`] for several sockets on one fixed port.
+    pub fn bind<A: ToSocketAddrs + fmt::Debug>(self, local: A) -> Result<GreetClient, Error> {
+        self.validate()?;
+        let addrs = socket::resolve(local)?;
+        socket::first_ok(&addrs, |local| self.make(None, local))
+    }
+
+    /// A client connected to `peer`, or bound to `local` without one.
+    fn make(&self, peer: Option<SocketAddr>, local: SocketAddr) -> Result<GreetClient, Error> {
+        self.check_fixed_port(peer, local)?;
+        let one = |_| self.socket_for(peer, local);
+        let first = one(0)?;
+        let seed = seed(first.bound.local_addr.port());
+        let (local_addr, recv_buffer, send_buffer) = (
+            first.bound.local_addr,
+            first.bound.recv_buffer,
+            first.bound.send_buffer,
+        );
+        let io = match self.settings.request_id {
+            None => Io::Single {
+                socket: first.bound.socket,
+                state: Mutex::new(State::new(seed, peer)),
+            },
+            Some(_) => {
+                let mut sockets = vec![first.into_mux(peer)];
+                for i in 1..self.sockets {
+                    sockets.push(one(i)?.into_mux(peer));
+                }
+                Io::Mux {
+                    sockets: sockets.into_boxed_slice(),
+                    rng: Mutex::new(seed),
+                    hasher: std::collections::hash_map::RandomState::new(),
+                }
+            }
+        };
+        Ok(GreetClient {
+            local_addr,
+            recv_buffer,
+            send_buffer,
+            peer,
+            shared: Shared::new(self.settings.clone()),
+            io,
         })
+    }
+
+    /// One of the client's sockets: connected to `peer`, or bound to
+    /// `local`; unconnected multiplexed sockets report ICMP errors per
+    /// destination where the platform can.
+    fn socket_for(
+        &self,
+        peer: Option<SocketAddr>,
+        local: SocketAddr,
+    ) -> Result<ClientSocket, Error> {
+        let bound = match peer {
+            Some(peer) => socket::connect(peer, &self.socket)?,
+            None => socket::bind_client(local, &self.socket)?,
+        };
+        let recverr = if peer.is_none() && self.settings.request_id.is_some() {
+            sys::enable_recverr(&bound.socket, local.is_ipv6()).map_err(|source| Error::Socket {
+                action: "set IP_RECVERR",
+                addr: local,
+                source,
+            })?
+        } else {
+            false
+        };
+        Ok(ClientSocket { bound, recverr })
+    }
+}
+
+/// A client's socket as made.
+struct ClientSocket {
+    bound: socket::BoundSocket,
+    recverr: bool,
+}
+
+impl ClientSocket {
+    fn into_mux(self, peer: Option<SocketAddr>) -> MuxSocket {
+        MuxSocket::new(self.bound.socket, peer, self.recverr)
     }
 }
 
@@ -174,8 +283,10 @@ impl<E: Engine> ClientBuilder<E> {
                 check: None,
                 refused_as_loss: false,
                 busy_poll: None,
+                request_id: None,
             },
             max_in_flight: DEFAULT_CLIENT_MAX_IN_FLIGHT,
+            sockets: 1,
             engine: PhantomData,
         }
     }
@@ -310,6 +421,85 @@ impl<E: Engine> ClientBuilder<E> {
         self
     }
 
+    /// Multiplexes calls by request id: `read(datagram)` returns the id
+    /// a request or a reply carries (`None`: it carries none).
+    ///
+    /// With it, calls share the client's few sockets
+    /// ([`sockets`](ClientBuilder::sockets), default 1): the blocking
+    /// client, shared by many threads, and the async client have many calls
+    /// in flight at once on one socket, as DNS, NTP, SNMP, STUN, RADIUS and
+    /// memcached's UDP protocol expect of a client. Each reply goes to the
+    /// call in flight whose request went to the reply's sender and carried
+    /// its id, and must pass that call's
+    /// [reply check](ClientBuilder::reply_check). A reply that matches no
+    /// call in flight (no id, an unknown one, from another address, or a
+    /// late reply to a call that has ended) is discarded and counted
+    /// ([`GreetClient::unmatched`]); so is a duplicate.
+    ///
+    /// - **Ids must be unique among the calls in flight to one server.** A
+    ///   call whose id is that of a call in flight to the same address is
+    ///   refused at once with [`Error::IdInUse`] (it is not queued): use a
+    ///   counter, or random ids and pick again on that error. A request
+    ///   whose id cannot be read is refused with [`Error::NoRequestId`].
+    /// - **An id's late reply can reach its next call.** Once a call ends
+    ///   (its reply came, it timed out, or its future was dropped), a
+    ///   later reply with its id matches nothing, until another call takes
+    ///   the same id; a reply check that ties the reply to its request
+    ///   (or ids that do not repeat soon) keeps that call from taking it.
+    /// - Stale datagrams need no discarding before a request, so latency
+    ///   mode sends without the check of stale datagrams it makes on a
+    ///   socket of its own.
+    ///
+    /// Without this setting a client keeps one call per socket, as the
+    /// greet protocol, which has no ids, needs.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), udp_greet::Error> {
+    /// # let echo = |request: udp_greet::Request<'_>, reply: &mut Vec<u8>| {
+    /// #     reply.extend_from_slice(request.data());
+    /// #     udp_greet::Action::Reply
+    /// # };
+    /// # let server = udp_greet::GreetServer::bind("127.0.0.1:0")?.spawn(echo)?;
+    /// # let addr = server.local_addr();
+    /// // A protocol whose first two bytes are the id, big-endian.
+    /// let client = udp_greet::GreetClient::builder()
+    ///     .request_id(|datagram| Some(u64::from(u16::from_be_bytes([*datagram.first()?, *datagram.get(1)?]))))
+    ///     .connect(addr)?;
+    /// std::thread::scope(|s| {
+    ///     for id in 0..8u16 {
+    ///         let client = &client;
+    ///         s.spawn(move || {
+    ///             let request = [&id.to_be_bytes()[..], b"ping"].concat();
+    ///             assert_eq!(client.send_recv(&request).ok(), Some(request));
+    ///         });
+    ///     }
+    /// });
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// Defaults to none: calls are not multiplexed.
+    pub fn request_id<F>(mut self, read: F) -> Self
+    where
+        F: Fn(&[u8]) -> Option<u64> + Send + Sync + 'static,
+    {
+        self.settings.request_id = Some(Arc::new(read));
+        self
+    }
+
+    /// How many sockets the calls of a client with
+    /// [`request_id`](ClientBuilder::request_id) share: each call goes on
+    /// one of them, picked by its destination and id. More than one spreads
+    /// the receive work of a very busy client (and its source ports) at the
+    /// cost of descriptors. Must be between 1 and 1024, and 1 without
+    /// request ids.
+    ///
+    /// Defaults to 1.
+    pub fn sockets(mut self, count: usize) -> Self {
+        self.sockets = count;
+        self
+    }
+
     /// Sets `SO_BUSY_POLL` on the client's socket: on a blocking receive
     /// that finds nothing, the kernel polls the network device's queue for
     /// up to `duration` before it sleeps. For sockets whose traffic comes
@@ -344,6 +534,21 @@ impl<E: Engine> ClientBuilder<E> {
         self
     }
 
+    /// Several sockets cannot all be bound to one fixed port.
+    pub(crate) fn check_fixed_port(
+        &self,
+        peer: Option<SocketAddr>,
+        local: SocketAddr,
+    ) -> Result<(), Error> {
+        if peer.is_none() && local.port() != 0 && self.sockets > 1 {
+            return Err(Error::InvalidConfig {
+                setting: "ClientBuilder::sockets",
+                reason: "several sockets cannot share one fixed local port: bind to port 0",
+            });
+        }
+        Ok(())
+    }
+
     /// Checks every setting; each engine's `connect` calls it first.
     pub(crate) fn validate(&self) -> Result<(), Error> {
         let invalid = |setting, reason| Err(Error::InvalidConfig { setting, reason });
@@ -360,6 +565,15 @@ impl<E: Engine> ClientBuilder<E> {
             return invalid(
                 "ClientBuilder::max_in_flight",
                 "must be between 1 and 65536",
+            );
+        }
+        if !(1..=MAX_SOCKETS).contains(&self.sockets) {
+            return invalid("ClientBuilder::sockets", "must be between 1 and 1024");
+        }
+        if self.sockets > 1 && self.settings.request_id.is_none() {
+            return invalid(
+                "ClientBuilder::sockets",
+                "more than one socket needs request_id: without ids a client has one socket per call",
             );
         }
         if !(0.0..=1.0).contains(&self.settings.jitter) {

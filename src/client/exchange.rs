@@ -23,37 +23,44 @@ use super::builder::Settings;
 use crate::busy_poll::{PollWindow, later};
 use crate::error::{self, Error};
 
-/// What every call to one server shares: its address, the client's
-/// settings, and the count of datagrams discarded.
+/// What every call of one client shares: its settings, and the counts of
+/// datagrams discarded (read without waiting for a call).
 #[derive(Debug)]
-pub(crate) struct Peer {
-    pub(crate) addr: SocketAddr,
+pub(crate) struct Shared {
     pub(crate) settings: Settings,
     /// Kept apart from any lock, so that reading it never waits for a call.
     discarded: AtomicU64,
+    /// Of those, replies whose request id matched no call in flight.
+    unmatched: AtomicU64,
 }
 
-impl Peer {
-    pub(crate) fn new(addr: SocketAddr, settings: Settings) -> Peer {
-        Peer {
-            addr,
+impl Shared {
+    pub(crate) fn new(settings: Settings) -> Shared {
+        Shared {
             settings,
             discarded: AtomicU64::new(0),
+            unmatched: AtomicU64::new(0),
         }
     }
 
-    /// How many datagrams calls to this peer have discarded.
+    /// How many datagrams the client's calls have discarded.
     pub(crate) fn discarded(&self) -> u64 {
         self.discarded.load(Ordering::Relaxed)
+    }
+
+    /// How many of them matched no call in flight (with request ids).
+    pub(crate) fn unmatched(&self) -> u64 {
+        self.unmatched.load(Ordering::Relaxed)
     }
 
     pub(crate) fn count_discarded(&self) {
         self.discarded.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The error for a failed `action` with the peer.
-    pub(crate) fn io_error(&self, action: &'static str, source: io::Error) -> Error {
-        io_error(self.addr, action, source)
+    /// Counts a datagram that matched no call in flight (discarded too).
+    pub(crate) fn count_unmatched(&self) {
+        self.unmatched.fetch_add(1, Ordering::Relaxed);
+        self.count_discarded();
     }
 }
 
@@ -143,7 +150,8 @@ const AWAITING: Phase = Phase::Awaiting {
     blocking: false,
 };
 
-/// One call's exchange with the peer: see the module's documentation.
+/// One call's exchange with its destination: see the module's
+/// documentation.
 ///
 /// Every receive the exchange asks for is reported back; it ends each
 /// attempt when its wait has passed, so a client that follows it makes at
@@ -151,7 +159,9 @@ const AWAITING: Phase = Phase::Awaiting {
 /// checks, and polls within the window).
 #[derive(Debug)]
 pub(crate) struct Exchange<'p> {
-    peer: &'p Peer,
+    shared: &'p Shared,
+    /// Where the request goes, and the only address a reply may come from.
+    dest: SocketAddr,
     /// The reply buffer's size, as errors report it.
     capacity: usize,
     attempts: Attempts,
@@ -170,23 +180,25 @@ pub(crate) struct Exchange<'p> {
 }
 
 impl<'p> Exchange<'p> {
-    /// A call to `peer` starting at `now`, with a reply buffer of `capacity`
+    /// A call to `dest` starting at `now`, with a reply buffer of `capacity`
     /// bytes; `seed` (see [`call_seed`]) drives its jitter.
     pub(crate) fn new(
-        peer: &'p Peer,
+        shared: &'p Shared,
+        dest: SocketAddr,
         capacity: usize,
         queue: Queue,
         now: Instant,
         seed: u64,
     ) -> Exchange<'p> {
-        let settings = &peer.settings;
+        let settings = &shared.settings;
         let latency = settings.busy_poll.is_some();
         let phase = match queue {
             Queue::MayHoldStale if !latency => Phase::Discarding,
             Queue::MayHoldStale | Queue::Drained => Phase::Attempt,
         };
         Exchange {
-            peer,
+            shared,
+            dest,
             capacity,
             attempts: Attempts::new(settings, now),
             rng: seed | 1,
@@ -209,7 +221,7 @@ impl<'p> Exchange<'p> {
     /// deadline passed while the client could not start it, say.
     #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
     pub(crate) fn failed(&self, now: Instant) -> Error {
-        self.attempts.failed(self.peer.addr, self.capacity, now)
+        self.attempts.failed(self.dest, self.capacity, now)
     }
 
     /// What to do at `now`.
@@ -257,7 +269,7 @@ impl<'p> Exchange<'p> {
 
     /// Starts the next attempt at `now`, or ends the call if none is left.
     fn attempt(&mut self, now: Instant) -> Step {
-        let (rng, jitter) = (&mut self.rng, self.peer.settings.jitter);
+        let (rng, jitter) = (&mut self.rng, self.shared.settings.jitter);
         let Some(wait) = self
             .attempts
             .next(now, |nominal| jittered(rng, nominal, jitter))
@@ -287,8 +299,8 @@ impl<'p> Exchange<'p> {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return,
             // An earlier ICMP error, reported on this send: the request was
             // not sent, which counts as one more loss.
-            Err(e) if self.peer.settings.is_ignored_refusal(&e) => {}
-            Err(e) => return self.finish(Err(self.peer.io_error("send to", e))),
+            Err(e) if self.shared.settings.is_ignored_refusal(&e) => {}
+            Err(e) => return self.finish(Err(io_error(self.dest, "send to", e))),
         }
         self.phase = if again {
             self.attempts.resent();
@@ -314,12 +326,12 @@ impl<'p> Exchange<'p> {
             Ok(datagram) => datagram,
             Err(e) if error::is_timeout(&e) => return self.nothing(),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return,
-            Err(e) if self.peer.settings.is_ignored_refusal(&e) => return,
-            Err(e) => return self.finish(Err(self.peer.io_error("receive from", e))),
+            Err(e) if self.shared.settings.is_ignored_refusal(&e) => return,
+            Err(e) => return self.finish(Err(io_error(self.dest, "receive from", e))),
         };
-        let settings = &self.peer.settings;
+        let settings = &self.shared.settings;
         match self.phase {
-            Phase::Discarding => self.peer.count_discarded(),
+            Phase::Discarding => self.shared.count_discarded(),
             // Whatever is queued came before the request, or is a reply
             // faster than this check: one that passes the reply check
             // answers the request either way; the others are discarded.
@@ -329,24 +341,24 @@ impl<'p> Exchange<'p> {
                         return self.finish(Ok(len));
                     }
                 }
-                self.peer.count_discarded();
+                self.shared.count_discarded();
                 self.phase = Phase::Checking { found: true };
             }
             Phase::Awaiting { .. } => match settings.judge(request, buf, len, truncated) {
                 Judged::Accepted(len) => self.finish(Ok(len)),
                 Judged::DoesNotFit => self.finish(Err(Error::ReplyTooLarge {
-                    addr: self.peer.addr,
+                    addr: self.dest,
                     capacity: self.capacity,
                 })),
                 Judged::Oversized => {
-                    self.peer.count_discarded();
+                    self.shared.count_discarded();
                     self.attempts.too_large = true;
                 }
-                Judged::Rejected => self.peer.count_discarded(),
+                Judged::Rejected => self.shared.count_discarded(),
             },
             // Not asked for: nothing waits for it.
             Phase::Attempt | Phase::Sending { .. } | Phase::Over => {
-                self.peer.count_discarded();
+                self.shared.count_discarded();
             }
         }
     }
@@ -526,8 +538,11 @@ mod tests {
 
     const MS: Duration = Duration::from_millis(1);
 
-    fn peer(builder: ClientBuilder) -> Peer {
-        Peer::new(SocketAddr::from(([127, 0, 0, 1], 9)), builder.settings)
+    const DEST: SocketAddr =
+        SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9);
+
+    fn peer(builder: ClientBuilder) -> Shared {
+        Shared::new(builder.settings)
     }
 
     fn nothing() -> io::Result<(usize, bool)> {
@@ -547,10 +562,10 @@ mod tests {
     /// Drives a call on a clock that moves only as the steps say: a send
     /// takes no time, a poll `poll`, a wait until its end. The server is
     /// silent; `stale` datagrams are queued before the call.
-    fn drive(peer: &Peer, mut stale: usize, poll: Duration) -> Run {
+    fn drive(peer: &Shared, mut stale: usize, poll: Duration) -> Run {
         let start = Instant::now();
         let mut now = start;
-        let mut call = Exchange::new(peer, 64, Queue::MayHoldStale, now, 7);
+        let mut call = Exchange::new(peer, DEST, 64, Queue::MayHoldStale, now, 7);
         let (mut sends, mut steps) = (0, String::new());
         let mut queued = || match stale.checked_sub(1) {
             Some(left) => {
@@ -699,7 +714,7 @@ mod tests {
                 .reply_check(|_, reply| reply == b"yes"),
         );
         let now = Instant::now();
-        let mut call = Exchange::new(&checked, 64, Queue::MayHoldStale, now, 7);
+        let mut call = Exchange::new(&checked, DEST, 64, Queue::MayHoldStale, now, 7);
         assert!(matches!(call.next(now), Step::Send));
         call.sent(Ok(1));
         assert!(matches!(call.next(now), Step::Check));
@@ -715,7 +730,7 @@ mod tests {
         let refused = || io::Error::from(io::ErrorKind::ConnectionRefused);
         let now = Instant::now();
         let strict = peer(ClientBuilder::new());
-        let mut call = Exchange::new(&strict, 64, Queue::Drained, now, 7);
+        let mut call = Exchange::new(&strict, DEST, 64, Queue::Drained, now, 7);
         assert!(matches!(call.next(now), Step::Send));
         call.sent(Ok(1));
         assert!(matches!(call.next(now), Step::Wait(_)));
@@ -726,7 +741,7 @@ mod tests {
         ));
         // Told to, a refusal is a loss; an interrupted call is tried again.
         let lenient = peer(ClientBuilder::new().refused_as_loss(true));
-        let mut call = Exchange::new(&lenient, 64, Queue::Drained, now, 7);
+        let mut call = Exchange::new(&lenient, DEST, 64, Queue::Drained, now, 7);
         assert!(matches!(call.next(now), Step::Send));
         call.sent(Err(io::ErrorKind::Interrupted.into()));
         assert!(matches!(call.next(now), Step::Send));

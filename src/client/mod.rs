@@ -2,12 +2,15 @@
 //! timeouts, retries and a reply check.
 
 pub(crate) mod builder;
+pub(crate) mod demux;
 pub(crate) mod exchange;
+mod mux;
 
 pub use builder::{ClientBuilder, DEFAULT_CLIENT_MAX_IN_FLIGHT};
 
 use std::fmt;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
+use std::net::ToSocketAddrs;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -17,7 +20,9 @@ use crate::engine::Blocking;
 use crate::error::{self, Error};
 use crate::socket::BufferSize;
 use crate::sys;
-use exchange::{Exchange, Peer, Queue, Step, call_seed};
+use demux::{Sink, canonical};
+use exchange::{Exchange, Queue, Shared, Step, call_seed};
+use mux::MuxSocket;
 
 /// Room for any UDP payload, IPv4 or IPv6.
 pub(crate) const MAX_REPLY: usize = 65_536;
@@ -27,23 +32,43 @@ pub(crate) const MAX_REPLY: usize = 65_536;
 /// forever"; every wait the client sets is at least this long.
 pub(crate) const MIN_WAIT: Duration = Duration::from_micros(1);
 
-/// A UDP client connected to one server.
+/// A blocking UDP client: request out, reply back, with timeouts, retries
+/// and a reply check.
 ///
-/// The socket is connected, so the kernel drops datagrams from anyone but
-/// the server, and an ICMP "port unreachable" from the server's host is
-/// reported at once as [`Error::Refused`].
+/// Made by [`connect`](GreetClient::connect) (or
+/// [`ClientBuilder::connect`]) for one server, called with
+/// [`send_recv`](GreetClient::send_recv); or by [`ClientBuilder::bind`] for
+/// many servers from one socket, called with
+/// [`send_recv_to`](GreetClient::send_recv_to).
+///
+/// A connected client's socket is connected, so the kernel drops datagrams
+/// from anyone but the server, and an ICMP "port unreachable" from the
+/// server's host is reported at once as [`Error::Refused`]. A bound client
+/// takes a reply only from the address its call went to.
 ///
 /// UDP may lose, duplicate or reorder datagrams. A call sends the request,
-/// waits for a reply up to the timeout, and sends the request again on
-/// silence, doubling the wait each time (with jitter), up to the configured
-/// retries and deadline; see [`ClientBuilder`]. Before each request it
-/// discards any datagram already queued (a late reply to an earlier request,
-/// or a duplicate; in [latency mode](ClientBuilder::busy_poll), right after
-/// sending it), and a [reply check](ClientBuilder::reply_check) rejects
-/// any datagram that is not the answer to this request.
+/// waits for a reply up to the [initial timeout](ClientBuilder::initial_timeout),
+/// and sends the request again on silence, doubling the wait each time
+/// (with jitter), up to the configured retries and
+/// [call timeout](ClientBuilder::call_timeout); see [`ClientBuilder`].
 ///
-/// Calls from several threads on one client are serialised; use one client
-/// per thread for parallel requests.
+/// # Without request ids (the default)
+///
+/// Calls are serialised: one call at a time on the client's one socket,
+/// so no reply can reach the wrong call's thread. Before each request the
+/// call discards any datagram already queued (a late reply to an earlier
+/// request, or a duplicate; in [latency mode](ClientBuilder::busy_poll),
+/// right after sending it), and a [reply check](ClientBuilder::reply_check)
+/// rejects any datagram that is not the answer to this request. A bound
+/// client connects its socket to each call's server for the call. Use one
+/// client per thread for parallel requests, or request ids.
+///
+/// # With request ids
+///
+/// With [`request_id`](ClientBuilder::request_id), calls from many threads
+/// are in flight at once on the client's few sockets
+/// ([`sockets`](ClientBuilder::sockets)), and each reply goes to the call
+/// whose destination and id it carries; see the setting's docs.
 ///
 /// # Examples
 ///
@@ -64,14 +89,29 @@ pub(crate) const MIN_WAIT: Duration = Duration::from_micros(1);
 /// # }
 /// ```
 pub struct GreetClient {
-    socket: Socket,
     local_addr: SocketAddr,
     recv_buffer: BufferSize,
     send_buffer: BufferSize,
-    /// The server, the settings, and the count of discarded datagrams
-    /// (read without waiting for a call).
-    peer: Peer,
-    state: Mutex<State>,
+    /// The server of a connected client; `None` for a bound one.
+    peer: Option<SocketAddr>,
+    /// The settings and the counts of discarded datagrams (read without
+    /// waiting for a call).
+    shared: Shared,
+    io: Io,
+}
+
+/// How a client's calls use its sockets.
+enum Io {
+    /// Without request ids: one socket, one call at a time.
+    Single { socket: Socket, state: Mutex<State> },
+    /// With request ids: calls in flight together on shared sockets.
+    Mux {
+        sockets: Box<[MuxSocket]>,
+        /// The jitter's random state, from which each call draws its own.
+        rng: Mutex<u64>,
+        /// Spreads calls over the sockets.
+        hasher: std::collections::hash_map::RandomState,
+    },
 }
 
 /// What one call leaves for the next.
@@ -83,14 +123,17 @@ struct State {
     reply: Vec<u8>,
     /// The jitter's random state (xorshift64*; never zero).
     rng: u64,
+    /// The address a bound client's socket is connected to now.
+    connected: Option<SocketAddr>,
 }
 
 impl State {
-    fn new(seed: u64) -> Self {
+    fn new(seed: u64, connected: Option<SocketAddr>) -> Self {
         State {
             read_timeout: None,
             reply: Vec::new(),
             rng: seed | 1,
+            connected,
         }
     }
 }
@@ -99,8 +142,9 @@ impl fmt::Debug for GreetClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("GreetClient")
             .field("local_addr", &self.local_addr)
-            .field("peer", &self.peer.addr)
-            .field("settings", &self.peer.settings)
+            .field("peer", &self.peer)
+            .field("settings", &self.shared.settings)
+            .field("sockets", &self.sockets())
             .finish_non_exhaustive()
     }
 }
@@ -121,16 +165,38 @@ impl GreetClient {
         ClientBuilder::new()
     }
 
-    /// The server's address.
+    /// The server's address, for a connected client; `None` for one made
+    /// with [`ClientBuilder::bind`], which calls any server.
     #[must_use]
-    pub fn peer_addr(&self) -> SocketAddr {
-        self.peer.addr
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.peer
     }
 
-    /// The client's own address (an ephemeral port chosen by the system).
+    /// The client's own address (of its first socket; with several
+    /// [`sockets`](ClientBuilder::sockets), each has a port of its own).
     #[must_use]
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// How many sockets the client holds: 1, or with request ids the
+    /// number of [`sockets`](ClientBuilder::sockets) asked for.
+    #[must_use]
+    pub fn sockets(&self) -> usize {
+        match &self.io {
+            Io::Single { .. } => 1,
+            Io::Mux { sockets, .. } => sockets.len(),
+        }
+    }
+
+    /// How many calls are in flight now (with request ids; without, at
+    /// most 1 runs at a time and this is 0).
+    #[must_use]
+    pub fn in_flight(&self) -> usize {
+        match &self.io {
+            Io::Single { .. } => 0,
+            Io::Mux { sockets, .. } => sockets.iter().map(MuxSocket::in_flight).sum(),
+        }
     }
 
     /// The receive buffer size requested and granted.
@@ -146,31 +212,40 @@ impl GreetClient {
     }
 
     /// How many datagrams this client has discarded: stale ones found queued
-    /// before a request, and ones that failed the reply check.
+    /// before a request, ones that failed the reply check, and with request
+    /// ids the [`unmatched`](GreetClient::unmatched) ones and duplicates.
     #[must_use]
     pub fn discarded(&self) -> u64 {
-        self.peer.discarded()
+        self.shared.discarded()
     }
 
-    /// Sends `request` and returns the reply.
+    /// With request ids: how many datagrams matched no call in flight (no
+    /// id, an id no call to their sender has, or a reply to a call that
+    /// has ended), discarded and counted in
+    /// [`discarded`](GreetClient::discarded) too.
+    #[must_use]
+    pub fn unmatched(&self) -> u64 {
+        self.shared.unmatched()
+    }
+
+    /// Sends `request` to the client's server and returns the reply.
     ///
     /// # Errors
     ///
     /// [`Error::Timeout`] when no reply came after every attempt,
     /// [`Error::Refused`] as soon as the server's host reports that nothing
-    /// listens on the port, [`Error::Io`] for other socket errors.
+    /// listens on the port, [`Error::Io`] for other socket errors; with
+    /// request ids, [`Error::NoRequestId`] and [`Error::IdInUse`]; on a
+    /// client made with [`ClientBuilder::bind`], which has no server of its
+    /// own, [`Error::WrongDestination`].
     pub fn send_recv(&self, request: &[u8]) -> Result<Vec<u8>, Error> {
-        let mut state = self.lock();
-        let mut reply = std::mem::take(&mut state.reply);
-        reply.resize(MAX_REPLY, 0);
-        let result = self.exchange(&mut state, request, &mut reply);
-        let out = result.map(|len| reply.get(..len).unwrap_or_default().to_vec());
-        state.reply = reply;
-        out
+        let dest = self.own_peer()?;
+        self.call_owned(dest, request)
     }
 
     /// Sends `request` and writes the reply into `buf`, returning its length.
-    /// Allocates nothing.
+    /// Allocates nothing (with request ids, a reply is taken from the call
+    /// that received it: one allocation per reply).
     ///
     /// # Errors
     ///
@@ -181,41 +256,177 @@ impl GreetClient {
     /// the call ends in [`Error::ReplyTooLarge`] rather than
     /// [`Error::Timeout`] if no valid reply came.
     pub fn send_recv_into(&self, request: &[u8], buf: &mut [u8]) -> Result<usize, Error> {
-        let mut state = self.lock();
-        self.exchange(&mut state, request, buf)
+        let dest = self.own_peer()?;
+        self.call(dest, request, &mut Sink::Borrowed(buf))
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // The state holds no invariant a panic could break.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    /// Sends `request` to `addr` and returns the reply, which only a
+    /// datagram from `addr` can be. For a client made with
+    /// [`ClientBuilder::bind`]: one client, one socket, many servers.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), udp_greet::Error> {
+    /// # let one = udp_greet::GreetServer::bind("127.0.0.1:0")?.spawn(udp_greet::greet)?;
+    /// # let two = udp_greet::GreetServer::bind("127.0.0.1:0")?.spawn(udp_greet::greet)?;
+    /// let client = udp_greet::GreetClient::builder().bind("127.0.0.1:0")?;
+    /// for server in [one.local_addr(), two.local_addr()] {
+    ///     assert_eq!(client.send_recv_to(server, b"Sarah")?, b"Hello, Sarah!");
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`send_recv`](GreetClient::send_recv); on a connected client,
+    /// [`Error::WrongDestination`] for any address but its server's.
+    pub fn send_recv_to(&self, addr: SocketAddr, request: &[u8]) -> Result<Vec<u8>, Error> {
+        self.check_destination(addr)?;
+        self.call_owned(addr, request)
     }
 
-    /// Drives one call's [`Exchange`] on the socket. Each step ends the call
-    /// or moves it on, and the exchange ends it when its attempts' time has
+    /// As [`send_recv_to`](GreetClient::send_recv_to), with the reply
+    /// written into `buf`, as [`send_recv_into`](GreetClient::send_recv_into)
+    /// does.
+    ///
+    /// # Errors
+    ///
+    /// As [`send_recv_to`](GreetClient::send_recv_to) and
+    /// [`send_recv_into`](GreetClient::send_recv_into).
+    pub fn send_recv_to_into(
+        &self,
+        addr: SocketAddr,
+        request: &[u8],
+        buf: &mut [u8],
+    ) -> Result<usize, Error> {
+        self.check_destination(addr)?;
+        self.call(addr, request, &mut Sink::Borrowed(buf))
+    }
+
+    /// The server of a connected client, or the error for `send_recv` on a
+    /// bound one.
+    fn own_peer(&self) -> Result<SocketAddr, Error> {
+        self.peer.ok_or(Error::WrongDestination {
+            addr: self.local_addr,
+            peer: None,
+        })
+    }
+
+    /// A connected client calls only its server.
+    fn check_destination(&self, addr: SocketAddr) -> Result<(), Error> {
+        match self.peer {
+            Some(peer) if canonical(peer) != canonical(addr) => Err(Error::WrongDestination {
+                addr,
+                peer: Some(peer),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// A call whose reply is returned as a vector of its own.
+    fn call_owned(&self, dest: SocketAddr, request: &[u8]) -> Result<Vec<u8>, Error> {
+        match &self.io {
+            Io::Single { socket, state } => {
+                let mut state = lock(state);
+                let mut reply = std::mem::take(&mut state.reply);
+                reply.resize(MAX_REPLY, 0);
+                let result = self.exchange(socket, &mut state, dest, request, &mut reply);
+                let out = result.map(|len| reply.get(..len).unwrap_or_default().to_vec());
+                state.reply = reply;
+                out
+            }
+            Io::Mux { .. } => {
+                let mut reply = Vec::new();
+                let len = self.call(dest, request, &mut Sink::Owned(&mut reply))?;
+                reply.truncate(len);
+                Ok(reply)
+            }
+        }
+    }
+
+    /// One call to `dest`, its reply put in `buf`.
+    fn call(&self, dest: SocketAddr, request: &[u8], buf: &mut Sink<'_>) -> Result<usize, Error> {
+        match &self.io {
+            Io::Single { socket, state } => {
+                let mut state = lock(state);
+                match buf {
+                    Sink::Borrowed(buf) => self.exchange(socket, &mut state, dest, request, buf),
+                    Sink::Owned(vec) => {
+                        vec.resize(MAX_REPLY, 0);
+                        self.exchange(socket, &mut state, dest, request, vec)
+                    }
+                }
+            }
+            Io::Mux {
+                sockets,
+                rng,
+                hasher,
+            } => {
+                let id = self
+                    .shared
+                    .settings
+                    .request_id
+                    .as_ref()
+                    .and_then(|read| read(request))
+                    .ok_or(Error::NoRequestId { addr: dest })?;
+                let seed = call_seed(&mut lock(rng));
+                let index = demux::pick(hasher, demux::Key::new(dest, id), sockets.len());
+                let Some(socket) = sockets.get(index) else {
+                    return Err(Error::NoRequestId { addr: dest });
+                };
+                socket.call(&self.shared, dest, id, request, buf, seed)
+            }
+        }
+    }
+
+    /// Drives one call's [`Exchange`] on the client's one socket (connected
+    /// to `dest` first, for a bound client). Each step ends the call or
+    /// moves it on, and the exchange ends it when its attempts' time has
     /// passed.
-    fn exchange(&self, state: &mut State, request: &[u8], buf: &mut [u8]) -> Result<usize, Error> {
+    fn exchange(
+        &self,
+        socket: &Socket,
+        state: &mut State,
+        dest: SocketAddr,
+        request: &[u8],
+        buf: &mut [u8],
+    ) -> Result<usize, Error> {
+        if state.connected != Some(dest) {
+            socket.connect(&dest.into()).map_err(|source| Error::Io {
+                action: "connect UDP socket to",
+                addr: dest,
+                source,
+            })?;
+            state.connected = Some(dest);
+        }
         let mut now = Instant::now();
         let seed = call_seed(&mut state.rng);
-        let mut call = Exchange::new(&self.peer, buf.len(), Queue::MayHoldStale, now, seed);
+        let mut call = Exchange::new(
+            &self.shared,
+            dest,
+            buf.len(),
+            Queue::MayHoldStale,
+            now,
+            seed,
+        );
         loop {
             match call.next(now) {
-                Step::Send => call.sent(self.socket.send(request)),
+                Step::Send => call.sent(socket.send(request)),
                 Step::Discard => {
-                    let received = sys::recv_nonblocking(&self.socket, buf).map(|len| (len, false));
+                    let received = sys::recv_nonblocking(socket, buf).map(|len| (len, false));
                     call.received(received, request, buf);
                 }
-                Step::Check => call.received(sys::recv_dont_wait(&self.socket, buf), request, buf),
+                Step::Check => call.received(sys::recv_dont_wait(socket, buf), request, buf),
                 Step::Poll => {
-                    let received = sys::recv_dont_wait(&self.socket, buf);
+                    let received = sys::recv_dont_wait(socket, buf);
                     if received.as_ref().is_err_and(error::is_timeout) {
                         std::hint::spin_loop();
                     }
                     call.received(received, request, buf);
                 }
                 Step::Wait(wait) => {
-                    self.set_read_timeout(state, wait.timeout)?;
-                    let received = self
-                        .socket
+                    set_read_timeout(socket, state, dest, wait.timeout)?;
+                    let received = socket
                         .recv_vectored(&mut [sys::recv_slice(buf)])
                         .map(|(len, flags)| (len, flags.is_truncated()));
                     call.received(received, request, buf);
@@ -225,17 +436,27 @@ impl GreetClient {
             now = Instant::now();
         }
     }
+}
 
-    /// Sets the socket's read timeout to `wait`, or to [`MIN_WAIT`] if it is
-    /// shorter: never to zero, which would mean no timeout at all.
-    fn set_read_timeout(&self, state: &mut State, wait: Duration) -> Result<(), Error> {
-        let wait = wait.max(MIN_WAIT);
-        if state.read_timeout != Some(wait) {
-            self.socket
-                .set_read_timeout(Some(wait))
-                .map_err(|e| self.peer.io_error("set the read timeout for", e))?;
-            state.read_timeout = Some(wait);
-        }
-        Ok(())
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The state holds no invariant a panic could break.
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Sets the socket's read timeout to `wait`, or to [`MIN_WAIT`] if it is
+/// shorter: never to zero, which would mean no timeout at all.
+fn set_read_timeout(
+    socket: &Socket,
+    state: &mut State,
+    dest: SocketAddr,
+    wait: Duration,
+) -> Result<(), Error> {
+    let wait = wait.max(MIN_WAIT);
+    if state.read_timeout != Some(wait) {
+        socket
+            .set_read_timeout(Some(wait))
+            .map_err(|e| exchange::io_error(dest, "set the read timeout for", e))?;
+        state.read_timeout = Some(wait);
     }
+    Ok(())
 }

@@ -152,6 +152,26 @@ pub(crate) fn enable_pktinfo(_: &Socket, _: bool) -> io::Result<bool> {
     Ok(false)
 }
 
+/// One entry taken from a socket's error queue: there is none on this
+/// platform.
+#[derive(Debug)]
+pub(crate) struct QueuedError {
+    pub(crate) dest: Option<std::net::SocketAddr>,
+    pub(crate) len: usize,
+    pub(crate) refused: bool,
+}
+
+/// ICMP errors are not queued per destination on this platform: an
+/// unconnected socket does not learn which destination refused.
+pub(crate) fn enable_recverr(_: &Socket, _: bool) -> io::Result<bool> {
+    Ok(false)
+}
+
+/// Always `WouldBlock`: there is no error queue on this platform.
+pub(crate) fn recv_error(_: &Socket, _: &mut [u8]) -> io::Result<QueuedError> {
+    Err(io::ErrorKind::WouldBlock.into())
+}
+
 /// Uninhabited: arrival addresses are not read on this platform.
 pub(crate) enum PktinfoIo {}
 

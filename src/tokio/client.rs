@@ -1,50 +1,66 @@
-//! The async client: every call in flight on a connected socket of its own,
-//! reused only when nothing is outstanding on it.
+//! The async client: without request ids, every call in flight on a
+//! connected socket of its own, reused only when nothing is outstanding on
+//! it; with them, calls multiplexed on a few shared sockets.
 
+use std::collections::hash_map::RandomState;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use super::Tokio;
+use super::mux::{self, AsyncMux};
 use crate::ClientBuilder;
 use crate::client::MAX_REPLY;
-use crate::client::exchange::{Exchange, Peer, Queue, Step, Wait, call_seed};
+use crate::client::demux::{self, Sink, canonical};
+use crate::client::exchange::{Exchange, Queue, Shared, Step, Wait, call_seed};
 use crate::error::{self, Error};
-use crate::socket::{self, BufferSize, SocketOptions};
+use crate::socket::{self, BoundSocket, BufferSize, SocketOptions};
 use crate::sys;
 
 /// An async UDP client for tokio: many calls at once on one client, each
 /// with every promise of [`GreetClient`](crate::GreetClient).
 ///
 /// Made with [`GreetClient::connect`], or [`GreetClient::builder`] and
-/// `connect(addr).await`, with the builder's policies unchanged:
-/// timeout, retries with jittered backoff, deadline, reply check,
-/// `refused_as_loss`, busy polling and buffer sizes. Cheap to clone; clones
-/// share the sockets and the limit.
+/// `connect(addr).await` for one server (called with
+/// [`send_recv`](GreetClient::send_recv)), or `bind(local).await` for many
+/// (called with [`send_recv_to`](GreetClient::send_recv_to)), with the
+/// builder's policies unchanged: initial timeout, retries with jittered
+/// backoff, call timeout, reply check, `refused_as_loss`, busy polling and
+/// buffer sizes. Cheap to clone; clones share the sockets and the limit.
 ///
-/// - **One socket per call in flight.** The wire format has no request id,
-///   so calls in flight together must not share a socket whose replies
-///   could reach the wrong call. Each call takes a connected socket on a
-///   port the system picks (which also makes forged replies harder to
-///   land). A socket goes back for reuse only when every request sent on it
-///   was answered, and is drained of stray datagrams before its next call
-///   (counted in [`discarded`](GreetClient::discarded)); one with a
-///   request outstanding is closed.
+/// - **Without request ids, one socket per call in flight.** The wire
+///   format has no request id, so calls in flight together must not share
+///   a socket whose replies could reach the wrong call. Each call takes a
+///   socket on a port the system picks (which also makes forged replies
+///   harder to land), connected to the call's server. A socket goes back
+///   for reuse only when every request sent on it was answered, and is
+///   drained of stray datagrams before its next call (counted in
+///   [`discarded`](GreetClient::discarded)); one with a request
+///   outstanding is closed.
+/// - **With [request ids](ClientBuilder::request_id), shared sockets.**
+///   Every call goes on one of the client's
+///   [`sockets`](ClientBuilder::sockets) (default 1), whose receive task
+///   hands each reply to the call whose destination and id it carries. The
+///   tasks run on the runtime the client was made on, and end when the last
+///   clone of the client is dropped.
 /// - **Bounded.** At most
 ///   [`max_in_flight`](ClientBuilder::<Tokio>::max_in_flight) calls run at once,
-///   which caps the sockets the client holds, in flight and idle; further
-///   calls wait their turn, in order, within their deadline.
+///   which without ids caps the sockets the client holds, in flight and
+///   idle; further calls wait their turn, in order, within their call
+///   timeout.
 /// - **Cancellation-safe.** Dropping a call's future at any await point
-///   releases its turn and its socket, and its late reply can never reach
-///   another call: the socket is closed, not reused.
+///   releases its turn and its socket or its place, and its late reply can
+///   never reach another call: without ids the socket is closed, not
+///   reused; with them the reply matches no call in flight (unless a later
+///   call reuses its id: see [`request_id`](ClientBuilder::request_id)).
 ///
 /// Its sockets are registered with the runtime the client (or the call
 /// that opened them) ran on: use a client within one runtime.
@@ -72,26 +88,51 @@ pub struct GreetClient {
 }
 
 struct Inner {
-    /// The server, the settings, and the count of discarded datagrams.
-    peer: Peer,
+    /// The settings and the counts of discarded datagrams (shared with the
+    /// receive tasks).
+    shared: Arc<Shared>,
+    /// The server of a connected client; `None` for a bound one.
+    peer: Option<SocketAddr>,
+    /// The first socket's own address.
+    local_addr: SocketAddr,
+    /// What a bound client binds each new socket to.
+    bind_to: SocketAddr,
     options: SocketOptions,
     max_in_flight: usize,
     turns: Arc<Semaphore>,
-    /// Sockets with nothing outstanding, ready for the next call.
-    idle: Mutex<Vec<UdpSocket>>,
-    /// Sockets open, idle or in a call.
-    open: AtomicUsize,
     /// The jitter's random state, from which each call draws its own.
     rng: Mutex<u64>,
     recv_buffer: BufferSize,
     send_buffer: BufferSize,
+    io: AsyncIo,
+}
+
+/// How a client's calls use sockets.
+enum AsyncIo {
+    /// Without request ids: a socket per call in flight.
+    PerCall {
+        /// Sockets with nothing outstanding, ready for the next call, with
+        /// the server each is connected to.
+        idle: Mutex<Vec<(UdpSocket, SocketAddr)>>,
+        /// Sockets open, idle or in a call.
+        open: AtomicUsize,
+    },
+    /// With request ids: shared sockets, each with a receive task.
+    Mux {
+        sockets: Box<[Arc<AsyncMux>]>,
+        /// Spreads calls over the sockets.
+        hasher: RandomState,
+        /// Dropped with the client: the receive tasks end.
+        _stop: Vec<oneshot::Sender<()>>,
+    },
 }
 
 impl fmt::Debug for GreetClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("GreetClient")
-            .field("peer", &self.inner.peer.addr)
-            .field("settings", &self.inner.peer.settings)
+            .field("peer", &self.inner.peer)
+            .field("local_addr", &self.inner.local_addr)
+            .field("settings", &self.inner.shared.settings)
             .field("max_in_flight", &self.inner.max_in_flight)
             .field("open_sockets", &self.open_sockets())
             .finish_non_exhaustive()
@@ -99,10 +140,11 @@ impl fmt::Debug for GreetClient {
 }
 
 impl ClientBuilder<Tokio> {
-    /// The most calls the client has in flight at once, each on a socket of
-    /// its own: calls beyond it wait for one to end (within their deadline).
-    /// This caps the sockets (file descriptors) the client holds, in flight
-    /// and idle together, whatever a burst of calls asks for.
+    /// The most calls the client has in flight at once: calls beyond it
+    /// wait for one to end (within their call timeout). Without request
+    /// ids each call has a socket of its own, so this also caps the sockets
+    /// (file descriptors) the client holds, in flight and idle together,
+    /// whatever a burst of calls asks for.
     ///
     /// Must be between 1 and 65 536. Defaults to
     /// [`DEFAULT_CLIENT_MAX_IN_FLIGHT`](crate::DEFAULT_CLIENT_MAX_IN_FLIGHT)
@@ -131,51 +173,159 @@ impl ClientBuilder<Tokio> {
         A: tokio::net::ToSocketAddrs + fmt::Debug,
     {
         self.validate()?;
-        let input = format!("{addr:?}");
-        let addrs = tokio::net::lookup_host(addr)
-            .await
-            .map_err(|source| Error::Resolve {
-                input: input.clone(),
-                source,
-            })?;
-        let addrs = socket::Resolved::from_addrs(input, addrs)?;
-        socket::first_ok(&addrs, |peer| {
-            let (first, recv_buffer, send_buffer) = open(peer, &self.socket)?;
-            Ok(GreetClient {
-                inner: Arc::new(Inner {
-                    peer: Peer::new(peer, self.settings.clone()),
-                    options: self.socket.clone(),
-                    max_in_flight: self.max_in_flight,
-                    turns: Arc::new(Semaphore::new(self.max_in_flight)),
-                    idle: Mutex::new(vec![first]),
-                    open: AtomicUsize::new(1),
-                    rng: Mutex::new(crate::client::builder::seed(peer.port())),
-                    recv_buffer,
-                    send_buffer,
-                }),
-            })
+        let addrs = lookup(addr).await?;
+        socket::first_ok(&addrs, |peer| self.make(Some(peer), peer))
+    }
+
+    /// Makes an async client for many servers, as the blocking
+    /// [`ClientBuilder::bind`] does: each call goes to the address given to
+    /// [`send_recv_to`](GreetClient::send_recv_to). Without request ids
+    /// each call's socket is bound to `local`'s address with an ephemeral
+    /// port (so `local` must have port 0) and connected to the call's
+    /// server; with them, the shared sockets are bound to `local`.
+    ///
+    /// Needs the `tokio` feature.
+    ///
+    /// # Errors
+    ///
+    /// As [`connect`](ClientBuilder::<Tokio>::connect); [`Error::AddrInUse`]
+    /// or [`Error::Bind`] when `local` cannot be bound, and
+    /// [`Error::InvalidConfig`] for a fixed port that several sockets would
+    /// need.
+    pub async fn bind<A>(self, local: A) -> Result<GreetClient, Error>
+    where
+        A: tokio::net::ToSocketAddrs + fmt::Debug,
+    {
+        self.validate()?;
+        let addrs = lookup(local).await?;
+        socket::first_ok(&addrs, |local| self.make(None, local))
+    }
+
+    /// A client connected to `peer`, or bound to `local` without one.
+    fn make(&self, peer: Option<SocketAddr>, local: SocketAddr) -> Result<GreetClient, Error> {
+        if peer.is_none() && local.port() != 0 && self.settings.request_id.is_none() {
+            return Err(Error::InvalidConfig {
+                setting: "ClientBuilder::bind",
+                reason: "without request_id each call has a socket of its own: bind to port 0",
+            });
+        }
+        self.check_fixed_port(peer, local)?;
+        let first = open(peer, local, &self.socket)?;
+        let (local_addr, recv_buffer, send_buffer) =
+            (first.local_addr, first.recv_buffer, first.send_buffer);
+        let shared = Arc::new(Shared::new(self.settings.clone()));
+        let io = match self.settings.request_id {
+            None => AsyncIo::PerCall {
+                idle: Mutex::new(vec![(first.socket, peer.unwrap_or(local))]),
+                open: AtomicUsize::new(1),
+            },
+            Some(_) => {
+                let mut sockets = Vec::with_capacity(self.sockets);
+                let mut stop = Vec::with_capacity(self.sockets);
+                let mut next = Some(first);
+                for _ in 0..self.sockets {
+                    let made = match next.take() {
+                        Some(made) => made,
+                        None => open(peer, local, &self.socket)?,
+                    };
+                    let recverr = match peer {
+                        Some(_) => false,
+                        None => sys::enable_recverr(&SockRef::from(&made.socket), local.is_ipv6())
+                            .map_err(|source| Error::Socket {
+                                action: "set IP_RECVERR",
+                                addr: local,
+                                source,
+                            })?,
+                    };
+                    let mux = AsyncMux::new(made.socket, peer, recverr);
+                    let (sender, receiver) = oneshot::channel();
+                    tokio::spawn(mux::receive(mux.clone(), shared.clone(), receiver));
+                    sockets.push(mux);
+                    stop.push(sender);
+                }
+                AsyncIo::Mux {
+                    sockets: sockets.into_boxed_slice(),
+                    hasher: RandomState::new(),
+                    _stop: stop,
+                }
+            }
+        };
+        Ok(GreetClient {
+            inner: Arc::new(Inner {
+                shared,
+                peer,
+                local_addr,
+                bind_to: local,
+                options: self.socket.clone(),
+                max_in_flight: self.max_in_flight,
+                turns: Arc::new(Semaphore::new(self.max_in_flight)),
+                rng: Mutex::new(crate::client::builder::seed(local_addr.port())),
+                recv_buffer,
+                send_buffer,
+                io,
+            }),
         })
     }
 }
 
-/// A new connected, non-blocking socket to `peer`, registered with the
-/// current runtime, with the buffer sizes it was granted.
+/// Resolves `addr` without blocking the runtime.
+async fn lookup<A>(addr: A) -> Result<socket::Resolved, Error>
+where
+    A: tokio::net::ToSocketAddrs + fmt::Debug,
+{
+    let input = format!("{addr:?}");
+    let addrs = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|source| Error::Resolve {
+            input: input.clone(),
+            source,
+        })?;
+    socket::Resolved::from_addrs(input, addrs)
+}
+
+/// A new non-blocking socket, connected to `peer` or bound to `local`,
+/// registered with the current runtime, with the buffer sizes it was
+/// granted.
 fn open(
-    peer: SocketAddr,
+    peer: Option<SocketAddr>,
+    local: SocketAddr,
     options: &SocketOptions,
-) -> Result<(UdpSocket, BufferSize, BufferSize), Error> {
-    let made = socket::connect(peer, options)?;
+) -> Result<Opened, Error> {
+    let made = match peer {
+        Some(peer) => socket::connect(peer, options)?,
+        None => socket::bind_client(local, options)?,
+    };
+    let addr = peer.unwrap_or(local);
     if tokio::runtime::Handle::try_current().is_err() {
-        return Err(Error::NoRuntime { addr: peer });
+        return Err(Error::NoRuntime { addr });
     }
     let fail = |source| Error::Socket {
         action: "register with the tokio runtime",
-        addr: peer,
+        addr,
         source,
     };
-    made.socket.set_nonblocking(true).map_err(fail)?;
-    let socket = UdpSocket::from_std(made.socket.into()).map_err(fail)?;
-    Ok((socket, made.recv_buffer, made.send_buffer))
+    let BoundSocket {
+        socket,
+        local_addr,
+        recv_buffer,
+        send_buffer,
+    } = made;
+    socket.set_nonblocking(true).map_err(fail)?;
+    let socket = UdpSocket::from_std(socket.into()).map_err(fail)?;
+    Ok(Opened {
+        socket,
+        local_addr,
+        recv_buffer,
+        send_buffer,
+    })
+}
+
+/// A socket [`open`] made.
+struct Opened {
+    socket: UdpSocket,
+    local_addr: SocketAddr,
+    recv_buffer: BufferSize,
+    send_buffer: BufferSize,
 }
 
 impl GreetClient {
@@ -197,15 +347,23 @@ impl GreetClient {
     /// A builder for a client with non-default settings: the blocking
     /// client's settings, and
     /// [`max_in_flight`](ClientBuilder::<Tokio>::max_in_flight); finish it
-    /// with [`connect(addr).await`](ClientBuilder::<Tokio>::connect).
+    /// with [`connect(addr).await`](ClientBuilder::<Tokio>::connect) or
+    /// [`bind(local).await`](ClientBuilder::<Tokio>::bind).
     pub fn builder() -> ClientBuilder<Tokio> {
         ClientBuilder::with_defaults()
     }
 
-    /// The server's address.
+    /// The server's address, for a connected client; `None` for one made
+    /// with [`bind`](ClientBuilder::<Tokio>::bind).
     #[must_use]
-    pub fn peer_addr(&self) -> SocketAddr {
-        self.inner.peer.addr
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.inner.peer
+    }
+
+    /// The client's own address (of its first socket).
+    #[must_use]
+    pub fn local_addr(&self) -> SocketAddr {
+        self.inner.local_addr
     }
 
     /// The receive buffer size requested and granted (for the first socket;
@@ -221,25 +379,49 @@ impl GreetClient {
         self.inner.send_buffer
     }
 
-    /// How many calls may be in flight at once (and so how many sockets
-    /// the client may hold).
+    /// How many calls may be in flight at once (and so, without request
+    /// ids, how many sockets the client may hold).
     #[must_use]
     pub fn max_in_flight(&self) -> usize {
         self.inner.max_in_flight
     }
 
-    /// How many sockets the client holds now: in calls, and idle.
+    /// How many sockets the client holds now: without request ids, those
+    /// in calls and idle; with them, its shared sockets.
     #[must_use]
     pub fn open_sockets(&self) -> usize {
-        self.inner.open.load(Ordering::Acquire)
+        match &self.inner.io {
+            AsyncIo::PerCall { open, .. } => open.load(Ordering::Acquire),
+            AsyncIo::Mux { sockets, .. } => sockets.len(),
+        }
+    }
+
+    /// How many calls are in flight now, on the client's shared sockets
+    /// (with request ids; without, the sockets in calls).
+    #[must_use]
+    pub fn in_flight(&self) -> usize {
+        match &self.inner.io {
+            AsyncIo::PerCall { .. } => {
+                self.inner.max_in_flight - self.inner.turns.available_permits()
+            }
+            AsyncIo::Mux { sockets, .. } => sockets.iter().map(|s| s.in_flight()).sum(),
+        }
     }
 
     /// How many datagrams the client has discarded: stray ones drained from
-    /// a socket before its reuse, and ones that failed the reply check or
-    /// were too large to check.
+    /// a socket before its reuse, ones that failed the reply check or were
+    /// too large to check, and with request ids the
+    /// [`unmatched`](GreetClient::unmatched) ones and duplicates.
     #[must_use]
     pub fn discarded(&self) -> u64 {
-        self.inner.peer.discarded()
+        self.inner.shared.discarded()
+    }
+
+    /// With request ids: how many datagrams matched no call in flight,
+    /// discarded and counted in [`discarded`](GreetClient::discarded) too.
+    #[must_use]
+    pub fn unmatched(&self) -> u64 {
+        self.inner.shared.unmatched()
     }
 
     /// Sends `request` and returns the reply, as
@@ -250,34 +432,108 @@ impl GreetClient {
     ///
     /// As [`GreetClient::send_recv`](crate::GreetClient::send_recv). A call that waits for its turn
     /// (see [`max_in_flight`](ClientBuilder::<Tokio>::max_in_flight)) past its
-    /// deadline ends with [`Error::Timeout`] after 0 attempts.
+    /// call timeout ends with [`Error::Timeout`] after 0 attempts.
     pub async fn send_recv(&self, request: &[u8]) -> Result<Vec<u8>, Error> {
-        let mut reply = Vec::new();
-        let len = self.exchange(request, &mut Buf::Owned(&mut reply)).await?;
-        reply.truncate(len);
-        reply.shrink_to_fit();
-        Ok(reply)
+        let dest = self.own_peer()?;
+        self.call_owned(dest, request).await
     }
 
     /// As [`send_recv`](GreetClient::send_recv), with the reply written
-    /// into `buf`; returns its length. Allocates nothing per call.
+    /// into `buf`; returns its length. Allocates nothing per call without
+    /// request ids (with them, one allocation per reply).
     ///
     /// # Errors
     ///
     /// As [`GreetClient::send_recv_into`](crate::GreetClient::send_recv_into).
     pub async fn send_recv_into(&self, request: &[u8], buf: &mut [u8]) -> Result<usize, Error> {
-        self.exchange(request, &mut Buf::Borrowed(buf)).await
+        let dest = self.own_peer()?;
+        self.exchange(dest, request, &mut Buf::Borrowed(buf)).await
     }
 
-    /// Drives one call's [`Exchange`]: a turn, a socket, then each step on
-    /// it until the exchange ends the call (when its attempts' time has
-    /// passed, at the latest).
-    async fn exchange(&self, request: &[u8], buf: &mut Buf<'_>) -> Result<usize, Error> {
+    /// Sends `request` to `addr` and returns the reply, which only a
+    /// datagram from `addr` can be, as
+    /// [`GreetClient::send_recv_to`](crate::GreetClient::send_recv_to)
+    /// does.
+    ///
+    /// # Errors
+    ///
+    /// As [`GreetClient::send_recv_to`](crate::GreetClient::send_recv_to).
+    pub async fn send_recv_to(&self, addr: SocketAddr, request: &[u8]) -> Result<Vec<u8>, Error> {
+        self.check_destination(addr)?;
+        self.call_owned(addr, request).await
+    }
+
+    /// As [`send_recv_to`](GreetClient::send_recv_to), with the reply
+    /// written into `buf`; returns its length.
+    ///
+    /// # Errors
+    ///
+    /// As [`GreetClient::send_recv_to_into`](crate::GreetClient::send_recv_to_into).
+    pub async fn send_recv_to_into(
+        &self,
+        addr: SocketAddr,
+        request: &[u8],
+        buf: &mut [u8],
+    ) -> Result<usize, Error> {
+        self.check_destination(addr)?;
+        self.exchange(addr, request, &mut Buf::Borrowed(buf)).await
+    }
+
+    fn own_peer(&self) -> Result<SocketAddr, Error> {
+        self.inner.peer.ok_or(Error::WrongDestination {
+            addr: self.inner.local_addr,
+            peer: None,
+        })
+    }
+
+    fn check_destination(&self, addr: SocketAddr) -> Result<(), Error> {
+        match self.inner.peer {
+            Some(peer) if canonical(peer) != canonical(addr) => Err(Error::WrongDestination {
+                addr,
+                peer: Some(peer),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    async fn call_owned(&self, dest: SocketAddr, request: &[u8]) -> Result<Vec<u8>, Error> {
+        let mut reply = Vec::new();
+        let len = self
+            .exchange(dest, request, &mut Buf::Owned(&mut reply))
+            .await?;
+        reply.truncate(len);
+        reply.shrink_to_fit();
+        Ok(reply)
+    }
+
+    /// Drives one call's [`Exchange`]: a turn, then a socket of its own and
+    /// each step on it, or a place on a shared socket, until the exchange
+    /// ends the call (when its attempts' time has passed, at the latest).
+    async fn exchange(
+        &self,
+        dest: SocketAddr,
+        request: &[u8],
+        buf: &mut Buf<'_>,
+    ) -> Result<usize, Error> {
         let inner = &*self.inner;
-        let seed = call_seed(&mut inner.rng.lock().unwrap_or_else(|e| e.into_inner()));
-        // The socket is drained when it is leased.
+        let id = match &inner.io {
+            AsyncIo::PerCall { .. } => None,
+            AsyncIo::Mux { .. } => Some(
+                inner
+                    .shared
+                    .settings
+                    .request_id
+                    .as_ref()
+                    .and_then(|read| read(request))
+                    .ok_or(Error::NoRequestId { addr: dest })?,
+            ),
+        };
+        let seed = call_seed(&mut lock(&inner.rng));
+        // A socket of its own is drained when it is leased; a shared one
+        // holds no stale datagrams for the call.
         let mut call = Exchange::new(
-            &inner.peer,
+            &inner.shared,
+            dest,
             buf.capacity(),
             Queue::Drained,
             Instant::now(),
@@ -295,7 +551,25 @@ impl GreetClient {
         let Ok(permit) = permit else {
             return Err(call.failed(Instant::now()));
         };
-        let mut socket = self.lease(permit)?;
+        if let (
+            AsyncIo::Mux {
+                sockets, hasher, ..
+            },
+            Some(id),
+        ) = (&inner.io, id)
+        {
+            let index = demux::pick(hasher, demux::Key::new(dest, id), sockets.len());
+            let Some(mux) = sockets.get(index) else {
+                return Err(call.failed(Instant::now()));
+            };
+            let mut sink = buf.sink();
+            let result = mux
+                .call(&inner.shared, dest, id, request, &mut sink, &mut call)
+                .await;
+            drop(permit);
+            return result;
+        }
+        let mut socket = self.lease(permit, dest)?;
         loop {
             match call.next(Instant::now()) {
                 Step::Send => call.sent(socket.send(request).await),
@@ -319,27 +593,47 @@ impl GreetClient {
         }
     }
 
-    /// A socket for one call: an idle one, drained, or a new one.
-    fn lease(&self, permit: OwnedSemaphorePermit) -> Result<Call, Error> {
+    /// A socket for one call to `dest`: an idle one (connected to `dest`
+    /// if it was connected elsewhere), drained, or a new one.
+    fn lease(&self, permit: OwnedSemaphorePermit, dest: SocketAddr) -> Result<Call, Error> {
         let inner = &self.inner;
+        let AsyncIo::PerCall { idle, open: count } = &inner.io else {
+            return Err(Error::NoRequestId { addr: dest });
+        };
         let socket = loop {
-            let idle = inner.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
-            match idle {
-                Some(socket) if drain(&socket, inner) => break socket,
+            let taken = lock(idle).pop();
+            match taken {
+                Some((socket, to)) if reconnect(&socket, to, dest) && drain(&socket, inner) => {
+                    break socket;
+                }
                 // Failed: closed, and another tried.
-                Some(socket) => {
-                    inner.open.fetch_sub(1, Ordering::AcqRel);
+                Some((socket, _)) => {
+                    count.fetch_sub(1, Ordering::AcqRel);
                     drop(socket);
                 }
                 None => {
-                    let (socket, _, _) = open(inner.peer.addr, &inner.options)?;
-                    inner.open.fetch_add(1, Ordering::AcqRel);
-                    break socket;
+                    let opened = match inner.peer {
+                        Some(peer) => open(Some(peer), peer, &inner.options)?,
+                        None => {
+                            let opened = open(None, inner.bind_to, &inner.options)?;
+                            if !reconnect(&opened.socket, inner.bind_to, dest) {
+                                return Err(Error::Io {
+                                    action: "connect UDP socket to",
+                                    addr: dest,
+                                    source: io::Error::other("connect failed"),
+                                });
+                            }
+                            opened
+                        }
+                    };
+                    count.fetch_add(1, Ordering::AcqRel);
+                    break opened.socket;
                 }
             }
         };
         Ok(Call {
             socket: Some(socket),
+            dest,
             sent: 0,
             answers: 0,
             client: self.inner.clone(),
@@ -348,13 +642,25 @@ impl GreetClient {
     }
 }
 
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing held under these locks can be left half done.
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Connects `socket`, connected to `to` now (or only bound, when `to` is
+/// its own address), to `dest` unless it is already; `false` if that
+/// failed.
+fn reconnect(socket: &UdpSocket, to: SocketAddr, dest: SocketAddr) -> bool {
+    to == dest || SockRef::from(socket).connect(&dest.into()).is_ok()
+}
+
 /// Discards whatever is queued on an idle socket (counted); returns `false`
 /// if the socket failed and must not be used.
 fn drain(socket: &UdpSocket, inner: &Inner) -> bool {
     let mut scratch = [0u8; 1];
     loop {
         match SockRef::from(socket).recv_vectored(&mut [sys::recv_slice(&mut scratch)]) {
-            Ok(_) => inner.peer.count_discarded(),
+            Ok(_) => inner.shared.count_discarded(),
             Err(e) if error::is_timeout(&e) => return true,
             // An ICMP report for an earlier request, taken off the socket.
             Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
@@ -373,6 +679,14 @@ enum Buf<'a> {
 }
 
 impl Buf<'_> {
+    /// The same buffer, as a shared socket's call fills it.
+    fn sink(&mut self) -> Sink<'_> {
+        match self {
+            Buf::Owned(vec) => Sink::Owned(vec),
+            Buf::Borrowed(buf) => Sink::Borrowed(buf),
+        }
+    }
+
     fn capacity(&self) -> usize {
         match self {
             Buf::Owned(_) => MAX_REPLY,
@@ -405,6 +719,8 @@ impl Buf<'_> {
 /// closed otherwise; its turn is given back either way.
 struct Call {
     socket: Option<UdpSocket>,
+    /// The server the socket is connected to.
+    dest: SocketAddr,
     /// Requests sent on the socket in this call.
     sent: u64,
     /// Datagrams received on it in this call (replies, and discarded ones).
@@ -461,15 +777,14 @@ impl Drop for Call {
         let Some(socket) = self.socket.take() else {
             return;
         };
+        let AsyncIo::PerCall { idle, open } = &self.client.io else {
+            return;
+        };
         if self.answers >= self.sent {
-            self.client
-                .idle
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(socket);
+            lock(idle).push((socket, self.dest));
         } else {
             // A reply may still come: the socket is closed, never reused.
-            self.client.open.fetch_sub(1, Ordering::AcqRel);
+            open.fetch_sub(1, Ordering::AcqRel);
             drop(socket);
         }
     }

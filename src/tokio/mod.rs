@@ -10,6 +10,7 @@
 
 mod client;
 mod inflight;
+mod mux;
 mod request;
 mod server;
 

@@ -102,30 +102,42 @@ const fn space(len: usize) -> usize {
     HEADER + align(len)
 }
 
-/// Reads the arrival address from the first `len` bytes of `control`,
-/// skipping every other kind of control message. Safe for any contents and
-/// any `len`: every read is checked against the buffer (a `len` past its
-/// end counts as its end), and a malformed message ends the walk.
-pub(crate) fn parse<const N: usize>(control: &CmsgBuf<N>, len: usize) -> Arrival {
+/// The control messages in the first `len` bytes of `control`, as
+/// (level, type, data). Safe for any contents and any `len`: every read is
+/// checked against the buffer (a `len` past its end counts as its end), and
+/// a malformed message ends the walk.
+fn messages<const N: usize>(
+    control: &CmsgBuf<N>,
+    len: usize,
+) -> impl Iterator<Item = (c_int, c_int, &[u8])> {
     let len = len.min(N);
-    let mut arrival = Arrival::default();
     let mut offset = 0;
-    while offset + HEADER <= len {
-        let Some(cmsg) = control.0.get(offset..len).and_then(read::<cmsghdr>) else {
-            break;
-        };
+    std::iter::from_fn(move || {
+        if offset + HEADER > len {
+            return None;
+        }
+        let cmsg = control.0.get(offset..len).and_then(read::<cmsghdr>)?;
         // `cmsg_len` is `size_t` on glibc, `socklen_t` on musl.
         #[allow(clippy::unnecessary_cast)]
         let cmsg_len = cmsg.cmsg_len as usize;
         // `offset + HEADER <= len`, so `len - offset` does not wrap, and a
         // garbage `cmsg_len` cannot overflow the sum.
         if cmsg_len < HEADER || cmsg_len > len - offset {
-            break;
+            offset = len;
+            return None;
         }
-        let Some(data) = control.0.get(offset + HEADER..offset + cmsg_len) else {
-            break;
-        };
-        match (cmsg.cmsg_level, cmsg.cmsg_type) {
+        let data = control.0.get(offset + HEADER..offset + cmsg_len)?;
+        offset += align(cmsg_len);
+        Some((cmsg.cmsg_level, cmsg.cmsg_type, data))
+    })
+}
+
+/// Reads the arrival address from the first `len` bytes of `control`,
+/// skipping every other kind of control message (see [`messages`]).
+pub(crate) fn parse<const N: usize>(control: &CmsgBuf<N>, len: usize) -> Arrival {
+    let mut arrival = Arrival::default();
+    for (level, kind, data) in messages(control, len) {
+        match (level, kind) {
             (libc::IPPROTO_IP, libc::IP_PKTINFO) => {
                 if let Some(info) = read::<in_pktinfo>(data) {
                     // The local address the packet was accepted on (for a
@@ -150,9 +162,45 @@ pub(crate) fn parse<const N: usize>(control: &CmsgBuf<N>, len: usize) -> Arrival
             }
             _ => {}
         }
-        offset += align(cmsg_len);
     }
     arrival
+}
+
+/// Whether the first `len` bytes of `control`, from a receive of the error
+/// queue (`MSG_ERRQUEUE`), report an ICMP or ICMPv6 "port unreachable":
+/// an extended error (`IP_RECVERR`, `IPV6_RECVERR`) of `ECONNREFUSED`
+/// from an ICMP message.
+pub(crate) fn is_port_unreachable<const N: usize>(control: &CmsgBuf<N>, len: usize) -> bool {
+    messages(control, len).any(|(level, kind, data)| {
+        let extended = matches!(
+            (level, kind),
+            (libc::IPPROTO_IP, libc::IP_RECVERR) | (libc::IPPROTO_IPV6, libc::IPV6_RECVERR)
+        );
+        extended
+            && read::<libc::sock_extended_err>(data).is_some_and(|err| {
+                err.ee_errno == libc::ECONNREFUSED as u32
+                    && matches!(
+                        err.ee_origin,
+                        libc::SO_EE_ORIGIN_ICMP | libc::SO_EE_ORIGIN_ICMP6
+                    )
+            })
+    })
+}
+
+/// Asks the kernel to queue ICMP errors with the address they concern
+/// (`IP_RECVERR`, and `IPV6_RECVERR` on IPv6), so that an unconnected
+/// socket learns which destination refused.
+pub(crate) fn enable_recverr(socket: &Socket, ipv6: bool) -> io::Result<()> {
+    if ipv6 {
+        set_flag(socket, libc::IPPROTO_IPV6, libc::IPV6_RECVERR)?;
+        // A dual-stack socket's IPv4 destinations report through IPv4.
+        if !socket.only_v6()? {
+            set_flag(socket, libc::IPPROTO_IP, libc::IP_RECVERR)?;
+        }
+        Ok(())
+    } else {
+        set_flag(socket, libc::IPPROTO_IP, libc::IP_RECVERR)
+    }
 }
 
 /// Plain C values that control messages carry, read from and written to
@@ -176,6 +224,9 @@ unsafe impl Plain for in_pktinfo {}
 unsafe impl Plain for in6_pktinfo {}
 // SAFETY: an integer.
 unsafe impl Plain for u16 {}
+// SAFETY: `ee_errno`, `ee_info`, `ee_data` (`u32`) and four `u8`s between
+// them: 16 bytes, no padding.
+unsafe impl Plain for libc::sock_extended_err {}
 
 /// Reads a `T` from the start of `data`, if it is long enough.
 fn read<T: Plain>(data: &[u8]) -> Option<T> {

@@ -161,6 +161,58 @@ pub(crate) fn enable_pktinfo(socket: &Socket, ipv6: bool) -> io::Result<bool> {
     cmsg::enable_pktinfo(socket, ipv6).map(|()| true)
 }
 
+/// One entry taken from a socket's error queue (see [`enable_recverr`]).
+#[derive(Debug)]
+pub(crate) struct QueuedError {
+    /// Where the datagram it concerns was sent.
+    pub(crate) dest: Option<SocketAddr>,
+    /// How many bytes of that datagram's payload came back with it.
+    pub(crate) len: usize,
+    /// It is an ICMP "port unreachable".
+    pub(crate) refused: bool,
+}
+
+/// Asks the kernel to queue ICMP errors with the destination they concern
+/// (`IP_RECVERR`, `IPV6_RECVERR`); returns whether it will.
+pub(crate) fn enable_recverr(socket: &Socket, ipv6: bool) -> io::Result<bool> {
+    cmsg::enable_recverr(socket, ipv6).map(|()| true)
+}
+
+/// Takes one entry from the socket's error queue without waiting, with the
+/// start of the datagram it concerns in `buf`; `WouldBlock` when the queue
+/// is empty.
+pub(crate) fn recv_error(socket: &Socket, buf: &mut [u8]) -> io::Result<QueuedError> {
+    // SAFETY: a plain C struct, valid when zeroed.
+    let mut name: sockaddr_storage = unsafe { mem::zeroed() };
+    let mut control = cmsg::RecvCmsg::EMPTY;
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast::<c_void>(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: a plain C struct, valid when zeroed.
+    let mut hdr: libc::msghdr = unsafe { mem::zeroed() };
+    hdr.msg_name = ptr::from_mut(&mut name).cast::<c_void>();
+    hdr.msg_namelen = mem::size_of::<sockaddr_storage>() as socklen_t;
+    hdr.msg_iov = &mut iov;
+    hdr.msg_iovlen = 1;
+    hdr.msg_control = control.0.as_mut_ptr().cast::<c_void>();
+    hdr.msg_controllen = mem::size_of::<cmsg::RecvCmsg>() as _;
+    let fd = socket.as_raw_fd();
+    let n = crate::sys::retry_interrupted(|| {
+        // SAFETY: `hdr` points at `name` (its size given), one iovec over
+        // `buf`, and `control` (its size given), all alive for the call.
+        cvt(unsafe { libc::recvmsg(fd, &mut hdr, libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT) })
+    })?;
+    // `msg_controllen` is `size_t` on glibc, `socklen_t` on musl.
+    #[allow(clippy::unnecessary_cast)]
+    let control_len = hdr.msg_controllen as usize;
+    Ok(QueuedError {
+        dest: to_std(&name, hdr.msg_namelen),
+        len: n.min(buf.len()),
+        refused: cmsg::is_port_unreachable(&control, control_len),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

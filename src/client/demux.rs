@@ -1,0 +1,414 @@
+//! Calls multiplexed by request id on shared sockets, written once for both
+//! clients: which call each arriving datagram (or ICMP refusal) belongs to.
+//!
+//! A [`Table`] holds the calls in flight on one socket, keyed by where each
+//! request went and the id it carries. Whoever receives on the socket (a
+//! blocking client's thread that holds the receive turn, or the async
+//! client's receive task) hands every datagram to [`Table::deliver`], which
+//! reads its id, finds the call it answers, judges it against that call's
+//! reply check, and keeps it in the call's inbox; the waiter it returns is
+//! woken once the table's lock is released. The table does no I/O and no
+//! waiting: the clients do those around it.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::task::Waker;
+use std::thread::Thread;
+
+use super::exchange::Shared;
+
+/// Reads the request id of a request or a reply.
+pub(crate) type RequestId = Arc<dyn Fn(&[u8]) -> Option<u64> + Send + Sync>;
+
+/// A call in flight: where its request went and the id it carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct Key {
+    addr: SocketAddr,
+    id: u64,
+}
+
+impl Key {
+    /// The key of a call to `addr` with request id `id`; an IPv4-mapped
+    /// IPv6 address is taken as the IPv4 address it maps, as replies from
+    /// it are.
+    pub(crate) fn new(addr: SocketAddr, id: u64) -> Key {
+        Key {
+            addr: canonical(addr),
+            id,
+        }
+    }
+}
+
+/// Which of `count` shared sockets a call with `key` goes on.
+pub(crate) fn pick(
+    hasher: &std::collections::hash_map::RandomState,
+    key: Key,
+    count: usize,
+) -> usize {
+    use std::hash::BuildHasher;
+    (hasher.hash_one(key) % count.max(1) as u64) as usize
+}
+
+/// `addr` with an IPv4-mapped IPv6 address written as IPv4.
+pub(crate) fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+/// Where a multiplexed call's reply goes.
+#[derive(Debug)]
+pub(crate) enum Sink<'a> {
+    /// A vector the reply is moved into (room for the largest datagram).
+    Owned(&'a mut Vec<u8>),
+    /// The caller's buffer.
+    Borrowed(&'a mut [u8]),
+}
+
+impl Sink<'_> {
+    pub(crate) fn capacity(&self) -> usize {
+        match self {
+            Sink::Owned(_) => super::MAX_REPLY,
+            Sink::Borrowed(buf) => buf.len(),
+        }
+    }
+
+    /// The bytes a reply was put in.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        match self {
+            Sink::Owned(vec) => vec,
+            Sink::Borrowed(buf) => buf,
+        }
+    }
+
+    /// Puts `reply` in: its length, and whether it was larger than the
+    /// room (then only its start is kept).
+    pub(crate) fn put(&mut self, reply: Vec<u8>) -> (usize, bool) {
+        match self {
+            Sink::Owned(vec) => {
+                **vec = reply;
+                (vec.len(), false)
+            }
+            Sink::Borrowed(buf) => {
+                let len = reply.len().min(buf.len());
+                if let (Some(to), Some(from)) = (buf.get_mut(..len), reply.get(..len)) {
+                    to.copy_from_slice(from);
+                }
+                (len, reply.len() > buf.len())
+            }
+        }
+    }
+}
+
+/// Who to wake when a call's inbox fills.
+#[derive(Debug, Default)]
+pub(crate) enum Waiter {
+    /// Nobody is waiting (yet).
+    #[default]
+    None,
+    /// A blocking call's thread, parked.
+    Thread(Thread),
+    /// An async call's task.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    Task(Waker),
+}
+
+impl Waiter {
+    pub(crate) fn wake(self) {
+        match self {
+            Waiter::None => {}
+            Waiter::Thread(thread) => thread.unpark(),
+            Waiter::Task(waker) => waker.wake(),
+        }
+    }
+}
+
+/// What has come for a call.
+#[derive(Debug)]
+enum Inbox {
+    Empty,
+    /// A reply that passed the call's reply check.
+    Reply(Vec<u8>),
+    /// Its destination refused (ICMP port unreachable).
+    Refused,
+}
+
+#[derive(Debug)]
+struct Slot {
+    key: Key,
+    /// The request, kept for the reply check when there is one.
+    request: Option<Box<[u8]>>,
+    inbox: Inbox,
+    waiter: Waiter,
+}
+
+/// The calls in flight on one socket; see the module's documentation.
+#[derive(Debug, Default)]
+pub(crate) struct Table {
+    calls: HashMap<Key, usize>,
+    slots: Vec<Option<Slot>>,
+    free: Vec<usize>,
+}
+
+/// What became of a datagram handed to [`Table::deliver`].
+#[derive(Debug)]
+pub(crate) enum Delivery {
+    /// Kept for its call: wake this waiter (after releasing the table).
+    Delivered(Waiter),
+    /// Discarded (and counted): no id, no call with its key, a reply the
+    /// call already has, or one that failed the call's reply check.
+    Discarded,
+}
+
+impl Table {
+    /// Registers a call with `key`, keeping `request` for its reply check
+    /// (`None` without one); `None` if a call with that key is in flight.
+    pub(crate) fn register(&mut self, key: Key, request: Option<&[u8]>) -> Option<usize> {
+        if self.calls.contains_key(&key) {
+            return None;
+        }
+        let slot = Slot {
+            key,
+            request: request.map(Box::from),
+            inbox: Inbox::Empty,
+            waiter: Waiter::None,
+        };
+        let index = match self.free.pop() {
+            Some(index) => {
+                if let Some(place) = self.slots.get_mut(index) {
+                    *place = Some(slot);
+                }
+                index
+            }
+            None => {
+                self.slots.push(Some(slot));
+                self.slots.len() - 1
+            }
+        };
+        self.calls.insert(key, index);
+        Some(index)
+    }
+
+    /// Ends the call in `slot`: a reply that comes for it later matches
+    /// nothing.
+    pub(crate) fn remove(&mut self, slot: usize) {
+        if let Some(place) = self.slots.get_mut(slot) {
+            if let Some(old) = place.take() {
+                self.calls.remove(&old.key);
+                self.free.push(slot);
+            }
+        }
+    }
+
+    /// How many calls are in flight.
+    pub(crate) fn len(&self) -> usize {
+        self.calls.len()
+    }
+
+    /// Takes what has come for the call in `slot`: a reply, or a refusal
+    /// as a `ConnectionRefused` error. Otherwise, with `waiter`, keeps it
+    /// to be woken when something comes.
+    pub(crate) fn take(
+        &mut self,
+        slot: usize,
+        waiter: Option<Waiter>,
+    ) -> Option<io::Result<Vec<u8>>> {
+        let slot = self.slots.get_mut(slot)?.as_mut()?;
+        match std::mem::replace(&mut slot.inbox, Inbox::Empty) {
+            Inbox::Reply(reply) => Some(Ok(reply)),
+            Inbox::Refused => Some(Err(io::ErrorKind::ConnectionRefused.into())),
+            Inbox::Empty => {
+                if let Some(waiter) = waiter {
+                    slot.waiter = waiter;
+                }
+                None
+            }
+        }
+    }
+
+    /// Hands a datagram from `from` to the call it answers; see
+    /// [`Delivery`]. Counts what it discards in `shared`.
+    pub(crate) fn deliver(
+        &mut self,
+        shared: &Shared,
+        request_id: &RequestId,
+        from: SocketAddr,
+        datagram: &[u8],
+    ) -> Delivery {
+        let slot = request_id(datagram)
+            .and_then(|id| self.calls.get(&Key::new(from, id)))
+            .and_then(|&index| self.slots.get_mut(index))
+            .and_then(Option::as_mut);
+        let Some(slot) = slot else {
+            shared.count_unmatched();
+            return Delivery::Discarded;
+        };
+        let fits = slot.request.as_deref().is_none_or(|request| {
+            shared
+                .settings
+                .check
+                .as_ref()
+                .is_none_or(|check| check(request, datagram))
+        });
+        if !fits || !matches!(slot.inbox, Inbox::Empty) {
+            shared.count_discarded();
+            return Delivery::Discarded;
+        }
+        slot.inbox = Inbox::Reply(datagram.to_vec());
+        Delivery::Delivered(std::mem::take(&mut slot.waiter))
+    }
+
+    /// Hands a refusal to the calls it concerns: those to `dest` (every
+    /// call, for a connected socket: `None`), and of those the one with
+    /// request id `id` if the refused request's id could be read. Returns
+    /// the waiters to wake.
+    pub(crate) fn refuse(&mut self, dest: Option<SocketAddr>, id: Option<u64>) -> Vec<Waiter> {
+        let dest = dest.map(canonical);
+        let mut woken = Vec::new();
+        for slot in self.slots.iter_mut().flatten() {
+            let to_dest = dest.is_none_or(|dest| slot.key.addr == dest);
+            let with_id = id.is_none_or(|id| slot.key.id == id);
+            if to_dest && with_id && matches!(slot.inbox, Inbox::Empty) {
+                slot.inbox = Inbox::Refused;
+                woken.push(std::mem::take(&mut slot.waiter));
+            }
+        }
+        woken
+    }
+
+    /// A thread that waits with nothing in its inbox, other than the one in
+    /// `except`'s slot: the next to take the receive turn.
+    pub(crate) fn waiting_thread(&self, except: usize) -> Option<Thread> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(index, _)| *index != except)
+            .find_map(|(_, slot)| match slot {
+                Some(Slot {
+                    inbox: Inbox::Empty,
+                    waiter: Waiter::Thread(thread),
+                    ..
+                }) => Some(thread.clone()),
+                _ => None,
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ClientBuilder;
+
+    fn first_byte() -> RequestId {
+        Arc::new(|datagram: &[u8]| datagram.first().map(|&b| u64::from(b)))
+    }
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    #[test]
+    fn each_reply_goes_to_the_call_with_its_address_and_id() {
+        let shared = Shared::new(ClientBuilder::new().settings);
+        let ids = first_byte();
+        let mut table = Table::default();
+        let a = table.register(Key::new(addr(1), 7), None);
+        let b = table.register(Key::new(addr(2), 7), None);
+        let (Some(a), Some(b)) = (a, b) else {
+            panic!("both keys are free");
+        };
+        // The same key twice is refused.
+        assert!(table.register(Key::new(addr(1), 7), None).is_none());
+        // From the wrong address, or with an unknown id: counted, dropped.
+        assert!(matches!(
+            table.deliver(&shared, &ids, addr(3), &[7]),
+            Delivery::Discarded
+        ));
+        assert!(matches!(
+            table.deliver(&shared, &ids, addr(1), &[8]),
+            Delivery::Discarded
+        ));
+        assert!(matches!(
+            table.deliver(&shared, &ids, addr(1), &[]),
+            Delivery::Discarded
+        ));
+        assert_eq!((shared.unmatched(), shared.discarded()), (3, 3));
+        assert!(matches!(
+            table.deliver(&shared, &ids, addr(2), &[7, 2]),
+            Delivery::Delivered(_)
+        ));
+        // A duplicate waits for nothing.
+        assert!(matches!(
+            table.deliver(&shared, &ids, addr(2), &[7, 2]),
+            Delivery::Discarded
+        ));
+        assert_eq!((shared.unmatched(), shared.discarded()), (3, 4));
+        assert!(table.take(a, None).is_none());
+        assert!(matches!(table.take(b, None), Some(Ok(reply)) if reply == [7, 2]));
+        // Removed, a call's key is free, and its late replies match nothing.
+        table.remove(b);
+        assert!(matches!(
+            table.deliver(&shared, &ids, addr(2), &[7]),
+            Delivery::Discarded
+        ));
+        assert_eq!(shared.unmatched(), 4);
+        assert!(table.register(Key::new(addr(2), 7), None).is_some());
+        // IPv4-mapped addresses are the IPv4 ones.
+        let mapped: SocketAddr = "[::ffff:127.0.0.1]:1".parse().unwrap_or(addr(0));
+        assert!(matches!(
+            table.deliver(&shared, &ids, mapped, &[7]),
+            Delivery::Delivered(_)
+        ));
+        assert_eq!(table.len(), 2);
+    }
+
+    #[test]
+    fn a_reply_must_pass_its_own_calls_check() {
+        let shared = Shared::new(
+            ClientBuilder::new()
+                .reply_check(|request, reply| reply.ends_with(request))
+                .settings,
+        );
+        let ids = first_byte();
+        let mut table = Table::default();
+        let Some(slot) = table.register(Key::new(addr(1), 1), Some(&[1, 9])) else {
+            panic!("the key is free");
+        };
+        assert!(matches!(
+            table.deliver(&shared, &ids, addr(1), &[1, 8]),
+            Delivery::Discarded
+        ));
+        assert!(matches!(
+            table.deliver(&shared, &ids, addr(1), &[1, 1, 9]),
+            Delivery::Delivered(_)
+        ));
+        assert_eq!((shared.unmatched(), shared.discarded()), (0, 1));
+        assert!(matches!(table.take(slot, None), Some(Ok(_))));
+    }
+
+    #[test]
+    fn a_refusal_reaches_only_the_calls_it_concerns() {
+        let mut table = Table::default();
+        let keys = [
+            Key::new(addr(1), 1),
+            Key::new(addr(1), 2),
+            Key::new(addr(2), 1),
+        ];
+        let slots: Vec<usize> = keys
+            .iter()
+            .filter_map(|&k| table.register(k, None))
+            .collect();
+        assert_eq!(slots.len(), 3);
+        assert_eq!(table.refuse(Some(addr(1)), Some(2)).len(), 1);
+        assert!(table.take(slots[0], None).is_none());
+        assert!(
+            matches!(table.take(slots[1], None), Some(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused)
+        );
+        // Without the id: every call to that address.
+        assert_eq!(table.refuse(Some(addr(1)), None).len(), 2);
+        assert!(table.take(slots[2], None).is_none());
+        // A connected socket's refusal: every call.
+        assert_eq!(table.refuse(None, None).len(), 1);
+        assert!(table.take(slots[2], None).is_some());
+    }
+}
