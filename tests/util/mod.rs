@@ -170,3 +170,37 @@ pub async fn guarded<T>(what: &str, future: impl std::future::Future<Output = T>
         Err(_) => panic!("{what} did not finish within {HANG_GUARD:?}"),
     }
 }
+
+/// [`wait_until`] for async tests: yields to the runtime between checks.
+#[cfg(feature = "tokio")]
+pub async fn wait_until_async(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + HANG_GUARD;
+    while !check() {
+        assert!(Instant::now() < deadline, "gave up waiting for {what}");
+        tokio::task::yield_now().await;
+    }
+}
+
+/// How many IPv4 UDP sockets on this machine are connected to `peer`
+/// (read from `/proc/net/udp`, Linux); `None` where that cannot be read.
+/// For a peer on an ephemeral port of its own, these are one client's
+/// sockets.
+pub fn udp_sockets_connected_to(peer: std::net::SocketAddr) -> Option<usize> {
+    let table = std::fs::read_to_string("/proc/net/udp").ok()?;
+    let parse = |field: &str| -> Option<std::net::SocketAddr> {
+        let (ip, port) = field.split_once(':')?;
+        // The kernel prints the address as a native-endian u32 of its
+        // network-order bytes, and the port in host order.
+        let ip = u32::from_str_radix(ip, 16).ok()?.to_ne_bytes();
+        let port = u16::from_str_radix(port, 16).ok()?;
+        Some(std::net::SocketAddr::from((ip, port)))
+    };
+    Some(
+        table
+            .lines()
+            .skip(1)
+            .filter_map(|line| line.split_whitespace().nth(2))
+            .filter(|remote| parse(remote) == Some(peer))
+            .count(),
+    )
+}

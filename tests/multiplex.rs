@@ -1,0 +1,617 @@
+//! Calls multiplexed by request id, and one client for many servers: both
+//! clients, through a lossy network, against forged and unknown replies,
+//! silent and refusing servers, and (async) cancellation at every await
+//! point.
+//!
+//! The protocol is made up for the tests: a request is `call-<id>` (with
+//! anything after the digits), and the greet server's reply to it is
+//! `Hello, call-<id>!`, so the id is read from both.
+
+mod proxy;
+mod util;
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::mpsc;
+use std::thread;
+use std::time::Duration;
+
+use udp_greet::{ClientBuilder, Error, GreetClient, GreetServer};
+use util::{V4, assert_balanced};
+
+/// The id of a request (`call-<id>…`) or of a reply (`Hello, call-<id>…`).
+fn call_id(datagram: &[u8]) -> Option<u64> {
+    let rest = datagram.strip_prefix(b"Hello, ").unwrap_or(datagram);
+    let digits = rest.strip_prefix(b"call-")?;
+    let end = digits
+        .iter()
+        .position(|b| !b.is_ascii_digit())
+        .unwrap_or(digits.len());
+    std::str::from_utf8(digits.get(..end)?).ok()?.parse().ok()
+}
+
+fn greeter() -> udp_greet::ServerHandle {
+    GreetServer::bind(V4)
+        .expect("bind")
+        .spawn(udp_greet::greet)
+        .expect("spawn")
+}
+
+/// A port where nothing answers (a bound socket that never reads).
+fn silent_port() -> (UdpSocket, SocketAddr) {
+    let socket = UdpSocket::bind(V4).expect("bind");
+    let addr = socket.local_addr().expect("addr");
+    (socket, addr)
+}
+
+/// A port where nothing listens: bound, then closed.
+fn closed_port() -> SocketAddr {
+    silent_port().1
+}
+
+/// A hand-written server for one request: it receives it, sends each of
+/// `before` (from `spoofer` if given, else from itself), then the greeting.
+/// Bounded: it gives up after 10 s without a request.
+fn scripted_server(
+    before: Vec<Vec<u8>>,
+    spoofer: Option<UdpSocket>,
+) -> (thread::JoinHandle<()>, SocketAddr) {
+    let socket = UdpSocket::bind(V4).expect("bind");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let addr = socket.local_addr().expect("addr");
+    let handle = thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        let Ok((len, client)) = socket.recv_from(&mut buf) else {
+            return;
+        };
+        for datagram in &before {
+            let from = spoofer.as_ref().unwrap_or(&socket);
+            from.send_to(datagram, client).expect("send");
+        }
+        let mut reply = b"Hello, ".to_vec();
+        reply.extend_from_slice(&buf[..len]);
+        reply.push(b'!');
+        socket.send_to(&reply, client).expect("send");
+    });
+    (handle, addr)
+}
+
+/// A hand-written server that answers one request only once `go` says so
+/// (or 10 s have passed).
+fn held_server() -> (thread::JoinHandle<()>, SocketAddr, mpsc::Sender<()>) {
+    let socket = UdpSocket::bind(V4).expect("bind");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let addr = socket.local_addr().expect("addr");
+    let (go, wait) = mpsc::channel();
+    let handle = thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        let Ok((len, client)) = socket.recv_from(&mut buf) else {
+            return;
+        };
+        let _ = wait.recv_timeout(Duration::from_secs(10));
+        let mut reply = b"Hello, ".to_vec();
+        reply.extend_from_slice(&buf[..len]);
+        reply.push(b'!');
+        socket.send_to(&reply, client).expect("send");
+    });
+    (handle, addr, go)
+}
+
+fn with_ids(builder: ClientBuilder) -> ClientBuilder {
+    builder.request_id(call_id)
+}
+
+fn expect_greeting(result: Result<Vec<u8>, Error>, name: &str) {
+    let reply = result.unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert_eq!(reply, format!("Hello, {name}!").as_bytes());
+}
+
+#[test]
+fn ten_thousand_calls_from_100_threads_share_one_socket_through_a_lossy_network() {
+    const THREADS: usize = 100;
+    const CALLS: usize = 100;
+    const RETRIES: u32 = 4;
+    const TIMEOUT: Duration = Duration::from_millis(100);
+    let seed = proxy::seed();
+    let server = greeter();
+    let lossy = proxy::Proxy::start(server.local_addr(), seed);
+    let client = with_ids(GreetClient::builder())
+        .initial_timeout(TIMEOUT)
+        .retries(RETRIES)
+        .call_timeout(Duration::from_secs(30))
+        .reply_check(udp_greet::is_greeting)
+        .connect(lossy.addr)
+        .expect("connect");
+    let (mut wrong, mut failed) = (0u64, 0u64);
+    thread::scope(|s| {
+        let threads: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let client = &client;
+                s.spawn(move || {
+                    let (mut wrong, mut failed) = (0u64, 0u64);
+                    for i in 0..CALLS {
+                        let name = format!("call-{}", t * CALLS + i);
+                        match client.send_recv(name.as_bytes()) {
+                            Ok(reply) if reply == format!("Hello, {name}!").as_bytes() => {}
+                            Ok(_) => wrong += 1,
+                            Err(Error::Timeout { .. }) => failed += 1,
+                            Err(other) => panic!("unexpected error: {other}"),
+                        }
+                    }
+                    (wrong, failed)
+                })
+            })
+            .collect();
+        for thread in threads {
+            let (w, f) = thread.join().expect("client thread");
+            wrong += w;
+            failed += f;
+        }
+    });
+    let sockets = util::udp_sockets_connected_to(lossy.addr);
+    drop(lossy);
+    let stats = server.shutdown().expect("shutdown");
+    let calls = (THREADS * CALLS) as f64;
+    let predicted = proxy::predicted_failures(calls, RETRIES, TIMEOUT);
+    println!(
+        "{calls} calls: {wrong} wrong, {failed} failed (at most {predicted:.1} predicted), \
+         {} discarded ({} unmatched); {sockets:?} sockets connected to the proxy; server {stats:?}",
+        client.discarded(),
+        client.unmatched()
+    );
+    assert_eq!(wrong, 0, "a wrong reply was returned");
+    assert!((failed as f64) <= predicted, "{failed} calls failed");
+    assert_eq!(client.sockets(), 1);
+    if let Some(sockets) = sockets {
+        assert_eq!(sockets, 1, "the client holds exactly one socket");
+    }
+    // Duplicates and late replies came, and matched no call in flight.
+    assert!(client.unmatched() > 0);
+    assert_eq!(client.in_flight(), 0);
+    assert_balanced(&stats);
+}
+
+#[test]
+fn a_reply_with_an_unknown_id_is_discarded_and_counted() {
+    let junk = vec![b"Hello, call-1007!".to_vec(), b"no id at all".to_vec()];
+    let (server, addr) = scripted_server(junk, None);
+    let client = with_ids(GreetClient::builder())
+        .connect(addr)
+        .expect("connect");
+    expect_greeting(client.send_recv(b"call-7"), "call-7");
+    server.join().expect("server");
+    assert_eq!((client.unmatched(), client.discarded()), (2, 2));
+}
+
+#[test]
+fn a_forged_reply_from_the_wrong_address_is_discarded() {
+    let spoofer = UdpSocket::bind(V4).expect("bind");
+    let forged = vec![b"Hello, call-7! (forged)".to_vec()];
+    let (server, addr) = scripted_server(forged, Some(spoofer));
+    let client = with_ids(GreetClient::builder()).bind(V4).expect("bind");
+    // The forged reply arrives first, with the right id.
+    expect_greeting(client.send_recv_to(addr, b"call-7"), "call-7");
+    server.join().expect("server");
+    assert_eq!(client.unmatched(), 1);
+}
+
+#[test]
+fn one_bound_client_calls_three_servers_one_of_them_silent() {
+    let (one, two) = (greeter(), greeter());
+    let (_silent, quiet) = silent_port();
+    let short = |b: ClientBuilder| b.initial_timeout(Duration::from_millis(50)).retries(1);
+    // Without ids: one call at a time, the socket connected to each server
+    // for its call.
+    let client = short(GreetClient::builder()).bind(V4).expect("bind");
+    assert_eq!(client.peer_addr(), None);
+    expect_greeting(client.send_recv_to(one.local_addr(), b"call-1"), "call-1");
+    assert!(matches!(
+        client.send_recv_to(quiet, b"call-2"),
+        Err(Error::Timeout { addr, .. }) if addr == quiet
+    ));
+    expect_greeting(client.send_recv_to(two.local_addr(), b"call-3"), "call-3");
+    expect_greeting(client.send_recv_to(one.local_addr(), b"call-4"), "call-4");
+    // With ids: all three at once, on one socket.
+    let client = short(with_ids(GreetClient::builder()))
+        .bind(V4)
+        .expect("bind");
+    thread::scope(|s| {
+        let silent = s.spawn(|| client.send_recv_to(quiet, b"call-5"));
+        let first = s.spawn(|| client.send_recv_to(one.local_addr(), b"call-5"));
+        let second = s.spawn(|| client.send_recv_to(two.local_addr(), b"call-5"));
+        expect_greeting(first.join().expect("thread"), "call-5");
+        expect_greeting(second.join().expect("thread"), "call-5");
+        let silent = silent.join().expect("thread");
+        assert!(matches!(silent, Err(Error::Timeout { addr, .. }) if addr == quiet));
+    });
+    assert_eq!(client.sockets(), 1);
+}
+
+#[test]
+fn a_refusal_from_one_destination_fails_only_the_calls_to_it() {
+    let closed = closed_port();
+    let (held, addr, go) = held_server();
+    let client = with_ids(GreetClient::builder())
+        .initial_timeout(Duration::from_millis(100))
+        .retries(1)
+        .call_timeout(Duration::from_secs(5))
+        .bind(V4)
+        .expect("bind");
+    thread::scope(|s| {
+        let waiting = s.spawn(|| client.send_recv_to(addr, b"call-1"));
+        // The held call is in flight when the refusal comes.
+        util::wait_until("the held call to be in flight", || client.in_flight() == 1);
+        let refused = client.send_recv_to(closed, b"call-1");
+        if cfg!(target_os = "linux") {
+            assert!(
+                matches!(refused, Err(Error::Refused { addr, .. }) if addr == closed),
+                "{refused:?}"
+            );
+        } else {
+            // Elsewhere an unconnected socket is not told who refused.
+            assert!(matches!(refused, Err(Error::Timeout { .. })), "{refused:?}");
+        }
+        go.send(()).expect("release the server");
+        expect_greeting(waiting.join().expect("thread"), "call-1");
+    });
+    held.join().expect("server");
+    // Without ids the bound client connects for each call, and the
+    // refusal is reported as a connected client's is.
+    let plain = GreetClient::builder().bind(V4).expect("bind");
+    assert!(matches!(
+        plain.send_recv_to(closed, b"call-2"),
+        Err(Error::Refused { addr, .. }) if addr == closed
+    ));
+}
+
+#[test]
+fn ids_in_use_missing_ids_and_wrong_destinations_are_refused() {
+    let (held, addr, go) = held_server();
+    let client = with_ids(GreetClient::builder())
+        .connect(addr)
+        .expect("connect");
+    thread::scope(|s| {
+        let first = s.spawn(|| client.send_recv(b"call-3"));
+        util::wait_until("the first call to be in flight", || client.in_flight() == 1);
+        assert!(matches!(
+            client.send_recv(b"call-3 again"),
+            Err(Error::IdInUse { id: 3, .. })
+        ));
+        go.send(()).expect("release the server");
+        expect_greeting(first.join().expect("thread"), "call-3");
+    });
+    held.join().expect("server");
+    assert!(matches!(
+        client.send_recv(b"no id"),
+        Err(Error::NoRequestId { addr: a, .. }) if a == addr
+    ));
+    let elsewhere = closed_port();
+    assert!(matches!(
+        client.send_recv_to(elsewhere, b"call-4"),
+        Err(Error::WrongDestination { peer: Some(p), .. }) if p == addr
+    ));
+    let bound = GreetClient::builder().bind(V4).expect("bind");
+    let err = bound
+        .send_recv(b"call-5")
+        .expect_err("no server of its own");
+    assert!(matches!(err, Error::WrongDestination { peer: None, .. }));
+    assert!(err.to_string().contains("send_recv_to"), "{err}");
+}
+
+#[test]
+fn the_sockets_setting_is_checked_and_spreads_calls() {
+    let invalid = |builder: ClientBuilder, local: &str| match builder.bind(local) {
+        Err(Error::InvalidConfig { setting, .. }) => setting,
+        other => panic!("expected InvalidConfig, got {other:?}"),
+    };
+    assert_eq!(
+        invalid(with_ids(GreetClient::builder()).sockets(0), V4),
+        "ClientBuilder::sockets"
+    );
+    assert_eq!(
+        invalid(with_ids(GreetClient::builder()).sockets(1025), V4),
+        "ClientBuilder::sockets"
+    );
+    assert_eq!(
+        invalid(GreetClient::builder().sockets(2), V4),
+        "ClientBuilder::sockets"
+    );
+    let fixed = UdpSocket::bind(V4)
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    assert_eq!(
+        invalid(
+            with_ids(GreetClient::builder()).sockets(2),
+            &fixed.to_string()
+        ),
+        "ClientBuilder::sockets"
+    );
+    let server = greeter();
+    let client = with_ids(GreetClient::builder())
+        .sockets(4)
+        .connect(server.local_addr())
+        .expect("connect");
+    assert_eq!(client.sockets(), 4);
+    thread::scope(|s| {
+        for t in 0..8 {
+            let client = &client;
+            s.spawn(move || {
+                for i in 0..50 {
+                    let name = format!("call-{}", t * 50 + i);
+                    expect_greeting(client.send_recv(name.as_bytes()), &name);
+                }
+            });
+        }
+    });
+    let stats = server.shutdown().expect("shutdown");
+    assert_eq!(stats.replied, 400);
+}
+
+#[cfg(feature = "tokio")]
+mod tokio_client {
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use super::*;
+    use udp_greet::tokio as aio;
+    use util::guarded;
+
+    fn with_ids(builder: ClientBuilder<aio::Tokio>) -> ClientBuilder<aio::Tokio> {
+        builder.request_id(call_id)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ten_thousand_concurrent_calls_share_one_socket_through_a_lossy_network() {
+        const CALLS: usize = 10_000;
+        const RETRIES: u32 = 4;
+        const TIMEOUT: Duration = Duration::from_millis(100);
+        let seed = proxy::seed();
+        let server = greeter();
+        let lossy = proxy::Proxy::start(server.local_addr(), seed);
+        let client = with_ids(aio::GreetClient::builder())
+            .max_in_flight(CALLS)
+            .initial_timeout(TIMEOUT)
+            .retries(RETRIES)
+            .call_timeout(Duration::from_secs(30))
+            .reply_check(udp_greet::is_greeting)
+            .connect(lossy.addr)
+            .await
+            .expect("connect");
+        let calls: Vec<_> = (0..CALLS)
+            .map(|i| {
+                let client = client.clone();
+                tokio::spawn(async move {
+                    let name = format!("call-{i}");
+                    match client.send_recv(name.as_bytes()).await {
+                        Ok(reply) if reply == format!("Hello, {name}!").as_bytes() => Ok(true),
+                        Ok(_) => Ok(false),
+                        Err(Error::Timeout { .. }) => Err(()),
+                        Err(other) => panic!("unexpected error: {other}"),
+                    }
+                })
+            })
+            .collect();
+        let (mut wrong, mut failed) = (0u64, 0u64);
+        let (mut most_in_flight, mut most_sockets) = (0, None);
+        for (i, call) in calls.into_iter().enumerate() {
+            most_in_flight = most_in_flight.max(client.in_flight());
+            if i % 500 == 0 {
+                let now = util::udp_sockets_connected_to(lossy.addr);
+                most_sockets = most_sockets.max(now);
+            }
+            match guarded("the calls", call).await.expect("join") {
+                Ok(true) => {}
+                Ok(false) => wrong += 1,
+                Err(()) => failed += 1,
+            }
+        }
+        drop(lossy);
+        let stats = server.shutdown().expect("shutdown");
+        let predicted = proxy::predicted_failures(CALLS as f64, RETRIES, TIMEOUT);
+        println!(
+            "{CALLS} calls: {wrong} wrong, {failed} failed (at most {predicted:.1} predicted), \
+             {} discarded ({} unmatched), at most {most_in_flight} in flight seen; \
+             at most {most_sockets:?} sockets connected to the proxy; server {stats:?}",
+            client.discarded(),
+            client.unmatched()
+        );
+        assert_eq!(wrong, 0, "a wrong reply was returned");
+        assert!((failed as f64) <= predicted, "{failed} calls failed");
+        assert_eq!(client.open_sockets(), 1);
+        if let Some(sockets) = most_sockets {
+            assert_eq!(sockets, 1, "the client holds exactly one socket");
+        }
+        assert!(
+            most_in_flight > 1000,
+            "the calls were concurrent: {most_in_flight}"
+        );
+        assert!(client.unmatched() > 0);
+        assert_balanced(&stats);
+    }
+
+    /// Polls `inner` at most `polls` times (each time it is woken), then
+    /// drops it: a call cancelled at its `polls`-th await point.
+    struct CancelAfter<F> {
+        inner: Option<Pin<Box<F>>>,
+        polls: usize,
+    }
+
+    impl<F: Future> Future for CancelAfter<F> {
+        type Output = Option<F::Output>;
+
+        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+            if self.polls == 0 {
+                self.inner = None;
+                return Poll::Ready(None);
+            }
+            self.polls -= 1;
+            let Some(inner) = self.inner.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match inner.as_mut().poll(cx) {
+                Poll::Ready(out) => {
+                    self.inner = None;
+                    Poll::Ready(Some(out))
+                }
+                Poll::Pending => Poll::Pending,
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cancellation_at_every_await_point_misdirects_nothing() {
+        // Replies come 20 ms late; the first attempt waits 5 ms, so a call
+        // resends before its answer comes, and a cancelled call's answer
+        // comes while the next calls wait.
+        let server = aio::GreetServer::bind(V4)
+            .expect("bind")
+            .spawn(|request: aio::Request| async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                Some(request.reply_with(udp_greet::greet_into))
+            })
+            .expect("spawn");
+        let client = with_ids(aio::GreetClient::builder())
+            .max_in_flight(1)
+            .initial_timeout(Duration::from_millis(5))
+            .retries(5)
+            .connect(server.local_addr())
+            .await
+            .expect("connect");
+        let mut cut_points = 0;
+        let mut next_id = 1_000_000;
+        for polls in 0.. {
+            assert!(polls < 100, "a call kept going past 100 polls");
+            // Another call holds the only turn for the cancelled one's
+            // first polls: the wait for a turn is an await point too.
+            let holder = {
+                let client = client.clone();
+                tokio::spawn(async move { client.send_recv(b"call-999999").await })
+            };
+            tokio::task::yield_now().await;
+            let name = format!("call-{polls}");
+            let call = CancelAfter {
+                inner: Some(Box::pin(client.send_recv(name.as_bytes()))),
+                polls,
+            };
+            let finished = guarded("a cancelled call", call).await;
+            let held = guarded("the holder", holder).await.expect("join");
+            expect_greeting(held, "call-999999");
+            // No reply check: only the ids keep the cancelled call's late
+            // reply from these calls.
+            for _ in 0..2 {
+                next_id += 1;
+                let next = format!("call-{next_id}");
+                let reply = guarded("the next call", client.send_recv(next.as_bytes())).await;
+                expect_greeting(reply, &next);
+            }
+            assert_eq!(client.in_flight(), 0, "a cancelled call left its place");
+            match finished {
+                None => cut_points += 1,
+                Some(reply) => {
+                    expect_greeting(reply, &name);
+                    break;
+                }
+            }
+        }
+        println!(
+            "cancelled at {cut_points} await points; {} unmatched",
+            client.unmatched()
+        );
+        assert!(
+            cut_points >= 3,
+            "the turn, the first wait and a resend's wait"
+        );
+        // Late replies to cancelled calls came and matched nothing.
+        assert!(client.unmatched() > 0);
+        assert_eq!(client.open_sockets(), 1);
+        let stats = server.shutdown().await.expect("shutdown");
+        assert_balanced(&stats);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unknown_ids_and_forged_replies_are_discarded() {
+        let junk = vec![b"Hello, call-1007!".to_vec(), b"no id at all".to_vec()];
+        let (server, addr) = scripted_server(junk, None);
+        let client = with_ids(aio::GreetClient::builder())
+            .connect(addr)
+            .await
+            .expect("connect");
+        expect_greeting(
+            guarded("the call", client.send_recv(b"call-7")).await,
+            "call-7",
+        );
+        server.join().expect("server");
+        assert_eq!((client.unmatched(), client.discarded()), (2, 2));
+
+        let spoofer = UdpSocket::bind(V4).expect("bind");
+        let forged = vec![b"Hello, call-7! (forged)".to_vec()];
+        let (server, addr) = scripted_server(forged, Some(spoofer));
+        let client = with_ids(aio::GreetClient::builder())
+            .bind(V4)
+            .await
+            .expect("bind");
+        let reply = guarded("the call", client.send_recv_to(addr, b"call-7")).await;
+        expect_greeting(reply, "call-7");
+        server.join().expect("server");
+        assert_eq!(client.unmatched(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_bound_client_calls_three_servers_and_a_refusal_fails_only_its_calls() {
+        let (one, two) = (greeter(), greeter());
+        let (_silent, quiet) = silent_port();
+        let closed = closed_port();
+        for ids in [false, true] {
+            let mut builder = aio::GreetClient::builder()
+                .initial_timeout(Duration::from_millis(50))
+                .retries(1);
+            if ids {
+                builder = with_ids(builder);
+            }
+            let client = builder.bind(V4).await.expect("bind");
+            let (a, b, silent, refused) = tokio::join!(
+                client.send_recv_to(one.local_addr(), b"call-1"),
+                client.send_recv_to(two.local_addr(), b"call-1"),
+                client.send_recv_to(quiet, b"call-1"),
+                client.send_recv_to(closed, b"call-1"),
+            );
+            expect_greeting(a, "call-1");
+            expect_greeting(b, "call-1");
+            assert!(matches!(silent, Err(Error::Timeout { addr, .. }) if addr == quiet));
+            if cfg!(target_os = "linux") || !ids {
+                assert!(
+                    matches!(refused, Err(Error::Refused { addr, .. }) if addr == closed),
+                    "ids {ids}: {refused:?}"
+                );
+            } else {
+                assert!(matches!(refused, Err(Error::Timeout { .. })), "{refused:?}");
+            }
+            if ids {
+                assert_eq!(client.open_sockets(), 1);
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_receive_task_ends_with_the_client() {
+        let server = greeter();
+        let client = with_ids(aio::GreetClient::builder())
+            .sockets(2)
+            .connect(server.local_addr())
+            .await
+            .expect("connect");
+        let metrics = tokio::runtime::Handle::current().metrics();
+        let tasks = metrics.num_alive_tasks();
+        expect_greeting(client.send_recv(b"call-1").await, "call-1");
+        drop(client);
+        util::wait_until_async("the receive tasks to end", || {
+            metrics.num_alive_tasks() + 2 <= tasks
+        })
+        .await;
+    }
+}
