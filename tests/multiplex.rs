@@ -30,7 +30,9 @@ fn call_id(datagram: &[u8]) -> Option<u64> {
 }
 
 fn greeter() -> udp_greet::ServerHandle {
-    GreetServer::bind(V4)
+    GreetServer::builder()
+        .recv_buffer_size(BUFFER)
+        .bind(V4)
         .expect("bind")
         .spawn(udp_greet::greet)
         .expect("spawn")
@@ -100,6 +102,10 @@ fn held_server() -> (thread::JoinHandle<()>, SocketAddr, mpsc::Sender<()>) {
     (handle, addr, go)
 }
 
+/// The receive buffer a client with thousands of calls in flight on one
+/// socket asks for: room for their replies.
+const BUFFER: usize = 4 << 20;
+
 fn with_ids(builder: ClientBuilder) -> ClientBuilder {
     builder.request_id(call_id)
 }
@@ -119,6 +125,7 @@ fn ten_thousand_calls_from_100_threads_share_one_socket_through_a_lossy_network(
     let server = greeter();
     let lossy = proxy::Proxy::start(server.local_addr(), seed);
     let client = with_ids(GreetClient::builder())
+        .recv_buffer_size(BUFFER)
         .initial_timeout(TIMEOUT)
         .retries(RETRIES)
         .call_timeout(Duration::from_secs(30))
@@ -374,6 +381,7 @@ mod tokio_client {
         let server = greeter();
         let lossy = proxy::Proxy::start(server.local_addr(), seed);
         let client = with_ids(aio::GreetClient::builder())
+            .recv_buffer_size(BUFFER)
             .max_in_flight(CALLS)
             .initial_timeout(TIMEOUT)
             .retries(RETRIES)

@@ -6,7 +6,7 @@ use std::collections::hash_map::RandomState;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -100,8 +100,9 @@ struct Inner {
     options: SocketOptions,
     max_in_flight: usize,
     turns: Arc<Semaphore>,
-    /// The jitter's random state, from which each call draws its own.
-    rng: Mutex<u64>,
+    /// The jitter's random state, from which each call draws its own: a
+    /// sequence each call moves on (never waiting for another call).
+    rng: AtomicU64,
     recv_buffer: BufferSize,
     send_buffer: BufferSize,
     io: AsyncIo,
@@ -259,7 +260,7 @@ impl ClientBuilder<Tokio> {
                 options: self.socket.clone(),
                 max_in_flight: self.max_in_flight,
                 turns: Arc::new(Semaphore::new(self.max_in_flight)),
-                rng: Mutex::new(crate::client::builder::seed(local_addr.port())),
+                rng: AtomicU64::new(crate::client::builder::seed(local_addr.port())),
                 recv_buffer,
                 send_buffer,
                 io,
@@ -528,7 +529,11 @@ impl GreetClient {
                     .ok_or(Error::NoRequestId { addr: dest })?,
             ),
         };
-        let seed = call_seed(&mut lock(&inner.rng));
+        let seed = call_seed(
+            &mut inner
+                .rng
+                .fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed),
+        );
         // A socket of its own is drained when it is leased; a shared one
         // holds no stale datagrams for the call.
         let mut call = Exchange::new(
@@ -539,13 +544,11 @@ impl GreetClient {
             Instant::now(),
             seed,
         );
-        let turn = inner.turns.clone().acquire_owned();
-        let permit = match call.deadline() {
-            Some(deadline) => match tokio::time::timeout_at(deadline.into(), turn).await {
-                Ok(permit) => permit,
-                Err(_) => return Err(call.failed(Instant::now())),
-            },
-            None => turn.await,
+        // A free turn is taken at once; only a call that must wait for one
+        // sets a timer for it.
+        let permit = match inner.turns.clone().try_acquire_owned() {
+            Ok(permit) => Ok(permit),
+            Err(_) => self.wait_turn(&call).await,
         };
         // The semaphore is never closed.
         let Ok(permit) = permit else {
@@ -590,6 +593,19 @@ impl GreetClient {
                 }
                 Step::Done(outcome) => return outcome,
             }
+        }
+    }
+
+    /// Waits for a turn within the call's call timeout; an error once that
+    /// has passed.
+    async fn wait_turn(&self, call: &Exchange<'_>) -> Result<OwnedSemaphorePermit, ()> {
+        let turn = self.inner.turns.clone().acquire_owned();
+        match call.deadline() {
+            Some(deadline) => match tokio::time::timeout_at(deadline.into(), turn).await {
+                Ok(permit) => permit.map_err(|_| ()),
+                Err(_) => Err(()),
+            },
+            None => turn.await.map_err(|_| ()),
         }
     }
 

@@ -25,10 +25,15 @@ use crate::client::MAX_REPLY;
 use crate::client::demux::{Delivery, Key, Sink, Table, Waiter};
 use crate::client::exchange::{Exchange, Shared, Step};
 use crate::error::{self, Error};
-use crate::sys;
+use crate::sys::{self, BatchSpec, Source};
 
-/// Datagrams the receive task takes in one turn before it yields.
-const TURN: usize = 64;
+/// Receive calls the receive task makes in one turn before it yields: up
+/// to 1 024 datagrams, so that a socket shared by thousands of calls is
+/// drained before its buffer overflows, even on a busy runtime.
+const TURN: usize = 32;
+
+/// Datagrams one receive call takes at most (where the platform batches).
+const BATCH: usize = 32;
 
 /// One socket shared by multiplexed calls.
 #[derive(Debug)]
@@ -91,28 +96,37 @@ impl AsyncMux {
             return Err(Error::IdInUse { addr: dest, id });
         };
         let registered = Registered { mux: self, slot };
+        // The clock is read again only after a step that may have taken
+        // time to no avail (a send takes microseconds, and a wait that
+        // brought the reply ends the call).
+        let mut now = Instant::now();
         loop {
-            match call.next(Instant::now()) {
+            match call.next(now) {
                 Step::Send => call.sent(self.send(shared, dest, request).await),
                 Step::Discard | Step::Check | Step::Poll => {
-                    let received = self.take(&registered, buf, None);
+                    let received = self.take(&registered, buf);
                     if received.as_ref().is_err_and(error::is_timeout) {
                         // The receive task runs between tries.
                         tokio::task::yield_now().await;
                     }
                     call.received(received, request, buf.bytes());
+                    now = Instant::now();
                 }
                 Step::Wait(wait) => {
                     let inbox = poll_fn(|cx| {
-                        let waiter = Waiter::Task(cx.waker().clone());
-                        match self.take(&registered, buf, Some(waiter)) {
-                            Err(e) if error::is_timeout(&e) => Poll::Pending,
-                            done => Poll::Ready(done),
+                        let taken = self.lock_table().poll_take(registered.slot, cx.waker());
+                        match taken {
+                            Some(Ok(reply)) => Poll::Ready(Ok(buf.put(reply))),
+                            Some(Err(e)) => Poll::Ready(Err(e)),
+                            None => Poll::Pending,
                         }
                     });
                     let received = tokio::time::timeout_at(wait.until.into(), inbox)
                         .await
                         .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()));
+                    if received.is_err() {
+                        now = Instant::now();
+                    }
                     call.received(received, request, buf.bytes());
                 }
                 Step::Done(outcome) => return outcome,
@@ -141,14 +155,9 @@ impl AsyncMux {
     }
 
     /// What has come for the call: its reply (put in `buf`), a refusal, or
-    /// `WouldBlock`; with `waiter`, kept to be woken.
-    fn take(
-        &self,
-        registered: &Registered<'_>,
-        buf: &mut Sink<'_>,
-        waiter: Option<Waiter>,
-    ) -> io::Result<(usize, bool)> {
-        let taken = self.lock_table().take(registered.slot, waiter);
+    /// `WouldBlock`.
+    fn take(&self, registered: &Registered<'_>, buf: &mut Sink<'_>) -> io::Result<(usize, bool)> {
+        let taken = self.lock_table().take(registered.slot, None);
         match taken {
             Some(Ok(reply)) => Ok(buf.put(reply)),
             Some(Err(e)) => Err(e),
@@ -156,19 +165,40 @@ impl AsyncMux {
         }
     }
 
-    /// Receives up to [`TURN`] datagrams without waiting and hands each to
-    /// its call; `WouldBlock` once the socket is empty.
-    fn receive_some(&self, shared: &Shared, buf: &mut [u8]) -> io::Result<()> {
+    /// Receives up to [`TURN`] batches of datagrams without waiting
+    /// (`recvmmsg` where the platform has it) and hands each to its call,
+    /// waking the calls once the table is released; `WouldBlock` once the
+    /// socket is empty.
+    fn receive_some(
+        &self,
+        shared: &Shared,
+        source: &mut Source,
+        woken: &mut Vec<Waiter>,
+    ) -> io::Result<()> {
         let socket = SockRef::from(&self.socket);
+        let Some(read) = &shared.settings.request_id else {
+            return Err(io::ErrorKind::Unsupported.into());
+        };
         for _ in 0..TURN {
-            match sys::recv_from_dont_wait(&socket, buf) {
-                Ok((len, from)) => {
-                    let datagram = buf.get(..len).unwrap_or_default();
-                    if let Some(read) = &shared.settings.request_id {
-                        let delivery = self.lock_table().deliver(shared, read, from, datagram);
-                        if let Delivery::Delivered(waiter) = delivery {
-                            waiter.wake();
+            match source.recv(&socket, true) {
+                Ok(count) => {
+                    let mut table = self.lock_table();
+                    for i in 0..count {
+                        let Some((datagram, _)) = source.datagram(i) else {
+                            continue;
+                        };
+                        if datagram.truncated {
+                            shared.count_discarded();
+                            continue;
                         }
+                        let delivery = table.deliver(shared, read, datagram.peer, datagram.data);
+                        if let Delivery::Delivered(waiter) = delivery {
+                            woken.push(waiter);
+                        }
+                    }
+                    drop(table);
+                    for waiter in woken.drain(..) {
+                        waiter.wake();
                     }
                 }
                 Err(e) if is_refusal(&e) => match self.peer {
@@ -224,7 +254,14 @@ pub(crate) async fn receive(
     shared: Arc<Shared>,
     mut stop: oneshot::Receiver<()>,
 ) {
-    let mut buf = vec![0u8; MAX_REPLY];
+    let spec = BatchSpec {
+        size: BATCH,
+        max_datagram: MAX_REPLY,
+        pktinfo: false,
+        gso: false,
+    };
+    let mut source = Source::new(&SockRef::from(&mux.socket), Some(spec), MAX_REPLY, false);
+    let mut woken = Vec::with_capacity(BATCH);
     loop {
         let turn = {
             // ERROR too: an ICMP error sets the socket's error without
@@ -232,7 +269,7 @@ pub(crate) async fn receive(
             let io = mux
                 .socket
                 .async_io(Interest::READABLE | Interest::ERROR, || {
-                    mux.receive_some(&shared, &mut buf)
+                    mux.receive_some(&shared, &mut source, &mut woken)
                 });
             let mut io = pin!(io);
             poll_fn(|cx| {

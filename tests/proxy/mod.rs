@@ -128,6 +128,15 @@ impl Injector {
     }
 }
 
+/// `socket` with a receive buffer of 4 MiB (as far as the system allows),
+/// so that a burst of thousands of calls is not lost in the proxy itself:
+/// only the faults drawn lose datagrams.
+fn roomy(socket: UdpSocket) -> UdpSocket {
+    // Best effort: a smaller buffer only makes a test stricter.
+    let _ = socket2::SockRef::from(&socket).set_recv_buffer_size(4 << 20);
+    socket
+}
+
 /// The proxy: clients talk to `addr`; each client gets an upstream socket
 /// of its own toward the server, so replies find their way back.
 pub struct Proxy {
@@ -142,7 +151,9 @@ const POLL: Duration = Duration::from_millis(50);
 impl Proxy {
     /// A proxy in front of `server`, its faults drawn from `seed`.
     pub fn start(server: SocketAddr, seed: u64) -> Proxy {
-        let front = Arc::new(UdpSocket::bind("127.0.0.1:0").expect("bind the proxy"));
+        let front = Arc::new(roomy(
+            UdpSocket::bind("127.0.0.1:0").expect("bind the proxy"),
+        ));
         front.set_read_timeout(Some(POLL)).expect("timeout");
         let addr = front.local_addr().expect("addr");
         let stop = Arc::new(AtomicBool::new(false));
@@ -191,7 +202,9 @@ impl Proxy {
                     continue;
                 };
                 let up = upstreams.entry(client).or_insert_with(|| {
-                    let up = Arc::new(UdpSocket::bind("127.0.0.1:0").expect("bind upstream"));
+                    let up = Arc::new(roomy(
+                        UdpSocket::bind("127.0.0.1:0").expect("bind upstream"),
+                    ));
                     up.set_read_timeout(Some(POLL)).expect("timeout");
                     let (up_in, front_out, inject, stopped) = (
                         up.clone(),
