@@ -268,7 +268,7 @@ impl Table {
 
     /// How many calls are in flight.
     pub(crate) fn len(&self) -> usize {
-        self.calls.len()
+        self.slots.len() - self.free.len()
     }
 
     /// Takes what has come for the call in `slot`: a reply, or a refusal
