@@ -49,6 +49,28 @@ pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
     }
 }
 
+/// Gives `socket` a receive buffer of `bytes`, past `net.core.rmem_max`
+/// where the process may (`SO_RCVBUFFORCE`, with `CAP_NET_ADMIN`), else as
+/// large as the system allows: for a bench's own server, whose drops would
+/// measure the machine rather than the client.
+pub fn force_recv_buffer(socket: &UdpSocket, bytes: usize) -> io::Result<()> {
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `value` is a live `c_int` and the length given is its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            ptr::from_ref(&value).cast::<c_void>(),
+            mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    socket2::SockRef::from(socket).set_recv_buffer_size(bytes)
+}
+
 /// The thread ids of this process now.
 pub fn thread_ids() -> Vec<u32> {
     std::fs::read_dir("/proc/self/task")

@@ -14,11 +14,15 @@ use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
 use std::thread::Thread;
 
+use socket2::Socket;
+
 use super::exchange::Shared;
+use crate::error::Error;
+use crate::sys::{self, Source};
 
 /// Reads the request id of a request or a reply.
 pub(crate) type RequestId = Arc<dyn Fn(&[u8]) -> Option<u64> + Send + Sync>;
@@ -384,6 +388,151 @@ impl Table {
                 _ => None,
             })
     }
+}
+
+/// One shared socket's calls, and what both clients do with what the
+/// socket receives: the table, behind its lock, and where refusals come
+/// from.
+#[derive(Debug)]
+pub(crate) struct Demux {
+    table: Mutex<Table>,
+    /// The server the socket is connected to; `None`: unconnected.
+    peer: Option<SocketAddr>,
+    /// The kernel queues ICMP errors with their destination
+    /// (`IP_RECVERR`), so that an unconnected socket's refusals can be told
+    /// apart.
+    recverr: bool,
+}
+
+impl Demux {
+    pub(crate) fn new(peer: Option<SocketAddr>, recverr: bool) -> Demux {
+        Demux {
+            table: Mutex::new(Table::default()),
+            peer,
+            recverr,
+        }
+    }
+
+    /// The table. Consistent between any two statements that change it: a
+    /// panic (in a reply check) leaves nothing half done.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The server the socket is connected to, if any.
+    pub(crate) fn peer(&self) -> Option<SocketAddr> {
+        self.peer
+    }
+
+    /// Registers a call to `dest` with request id `id` (and its request,
+    /// for the reply check); [`Error::IdInUse`] if a call with that key is
+    /// in flight.
+    pub(crate) fn register(
+        &self,
+        shared: &Shared,
+        dest: SocketAddr,
+        id: u64,
+        request: &[u8],
+    ) -> Result<usize, Error> {
+        let check = shared.settings.check.is_some().then_some(request);
+        self.lock()
+            .register(Key::new(dest, id), check)
+            .ok_or(Error::IdInUse { addr: dest, id })
+    }
+
+    /// Hands the `count` datagrams `source` has just received to their
+    /// calls under one lock of the table, then wakes those calls (`woken`
+    /// is scratch space, left empty).
+    pub(crate) fn deliver_all(
+        &self,
+        shared: &Shared,
+        source: &mut Source,
+        count: usize,
+        woken: &mut Vec<Waiter>,
+    ) {
+        let Some(read) = &shared.settings.request_id else {
+            return;
+        };
+        let mut table = self.lock();
+        for i in 0..count {
+            let Some((datagram, _)) = source.datagram(i) else {
+                continue;
+            };
+            if datagram.truncated {
+                shared.count_discarded();
+                continue;
+            }
+            if let Delivery::Delivered(waiter) =
+                table.deliver(shared, read, datagram.peer, datagram.data)
+            {
+                woken.push(waiter);
+            }
+        }
+        drop(table);
+        for waiter in woken.drain(..) {
+            waiter.wake();
+        }
+    }
+
+    /// A refusal reported on `socket` (by a receive or a send): on a
+    /// connected socket it concerns every call; on an unconnected one each
+    /// refusal queued with its destination is read and handed to the calls
+    /// it concerns, by destination, and by request id where the returned
+    /// start of the refused request holds it.
+    pub(crate) fn refused(&self, shared: &Shared, socket: &Socket) {
+        if self.peer.is_some() {
+            return self.refuse(shared, None, None);
+        }
+        if !self.recverr {
+            return;
+        }
+        let mut start = [0u8; 512];
+        // Bounded: the queue holds at most a receive buffer's worth.
+        for _ in 0..1024 {
+            let Ok(queued) = sys::recv_error(socket, &mut start) else {
+                return;
+            };
+            if let (true, Some(dest)) = (queued.refused, queued.dest) {
+                let id = start
+                    .get(..queued.len)
+                    .zip(shared.settings.request_id.as_ref())
+                    .and_then(|(sent, read)| read(sent));
+                self.refuse(shared, Some(dest), id);
+            }
+        }
+    }
+
+    /// Hands a refusal to the calls it concerns, unless refusals count as
+    /// losses.
+    fn refuse(&self, shared: &Shared, dest: Option<SocketAddr>, id: Option<u64>) {
+        if shared.settings.refused_as_loss {
+            return;
+        }
+        let woken = self.lock().refuse(dest, id);
+        for waiter in woken {
+            waiter.wake();
+        }
+    }
+}
+
+/// A refusal: ICMP port unreachable (reported as `ECONNRESET` on Windows).
+pub(crate) fn is_refusal(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionReset
+    )
+}
+
+/// The receive batch of a shared socket: up to `size` datagrams of any
+/// size a call (where the platform batches).
+pub(crate) fn receive_batch(socket: &Socket, size: usize) -> Source {
+    let spec = sys::BatchSpec {
+        size,
+        max_datagram: super::MAX_REPLY,
+        pktinfo: false,
+        gso: false,
+    };
+    Source::new(socket, Some(spec), super::MAX_REPLY, false)
 }
 
 #[cfg(test)]

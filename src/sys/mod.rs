@@ -285,32 +285,6 @@ pub(crate) fn set_busy_poll(socket: &Socket, duration: Duration) -> io::Result<(
     }
 }
 
-/// Receives one datagram and its sender without blocking; fails with
-/// `WouldBlock` when none is queued. (Outside Unix the socket is switched
-/// to non-blocking mode and back around it.)
-pub(crate) fn recv_from_dont_wait(
-    socket: &Socket,
-    buf: &mut [u8],
-) -> io::Result<(usize, SocketAddr)> {
-    #[cfg(unix)]
-    let received = socket.recv_from_with_flags(as_uninit(buf), libc::MSG_DONTWAIT);
-    #[cfg(not(unix))]
-    let received = {
-        socket.set_nonblocking(true)?;
-        let received = socket.recv_from(as_uninit(buf));
-        socket.set_nonblocking(false)?;
-        received
-    };
-    let (len, from) = received?;
-    let from = from.as_socket().ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            "a datagram without an IP sender",
-        )
-    })?;
-    Ok((len, from))
-}
-
 /// Receives one datagram from a connected socket without blocking; fails
 /// with `WouldBlock` when none is queued.
 pub(crate) fn recv_nonblocking(socket: &Socket, buf: &mut [u8]) -> io::Result<usize> {

@@ -12,7 +12,7 @@ use std::future::poll_fn;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::Instant;
 
@@ -21,11 +21,10 @@ use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::oneshot;
 
-use crate::client::MAX_REPLY;
-use crate::client::demux::{Delivery, Key, Sink, Table, Waiter};
+use crate::client::demux::{self, Demux, Sink, Waiter, is_refusal};
 use crate::client::exchange::{Exchange, Shared, Step};
 use crate::error::{self, Error};
-use crate::sys::{self, BatchSpec, Source};
+use crate::sys::Source;
 
 /// Receive calls the receive task makes in one turn before it yields: up
 /// to 1 024 datagrams, so that a socket shared by thousands of calls is
@@ -39,11 +38,7 @@ const BATCH: usize = 32;
 #[derive(Debug)]
 pub(crate) struct AsyncMux {
     socket: UdpSocket,
-    /// The server the socket is connected to; `None`: unconnected.
-    peer: Option<SocketAddr>,
-    /// The kernel queues ICMP errors with their destination.
-    recverr: bool,
-    table: Mutex<Table>,
+    demux: Demux,
 }
 
 /// A call's place in the table, given back when the call ends or its
@@ -55,7 +50,7 @@ struct Registered<'m> {
 
 impl Drop for Registered<'_> {
     fn drop(&mut self) {
-        self.mux.lock_table().remove(self.slot);
+        self.mux.demux.lock().remove(self.slot);
     }
 }
 
@@ -65,20 +60,13 @@ impl AsyncMux {
     pub(crate) fn new(socket: UdpSocket, peer: Option<SocketAddr>, recverr: bool) -> Arc<AsyncMux> {
         Arc::new(AsyncMux {
             socket,
-            peer,
-            recverr,
-            table: Mutex::new(Table::default()),
+            demux: Demux::new(peer, recverr),
         })
-    }
-
-    fn lock_table(&self) -> MutexGuard<'_, Table> {
-        // Consistent between any two statements that change it.
-        self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// How many calls are in flight on the socket.
     pub(crate) fn in_flight(&self) -> usize {
-        self.lock_table().len()
+        self.demux.lock().len()
     }
 
     /// One call with request id `id` to `dest`; the reply goes into `buf`.
@@ -91,10 +79,7 @@ impl AsyncMux {
         buf: &mut Sink<'_>,
         call: &mut Exchange<'_>,
     ) -> Result<usize, Error> {
-        let check = shared.settings.check.is_some().then_some(request);
-        let Some(slot) = self.lock_table().register(Key::new(dest, id), check) else {
-            return Err(Error::IdInUse { addr: dest, id });
-        };
+        let slot = self.demux.register(shared, dest, id, request)?;
         let registered = Registered { mux: self, slot };
         // The clock is read again only after a step that may have taken
         // time to no avail (a send takes microseconds, and a wait that
@@ -114,7 +99,7 @@ impl AsyncMux {
                 }
                 Step::Wait(wait) => {
                     let inbox = poll_fn(|cx| {
-                        let taken = self.lock_table().poll_take(registered.slot, cx.waker());
+                        let taken = self.demux.lock().poll_take(registered.slot, cx.waker());
                         match taken {
                             Some(Ok(reply)) => Poll::Ready(Ok(buf.put(reply))),
                             Some(Err(e)) => Poll::Ready(Err(e)),
@@ -137,18 +122,18 @@ impl AsyncMux {
     /// Sends `request` to `dest`; a refusal reported on the send concerns
     /// an earlier datagram (see the blocking client's).
     async fn send(&self, shared: &Shared, dest: SocketAddr, request: &[u8]) -> io::Result<usize> {
-        let sent = match self.peer {
+        let peer = self.demux.peer();
+        let sent = match peer {
             Some(_) => self.socket.send(request).await,
             None => self.socket.send_to(request, dest).await,
         };
         match sent {
-            Err(e) if is_refusal(&e) && self.peer.is_none() => {
-                self.refusals(shared);
-                self.socket.send_to(request, dest).await
-            }
             Err(e) if is_refusal(&e) => {
-                self.refuse(shared, None, None);
-                Err(e)
+                self.demux.refused(shared, &SockRef::from(&self.socket));
+                match peer {
+                    Some(_) => Err(e),
+                    None => self.socket.send_to(request, dest).await,
+                }
             }
             other => other,
         }
@@ -157,7 +142,7 @@ impl AsyncMux {
     /// What has come for the call: its reply (put in `buf`), a refusal, or
     /// `WouldBlock`.
     fn take(&self, registered: &Registered<'_>, buf: &mut Sink<'_>) -> io::Result<(usize, bool)> {
-        let taken = self.lock_table().take(registered.slot, None);
+        let taken = self.demux.lock().take(registered.slot, None);
         match taken {
             Some(Ok(reply)) => Ok(buf.put(reply)),
             Some(Err(e)) => Err(e),
@@ -166,9 +151,8 @@ impl AsyncMux {
     }
 
     /// Receives up to [`TURN`] batches of datagrams without waiting
-    /// (`recvmmsg` where the platform has it) and hands each to its call,
-    /// waking the calls once the table is released; `WouldBlock` once the
-    /// socket is empty.
+    /// (`recvmmsg` where the platform has it) and hands each to its call;
+    /// `WouldBlock` once the socket is empty.
     fn receive_some(
         &self,
         shared: &Shared,
@@ -176,74 +160,15 @@ impl AsyncMux {
         woken: &mut Vec<Waiter>,
     ) -> io::Result<()> {
         let socket = SockRef::from(&self.socket);
-        let Some(read) = &shared.settings.request_id else {
-            return Err(io::ErrorKind::Unsupported.into());
-        };
         for _ in 0..TURN {
             match source.recv(&socket, true) {
-                Ok(count) => {
-                    let mut table = self.lock_table();
-                    for i in 0..count {
-                        let Some((datagram, _)) = source.datagram(i) else {
-                            continue;
-                        };
-                        if datagram.truncated {
-                            shared.count_discarded();
-                            continue;
-                        }
-                        let delivery = table.deliver(shared, read, datagram.peer, datagram.data);
-                        if let Delivery::Delivered(waiter) = delivery {
-                            woken.push(waiter);
-                        }
-                    }
-                    drop(table);
-                    for waiter in woken.drain(..) {
-                        waiter.wake();
-                    }
-                }
-                Err(e) if is_refusal(&e) => match self.peer {
-                    Some(_) => self.refuse(shared, None, None),
-                    None => self.refusals(shared),
-                },
+                Ok(count) => self.demux.deliver_all(shared, source, count, woken),
+                Err(e) if is_refusal(&e) => self.demux.refused(shared, &socket),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         }
         Ok(())
-    }
-
-    /// Reads every refusal queued on an unconnected socket and hands each
-    /// to the calls it concerns.
-    fn refusals(&self, shared: &Shared) {
-        if !self.recverr {
-            return;
-        }
-        let socket = SockRef::from(&self.socket);
-        let mut start = [0u8; 512];
-        for _ in 0..1024 {
-            let Ok(queued) = sys::recv_error(&socket, &mut start) else {
-                return;
-            };
-            if let (true, Some(dest)) = (queued.refused, queued.dest) {
-                let id = start
-                    .get(..queued.len)
-                    .zip(shared.settings.request_id.as_ref())
-                    .and_then(|(sent, read)| read(sent));
-                self.refuse(shared, Some(dest), id);
-            }
-        }
-    }
-
-    /// Hands a refusal to the calls it concerns, unless refusals count as
-    /// losses.
-    fn refuse(&self, shared: &Shared, dest: Option<SocketAddr>, id: Option<u64>) {
-        if shared.settings.refused_as_loss {
-            return;
-        }
-        let woken = self.lock_table().refuse(dest, id);
-        for waiter in woken {
-            waiter.wake();
-        }
     }
 }
 
@@ -254,13 +179,7 @@ pub(crate) async fn receive(
     shared: Arc<Shared>,
     mut stop: oneshot::Receiver<()>,
 ) {
-    let spec = BatchSpec {
-        size: BATCH,
-        max_datagram: MAX_REPLY,
-        pktinfo: false,
-        gso: false,
-    };
-    let mut source = Source::new(&SockRef::from(&mux.socket), Some(spec), MAX_REPLY, false);
+    let mut source = demux::receive_batch(&SockRef::from(&mux.socket), BATCH);
     let mut woken = Vec::with_capacity(BATCH);
     loop {
         let turn = {
@@ -287,12 +206,4 @@ pub(crate) async fn receive(
             Some(_) => tokio::task::yield_now().await,
         }
     }
-}
-
-/// A refusal: ICMP port unreachable (reported as `ECONNRESET` on Windows).
-fn is_refusal(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionReset
-    )
 }
