@@ -191,6 +191,15 @@ mod bench {
         run
     }
 
+    /// One call on `client` with the request of id `id`: whether the right
+    /// reply came.
+    async fn one_call(client: aio::GreetClient, id: u64) -> bool {
+        let request = request(id);
+        let mut buf = [0u8; 64];
+        matches!(client.send_recv_into(&request, &mut buf).await,
+            Ok(n) if is_reply_to(&request, &buf[..n]))
+    }
+
     /// A hand-written tokio client that multiplexes by id: one socket, a
     /// receive task, and the calls in flight in a map.
     struct HandMux {
@@ -317,25 +326,9 @@ mod bench {
         let (mut speedup, mut cpu_vs_hand) = (Vec::new(), Vec::new());
         for _ in 0..rounds {
             let client = mux.clone();
-            let a = run_calls(runtime, tasks, span, move |id| {
-                let client = client.clone();
-                async move {
-                    let request = request(id);
-                    let mut buf = [0u8; 64];
-                    matches!(client.send_recv_into(&request, &mut buf).await,
-                        Ok(n) if is_reply_to(&request, &buf[..n]))
-                }
-            });
+            let a = run_calls(runtime, tasks, span, move |id| one_call(client.clone(), id));
             let client = per_call.clone();
-            let b = run_calls(runtime, tasks, span, move |id| {
-                let client = client.clone();
-                async move {
-                    let request = request(id);
-                    let mut buf = [0u8; 64];
-                    matches!(client.send_recv_into(&request, &mut buf).await,
-                        Ok(n) if is_reply_to(&request, &buf[..n]))
-                }
-            });
+            let b = run_calls(runtime, tasks, span, move |id| one_call(client.clone(), id));
             let client = hand.clone();
             let c = run_calls(runtime, tasks, span, move |id| {
                 let client = client.clone();

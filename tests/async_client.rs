@@ -9,7 +9,6 @@ mod util;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
@@ -17,7 +16,7 @@ use std::time::Duration;
 
 use udp_greet::Error;
 use udp_greet::tokio as aio;
-use util::{V4, assert_balanced, guarded};
+use util::{CancelAfter, V4, assert_balanced, guarded};
 
 /// A greet server whose handler waits `delay` before answering.
 fn slow_greeter(delay: Duration) -> aio::ServerHandle {
@@ -313,35 +312,6 @@ async fn ten_thousand_concurrent_calls_through_a_lossy_network_get_no_wrong_repl
     );
     assert!(open <= udp_greet::DEFAULT_CLIENT_MAX_IN_FLIGHT);
     assert_balanced(&stats);
-}
-
-/// Polls `inner` at most `polls` times (each time it is woken), then drops
-/// it: a call cancelled at its `polls`-th await point. `None` if cancelled.
-struct CancelAfter<F> {
-    inner: Option<Pin<Box<F>>>,
-    polls: usize,
-}
-
-impl<F: Future> Future for CancelAfter<F> {
-    type Output = Option<F::Output>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        if self.polls == 0 {
-            self.inner = None;
-            return Poll::Ready(None);
-        }
-        self.polls -= 1;
-        let Some(inner) = self.inner.as_mut() else {
-            return Poll::Ready(None);
-        };
-        match inner.as_mut().poll(cx) {
-            Poll::Ready(out) => {
-                self.inner = None;
-                Poll::Ready(Some(out))
-            }
-            Poll::Pending => Poll::Pending,
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -360,13 +360,9 @@ fn the_sockets_setting_is_checked_and_spreads_calls() {
 
 #[cfg(feature = "tokio")]
 mod tokio_client {
-    use std::future::Future;
-    use std::pin::Pin;
-    use std::task::{Context, Poll};
-
     use super::*;
     use udp_greet::tokio as aio;
-    use util::guarded;
+    use util::{CancelAfter, guarded};
 
     fn with_ids(builder: ClientBuilder<aio::Tokio>) -> ClientBuilder<aio::Tokio> {
         builder.request_id(call_id)
@@ -440,35 +436,6 @@ mod tokio_client {
         );
         assert!(client.unmatched() > 0);
         assert_balanced(&stats);
-    }
-
-    /// Polls `inner` at most `polls` times (each time it is woken), then
-    /// drops it: a call cancelled at its `polls`-th await point.
-    struct CancelAfter<F> {
-        inner: Option<Pin<Box<F>>>,
-        polls: usize,
-    }
-
-    impl<F: Future> Future for CancelAfter<F> {
-        type Output = Option<F::Output>;
-
-        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-            if self.polls == 0 {
-                self.inner = None;
-                return Poll::Ready(None);
-            }
-            self.polls -= 1;
-            let Some(inner) = self.inner.as_mut() else {
-                return Poll::Ready(None);
-            };
-            match inner.as_mut().poll(cx) {
-                Poll::Ready(out) => {
-                    self.inner = None;
-                    Poll::Ready(Some(out))
-                }
-                Poll::Pending => Poll::Pending,
-            }
-        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

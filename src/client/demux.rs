@@ -144,6 +144,20 @@ impl Sink<'_> {
         }
     }
 
+    /// What [`Table::take`] gave, as a receive on a socket of the call's
+    /// own would: the reply put in (see [`put`](Sink::put)), a refusal, or
+    /// `WouldBlock` when nothing has come.
+    pub(crate) fn accept(
+        &mut self,
+        taken: Option<io::Result<Vec<u8>>>,
+    ) -> io::Result<(usize, bool)> {
+        match taken {
+            Some(Ok(reply)) => Ok(self.put(reply)),
+            Some(Err(e)) => Err(e),
+            None => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+
     /// Puts `reply` in: its length, and whether it was larger than the
     /// room (then only its start is kept).
     pub(crate) fn put(&mut self, reply: Vec<u8>) -> (usize, bool) {

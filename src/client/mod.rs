@@ -239,7 +239,7 @@ impl GreetClient {
     /// client made with [`ClientBuilder::bind`], which has no server of its
     /// own, [`Error::WrongDestination`].
     pub fn send_recv(&self, request: &[u8]) -> Result<Vec<u8>, Error> {
-        let dest = self.own_peer()?;
+        let dest = destination(self.peer, self.local_addr, None)?;
         self.call_owned(dest, request)
     }
 
@@ -256,7 +256,7 @@ impl GreetClient {
     /// the call ends in [`Error::ReplyTooLarge`] rather than
     /// [`Error::Timeout`] if no valid reply came.
     pub fn send_recv_into(&self, request: &[u8], buf: &mut [u8]) -> Result<usize, Error> {
-        let dest = self.own_peer()?;
+        let dest = destination(self.peer, self.local_addr, None)?;
         self.call(dest, request, &mut Sink::Borrowed(buf))
     }
 
@@ -281,7 +281,7 @@ impl GreetClient {
     /// As [`send_recv`](GreetClient::send_recv); on a connected client,
     /// [`Error::WrongDestination`] for any address but its server's.
     pub fn send_recv_to(&self, addr: SocketAddr, request: &[u8]) -> Result<Vec<u8>, Error> {
-        self.check_destination(addr)?;
+        destination(self.peer, self.local_addr, Some(addr))?;
         self.call_owned(addr, request)
     }
 
@@ -299,28 +299,8 @@ impl GreetClient {
         request: &[u8],
         buf: &mut [u8],
     ) -> Result<usize, Error> {
-        self.check_destination(addr)?;
+        destination(self.peer, self.local_addr, Some(addr))?;
         self.call(addr, request, &mut Sink::Borrowed(buf))
-    }
-
-    /// The server of a connected client, or the error for `send_recv` on a
-    /// bound one.
-    fn own_peer(&self) -> Result<SocketAddr, Error> {
-        self.peer.ok_or(Error::WrongDestination {
-            addr: self.local_addr,
-            peer: None,
-        })
-    }
-
-    /// A connected client calls only its server.
-    fn check_destination(&self, addr: SocketAddr) -> Result<(), Error> {
-        match self.peer {
-            Some(peer) if canonical(peer) != canonical(addr) => Err(Error::WrongDestination {
-                addr,
-                peer: Some(peer),
-            }),
-            _ => Ok(()),
-        }
     }
 
     /// A call whose reply is returned as a vector of its own.
@@ -435,6 +415,30 @@ impl GreetClient {
             }
             now = Instant::now();
         }
+    }
+}
+
+/// Where a call goes: `addr` (`send_recv_to`), or without one
+/// (`send_recv`) the client's server. A connected client (`peer`) calls only
+/// its server; a bound one (at `local`) has none of its own.
+pub(crate) fn destination(
+    peer: Option<SocketAddr>,
+    local: SocketAddr,
+    addr: Option<SocketAddr>,
+) -> Result<SocketAddr, Error> {
+    match (peer, addr) {
+        (Some(peer), Some(addr)) if canonical(peer) != canonical(addr) => {
+            Err(Error::WrongDestination {
+                addr,
+                peer: Some(peer),
+            })
+        }
+        (_, Some(addr)) => Ok(addr),
+        (Some(peer), None) => Ok(peer),
+        (None, None) => Err(Error::WrongDestination {
+            addr: local,
+            peer: None,
+        }),
     }
 }
 

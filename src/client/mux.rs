@@ -170,11 +170,7 @@ impl MuxSocket {
         waiter: Option<Waiter>,
     ) -> io::Result<(usize, bool)> {
         let taken = self.demux.lock().take(registered.slot, waiter);
-        match taken {
-            Some(Ok(reply)) => Ok(buf.put(reply)),
-            Some(Err(e)) => Err(e),
-            None => Err(io::ErrorKind::WouldBlock.into()),
-        }
+        buf.accept(taken)
     }
 
     /// Waits until something comes for the call or `until` passes

@@ -18,9 +18,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use super::Tokio;
 use super::mux::{self, AsyncMux};
 use crate::ClientBuilder;
-use crate::client::MAX_REPLY;
-use crate::client::demux::{self, Sink, canonical};
+use crate::client::demux::{self, Sink};
 use crate::client::exchange::{Exchange, Queue, Shared, Step, Wait, call_seed};
+use crate::client::{MAX_REPLY, destination};
 use crate::error::{self, Error};
 use crate::socket::{self, BoundSocket, BufferSize, SocketOptions};
 use crate::sys;
@@ -435,7 +435,7 @@ impl GreetClient {
     /// (see [`max_in_flight`](ClientBuilder::<Tokio>::max_in_flight)) past its
     /// call timeout ends with [`Error::Timeout`] after 0 attempts.
     pub async fn send_recv(&self, request: &[u8]) -> Result<Vec<u8>, Error> {
-        let dest = self.own_peer()?;
+        let dest = destination(self.inner.peer, self.inner.local_addr, None)?;
         self.call_owned(dest, request).await
     }
 
@@ -447,7 +447,7 @@ impl GreetClient {
     ///
     /// As [`GreetClient::send_recv_into`](crate::GreetClient::send_recv_into).
     pub async fn send_recv_into(&self, request: &[u8], buf: &mut [u8]) -> Result<usize, Error> {
-        let dest = self.own_peer()?;
+        let dest = destination(self.inner.peer, self.inner.local_addr, None)?;
         self.exchange(dest, request, &mut Buf::Borrowed(buf)).await
     }
 
@@ -460,7 +460,7 @@ impl GreetClient {
     ///
     /// As [`GreetClient::send_recv_to`](crate::GreetClient::send_recv_to).
     pub async fn send_recv_to(&self, addr: SocketAddr, request: &[u8]) -> Result<Vec<u8>, Error> {
-        self.check_destination(addr)?;
+        destination(self.inner.peer, self.inner.local_addr, Some(addr))?;
         self.call_owned(addr, request).await
     }
 
@@ -476,25 +476,8 @@ impl GreetClient {
         request: &[u8],
         buf: &mut [u8],
     ) -> Result<usize, Error> {
-        self.check_destination(addr)?;
+        destination(self.inner.peer, self.inner.local_addr, Some(addr))?;
         self.exchange(addr, request, &mut Buf::Borrowed(buf)).await
-    }
-
-    fn own_peer(&self) -> Result<SocketAddr, Error> {
-        self.inner.peer.ok_or(Error::WrongDestination {
-            addr: self.inner.local_addr,
-            peer: None,
-        })
-    }
-
-    fn check_destination(&self, addr: SocketAddr) -> Result<(), Error> {
-        match self.inner.peer {
-            Some(peer) if canonical(peer) != canonical(addr) => Err(Error::WrongDestination {
-                addr,
-                peer: Some(peer),
-            }),
-            _ => Ok(()),
-        }
     }
 
     async fn call_owned(&self, dest: SocketAddr, request: &[u8]) -> Result<Vec<u8>, Error> {

@@ -100,10 +100,9 @@ impl AsyncMux {
                 Step::Wait(wait) => {
                     let inbox = poll_fn(|cx| {
                         let taken = self.demux.lock().poll_take(registered.slot, cx.waker());
-                        match taken {
-                            Some(Ok(reply)) => Poll::Ready(Ok(buf.put(reply))),
-                            Some(Err(e)) => Poll::Ready(Err(e)),
-                            None => Poll::Pending,
+                        match buf.accept(taken) {
+                            Err(e) if error::is_timeout(&e) => Poll::Pending,
+                            done => Poll::Ready(done),
                         }
                     });
                     let received = tokio::time::timeout_at(wait.until.into(), inbox)
@@ -143,11 +142,7 @@ impl AsyncMux {
     /// `WouldBlock`.
     fn take(&self, registered: &Registered<'_>, buf: &mut Sink<'_>) -> io::Result<(usize, bool)> {
         let taken = self.demux.lock().take(registered.slot, None);
-        match taken {
-            Some(Ok(reply)) => Ok(buf.put(reply)),
-            Some(Err(e)) => Err(e),
-            None => Err(io::ErrorKind::WouldBlock.into()),
-        }
+        buf.accept(taken)
     }
 
     /// Receives up to [`TURN`] batches of datagrams without waiting

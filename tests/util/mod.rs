@@ -204,3 +204,35 @@ pub fn udp_sockets_connected_to(peer: std::net::SocketAddr) -> Option<usize> {
             .count(),
     )
 }
+
+/// Polls `inner` at most `polls` times (each time it is woken), then drops
+/// it: a call cancelled at its `polls`-th await point. `None` if cancelled.
+pub struct CancelAfter<F> {
+    pub inner: Option<std::pin::Pin<Box<F>>>,
+    pub polls: usize,
+}
+
+impl<F: std::future::Future> std::future::Future for CancelAfter<F> {
+    type Output = Option<F::Output>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        if self.polls == 0 {
+            self.inner = None;
+            return std::task::Poll::Ready(None);
+        }
+        self.polls -= 1;
+        let Some(inner) = self.inner.as_mut() else {
+            return std::task::Poll::Ready(None);
+        };
+        match inner.as_mut().poll(cx) {
+            std::task::Poll::Ready(out) => {
+                self.inner = None;
+                std::task::Poll::Ready(Some(out))
+            }
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+}
