@@ -352,12 +352,13 @@ impl<E: Engine> ClientBuilder<E> {
     /// returns `true`; any other datagram that arrives is discarded (and
     /// counted in [`GreetClient::discarded`]) and the wait goes on.
     ///
-    /// UDP carries no request ids, so a reply delayed past its timeout, or a
-    /// duplicate, can arrive while the client waits for the answer to a
-    /// later request. The client discards what is queued before each
-    /// request, but only a check that ties the reply to the request (for
+    /// UDP itself carries no request ids, so a reply delayed past its
+    /// timeout, or a duplicate, can arrive while the client waits for the
+    /// answer to a later request. The client discards what is queued before
+    /// each request, but only a check that ties the reply to the request (for
     /// [`greet`](crate::greet), [`is_greeting`](crate::is_greeting)) rules
-    /// out a wrong answer.
+    /// out a wrong answer. With [`request_id`](ClientBuilder::request_id),
+    /// a reply must carry its call's id and also pass this check.
     ///
     /// Defaults to accepting any datagram from the server.
     pub fn reply_check<F>(mut self, check: F) -> Self
@@ -387,8 +388,8 @@ impl<E: Engine> ClientBuilder<E> {
     /// without blocking for up to `window` (or the attempt's wait, if that
     /// is shorter), then blocks as usual for the rest of the wait. A reply
     /// that comes within the window is taken without waiting for the thread
-    /// to be woken. Every other setting holds unchanged: the timeout and
-    /// retries, the deadline, the reply check, the discarding of stale
+    /// to be woken. Every other setting holds unchanged: the initial timeout and
+    /// retries, the call timeout, the reply check, the discarding of stale
     /// datagrams and [`refused_as_loss`](ClientBuilder::refused_as_loss).
     ///
     /// The calling thread uses a whole core while it polls. It pays with a
