@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
 use std::thread::Thread;
@@ -335,7 +336,11 @@ impl Table {
         from: SocketAddr,
         datagram: &[u8],
     ) -> Delivery {
-        let Some(key) = request_id(datagram).map(|id| Key::new(from, id)) else {
+        // The reader and the check are the user's code, run here for
+        // another call's reply (on the async client, in the receive task):
+        // one that panics on a datagram discards it, and nothing else.
+        let read = std::panic::catch_unwind(AssertUnwindSafe(|| request_id(datagram)));
+        let Some(key) = read.ok().flatten().map(|id| Key::new(from, id)) else {
             shared.count_unmatched();
             return Delivery::Discarded;
         };
@@ -350,11 +355,10 @@ impl Table {
             return Delivery::Discarded;
         };
         let fits = slot.request.as_deref().is_none_or(|request| {
-            shared
-                .settings
-                .check
-                .as_ref()
-                .is_none_or(|check| check(request, datagram))
+            shared.settings.check.as_ref().is_none_or(|check| {
+                std::panic::catch_unwind(AssertUnwindSafe(|| check(request, datagram)))
+                    .unwrap_or(false)
+            })
         });
         if !fits || !matches!(slot.inbox, Inbox::Empty) {
             // Not the call's reply: it goes on waiting for one.
@@ -639,6 +643,42 @@ mod tests {
         ));
         assert_eq!((shared.unmatched(), shared.discarded()), (0, 1));
         assert!(matches!(table.take(slot, None), Some(Ok(_))));
+    }
+
+    #[test]
+    fn a_reader_or_check_that_panics_discards_the_datagram_and_nothing_else() {
+        let shared = Shared::new(
+            ClientBuilder::new()
+                .reply_check(|_, reply| {
+                    assert!(reply != b"\x01boom", "a check that panics");
+                    true
+                })
+                .settings,
+        );
+        let ids: RequestId = Arc::new(|datagram: &[u8]| {
+            assert!(datagram != b"panic", "a reader that panics");
+            datagram.first().map(|&b| u64::from(b))
+        });
+        let mut table = Table::default();
+        let Some(slot) = table.register(Key::new(addr(1), 1), Some(b"\x01")) else {
+            panic!("the key is free");
+        };
+        let quiet = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let read = table.deliver(&shared, &ids, addr(1), b"panic");
+        let check = table.deliver(&shared, &ids, addr(1), b"\x01boom");
+        std::panic::set_hook(quiet);
+        assert!(matches!(
+            (read, check),
+            (Delivery::Discarded, Delivery::Discarded)
+        ));
+        // The call is still in the table and takes its reply.
+        assert!(matches!(
+            table.deliver(&shared, &ids, addr(1), b"\x01ok"),
+            Delivery::Delivered(_)
+        ));
+        assert!(matches!(table.take(slot, None), Some(Ok(reply)) if reply == b"\x01ok"));
+        assert_eq!((shared.unmatched(), shared.discarded()), (1, 2));
     }
 
     #[test]
