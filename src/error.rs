@@ -160,6 +160,20 @@ pub enum Error {
         addr: SocketAddr,
     },
 
+    /// A call to an IPv6 server from a client bound to an IPv4 address
+    /// ([`ClientBuilder::bind`](crate::ClientBuilder::bind)), which cannot
+    /// reach it.
+    #[non_exhaustive]
+    #[error(
+        "this client is bound to {local}, an IPv4 address, and cannot call the IPv6 address {addr}: bind it to \"[::]:0\" to call IPv6 and IPv4 servers"
+    )]
+    AddressFamily {
+        /// Where the call was to go.
+        addr: SocketAddr,
+        /// The client's own address.
+        local: SocketAddr,
+    },
+
     /// A call to a server the client was not made for: `send_recv` on a
     /// client made with [`bind`](crate::ClientBuilder::bind), which has no
     /// server of its own (`peer: None`), or `send_recv_to` on a client
@@ -339,7 +353,9 @@ impl Error {
             Error::InvalidConfig { .. } | Error::UnsuitableSocket { .. } => ErrorKind::InvalidInput,
             Error::ReplyTooLarge { .. } => ErrorKind::InvalidData,
             Error::IdInUse { .. } => ErrorKind::AlreadyExists,
-            Error::NoRequestId { .. } | Error::WrongDestination { .. } => ErrorKind::InvalidInput,
+            Error::NoRequestId { .. }
+            | Error::WrongDestination { .. }
+            | Error::AddressFamily { .. } => ErrorKind::InvalidInput,
             Error::Resolve { source, .. }
             | Error::Bind { source, .. }
             | Error::Socket { source, .. }

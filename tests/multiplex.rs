@@ -358,6 +358,131 @@ fn the_sockets_setting_is_checked_and_spreads_calls() {
     assert_eq!(stats.replied, 400);
 }
 
+/// A greet server on the IPv6 loopback.
+fn greeter_v6() -> udp_greet::ServerHandle {
+    GreetServer::bind(util::V6)
+        .expect("bind")
+        .spawn(udp_greet::greet)
+        .expect("spawn")
+}
+
+/// A server that answers a request with `big` (which its check accepts,
+/// but which is larger than the caller's buffer), then with the greeting.
+fn oversized_then_greeting(big: Vec<u8>) -> (thread::JoinHandle<()>, SocketAddr) {
+    scripted_server(vec![big], None)
+}
+
+/// Takes a greeting or anything that starts with the request's greeting.
+fn starts_like_greeting(request: &[u8], reply: &[u8]) -> bool {
+    let mut greeting = b"Hello, ".to_vec();
+    greeting.extend_from_slice(request);
+    reply.starts_with(&greeting)
+}
+
+#[test]
+fn a_bound_client_calls_servers_of_both_families_in_any_order() {
+    if !util::has_ipv6() {
+        return;
+    }
+    let (v4, v6) = (greeter(), greeter_v6());
+    let mapped = SocketAddr::from((
+        std::net::Ipv4Addr::LOCALHOST.to_ipv6_mapped(),
+        v4.local_addr().port(),
+    ));
+    for ids in [false, true] {
+        let mut builder = GreetClient::builder();
+        if ids {
+            builder = with_ids(builder);
+        }
+        let client = builder.bind("[::]:0").expect("bind");
+        // Each server after the other, both ways round: no call pins the
+        // socket to a family or a source address.
+        for (i, server) in [
+            v6.local_addr(),
+            v4.local_addr(),
+            v6.local_addr(),
+            mapped,
+            v6.local_addr(),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let name = format!("call-{i}");
+            expect_greeting(client.send_recv_to(server, name.as_bytes()), &name);
+        }
+    }
+    // An IPv4 client cannot reach an IPv6 server, and says what to do.
+    let v4_only = GreetClient::builder().bind(V4).expect("bind");
+    let err = v4_only
+        .send_recv_to(v6.local_addr(), b"call-9")
+        .expect_err("an IPv4 socket");
+    assert!(matches!(err, Error::AddressFamily { .. }), "{err:?}");
+    assert!(err.to_string().contains("[::]:0"), "{err}");
+}
+
+#[test]
+fn a_reply_too_large_to_check_is_discarded_and_the_wait_goes_on() {
+    for ids in [false, true] {
+        let (server, addr) = oversized_then_greeting(b"Hello, call-7! and far too much".to_vec());
+        let mut builder = GreetClient::builder().reply_check(starts_like_greeting);
+        if ids {
+            builder = with_ids(builder);
+        }
+        let client = builder.connect(addr).expect("connect");
+        let mut buf = [0u8; 16];
+        let len = client
+            .send_recv_into(b"call-7", &mut buf)
+            .unwrap_or_else(|e| panic!("ids {ids}: {e}"));
+        assert_eq!(&buf[..len], b"Hello, call-7!", "ids {ids}");
+        assert_eq!(client.discarded(), 1, "ids {ids}");
+        server.join().expect("server");
+    }
+}
+
+#[test]
+fn a_call_waiting_for_its_turn_ends_at_its_call_timeout() {
+    // Without ids a blocking client's calls take turns. Three calls to a
+    // silent server each hold the turn for as long as they may: the last
+    // must still end when its own call timeout says (it ended after all
+    // three timeouts, one after the other, when the turn was a plain lock).
+    const LIMIT: Duration = Duration::from_millis(300);
+    let (silent, quiet) = silent_port();
+    silent
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let client = GreetClient::builder()
+        .initial_timeout(Duration::from_secs(10))
+        .retries(0)
+        .call_timeout(LIMIT)
+        .bind(V4)
+        .expect("bind");
+    thread::scope(|s| {
+        let first = s.spawn(|| client.send_recv_to(quiet, b"call-1"));
+        // The first call's request has arrived: it holds the turn.
+        let mut buf = [0u8; 64];
+        silent.recv_from(&mut buf).expect("the first request");
+        let timed = || {
+            let started = std::time::Instant::now();
+            let result = client.send_recv_to(quiet, b"call-2");
+            (result, started.elapsed())
+        };
+        let second = s.spawn(timed);
+        let third = s.spawn(timed);
+        for (result, took) in [
+            second.join().expect("thread"),
+            third.join().expect("thread"),
+        ] {
+            assert!(matches!(result, Err(Error::Timeout { .. })), "{result:?}");
+            assert!(took <= LIMIT + LIMIT / 2, "{took:?}, promised {LIMIT:?}");
+        }
+        let first = first.join().expect("thread");
+        assert!(
+            matches!(first, Err(Error::Timeout { attempts: 1, .. })),
+            "{first:?}"
+        );
+    });
+}
+
 #[cfg(feature = "tokio")]
 mod tokio_client {
     use super::*;
@@ -569,6 +694,48 @@ mod tokio_client {
             if ids {
                 assert_eq!(client.open_sockets(), 1);
             }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn families_in_any_order_and_replies_too_large_to_check() {
+        if util::has_ipv6() {
+            let (v4, v6) = (greeter(), greeter_v6());
+            for ids in [false, true] {
+                let mut builder = aio::GreetClient::builder().max_in_flight(1);
+                if ids {
+                    builder = with_ids(builder);
+                }
+                let client = builder.bind("[::]:0").await.expect("bind");
+                let order = [
+                    v6.local_addr(),
+                    v4.local_addr(),
+                    v6.local_addr(),
+                    v4.local_addr(),
+                ];
+                for (i, server) in order.into_iter().enumerate() {
+                    let name = format!("call-{i}");
+                    let reply =
+                        guarded("a call", client.send_recv_to(server, name.as_bytes())).await;
+                    expect_greeting(reply, &name);
+                }
+            }
+        }
+        for ids in [false, true] {
+            let (server, addr) =
+                oversized_then_greeting(b"Hello, call-7! and far too much".to_vec());
+            let mut builder = aio::GreetClient::builder().reply_check(starts_like_greeting);
+            if ids {
+                builder = with_ids(builder);
+            }
+            let client = builder.connect(addr).await.expect("connect");
+            let mut buf = [0u8; 16];
+            let len = guarded("the call", client.send_recv_into(b"call-7", &mut buf))
+                .await
+                .unwrap_or_else(|e| panic!("ids {ids}: {e}"));
+            assert_eq!(&buf[..len], b"Hello, call-7!", "ids {ids}");
+            assert_eq!(client.discarded(), 1, "ids {ids}");
+            server.join().expect("server");
         }
     }
 

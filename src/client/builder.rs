@@ -5,13 +5,14 @@
 use std::fmt;
 use std::marker::PhantomData;
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::demux::RequestId;
 use super::exchange::Shared;
 use super::mux::MuxSocket;
-use super::{GreetClient, Io, State};
+use super::{GreetClient, Io, State, Turn};
 use crate::engine::{Blocking, Engine};
 use crate::error::Error;
 use crate::socket::{self, SocketOptions};
@@ -164,25 +165,28 @@ impl ClientBuilder<Blocking> {
     /// Makes a client for many servers: an unconnected socket bound to
     /// `local` (port 0 for an ephemeral one), called with
     /// [`send_recv_to(addr, request)`](GreetClient::send_recv_to). Its
-    /// address family is the family of the servers it can reach:
-    /// `"0.0.0.0:0"` or `"127.0.0.1:0"` for IPv4, `"[::]:0"` for IPv6.
+    /// address family decides the servers it can reach: `"0.0.0.0:0"` or
+    /// `"127.0.0.1:0"` reaches IPv4 servers, `"[::]:0"` IPv6 ones and (as a
+    /// dual-stack socket, the default) IPv4 ones too.
     ///
     /// A reply counts only if it comes from the address its call was sent
-    /// to. Without request ids, calls run one at a time, each with the
-    /// socket connected to its server for the call, so the kernel filters
-    /// and reports refusals as for a connected client. With
-    /// [`request_id`](ClientBuilder::request_id), calls to any servers are
-    /// in flight together on the shared sockets, and a reply goes to the
-    /// call with its sender's address and id.
+    /// to: a datagram from anyone else is discarded and counted. Without
+    /// request ids the blocking client runs its calls one at a time on its
+    /// one socket, each call waiting for its turn within its call timeout,
+    /// and the async client gives each call a socket connected to its
+    /// server. With [`request_id`](ClientBuilder::request_id), calls to any
+    /// servers are in flight together on the shared sockets, and a reply
+    /// goes to the call with its sender's address and id.
     ///
     /// # Platform-specific behavior
     ///
-    /// With request ids, on Linux an ICMP "port unreachable" is matched to
-    /// its destination (and to its call by the id in the start of the
-    /// refused request the kernel returns, `IP_RECVERR`), so one server's
+    /// On Linux an ICMP "port unreachable" is matched to its destination
+    /// (and, with request ids, to its call by the id in the start of the
+    /// refused request the kernel returns; `IP_RECVERR`), so one server's
     /// refusal fails only the calls to it. Elsewhere an unconnected socket
     /// is not told which destination refused: calls to a closed port end in
-    /// [`Error::Timeout`] instead of [`Error::Refused`].
+    /// [`Error::Timeout`] instead of [`Error::Refused`] (except the async
+    /// client's without request ids, whose sockets are connected).
     ///
     /// # Errors
     ///
@@ -209,7 +213,9 @@ impl ClientBuilder<Blocking> {
         let io = match self.settings.request_id {
             None => Io::Single {
                 socket: first.bound.socket,
-                state: Mutex::new(State::new(seed, peer)),
+                turn: Turn::default(),
+                state: Mutex::new(State::default()),
+                rng: AtomicU64::new(seed),
             },
             Some(_) => {
                 let mut sockets = vec![first.into_mux(peer)];
@@ -218,7 +224,7 @@ impl ClientBuilder<Blocking> {
                 }
                 Io::Mux {
                     sockets: sockets.into_boxed_slice(),
-                    rng: Mutex::new(seed),
+                    rng: AtomicU64::new(seed),
                     hasher: std::collections::hash_map::RandomState::new(),
                 }
             }
@@ -234,8 +240,8 @@ impl ClientBuilder<Blocking> {
     }
 
     /// One of the client's sockets: connected to `peer`, or bound to
-    /// `local`; unconnected multiplexed sockets report ICMP errors per
-    /// destination where the platform can.
+    /// `local`; unconnected sockets report ICMP errors per destination
+    /// where the platform can.
     fn socket_for(
         &self,
         peer: Option<SocketAddr>,
@@ -245,7 +251,7 @@ impl ClientBuilder<Blocking> {
             Some(peer) => socket::connect(peer, &self.socket)?,
             None => socket::bind_client(local, &self.socket)?,
         };
-        let recverr = if peer.is_none() && self.settings.request_id.is_some() {
+        let recverr = if peer.is_none() {
             sys::enable_recverr(&bound.socket, local.is_ipv6()).map_err(|source| Error::Socket {
                 action: "set IP_RECVERR",
                 addr: local,
@@ -266,7 +272,7 @@ struct ClientSocket {
 
 impl ClientSocket {
     fn into_mux(self, peer: Option<SocketAddr>) -> MuxSocket {
-        MuxSocket::new(self.bound.socket, peer, self.recverr)
+        MuxSocket::new(self.bound.socket, peer, self.recverr, self.bound.local_addr)
     }
 }
 

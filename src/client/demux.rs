@@ -115,6 +115,18 @@ pub(crate) fn pick(
     (hasher.hash_one(key) % count.max(1) as u64) as usize
 }
 
+/// How `dest` is written for a socket bound to `local`: an IPv4 address as
+/// IPv4-mapped IPv6 for an IPv6 (dual-stack) socket, as every platform
+/// takes it.
+pub(crate) fn wire(local: SocketAddr, dest: SocketAddr) -> SocketAddr {
+    match (local, dest) {
+        (SocketAddr::V6(_), SocketAddr::V4(v4)) => {
+            SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
+        }
+        _ => dest,
+    }
+}
+
 /// `addr` with an IPv4-mapped IPv6 address written as IPv4.
 pub(crate) fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
@@ -148,13 +160,12 @@ impl Sink<'_> {
     /// What [`Table::take`] gave, as a receive on a socket of the call's
     /// own would: the reply put in (see [`put`](Sink::put)), a refusal, or
     /// `WouldBlock` when nothing has come.
-    pub(crate) fn accept(
-        &mut self,
-        taken: Option<io::Result<Vec<u8>>>,
-    ) -> io::Result<(usize, bool)> {
+    pub(crate) fn accept(&mut self, taken: Option<Taken>) -> io::Result<(usize, bool)> {
         match taken {
-            Some(Ok(reply)) => Ok(self.put(reply)),
-            Some(Err(e)) => Err(e),
+            Some(Taken::Reply(reply)) => Ok(self.put(reply)),
+            Some(Taken::Refused) => Err(io::ErrorKind::ConnectionRefused.into()),
+            // Larger than the buffer: reported as a truncated datagram.
+            Some(Taken::Oversized) => Ok((self.capacity(), true)),
             None => Err(io::ErrorKind::WouldBlock.into()),
         }
     }
@@ -209,11 +220,27 @@ enum Inbox {
     Reply(Vec<u8>),
     /// Its destination refused (ICMP port unreachable).
     Refused,
+    /// A datagram too large for the call's buffer came, which its reply
+    /// check therefore could not judge.
+    Oversized,
+}
+
+/// What a call takes from its inbox.
+#[derive(Debug)]
+pub(crate) enum Taken {
+    /// Its reply.
+    Reply(Vec<u8>),
+    /// A refusal from its destination.
+    Refused,
+    /// A datagram too large to be checked (see [`Inbox::Oversized`]).
+    Oversized,
 }
 
 #[derive(Debug)]
 struct Slot {
     key: Key,
+    /// The call's reply buffer, in bytes.
+    capacity: usize,
     /// The key is in the table's map: false once a reply was delivered, so
     /// that a duplicate matches nothing and the key is free for the next
     /// call.
@@ -245,12 +272,18 @@ pub(crate) enum Delivery {
 impl Table {
     /// Registers a call with `key`, keeping `request` for its reply check
     /// (`None` without one); `None` if a call with that key is in flight.
-    pub(crate) fn register(&mut self, key: Key, request: Option<&[u8]>) -> Option<usize> {
+    pub(crate) fn register(
+        &mut self,
+        key: Key,
+        request: Option<&[u8]>,
+        capacity: usize,
+    ) -> Option<usize> {
         let std::collections::hash_map::Entry::Vacant(entry) = self.calls.entry(key) else {
             return None;
         };
         let slot = Slot {
             key,
+            capacity,
             listed: true,
             request: request.map(Box::from),
             inbox: Inbox::Empty,
@@ -293,15 +326,12 @@ impl Table {
     /// Takes what has come for the call in `slot`: a reply, or a refusal
     /// as a `ConnectionRefused` error. Otherwise, with `waiter`, keeps it
     /// to be woken when something comes.
-    pub(crate) fn take(
-        &mut self,
-        slot: usize,
-        waiter: Option<Waiter>,
-    ) -> Option<io::Result<Vec<u8>>> {
+    pub(crate) fn take(&mut self, slot: usize, waiter: Option<Waiter>) -> Option<Taken> {
         let slot = self.slots.get_mut(slot)?.as_mut()?;
         match std::mem::replace(&mut slot.inbox, Inbox::Empty) {
-            Inbox::Reply(reply) => Some(Ok(reply)),
-            Inbox::Refused => Some(Err(io::ErrorKind::ConnectionRefused.into())),
+            Inbox::Reply(reply) => Some(Taken::Reply(reply)),
+            Inbox::Refused => Some(Taken::Refused),
+            Inbox::Oversized => Some(Taken::Oversized),
             Inbox::Empty => {
                 if let Some(waiter) = waiter {
                     slot.waiter = waiter;
@@ -314,7 +344,7 @@ impl Table {
     /// [`take`](Table::take) for an async call: keeps `waker` (unless the
     /// one kept already wakes the same task) when nothing has come.
     #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
-    pub(crate) fn poll_take(&mut self, slot: usize, waker: &Waker) -> Option<io::Result<Vec<u8>>> {
+    pub(crate) fn poll_take(&mut self, slot: usize, waker: &Waker) -> Option<Taken> {
         let taken = self.take(slot, None);
         if taken.is_none() {
             if let Some(Some(slot)) = self.slots.get_mut(slot) {
@@ -354,12 +384,32 @@ impl Table {
             shared.count_unmatched();
             return Delivery::Discarded;
         };
+        if let (Some(_), Some(_)) = (&slot.request, &shared.settings.check) {
+            if datagram.len() > slot.capacity {
+                // Too large to be checked: the call is told, counts it as
+                // discarded, and goes on waiting for its reply.
+                self.calls.insert(key, index);
+                if !matches!(slot.inbox, Inbox::Empty) {
+                    shared.count_discarded();
+                    return Delivery::Discarded;
+                }
+                slot.inbox = Inbox::Oversized;
+                return Delivery::Delivered(std::mem::take(&mut slot.waiter));
+            }
+        }
         let fits = slot.request.as_deref().is_none_or(|request| {
             shared.settings.check.as_ref().is_none_or(|check| {
                 std::panic::catch_unwind(AssertUnwindSafe(|| check(request, datagram)))
                     .unwrap_or(false)
             })
         });
+        if fits && matches!(slot.inbox, Inbox::Oversized) {
+            // The reply comes before the call saw the notice of a datagram
+            // too large to check: that datagram is discarded, as the call
+            // would have.
+            shared.count_discarded();
+            slot.inbox = Inbox::Empty;
+        }
         if !fits || !matches!(slot.inbox, Inbox::Empty) {
             // Not the call's reply: it goes on waiting for one.
             self.calls.insert(key, index);
@@ -420,15 +470,23 @@ pub(crate) struct Demux {
     /// (`IP_RECVERR`), so that an unconnected socket's refusals can be told
     /// apart.
     recverr: bool,
+    /// The socket's own address.
+    local: SocketAddr,
 }
 
 impl Demux {
-    pub(crate) fn new(peer: Option<SocketAddr>, recverr: bool) -> Demux {
+    pub(crate) fn new(peer: Option<SocketAddr>, recverr: bool, local: SocketAddr) -> Demux {
         Demux {
             table: Mutex::new(Table::default()),
             peer,
             recverr,
+            local,
         }
+    }
+
+    /// How `dest` is written for this socket (see [`wire`]).
+    pub(crate) fn wire(&self, dest: SocketAddr) -> SocketAddr {
+        wire(self.local, dest)
     }
 
     /// The table. Consistent between any two statements that change it: a
@@ -451,10 +509,11 @@ impl Demux {
         dest: SocketAddr,
         id: u64,
         request: &[u8],
+        capacity: usize,
     ) -> Result<usize, Error> {
         let check = shared.settings.check.is_some().then_some(request);
         self.lock()
-            .register(Key::new(dest, id), check)
+            .register(Key::new(dest, id), check, capacity)
             .ok_or(Error::IdInUse { addr: dest, id })
     }
 
@@ -571,13 +630,13 @@ mod tests {
         let shared = Shared::new(ClientBuilder::new().settings);
         let ids = first_byte();
         let mut table = Table::default();
-        let a = table.register(Key::new(addr(1), 7), None);
-        let b = table.register(Key::new(addr(2), 7), None);
+        let a = table.register(Key::new(addr(1), 7), None, 64);
+        let b = table.register(Key::new(addr(2), 7), None, 64);
         let (Some(a), Some(b)) = (a, b) else {
             panic!("both keys are free");
         };
         // The same key twice is refused.
-        assert!(table.register(Key::new(addr(1), 7), None).is_none());
+        assert!(table.register(Key::new(addr(1), 7), None, 64).is_none());
         // From the wrong address, or with an unknown id: counted, dropped.
         assert!(matches!(
             table.deliver(&shared, &ids, addr(3), &[7]),
@@ -603,7 +662,7 @@ mod tests {
         ));
         assert_eq!((shared.unmatched(), shared.discarded()), (4, 4));
         assert!(table.take(a, None).is_none());
-        assert!(matches!(table.take(b, None), Some(Ok(reply)) if reply == [7, 2]));
+        assert!(matches!(table.take(b, None), Some(Taken::Reply(reply)) if reply == [7, 2]));
         // Removed, a call's key is free, and its late replies match nothing.
         table.remove(b);
         assert!(matches!(
@@ -611,7 +670,7 @@ mod tests {
             Delivery::Discarded
         ));
         assert_eq!(shared.unmatched(), 5);
-        assert!(table.register(Key::new(addr(2), 7), None).is_some());
+        assert!(table.register(Key::new(addr(2), 7), None, 64).is_some());
         // IPv4-mapped addresses are the IPv4 ones.
         let mapped: SocketAddr = "[::ffff:127.0.0.1]:1".parse().unwrap_or(addr(0));
         assert!(matches!(
@@ -630,7 +689,7 @@ mod tests {
         );
         let ids = first_byte();
         let mut table = Table::default();
-        let Some(slot) = table.register(Key::new(addr(1), 1), Some(&[1, 9])) else {
+        let Some(slot) = table.register(Key::new(addr(1), 1), Some(&[1, 9]), 64) else {
             panic!("the key is free");
         };
         assert!(matches!(
@@ -642,7 +701,7 @@ mod tests {
             Delivery::Delivered(_)
         ));
         assert_eq!((shared.unmatched(), shared.discarded()), (0, 1));
-        assert!(matches!(table.take(slot, None), Some(Ok(_))));
+        assert!(matches!(table.take(slot, None), Some(Taken::Reply(_))));
     }
 
     #[test]
@@ -660,7 +719,7 @@ mod tests {
             datagram.first().map(|&b| u64::from(b))
         });
         let mut table = Table::default();
-        let Some(slot) = table.register(Key::new(addr(1), 1), Some(b"\x01")) else {
+        let Some(slot) = table.register(Key::new(addr(1), 1), Some(b"\x01"), 64) else {
             panic!("the key is free");
         };
         let quiet = std::panic::take_hook();
@@ -677,7 +736,7 @@ mod tests {
             table.deliver(&shared, &ids, addr(1), b"\x01ok"),
             Delivery::Delivered(_)
         ));
-        assert!(matches!(table.take(slot, None), Some(Ok(reply)) if reply == b"\x01ok"));
+        assert!(matches!(table.take(slot, None), Some(Taken::Reply(reply)) if reply == b"\x01ok"));
         assert_eq!((shared.unmatched(), shared.discarded()), (1, 2));
     }
 
@@ -691,14 +750,12 @@ mod tests {
         ];
         let slots: Vec<usize> = keys
             .iter()
-            .filter_map(|&k| table.register(k, None))
+            .filter_map(|&k| table.register(k, None, 64))
             .collect();
         assert_eq!(slots.len(), 3);
         assert_eq!(table.refuse(Some(addr(1)), Some(2)).len(), 1);
         assert!(table.take(slots[0], None).is_none());
-        assert!(
-            matches!(table.take(slots[1], None), Some(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused)
-        );
+        assert!(matches!(table.take(slots[1], None), Some(Taken::Refused)));
         // Without the id: every call to that address.
         assert_eq!(table.refuse(Some(addr(1)), None).len(), 2);
         assert!(table.take(slots[2], None).is_none());

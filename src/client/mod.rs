@@ -9,9 +9,11 @@ mod mux;
 pub use builder::{ClientBuilder, DEFAULT_CLIENT_MAX_IN_FLIGHT};
 
 use std::fmt;
+use std::io;
 use std::net::SocketAddr;
 use std::net::ToSocketAddrs;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use socket2::Socket;
@@ -21,6 +23,7 @@ use crate::error::{self, Error};
 use crate::socket::BufferSize;
 use crate::sys;
 use demux::{Sink, canonical};
+
 use exchange::{Exchange, Queue, Shared, Step, call_seed};
 use mux::MuxSocket;
 
@@ -55,13 +58,14 @@ pub(crate) const MIN_WAIT: Duration = Duration::from_micros(1);
 /// # Without request ids (the default)
 ///
 /// Calls are serialised: one call at a time on the client's one socket,
-/// so no reply can reach the wrong call's thread. Before each request the
+/// each waiting for its turn within its call timeout, so no reply can reach
+/// the wrong call's thread. Before each request the
 /// call discards any datagram already queued (a late reply to an earlier
 /// request, or a duplicate; in [latency mode](ClientBuilder::busy_poll),
 /// right after sending it), and a [reply check](ClientBuilder::reply_check)
 /// rejects any datagram that is not the answer to this request. A bound
-/// client connects its socket to each call's server for the call. Use one
-/// client per thread for parallel requests, or request ids.
+/// client takes only datagrams from the call's server. Use one client per
+/// thread for parallel requests, or request ids.
 ///
 /// # With request ids
 ///
@@ -103,39 +107,77 @@ pub struct GreetClient {
 /// How a client's calls use its sockets.
 enum Io {
     /// Without request ids: one socket, one call at a time.
-    Single { socket: Socket, state: Mutex<State> },
+    Single {
+        socket: Socket,
+        /// Taken by each call, within its call timeout.
+        turn: Turn,
+        /// What the call holding the turn uses.
+        state: Mutex<State>,
+        /// The jitter's random state, from which each call draws its own.
+        rng: AtomicU64,
+    },
     /// With request ids: calls in flight together on shared sockets.
     Mux {
         sockets: Box<[MuxSocket]>,
         /// The jitter's random state, from which each call draws its own.
-        rng: Mutex<u64>,
+        rng: AtomicU64,
         /// Spreads calls over the sockets.
         hasher: std::collections::hash_map::RandomState,
     },
 }
 
 /// What one call leaves for the next.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct State {
     /// The socket's read timeout as last set, to skip setting it again.
     read_timeout: Option<Duration>,
     /// The reply buffer of [`GreetClient::send_recv`], kept between calls.
     reply: Vec<u8>,
-    /// The jitter's random state (xorshift64*; never zero).
-    rng: u64,
-    /// The address a bound client's socket is connected to now.
-    connected: Option<SocketAddr>,
 }
 
-impl State {
-    fn new(seed: u64, connected: Option<SocketAddr>) -> Self {
-        State {
-            read_timeout: None,
-            reply: Vec::new(),
-            rng: seed | 1,
-            connected,
+/// One call at a time on a client's one socket: a call waits for its turn
+/// within its call timeout, as the async client's calls do.
+#[derive(Debug, Default)]
+struct Turn {
+    busy: Mutex<bool>,
+    free: Condvar,
+}
+
+/// A turn held; given back when dropped.
+struct Held<'t>(&'t Turn);
+
+impl Turn {
+    /// Waits for the turn until `until` (`None`: as long as it takes).
+    fn take(&self, until: Option<Instant>) -> Option<Held<'_>> {
+        let mut busy = lock(&self.busy);
+        while *busy {
+            busy = match until {
+                None => self.free.wait(busy).unwrap_or_else(|e| e.into_inner()),
+                Some(until) => {
+                    let left = until.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return None;
+                    }
+                    let waited = self.free.wait_timeout(busy, left);
+                    waited.unwrap_or_else(|e| e.into_inner()).0
+                }
+            };
         }
+        *busy = true;
+        Some(Held(self))
     }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        *lock(&self.0.busy) = false;
+        self.0.free.notify_one();
+    }
+}
+
+/// Moves a client's jitter sequence on: each call's seed.
+fn next_seed(rng: &AtomicU64) -> u64 {
+    call_seed(&mut rng.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed))
 }
 
 impl fmt::Debug for GreetClient {
@@ -306,11 +348,21 @@ impl GreetClient {
     /// A call whose reply is returned as a vector of its own.
     fn call_owned(&self, dest: SocketAddr, request: &[u8]) -> Result<Vec<u8>, Error> {
         match &self.io {
-            Io::Single { socket, state } => {
+            Io::Single {
+                socket,
+                turn,
+                state,
+                rng,
+            } => {
+                let mut call = self.start(dest, MAX_REPLY, next_seed(rng));
+                let Some(_turn) = turn.take(call.deadline()) else {
+                    return Err(call.failed(Instant::now()));
+                };
                 let mut state = lock(state);
                 let mut reply = std::mem::take(&mut state.reply);
                 reply.resize(MAX_REPLY, 0);
-                let result = self.exchange(socket, &mut state, dest, request, &mut reply);
+                let result =
+                    self.exchange(socket, &mut state, &mut call, dest, request, &mut reply);
                 let out = result.map(|len| reply.get(..len).unwrap_or_default().to_vec());
                 state.reply = reply;
                 out
@@ -327,13 +379,24 @@ impl GreetClient {
     /// One call to `dest`, its reply put in `buf`.
     fn call(&self, dest: SocketAddr, request: &[u8], buf: &mut Sink<'_>) -> Result<usize, Error> {
         match &self.io {
-            Io::Single { socket, state } => {
+            Io::Single {
+                socket,
+                turn,
+                state,
+                rng,
+            } => {
+                let mut call = self.start(dest, buf.capacity(), next_seed(rng));
+                let Some(_turn) = turn.take(call.deadline()) else {
+                    return Err(call.failed(Instant::now()));
+                };
                 let mut state = lock(state);
                 match buf {
-                    Sink::Borrowed(buf) => self.exchange(socket, &mut state, dest, request, buf),
+                    Sink::Borrowed(buf) => {
+                        self.exchange(socket, &mut state, &mut call, dest, request, buf)
+                    }
                     Sink::Owned(vec) => {
                         vec.resize(MAX_REPLY, 0);
-                        self.exchange(socket, &mut state, dest, request, vec)
+                        self.exchange(socket, &mut state, &mut call, dest, request, vec)
                     }
                 }
             }
@@ -349,7 +412,7 @@ impl GreetClient {
                     .as_ref()
                     .and_then(|read| read(request))
                     .ok_or(Error::NoRequestId { addr: dest })?;
-                let seed = call_seed(&mut lock(rng));
+                let seed = next_seed(rng);
                 let index = demux::pick(hasher, demux::Key::new(dest, id), sockets.len());
                 let Some(socket) = sockets.get(index) else {
                     return Err(Error::NoRequestId { addr: dest });
@@ -359,46 +422,46 @@ impl GreetClient {
         }
     }
 
-    /// Drives one call's [`Exchange`] on the client's one socket (connected
-    /// to `dest` first, for a bound client). Each step ends the call or
-    /// moves it on, and the exchange ends it when its attempts' time has
-    /// passed.
+    /// A call to `dest` with a reply buffer of `capacity` bytes, starting
+    /// now: its time counts from before it waits for its turn.
+    fn start(&self, dest: SocketAddr, capacity: usize, seed: u64) -> Exchange<'_> {
+        let now = Instant::now();
+        Exchange::new(&self.shared, dest, capacity, Queue::MayHoldStale, now, seed)
+    }
+
+    /// Drives one call's [`Exchange`] on the client's one socket. Each step
+    /// ends the call or moves it on, and the exchange ends it when its
+    /// attempts' time has passed. A bound client sends to `dest` and takes
+    /// only datagrams from it.
     fn exchange(
         &self,
         socket: &Socket,
         state: &mut State,
+        call: &mut Exchange<'_>,
         dest: SocketAddr,
         request: &[u8],
         buf: &mut [u8],
     ) -> Result<usize, Error> {
-        if state.connected != Some(dest) {
-            socket.connect(&dest.into()).map_err(|source| Error::Io {
-                action: "connect UDP socket to",
-                addr: dest,
-                source,
-            })?;
-            state.connected = Some(dest);
-        }
+        let connected = self.peer.is_some();
         let mut now = Instant::now();
-        let seed = call_seed(&mut state.rng);
-        let mut call = Exchange::new(
-            &self.shared,
-            dest,
-            buf.len(),
-            Queue::MayHoldStale,
-            now,
-            seed,
-        );
         loop {
             match call.next(now) {
-                Step::Send => call.sent(socket.send(request)),
+                Step::Send if connected => call.sent(socket.send(request)),
+                Step::Send => call.sent(self.send_to(socket, dest, request)),
+                Step::Discard | Step::Check if !connected => {
+                    let received = self.recv_from(socket, dest, buf, true);
+                    call.received(received, request, buf);
+                }
                 Step::Discard => {
                     let received = sys::recv_nonblocking(socket, buf).map(|len| (len, false));
                     call.received(received, request, buf);
                 }
                 Step::Check => call.received(sys::recv_dont_wait(socket, buf), request, buf),
                 Step::Poll => {
-                    let received = sys::recv_dont_wait(socket, buf);
+                    let received = match connected {
+                        true => sys::recv_dont_wait(socket, buf),
+                        false => self.recv_from(socket, dest, buf, true),
+                    };
                     if received.as_ref().is_err_and(error::is_timeout) {
                         std::hint::spin_loop();
                     }
@@ -406,14 +469,73 @@ impl GreetClient {
                 }
                 Step::Wait(wait) => {
                     set_read_timeout(socket, state, dest, wait.timeout)?;
-                    let received = socket
-                        .recv_vectored(&mut [sys::recv_slice(buf)])
-                        .map(|(len, flags)| (len, flags.is_truncated()));
+                    let received = match connected {
+                        true => socket
+                            .recv_vectored(&mut [sys::recv_slice(buf)])
+                            .map(|(len, flags)| (len, flags.is_truncated())),
+                        false => self.recv_from(socket, dest, buf, false),
+                    };
                     call.received(received, request, buf);
                 }
                 Step::Done(outcome) => return outcome,
             }
             now = Instant::now();
+        }
+    }
+
+    /// Sends `request` to `dest` from a bound client's socket. A refusal
+    /// reported on the send concerns an earlier datagram: it ends the call
+    /// only if `dest` refused; otherwise the send is asked for again
+    /// (`Interrupted`).
+    fn send_to(&self, socket: &Socket, dest: SocketAddr, request: &[u8]) -> io::Result<usize> {
+        match socket.send_to(request, &demux::wire(self.local_addr, dest).into()) {
+            Err(e) if demux::is_refusal(&e) => Err(self.refusal_for(socket, dest)),
+            other => other,
+        }
+    }
+
+    /// Receives one datagram on a bound client's socket for a call to
+    /// `dest` (without waiting, with `dont_wait`): one from anyone else is
+    /// discarded (counted), and a refusal that is not `dest`'s is left
+    /// aside; for either, the step is asked for again (`Interrupted`), so
+    /// that the wait goes on for what is left of it.
+    fn recv_from(
+        &self,
+        socket: &Socket,
+        dest: SocketAddr,
+        buf: &mut [u8],
+        dont_wait: bool,
+    ) -> io::Result<(usize, bool)> {
+        match sys::recv_from(socket, buf, dont_wait) {
+            Ok((len, truncated, from)) if canonical(from) == canonical(dest) => {
+                Ok((len, truncated))
+            }
+            Ok(_) => {
+                self.shared.count_discarded();
+                Err(io::ErrorKind::Interrupted.into())
+            }
+            Err(e) if demux::is_refusal(&e) => Err(self.refusal_for(socket, dest)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The error of a refusal reported on a bound client's socket, for a
+    /// call to `dest`: `ConnectionRefused` if the error queue says `dest`
+    /// refused (Linux, `IP_RECVERR`), else `Interrupted` (someone else
+    /// refused, or the platform does not say who).
+    fn refusal_for(&self, socket: &Socket, dest: SocketAddr) -> io::Error {
+        let mut start = [0u8; 64];
+        let mut refused = false;
+        // Bounded: the queue holds at most a receive buffer's worth.
+        for _ in 0..1024 {
+            let Ok(queued) = sys::recv_error(socket, &mut start) else {
+                break;
+            };
+            refused |= queued.refused && queued.dest.map(canonical) == Some(canonical(dest));
+        }
+        match refused {
+            true => io::ErrorKind::ConnectionRefused.into(),
+            false => io::ErrorKind::Interrupted.into(),
         }
     }
 }
@@ -432,6 +554,9 @@ pub(crate) fn destination(
                 addr,
                 peer: Some(peer),
             })
+        }
+        (None, Some(addr)) if local.is_ipv4() && !canonical(addr).is_ipv4() => {
+            Err(Error::AddressFamily { addr, local })
         }
         (_, Some(addr)) => Ok(addr),
         (Some(peer), None) => Ok(peer),

@@ -77,11 +77,16 @@ impl Drop for Registered<'_> {
 impl MuxSocket {
     /// A shared socket, connected to `peer` or not; with `recverr` the
     /// kernel was asked to queue ICMP errors (`sys::enable_recverr`).
-    pub(crate) fn new(socket: Socket, peer: Option<SocketAddr>, recverr: bool) -> MuxSocket {
+    pub(crate) fn new(
+        socket: Socket,
+        peer: Option<SocketAddr>,
+        recverr: bool,
+        local: SocketAddr,
+    ) -> MuxSocket {
         let source = demux::receive_batch(&socket, BATCH);
         MuxSocket {
             socket,
-            demux: Demux::new(peer, recverr),
+            demux: Demux::new(peer, recverr, local),
             turn: Mutex::new(Receiver {
                 source,
                 woken: Vec::with_capacity(BATCH),
@@ -105,7 +110,9 @@ impl MuxSocket {
         buf: &mut Sink<'_>,
         seed: u64,
     ) -> Result<usize, Error> {
-        let slot = self.demux.register(shared, dest, id, request)?;
+        let slot = self
+            .demux
+            .register(shared, dest, id, request, buf.capacity())?;
         let registered = Registered { mux: self, slot };
         let mut call = Exchange::new(
             shared,
@@ -147,7 +154,7 @@ impl MuxSocket {
     fn send(&self, shared: &Shared, dest: SocketAddr, request: &[u8]) -> io::Result<usize> {
         let send = || match self.demux.peer() {
             Some(_) => self.socket.send(request),
-            None => self.socket.send_to(request, &dest.into()),
+            None => self.socket.send_to(request, &self.demux.wire(dest).into()),
         };
         match send() {
             Err(e) if is_refusal(&e) => {

@@ -285,6 +285,40 @@ pub(crate) fn set_busy_poll(socket: &Socket, duration: Duration) -> io::Result<(
     }
 }
 
+/// Receives one datagram with its sender (waiting up to the socket's read
+/// timeout, or with `dont_wait` not at all: `WouldBlock` when none is
+/// queued), and whether it was larger than `buf`. (Outside Unix a receive
+/// that must not wait switches the socket to non-blocking mode and back.)
+pub(crate) fn recv_from(
+    socket: &Socket,
+    buf: &mut [u8],
+    dont_wait: bool,
+) -> io::Result<(usize, bool, SocketAddr)> {
+    let mut bufs = [recv_slice(buf)];
+    let received = if dont_wait {
+        #[cfg(unix)]
+        let received = socket.recv_from_vectored_with_flags(&mut bufs, libc::MSG_DONTWAIT);
+        #[cfg(not(unix))]
+        let received = {
+            socket.set_nonblocking(true)?;
+            let received = socket.recv_from_vectored(&mut bufs);
+            socket.set_nonblocking(false)?;
+            received
+        };
+        received
+    } else {
+        socket.recv_from_vectored(&mut bufs)
+    };
+    let (len, flags, from) = received?;
+    let from = from.as_socket().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            "a datagram without an IP sender",
+        )
+    })?;
+    Ok((len, flags.is_truncated(), from))
+}
+
 /// Receives one datagram from a connected socket without blocking; fails
 /// with `WouldBlock` when none is queued.
 pub(crate) fn recv_nonblocking(socket: &Socket, buf: &mut [u8]) -> io::Result<usize> {

@@ -18,7 +18,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use super::Tokio;
 use super::mux::{self, AsyncMux};
 use crate::ClientBuilder;
-use crate::client::demux::{self, Sink};
+use crate::client::demux::{self, Sink, canonical};
 use crate::client::exchange::{Exchange, Queue, Shared, Step, Wait, call_seed};
 use crate::client::{MAX_REPLY, destination};
 use crate::error::{self, Error};
@@ -113,8 +113,9 @@ enum AsyncIo {
     /// Without request ids: a socket per call in flight.
     PerCall {
         /// Sockets with nothing outstanding, ready for the next call, with
-        /// the server each is connected to.
-        idle: Mutex<Vec<(UdpSocket, SocketAddr)>>,
+        /// the server each is connected to (`None`: a bound client's first
+        /// socket, not connected).
+        idle: Mutex<Vec<(UdpSocket, Option<SocketAddr>)>>,
         /// Sockets open, idle or in a call.
         open: AtomicUsize,
     },
@@ -212,13 +213,22 @@ impl ClientBuilder<Tokio> {
         }
         self.check_fixed_port(peer, local)?;
         let first = open(peer, local, &self.socket)?;
-        let (local_addr, recv_buffer, send_buffer) =
+        let (mut local_addr, recv_buffer, send_buffer) =
             (first.local_addr, first.recv_buffer, first.send_buffer);
+        if peer.is_none() && self.settings.request_id.is_none() {
+            // Each call's socket has a port of its own.
+            local_addr = local;
+        }
         let shared = Arc::new(Shared::new(self.settings.clone()));
         let io = match self.settings.request_id {
             None => AsyncIo::PerCall {
-                idle: Mutex::new(vec![(first.socket, peer.unwrap_or(local))]),
-                open: AtomicUsize::new(1),
+                idle: Mutex::new(match peer {
+                    Some(peer) => vec![(first.socket, Some(canonical(peer)))],
+                    // Never connected: it serves no call, and a call needs
+                    // a socket connected to its server.
+                    None => Vec::new(),
+                }),
+                open: AtomicUsize::new(usize::from(peer.is_some())),
             },
             Some(_) => {
                 let mut sockets = Vec::with_capacity(self.sockets);
@@ -238,7 +248,7 @@ impl ClientBuilder<Tokio> {
                                 source,
                             })?,
                     };
-                    let mux = AsyncMux::new(made.socket, peer, recverr);
+                    let mux = AsyncMux::new(made.socket, peer, recverr, made.local_addr);
                     let (sender, receiver) = oneshot::channel();
                     tokio::spawn(mux::receive(mux.clone(), shared.clone(), receiver));
                     sockets.push(mux);
@@ -361,7 +371,9 @@ impl GreetClient {
         self.inner.peer
     }
 
-    /// The client's own address (of its first socket).
+    /// The client's own address: of its first socket; for a bound client
+    /// without request ids, whose calls each have a socket and a port of
+    /// their own, the address given to `bind`.
     #[must_use]
     pub fn local_addr(&self) -> SocketAddr {
         self.inner.local_addr
@@ -592,19 +604,35 @@ impl GreetClient {
         }
     }
 
-    /// A socket for one call to `dest`: an idle one (connected to `dest`
-    /// if it was connected elsewhere), drained, or a new one.
+    /// A socket for one call to `dest`: an idle one connected to `dest`
+    /// (drained), or a new one. A bound client never connects a socket
+    /// again to another server (the kernel would keep the source address it
+    /// picked for the first): an idle socket connected elsewhere is closed
+    /// when the client needs room for a new one.
     fn lease(&self, permit: OwnedSemaphorePermit, dest: SocketAddr) -> Result<Call, Error> {
         let inner = &self.inner;
         let AsyncIo::PerCall { idle, open: count } = &inner.io else {
             return Err(Error::NoRequestId { addr: dest });
         };
+        let dest = canonical(dest);
         let socket = loop {
-            let taken = lock(idle).pop();
-            match taken {
-                Some((socket, to)) if reconnect(&socket, to, dest) && drain(&socket, inner) => {
-                    break socket;
+            let taken = {
+                let mut idle = lock(idle);
+                match idle.iter().rposition(|(_, to)| *to == Some(dest)) {
+                    Some(at) => Some(idle.swap_remove(at)),
+                    None => {
+                        // Room for a new socket within the limit.
+                        if count.load(Ordering::Acquire) >= inner.max_in_flight && !idle.is_empty()
+                        {
+                            idle.swap_remove(0);
+                            count.fetch_sub(1, Ordering::AcqRel);
+                        }
+                        None
+                    }
                 }
+            };
+            match taken {
+                Some((socket, _)) if drain(&socket, inner) => break socket,
                 // Failed: closed, and another tried.
                 Some((socket, _)) => {
                     count.fetch_sub(1, Ordering::AcqRel);
@@ -615,13 +643,13 @@ impl GreetClient {
                         Some(peer) => open(Some(peer), peer, &inner.options)?,
                         None => {
                             let opened = open(None, inner.bind_to, &inner.options)?;
-                            if !reconnect(&opened.socket, inner.bind_to, dest) {
-                                return Err(Error::Io {
+                            SockRef::from(&opened.socket)
+                                .connect(&demux::wire(inner.bind_to, dest).into())
+                                .map_err(|source| Error::Io {
                                     action: "connect UDP socket to",
                                     addr: dest,
-                                    source: io::Error::other("connect failed"),
-                                });
-                            }
+                                    source,
+                                })?;
                             opened
                         }
                     };
@@ -644,13 +672,6 @@ impl GreetClient {
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // Nothing held under these locks can be left half done.
     mutex.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Connects `socket`, connected to `to` now (or only bound, when `to` is
-/// its own address), to `dest` unless it is already; `false` if that
-/// failed.
-fn reconnect(socket: &UdpSocket, to: SocketAddr, dest: SocketAddr) -> bool {
-    to == dest || SockRef::from(socket).connect(&dest.into()).is_ok()
 }
 
 /// Discards whatever is queued on an idle socket (counted); returns `false`
@@ -780,7 +801,7 @@ impl Drop for Call {
             return;
         };
         if self.answers >= self.sent {
-            lock(idle).push((socket, self.dest));
+            lock(idle).push((socket, Some(self.dest)));
         } else {
             // A reply may still come: the socket is closed, never reused.
             open.fetch_sub(1, Ordering::AcqRel);

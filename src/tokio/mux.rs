@@ -55,12 +55,18 @@ impl Drop for Registered<'_> {
 }
 
 impl AsyncMux {
-    /// A shared socket (registered with the runtime), and the receive task
-    /// to spawn for it, which ends when `stop`'s sender is dropped.
-    pub(crate) fn new(socket: UdpSocket, peer: Option<SocketAddr>, recverr: bool) -> Arc<AsyncMux> {
+    /// A shared socket (registered with the runtime) bound to `local`,
+    /// connected to `peer` or not; with `recverr` the kernel queues ICMP
+    /// errors. Its receive task is [`receive`].
+    pub(crate) fn new(
+        socket: UdpSocket,
+        peer: Option<SocketAddr>,
+        recverr: bool,
+        local: SocketAddr,
+    ) -> Arc<AsyncMux> {
         Arc::new(AsyncMux {
             socket,
-            demux: Demux::new(peer, recverr),
+            demux: Demux::new(peer, recverr, local),
         })
     }
 
@@ -79,7 +85,9 @@ impl AsyncMux {
         buf: &mut Sink<'_>,
         call: &mut Exchange<'_>,
     ) -> Result<usize, Error> {
-        let slot = self.demux.register(shared, dest, id, request)?;
+        let slot = self
+            .demux
+            .register(shared, dest, id, request, buf.capacity())?;
         let registered = Registered { mux: self, slot };
         // The clock is read again only after a step that may have taken
         // time to no avail (a send takes microseconds, and a wait that
@@ -124,14 +132,14 @@ impl AsyncMux {
         let peer = self.demux.peer();
         let sent = match peer {
             Some(_) => self.socket.send(request).await,
-            None => self.socket.send_to(request, dest).await,
+            None => self.socket.send_to(request, self.demux.wire(dest)).await,
         };
         match sent {
             Err(e) if is_refusal(&e) => {
                 self.demux.refused(shared, &SockRef::from(&self.socket));
                 match peer {
                     Some(_) => Err(e),
-                    None => self.socket.send_to(request, dest).await,
+                    None => self.socket.send_to(request, self.demux.wire(dest)).await,
                 }
             }
             other => other,
