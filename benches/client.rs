@@ -22,8 +22,9 @@
 //!   and a `Mutex<HashMap<id, oneshot::Sender>>`, as a user would write it.
 //!
 //! CPU per call is the client thread's scheduler time (the runtime and its
-//! receive task run on it). Rounds visit the clients in turn; ratios are
-//! medians of each round's ratio.
+//! receive task run on it). A first round warms every client up and is not
+//! counted; then rounds visit the clients in turn, in alternating order;
+//! ratios are medians of each round's ratio.
 //!
 //! Blocking: one `GreetClient` shared by 64 threads, with and without ids.
 
@@ -260,7 +261,7 @@ mod bench {
     pub fn main() -> Result<(), Box<dyn std::error::Error>> {
         let full = std::env::args().any(|a| a == "--bench");
         let (rounds, span, sizes) = if full {
-            (5, Duration::from_millis(500), vec![1_000, 10_000])
+            (7, Duration::from_millis(500), vec![1_000, 10_000])
         } else {
             (1, Duration::from_millis(30), vec![100])
         };
@@ -324,19 +325,38 @@ mod bench {
         })?;
         let mut runs: [Vec<Run>; 3] = Default::default();
         let (mut speedup, mut cpu_vs_hand) = (Vec::new(), Vec::new());
-        for _ in 0..rounds {
-            let client = mux.clone();
-            let a = run_calls(runtime, tasks, span, move |id| one_call(client.clone(), id));
-            let client = per_call.clone();
-            let b = run_calls(runtime, tasks, span, move |id| one_call(client.clone(), id));
-            let client = hand.clone();
-            let c = run_calls(runtime, tasks, span, move |id| {
-                let client = client.clone();
-                async move { client.call(id, &request(id)).await }
-            });
+        let run = |which: usize| match which {
+            0 => {
+                let client = mux.clone();
+                run_calls(runtime, tasks, span, move |id| one_call(client.clone(), id))
+            }
+            1 => {
+                let client = per_call.clone();
+                run_calls(runtime, tasks, span, move |id| one_call(client.clone(), id))
+            }
+            _ => {
+                let client = hand.clone();
+                run_calls(runtime, tasks, span, move |id| {
+                    let client = client.clone();
+                    async move { client.call(id, &request(id)).await }
+                })
+            }
+        };
+        // Round 0 warms every client up and is not counted; the order of
+        // the clients alternates from round to round.
+        for round in 0..=rounds {
+            let order = if round % 2 == 0 { [0, 1, 2] } else { [2, 1, 0] };
+            let mut this = [Run::default(); 3];
+            for which in order {
+                this[which] = run(which);
+            }
+            if round == 0 {
+                continue;
+            }
+            let [a, b, c] = this;
             speedup.push(a.rate() / b.rate());
             cpu_vs_hand.push(a.cpu_per_call() / c.cpu_per_call());
-            for (all, run) in runs.iter_mut().zip([a, b, c]) {
+            for (all, run) in runs.iter_mut().zip(this) {
                 all.push(run);
             }
         }

@@ -103,6 +103,11 @@ impl Key {
             id,
         }
     }
+
+    /// Where the call goes (IPv4-mapped addresses written as IPv4).
+    pub(crate) fn addr(&self) -> SocketAddr {
+        self.addr
+    }
 }
 
 /// Which of `count` shared sockets a call with `key` goes on.
@@ -500,21 +505,23 @@ impl Demux {
         self.peer
     }
 
-    /// Registers a call to `dest` with request id `id` (and its request,
-    /// for the reply check); [`Error::IdInUse`] if a call with that key is
-    /// in flight.
+    /// Registers a call with `key` (and its request, for the reply check,
+    /// and its buffer's size); [`Error::IdInUse`] if a call with that key
+    /// is in flight.
     pub(crate) fn register(
         &self,
         shared: &Shared,
-        dest: SocketAddr,
-        id: u64,
+        key: Key,
         request: &[u8],
         capacity: usize,
     ) -> Result<usize, Error> {
         let check = shared.settings.check.is_some().then_some(request);
         self.lock()
-            .register(Key::new(dest, id), check, capacity)
-            .ok_or(Error::IdInUse { addr: dest, id })
+            .register(key, check, capacity)
+            .ok_or(Error::IdInUse {
+                addr: key.addr,
+                id: key.id,
+            })
     }
 
     /// Hands the `count` datagrams `source` has just received to their

@@ -413,11 +413,12 @@ impl GreetClient {
                     .and_then(|read| read(request))
                     .ok_or(Error::NoRequestId { addr: dest })?;
                 let seed = next_seed(rng);
-                let index = demux::pick(hasher, demux::Key::new(dest, id), sockets.len());
+                let key = demux::Key::new(dest, id);
+                let index = demux::pick(hasher, key, sockets.len());
                 let Some(socket) = sockets.get(index) else {
                     return Err(Error::NoRequestId { addr: dest });
                 };
-                socket.call(&self.shared, dest, id, request, buf, seed)
+                socket.call(&self.shared, key, request, buf, seed)
             }
         }
     }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use socket2::Socket;
 
 use super::MIN_WAIT;
-use super::demux::{self, Demux, Sink, Waiter, is_refusal};
+use super::demux::{self, Demux, Key, Sink, Waiter, is_refusal};
 use super::exchange::{Exchange, Queue, Shared, Step};
 use crate::error::{self, Error};
 use crate::sys::Source;
@@ -100,19 +100,18 @@ impl MuxSocket {
         self.demux.lock().len()
     }
 
-    /// One call with request id `id` to `dest`: the reply goes into `buf`.
+    /// One call with `key` (its destination and request id): the reply goes
+    /// into `buf`.
     pub(crate) fn call(
         &self,
         shared: &Shared,
-        dest: SocketAddr,
-        id: u64,
+        key: Key,
         request: &[u8],
         buf: &mut Sink<'_>,
         seed: u64,
     ) -> Result<usize, Error> {
-        let slot = self
-            .demux
-            .register(shared, dest, id, request, buf.capacity())?;
+        let slot = self.demux.register(shared, key, request, buf.capacity())?;
+        let dest = key.addr();
         let registered = Registered { mux: self, slot };
         let mut call = Exchange::new(
             shared,

@@ -13,7 +13,7 @@ use std::time::Instant;
 use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio::sync::{Semaphore, SemaphorePermit, oneshot};
 
 use super::Tokio;
 use super::mux::{self, AsyncMux};
@@ -99,7 +99,7 @@ struct Inner {
     bind_to: SocketAddr,
     options: SocketOptions,
     max_in_flight: usize,
-    turns: Arc<Semaphore>,
+    turns: Semaphore,
     /// The jitter's random state, from which each call draws its own: a
     /// sequence each call moves on (never waiting for another call).
     rng: AtomicU64,
@@ -269,7 +269,7 @@ impl ClientBuilder<Tokio> {
                 bind_to: local,
                 options: self.socket.clone(),
                 max_in_flight: self.max_in_flight,
-                turns: Arc::new(Semaphore::new(self.max_in_flight)),
+                turns: Semaphore::new(self.max_in_flight),
                 rng: AtomicU64::new(crate::client::builder::seed(local_addr.port())),
                 recv_buffer,
                 send_buffer,
@@ -531,19 +531,24 @@ impl GreetClient {
         );
         // A socket of its own is drained when it is leased; a shared one
         // holds no stale datagrams for the call.
+        let mut now = Instant::now();
         let mut call = Exchange::new(
             &inner.shared,
             dest,
             buf.capacity(),
             Queue::Drained,
-            Instant::now(),
+            now,
             seed,
         );
         // A free turn is taken at once; only a call that must wait for one
-        // sets a timer for it.
-        let permit = match inner.turns.clone().try_acquire_owned() {
+        // sets a timer for it (and reads the clock again).
+        let permit = match inner.turns.try_acquire() {
             Ok(permit) => Ok(permit),
-            Err(_) => self.wait_turn(&call).await,
+            Err(_) => {
+                let permit = self.wait_turn(&call).await;
+                now = Instant::now();
+                permit
+            }
         };
         // The semaphore is never closed.
         let Ok(permit) = permit else {
@@ -556,13 +561,14 @@ impl GreetClient {
             Some(id),
         ) = (&inner.io, id)
         {
-            let index = demux::pick(hasher, demux::Key::new(dest, id), sockets.len());
+            let key = demux::Key::new(dest, id);
+            let index = demux::pick(hasher, key, sockets.len());
             let Some(mux) = sockets.get(index) else {
                 return Err(call.failed(Instant::now()));
             };
             let mut sink = buf.sink();
             let result = mux
-                .call(&inner.shared, dest, id, request, &mut sink, &mut call)
+                .call(&inner.shared, key, request, &mut sink, &mut call, now)
                 .await;
             drop(permit);
             return result;
@@ -593,8 +599,8 @@ impl GreetClient {
 
     /// Waits for a turn within the call's call timeout; an error once that
     /// has passed.
-    async fn wait_turn(&self, call: &Exchange<'_>) -> Result<OwnedSemaphorePermit, ()> {
-        let turn = self.inner.turns.clone().acquire_owned();
+    async fn wait_turn(&self, call: &Exchange<'_>) -> Result<SemaphorePermit<'_>, ()> {
+        let turn = self.inner.turns.acquire();
         match call.deadline() {
             Some(deadline) => match tokio::time::timeout_at(deadline.into(), turn).await {
                 Ok(permit) => permit.map_err(|_| ()),
@@ -609,7 +615,11 @@ impl GreetClient {
     /// again to another server (the kernel would keep the source address it
     /// picked for the first): an idle socket connected elsewhere is closed
     /// when the client needs room for a new one.
-    fn lease(&self, permit: OwnedSemaphorePermit, dest: SocketAddr) -> Result<Call, Error> {
+    fn lease<'c>(
+        &'c self,
+        permit: SemaphorePermit<'c>,
+        dest: SocketAddr,
+    ) -> Result<Call<'c>, Error> {
         let inner = &self.inner;
         let AsyncIo::PerCall { idle, open: count } = &inner.io else {
             return Err(Error::NoRequestId { addr: dest });
@@ -737,7 +747,7 @@ impl Buf<'_> {
 /// One call's socket. Dropped (the call ended, or its future was dropped),
 /// it goes back for reuse if every request sent on it was answered, and is
 /// closed otherwise; its turn is given back either way.
-struct Call {
+struct Call<'c> {
     socket: Option<UdpSocket>,
     /// The server the socket is connected to.
     dest: SocketAddr,
@@ -746,10 +756,10 @@ struct Call {
     /// Datagrams received on it in this call (replies, and discarded ones).
     answers: u64,
     client: Arc<Inner>,
-    _permit: OwnedSemaphorePermit,
+    _permit: SemaphorePermit<'c>,
 }
 
-impl Call {
+impl Call<'_> {
     fn socket(&self) -> io::Result<&UdpSocket> {
         self.socket
             .as_ref()
@@ -792,7 +802,7 @@ impl Call {
     }
 }
 
-impl Drop for Call {
+impl Drop for Call<'_> {
     fn drop(&mut self) {
         let Some(socket) = self.socket.take() else {
             return;

@@ -13,7 +13,9 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Poll;
+use std::task::Waker;
 use std::time::Instant;
 
 use socket2::SockRef;
@@ -21,7 +23,7 @@ use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::oneshot;
 
-use crate::client::demux::{self, Demux, Sink, Waiter, is_refusal};
+use crate::client::demux::{self, Demux, Key, Sink, Taken, Waiter, is_refusal};
 use crate::client::exchange::{Exchange, Shared, Step};
 use crate::error::{self, Error};
 use crate::sys::Source;
@@ -41,16 +43,40 @@ pub(crate) struct AsyncMux {
     demux: Demux,
 }
 
-/// A call's place in the table, given back when the call ends or its
-/// future is dropped.
+/// A call's place in the table, given back when its reply is taken (under
+/// the same lock), or else when the call ends or its future is dropped.
 struct Registered<'m> {
     mux: &'m AsyncMux,
     slot: usize,
+    /// Given back already: the index may be another call's now.
+    freed: AtomicBool,
+}
+
+impl Registered<'_> {
+    /// What has come for the call (see [`Table::take`]), keeping `waker` to
+    /// be woken when nothing has; a reply gives the place back at once.
+    fn take(&self, waker: Option<&Waker>) -> Option<Taken> {
+        if self.freed.load(Ordering::Relaxed) {
+            return None;
+        }
+        let mut table = self.mux.demux.lock();
+        let taken = match waker {
+            Some(waker) => table.poll_take(self.slot, waker),
+            None => table.take(self.slot, None),
+        };
+        if let Some(Taken::Reply(_)) = taken {
+            table.remove(self.slot);
+            self.freed.store(true, Ordering::Relaxed);
+        }
+        taken
+    }
 }
 
 impl Drop for Registered<'_> {
     fn drop(&mut self) {
-        self.mux.demux.lock().remove(self.slot);
+        if !self.freed.load(Ordering::Relaxed) {
+            self.mux.demux.lock().remove(self.slot);
+        }
     }
 }
 
@@ -75,29 +101,33 @@ impl AsyncMux {
         self.demux.lock().len()
     }
 
-    /// One call with request id `id` to `dest`; the reply goes into `buf`.
+    /// One call with `key` (its destination and request id), driving `call`
+    /// from `now`; the reply goes into `buf`.
     pub(crate) async fn call(
         &self,
         shared: &Shared,
-        dest: SocketAddr,
-        id: u64,
+        key: Key,
         request: &[u8],
         buf: &mut Sink<'_>,
         call: &mut Exchange<'_>,
+        now: Instant,
     ) -> Result<usize, Error> {
-        let slot = self
-            .demux
-            .register(shared, dest, id, request, buf.capacity())?;
-        let registered = Registered { mux: self, slot };
+        let slot = self.demux.register(shared, key, request, buf.capacity())?;
+        let dest = key.addr();
+        let registered = Registered {
+            mux: self,
+            slot,
+            freed: AtomicBool::new(false),
+        };
         // The clock is read again only after a step that may have taken
         // time to no avail (a send takes microseconds, and a wait that
         // brought the reply ends the call).
-        let mut now = Instant::now();
+        let mut now = now;
         loop {
             match call.next(now) {
                 Step::Send => call.sent(self.send(shared, dest, request).await),
                 Step::Discard | Step::Check | Step::Poll => {
-                    let received = self.take(&registered, buf);
+                    let received = buf.accept(registered.take(None));
                     if received.as_ref().is_err_and(error::is_timeout) {
                         // The receive task runs between tries.
                         tokio::task::yield_now().await;
@@ -106,12 +136,9 @@ impl AsyncMux {
                     now = Instant::now();
                 }
                 Step::Wait(wait) => {
-                    let inbox = poll_fn(|cx| {
-                        let taken = self.demux.lock().poll_take(registered.slot, cx.waker());
-                        match buf.accept(taken) {
-                            Err(e) if error::is_timeout(&e) => Poll::Pending,
-                            done => Poll::Ready(done),
-                        }
+                    let inbox = poll_fn(|cx| match buf.accept(registered.take(Some(cx.waker()))) {
+                        Err(e) if error::is_timeout(&e) => Poll::Pending,
+                        done => Poll::Ready(done),
                     });
                     let received = tokio::time::timeout_at(wait.until.into(), inbox)
                         .await
@@ -144,13 +171,6 @@ impl AsyncMux {
             }
             other => other,
         }
-    }
-
-    /// What has come for the call: its reply (put in `buf`), a refusal, or
-    /// `WouldBlock`.
-    fn take(&self, registered: &Registered<'_>, buf: &mut Sink<'_>) -> io::Result<(usize, bool)> {
-        let taken = self.demux.lock().take(registered.slot, None);
-        buf.accept(taken)
     }
 
     /// Receives up to [`TURN`] batches of datagrams without waiting
