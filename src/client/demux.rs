@@ -558,14 +558,18 @@ impl Demux {
         }
     }
 
-    /// A refusal reported on `socket` (by a receive or a send): on a
-    /// connected socket it concerns every call; on an unconnected one each
-    /// refusal queued with its destination is read and handed to the calls
-    /// it concerns, by destination, and by request id where the returned
-    /// start of the refused request holds it.
-    pub(crate) fn refused(&self, shared: &Shared, socket: &Socket) {
+    /// An ICMP report `e` returned by a call on `socket` (a receive or a
+    /// send). On a connected socket a refusal concerns every call (other
+    /// reports are left to the calls' timeouts). On an unconnected one each
+    /// report queued with its destination is read, and each refusal handed
+    /// to the calls it concerns: by destination, and by request id where
+    /// the returned start of the refused request holds it.
+    pub(crate) fn reported(&self, shared: &Shared, socket: &Socket, e: &io::Error) {
         if self.peer.is_some() {
-            return self.refuse(shared, None, None);
+            if is_refusal(e) {
+                self.refuse(shared, None, None);
+            }
+            return;
         }
         if !self.recverr {
             return;
@@ -599,8 +603,19 @@ impl Demux {
     }
 }
 
+/// An ICMP report about an earlier datagram, as a socket call returns it:
+/// a refusal (port unreachable; `ECONNRESET` on Windows), or a host or
+/// network that cannot be reached.
+pub(crate) fn is_icmp_report(e: &io::Error) -> bool {
+    is_refusal(e)
+        || matches!(
+            e.kind(),
+            io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable
+        )
+}
+
 /// A refusal: ICMP port unreachable (reported as `ECONNRESET` on Windows).
-pub(crate) fn is_refusal(e: &io::Error) -> bool {
+fn is_refusal(e: &io::Error) -> bool {
     matches!(
         e.kind(),
         io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionReset

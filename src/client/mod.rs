@@ -490,7 +490,7 @@ impl GreetClient {
     /// (`Interrupted`).
     fn send_to(&self, socket: &Socket, dest: SocketAddr, request: &[u8]) -> io::Result<usize> {
         match socket.send_to(request, &demux::wire(self.local_addr, dest).into()) {
-            Err(e) if demux::is_refusal(&e) => Err(self.refusal_for(socket, dest)),
+            Err(e) if demux::is_icmp_report(&e) => Err(self.refusal_for(socket, dest)),
             other => other,
         }
     }
@@ -515,7 +515,7 @@ impl GreetClient {
                 self.shared.count_discarded();
                 Err(io::ErrorKind::Interrupted.into())
             }
-            Err(e) if demux::is_refusal(&e) => Err(self.refusal_for(socket, dest)),
+            Err(e) if demux::is_icmp_report(&e) => Err(self.refusal_for(socket, dest)),
             Err(e) => Err(e),
         }
     }

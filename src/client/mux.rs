@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use socket2::Socket;
 
 use super::MIN_WAIT;
-use super::demux::{self, Demux, Key, Sink, Waiter, is_refusal};
+use super::demux::{self, Demux, Key, Sink, Waiter, is_icmp_report};
 use super::exchange::{Exchange, Queue, Shared, Step};
 use crate::error::{self, Error};
 use crate::sys::Source;
@@ -156,8 +156,8 @@ impl MuxSocket {
             None => self.socket.send_to(request, &self.demux.wire(dest).into()),
         };
         match send() {
-            Err(e) if is_refusal(&e) => {
-                self.demux.refused(shared, &self.socket);
+            Err(e) if is_icmp_report(&e) => {
+                self.demux.reported(shared, &self.socket, &e);
                 match self.demux.peer() {
                     Some(_) => Err(e),
                     None => send(),
@@ -268,8 +268,8 @@ impl MuxSocket {
                 Ok(())
             }
             Err(e) if error::is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted => Ok(()),
-            Err(e) if is_refusal(&e) => {
-                self.demux.refused(shared, &self.socket);
+            Err(e) if is_icmp_report(&e) => {
+                self.demux.reported(shared, &self.socket, &e);
                 Ok(())
             }
             Err(e) => Err(e),

@@ -16,14 +16,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Poll;
 use std::task::Waker;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::oneshot;
 
-use crate::client::demux::{self, Demux, Key, Sink, Taken, Waiter, is_refusal};
+use crate::client::demux::{self, Demux, Key, Sink, Taken, Waiter, is_icmp_report};
 use crate::client::exchange::{Exchange, Shared, Step};
 use crate::error::{self, Error};
 use crate::sys::Source;
@@ -32,6 +32,9 @@ use crate::sys::Source;
 /// to 1 024 datagrams, so that a socket shared by thousands of calls is
 /// drained before its buffer overflows, even on a busy runtime.
 const TURN: usize = 32;
+
+/// How long the receive task pauses after an error of its socket.
+const ERROR_PAUSE: Duration = Duration::from_millis(1);
 
 /// Datagrams one receive call takes at most (where the platform batches).
 const BATCH: usize = 32;
@@ -162,8 +165,9 @@ impl AsyncMux {
             None => self.socket.send_to(request, self.demux.wire(dest)).await,
         };
         match sent {
-            Err(e) if is_refusal(&e) => {
-                self.demux.refused(shared, &SockRef::from(&self.socket));
+            Err(e) if is_icmp_report(&e) => {
+                self.demux
+                    .reported(shared, &SockRef::from(&self.socket), &e);
                 match peer {
                     Some(_) => Err(e),
                     None => self.socket.send_to(request, self.demux.wire(dest)).await,
@@ -186,7 +190,7 @@ impl AsyncMux {
         for _ in 0..TURN {
             match source.recv(&socket, true) {
                 Ok(count) => self.demux.deliver_all(shared, source, count, woken),
-                Err(e) if is_refusal(&e) => self.demux.refused(shared, &socket),
+                Err(e) if is_icmp_report(&e) => self.demux.reported(shared, &socket, &e),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
@@ -224,9 +228,11 @@ pub(crate) async fn receive(
         };
         match turn {
             None => return,
-            // A full turn, or an error of the socket itself (which the next
-            // turn may not see again): let other tasks run first.
-            Some(_) => tokio::task::yield_now().await,
+            // A full turn: let other tasks run first.
+            Some(Ok(())) => tokio::task::yield_now().await,
+            // An error of the socket itself: try again shortly, rather
+            // than spin on an error that lasts.
+            Some(Err(_)) => tokio::time::sleep(ERROR_PAUSE).await,
         }
     }
 }
