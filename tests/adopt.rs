@@ -175,34 +175,22 @@ fn a_socket_with_extra_control_messages_still_answers(b: ServerBuilder) {
 fn receive_errors_do_not_stop_the_server(b: ServerBuilder) {
     #[cfg(target_os = "linux")]
     {
-        use std::sync::{Mutex, mpsc};
-        use udp_greet::Request;
-        use util::HANG_GUARD;
-
         let socket = UdpSocket::bind(V4).expect("bind");
         set_int_option(&socket, libc::IPPROTO_IP, libc::IP_RECVERR);
         let addr = socket.local_addr().expect("addr");
-        let (started, in_call) = mpsc::channel();
-        let (release, gate) = mpsc::channel::<()>();
-        let (started, gate) = (Mutex::new(started), Mutex::new(gate));
+        let (handler, hold) = util::greeter_holding(b"first");
         let server = b
             .from_std(socket)
             .expect("adopt")
-            .spawn(move |request: Request<'_>, reply: &mut Vec<u8>| {
-                if request.data() == b"first" {
-                    let _ = started.lock().map(|s| s.send(()));
-                    let _ = gate.lock().map(|g| g.recv_timeout(HANG_GUARD));
-                }
-                udp_greet::greet(request, reply)
-            })
+            .spawn(handler)
             .expect("spawn");
         let gone = raw_socket_for(addr);
         util::send_to(&gone, b"first", addr).expect("send");
-        in_call.recv_timeout(HANG_GUARD).expect("the handler runs");
+        hold.started();
         // The sender's port closes before its reply goes out: the reply
         // draws an ICMP port-unreachable back at the server.
         drop(gone);
-        release.send(()).expect("the handler waits");
+        hold.release();
         wait_until("the ICMP report to surface as a receive error", || {
             server.stats().recv_errors == 1
         });

@@ -117,6 +117,50 @@ pub fn tell_local(request: Request<'_>, reply: &mut Vec<u8>) -> Action {
     Action::Reply
 }
 
+/// The test's side of a [`greeter_holding`] handler.
+pub struct Hold {
+    in_call: std::sync::mpsc::Receiver<()>,
+    release: std::sync::mpsc::Sender<()>,
+}
+
+impl Hold {
+    /// Waits (within the hang guard) until the held call has started.
+    pub fn started(&self) {
+        self.in_call
+            .recv_timeout(HANG_GUARD)
+            .expect("the held handler call starts");
+    }
+
+    /// Lets the held call go on.
+    pub fn release(&self) {
+        self.release.send(()).expect("the held handler call waits");
+    }
+}
+
+/// A greeter that holds the request whose data is `held`: that call says
+/// it has started and waits for the test's go-ahead (or the hang guard),
+/// both through the returned [`Hold`]; other requests are greeted at once.
+pub fn greeter_holding(
+    held: &'static [u8],
+) -> (
+    impl Fn(Request<'_>, &mut Vec<u8>) -> Action + Send + Sync + 'static,
+    Hold,
+) {
+    use std::sync::{Mutex, mpsc};
+
+    let (started, in_call) = mpsc::channel();
+    let (release, gate) = mpsc::channel::<()>();
+    let (started, gate) = (Mutex::new(started), Mutex::new(gate));
+    let handler = move |request: Request<'_>, reply: &mut Vec<u8>| {
+        if request.data() == held {
+            let _ = started.lock().map(|s| s.send(()));
+            let _ = gate.lock().map(|g| g.recv_timeout(HANG_GUARD));
+        }
+        udp_greet::greet(request, reply)
+    };
+    (handler, Hold { in_call, release })
+}
+
 /// A greet server from `builder`, bound to `addr` and running.
 pub fn greet_server(builder: ServerBuilder, addr: &str) -> ServerHandle {
     builder
