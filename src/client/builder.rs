@@ -182,7 +182,9 @@ impl<E: Engine> ClientBuilder<E> {
 
     /// How long the first attempt waits for a reply; each retry waits about
     /// twice as long as the one before. Must not be zero; a wait under 1 µs
-    /// (the finest a socket timeout can be set) waits 1 µs.
+    /// (the finest a socket timeout can be set) waits 1 µs, and on Windows,
+    /// whose socket timeouts are whole milliseconds, a wait under 1 ms
+    /// waits 1 ms.
     ///
     /// Defaults to 1 second.
     pub fn timeout(mut self, timeout: Duration) -> Self {

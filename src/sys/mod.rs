@@ -274,6 +274,16 @@ pub(crate) fn recv_nonblocking(socket: &Socket, buf: &mut [u8]) -> io::Result<us
     }
 }
 
+/// The shortest socket read timeout this platform keeps. Linux and the
+/// BSDs take microseconds. Windows takes whole milliseconds, and socket2
+/// truncates a shorter timeout to 0, which means "wait forever": a wait
+/// under 1 ms there must ask for 1 ms.
+pub(crate) const MIN_READ_TIMEOUT: Duration = if cfg!(windows) {
+    Duration::from_millis(1)
+} else {
+    Duration::from_micros(1)
+};
+
 /// How long a blocked receive waits before it checks whether the server is
 /// shutting down, where a shutdown cannot wake it directly.
 ///
