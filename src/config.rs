@@ -557,6 +557,7 @@ impl<E: Engine> ServerBuilder<E> {
             local_addr,
             recv_buffer: first.recv_buffer,
             send_buffer: first.send_buffer,
+            icmp_reports_off: first.icmp_reports_off,
             max_datagram: self.max_datagram.unwrap_or(match local_addr {
                 SocketAddr::V4(_) => MAX_UDP_PAYLOAD_V4,
                 SocketAddr::V6(_) => MAX_UDP_PAYLOAD_V6,
@@ -590,6 +591,9 @@ pub(crate) struct Config {
     pub(crate) local_addr: SocketAddr,
     pub(crate) recv_buffer: BufferSize,
     pub(crate) send_buffer: BufferSize,
+    /// Every socket keeps ICMP reports about earlier replies out of its
+    /// receive path.
+    pub(crate) icmp_reports_off: bool,
     /// The largest accepted datagram, in bytes.
     pub(crate) max_datagram: usize,
     /// Receive workers.

@@ -360,7 +360,9 @@ impl ServerHandle {
     /// [`Stats::in_flight`] until they do, and a reply they make later is
     /// not sent (it is counted in [`Stats::shutdown_dropped`]). With
     /// a handler pool the sockets are closed all the same, so the address is
-    /// free at once; in inline mode a stuck receive worker keeps its socket
+    /// free at once (outside Linux, once each receive worker has seen the
+    /// stop: within the 50 ms it waits between checks, which may end after
+    /// `limit`); in inline mode a stuck receive worker keeps its socket
     /// until its handler returns.
     ///
     /// # Errors

@@ -301,5 +301,5 @@ fn is_icmp_report(err: &io::Error) -> bool {
             | io::ErrorKind::ConnectionReset
             | io::ErrorKind::HostUnreachable
             | io::ErrorKind::NetworkUnreachable
-    )
+    ) || crate::sys::is_net_reset(err)
 }

@@ -204,7 +204,12 @@ impl Bound {
                     })?;
             }
         }
-        let config = Arc::new(Config { pktinfo, ..config });
+        let icmp_reports_off = bound.iter().all(|b| b.icmp_reports_off);
+        let config = Arc::new(Config {
+            pktinfo,
+            icmp_reports_off,
+            ..config
+        });
         let sockets: Vec<Arc<Socket>> = bound.into_iter().map(|b| Arc::new(b.socket)).collect();
         let pool = config.pool().map(|p| {
             (
@@ -224,6 +229,12 @@ impl Bound {
     /// was asked for.
     pub(crate) fn local_addr(&self) -> SocketAddr {
         self.config.local_addr
+    }
+
+    /// Whether every socket keeps ICMP reports about earlier replies out
+    /// of its receive path.
+    pub(crate) fn icmp_reports_off(&self) -> bool {
+        self.config.icmp_reports_off
     }
 
     /// A control for the server, before or while it runs.
@@ -295,6 +306,43 @@ impl GreetServer {
     #[must_use]
     pub fn max_datagram_size(&self) -> usize {
         self.bound.config.max_datagram
+    }
+
+    /// Whether ICMP error reports about earlier replies are kept out of
+    /// the receive path.
+    ///
+    /// A reply to a peer that has gone away draws an ICMP message back
+    /// ("port unreachable", or "TTL expired in transit" on the way). Either
+    /// way the server goes on: a receive that fails with such a report is
+    /// counted in [`Stats::recv_errors`] and the next receive follows at
+    /// once. This says whether such failures can happen at all.
+    ///
+    /// # Platform-specific behavior
+    ///
+    /// Windows reports each ICMP message as an error of the next receive
+    /// (`WSAECONNRESET`, `WSAENETRESET`) unless the socket turns
+    /// `SIO_UDP_CONNRESET` and `SIO_UDP_NETRESET` off, which the server
+    /// asks for on each socket it binds or adopts. A system may refuse
+    /// them (Wine 8 refuses `SIO_UDP_NETRESET`): the server is made all the
+    /// same, and this is `true` only when both were accepted. Elsewhere it
+    /// is `true`: a socket that is not connected is not told of ICMP
+    /// messages (unless its maker asked for them, as with `IP_RECVERR` on
+    /// a socket given to [`from_std`](GreetServer::from_std) on Linux).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # fn main() -> Result<(), udp_greet::Error> {
+    /// let server = udp_greet::GreetServer::bind("127.0.0.1:0")?;
+    /// if !server.icmp_reports_off() {
+    ///     eprintln!("ICMP reports will show in Stats::recv_errors");
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn icmp_reports_off(&self) -> bool {
+        self.bound.icmp_reports_off()
     }
 
     /// A control that stops the server and reads its counters from another

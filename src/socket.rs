@@ -58,6 +58,10 @@ pub(crate) struct BoundSocket {
     pub(crate) local_addr: SocketAddr,
     pub(crate) recv_buffer: BufferSize,
     pub(crate) send_buffer: BufferSize,
+    /// ICMP reports about earlier replies are kept out of the receive path
+    /// (see [`sys::Prepared`]); `false` for a connected (client) socket,
+    /// which is told of them on purpose.
+    pub(crate) icmp_reports_off: bool,
 }
 
 /// The socket addresses an input resolved to: at least one.
@@ -116,9 +120,9 @@ pub(crate) fn first_ok<T>(
 
 /// Creates a UDP socket for `addr`'s family, applies `opts`, and binds it.
 pub(crate) fn bind(addr: SocketAddr, opts: &SocketOptions) -> Result<BoundSocket, Error> {
-    let socket = configured_server(addr, opts)?;
+    let (socket, prepared) = configured_server(addr, opts)?;
     bind_configured(&socket, addr)?;
-    finish(socket, addr, opts)
+    finish(socket, addr, opts, prepared.icmp_reports_off)
 }
 
 /// Creates a client's UDP socket for `addr`'s family, applies `opts`, and
@@ -126,20 +130,25 @@ pub(crate) fn bind(addr: SocketAddr, opts: &SocketOptions) -> Result<BoundSocket
 pub(crate) fn bind_client(addr: SocketAddr, opts: &SocketOptions) -> Result<BoundSocket, Error> {
     let socket = configured(addr, opts)?;
     bind_configured(&socket, addr)?;
-    finish(socket, addr, opts)
+    finish(socket, addr, opts, false)
 }
 
-/// A server socket for `addr`, configured, not yet bound.
-fn configured_server(addr: SocketAddr, opts: &SocketOptions) -> Result<Socket, Error> {
+/// A server socket for `addr`, configured, not yet bound, and how the
+/// platform's own settings went. A setting the platform refuses fails the
+/// bind only where the server cannot do without it (Windows'
+/// `SO_EXCLUSIVEADDRUSE`), with an error naming that setting.
+fn configured_server(
+    addr: SocketAddr,
+    opts: &SocketOptions,
+) -> Result<(Socket, sys::Prepared), Error> {
     let socket = configured(addr, opts)?;
-    sys::prepare_server_socket(&socket, opts.reuse_address || opts.reuse_port).map_err(
-        |source| Error::Socket {
-            action: "prepare the server socket (SO_EXCLUSIVEADDRUSE, SIO_UDP_CONNRESET)",
+    let prepared = sys::prepare_server_socket(&socket, opts.reuse_address || opts.reuse_port)
+        .map_err(|refused| Error::Socket {
+            action: refused.setting.action(),
             addr,
-            source,
-        },
-    )?;
-    Ok(socket)
+            source: refused.source,
+        })?;
+    Ok((socket, prepared))
 }
 
 fn bind_configured(socket: &Socket, addr: SocketAddr) -> Result<(), Error> {
@@ -169,7 +178,7 @@ pub(crate) fn bind_workers(
     let (first, shared) = if count <= 1 || opts.reuse_port {
         (bind(addr, opts)?, opts.clone())
     } else {
-        let socket = configured_server(addr, opts)?;
+        let (socket, prepared) = configured_server(addr, opts)?;
         bind_configured(&socket, addr)?;
         set_reuse_port(&socket).map_err(|source| Error::Socket {
             action: "set SO_REUSEPORT",
@@ -180,7 +189,10 @@ pub(crate) fn bind_workers(
             reuse_port: true,
             ..opts.clone()
         };
-        (finish(socket, addr, opts)?, shared)
+        (
+            finish(socket, addr, opts, prepared.icmp_reports_off)?,
+            shared,
+        )
     };
     let bound = first.local_addr;
     let others = (1..count)
@@ -199,7 +211,7 @@ pub(crate) fn connect(peer: SocketAddr, opts: &SocketOptions) -> Result<BoundSoc
         addr: peer,
         source,
     })?;
-    finish(socket, peer, opts)
+    finish(socket, peer, opts, false)
 }
 
 fn configured(addr: SocketAddr, opts: &SocketOptions) -> Result<Socket, Error> {
@@ -287,7 +299,7 @@ pub(crate) fn adopt(socket: Socket, opts: &SocketOptions) -> Result<BoundSocket,
         .ok_or(unsuitable(
             "it is a datagram socket of another protocol than UDP",
         ))?;
-    sys::prepare_adopted_socket(&socket).map_err(fail("turn off SIO_UDP_CONNRESET"))?;
+    let prepared = sys::prepare_adopted_socket(&socket);
     // A non-blocking socket would make the server spin between datagrams.
     socket
         .set_nonblocking(false)
@@ -299,7 +311,7 @@ pub(crate) fn adopt(socket: Socket, opts: &SocketOptions) -> Result<BoundSocket,
     if let Some(duration) = opts.so_busy_poll {
         sys::set_busy_poll(&socket, duration).map_err(fail("set SO_BUSY_POLL"))?;
     }
-    finish(socket, addr, opts)
+    finish(socket, addr, opts, prepared.icmp_reports_off)
 }
 
 /// Whether a datagram socket is UDP, where the system can tell.
@@ -316,7 +328,12 @@ fn check_udp(socket: &Socket) -> io::Result<bool> {
     Ok(true)
 }
 
-fn finish(socket: Socket, addr: SocketAddr, opts: &SocketOptions) -> Result<BoundSocket, Error> {
+fn finish(
+    socket: Socket,
+    addr: SocketAddr,
+    opts: &SocketOptions,
+    icmp_reports_off: bool,
+) -> Result<BoundSocket, Error> {
     let fail = |action| {
         move |source| Error::Socket {
             action,
@@ -346,6 +363,7 @@ fn finish(socket: Socket, addr: SocketAddr, opts: &SocketOptions) -> Result<Boun
         local_addr,
         recv_buffer,
         send_buffer,
+        icmp_reports_off,
     })
 }
 
@@ -371,4 +389,58 @@ fn set_reuse_port(socket: &Socket) -> io::Result<()> {
         io::ErrorKind::Unsupported,
         "SO_REUSEPORT is not available on this platform",
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sys::{Setting, refuse};
+
+    const LOOPBACK: &str = "127.0.0.1:0";
+
+    fn loopback() -> SocketAddr {
+        LOOPBACK.parse().expect("an address")
+    }
+
+    #[test]
+    fn a_refused_exclusive_bind_fails_closed_naming_the_option() {
+        let err = refuse(Setting::ExclusiveAddrUse, || {
+            bind(loopback(), &SocketOptions::default())
+        })
+        .expect_err("no server without its address to itself");
+        assert_eq!(
+            err.to_string(),
+            "cannot set SO_EXCLUSIVEADDRUSE (take the address exclusively) on the UDP socket \
+             for 127.0.0.1:0"
+        );
+        let Error::Socket { source, .. } = &err else {
+            panic!("{err:?}");
+        };
+        assert_eq!(source.kind(), io::ErrorKind::Unsupported);
+        // Sharing the address was asked for: nothing exclusive to refuse.
+        let shared = SocketOptions {
+            reuse_address: true,
+            ..SocketOptions::default()
+        };
+        refuse(Setting::ExclusiveAddrUse, || bind(loopback(), &shared)).expect("shared");
+    }
+
+    #[test]
+    fn a_refused_icmp_ioctl_still_binds_and_is_recorded() {
+        for ioctl in [Setting::UdpConnReset, Setting::UdpNetReset] {
+            let bound = refuse(ioctl, || bind(loopback(), &SocketOptions::default()))
+                .unwrap_or_else(|e| panic!("{ioctl:?} refused: {e}"));
+            assert!(!bound.icmp_reports_off, "{ioctl:?} refused");
+            let adopted = refuse(ioctl, || {
+                let socket = std::net::UdpSocket::bind(LOOPBACK).expect("bind");
+                adopt(Socket::from(socket), &SocketOptions::default())
+            })
+            .unwrap_or_else(|e| panic!("{ioctl:?} refused: {e}"));
+            assert!(!adopted.icmp_reports_off, "{ioctl:?} refused");
+        }
+        let bound = bind(loopback(), &SocketOptions::default()).expect("bind");
+        let client = connect(bound.local_addr, &SocketOptions::default()).expect("connect");
+        // A connected (client) socket is told of ICMP reports on purpose.
+        assert!(!client.icmp_reports_off);
+    }
 }

@@ -114,7 +114,11 @@ fn unsuitable_sockets_are_refused_with_the_reason() {
 
 /// Turns on a socket option that takes a C `int`.
 #[cfg(target_os = "linux")]
-fn set_int_option(socket: &UdpSocket, level: libc::c_int, name: libc::c_int) {
+fn set_int_option(
+    socket: &UdpSocket,
+    level: libc::c_int,
+    name: libc::c_int,
+) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     let on: libc::c_int = 1;
     // SAFETY: `on` is a live `c_int` and the length given is its size; the
@@ -128,12 +132,10 @@ fn set_int_option(socket: &UdpSocket, level: libc::c_int, name: libc::c_int) {
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
-    assert_eq!(
-        rc,
-        0,
-        "setsockopt {level}/{name}: {}",
-        std::io::Error::last_os_error()
-    );
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// A wildcard-bound socket that also asked for timestamps, TTL, TOS and the
@@ -143,15 +145,34 @@ fn a_socket_with_extra_control_messages_still_answers(b: ServerBuilder) {
     #[cfg(target_os = "linux")]
     {
         let socket = UdpSocket::bind("0.0.0.0:0").expect("bind");
-        for (level, name) in [
-            (libc::SOL_SOCKET, libc::SO_TIMESTAMPNS),
-            (libc::SOL_SOCKET, libc::SO_RXQ_OVFL),
-            (libc::IPPROTO_IP, libc::IP_RECVTTL),
-            (libc::IPPROTO_IP, libc::IP_RECVTOS),
-            (libc::IPPROTO_IP, libc::IP_RECVORIGDSTADDR),
-            (libc::IPPROTO_IP, libc::IP_RECVOPTS),
+        let mut left_out = Vec::new();
+        for (level, name, option) in [
+            (libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, "SO_TIMESTAMPNS"),
+            (libc::SOL_SOCKET, libc::SO_RXQ_OVFL, "SO_RXQ_OVFL"),
+            (libc::IPPROTO_IP, libc::IP_RECVTTL, "IP_RECVTTL"),
+            (libc::IPPROTO_IP, libc::IP_RECVTOS, "IP_RECVTOS"),
+            (
+                libc::IPPROTO_IP,
+                libc::IP_RECVORIGDSTADDR,
+                "IP_RECVORIGDSTADDR",
+            ),
+            (libc::IPPROTO_IP, libc::IP_RECVOPTS, "IP_RECVOPTS"),
         ] {
-            set_int_option(&socket, level, name);
+            if let Err(err) = set_int_option(&socket, level, name) {
+                // Left out under qemu-user, where the others still bring
+                // control messages.
+                let gap = util::emulator::QEMU_SOCKET_OPTIONS;
+                assert!(
+                    err.raw_os_error() == Some(libc::ENOPROTOOPT)
+                        && util::emulator::under(gap.emulator),
+                    "setsockopt {option}: {err}"
+                );
+                left_out.push(option);
+            }
+        }
+        if !left_out.is_empty() {
+            assert!(left_out.len() < 6, "no extra control message at all");
+            util::emulator::QEMU_SOCKET_OPTIONS.skips_part_of(&left_out.join(", "));
         }
         let port = socket.local_addr().expect("addr").port();
         let server = b
@@ -175,34 +196,22 @@ fn a_socket_with_extra_control_messages_still_answers(b: ServerBuilder) {
 fn receive_errors_do_not_stop_the_server(b: ServerBuilder) {
     #[cfg(target_os = "linux")]
     {
-        use std::sync::{Mutex, mpsc};
-        use udp_greet::Request;
-        use util::HANG_GUARD;
-
         let socket = UdpSocket::bind(V4).expect("bind");
-        set_int_option(&socket, libc::IPPROTO_IP, libc::IP_RECVERR);
+        set_int_option(&socket, libc::IPPROTO_IP, libc::IP_RECVERR).expect("IP_RECVERR");
         let addr = socket.local_addr().expect("addr");
-        let (started, in_call) = mpsc::channel();
-        let (release, gate) = mpsc::channel::<()>();
-        let (started, gate) = (Mutex::new(started), Mutex::new(gate));
+        let (handler, hold) = util::greeter_holding(b"first");
         let server = b
             .from_std(socket)
             .expect("adopt")
-            .spawn(move |request: Request<'_>, reply: &mut Vec<u8>| {
-                if request.data() == b"first" {
-                    let _ = started.lock().map(|s| s.send(()));
-                    let _ = gate.lock().map(|g| g.recv_timeout(HANG_GUARD));
-                }
-                udp_greet::greet(request, reply)
-            })
+            .spawn(handler)
             .expect("spawn");
         let gone = raw_socket_for(addr);
         util::send_to(&gone, b"first", addr).expect("send");
-        in_call.recv_timeout(HANG_GUARD).expect("the handler runs");
+        hold.started();
         // The sender's port closes before its reply goes out: the reply
         // draws an ICMP port-unreachable back at the server.
         drop(gone);
-        release.send(()).expect("the handler waits");
+        hold.release();
         wait_until("the ICMP report to surface as a receive error", || {
             server.stats().recv_errors == 1
         });

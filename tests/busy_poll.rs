@@ -237,15 +237,17 @@ fn a_polling_client_keeps_every_promise() {
         .expect("bind")
         .local_addr()
         .expect("addr");
-    let client = GreetClient::builder()
-        .initial_timeout(HANG_GUARD)
-        .busy_poll(WINDOW)
-        .connect(closed)
-        .expect("connect");
-    let err = within_guard("a polling call to a closed port", move || {
-        client.send_recv(b"x").expect_err("refused")
-    });
-    assert!(err.is_refused(), "{err:?}");
+    if !util::emulator::WINE_ICMP_WAKES_A_WAIT.skips_part() {
+        let client = GreetClient::builder()
+            .initial_timeout(HANG_GUARD)
+            .busy_poll(WINDOW)
+            .connect(closed)
+            .expect("connect");
+        let err = within_guard("a polling call to a closed port", move || {
+            client.send_recv(b"x").expect_err("refused")
+        });
+        assert!(err.is_refused(), "{err:?}");
+    }
     let client = GreetClient::builder()
         .initial_timeout(Duration::from_millis(2))
         .retries(1)

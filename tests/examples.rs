@@ -1,7 +1,9 @@
 //! The demo binaries run as processes, their output checked byte for byte.
 //!
 //! `cargo test` builds the examples before it runs the tests; they are found
-//! beside this test binary, in `target/<profile>/examples/`.
+//! beside this test binary, in `target/<profile>/examples/`, and started the
+//! way this binary was: under qemu-user (`.ci/platforms`), through the same
+//! emulator, since the host cannot run them itself.
 
 mod util;
 
@@ -27,7 +29,14 @@ fn example(name: &str) -> Command {
         "{} is missing: run the tests through `cargo test`, which builds the examples",
         path.display()
     );
-    Command::new(path)
+    match util::emulator::runner().split_first() {
+        Some((emulator, options)) => {
+            let mut command = Command::new(emulator);
+            command.args(options).arg(path);
+            command
+        }
+        None => Command::new(path),
+    }
 }
 
 /// Runs a command to completion with the hang guard.

@@ -360,13 +360,31 @@ fn a_stuck_handler_cannot_hold_shutdown_forever(b: ServerBuilder) {
         server.shutdown_timeout(Duration::from_millis(20))
     })
     .expect_err("a handler is stuck");
+    // The stuck handler thread; outside Linux, where a shutdown cannot wake
+    // a blocked receive, the receive worker too until its next wake-up (every
+    // 50 ms), which 20 ms may not reach.
+    let most = if cfg!(target_os = "linux") { 1 } else { 2 };
+    let Error::ShutdownTimedOut {
+        stuck_threads,
+        addr: a,
+        ..
+    } = err
+    else {
+        panic!("{err:?}");
+    };
+    assert!((1..=most).contains(&stuck_threads) && a == addr, "{err:?}");
     assert!(
-        matches!(err, Error::ShutdownTimedOut { stuck_threads: 1, addr: a, .. } if a == addr),
-        "{err:?}"
+        err.to_string()
+            .contains(&format!("{stuck_threads} thread(s)")),
+        "{err}"
     );
-    assert!(err.to_string().contains("1 thread(s)"), "{err}");
-    // The port is free although the handler is still inside.
-    drop(GreetServer::bind(addr).expect("the port is free"));
+    // The port is free although the handler is still inside (outside
+    // Linux once the receive worker has seen the stop, within 50 ms).
+    if cfg!(target_os = "linux") {
+        drop(GreetServer::bind(addr).expect("the port is free"));
+    } else {
+        util::wait_until("the port to be free", || GreetServer::bind(addr).is_ok());
+    }
     assert_eq!(stop.stats().in_flight(), 1);
     // When the handler returns at last, its reply is not sent, and the
     // request is accounted for.

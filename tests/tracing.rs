@@ -4,14 +4,13 @@
 
 mod util;
 
-use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing::{Event, Level, Metadata, Subscriber};
 use udp_greet::{GreetServer, HandlerPool, Request};
-use util::{HANG_GUARD, V4, assert_balanced, raw_socket_for, wait_until};
+use util::{V4, assert_balanced, raw_socket_for, wait_until};
 
 /// One event as seen: its level and its fields, as text.
 #[derive(Debug, Clone)]
@@ -99,29 +98,21 @@ fn panics_and_overload_are_reported_at_most_once_a_second() {
 
     // Overload: hold the only handler thread, fill the queue of one, and
     // shed three.
-    let (started, in_call) = mpsc::channel();
-    let (release, gate) = mpsc::channel::<()>();
-    let (started, gate) = (Mutex::new(started), Mutex::new(gate));
+    let (handler, hold) = util::greeter_holding(b"hold");
     let server = GreetServer::builder()
         .handler_pool(HandlerPool::threads(1).queue_capacity(1))
         .bind(V4)
         .expect("bind")
-        .spawn(move |request: Request<'_>, reply: &mut Vec<u8>| {
-            if request.data() == b"hold" {
-                let _ = started.lock().map(|s| s.send(()));
-                let _ = gate.lock().map(|g| g.recv_timeout(HANG_GUARD));
-            }
-            udp_greet::greet(request, reply)
-        })
+        .spawn(handler)
         .expect("spawn");
     let addr = server.local_addr();
     util::send_to(&client, b"hold", addr).expect("send");
-    in_call.recv_timeout(HANG_GUARD).expect("held");
+    hold.started();
     for _ in 0..4 {
         util::send_to(&client, b"x", addr).expect("send");
     }
     wait_until("three shed", || server.stats().overloaded == 3);
-    release.send(()).expect("release");
+    hold.release();
     assert_balanced(&server.shutdown().expect("shutdown"));
 
     let seen = kept.lock().expect("lock").clone();

@@ -299,7 +299,9 @@ impl<E: Engine> ClientBuilder<E> {
 
     /// How long the first attempt waits for a reply; each retry waits about
     /// twice as long as the one before. Must not be zero; a wait under 1 µs
-    /// (the finest a socket timeout can be set) waits 1 µs.
+    /// (the finest a socket timeout can be set) waits 1 µs, and on Windows,
+    /// whose socket timeouts are whole milliseconds, a wait under 1 ms
+    /// waits 1 ms.
     ///
     /// This is not a bound on the whole call: that is
     /// [`call_timeout`](ClientBuilder::call_timeout). (Before 0.2 this

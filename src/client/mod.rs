@@ -31,9 +31,10 @@ use mux::MuxSocket;
 pub(crate) const MAX_REPLY: usize = 65_536;
 
 /// The shortest wait the client asks the kernel for. A socket read timeout
-/// is set in whole microseconds, and one that rounds to zero means "wait
-/// forever"; every wait the client sets is at least this long.
-pub(crate) const MIN_WAIT: Duration = Duration::from_micros(1);
+/// is set in whole microseconds (whole milliseconds on Windows), and one
+/// that rounds to zero means "wait forever"; every wait the client sets is
+/// at least this long.
+pub(crate) const MIN_WAIT: Duration = crate::sys::MIN_READ_TIMEOUT;
 
 /// A blocking UDP client: request out, reply back, with timeouts, retries
 /// and a reply check.

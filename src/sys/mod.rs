@@ -27,10 +27,14 @@ pub(crate) use imp::{
     Batch, MAX_BATCH, Replies, enable_pktinfo, enable_recverr, kernel_drops, recv_error,
 };
 
+mod settings;
 mod source;
 #[cfg(windows)]
 mod windows;
 
+pub(crate) use settings::{Prepared, is_net_reset, prepare_adopted_socket, prepare_server_socket};
+#[cfg(test)]
+pub(crate) use settings::{Setting, tests::refuse};
 pub(crate) use source::Source;
 
 /// What a [`Batch`] is made for: plain values, so that this module needs
@@ -47,33 +51,6 @@ pub(crate) struct BatchSpec {
     /// Replies to one peer are coalesced with segmentation offload, where
     /// the kernel has it.
     pub(crate) gso: bool,
-}
-
-/// Settings a server socket needs before bind, where the platform has
-/// them: on Windows, ICMP reports about earlier replies are kept out of the
-/// receive path, and unless `shared` (reuse of the address was asked for)
-/// the socket takes the address for itself (`SO_EXCLUSIVEADDRUSE`).
-pub(crate) fn prepare_server_socket(socket: &Socket, shared: bool) -> io::Result<()> {
-    #[cfg(windows)]
-    {
-        windows::quiet_icmp_reports(socket)?;
-        if !shared {
-            windows::set_exclusive_address_use(socket)?;
-        }
-    }
-    #[cfg(not(windows))]
-    let _ = (socket, shared);
-    Ok(())
-}
-
-/// Settings a server socket made elsewhere needs: on Windows, ICMP reports
-/// about earlier replies are kept out of the receive path.
-pub(crate) fn prepare_adopted_socket(socket: &Socket) -> io::Result<()> {
-    #[cfg(windows)]
-    windows::quiet_icmp_reports(socket)?;
-    #[cfg(not(windows))]
-    let _ = socket;
-    Ok(())
 }
 
 // Keeps the fallback compiling where it is not the one in use.
@@ -332,6 +309,16 @@ pub(crate) fn recv_nonblocking(socket: &Socket, buf: &mut [u8]) -> io::Result<us
         received
     }
 }
+
+/// The shortest socket read timeout this platform keeps. Linux and the
+/// BSDs take microseconds. Windows takes whole milliseconds, and socket2
+/// truncates a shorter timeout to 0, which means "wait forever": a wait
+/// under 1 ms there must ask for 1 ms.
+pub(crate) const MIN_READ_TIMEOUT: Duration = if cfg!(windows) {
+    Duration::from_millis(1)
+} else {
+    Duration::from_micros(1)
+};
 
 /// How long a blocked receive waits before it checks whether the server is
 /// shutting down, where a shutdown cannot wake it directly.

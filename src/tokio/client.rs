@@ -320,6 +320,7 @@ fn open(
         local_addr,
         recv_buffer,
         send_buffer,
+        ..
     } = made;
     socket.set_nonblocking(true).map_err(fail)?;
     let socket = UdpSocket::from_std(socket.into()).map_err(fail)?;

@@ -144,6 +144,16 @@ impl GreetServer {
         self.bound.local_addr()
     }
 
+    /// Whether ICMP error reports about earlier replies are kept out of
+    /// the receive path: on Windows, whether the system accepted
+    /// `SIO_UDP_CONNRESET` and `SIO_UDP_NETRESET` off; elsewhere `true`. As
+    /// [`GreetServer::icmp_reports_off`](crate::GreetServer::icmp_reports_off),
+    /// which says more.
+    #[must_use]
+    pub fn icmp_reports_off(&self) -> bool {
+        self.bound.icmp_reports_off()
+    }
+
     /// A control that stops the server and reads its counters from any
     /// thread or task; take it before calling [`serve`](GreetServer::serve).
     #[must_use]
