@@ -118,17 +118,21 @@ fn expect_greeting(result: Result<Vec<u8>, Error>, name: &str) {
 #[test]
 fn ten_thousand_calls_from_100_threads_share_one_socket_through_a_lossy_network() {
     const THREADS: usize = 100;
-    const CALLS: usize = 100;
     const RETRIES: u32 = 4;
-    const TIMEOUT: Duration = Duration::from_millis(100);
+    // Under an emulator every step takes many times longer: fewer calls,
+    // each with more time.
+    let (calls_each, timeout) = match util::emulator::emulator() {
+        Some(_) => (10, Duration::from_secs(1)),
+        None => (100, Duration::from_millis(100)),
+    };
     let seed = proxy::seed();
     let server = greeter();
     let lossy = proxy::Proxy::start(server.local_addr(), seed);
     let client = with_ids(GreetClient::builder())
         .recv_buffer_size(BUFFER)
-        .initial_timeout(TIMEOUT)
+        .initial_timeout(timeout)
         .retries(RETRIES)
-        .call_timeout(Duration::from_secs(30))
+        .call_timeout(Duration::from_secs(60))
         .reply_check(udp_greet::is_greeting)
         .connect(lossy.addr)
         .expect("connect");
@@ -139,8 +143,8 @@ fn ten_thousand_calls_from_100_threads_share_one_socket_through_a_lossy_network(
                 let client = &client;
                 s.spawn(move || {
                     let (mut wrong, mut failed) = (0u64, 0u64);
-                    for i in 0..CALLS {
-                        let name = format!("call-{}", t * CALLS + i);
+                    for i in 0..calls_each {
+                        let name = format!("call-{}", t * calls_each + i);
                         match client.send_recv(name.as_bytes()) {
                             Ok(reply) if reply == format!("Hello, {name}!").as_bytes() => {}
                             Ok(_) => wrong += 1,
@@ -161,8 +165,8 @@ fn ten_thousand_calls_from_100_threads_share_one_socket_through_a_lossy_network(
     let sockets = util::udp_sockets_connected_to(lossy.addr);
     drop(lossy);
     let stats = server.shutdown().expect("shutdown");
-    let calls = (THREADS * CALLS) as f64;
-    let predicted = proxy::predicted_failures(calls, RETRIES, TIMEOUT);
+    let calls = (THREADS * calls_each) as f64;
+    let predicted = proxy::predicted_failures(calls, RETRIES, timeout);
     println!(
         "{calls} calls: {wrong} wrong, {failed} failed (at most {predicted:.1} predicted), \
          {} discarded ({} unmatched); {sockets:?} sockets connected to the proxy; server {stats:?}",
@@ -495,23 +499,25 @@ mod tokio_client {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn ten_thousand_concurrent_calls_share_one_socket_through_a_lossy_network() {
-        const CALLS: usize = 10_000;
+        let (calls, timeout) = match util::emulator::emulator() {
+            Some(_) => (1_000, Duration::from_secs(1)),
+            None => (10_000, Duration::from_millis(100)),
+        };
         const RETRIES: u32 = 4;
-        const TIMEOUT: Duration = Duration::from_millis(100);
         let seed = proxy::seed();
         let server = greeter();
         let lossy = proxy::Proxy::start(server.local_addr(), seed);
         let client = with_ids(aio::GreetClient::builder())
             .recv_buffer_size(BUFFER)
-            .max_in_flight(CALLS)
-            .initial_timeout(TIMEOUT)
+            .max_in_flight(calls)
+            .initial_timeout(timeout)
             .retries(RETRIES)
-            .call_timeout(Duration::from_secs(30))
+            .call_timeout(Duration::from_secs(60))
             .reply_check(udp_greet::is_greeting)
             .connect(lossy.addr)
             .await
             .expect("connect");
-        let calls: Vec<_> = (0..CALLS)
+        let tasks: Vec<_> = (0..calls)
             .map(|i| {
                 let client = client.clone();
                 tokio::spawn(async move {
@@ -527,7 +533,7 @@ mod tokio_client {
             .collect();
         let (mut wrong, mut failed) = (0u64, 0u64);
         let (mut most_in_flight, mut most_sockets) = (0, None);
-        for (i, call) in calls.into_iter().enumerate() {
+        for (i, call) in tasks.into_iter().enumerate() {
             most_in_flight = most_in_flight.max(client.in_flight());
             if i % 500 == 0 {
                 let now = util::udp_sockets_connected_to(lossy.addr);
@@ -541,9 +547,9 @@ mod tokio_client {
         }
         drop(lossy);
         let stats = server.shutdown().expect("shutdown");
-        let predicted = proxy::predicted_failures(CALLS as f64, RETRIES, TIMEOUT);
+        let predicted = proxy::predicted_failures(calls as f64, RETRIES, timeout);
         println!(
-            "{CALLS} calls: {wrong} wrong, {failed} failed (at most {predicted:.1} predicted), \
+            "{calls} calls: {wrong} wrong, {failed} failed (at most {predicted:.1} predicted), \
              {} discarded ({} unmatched), at most {most_in_flight} in flight seen; \
              at most {most_sockets:?} sockets connected to the proxy; server {stats:?}",
             client.discarded(),
