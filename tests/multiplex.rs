@@ -269,13 +269,23 @@ fn a_refusal_from_one_destination_fails_only_the_calls_to_it() {
         expect_greeting(waiting.join().expect("thread"), "call-1");
     });
     held.join().expect("server");
-    // Without ids the bound client connects for each call, and the
-    // refusal is reported as a connected client's is.
-    let plain = GreetClient::builder().bind(V4).expect("bind");
-    assert!(matches!(
-        plain.send_recv_to(closed, b"call-2"),
-        Err(Error::Refused { addr, .. }) if addr == closed
-    ));
+    // Without ids a bound client's socket is not connected either: the
+    // refusal is matched to its destination where the platform says who
+    // refused (Linux), and the call times out elsewhere.
+    let plain = GreetClient::builder()
+        .initial_timeout(Duration::from_millis(100))
+        .retries(1)
+        .bind(V4)
+        .expect("bind");
+    let refused = plain.send_recv_to(closed, b"call-2");
+    if cfg!(target_os = "linux") {
+        assert!(
+            matches!(refused, Err(Error::Refused { addr, .. }) if addr == closed),
+            "{refused:?}"
+        );
+    } else {
+        assert!(matches!(refused, Err(Error::Timeout { .. })), "{refused:?}");
+    }
 }
 
 #[test]
@@ -680,22 +690,43 @@ mod tokio_client {
                 builder = with_ids(builder);
             }
             let client = builder.bind(V4).await.expect("bind");
+            // Under Wine a call to a closed port on a connected socket
+            // (without ids) never ends: see the gap's docs.
+            let closed_call = async {
+                if !ids && util::emulator::WINE_ICMP_WAKES_A_WAIT.skips_part() {
+                    return None;
+                }
+                let call = client.send_recv_to(closed, b"call-1");
+                Some(guarded("a call to a closed port", call).await)
+            };
             let (a, b, silent, refused) = tokio::join!(
-                client.send_recv_to(one.local_addr(), b"call-1"),
-                client.send_recv_to(two.local_addr(), b"call-1"),
-                client.send_recv_to(quiet, b"call-1"),
-                client.send_recv_to(closed, b"call-1"),
+                guarded(
+                    "a call to a server",
+                    client.send_recv_to(one.local_addr(), b"call-1")
+                ),
+                guarded(
+                    "a call to another",
+                    client.send_recv_to(two.local_addr(), b"call-1")
+                ),
+                guarded(
+                    "a call to a silent port",
+                    client.send_recv_to(quiet, b"call-1")
+                ),
+                closed_call,
             );
             expect_greeting(a, "call-1");
             expect_greeting(b, "call-1");
             assert!(matches!(silent, Err(Error::Timeout { addr, .. }) if addr == quiet));
-            if cfg!(target_os = "linux") || !ids {
-                assert!(
+            match refused {
+                None => {}
+                // An unconnected socket off Linux is not told who refused.
+                Some(refused) if ids && !cfg!(target_os = "linux") => {
+                    assert!(matches!(refused, Err(Error::Timeout { .. })), "{refused:?}");
+                }
+                Some(refused) => assert!(
                     matches!(refused, Err(Error::Refused { addr, .. }) if addr == closed),
                     "ids {ids}: {refused:?}"
-                );
-            } else {
-                assert!(matches!(refused, Err(Error::Timeout { .. })), "{refused:?}");
+                ),
             }
             if ids {
                 assert_eq!(client.open_sockets(), 1);
