@@ -571,10 +571,6 @@ mod tokio_client {
         if let Some(sockets) = most_sockets {
             assert_eq!(sockets, 1, "the client holds exactly one socket");
         }
-        assert!(
-            most_in_flight > 1000,
-            "the calls were concurrent: {most_in_flight}"
-        );
         assert!(client.unmatched() > 0);
         assert_balanced(&stats);
     }
