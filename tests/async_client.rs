@@ -297,7 +297,10 @@ async fn ten_thousand_concurrent_calls_through_a_lossy_network_get_no_wrong_repl
         .collect();
     let (mut wrong, mut failed) = (0u64, 0u64);
     for call in calls {
-        match guarded("the calls", call).await.expect("join") {
+        match util::guarded_past("the calls", Duration::from_secs(30), call)
+            .await
+            .expect("join")
+        {
             Ok(true) => {}
             Ok(false) => wrong += 1,
             Err(()) => failed += 1,

@@ -549,7 +549,10 @@ mod tokio_client {
                 let now = util::udp_sockets_connected_to(lossy.addr);
                 most_sockets = most_sockets.max(now);
             }
-            match guarded("the calls", call).await.expect("join") {
+            match util::guarded_past("the calls", Duration::from_secs(60), call)
+                .await
+                .expect("join")
+            {
                 Ok(true) => {}
                 Ok(false) => wrong += 1,
                 Err(()) => failed += 1,

@@ -234,9 +234,21 @@ pub async fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
 /// A future that fails the test, rather than hanging it, if `future` does
 /// not finish within the hang guard.
 pub async fn guarded<T>(what: &str, future: impl std::future::Future<Output = T>) -> T {
-    match tokio::time::timeout(HANG_GUARD, future).await {
+    guarded_past(what, Duration::ZERO, future).await
+}
+
+/// [`guarded`] for a future that may legitimately take up to `allowed`
+/// (a call's whole call timeout): it fails the test only if it runs the
+/// hang guard past that.
+pub async fn guarded_past<T>(
+    what: &str,
+    allowed: Duration,
+    future: impl std::future::Future<Output = T>,
+) -> T {
+    let limit = allowed + HANG_GUARD;
+    match tokio::time::timeout(limit, future).await {
         Ok(out) => out,
-        Err(_) => panic!("{what} did not finish within {HANG_GUARD:?}"),
+        Err(_) => panic!("{what} did not finish within {limit:?}"),
     }
 }
 
