@@ -234,8 +234,17 @@ pub async fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
 /// A future that fails the test, rather than hanging it, if `future` does
 /// not finish within the hang guard.
 pub async fn guarded<T>(what: &str, future: impl std::future::Future<Output = T>) -> T {
-    match tokio::time::timeout(HANG_GUARD, future).await {
+    guarded_within(what, HANG_GUARD, future).await
+}
+
+/// As [`guarded`], for a future that may rightly take up to `limit`.
+pub async fn guarded_within<T>(
+    what: &str,
+    limit: Duration,
+    future: impl std::future::Future<Output = T>,
+) -> T {
+    match tokio::time::timeout(limit, future).await {
         Ok(out) => out,
-        Err(_) => panic!("{what} did not finish within {HANG_GUARD:?}"),
+        Err(_) => panic!("{what} did not finish within {limit:?}"),
     }
 }
