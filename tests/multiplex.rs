@@ -549,9 +549,13 @@ mod tokio_client {
                 let now = util::udp_sockets_connected_to(lossy.addr);
                 most_sockets = most_sockets.max(now);
             }
-            match util::guarded_past("the calls", Duration::from_secs(60), call)
-                .await
-                .expect("join")
+            match util::guarded_within(
+                "the calls",
+                Duration::from_secs(60) + util::HANG_GUARD,
+                call,
+            )
+            .await
+            .expect("join")
             {
                 Ok(true) => {}
                 Ok(false) => wrong += 1,

@@ -234,18 +234,15 @@ pub async fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
 /// A future that fails the test, rather than hanging it, if `future` does
 /// not finish within the hang guard.
 pub async fn guarded<T>(what: &str, future: impl std::future::Future<Output = T>) -> T {
-    guarded_past(what, Duration::ZERO, future).await
+    guarded_within(what, HANG_GUARD, future).await
 }
 
-/// [`guarded`] for a future that may legitimately take up to `allowed`
-/// (a call's whole call timeout): it fails the test only if it runs the
-/// hang guard past that.
-pub async fn guarded_past<T>(
+/// As [`guarded`], for a future that may rightly take up to `limit`.
+pub async fn guarded_within<T>(
     what: &str,
-    allowed: Duration,
+    limit: Duration,
     future: impl std::future::Future<Output = T>,
 ) -> T {
-    let limit = allowed + HANG_GUARD;
     match tokio::time::timeout(limit, future).await {
         Ok(out) => out,
         Err(_) => panic!("{what} did not finish within {limit:?}"),
