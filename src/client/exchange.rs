@@ -67,7 +67,7 @@ impl Shared {
 /// The error for a failed `action` with `peer`, naming both; a refused port
 /// is its own error.
 pub(crate) fn io_error(peer: SocketAddr, action: &'static str, source: io::Error) -> Error {
-    if source.kind() == io::ErrorKind::ConnectionRefused {
+    if is_refusal_kind(source.kind()) {
         Error::Refused { addr: peer, source }
     } else {
         Error::Io {
@@ -76,6 +76,17 @@ pub(crate) fn io_error(peer: SocketAddr, action: &'static str, source: io::Error
             source,
         }
     }
+}
+
+/// A refused port as a socket call reports it: `ConnectionRefused`, or on
+/// Windows, whose connected UDP sockets report an ICMP "port unreachable"
+/// as `WSAECONNRESET`, `ConnectionReset` (which a UDP socket reports for
+/// nothing else).
+pub(crate) fn is_refusal_kind(kind: io::ErrorKind) -> bool {
+    matches!(
+        kind,
+        io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionReset
+    )
 }
 
 /// What may be queued on the call's socket before its first request.
@@ -506,7 +517,7 @@ impl Settings {
     /// A refusal (ICMP port unreachable) the client was told to treat as a
     /// lost reply.
     pub(crate) fn is_ignored_refusal(&self, err: &io::Error) -> bool {
-        self.refused_as_loss && err.kind() == io::ErrorKind::ConnectionRefused
+        self.refused_as_loss && is_refusal_kind(err.kind())
     }
 
     /// Judges a datagram of `len` bytes in `buf` (`truncated`: it was larger
@@ -735,6 +746,16 @@ mod tests {
         call.sent(Ok(1));
         assert!(matches!(call.next(now), Step::Wait(_)));
         call.received(Err(refused()), b"x", &[]);
+        assert!(matches!(
+            call.next(now),
+            Step::Done(Err(Error::Refused { .. }))
+        ));
+        // Windows reports a refused port as a reset: the same error.
+        let mut call = Exchange::new(&strict, DEST, 64, Queue::Drained, now, 7);
+        assert!(matches!(call.next(now), Step::Send));
+        call.sent(Ok(1));
+        assert!(matches!(call.next(now), Step::Wait(_)));
+        call.received(Err(io::ErrorKind::ConnectionReset.into()), b"x", &[]);
         assert!(matches!(
             call.next(now),
             Step::Done(Err(Error::Refused { .. }))

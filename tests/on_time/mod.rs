@@ -48,8 +48,15 @@ pub fn assert_on_time(what: &str, err: Error, took: Duration, attempts: u32) {
         "{what}: {err:?}"
     );
     assert!(took >= PROMISED, "{what}: {took:?}");
+    // Under an emulator every step takes many times longer: the bound is
+    // looser there, and still well short of the doubled time the overrun
+    // gave (which added a whole window per attempt).
+    let slack = match crate::util::emulator::emulator() {
+        Some(_) => PROMISED,
+        None => PROMISED / 2,
+    };
     assert!(
-        took <= PROMISED + PROMISED / 2,
+        took <= PROMISED + slack,
         "{what}: {took:?}, promised {PROMISED:?}"
     );
 }
