@@ -111,19 +111,6 @@ pub const WINE_ICMP_WAKES_A_WAIT: Gap = Gap {
               when an ICMP port unreachable arrives (WSAECONNRESET on Windows)",
 };
 
-/// Under Wine, about one call in five of the async client's lossy run
-/// (1 000 calls, 256 sockets at once) ends in a timeout although the server
-/// answered every request, while the blocking client's lossy run passes.
-/// Suspected, not proven: Wine's emulation of the AFD polling that tokio
-/// uses on Windows loses readiness wake-ups under load. Until that is shown
-/// (or an async-client defect on Windows is found), the run is left out
-/// under Wine and the gap says it is suspected.
-pub const WINE_AFD_WAKEUPS_SUSPECTED: Gap = Gap {
-    emulator: Emulator::Wine,
-    missing: "(suspected, not proven) readiness wake-ups for tokio's sockets under load: \
-              one call in five through the lossy proxy timed out though the server answered",
-};
-
 /// Windows reports the sender of a datagram from 127.0.0.2 as 127.0.0.2.
 pub const WINE_LOOPBACK_SOURCES: Gap = Gap {
     emulator: Emulator::Wine,
