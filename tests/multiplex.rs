@@ -652,6 +652,50 @@ mod tokio_client {
         assert_balanced(&stats);
     }
 
+    /// Calls started all at once on a new client, on a one-thread runtime:
+    /// each call's first send comes before the runtime has seen the new
+    /// socket's readiness, so many of them wait to send. Every one must be
+    /// woken (tokio's `poll_send` keeps only the last waker: a client using
+    /// it left all but one of these calls waiting forever).
+    #[tokio::test(flavor = "current_thread")]
+    async fn calls_waiting_together_to_send_on_a_new_socket_all_go_out() {
+        const CALLS: u64 = 256;
+        let server = greeter();
+        for bound in [false, true] {
+            let builder = with_ids(aio::GreetClient::builder())
+                .max_in_flight(CALLS as usize)
+                .initial_timeout(Duration::from_secs(5));
+            let client = if bound {
+                builder.bind(V4).await
+            } else {
+                builder.connect(server.local_addr()).await
+            }
+            .expect("client");
+            let addr = server.local_addr();
+            let calls: Vec<_> = (0..CALLS)
+                .map(|i| {
+                    let client = client.clone();
+                    tokio::spawn(async move {
+                        let name = format!("call-{i}");
+                        let reply = match bound {
+                            true => client.send_recv_to(addr, name.as_bytes()).await,
+                            false => client.send_recv(name.as_bytes()).await,
+                        };
+                        (name, reply)
+                    })
+                })
+                .collect();
+            for call in calls {
+                let (name, reply) = guarded("a call", call).await.expect("join");
+                expect_greeting(reply, &name);
+            }
+            assert_eq!(client.in_flight(), 0);
+        }
+        let stats = server.shutdown().expect("shutdown");
+        assert_balanced(&stats);
+        assert_eq!(stats.replied, 2 * CALLS);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn unknown_ids_and_forged_replies_are_discarded() {
         let junk = vec![b"Hello, call-1007!".to_vec(), b"no id at all".to_vec()];

@@ -546,7 +546,9 @@ impl GreetClient {
         let permit = match inner.turns.try_acquire() {
             Ok(permit) => Ok(permit),
             Err(_) => {
-                let permit = self.wait_turn(&call).await;
+                // Boxed: what only some calls await is not carried in
+                // every call's future.
+                let permit = Box::pin(self.wait_turn(&call)).await;
                 now = Instant::now();
                 permit
             }
@@ -771,7 +773,10 @@ impl Call<'_> {
     /// sending may have sent, so its socket is not reused.
     async fn send(&mut self, request: &[u8]) -> io::Result<usize> {
         self.sent += 1;
-        self.socket()?.send(request).await
+        let socket = self.socket()?;
+        // A future of no state of its own (tokio's `send` future is some
+        // 200 bytes, which every call's future would carry).
+        std::future::poll_fn(|cx| socket.poll_send(cx, request)).await
     }
 
     /// Receives one datagram into `buf` without waiting.
