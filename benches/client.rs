@@ -261,7 +261,7 @@ mod bench {
     pub fn main() -> Result<(), Box<dyn std::error::Error>> {
         let full = std::env::args().any(|a| a == "--bench");
         let (rounds, span, sizes) = if full {
-            (7, Duration::from_millis(500), vec![1_000, 10_000])
+            (15, Duration::from_millis(400), vec![1_000, 10_000])
         } else {
             (1, Duration::from_millis(30), vec![100])
         };
