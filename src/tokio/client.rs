@@ -506,25 +506,46 @@ impl GreetClient {
     /// Drives one call's [`Exchange`]: a turn, then a socket of its own and
     /// each step on it, or a place on a shared socket, until the exchange
     /// ends the call (when its attempts' time has passed, at the latest).
-    async fn exchange(
+    ///
+    /// The two ways are two futures, so that neither carries the other's
+    /// state (a call's future is copied as it is made).
+    // Not an `async fn`: see `AsyncMux::call`.
+    #[allow(clippy::manual_async_fn)]
+    fn exchange(
         &self,
         dest: SocketAddr,
         request: &[u8],
         buf: &mut Buf<'_>,
-    ) -> Result<usize, Error> {
+    ) -> impl Future<Output = Result<usize, Error>> {
+        async move {
+            match &self.inner.io {
+                AsyncIo::Mux {
+                    sockets, hasher, ..
+                } => {
+                    let id = self
+                        .inner
+                        .shared
+                        .settings
+                        .request_id
+                        .as_ref()
+                        .and_then(|read| read(request))
+                        .ok_or(Error::NoRequestId { addr: dest })?;
+                    let key = demux::Key::new(dest, id);
+                    let index = demux::pick(hasher, key, sockets.len());
+                    let mux = sockets
+                        .get(index)
+                        .ok_or(Error::NoRequestId { addr: dest })?;
+                    self.multiplexed(mux, key, request, buf.sink()).await
+                }
+                AsyncIo::PerCall { .. } => self.own_socket(dest, request, buf).await,
+            }
+        }
+    }
+
+    /// The start of a call to `dest` with a reply buffer of `capacity`
+    /// bytes: its exchange, and the time it starts.
+    fn start(&self, dest: SocketAddr, capacity: usize) -> (Exchange<'_>, Instant) {
         let inner = &*self.inner;
-        let id = match &inner.io {
-            AsyncIo::PerCall { .. } => None,
-            AsyncIo::Mux { .. } => Some(
-                inner
-                    .shared
-                    .settings
-                    .request_id
-                    .as_ref()
-                    .and_then(|read| read(request))
-                    .ok_or(Error::NoRequestId { addr: dest })?,
-            ),
-        };
         let seed = call_seed(
             &mut inner
                 .rng
@@ -532,70 +553,82 @@ impl GreetClient {
         );
         // A socket of its own is drained when it is leased; a shared one
         // holds no stale datagrams for the call.
-        let mut now = Instant::now();
-        let mut call = Exchange::new(
-            &inner.shared,
-            dest,
-            buf.capacity(),
-            Queue::Drained,
-            now,
-            seed,
-        );
-        // A free turn is taken at once; only a call that must wait for one
-        // sets a timer for it (and reads the clock again).
-        let permit = match inner.turns.try_acquire() {
-            Ok(permit) => Ok(permit),
-            Err(_) => {
-                // Boxed: what only some calls await is not carried in
-                // every call's future.
-                let permit = Box::pin(self.wait_turn(&call)).await;
-                now = Instant::now();
-                permit
-            }
-        };
+        let now = Instant::now();
+        let call = Exchange::new(&inner.shared, dest, capacity, Queue::Drained, now, seed);
+        (call, now)
+    }
+
+    /// A turn for `call`: a free one at once, else one waited for within
+    /// the call's call timeout (boxed: what only some calls await is not
+    /// carried in every call's future), with the clock read again in `now`.
+    async fn turn(
+        &self,
+        call: &Exchange<'_>,
+        now: &mut Instant,
+    ) -> Result<SemaphorePermit<'_>, Error> {
+        if let Ok(permit) = self.inner.turns.try_acquire() {
+            return Ok(permit);
+        }
+        let permit = Box::pin(self.wait_turn(call)).await;
+        *now = Instant::now();
         // The semaphore is never closed.
-        let Ok(permit) = permit else {
-            return Err(call.failed(Instant::now()));
-        };
-        if let (
-            AsyncIo::Mux {
-                sockets, hasher, ..
-            },
-            Some(id),
-        ) = (&inner.io, id)
-        {
-            let key = demux::Key::new(dest, id);
-            let index = demux::pick(hasher, key, sockets.len());
-            let Some(mux) = sockets.get(index) else {
-                return Err(call.failed(Instant::now()));
-            };
-            let mut sink = buf.sink();
+        permit.map_err(|()| call.failed(*now))
+    }
+
+    /// A call with `key` on the shared socket `mux`.
+    // Not an `async fn`: see `AsyncMux::call`.
+    #[allow(clippy::manual_async_fn)]
+    fn multiplexed(
+        &self,
+        mux: &AsyncMux,
+        key: demux::Key,
+        request: &[u8],
+        mut sink: Sink<'_>,
+    ) -> impl Future<Output = Result<usize, Error>> {
+        async move {
+            let (mut call, mut now) = self.start(key.addr(), sink.capacity());
+            let permit = self.turn(&call, &mut now).await?;
             let result = mux
-                .call(&inner.shared, key, request, &mut sink, &mut call, now)
+                .call(&self.inner.shared, key, request, &mut sink, &mut call, now)
                 .await;
             drop(permit);
-            return result;
+            result
         }
-        let mut socket = self.lease(permit, dest)?;
-        loop {
-            match call.next(Instant::now()) {
-                Step::Send => call.sent(socket.send(request).await),
-                Step::Discard | Step::Check => {
-                    call.received(socket.try_recv(buf), request, buf.bytes())
-                }
-                Step::Poll => {
-                    let received = socket.try_recv(buf);
-                    if received.as_ref().is_err_and(error::is_timeout) {
-                        // Let the runtime run other tasks between tries.
-                        tokio::task::yield_now().await;
+    }
+
+    /// A call to `dest` on a socket of its own.
+    // Not an `async fn`: see `AsyncMux::call`.
+    #[allow(clippy::manual_async_fn)]
+    fn own_socket(
+        &self,
+        dest: SocketAddr,
+        request: &[u8],
+        buf: &mut Buf<'_>,
+    ) -> impl Future<Output = Result<usize, Error>> {
+        async move {
+            let (mut call, mut now) = self.start(dest, buf.capacity());
+            let permit = self.turn(&call, &mut now).await?;
+            let mut socket = self.lease(permit, dest)?;
+            loop {
+                match call.next(Instant::now()) {
+                    Step::Send => call.sent(socket.send(request).await),
+                    Step::Discard | Step::Check => {
+                        call.received(socket.try_recv(buf), request, buf.bytes())
                     }
-                    call.received(received, request, buf.bytes());
+                    Step::Poll => {
+                        let received = socket.try_recv(buf);
+                        if received.as_ref().is_err_and(error::is_timeout) {
+                            // Let the runtime run other tasks between tries.
+                            tokio::task::yield_now().await;
+                        }
+                        call.received(received, request, buf.bytes());
+                    }
+                    Step::Wait(wait) => {
+                        let received = socket.recv_until(buf, wait).await;
+                        call.received(received, request, buf.bytes());
+                    }
+                    Step::Done(outcome) => return outcome,
                 }
-                Step::Wait(wait) => {
-                    let received = socket.recv_until(buf, wait).await;
-                    call.received(received, request, buf.bytes());
-                }
-                Step::Done(outcome) => return outcome,
             }
         }
     }

@@ -106,7 +106,12 @@ impl AsyncMux {
 
     /// One call with `key` (its destination and request id), driving `call`
     /// from `now`; the reply goes into `buf`.
-    pub(crate) async fn call(
+    ///
+    /// (A function returning an `async move` block, not an `async fn`: the
+    /// block holds each argument once, where an `async fn`'s future holds
+    /// its arguments twice.)
+    #[allow(clippy::manual_async_fn)]
+    pub(crate) fn call(
         &self,
         shared: &Shared,
         key: Key,
@@ -114,44 +119,47 @@ impl AsyncMux {
         buf: &mut Sink<'_>,
         call: &mut Exchange<'_>,
         now: Instant,
-    ) -> Result<usize, Error> {
-        let slot = self.demux.register(shared, key, request, buf.capacity())?;
-        let wire = self.demux.wire(key.addr());
-        let registered = Registered {
-            mux: self,
-            slot,
-            freed: AtomicBool::new(false),
-        };
-        // The clock is read again only after a step that may have taken
-        // time to no avail (a send takes microseconds, and a wait that
-        // brought the reply ends the call).
-        let mut now = now;
-        loop {
-            match call.next(now) {
-                Step::Send => call.sent(self.send(shared, wire, request).await),
-                Step::Discard | Step::Check | Step::Poll => {
-                    let received = buf.accept(registered.take(None));
-                    if received.as_ref().is_err_and(error::is_timeout) {
-                        // The receive task runs between tries.
-                        tokio::task::yield_now().await;
-                    }
-                    call.received(received, request, buf.bytes());
-                    now = Instant::now();
-                }
-                Step::Wait(wait) => {
-                    let inbox = poll_fn(|cx| match buf.accept(registered.take(Some(cx.waker()))) {
-                        Err(e) if error::is_timeout(&e) => Poll::Pending,
-                        done => Poll::Ready(done),
-                    });
-                    let received = tokio::time::timeout_at(wait.until.into(), inbox)
-                        .await
-                        .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()));
-                    if received.is_err() {
+    ) -> impl Future<Output = Result<usize, Error>> {
+        async move {
+            let slot = self.demux.register(shared, key, request, buf.capacity())?;
+            let wire = self.demux.wire(key.addr());
+            let registered = Registered {
+                mux: self,
+                slot,
+                freed: AtomicBool::new(false),
+            };
+            // The clock is read again only after a step that may have taken
+            // time to no avail (a send takes microseconds, and a wait that
+            // brought the reply ends the call).
+            let mut now = now;
+            loop {
+                match call.next(now) {
+                    Step::Send => call.sent(self.send(shared, wire, request).await),
+                    Step::Discard | Step::Check | Step::Poll => {
+                        let received = buf.accept(registered.take(None));
+                        if received.as_ref().is_err_and(error::is_timeout) {
+                            // The receive task runs between tries.
+                            tokio::task::yield_now().await;
+                        }
+                        call.received(received, request, buf.bytes());
                         now = Instant::now();
                     }
-                    call.received(received, request, buf.bytes());
+                    Step::Wait(wait) => {
+                        let inbox =
+                            poll_fn(|cx| match buf.accept(registered.take(Some(cx.waker()))) {
+                                Err(e) if error::is_timeout(&e) => Poll::Pending,
+                                done => Poll::Ready(done),
+                            });
+                        let received = tokio::time::timeout_at(wait.until.into(), inbox)
+                            .await
+                            .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()));
+                        if received.is_err() {
+                            now = Instant::now();
+                        }
+                        call.received(received, request, buf.bytes());
+                    }
+                    Step::Done(outcome) => return outcome,
                 }
-                Step::Done(outcome) => return outcome,
             }
         }
     }
