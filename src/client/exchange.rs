@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::builder::Settings;
+use super::demux::Key;
 use crate::busy_poll::{PollWindow, later};
 use crate::error::{self, Error};
 
@@ -61,6 +62,17 @@ impl Shared {
     pub(crate) fn count_unmatched(&self) {
         self.unmatched.fetch_add(1, Ordering::Relaxed);
         self.count_discarded();
+    }
+
+    /// The key of a call of `request` to `dest`, with the request id the
+    /// client's reader finds in it; [`Error::NoRequestId`] if it finds none.
+    pub(crate) fn key(&self, dest: SocketAddr, request: &[u8]) -> Result<Key, Error> {
+        self.settings
+            .request_id
+            .as_ref()
+            .and_then(|read| read(request))
+            .map(|id| Key::new(dest, id))
+            .ok_or(Error::NoRequestId { addr: dest })
     }
 }
 

@@ -406,15 +406,8 @@ impl GreetClient {
                 rng,
                 hasher,
             } => {
-                let id = self
-                    .shared
-                    .settings
-                    .request_id
-                    .as_ref()
-                    .and_then(|read| read(request))
-                    .ok_or(Error::NoRequestId { addr: dest })?;
+                let key = self.shared.key(dest, request)?;
                 let seed = next_seed(rng);
-                let key = demux::Key::new(dest, id);
                 let index = demux::pick(hasher, key, sockets.len());
                 let Some(socket) = sockets.get(index) else {
                     return Err(Error::NoRequestId { addr: dest });

@@ -522,15 +522,7 @@ impl GreetClient {
                 AsyncIo::Mux {
                     sockets, hasher, ..
                 } => {
-                    let id = self
-                        .inner
-                        .shared
-                        .settings
-                        .request_id
-                        .as_ref()
-                        .and_then(|read| read(request))
-                        .ok_or(Error::NoRequestId { addr: dest })?;
-                    let key = demux::Key::new(dest, id);
+                    let key = self.inner.shared.key(dest, request)?;
                     let index = demux::pick(hasher, key, sockets.len());
                     let mux = sockets
                         .get(index)
