@@ -662,9 +662,12 @@ mod tokio_client {
         const CALLS: u64 = 256;
         let server = greeter();
         for bound in [false, true] {
+            // Room for every reply at once; a reply the kernel still drops
+            // is asked for again a second later.
             let builder = with_ids(aio::GreetClient::builder())
                 .max_in_flight(CALLS as usize)
-                .initial_timeout(Duration::from_secs(5));
+                .recv_buffer_size(BUFFER)
+                .initial_timeout(Duration::from_secs(1));
             let client = if bound {
                 builder.bind(V4).await
             } else {
@@ -693,7 +696,7 @@ mod tokio_client {
         }
         let stats = server.shutdown().expect("shutdown");
         assert_balanced(&stats);
-        assert_eq!(stats.replied, 2 * CALLS);
+        assert!(stats.replied >= 2 * CALLS, "{stats:?}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
