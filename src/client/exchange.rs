@@ -349,7 +349,15 @@ impl<'p> Exchange<'p> {
             Ok(datagram) => datagram,
             Err(e) if error::is_timeout(&e) => return self.nothing(),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => return,
-            Err(e) if self.shared.settings.is_ignored_refusal(&e) => return,
+            // A refusal counted as a loss: a receive that does not wait
+            // found nothing (it may be reported again at once, where the
+            // platform does not clear it, as under Wine); a wait goes on.
+            Err(e) if self.shared.settings.is_ignored_refusal(&e) => {
+                if matches!(self.phase, Phase::Discarding | Phase::Checking { .. }) {
+                    self.nothing();
+                }
+                return;
+            }
             Err(e) => return self.finish(Err(io_error(self.dest, "receive from", e))),
         };
         let settings = &self.shared.settings;
@@ -788,6 +796,33 @@ mod tests {
             call.next(now),
             Step::Done(Err(Error::ReplyTooLarge { capacity: 64, .. }))
         ));
+    }
+
+    /// Where a refusal is not cleared once read (Wine reports it on every
+    /// receive), a stale check that sees it, with refusals counted as
+    /// losses, moves on: it does not ask for the same receive forever.
+    #[test]
+    fn a_refusal_that_stays_does_not_hold_the_stale_checks() {
+        let refused = || Err(io::ErrorKind::ConnectionRefused.into());
+        let now = Instant::now();
+        let lenient = peer(ClientBuilder::new().refused_as_loss(true));
+        // Before the first send.
+        let mut call = Exchange::new(&lenient, DEST, 64, Queue::MayHoldStale, now, 7);
+        assert!(matches!(call.next(now), Step::Discard));
+        call.received(refused(), b"x", &[]);
+        assert!(matches!(call.next(now), Step::Send));
+        // Latency mode's check right after the first send.
+        let polling = peer(
+            ClientBuilder::new()
+                .refused_as_loss(true)
+                .busy_poll(Duration::from_millis(5)),
+        );
+        let mut call = Exchange::new(&polling, DEST, 64, Queue::MayHoldStale, now, 7);
+        assert!(matches!(call.next(now), Step::Send));
+        call.sent(Ok(1));
+        assert!(matches!(call.next(now), Step::Check));
+        call.received(refused(), b"x", &[]);
+        assert!(!matches!(call.next(now), Step::Check));
     }
 
     #[test]

@@ -716,7 +716,10 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// if the socket failed and must not be used.
 fn drain(socket: &UdpSocket, inner: &Inner) -> bool {
     let mut scratch = [0u8; 1];
-    loop {
+    // Bounded: a socket whose refusal does not go away once read (as under
+    // Wine) would keep this loop going forever; one that holds more than
+    // this many datagrams is not worth draining.
+    for _ in 0..DRAIN_LIMIT {
         match SockRef::from(socket).recv_vectored(&mut [sys::recv_slice(&mut scratch)]) {
             Ok(_) => inner.shared.count_discarded(),
             Err(e) if error::is_timeout(&e) => return true,
@@ -726,7 +729,11 @@ fn drain(socket: &UdpSocket, inner: &Inner) -> bool {
             Err(_) => return false,
         }
     }
+    false
 }
+
+/// The most receives [`drain`] makes before it gives a socket up.
+const DRAIN_LIMIT: usize = 1024;
 
 /// Where a call's reply goes.
 enum Buf<'a> {
