@@ -212,6 +212,11 @@ impl<E: Engine> ServerBuilder<E> {
 
     /// Sets `SO_REUSEADDR` before binding.
     ///
+    /// On Windows a server takes its address exclusively
+    /// (`SO_EXCLUSIVEADDRUSE`, and a bind that is refused it fails naming
+    /// it) unless this or [`reuse_port`](ServerBuilder::reuse_port) is on:
+    /// there `SO_REUSEADDR` lets another socket take the same port.
+    ///
     /// Defaults to `false`.
     pub fn reuse_address(mut self, on: bool) -> Self {
         self.socket.reuse_address = on;

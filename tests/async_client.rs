@@ -114,7 +114,7 @@ async fn timeout_retries_and_deadline_hold() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusal_is_an_error_or_a_loss_as_configured() {
-    if util::emulator::WINE_ICMP_WAKES_A_WAIT.skips() {
+    if util::emulator::WINE_TOKIO_REFUSAL_STALLS.skips() {
         return;
     }
     let addr = {

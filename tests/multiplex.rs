@@ -740,10 +740,10 @@ mod tokio_client {
                 builder = with_ids(builder);
             }
             let client = builder.bind(V4).await.expect("bind");
-            // Under Wine a call to a closed port on a connected socket
-            // (without ids) never ends: see the gap's docs.
+            // Under Wine a refusal on a connected tokio socket (without ids)
+            // stalls tokio itself: see the gap's docs.
             let closed_call = async {
-                if !ids && util::emulator::WINE_ICMP_WAKES_A_WAIT.skips_part() {
+                if !ids && util::emulator::WINE_TOKIO_REFUSAL_STALLS.skips_part() {
                     return None;
                 }
                 let call = client.send_recv_to(closed, b"call-1");

@@ -111,6 +111,19 @@ pub const WINE_ICMP_WAKES_A_WAIT: Gap = Gap {
               when an ICMP port unreachable arrives (WSAECONNRESET on Windows)",
 };
 
+/// Under Wine 8, once an ICMP "port unreachable" reaches a connected UDP
+/// socket that tokio polls, tokio's runtime stops: no timer fires, not even
+/// a 200 ms `tokio::time::timeout` around a plain `tokio::net::UdpSocket`
+/// receive (a probe of tokio alone, without this crate, showed it; the same
+/// probe against an open port times out every 200 ms). On Windows the
+/// report ends the receive with `WSAECONNRESET`.
+pub const WINE_TOKIO_REFUSAL_STALLS: Gap = Gap {
+    emulator: Emulator::Wine,
+    missing: "a tokio runtime that goes on once an ICMP port unreachable reaches a connected \
+              UDP socket it polls (Wine's emulation stalls tokio's I/O driver: even a plain \
+              tokio socket's timeout never fires)",
+};
+
 /// Windows reports the sender of a datagram from 127.0.0.2 as 127.0.0.2.
 pub const WINE_LOOPBACK_SOURCES: Gap = Gap {
     emulator: Emulator::Wine,
