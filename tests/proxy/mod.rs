@@ -142,11 +142,24 @@ fn roomy(socket: UdpSocket) -> UdpSocket {
 pub struct Proxy {
     pub addr: SocketAddr,
     stop: Arc<AtomicBool>,
+    /// The scheduler and the client-to-server thread.
     threads: Vec<JoinHandle<()>>,
+    /// The thread that joins the upstream sockets' threads.
+    upstream_threads: Option<JoinHandle<()>>,
+    /// Each upstream socket's address, to wake its thread at the end.
+    upstreams: Arc<Mutex<Vec<SocketAddr>>>,
 }
 
-/// How often the proxy's blocked threads look at the stop flag.
+/// How often the proxy's two busy threads look at the stop flag.
 const POLL: Duration = Duration::from_millis(50);
+
+/// How long an upstream socket's thread waits at most for a reply before it
+/// looks at the stop flag. Long: a run can make hundreds of them (one per
+/// client socket), and threads waking 20 times a second each are work the
+/// machine then does instead of the test's (under Wine, where each wait is
+/// a call to the wineserver, enough to time out a fifth of the calls).
+/// They are woken by a datagram when the proxy stops.
+const UPSTREAM_POLL: Duration = Duration::from_secs(1);
 
 impl Proxy {
     /// A proxy in front of `server`, its faults drawn from `seed`.
@@ -192,6 +205,8 @@ impl Proxy {
         // its replies) per client.
         let stopped = stop.clone();
         let (upstream_tx, upstream_rx) = mpsc::channel::<JoinHandle<()>>();
+        let upstreams: Arc<Mutex<Vec<SocketAddr>>> = Arc::default();
+        let listed = upstreams.clone();
         let front_in = front.clone();
         let inject = injector.clone();
         threads.push(thread::spawn(move || {
@@ -205,7 +220,10 @@ impl Proxy {
                     let up = Arc::new(roomy(
                         UdpSocket::bind("127.0.0.1:0").expect("bind upstream"),
                     ));
-                    up.set_read_timeout(Some(POLL)).expect("timeout");
+                    up.set_read_timeout(Some(UPSTREAM_POLL)).expect("timeout");
+                    if let (Ok(mut listed), Ok(addr)) = (listed.lock(), up.local_addr()) {
+                        listed.push(addr);
+                    }
                     let (up_in, front_out, inject, stopped) = (
                         up.clone(),
                         front_in.clone(),
@@ -226,24 +244,38 @@ impl Proxy {
                 inject.pass(up, server, &buf[..n]);
             }
         }));
-        let mut proxy = Proxy {
-            addr,
-            stop,
-            threads,
-        };
-        proxy.threads.push(thread::spawn(move || {
+        let upstream_threads = thread::spawn(move || {
             for handle in upstream_rx {
                 let _ = handle.join();
             }
-        }));
-        proxy
+        });
+        Proxy {
+            addr,
+            stop,
+            threads,
+            upstream_threads: Some(upstream_threads),
+            upstreams,
+        }
     }
 }
 
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        // The client-to-server thread ends first: it makes no upstream
+        // socket after this.
         for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+        // Each upstream socket's thread waits for a datagram: one wakes it
+        // (and if one is lost, its wait still ends within UPSTREAM_POLL).
+        if let (Ok(waker), Ok(upstreams)) = (UdpSocket::bind("127.0.0.1:0"), self.upstreams.lock())
+        {
+            for upstream in upstreams.iter() {
+                let _ = waker.send_to(b"", upstream);
+            }
+        }
+        if let Some(thread) = self.upstream_threads.take() {
             let _ = thread.join();
         }
     }
