@@ -140,8 +140,18 @@ struct State {
 /// within its call timeout, as the async client's calls do.
 #[derive(Debug, Default)]
 struct Turn {
-    busy: Mutex<bool>,
+    state: Mutex<TurnState>,
     free: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct TurnState {
+    busy: bool,
+    /// Calls waiting for the turn: the one giving it back wakes one only
+    /// if there is one (a `notify_one` is a system call even when nobody
+    /// waits, which a call one at a time on a polling client would pay
+    /// every time).
+    waiting: usize,
 }
 
 /// A turn held; given back when dropped.
@@ -150,29 +160,39 @@ struct Held<'t>(&'t Turn);
 impl Turn {
     /// Waits for the turn until `until` (`None`: as long as it takes).
     fn take(&self, until: Option<Instant>) -> Option<Held<'_>> {
-        let mut busy = lock(&self.busy);
-        while *busy {
-            busy = match until {
-                None => self.free.wait(busy).unwrap_or_else(|e| e.into_inner()),
-                Some(until) => {
-                    let left = until.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        return None;
+        let mut state = lock(&self.state);
+        if state.busy {
+            state.waiting += 1;
+            while state.busy {
+                state = match until {
+                    None => self.free.wait(state).unwrap_or_else(|e| e.into_inner()),
+                    Some(until) => {
+                        let left = until.saturating_duration_since(Instant::now());
+                        if left.is_zero() {
+                            state.waiting -= 1;
+                            return None;
+                        }
+                        let waited = self.free.wait_timeout(state, left);
+                        waited.unwrap_or_else(|e| e.into_inner()).0
                     }
-                    let waited = self.free.wait_timeout(busy, left);
-                    waited.unwrap_or_else(|e| e.into_inner()).0
-                }
-            };
+                };
+            }
+            state.waiting -= 1;
         }
-        *busy = true;
+        state.busy = true;
         Some(Held(self))
     }
 }
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
-        *lock(&self.0.busy) = false;
-        self.0.free.notify_one();
+        let mut state = lock(&self.0.state);
+        state.busy = false;
+        let wake = state.waiting > 0;
+        drop(state);
+        if wake {
+            self.0.free.notify_one();
+        }
     }
 }
 
@@ -583,4 +603,82 @@ fn set_read_timeout(
         state.read_timeout = Some(wait);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::mpsc;
+    use std::thread;
+    use std::time::{Duration, Instant};
+
+    use super::{Turn, lock};
+
+    /// Long enough for any thread here to finish on a loaded machine: a
+    /// hang guard, not a measurement.
+    const GUARD: Duration = Duration::from_secs(30);
+
+    #[test]
+    fn every_caller_gets_the_turn_one_at_a_time_and_none_is_left_waiting() {
+        const THREADS: usize = 8;
+        const TAKES: usize = 2_000;
+        let turn = Arc::new(Turn::default());
+        let inside = Arc::new(AtomicBool::new(false));
+        let overlaps = Arc::new(AtomicUsize::new(0));
+        let (done, finished) = mpsc::channel();
+        for _ in 0..THREADS {
+            let (turn, inside, overlaps, done) =
+                (turn.clone(), inside.clone(), overlaps.clone(), done.clone());
+            thread::spawn(move || {
+                for _ in 0..TAKES {
+                    let Some(held) = turn.take(None) else {
+                        return;
+                    };
+                    if inside.swap(true, Ordering::AcqRel) {
+                        overlaps.fetch_add(1, Ordering::Relaxed);
+                    }
+                    thread::yield_now();
+                    inside.store(false, Ordering::Release);
+                    drop(held);
+                }
+                let _ = done.send(());
+            });
+        }
+        for _ in 0..THREADS {
+            // A lost wake-up leaves a thread waiting for ever.
+            finished
+                .recv_timeout(GUARD)
+                .expect("every thread takes the turn 2 000 times");
+        }
+        assert_eq!(
+            overlaps.load(Ordering::Relaxed),
+            0,
+            "two calls held the turn"
+        );
+        let state = lock(&turn.state);
+        assert!(!state.busy);
+        assert_eq!(state.waiting, 0);
+    }
+
+    #[test]
+    fn a_caller_whose_time_runs_out_stops_waiting_and_is_not_counted() {
+        let turn = Arc::new(Turn::default());
+        let held = turn.take(None).expect("a free turn");
+        let (tx, rx) = mpsc::channel();
+        let waiter = turn.clone();
+        thread::spawn(move || {
+            let until = Instant::now() + Duration::from_millis(1);
+            let _ = tx.send(waiter.take(Some(until)).is_some());
+        });
+        let got = rx.recv_timeout(GUARD).expect("the waiter gives up");
+        assert!(!got, "the turn was held all along");
+        assert_eq!(lock(&turn.state).waiting, 0);
+        // A deadline already past gives up at once while the turn is held;
+        // a free turn is taken whatever the deadline.
+        assert!(turn.take(Some(Instant::now())).is_none());
+        drop(held);
+        assert!(turn.take(Some(Instant::now())).is_some());
+        assert_eq!(lock(&turn.state).waiting, 0);
+    }
 }
