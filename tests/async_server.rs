@@ -47,6 +47,7 @@ on_both_paths!(
     greets_and_accounts_for_every_datagram,
     overload_is_exact_and_answered_with_the_busy_reply,
     handler_timeout_drops_the_future_and_counts_it,
+    a_future_woken_after_its_handler_timeout_is_dropped_not_polled,
     handler_panics_are_caught_in_making_and_in_polling,
     a_failed_send_is_counted_and_the_loop_goes_on,
     shutdown_drains_in_flight_handlers_then_frees_the_port,
@@ -273,6 +274,48 @@ async fn handler_timeout_drops_the_future_and_counts_it(builder: ServerBuilder<T
     assert_nothing_before_marker(&socket, addr).await;
     let stats = stop(server).await;
     assert_eq!((stats.timed_out, stats.replied), (HUNG, 1), "{stats:?}");
+}
+
+/// A future that yields once is woken at once; with a handler timeout of
+/// 1 ns its time is up by the time it is polled again, however fast the
+/// machine: it must be dropped, not polled to its reply.
+async fn a_future_woken_after_its_handler_timeout_is_dropped_not_polled(
+    builder: ServerBuilder<Tokio>,
+) {
+    const LATE: u64 = 3;
+    let dropped = Arc::new(AtomicU64::new(0));
+    let counter = dropped.clone();
+    let server = start(
+        builder.limits(Limits::new().handler_timeout(Duration::from_nanos(1))),
+        Box::new(move |request| {
+            let guard = DropCount(counter.clone());
+            Box::pin(async move {
+                let _guard = guard;
+                if request.data().starts_with(b"late") {
+                    tokio::task::yield_now().await;
+                }
+                Some(request.reply_with(udp_greet::greet_into))
+            })
+        }),
+    );
+    let addr = server.local_addr();
+    let socket = peer().await;
+    for i in 0..LATE {
+        socket
+            .send_to(format!("late{i}").as_bytes(), addr)
+            .await
+            .expect("send");
+    }
+    wait_for("the late futures to time out", || {
+        server.stats().timed_out == LATE
+    })
+    .await;
+    assert_eq!(dropped.load(Ordering::SeqCst), LATE);
+    // Nothing was sent for them (a future that ends in its first poll is
+    // never late: the marker is answered).
+    assert_nothing_before_marker(&socket, addr).await;
+    let stats = stop(server).await;
+    assert_eq!((stats.timed_out, stats.replied), (LATE, 1), "{stats:?}");
 }
 
 async fn handler_panics_are_caught_in_making_and_in_polling(builder: ServerBuilder<Tokio>) {

@@ -593,10 +593,13 @@ where
             {
                 core.drain_until = Some(later(now, core.limits.drain_timeout));
             }
-            core.poll_woken(&this.socket, cx);
+            // Futures whose time is up are dropped before the woken ones
+            // are polled: one woken after its handler timeout (a busy
+            // runtime, a handler that blocked) must not run on to its reply.
             if core.next_expiry.is_some_and(|at| at <= now) {
                 core.expire(now);
             }
+            core.poll_woken(&this.socket, cx);
             if let Some(until) = core.drain_until {
                 if core.finish_drain(&this.socket, cx, now >= until) {
                     return Poll::Ready(Turn::Done);
