@@ -485,20 +485,8 @@ impl<E: Engine> ServerBuilder<E> {
                 "must be between 1 and 1024",
             ));
         }
-        if let Some(duration) = self.socket.so_busy_poll {
-            if !cfg!(target_os = "linux") {
-                return Err(Error::invalid(
-                    "ServerBuilder::so_busy_poll",
-                    "SO_BUSY_POLL is Linux only",
-                ));
-            }
-            if duration.as_micros() > i32::MAX as u128 {
-                return Err(Error::invalid(
-                    "ServerBuilder::so_busy_poll",
-                    "must be at most i32::MAX microseconds (about 35 minutes)",
-                ));
-            }
-        }
+        self.socket
+            .check_so_busy_poll("ServerBuilder::so_busy_poll")?;
         // Batching settings where there is no batching.
         let no_batches = if self.portable_io {
             "it applies to batched I/O, and portable_io(true) turns that off"

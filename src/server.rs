@@ -99,12 +99,17 @@ impl ServerBuilder<Blocking> {
     /// [`only_v6`](ServerBuilder::only_v6)) are refused: set them on the
     /// socket before binding it.
     ///
+    /// A connected socket is served as it is: it receives only from the
+    /// address it is connected to (others get an ICMP "port unreachable"
+    /// from the system), which suits a server for one peer.
+    ///
     /// # Errors
     ///
     /// [`Error::InvalidConfig`] for an out-of-range setting, or one that
     /// applies before bind;
     /// [`Error::UnsuitableSocket`] when the socket is not a UDP socket over
-    /// IPv4 or IPv6, or is not bound; [`Error::Socket`] when an option
+    /// IPv4 or IPv6, is not bound, or (on Linux, where that can be told) was
+    /// shut down for reading; [`Error::Socket`] when an option
     /// cannot be set or read.
     ///
     /// # Examples

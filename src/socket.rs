@@ -50,6 +50,27 @@ pub(crate) struct SocketOptions {
     pub(crate) so_busy_poll: Option<Duration>,
 }
 
+impl SocketOptions {
+    /// Checks `so_busy_poll`, set through the builder method `setting`:
+    /// Linux only, and at most `i32::MAX` microseconds, the most the option
+    /// takes (a larger value would fail at bind with `EINVAL`).
+    pub(crate) fn check_so_busy_poll(&self, setting: &'static str) -> Result<(), Error> {
+        let Some(duration) = self.so_busy_poll else {
+            return Ok(());
+        };
+        if !cfg!(target_os = "linux") {
+            return Err(Error::invalid(setting, "SO_BUSY_POLL is Linux only"));
+        }
+        if duration.as_micros() > i32::MAX as u128 {
+            return Err(Error::invalid(
+                setting,
+                "must be at most i32::MAX microseconds (about 35 minutes)",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// A socket made (or adopted) by this module, bound, with the buffer sizes
 /// it was granted.
 #[derive(Debug)]
@@ -299,6 +320,11 @@ pub(crate) fn adopt(socket: Socket, opts: &SocketOptions) -> Result<BoundSocket,
         .ok_or(unsuitable(
             "it is a datagram socket of another protocol than UDP",
         ))?;
+    if sys::is_shut_for_reading(&socket) {
+        return Err(unsuitable(
+            "it is shut down for reading: a server on it would receive nothing and spin",
+        ));
+    }
     let prepared = sys::prepare_adopted_socket(&socket);
     // A non-blocking socket would make the server spin between datagrams.
     socket

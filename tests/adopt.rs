@@ -98,6 +98,28 @@ fn unsuitable_sockets_are_refused_with_the_reason() {
         UdpSocket::from(std::os::fd::OwnedFd::from(unix)),
         "not an IPv4 or IPv6 socket",
     );
+    // A UDP socket shut down for reading: every receive returns at once
+    // with nothing, and a server on it would spin.
+    if cfg!(target_os = "linux") {
+        let shut = Socket::from(UdpSocket::bind(V4).expect("bind"));
+        // (Unconnected UDP reports ENOTCONN, and shuts down all the same.)
+        let _ = shut.shutdown(std::net::Shutdown::Read);
+        unsuitable(shut.into(), "shut down for reading");
+        // An empty datagram queued is a datagram, not the end of reading.
+        let open = UdpSocket::bind(V4).expect("bind");
+        let to = open.local_addr().expect("addr");
+        let raw = raw_socket_for(to);
+        util::send_to(&raw, b"", to).expect("send");
+        let mut buf = [0u8; 1];
+        let queued = open.peek_from(&mut buf).expect("the empty datagram");
+        assert_eq!(queued.0, 0);
+        let server = GreetServer::from_std(open)
+            .expect("a socket with an empty datagram queued")
+            .spawn(udp_greet::greet)
+            .expect("spawn");
+        let stats = server.shutdown().expect("shutdown");
+        assert_balanced(&stats);
+    }
     // The builder checks its own settings first.
     let err = GreetServer::builder()
         .workers(0)

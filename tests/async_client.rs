@@ -466,6 +466,16 @@ fn settings_are_checked_and_a_runtime_is_needed() {
             other => panic!("expected InvalidConfig for {calls}, got {other:?}"),
         }
     }
+    match runtime.block_on(
+        aio::GreetClient::builder()
+            .so_busy_poll(Duration::MAX)
+            .connect("127.0.0.1:9"),
+    ) {
+        Err(Error::InvalidConfig { setting, .. }) => {
+            assert_eq!(setting, "ClientBuilder::so_busy_poll")
+        }
+        other => panic!("expected InvalidConfig for so_busy_poll(MAX), got {other:?}"),
+    }
     // Polled outside any runtime (a bare executor): an error, not a panic.
     let connecting = aio::GreetClient::builder().connect(SocketAddr::from(([127, 0, 0, 1], 9)));
     let mut connecting = std::pin::pin!(connecting);

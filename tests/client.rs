@@ -194,6 +194,24 @@ fn settings_are_checked_and_reported() {
             ..
         }
     ));
+    // SO_BUSY_POLL takes a C int of microseconds: a longer duration is a
+    // configuration error before any socket is made, not an EINVAL.
+    for duration in [Duration::MAX, Duration::from_secs(3600)] {
+        let err = GreetClient::builder()
+            .so_busy_poll(duration)
+            .connect("127.0.0.1:9")
+            .expect_err("beyond SO_BUSY_POLL's range");
+        assert!(
+            matches!(
+                err,
+                Error::InvalidConfig {
+                    setting: "ClientBuilder::so_busy_poll",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
     let err = GreetClient::connect("no.such.host.invalid:1").expect_err("unresolvable");
     assert!(err.to_string().contains("no.such.host.invalid:1"), "{err}");
     let client = GreetClient::builder()

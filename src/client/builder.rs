@@ -518,7 +518,10 @@ impl<E: Engine> ClientBuilder<E> {
     ///
     /// # Platform-specific behavior
     ///
-    /// Linux only: `connect` fails with [`Error::Socket`] elsewhere.
+    /// Linux only: refused with [`Error::InvalidConfig`] elsewhere, as is a
+    /// duration above `i32::MAX` microseconds (about 35 minutes), the most
+    /// the option takes. A duration is set in whole microseconds, rounded
+    /// down.
     ///
     /// Defaults to the system setting (`net.core.busy_read`, usually 0).
     pub fn so_busy_poll(mut self, duration: Duration) -> Self {
@@ -588,7 +591,8 @@ impl<E: Engine> ClientBuilder<E> {
         if !(0.0..=1.0).contains(&self.settings.jitter) {
             return invalid("ClientBuilder::jitter", "must be between 0 and 1");
         }
-        Ok(())
+        self.socket
+            .check_so_busy_poll("ClientBuilder::so_busy_poll")
     }
 }
 

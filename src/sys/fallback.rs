@@ -141,6 +141,12 @@ impl Replies {
     }
 }
 
+/// Whether the socket was shut down for reading: not told on this
+/// platform.
+pub(crate) fn is_shut_for_reading(_: &Socket) -> bool {
+    false
+}
+
 /// The kernel's drop count for the socket: not reported on this platform.
 pub(crate) fn kernel_drops(_: &Socket) -> Option<u64> {
     None

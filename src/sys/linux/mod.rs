@@ -155,6 +155,23 @@ pub(crate) fn kernel_drops(socket: &Socket) -> Option<u64> {
     (rc == 0 && reported > drops).then(|| u64::from(info[drops]))
 }
 
+/// Whether `socket` was shut down for reading (`shutdown(SHUT_RD)`): a
+/// receive on it returns at once with nothing, so a server loop on it would
+/// spin. Linux reports it as `POLLRDHUP`, asked for without waiting and
+/// without taking anything from the queue. (A non-blocking receive cannot
+/// tell: it fails with `EAGAIN` before it looks at the shutdown.)
+pub(crate) fn is_shut_for_reading(socket: &Socket) -> bool {
+    let mut fds = [libc::pollfd {
+        fd: socket.as_raw_fd(),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    }];
+    // SAFETY: `fds` is a live array of one `pollfd`, its length given as
+    // 1; a timeout of 0 returns at once.
+    let rc = unsafe { libc::poll(fds.as_mut_ptr(), 1, 0) };
+    rc == 1 && fds[0].revents & libc::POLLRDHUP != 0
+}
+
 /// Asks the kernel to report the address each datagram arrived on, so
 /// replies can go out from it; returns whether it will.
 pub(crate) fn enable_pktinfo(socket: &Socket, ipv6: bool) -> io::Result<bool> {
