@@ -564,22 +564,26 @@ impl Demux {
     /// report queued with its destination is read, and each refusal handed
     /// to the calls it concerns: by destination, and by request id where
     /// the returned start of the refused request holds it.
-    pub(crate) fn reported(&self, shared: &Shared, socket: &Socket, e: &io::Error) {
+    /// Returns how many reports were queued (0 on a connected socket, or
+    /// where the platform queues none).
+    pub(crate) fn reported(&self, shared: &Shared, socket: &Socket, e: &io::Error) -> usize {
         if self.peer.is_some() {
             if is_refusal(e) {
                 self.refuse(shared, None, None);
             }
-            return;
+            return 0;
         }
         if !self.recverr {
-            return;
+            return 0;
         }
         let mut start = [0u8; 512];
+        let mut read = 0;
         // Bounded: the queue holds at most a receive buffer's worth.
         for _ in 0..1024 {
             let Ok(queued) = sys::recv_error(socket, &mut start) else {
-                return;
+                break;
             };
+            read += 1;
             if let (true, Some(dest)) = (queued.refused, queued.dest) {
                 let id = start
                     .get(..queued.len)
@@ -587,6 +591,36 @@ impl Demux {
                     .and_then(|(sent, read)| read(sent));
                 self.refuse(shared, Some(dest), id);
             }
+        }
+        read
+    }
+
+    /// Sends one call's request with `send` on `socket`. An ICMP report
+    /// the send returns concerns an earlier datagram, and the request was
+    /// not sent: the report goes to the calls it concerns
+    /// ([`reported`](Demux::reported)). On a connected socket that is the
+    /// call's own server, and the error is returned. On an unconnected
+    /// one the request is sent again, unless the error is the send's own
+    /// (see [`is_own_error`]), at most [`SEND_TRIES`] times (other
+    /// destinations' refusals can keep coming while calls run).
+    pub(crate) fn send(
+        &self,
+        shared: &Shared,
+        socket: &Socket,
+        mut send: impl FnMut() -> io::Result<usize>,
+    ) -> io::Result<usize> {
+        let mut tries = 1;
+        loop {
+            let e = match send() {
+                Err(e) if is_icmp_report(&e) => e,
+                other => return other,
+            };
+            let queued = self.reported(shared, socket, &e);
+            if self.peer.is_some() || tries >= SEND_TRIES || is_own_error(&e, self.recverr, queued)
+            {
+                return Err(e);
+            }
+            tries += 1;
         }
     }
 
@@ -603,6 +637,10 @@ impl Demux {
     }
 }
 
+/// The most times [`Demux::send`] tries one request on an unconnected
+/// socket whose sends keep returning other destinations' reports.
+const SEND_TRIES: usize = 16;
+
 /// An ICMP report about an earlier datagram, as a socket call returns it:
 /// a refusal (port unreachable; `ECONNRESET` on Windows), or a host or
 /// network that cannot be reached.
@@ -612,6 +650,17 @@ pub(crate) fn is_icmp_report(e: &io::Error) -> bool {
             e.kind(),
             io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable
         )
+}
+
+/// Whether `e`, an ICMP report returned by a send on an unconnected socket
+/// (with `queued` reports read from its error queue, where the platform
+/// keeps one: `recverr`), is the send's own failure rather than a report of
+/// an earlier datagram. A refusal never is: the system reports it only
+/// after the fact, and its error can outlast the queue (another thread may
+/// have read the report). An unreachable host or network with nothing
+/// queued is: the system found no route for this datagram.
+pub(crate) fn is_own_error(e: &io::Error, recverr: bool, queued: usize) -> bool {
+    recverr && queued == 0 && !is_refusal(e)
 }
 
 /// A refusal: ICMP port unreachable (reported as `ECONNRESET` on Windows).

@@ -256,7 +256,19 @@ impl<'p> Exchange<'p> {
         match self.phase {
             Phase::Discarding => Step::Discard,
             Phase::Attempt => self.attempt(now),
-            Phase::Sending { .. } => Step::Send,
+            Phase::Sending { .. } => {
+                // A send asked for again (interrupted, or a report of
+                // another destination's) never outlasts the call.
+                if self
+                    .attempts
+                    .deadline
+                    .is_some_and(|deadline| now >= deadline)
+                {
+                    self.phase = Phase::Over;
+                    return Step::Done(Err(self.failed(now)));
+                }
+                Step::Send
+            }
             Phase::Checking { .. } => Step::Check,
             Phase::Awaiting { tried, .. } => {
                 // The attempt's wait has passed once it has received at
@@ -754,6 +766,36 @@ mod tests {
         call.received(Ok((3, false)), b"x", b"yes");
         assert!(matches!(call.next(now), Step::Done(Ok(3))));
         assert_eq!(checked.discarded(), 1);
+    }
+
+    #[test]
+    fn a_send_asked_for_again_and_again_ends_at_the_call_timeout() {
+        let quiet = peer(
+            ClientBuilder::new()
+                .initial_timeout(MS)
+                .call_timeout(Duration::from_millis(5)),
+        );
+        let start = Instant::now();
+        let mut now = start;
+        let mut call = Exchange::new(&quiet, DEST, 64, Queue::Drained, now, 7);
+        let mut sends = 0;
+        loop {
+            match call.next(now) {
+                Step::Send => {
+                    sends += 1;
+                    assert!(sends < 1_000, "the send is asked for without end");
+                    call.sent(Err(io::ErrorKind::Interrupted.into()));
+                    now += Duration::from_micros(100);
+                }
+                Step::Done(outcome) => {
+                    assert!(matches!(outcome, Err(Error::Timeout { .. })), "{outcome:?}");
+                    break;
+                }
+                other => panic!("nothing was sent: {other:?}"),
+            }
+        }
+        assert!(now - start >= Duration::from_millis(5));
+        assert_eq!(sends, 50);
     }
 
     #[test]

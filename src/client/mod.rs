@@ -501,10 +501,10 @@ impl GreetClient {
     /// Sends `request` to `dest` from a bound client's socket. A refusal
     /// reported on the send concerns an earlier datagram: it ends the call
     /// only if `dest` refused; otherwise the send is asked for again
-    /// (`Interrupted`).
+    /// (`Interrupted`). An error with no report queued is the send's own.
     fn send_to(&self, socket: &Socket, dest: SocketAddr, request: &[u8]) -> io::Result<usize> {
         match socket.send_to(request, &demux::wire(self.local_addr, dest).into()) {
-            Err(e) if demux::is_icmp_report(&e) => Err(self.refusal_for(socket, dest)),
+            Err(e) if demux::is_icmp_report(&e) => Err(self.refusal_for(socket, dest, e)),
             other => other,
         }
     }
@@ -529,28 +529,42 @@ impl GreetClient {
                 self.shared.count_discarded();
                 Err(io::ErrorKind::Interrupted.into())
             }
-            Err(e) if demux::is_icmp_report(&e) => Err(self.refusal_for(socket, dest)),
+            Err(e) if demux::is_icmp_report(&e) => Err(self.refusal_for(socket, dest, e)),
             Err(e) => Err(e),
         }
     }
 
-    /// The error of a refusal reported on a bound client's socket, for a
-    /// call to `dest`: `ConnectionRefused` if the error queue says `dest`
-    /// refused (Linux, `IP_RECVERR`), else `Interrupted` (someone else
-    /// refused, or the platform does not say who).
-    fn refusal_for(&self, socket: &Socket, dest: SocketAddr) -> io::Error {
+    /// The error for a call to `dest` when a bound client's socket returned
+    /// `e`, an ICMP report: `ConnectionRefused` if the error queue says
+    /// `dest` refused (Linux, `IP_RECVERR`); `e` itself if it was the
+    /// call's own (see [`demux::is_own_error`]: a send to a network this
+    /// socket cannot reach, say); else `Interrupted` (someone else refused,
+    /// or the platform does not say who), and the step is asked for again.
+    fn refusal_for(&self, socket: &Socket, dest: SocketAddr, e: io::Error) -> io::Error {
         let mut start = [0u8; 64];
         let mut refused = false;
+        let mut queued = 0;
+        let mut recverr = true;
         // Bounded: the queue holds at most a receive buffer's worth.
         for _ in 0..1024 {
-            let Ok(queued) = sys::recv_error(socket, &mut start) else {
-                break;
-            };
-            refused |= queued.refused && queued.dest.map(canonical) == Some(canonical(dest));
+            match sys::recv_error(socket, &mut start) {
+                Ok(report) => {
+                    queued += 1;
+                    refused |=
+                        report.refused && report.dest.map(canonical) == Some(canonical(dest));
+                }
+                Err(unread) => {
+                    recverr = unread.kind() != io::ErrorKind::Unsupported;
+                    break;
+                }
+            }
         }
-        match refused {
-            true => io::ErrorKind::ConnectionRefused.into(),
-            false => io::ErrorKind::Interrupted.into(),
+        if refused {
+            io::ErrorKind::ConnectionRefused.into()
+        } else if demux::is_own_error(&e, recverr, queued) {
+            e
+        } else {
+            io::ErrorKind::Interrupted.into()
         }
     }
 }

@@ -151,20 +151,12 @@ impl MuxSocket {
     /// an earlier datagram: it is handed to the calls it concerns, and on an
     /// unconnected socket the send is made again.
     fn send(&self, shared: &Shared, dest: SocketAddr, request: &[u8]) -> io::Result<usize> {
-        let send = || match self.demux.peer() {
-            Some(_) => self.socket.send(request),
-            None => self.socket.send_to(request, &self.demux.wire(dest).into()),
-        };
-        match send() {
-            Err(e) if is_icmp_report(&e) => {
-                self.demux.reported(shared, &self.socket, &e);
-                match self.demux.peer() {
-                    Some(_) => Err(e),
-                    None => send(),
-                }
-            }
-            other => other,
-        }
+        let wire = self.demux.wire(dest).into();
+        self.demux
+            .send(shared, &self.socket, || match self.demux.peer() {
+                Some(_) => self.socket.send(request),
+                None => self.socket.send_to(request, &wire),
+            })
     }
 
     /// Takes what has come for the call: its reply (copied into `buf`), a

@@ -175,7 +175,7 @@ pub(crate) fn enable_recverr(_: &Socket, _: bool) -> io::Result<bool> {
 
 /// Always `WouldBlock`: there is no error queue on this platform.
 pub(crate) fn recv_error(_: &Socket, _: &mut [u8]) -> io::Result<QueuedError> {
-    Err(io::ErrorKind::WouldBlock.into())
+    Err(io::ErrorKind::Unsupported.into())
 }
 
 /// Uninhabited: arrival addresses are not read on this platform.

@@ -57,10 +57,17 @@ use crate::sys;
 ///   idle; further calls wait their turn, in order, within their call
 ///   timeout.
 /// - **Cancellation-safe.** Dropping a call's future at any await point
-///   releases its turn and its socket or its place, and its late reply can
-///   never reach another call: without ids the socket is closed, not
-///   reused; with them the reply matches no call in flight (unless a later
-///   call reuses its id: see [`request_id`](ClientBuilder::request_id)).
+///   releases its turn and its socket or its place. With ids its late
+///   reply matches no call in flight (unless a later call reuses its id:
+///   see [`request_id`](ClientBuilder::request_id)). Without ids its
+///   socket is closed, not reused, so its late reply never reaches a call
+///   on a socket of this client's choosing; but the system may give the
+///   closed socket's port to a socket opened soon after (an outside probe
+///   saw 1 to 3 calls in 2 000 cancelled ones), and a late reply to that
+///   port reaches the call on it. Only a
+///   [`reply_check`](ClientBuilder::reply_check) (or request ids) can tell
+///   such a reply from the right one: set one when calls are cancelled
+///   while their requests are out.
 ///
 /// Its sockets are registered with the runtime the client (or the call
 /// that opened them) ran on: use a client within one runtime.

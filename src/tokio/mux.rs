@@ -185,21 +185,11 @@ impl AsyncMux {
     /// request is sent again.
     fn try_send(&self, shared: &Shared, wire: SocketAddr, request: &[u8]) -> io::Result<usize> {
         let connected = self.demux.peer().is_some();
-        let send = || match connected {
-            true => self.socket.try_send(request),
-            false => self.socket.try_send_to(request, wire),
-        };
-        match send() {
-            Err(e) if is_icmp_report(&e) => {
-                self.demux
-                    .reported(shared, &SockRef::from(&self.socket), &e);
-                match connected {
-                    true => Err(e),
-                    false => send(),
-                }
-            }
-            other => other,
-        }
+        self.demux
+            .send(shared, &SockRef::from(&self.socket), || match connected {
+                true => self.socket.try_send(request),
+                false => self.socket.try_send_to(request, wire),
+            })
     }
 
     /// [`try_send`](AsyncMux::try_send), waiting until the socket can take
@@ -228,7 +218,9 @@ impl AsyncMux {
         for _ in 0..TURN {
             match source.recv(&socket, true) {
                 Ok(count) => self.demux.deliver_all(shared, source, count, woken),
-                Err(e) if is_icmp_report(&e) => self.demux.reported(shared, &socket, &e),
+                Err(e) if is_icmp_report(&e) => {
+                    self.demux.reported(shared, &socket, &e);
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
