@@ -368,6 +368,12 @@ impl<E: Engine> ClientBuilder<E> {
     /// out a wrong answer. With [`request_id`](ClientBuilder::request_id),
     /// a reply must carry its call's id and also pass this check.
     ///
+    /// A check that panics: without ids it runs in the call, and the panic
+    /// reaches the caller; with ids it runs wherever the datagram is
+    /// received, on behalf of any call, so the panic is caught there and
+    /// the datagram discarded (counted in [`GreetClient::discarded`]), as
+    /// one that fails the check.
+    ///
     /// Defaults to accepting any datagram from the server.
     pub fn reply_check<F>(mut self, check: F) -> Self
     where
@@ -455,6 +461,9 @@ impl<E: Engine> ClientBuilder<E> {
     ///   later reply with its id matches nothing, until another call takes
     ///   the same id; a reply check that ties the reply to its request
     ///   (or ids that do not repeat soon) keeps that call from taking it.
+    /// - `read` runs wherever a datagram is received, on behalf of any
+    ///   call: if it panics on a datagram, the panic is caught and the
+    ///   datagram discarded (counted in [`GreetClient::unmatched`]).
     /// - Stale datagrams need no discarding before a request, so latency
     ///   mode sends without the check of stale datagrams it makes on a
     ///   socket of its own.
