@@ -391,7 +391,8 @@ async fn shutdown_drains_in_flight_handlers_then_frees_the_port(builder: ServerB
     let stop_handle = server.control();
     let shutting = tokio::spawn(server.shutdown());
     wait_for("shutdown to begin", || stop_handle.is_shutdown()).await;
-    // Received after shutdown began: not taken.
+    // Sent after shutdown began: not taken once the receive task has seen
+    // the stop, which it may not have yet (under Wine it was taken).
     socket.send_to(b"late", addr).await.expect("send");
     gate.add_permits(3);
     for _ in 0..3 {
@@ -402,7 +403,11 @@ async fn shutdown_drains_in_flight_handlers_then_frees_the_port(builder: ServerB
         .expect("join")
         .expect("shutdown");
     assert_balanced(&stats);
-    assert_eq!((stats.replied, stats.shutdown_dropped), (3, 0), "{stats:?}");
+    assert!(
+        matches!((stats.replied, stats.shutdown_dropped), (3 | 4, 0)),
+        "{stats:?}"
+    );
+    assert_eq!(stats.replied, stats.received, "{stats:?}");
     // The port is free once shutdown returns.
     std::net::UdpSocket::bind(addr).expect("the port is free again");
 }

@@ -372,10 +372,16 @@ fn a_send_that_fails_on_its_own_fails_the_call_at_once() {
                 .send_recv_to(addr, b"call-1")
                 .expect_err("unreachable")
         });
-        assert!(
-            !matches!(err, Error::Timeout { .. }) && err.to_string().contains("send to"),
-            "{err:?}"
-        );
+        if cfg!(target_os = "linux") {
+            assert!(
+                !matches!(err, Error::Timeout { .. }) && err.to_string().contains("send to"),
+                "{err:?}"
+            );
+        } else {
+            // Elsewhere the system does not say whose error it is: the
+            // send is asked for again, within the call timeout.
+            assert!(matches!(err, Error::Timeout { .. }), "{err:?}");
+        }
     }
 }
 
