@@ -236,18 +236,28 @@ impl Drop for DropCount {
     }
 }
 
-async fn handler_timeout_drops_the_future_and_counts_it(builder: ServerBuilder<Tokio>) {
-    const HUNG: u64 = 5;
+/// Sends `count` requests `late0`, `late1`, ... to a server with
+/// `handler_timeout(timeout)` whose handler awaits `wait()` for them before
+/// its reply (and answers anything else at once): each must time out,
+/// its future dropped and counted, nothing sent for it.
+async fn assert_each_times_out<W>(
+    builder: ServerBuilder<Tokio>,
+    timeout: Duration,
+    count: u64,
+    wait: fn() -> W,
+) where
+    W: Future<Output = ()> + Send + 'static,
+{
     let dropped = Arc::new(AtomicU64::new(0));
     let counter = dropped.clone();
     let server = start(
-        builder.limits(Limits::new().handler_timeout(Duration::from_millis(20))),
+        builder.limits(Limits::new().handler_timeout(timeout)),
         Box::new(move |request| {
             let guard = DropCount(counter.clone());
             Box::pin(async move {
                 let _guard = guard;
-                if request.data().starts_with(b"hang") {
-                    std::future::pending::<()>().await;
+                if request.data().starts_with(b"late") {
+                    wait().await;
                 }
                 Some(request.reply_with(udp_greet::greet_into))
             })
@@ -255,25 +265,30 @@ async fn handler_timeout_drops_the_future_and_counts_it(builder: ServerBuilder<T
     );
     let addr = server.local_addr();
     let socket = peer().await;
-    for i in 0..HUNG {
+    for i in 0..count {
         socket
-            .send_to(format!("hang{i}").as_bytes(), addr)
+            .send_to(format!("late{i}").as_bytes(), addr)
             .await
             .expect("send");
     }
-    wait_for("the hung handlers to time out", || {
-        server.stats().timed_out == HUNG
+    wait_for("the handlers to time out", || {
+        server.stats().timed_out == count
     })
     .await;
     assert_eq!(
         dropped.load(Ordering::SeqCst),
-        HUNG,
+        count,
         "each timed-out future was dropped"
     );
-    // Nothing was sent for them.
+    // Nothing was sent for them (the marker, which ends in its first poll,
+    // is answered).
     assert_nothing_before_marker(&socket, addr).await;
     let stats = stop(server).await;
-    assert_eq!((stats.timed_out, stats.replied), (HUNG, 1), "{stats:?}");
+    assert_eq!((stats.timed_out, stats.replied), (count, 1), "{stats:?}");
+}
+
+async fn handler_timeout_drops_the_future_and_counts_it(builder: ServerBuilder<Tokio>) {
+    assert_each_times_out(builder, Duration::from_millis(20), 5, std::future::pending).await;
 }
 
 /// A future that yields once is woken at once; with a handler timeout of
@@ -282,40 +297,7 @@ async fn handler_timeout_drops_the_future_and_counts_it(builder: ServerBuilder<T
 async fn a_future_woken_after_its_handler_timeout_is_dropped_not_polled(
     builder: ServerBuilder<Tokio>,
 ) {
-    const LATE: u64 = 3;
-    let dropped = Arc::new(AtomicU64::new(0));
-    let counter = dropped.clone();
-    let server = start(
-        builder.limits(Limits::new().handler_timeout(Duration::from_nanos(1))),
-        Box::new(move |request| {
-            let guard = DropCount(counter.clone());
-            Box::pin(async move {
-                let _guard = guard;
-                if request.data().starts_with(b"late") {
-                    tokio::task::yield_now().await;
-                }
-                Some(request.reply_with(udp_greet::greet_into))
-            })
-        }),
-    );
-    let addr = server.local_addr();
-    let socket = peer().await;
-    for i in 0..LATE {
-        socket
-            .send_to(format!("late{i}").as_bytes(), addr)
-            .await
-            .expect("send");
-    }
-    wait_for("the late futures to time out", || {
-        server.stats().timed_out == LATE
-    })
-    .await;
-    assert_eq!(dropped.load(Ordering::SeqCst), LATE);
-    // Nothing was sent for them (a future that ends in its first poll is
-    // never late: the marker is answered).
-    assert_nothing_before_marker(&socket, addr).await;
-    let stats = stop(server).await;
-    assert_eq!((stats.timed_out, stats.replied), (LATE, 1), "{stats:?}");
+    assert_each_times_out(builder, Duration::from_nanos(1), 3, tokio::task::yield_now).await;
 }
 
 async fn handler_panics_are_caught_in_making_and_in_polling(builder: ServerBuilder<Tokio>) {

@@ -577,22 +577,15 @@ impl Demux {
             return 0;
         }
         let mut start = [0u8; 512];
-        let mut read = 0;
-        // Bounded: the queue holds at most a receive buffer's worth.
-        for _ in 0..1024 {
-            let Ok(queued) = sys::recv_error(socket, &mut start) else {
-                break;
-            };
-            read += 1;
-            if let (true, Some(dest)) = (queued.refused, queued.dest) {
-                let id = start
-                    .get(..queued.len)
+        let read = read_reports(socket, &mut start, |report, sent| {
+            if let (true, Some(dest)) = (report.refused, report.dest) {
+                let id = sent
                     .zip(shared.settings.request_id.as_ref())
                     .and_then(|(sent, read)| read(sent));
                 self.refuse(shared, Some(dest), id);
             }
-        }
-        read
+        });
+        read.unwrap_or(0)
     }
 
     /// Sends one call's request with `send` on `socket`. An ICMP report
@@ -616,8 +609,8 @@ impl Demux {
                 other => return other,
             };
             let queued = self.reported(shared, socket, &e);
-            if self.peer.is_some() || tries >= SEND_TRIES || is_own_error(&e, self.recverr, queued)
-            {
+            let own = is_own_error(&e, self.recverr.then_some(queued));
+            if self.peer.is_some() || tries >= SEND_TRIES || own {
                 return Err(e);
             }
             tries += 1;
@@ -653,14 +646,38 @@ pub(crate) fn is_icmp_report(e: &io::Error) -> bool {
 }
 
 /// Whether `e`, an ICMP report returned by a send on an unconnected socket
-/// (with `queued` reports read from its error queue, where the platform
-/// keeps one: `recverr`), is the send's own failure rather than a report of
+/// (with `queued` reports read from its error queue; `None` where the
+/// platform keeps none), is the send's own failure rather than a report of
 /// an earlier datagram. A refusal never is: the system reports it only
 /// after the fact, and its error can outlast the queue (another thread may
 /// have read the report). An unreachable host or network with nothing
 /// queued is: the system found no route for this datagram.
-pub(crate) fn is_own_error(e: &io::Error, recverr: bool, queued: usize) -> bool {
-    recverr && queued == 0 && !is_refusal(e)
+pub(crate) fn is_own_error(e: &io::Error, queued: Option<usize>) -> bool {
+    queued == Some(0) && !is_refusal(e)
+}
+
+/// Reads the ICMP reports queued on `socket` (Linux, `IP_RECVERR`),
+/// handing each to `each` with the start of the datagram it concerns (put
+/// in `start`, if it fits); returns how many there were, or `None` where the platform
+/// keeps no such queue.
+pub(crate) fn read_reports(
+    socket: &Socket,
+    start: &mut [u8],
+    mut each: impl FnMut(&sys::QueuedError, Option<&[u8]>),
+) -> Option<usize> {
+    let mut read = 0;
+    // Bounded: the queue holds at most a receive buffer's worth.
+    for _ in 0..1024 {
+        match sys::recv_error(socket, start) {
+            Ok(report) => {
+                read += 1;
+                each(&report, start.get(..report.len));
+            }
+            Err(e) if e.kind() == io::ErrorKind::Unsupported => return None,
+            Err(_) => break,
+        }
+    }
+    Some(read)
 }
 
 /// A refusal: ICMP port unreachable (reported as `ECONNRESET` on Windows).

@@ -543,25 +543,12 @@ impl GreetClient {
     fn refusal_for(&self, socket: &Socket, dest: SocketAddr, e: io::Error) -> io::Error {
         let mut start = [0u8; 64];
         let mut refused = false;
-        let mut queued = 0;
-        let mut recverr = true;
-        // Bounded: the queue holds at most a receive buffer's worth.
-        for _ in 0..1024 {
-            match sys::recv_error(socket, &mut start) {
-                Ok(report) => {
-                    queued += 1;
-                    refused |=
-                        report.refused && report.dest.map(canonical) == Some(canonical(dest));
-                }
-                Err(unread) => {
-                    recverr = unread.kind() != io::ErrorKind::Unsupported;
-                    break;
-                }
-            }
-        }
+        let queued = demux::read_reports(socket, &mut start, |report, _| {
+            refused |= report.refused && report.dest.map(canonical) == Some(canonical(dest));
+        });
         if refused {
             io::ErrorKind::ConnectionRefused.into()
-        } else if demux::is_own_error(&e, recverr, queued) {
+        } else if demux::is_own_error(&e, queued) {
             e
         } else {
             io::ErrorKind::Interrupted.into()

@@ -173,7 +173,7 @@ pub(crate) fn enable_recverr(_: &Socket, _: bool) -> io::Result<bool> {
     Ok(false)
 }
 
-/// Always `WouldBlock`: there is no error queue on this platform.
+/// Always `Unsupported`: there is no error queue on this platform.
 pub(crate) fn recv_error(_: &Socket, _: &mut [u8]) -> io::Result<QueuedError> {
     Err(io::ErrorKind::Unsupported.into())
 }
