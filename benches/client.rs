@@ -26,7 +26,11 @@
 //! counted; then rounds visit the clients in turn, in alternating order;
 //! ratios are medians of each round's ratio.
 //!
-//! Blocking: one `GreetClient` shared by 64 threads, with and without ids.
+//! Blocking: one `GreetClient` shared by 64 threads, with and without ids,
+//! and a hand-written blocking multiplexer (a receive thread, a channel per
+//! call) shared the same way; the three take turns by round.
+//!
+//! `-- async` or `-- blocking` after the command runs only that part.
 
 #[cfg(target_os = "linux")]
 mod common;
@@ -47,6 +51,7 @@ mod bench {
     use std::net::{SocketAddr, UdpSocket as StdSocket};
     use std::rc::Rc;
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::mpsc::{SyncSender, sync_channel};
     use std::sync::{Arc, Mutex};
     use std::thread;
     use std::time::{Duration, Instant};
@@ -258,6 +263,93 @@ mod bench {
         }
     }
 
+    /// A hand-written blocking client that multiplexes by id, as a user
+    /// would write one: one socket, a receive thread, and each call's
+    /// channel in a map. The reference for what threads sharing one socket
+    /// can do on this machine.
+    struct HandBlockingMux {
+        socket: Arc<StdSocket>,
+        server: SocketAddr,
+        calls: Arc<Mutex<HashMap<u64, SyncSender<Vec<u8>>>>>,
+        stop: Arc<AtomicBool>,
+        receiving: Option<thread::JoinHandle<()>>,
+    }
+
+    impl HandBlockingMux {
+        fn new(server: SocketAddr) -> std::io::Result<HandBlockingMux> {
+            let socket = StdSocket::bind("127.0.0.1:0")?;
+            socket2::SockRef::from(&socket).set_recv_buffer_size(BUFFER)?;
+            socket.set_read_timeout(Some(Duration::from_millis(20)))?;
+            let socket = Arc::new(socket);
+            let calls: Arc<Mutex<HashMap<u64, SyncSender<Vec<u8>>>>> = Arc::default();
+            let stop = Arc::new(AtomicBool::new(false));
+            let (receiver, waiting, stopped) = (socket.clone(), calls.clone(), stop.clone());
+            let receiving = thread::spawn(move || {
+                let mut buf = vec![0u8; 65_536];
+                while !stopped.load(Ordering::Relaxed) {
+                    let Ok((len, from)) = receiver.recv_from(&mut buf) else {
+                        continue;
+                    };
+                    let Some(id) = id_of(&buf[..len]).filter(|_| from == server) else {
+                        continue;
+                    };
+                    let sender = waiting.lock().ok().and_then(|mut calls| calls.remove(&id));
+                    if let Some(sender) = sender {
+                        let _ = sender.send(buf[..len].to_vec());
+                    }
+                }
+            });
+            Ok(HandBlockingMux {
+                socket,
+                server,
+                calls,
+                stop,
+                receiving: Some(receiving),
+            })
+        }
+
+        fn call(&self, id: u64, request: &[u8]) -> bool {
+            let (sender, receiver) = sync_channel(1);
+            if let Ok(mut calls) = self.calls.lock() {
+                calls.insert(id, sender);
+            }
+            if self.socket.send_to(request, self.server).is_err() {
+                return false;
+            }
+            match receiver.recv_timeout(Duration::from_secs(1)) {
+                Ok(reply) => is_reply_to(request, &reply),
+                Err(_) => {
+                    if let Ok(mut calls) = self.calls.lock() {
+                        calls.remove(&id);
+                    }
+                    false
+                }
+            }
+        }
+    }
+
+    impl Drop for HandBlockingMux {
+        fn drop(&mut self) {
+            self.stop.store(true, Ordering::Relaxed);
+            if let Some(receiving) = self.receiving.take() {
+                let _ = receiving.join();
+            }
+        }
+    }
+
+    /// One blocking call (id, request, reply buffer): whether its reply was
+    /// right.
+    type CallFn<'a> = dyn Fn(u64, &[u8], &mut [u8]) -> bool + Sync + 'a;
+
+    /// Whether the part named `part` runs: every part, unless the command
+    /// line names `async` or `blocking` (`cargo bench ... -- blocking`).
+    fn part_chosen(part: &str) -> bool {
+        let named: Vec<String> = std::env::args()
+            .filter(|a| a == "async" || a == "blocking")
+            .collect();
+        named.is_empty() || named.iter().any(|a| a == part)
+    }
+
     pub fn main() -> Result<(), Box<dyn std::error::Error>> {
         let full = std::env::args().any(|a| a == "--bench");
         let (rounds, span, sizes) = if full {
@@ -288,10 +380,14 @@ mod bench {
             .enable_all()
             .build()?;
         let outcome = (|| -> Result<(), Box<dyn std::error::Error>> {
-            for &tasks in &sizes {
-                asynchronous(&runtime, server, tasks, rounds, span)?;
+            if part_chosen("async") {
+                for &tasks in &sizes {
+                    asynchronous(&runtime, server, tasks, rounds, span)?;
+                }
             }
-            blocking(server, if full { 64 } else { 8 }, rounds, span)?;
+            if part_chosen("blocking") {
+                blocking(server, if full { 64 } else { 8 }, rounds, span)?;
+            }
             Ok(())
         })();
         stop.store(true, Ordering::Relaxed);
@@ -425,7 +521,10 @@ mod bench {
         let without = GreetClient::builder()
             .initial_timeout(Duration::from_secs(1))
             .connect(server)?;
-        let run = |client: &GreetClient| -> Run {
+        let hand = HandBlockingMux::new(server)?;
+        // Each of `threads` threads makes calls one after another for the
+        // span: `call` makes one and says whether its reply was right.
+        let run = |call: &CallFn<'_>| -> Run {
             let ok = AtomicU64::new(0);
             let failed = AtomicU64::new(0);
             let started = Instant::now();
@@ -437,13 +536,12 @@ mod bench {
                         let mut buf = [0u8; 64];
                         let mut i = 0;
                         while Instant::now() < end {
-                            let request = request((t << 32) | i);
-                            match client.send_recv_into(&request, &mut buf) {
-                                Ok(n) if is_reply_to(&request, &buf[..n]) => {
-                                    ok.fetch_add(1, Ordering::Relaxed)
-                                }
-                                _ => failed.fetch_add(1, Ordering::Relaxed),
-                            };
+                            let id = (t << 32) | i;
+                            if call(id, &request(id), &mut buf) {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                            } else {
+                                failed.fetch_add(1, Ordering::Relaxed);
+                            }
                             i += 1;
                         }
                     });
@@ -457,29 +555,50 @@ mod bench {
                 drops: 0,
             }
         };
-        let (mut a, mut b, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
+        let with_ids = |_: u64, request: &[u8], buf: &mut [u8]| matches!(with_ids.send_recv_into(request, buf), Ok(n) if is_reply_to(request, &buf[..n]));
+        let without = |_: u64, request: &[u8], buf: &mut [u8]| matches!(without.send_recv_into(request, buf), Ok(n) if is_reply_to(request, &buf[..n]));
+        let by_hand = |id: u64, request: &[u8], _: &mut [u8]| hand.call(id, request);
+        let (mut a, mut b, mut c, mut ratio, mut to_hand) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut failed = 0;
-        for _ in 0..rounds {
-            let (x, y) = (run(&with_ids), run(&without));
-            failed += x.failed + y.failed;
+        for round in 0..rounds {
+            let (x, y, z) = if round % 2 == 0 {
+                let x = run(&with_ids);
+                (x, run(&without), run(&by_hand))
+            } else {
+                let z = run(&by_hand);
+                let y = run(&without);
+                (run(&with_ids), y, z)
+            };
+            failed += x.failed + y.failed + z.failed;
             ratio.push(x.rate() / y.rate());
+            to_hand.push(x.rate() / z.rate());
             a.push(x.rate());
             b.push(y.rate());
+            c.push(z.rate());
         }
         println!();
         println!(
-            "client, blocking: one GreetClient shared by {threads} threads, {rounds} rounds x {span:?}; {failed} calls failed"
+            "client, blocking: one client shared by {threads} threads, {rounds} rounds x {span:?}; {failed} calls failed"
         );
         let mut table = Table::new(&["client", "calls/s"]);
         table.row(&[
-            "with request ids (one socket)".to_owned(),
+            "GreetClient with request ids (one socket)".to_owned(),
             format!("{:.0}", median(&mut a)),
         ]);
         table.row(&[
-            "without (calls serialised)".to_owned(),
+            "GreetClient without (calls serialised)".to_owned(),
             format!("{:.0}", median(&mut b)),
         ]);
+        table.row(&[
+            "hand-written: receive thread + channel per call".to_owned(),
+            format!("{:.0}", median(&mut c)),
+        ]);
         table.print();
+        println!(
+            "with ids vs the hand-written blocking multiplexer: {:.2}",
+            median(&mut to_hand)
+        );
         println!(
             "with ids vs without: {:.2} (target >= 4)",
             median(&mut ratio)
