@@ -54,7 +54,7 @@ impl<H: HandlerFn> ReceiveWorker<H> {
             &self.socket,
             config.batch_spec(),
             config.max_datagram,
-            config.pktinfo,
+            config.control,
         );
         let mut poll = PollWindow::new(config.busy_poll);
         while !self.shared.is_stopped() {

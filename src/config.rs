@@ -2,13 +2,14 @@
 
 use std::marker::PhantomData;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::engine::{Blocking, Engine};
 use crate::error::Error;
 use crate::pool::HandlerPool;
 use crate::ratelimit::{Limiter, RateLimit};
-use crate::socket::{BoundSocket, BufferSize, SocketOptions};
+use crate::socket::{BoundSocket, BufferSize, SocketHook, SocketOptions};
 use crate::sys;
 
 /// The most workers one server may have.
@@ -84,6 +85,10 @@ pub struct ServerBuilder<E: Engine = Blocking> {
     rate_limit: Option<RateLimit>,
     max_amplification: Option<usize>,
     busy_poll: Option<Duration>,
+    /// Read each datagram's metadata ([`recv_metadata`](ServerBuilder::recv_metadata)).
+    metadata: bool,
+    /// The DSCP replies are marked with.
+    reply_dscp: Option<u8>,
     /// The first setting made that applies before bind only, if any: a
     /// socket made elsewhere ([`from_std`](ServerBuilder::from_std)) cannot
     /// take it.
@@ -139,6 +144,8 @@ impl<E: Engine> ServerBuilder<E> {
             rate_limit: None,
             max_amplification: None,
             busy_poll: None,
+            metadata: false,
+            reply_dscp: None,
             pre_bind: None,
             dispatch,
             engine: PhantomData,
@@ -152,7 +159,7 @@ impl<E: Engine> ServerBuilder<E> {
     }
 
     /// Notes a setting that applies before bind only.
-    fn before_bind(mut self, setting: &'static str) -> Self {
+    fn applies_before_bind(mut self, setting: &'static str) -> Self {
         self.pre_bind.get_or_insert(setting);
         self
     }
@@ -220,7 +227,7 @@ impl<E: Engine> ServerBuilder<E> {
     /// Defaults to `false`.
     pub fn reuse_address(mut self, on: bool) -> Self {
         self.socket.reuse_address = on;
-        self.before_bind("ServerBuilder::reuse_address")
+        self.applies_before_bind("ServerBuilder::reuse_address")
     }
 
     /// Sets `SO_REUSEPORT` before binding, so that other sockets that also set
@@ -243,7 +250,7 @@ impl<E: Engine> ServerBuilder<E> {
     /// Defaults to `false`.
     pub fn reuse_port(mut self, on: bool) -> Self {
         self.socket.reuse_port = on;
-        self.before_bind("ServerBuilder::reuse_port")
+        self.applies_before_bind("ServerBuilder::reuse_port")
     }
 
     /// Sets `IPV6_V6ONLY` on IPv6 sockets: when `true`, a socket bound to
@@ -258,7 +265,7 @@ impl<E: Engine> ServerBuilder<E> {
     /// nothing there. Defaults to `true`.
     pub fn only_v6(mut self, on: bool) -> Self {
         self.socket.only_v6 = on;
-        self.before_bind("ServerBuilder::only_v6")
+        self.applies_before_bind("ServerBuilder::only_v6")
     }
 
     /// The largest request the server accepts, in bytes. A larger datagram is
@@ -271,6 +278,90 @@ impl<E: Engine> ServerBuilder<E> {
     pub fn max_datagram_size(mut self, bytes: usize) -> Self {
         self.max_datagram = Some(bytes);
         self
+    }
+
+    /// Reads, with each datagram, what the network layer reports about it:
+    /// its ECN codepoint and DSCP, its TTL or hop limit, and the interface
+    /// it arrived on, for the handler in
+    /// [`Request::metadata`](crate::Request::metadata).
+    ///
+    /// Off, nothing is asked of the kernel and nothing is read: the receive
+    /// path is the same as without the setting. On, each receive carries
+    /// control messages (`IP_RECVTOS`, `IP_RECVTTL`, `IP_PKTINFO`, and on
+    /// IPv6 `IPV6_RECVTCLASS`, `IPV6_RECVHOPLIMIT`, `IPV6_RECVPKTINFO`), and
+    /// each reply goes out from the address its request arrived on.
+    ///
+    /// It applies to a socket made elsewhere
+    /// ([`from_std`](ServerBuilder::from_std)) too: the options are set on it.
+    ///
+    /// Linux only: refused with [`Error::InvalidConfig`] elsewhere. Defaults
+    /// to off.
+    pub fn recv_metadata(mut self, on: bool) -> Self {
+        self.metadata = on;
+        self
+    }
+
+    /// Marks every reply with a DSCP (differentiated services codepoint,
+    /// 0 to 63; 46 is "expedited forwarding"), for networks that give
+    /// classes of traffic their own queues. Set as the TOS byte (`IP_TOS`)
+    /// or traffic class (`IPV6_TCLASS`, and `IP_TOS` too on a dual-stack
+    /// socket, for its IPv4 peers) of every server socket, with the ECN
+    /// bits left 0.
+    ///
+    /// It applies to a socket made elsewhere
+    /// ([`from_std`](ServerBuilder::from_std)) too.
+    ///
+    /// A value above 63 is refused with [`Error::InvalidConfig`], as is the
+    /// setting on Windows, which ignores `IP_TOS` from applications (use a
+    /// QoS policy there). Defaults to the system's (0).
+    pub fn reply_dscp(mut self, dscp: u8) -> Self {
+        self.reply_dscp = Some(dscp);
+        self
+    }
+
+    /// Runs `hook` on every server socket the builder makes, after the
+    /// options the crate sets and before the socket is bound: for a socket
+    /// option the crate does not name (`IP_FREEBIND`, `IP_PMTUDISC_OMIT`,
+    /// `SO_MARK`, ...). With several [`workers`](ServerBuilder::workers)
+    /// it runs once for each worker's socket. Several hooks run in the
+    /// order they were given.
+    ///
+    /// `setting` names what the hook sets: an error the hook returns fails
+    /// the bind with [`Error::SocketSetting`], which names it and the
+    /// address.
+    ///
+    /// A socket made elsewhere ([`from_std`](ServerBuilder::from_std)) is
+    /// bound already: a hook with it is refused with
+    /// [`Error::InvalidConfig`]; set the option on that socket instead.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), udp_greet::Error> {
+    /// use udp_greet::GreetServer;
+    ///
+    /// let server = GreetServer::builder()
+    ///     // Replies leave with a TTL of 255: a receiver on the same link
+    ///     // can tell they were not routed (RFC 5082).
+    ///     .before_bind("IP_TTL", |socket| socket.set_ttl_v4(255))
+    ///     .bind("127.0.0.1:0")?;
+    /// assert_ne!(server.local_addr().port(), 0);
+    ///
+    /// let err = GreetServer::builder()
+    ///     .before_bind("SO_MARK", |_| Err(std::io::ErrorKind::PermissionDenied.into()))
+    ///     .bind("127.0.0.1:0")
+    ///     .unwrap_err();
+    /// assert!(err.to_string().contains("SO_MARK"), "{err}");
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn before_bind<F>(mut self, setting: impl Into<String>, hook: F) -> Self
+    where
+        F: Fn(&socket2::Socket) -> std::io::Result<()> + Send + Sync + 'static,
+    {
+        self.socket.hooks.push(SocketHook {
+            setting: setting.into(),
+            hook: Arc::new(hook),
+        });
+        self.applies_before_bind("ServerBuilder::before_bind")
     }
 
     /// How many worker threads serve, each running the receive, handle,
@@ -487,6 +578,24 @@ impl<E: Engine> ServerBuilder<E> {
         }
         self.socket
             .check_so_busy_poll("ServerBuilder::so_busy_poll")?;
+        if self.metadata && !cfg!(target_os = "linux") {
+            return Err(Error::invalid(
+                "ServerBuilder::recv_metadata",
+                "datagram metadata is read on Linux only",
+            ));
+        }
+        if self.reply_dscp.is_some_and(|dscp| dscp > 63) {
+            return Err(Error::invalid(
+                "ServerBuilder::reply_dscp",
+                "a DSCP is six bits: 0 to 63",
+            ));
+        }
+        if self.reply_dscp.is_some() && cfg!(windows) {
+            return Err(Error::invalid(
+                "ServerBuilder::reply_dscp",
+                "Windows ignores IP_TOS set by applications: mark traffic with a QoS policy",
+            ));
+        }
         // Batching settings where there is no batching.
         let no_batches = if self.portable_io {
             "it applies to batched I/O, and portable_io(true) turns that off"
@@ -542,9 +651,10 @@ impl<E: Engine> ServerBuilder<E> {
         if REUSE_PORT_SPREADS { self.workers } else { 1 }
     }
 
-    /// The settings every worker shares, for sockets bound like `first`.
-    /// Call after [`validate`](ServerBuilder::validate).
-    pub(crate) fn config(&self, first: &BoundSocket, pktinfo: bool) -> Config {
+    /// The settings every worker shares, for sockets bound like `first`,
+    /// which read no control messages yet (see `Bound::new`). Call after
+    /// [`validate`](ServerBuilder::validate).
+    pub(crate) fn config(&self, first: &BoundSocket) -> Config {
         let local_addr = first.local_addr;
         Config {
             local_addr,
@@ -559,7 +669,9 @@ impl<E: Engine> ServerBuilder<E> {
             batch_size: (!self.portable_io && BATCHES)
                 .then_some(self.batch_size.unwrap_or(DEFAULT_BATCH_SIZE)),
             gso: self.gso.unwrap_or(true),
-            pktinfo,
+            control: sys::Control::Off,
+            metadata: self.metadata,
+            reply_dscp: self.reply_dscp,
             bound_ip: Some(local_addr.ip()).filter(|ip| !ip.is_unspecified()),
             limiter: self.rate_limit.as_ref().map(Limiter::new),
             max_amplification: self.max_amplification,
@@ -595,8 +707,15 @@ pub(crate) struct Config {
     pub(crate) batch_size: Option<usize>,
     /// Coalesce replies to one peer with segmentation offload (batched path).
     pub(crate) gso: bool,
-    /// The sockets report arrival addresses, and replies go out from them.
-    pub(crate) pktinfo: bool,
+    /// What the sockets' receives read besides the datagrams: arrival
+    /// addresses for a wildcard-bound socket (replies go out from them),
+    /// and metadata where asked for.
+    pub(crate) control: sys::Control,
+    /// Requests carry their metadata (the sockets report it; `control`
+    /// reads it).
+    pub(crate) metadata: bool,
+    /// The DSCP the sockets mark replies with.
+    pub(crate) reply_dscp: Option<u8>,
     /// The address the sockets are bound to, unless it is a wildcard: the
     /// local address of every request where the datagram does not say.
     pub(crate) bound_ip: Option<IpAddr>,
@@ -656,7 +775,7 @@ impl Config {
         Some(sys::BatchSpec {
             size: self.batch_size?,
             max_datagram: self.max_datagram,
-            pktinfo: self.pktinfo,
+            control: self.control,
             gso: self.gso,
         })
     }

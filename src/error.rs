@@ -74,6 +74,21 @@ pub enum Error {
         source: io::Error,
     },
 
+    /// A setting of the user's, run on a socket before bind
+    /// ([`ServerBuilder::before_bind`](crate::ServerBuilder::before_bind)),
+    /// failed.
+    #[non_exhaustive]
+    #[error("the setting {setting} (before_bind) failed on the UDP socket for {addr}")]
+    SocketSetting {
+        /// The setting's name, as given to `before_bind`.
+        setting: String,
+        /// The address the socket was for.
+        addr: SocketAddr,
+        /// The error the setting returned.
+        #[source]
+        source: io::Error,
+    },
+
     /// A socket handed to [`ServerBuilder::from_std`](crate::ServerBuilder::from_std)
     /// cannot be served on.
     #[non_exhaustive]
@@ -359,6 +374,7 @@ impl Error {
             Error::Resolve { source, .. }
             | Error::Bind { source, .. }
             | Error::Socket { source, .. }
+            | Error::SocketSetting { source, .. }
             | Error::Spawn { source, .. }
             | Error::Io { source, .. } => source.kind(),
             Error::WorkerPanicked { .. } => ErrorKind::Other,

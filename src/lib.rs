@@ -122,7 +122,7 @@ pub use error::Error;
 pub use histogram::{Histogram, Latency};
 pub use pool::HandlerPool;
 pub use ratelimit::RateLimit;
-pub use request::{Action, Request, greet, greet_into, is_greeting};
+pub use request::{Action, Ecn, Metadata, Request, greet, greet_into, is_greeting};
 pub use server::GreetServer;
 pub use socket::BufferSize;
 pub use stats::Stats;

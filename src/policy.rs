@@ -17,7 +17,7 @@ use crate::control::Shared;
 use crate::histogram::Recorders;
 use crate::observe::Observer;
 use crate::pool::{Pool, Submitted};
-use crate::request::{Action, Request};
+use crate::request::{Action, Metadata, Request};
 use crate::stats::{SharedStats, Stats};
 use crate::sys::Received;
 
@@ -177,7 +177,12 @@ impl Processor {
         self.call_started = started;
         reply.clear();
         let peer = datagram.peer;
-        let request = Request::new(datagram.data, peer, self.local_ip(datagram));
+        let request = Request::new(
+            datagram.data,
+            peer,
+            self.local_ip(datagram),
+            self.metadata(datagram),
+        );
         // A panic is caught per datagram so that one bad request cannot stop
         // the server. The reply buffer is cleared after it; whatever state
         // the handler shares between calls is the handler's to keep sound,
@@ -201,6 +206,16 @@ impl Processor {
     pub(crate) fn local_ip(&self, datagram: &Received<'_>) -> Option<IpAddr> {
         let local = datagram.arrival.local.or(self.config.bound_ip);
         same_family(local, datagram.peer)
+    }
+
+    /// What the network layer reported with `datagram`, where the server
+    /// asked for it (empty otherwise).
+    pub(crate) fn metadata(&self, datagram: &Received<'_>) -> Metadata {
+        if self.config.metadata {
+            Metadata::from_arrival(&datagram.arrival)
+        } else {
+            Metadata::default()
+        }
     }
 
     /// Counts (and reports) a handler that panicked with `payload`.

@@ -429,6 +429,7 @@ mod tests {
             arrival: Arrival {
                 local: Some(IpAddr::from([127, 0, 0, 1])),
                 ifindex: 1,
+                ..Arrival::default()
             },
         }
     }

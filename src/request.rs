@@ -13,11 +13,31 @@ pub struct Request<'a> {
     data: &'a [u8],
     peer: SocketAddr,
     local: Option<IpAddr>,
+    metadata: Metadata,
 }
 
 impl<'a> Request<'a> {
-    pub(crate) fn new(data: &'a [u8], peer: SocketAddr, local: Option<IpAddr>) -> Self {
-        Request { data, peer, local }
+    pub(crate) fn new(
+        data: &'a [u8],
+        peer: SocketAddr,
+        local: Option<IpAddr>,
+        metadata: Metadata,
+    ) -> Self {
+        Request {
+            data,
+            peer,
+            local,
+            metadata,
+        }
+    }
+
+    /// What the network layer said about the datagram: its ECN bits, DSCP,
+    /// TTL or hop limit, and arrival interface. Empty (every field `None`)
+    /// unless the server asks for it with
+    /// [`ServerBuilder::recv_metadata`](crate::ServerBuilder::recv_metadata).
+    #[must_use]
+    pub fn metadata(&self) -> Metadata {
+        self.metadata
     }
 
     /// The datagram's payload, complete (truncated datagrams never reach a
@@ -60,7 +80,130 @@ impl fmt::Debug for Request<'_> {
             .field("peer", &self.peer)
             .field("local", &self.local)
             .field("len", &self.data.len())
+            .field("metadata", &self.metadata)
             .finish()
+    }
+}
+
+/// What the network layer reported with one datagram, where the server asks
+/// for it ([`ServerBuilder::recv_metadata`](crate::ServerBuilder::recv_metadata),
+/// Linux only): read from the control messages of the receive that took the
+/// datagram, on the batched and the portable path alike.
+///
+/// A field the kernel did not report is `None`; without `recv_metadata`
+/// every field is.
+///
+/// ```
+/// use udp_greet::{Action, Ecn, GreetServer};
+///
+/// # fn main() -> Result<(), udp_greet::Error> {
+/// # if !cfg!(target_os = "linux") { return Ok(()); }
+/// let server = GreetServer::builder()
+///     .recv_metadata(true)
+///     .bind("127.0.0.1:0")?
+///     .spawn(|request: udp_greet::Request<'_>, reply: &mut Vec<u8>| {
+///         let meta = request.metadata();
+///         // Congestion marked on the way: a protocol would slow down here.
+///         let congested = meta.ecn() == Some(Ecn::Ce);
+///         reply.push(u8::from(congested));
+///         reply.push(meta.ttl().unwrap_or(0));
+///         Action::Reply
+///     })?;
+/// let client = udp_greet::GreetClient::connect(server.local_addr())?;
+/// let reply = client.send_recv(b"?")?;
+/// assert_eq!(reply[0], 0);
+/// assert_eq!(reply[1], 64); // Linux's default TTL, untouched on loopback
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Metadata {
+    traffic_class: Option<u8>,
+    ttl: Option<u8>,
+    interface: Option<u32>,
+}
+
+impl Metadata {
+    /// From what the platform layer read, when the server asked for it.
+    pub(crate) fn from_arrival(arrival: &crate::sys::Arrival) -> Metadata {
+        Metadata {
+            traffic_class: arrival.tos,
+            ttl: arrival.ttl,
+            interface: Some(arrival.ifindex).filter(|&index| index != 0),
+        }
+    }
+
+    /// The whole TOS byte (IPv4) or traffic class (IPv6): the DSCP in its
+    /// upper six bits, the ECN codepoint in its lower two.
+    #[must_use]
+    pub fn traffic_class(&self) -> Option<u8> {
+        self.traffic_class
+    }
+
+    /// The ECN codepoint (RFC 3168): whether the sender's transport
+    /// understands ECN, and whether a router on the way marked congestion.
+    #[must_use]
+    pub fn ecn(&self) -> Option<Ecn> {
+        self.traffic_class.map(Ecn::from_traffic_class)
+    }
+
+    /// The DSCP (differentiated services codepoint, 0 to 63) the datagram
+    /// was marked with.
+    #[must_use]
+    pub fn dscp(&self) -> Option<u8> {
+        self.traffic_class.map(|class| class >> 2)
+    }
+
+    /// The TTL (IPv4) or hop limit (IPv6) the datagram arrived with: what
+    /// its sender set, less one for each router on the way.
+    #[must_use]
+    pub fn ttl(&self) -> Option<u8> {
+        self.ttl
+    }
+
+    /// The index of the network interface the datagram arrived on (as
+    /// `if_nametoindex` gives it; `ip link` lists them).
+    #[must_use]
+    pub fn interface(&self) -> Option<u32> {
+        self.interface
+    }
+}
+
+/// The ECN codepoint of a datagram (RFC 3168): the two low bits of its TOS
+/// byte or traffic class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Ecn {
+    /// `00`: the sender does not use ECN.
+    NotEct,
+    /// `01`: ECN-capable transport, codepoint 1 (also L4S).
+    Ect1,
+    /// `10`: ECN-capable transport, codepoint 0.
+    Ect0,
+    /// `11`: congestion experienced, marked by a router on the way.
+    Ce,
+}
+
+impl Ecn {
+    /// The codepoint in the low two bits of `class`.
+    #[must_use]
+    pub fn from_traffic_class(class: u8) -> Ecn {
+        match class & 0b11 {
+            0b00 => Ecn::NotEct,
+            0b01 => Ecn::Ect1,
+            0b10 => Ecn::Ect0,
+            _ => Ecn::Ce,
+        }
+    }
+
+    /// The codepoint's two bits.
+    #[must_use]
+    pub fn bits(self) -> u8 {
+        match self {
+            Ecn::NotEct => 0b00,
+            Ecn::Ect1 => 0b01,
+            Ecn::Ect0 => 0b10,
+            Ecn::Ce => 0b11,
+        }
     }
 }
 

@@ -181,23 +181,34 @@ impl Bound {
         others: Vec<BoundSocket>,
     ) -> Result<Bound, Error> {
         let local_addr = first.local_addr;
-        let config = builder.config(&first, local_addr.ip().is_unspecified());
+        let config = builder.config(&first);
         let mut bound = others;
         bound.insert(0, first);
         // A wildcard-bound socket must tell which address each datagram was
-        // sent to, or replies may go out from another of the host's.
+        // sent to, or replies may go out from another of the host's. With
+        // metadata every socket reports it too (the same control messages).
         let wildcard = local_addr.ip().is_unspecified();
-        let mut pktinfo = wildcard;
+        let mut arrival_addresses = wildcard;
+        let fail = |action| {
+            move |source| Error::Socket {
+                action,
+                addr: local_addr,
+                source,
+            }
+        };
         for b in &bound {
-            if wildcard {
-                pktinfo &=
-                    sys::enable_pktinfo(&b.socket, local_addr.is_ipv6()).map_err(|source| {
-                        Error::Socket {
-                            action: "enable IP_PKTINFO / IPV6_RECVPKTINFO",
-                            addr: local_addr,
-                            source,
-                        }
-                    })?;
+            let ipv6 = local_addr.is_ipv6();
+            if config.metadata {
+                sys::enable_metadata(&b.socket, ipv6).map_err(fail(
+                    "enable IP_RECVTOS / IP_RECVTTL / IPV6_RECVTCLASS / IPV6_RECVHOPLIMIT / pktinfo",
+                ))?;
+            } else if wildcard {
+                arrival_addresses &= sys::enable_pktinfo(&b.socket, ipv6)
+                    .map_err(fail("enable IP_PKTINFO / IPV6_RECVPKTINFO"))?;
+            }
+            if let Some(dscp) = config.reply_dscp {
+                socket::set_reply_dscp(&b.socket, ipv6, dscp)
+                    .map_err(fail("set IP_TOS / IPV6_TCLASS"))?;
             }
             if let Some(interval) = sys::WAKE_INTERVAL {
                 b.socket
@@ -210,8 +221,13 @@ impl Bound {
             }
         }
         let icmp_reports_off = bound.iter().all(|b| b.icmp_reports_off);
+        let control = match (arrival_addresses, config.metadata) {
+            (true, _) => sys::Control::ReplyFromArrival,
+            (false, true) => sys::Control::Read,
+            (false, false) => sys::Control::Off,
+        };
         let config = Arc::new(Config {
-            pktinfo,
+            control,
             icmp_reports_off,
             ..config
         });

@@ -4,6 +4,7 @@
 use std::fmt;
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
@@ -48,6 +49,25 @@ pub(crate) struct SocketOptions {
     pub(crate) only_v6: bool,
     /// `SO_BUSY_POLL` (Linux).
     pub(crate) so_busy_poll: Option<Duration>,
+    /// The user's own settings, run last, in order.
+    pub(crate) hooks: Vec<SocketHook>,
+}
+
+/// A socket setting of the user's, run on each socket before bind, with
+/// its name for errors.
+#[derive(Clone)]
+pub(crate) struct SocketHook {
+    pub(crate) setting: String,
+    pub(crate) hook: Arc<HookFn>,
+}
+
+/// A user's socket setting (see [`SocketHook`]).
+pub(crate) type HookFn = dyn Fn(&Socket) -> io::Result<()> + Send + Sync;
+
+impl fmt::Debug for SocketHook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("SocketHook").field(&self.setting).finish()
+    }
 }
 
 impl SocketOptions {
@@ -262,7 +282,33 @@ fn configured(addr: SocketAddr, opts: &SocketOptions) -> Result<Socket, Error> {
     if let Some(duration) = opts.so_busy_poll {
         sys::set_busy_poll(&socket, duration).map_err(fail("set SO_BUSY_POLL"))?;
     }
+    for hook in &opts.hooks {
+        // The user's code: a panic in it is the caller's, as in any builder
+        // callback run on the caller's thread.
+        (hook.hook)(&socket).map_err(|source| Error::SocketSetting {
+            setting: hook.setting.clone(),
+            addr,
+            source,
+        })?;
+    }
     Ok(socket)
+}
+
+/// Marks what `socket` sends with `dscp` (ECN bits 0): `IP_TOS` on IPv4,
+/// `IPV6_TCLASS` on IPv6, and both on a dual-stack socket.
+pub(crate) fn set_reply_dscp(socket: &Socket, ipv6: bool, dscp: u8) -> io::Result<()> {
+    let class = u32::from(dscp) << 2;
+    if !ipv6 || !socket.only_v6()? {
+        socket.set_tos_v4(class)?;
+    }
+    if ipv6 {
+        #[cfg(unix)]
+        socket.set_tclass_v6(class)?;
+        // Refused before any socket is made (see `ServerBuilder::reply_dscp`).
+        #[cfg(not(unix))]
+        return Err(io::ErrorKind::Unsupported.into());
+    }
+    Ok(())
 }
 
 /// The largest buffer size the kernel takes: the option is a C `int`, and a

@@ -20,6 +20,8 @@ fn every_public_type_is_send_and_sync() {
     // What a handler gets and gives.
     send_sync::<udp_greet::Request<'static>>();
     send_sync::<udp_greet::Action>();
+    send_sync::<udp_greet::Metadata>();
+    send_sync::<udp_greet::Ecn>();
     // The blocking client.
     send_sync::<udp_greet::GreetClient>();
     send_sync::<udp_greet::ClientBuilder>();

@@ -694,10 +694,10 @@ pub(crate) fn receive_batch(socket: &Socket, size: usize) -> Source {
     let spec = sys::BatchSpec {
         size,
         max_datagram: super::MAX_REPLY,
-        pktinfo: false,
+        control: sys::Control::Off,
         gso: false,
     };
-    Source::new(socket, Some(spec), super::MAX_REPLY, false)
+    Source::new(socket, Some(spec), super::MAX_REPLY, sys::Control::Off)
 }
 
 #[cfg(test)]

@@ -158,6 +158,12 @@ pub(crate) fn enable_pktinfo(_: &Socket, _: bool) -> io::Result<bool> {
     Ok(false)
 }
 
+/// Datagram metadata: not read on this platform (the server refuses the
+/// setting before it gets here).
+pub(crate) fn enable_metadata(_: &Socket, _: bool) -> io::Result<()> {
+    Err(io::ErrorKind::Unsupported.into())
+}
+
 /// One entry taken from a socket's error queue: there is none on this
 /// platform.
 #[derive(Debug)]
@@ -183,7 +189,7 @@ pub(crate) enum PktinfoIo {}
 
 impl PktinfoIo {
     /// Always `None`.
-    pub(crate) fn new() -> Option<PktinfoIo> {
+    pub(crate) fn new(_: crate::sys::Control) -> Option<PktinfoIo> {
         None
     }
 

@@ -24,8 +24,8 @@ mod imp;
 mod imp;
 
 pub(crate) use imp::{
-    Batch, MAX_BATCH, QueuedError, Replies, enable_pktinfo, enable_recverr, is_shut_for_reading,
-    kernel_drops, recv_error,
+    Batch, MAX_BATCH, QueuedError, Replies, enable_metadata, enable_pktinfo, enable_recverr,
+    is_shut_for_reading, kernel_drops, recv_error,
 };
 
 mod settings;
@@ -47,8 +47,8 @@ pub(crate) struct BatchSpec {
     pub(crate) size: usize,
     /// The largest datagram received whole, in bytes.
     pub(crate) max_datagram: usize,
-    /// The socket reports arrival addresses, and replies go out from them.
-    pub(crate) pktinfo: bool,
+    /// What the receives read besides the datagrams.
+    pub(crate) control: Control,
     /// Replies to one peer are coalesced with segmentation offload, where
     /// the kernel has it.
     pub(crate) gso: bool,
@@ -77,6 +77,43 @@ pub(crate) fn trim_reply(reply: &mut Vec<u8>) {
     }
 }
 
+/// What a receive reads besides the datagram: the control messages the
+/// socket was asked for (`enable_pktinfo`, `enable_metadata`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) enum Control {
+    /// Nothing: plain receives.
+    #[default]
+    Off,
+    /// The control messages, into [`Arrival`]; replies go out with none
+    /// (from the address the socket is bound to), and `Arrival::local` is
+    /// left `None`.
+    Read,
+    /// The control messages, and replies go out from the address each
+    /// request arrived on (a wildcard-bound socket); a datagram whose
+    /// arrival address did not come is not whole.
+    ReplyFromArrival,
+}
+
+impl Control {
+    /// Whether receives read control messages.
+    pub(crate) fn reads(self) -> bool {
+        self != Control::Off
+    }
+
+    /// Keeps of `arrival`, parsed from a datagram's control messages, what
+    /// this mode uses; returns whether the datagram is whole by it.
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))] // read on Linux only
+    pub(crate) fn keep(self, arrival: &mut Arrival) -> bool {
+        match self {
+            Control::ReplyFromArrival => arrival.local.is_some(),
+            Control::Read | Control::Off => {
+                arrival.local = None;
+                true
+            }
+        }
+    }
+}
+
 /// Where a datagram arrived: the local address it was sent to and the
 /// interface it came in on, where the socket reports them. A reply goes out
 /// from there.
@@ -84,6 +121,11 @@ pub(crate) fn trim_reply(reply: &mut Vec<u8>) {
 pub(crate) struct Arrival {
     pub(crate) local: Option<IpAddr>,
     pub(crate) ifindex: u32,
+    /// The TOS byte (IPv4) or traffic class (IPv6), where the socket was
+    /// asked for it ([`enable_metadata`]).
+    pub(crate) tos: Option<u8>,
+    /// The TTL (IPv4) or hop limit (IPv6), likewise.
+    pub(crate) ttl: Option<u8>,
 }
 
 /// One datagram received, as the worker sees it.
@@ -115,7 +157,7 @@ pub(crate) fn retry_interrupted<T>(mut f: impl FnMut() -> io::Result<T>) -> io::
 pub(crate) struct Portable {
     /// Arrival addresses are read and used (`Some` only where the platform
     /// can, for a socket that asked).
-    pktinfo: Option<imp::PktinfoIo>,
+    control: Option<imp::PktinfoIo>,
     /// The sender of the last datagram, as the kernel gave it.
     peer: Option<SockAddr>,
     /// Where receives cannot be told not to wait, the socket's mode is
@@ -125,11 +167,15 @@ pub(crate) struct Portable {
 }
 
 impl Portable {
-    /// Receives with arrival addresses when `pktinfo` is set and the
-    /// platform supports it.
-    pub(crate) fn new(pktinfo: bool) -> Portable {
+    /// Receives with control messages as `control` says, where the
+    /// platform supports them.
+    pub(crate) fn new(control: Control) -> Portable {
         Portable {
-            pktinfo: if pktinfo { imp::PktinfoIo::new() } else { None },
+            control: if control.reads() {
+                imp::PktinfoIo::new(control)
+            } else {
+                None
+            },
             peer: None,
             nonblocking: false,
         }
@@ -145,7 +191,7 @@ impl Portable {
         buf: &'b mut [u8],
         dont_wait: bool,
     ) -> io::Result<Option<Received<'b>>> {
-        if let Some(io) = &mut self.pktinfo {
+        if let Some(io) = &mut self.control {
             return io.recv(socket, buf, dont_wait);
         }
         #[cfg(unix)]
@@ -177,7 +223,7 @@ impl Portable {
     /// Sends `reply` to the sender of the last datagram received (from the
     /// address it arrived on, where that is read).
     pub(crate) fn send(&mut self, socket: &Socket, reply: &[u8]) -> io::Result<()> {
-        if let Some(io) = &mut self.pktinfo {
+        if let Some(io) = &mut self.control {
             return retry_interrupted(|| io.send(socket, reply));
         }
         match &self.peer {

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 
 use socket2::Socket;
 
-use super::{Arrival, Batch, BatchSpec, Portable, REPLY_RESERVE, Received, trim_reply};
+use super::{Arrival, Batch, BatchSpec, Control, Portable, REPLY_RESERVE, Received, trim_reply};
 
 /// Where a receive worker takes datagrams from and sends replies through.
 // One per worker: the variants' sizes do not matter.
@@ -28,11 +28,11 @@ impl Source {
         socket: &Socket,
         spec: Option<BatchSpec>,
         max_datagram: usize,
-        pktinfo: bool,
+        control: Control,
     ) -> Source {
         match Batch::new(socket, spec) {
             Some(batch) => Source::Batch(batch),
-            None => Source::One(One::new(max_datagram, pktinfo)),
+            None => Source::One(One::new(max_datagram, control)),
         }
     }
 
@@ -126,9 +126,9 @@ struct Got {
 }
 
 impl One {
-    fn new(max_datagram: usize, pktinfo: bool) -> One {
+    fn new(max_datagram: usize, control: Control) -> One {
         One {
-            io: Portable::new(pktinfo),
+            io: Portable::new(control),
             buf: vec![0; max_datagram],
             reply: Vec::with_capacity(REPLY_RESERVE),
             got: None,

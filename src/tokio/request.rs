@@ -5,6 +5,7 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
+use crate::request::Metadata;
 use crate::sys::{MAX_KEPT_REPLY, REPLY_RESERVE};
 
 /// Byte buffers shared by one server's requests and replies: taken for a
@@ -75,6 +76,7 @@ pub struct Request {
     data: Pooled,
     peer: SocketAddr,
     local: Option<IpAddr>,
+    metadata: Metadata,
     buffers: Arc<Buffers>,
 }
 
@@ -83,12 +85,14 @@ impl Request {
         data: Pooled,
         peer: SocketAddr,
         local: Option<IpAddr>,
+        metadata: Metadata,
         buffers: Arc<Buffers>,
     ) -> Self {
         Request {
             data,
             peer,
             local,
+            metadata,
             buffers,
         }
     }
@@ -113,6 +117,15 @@ impl Request {
     #[must_use]
     pub fn local_ip(&self) -> Option<IpAddr> {
         self.local
+    }
+
+    /// What the network layer said about the datagram, as
+    /// [`Request::metadata`](crate::Request::metadata) gives it: empty
+    /// unless the server asks for it with
+    /// [`ServerBuilder::recv_metadata`](crate::ServerBuilder::recv_metadata).
+    #[must_use]
+    pub fn metadata(&self) -> Metadata {
+        self.metadata
     }
 
     /// Builds the reply in one of the server's reused buffers: `write` gets

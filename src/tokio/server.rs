@@ -512,7 +512,7 @@ where
             &sock,
             config.batch_spec(),
             config.max_datagram,
-            config.pktinfo,
+            config.control,
         );
         let batch_len = config.batch_size.unwrap_or(1);
         let out_size = config.batch_size.unwrap_or(DEFAULT_BATCH_SIZE);
@@ -724,6 +724,7 @@ where
             data,
             datagram.peer,
             self.processor.local_ip(datagram),
+            self.processor.metadata(datagram),
             self.buffers.clone(),
         );
         let now = Instant::now();

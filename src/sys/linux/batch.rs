@@ -19,8 +19,9 @@ use socket2::Socket;
 
 use super::cmsg::{self, RecvCmsg};
 use super::replies::Replies;
+
 use super::{Scratch, cvt, to_std, zeroed};
-use crate::sys::{Arrival, BatchSpec, Received, retry_interrupted};
+use crate::sys::{Arrival, BatchSpec, Control, Received, retry_interrupted};
 
 /// The most messages one `recvmmsg`/`sendmmsg` call takes (`UIO_MAXIOV`).
 pub(crate) const MAX_BATCH: usize = 1024;
@@ -28,12 +29,14 @@ pub(crate) const MAX_BATCH: usize = 1024;
 /// One worker's buffers for batches, allocated once.
 pub(crate) struct Batch {
     max_datagram: usize,
+    /// What receives read besides the datagrams.
+    control: Control,
 
     // What the kernel writes on receive, one per slot.
     /// `size` receive buffers of `max_datagram` bytes, end to end.
     bufs: Box<[u8]>,
     addrs: Box<[sockaddr_storage]>,
-    /// One per slot where `pktinfo` is set, else none.
+    /// One per slot where control messages are read, else none.
     recv_cmsgs: Box<[RecvCmsg]>,
     /// Scratch for the headers of one `recvmmsg`, rebuilt before each.
     recv_iovs: Scratch<iovec>,
@@ -65,6 +68,8 @@ const NO_DATAGRAM: Datagram = Datagram {
     arrival: Arrival {
         local: None,
         ifindex: 0,
+        tos: None,
+        ttl: None,
     },
 };
 
@@ -81,7 +86,8 @@ impl Batch {
             // the datagrams that reach them.
             bufs: vec![0u8; size * max_datagram].into_boxed_slice(),
             addrs: zeroed(size),
-            recv_cmsgs: vec![RecvCmsg::EMPTY; if spec.pktinfo { size } else { 0 }]
+            control: spec.control,
+            recv_cmsgs: vec![RecvCmsg::EMPTY; if spec.control.reads() { size } else { 0 }]
                 .into_boxed_slice(),
             recv_iovs: Scratch::new(size),
             recv_hdrs: Scratch::new(size),
@@ -180,10 +186,11 @@ impl Batch {
                 #[allow(clippy::unnecessary_cast)]
                 let len = hdr.msg_controllen as usize;
                 arrival = cmsg::parse(control, len);
-                // Without its arrival address the reply could go out from
-                // the wrong one: the datagram is not whole. Other control
-                // messages cut short (`MSG_CTRUNC`) do not matter.
-                truncated |= arrival.local.is_none();
+                // Where replies go out from arrival addresses, a datagram
+                // without one is not whole (its reply could leave from the
+                // wrong address). Other control messages cut short
+                // (`MSG_CTRUNC`) do not matter.
+                truncated |= !self.control.keep(&mut arrival);
             }
             self.datagrams[self.count] = Datagram {
                 slot,

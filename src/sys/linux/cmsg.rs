@@ -1,5 +1,6 @@
 //! Control messages: the address a datagram arrived on (`IP_PKTINFO`,
-//! `IPV6_PKTINFO`), the source a reply goes out from, and `UDP_SEGMENT`.
+//! `IPV6_PKTINFO`), its TOS or traffic class and TTL or hop limit where
+//! asked for, the source a reply goes out from, and `UDP_SEGMENT`.
 //!
 //! Control buffers are read and written at offsets computed here, with every
 //! access checked against the buffer's length, rather than with the
@@ -143,10 +144,8 @@ pub(crate) fn parse<const N: usize>(control: &CmsgBuf<N>, len: usize) -> Arrival
                     // The local address the packet was accepted on (for a
                     // unicast packet, its destination).
                     let ip = Ipv4Addr::from(u32::from_be(info.ipi_spec_dst.s_addr));
-                    arrival = Arrival {
-                        local: Some(IpAddr::V4(ip)),
-                        ifindex: u32::try_from(info.ipi_ifindex).unwrap_or(0),
-                    };
+                    arrival.local = Some(IpAddr::V4(ip));
+                    arrival.ifindex = u32::try_from(info.ipi_ifindex).unwrap_or(0);
                 }
             }
             (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO) => {
@@ -154,16 +153,52 @@ pub(crate) fn parse<const N: usize>(control: &CmsgBuf<N>, len: usize) -> Arrival
                     let ip = Ipv6Addr::from(info.ipi6_addr.s6_addr);
                     // A reply cannot come from a multicast address: let the
                     // kernel choose.
-                    arrival = Arrival {
-                        local: (!ip.is_multicast()).then_some(IpAddr::V6(ip)),
-                        ifindex: info.ipi6_ifindex,
-                    };
+                    arrival.local = (!ip.is_multicast()).then_some(IpAddr::V6(ip));
+                    arrival.ifindex = info.ipi6_ifindex;
                 }
+            }
+            // IPv4's TOS comes as one byte; its TTL, and IPv6's traffic
+            // class and hop limit, as a C `int`.
+            (libc::IPPROTO_IP, libc::IP_TOS) => {
+                arrival.tos = data.first().copied().or(arrival.tos);
+            }
+            (libc::IPPROTO_IP, libc::IP_TTL) => {
+                arrival.ttl = read_byte_int(data).or(arrival.ttl);
+            }
+            (libc::IPPROTO_IPV6, libc::IPV6_TCLASS) => {
+                arrival.tos = read_byte_int(data).or(arrival.tos);
+            }
+            (libc::IPPROTO_IPV6, libc::IPV6_HOPLIMIT) => {
+                arrival.ttl = read_byte_int(data).or(arrival.ttl);
             }
             _ => {}
         }
     }
     arrival
+}
+
+/// A C `int` control message that holds a byte's value (a TTL, a hop
+/// limit, a traffic class); `None` if it is short or out of range.
+fn read_byte_int(data: &[u8]) -> Option<u8> {
+    read::<c_int>(data).and_then(|value| u8::try_from(value).ok())
+}
+
+/// Asks the kernel to report, with each datagram, its TOS byte or traffic
+/// class and its TTL or hop limit (`IP_RECVTOS`, `IP_RECVTTL`, and on IPv6
+/// `IPV6_RECVTCLASS`, `IPV6_RECVHOPLIMIT`; a dual-stack socket gets both
+/// families' options, for its IPv4 peers), and the arrival interface
+/// (see [`enable_pktinfo`]).
+pub(crate) fn enable_metadata(socket: &Socket, ipv6: bool) -> io::Result<()> {
+    enable_pktinfo(socket, ipv6)?;
+    if !ipv6 || !socket.only_v6()? {
+        socket.set_recv_tos_v4(true)?;
+        set_flag(socket, libc::IPPROTO_IP, libc::IP_RECVTTL)?;
+    }
+    if ipv6 {
+        socket.set_recv_tclass_v6(true)?;
+        set_flag(socket, libc::IPPROTO_IPV6, libc::IPV6_RECVHOPLIMIT)?;
+    }
+    Ok(())
 }
 
 /// Whether the first `len` bytes of `control`, from a receive of the error
@@ -222,8 +257,12 @@ unsafe impl Plain for cmsghdr {}
 unsafe impl Plain for in_pktinfo {}
 // SAFETY: an `in6_addr` (16 bytes) and a `c_uint`: 20 bytes, no padding.
 unsafe impl Plain for in6_pktinfo {}
-// SAFETY: an integer.
+// SAFETY: integers.
 unsafe impl Plain for u16 {}
+// SAFETY: an integer.
+unsafe impl Plain for c_int {}
+// SAFETY: an integer.
+unsafe impl Plain for u8 {}
 // SAFETY: `ee_errno`, `ee_info`, `ee_data` (`u32`) and four `u8`s between
 // them: 16 bytes, no padding.
 unsafe impl Plain for libc::sock_extended_err {}
@@ -276,8 +315,8 @@ pub(crate) fn write(control: &mut SendCmsg, from: &Arrival, segment: Option<u16>
 /// Appends one control message at `offset`; returns the offset after it
 /// (unchanged when it would not fit, which `SEND_ROOM` rules out for what
 /// this module writes).
-fn push<T: Plain>(
-    control: &mut SendCmsg,
+fn push<T: Plain, const N: usize>(
+    control: &mut CmsgBuf<N>,
     offset: usize,
     level: c_int,
     kind: c_int,
@@ -319,6 +358,7 @@ mod tests {
             let arrival = Arrival {
                 local: Some(local),
                 ifindex: 3,
+                ..Arrival::default()
             };
             let mut control = SendCmsg::EMPTY;
             let used = write(&mut control, &arrival, Some(1200));
@@ -328,6 +368,57 @@ mod tests {
         }
         let mut empty = SendCmsg::EMPTY;
         assert_eq!(write(&mut empty, &Arrival::default(), None), 0);
+    }
+
+    #[test]
+    fn tos_and_ttl_are_read_in_either_family() {
+        let mut control = RecvCmsg::EMPTY;
+        let mut used = push(&mut control, 0, libc::IPPROTO_IP, libc::IP_TOS, 0xb9u8);
+        used = push(
+            &mut control,
+            used,
+            libc::IPPROTO_IP,
+            libc::IP_TTL,
+            17 as c_int,
+        );
+        let parsed = parse(&control, used);
+        assert_eq!((parsed.tos, parsed.ttl), (Some(0xb9), Some(17)));
+        let mut control = RecvCmsg::EMPTY;
+        used = push(
+            &mut control,
+            0,
+            libc::IPPROTO_IPV6,
+            libc::IPV6_TCLASS,
+            2 as c_int,
+        );
+        used = push(
+            &mut control,
+            used,
+            libc::IPPROTO_IPV6,
+            libc::IPV6_HOPLIMIT,
+            255 as c_int,
+        );
+        let parsed = parse(&control, used);
+        assert_eq!((parsed.tos, parsed.ttl), (Some(2), Some(255)));
+        // Out of a byte's range, or cut short: not read.
+        let mut control = RecvCmsg::EMPTY;
+        used = push(
+            &mut control,
+            0,
+            libc::IPPROTO_IPV6,
+            libc::IPV6_HOPLIMIT,
+            256 as c_int,
+        );
+        used = push(
+            &mut control,
+            used,
+            libc::IPPROTO_IPV6,
+            libc::IPV6_TCLASS,
+            -1 as c_int,
+        );
+        used = push(&mut control, used, libc::IPPROTO_IP, libc::IP_TTL, 9u8);
+        let parsed = parse(&control, used);
+        assert_eq!((parsed.tos, parsed.ttl), (None, None));
     }
 
     #[test]
@@ -343,7 +434,7 @@ mod tests {
     fn a_huge_length_after_a_good_message_is_ignored() {
         let arrival = Arrival {
             local: Some(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7))),
-            ifindex: 0,
+            ..Arrival::default()
         };
         let mut sent = SendCmsg::EMPTY;
         let used = write(&mut sent, &arrival, None);

@@ -178,6 +178,12 @@ pub(crate) fn enable_pktinfo(socket: &Socket, ipv6: bool) -> io::Result<bool> {
     cmsg::enable_pktinfo(socket, ipv6).map(|()| true)
 }
 
+/// Asks the kernel to report each datagram's TOS or traffic class, TTL or
+/// hop limit, and arrival interface (and its arrival address).
+pub(crate) fn enable_metadata(socket: &Socket, ipv6: bool) -> io::Result<()> {
+    cmsg::enable_metadata(socket, ipv6)
+}
+
 /// One entry taken from a socket's error queue (see [`enable_recverr`]).
 #[derive(Debug)]
 pub(crate) struct QueuedError {

@@ -11,26 +11,28 @@ use socket2::Socket;
 
 use super::cmsg::{self, Arrival, RecvCmsg, SendCmsg};
 use super::{cvt, to_std};
-use crate::sys::{Received, retry_interrupted};
+use crate::sys::{Control, Received, retry_interrupted};
 
 /// `recvmsg` and `sendmsg` with arrival addresses: each reply goes out from
 /// the address its request was sent to.
 pub(crate) struct PktinfoIo {
     addr: sockaddr_storage,
     addr_len: socklen_t,
-    control: RecvCmsg,
+    cmsgs: RecvCmsg,
     arrival: Arrival,
+    control: Control,
 }
 
 impl PktinfoIo {
     /// Buffers for one datagram.
-    pub(crate) fn new() -> Option<PktinfoIo> {
+    pub(crate) fn new(control: Control) -> Option<PktinfoIo> {
         Some(PktinfoIo {
             // SAFETY: a plain C struct, valid when zeroed.
             addr: unsafe { mem::zeroed() },
             addr_len: 0,
-            control: RecvCmsg::EMPTY,
+            cmsgs: RecvCmsg::EMPTY,
             arrival: Arrival::default(),
+            control,
         })
     }
 
@@ -54,7 +56,7 @@ impl PktinfoIo {
         hdr.msg_namelen = mem::size_of::<sockaddr_storage>() as socklen_t;
         hdr.msg_iov = &mut iov;
         hdr.msg_iovlen = 1;
-        hdr.msg_control = self.control.0.as_mut_ptr().cast::<c_void>();
+        hdr.msg_control = self.cmsgs.0.as_mut_ptr().cast::<c_void>();
         hdr.msg_controllen = mem::size_of::<RecvCmsg>() as _;
         let fd = socket.as_raw_fd();
         let n = retry_interrupted(|| {
@@ -70,14 +72,15 @@ impl PktinfoIo {
         // `msg_controllen` is `size_t` on glibc, `socklen_t` on musl.
         #[allow(clippy::unnecessary_cast)]
         let control_len = hdr.msg_controllen as usize;
-        self.arrival = cmsg::parse(&self.control, control_len);
+        self.arrival = cmsg::parse(&self.cmsgs, control_len);
+        let whole = self.control.keep(&mut self.arrival);
         let len = n.min(buf.len());
         Ok(Some(Received {
             data: buf.get(..len).unwrap_or_default(),
             // Without its arrival address the reply could go out from the
             // wrong one: the datagram is not whole. Other control messages
             // cut short (`MSG_CTRUNC`) do not matter.
-            truncated: hdr.msg_flags & libc::MSG_TRUNC != 0 || self.arrival.local.is_none(),
+            truncated: hdr.msg_flags & libc::MSG_TRUNC != 0 || !whole,
             peer,
             arrival: self.arrival,
         }))
