@@ -4,13 +4,15 @@
 //! `cargo bench --bench throughput` runs the full measurement; without
 //! `--bench` (as under `cargo test`) it makes a short smoke pass.
 //!
-//! Six servers run at once, each on its own port, every server thread
+//! Eight servers run at once, each on its own port, every server thread
 //! pinned to one CPU and the load generator to another: udp-greet's batched
 //! server, its portable server, a plain `recv_from`/`send_to` loop written
 //! here (the baseline), udp-greet with two workers, udp-greet batched
 //! without segmentation offload, and a minimal hand-written
 //! `recvmmsg`/`sendmmsg` loop (the floor for batching without
-//! segmentation). The generator keeps 4 sockets x 32
+//! segmentation); and the batched and portable servers with
+//! `recv_metadata(true)`, whose CPU per reply is given against the same
+//! path without it. The generator keeps 4 sockets x 32
 //! requests in flight (batched with `sendmmsg`/`recvmmsg`). Rounds visit the
 //! servers in turn, so a drift in the machine's speed hits them alike; the
 //! ratio columns are medians over rounds of each round's ratio to the std
@@ -124,6 +126,9 @@ mod bench {
             start_std(|| HandServer::start(|socket, stop| mmsg_greet_loop(socket, stop)))?;
         let (workers, workers_tids) = start_greet(GreetServer::builder().workers(2))?;
         let (no_gso, no_gso_tids) = start_greet(GreetServer::builder().gso(false))?;
+        let (meta, meta_tids) = start_greet(GreetServer::builder().recv_metadata(true))?;
+        let (meta_portable, meta_portable_tids) =
+            start_greet(GreetServer::builder().portable_io(true).recv_metadata(true))?;
         if pinned {
             pin_to_cpu(0)?;
         }
@@ -139,8 +144,20 @@ mod bench {
                 no_gso_tids,
             ),
             Subject::new("hand-written recvmmsg loop", mmsg.addr, mmsg_tids),
+            Subject::new(
+                "udp-greet batched, recv_metadata",
+                meta.local_addr(),
+                meta_tids,
+            ),
+            Subject::new(
+                "udp-greet portable, recv_metadata",
+                meta_portable.local_addr(),
+                meta_portable_tids,
+            ),
         ];
         const STD: usize = 2;
+        // Each with metadata, and the same path without.
+        const METADATA: [(usize, usize); 2] = [(6, 0), (7, 1)];
 
         let mut generators = subjects
             .iter()
@@ -183,6 +200,20 @@ mod bench {
                 " (smoke pass: run `cargo bench --bench throughput` to measure)"
             }
         );
+        // Per round, CPU per reply with metadata over without (before the
+        // medians below sort the columns).
+        let metadata_cost: Vec<f64> = METADATA
+            .iter()
+            .map(|&(on, off)| {
+                let mut ratios: Vec<f64> = subjects[on]
+                    .cpu_per_reply
+                    .iter()
+                    .zip(&subjects[off].cpu_per_reply)
+                    .map(|(on, off)| on / off)
+                    .collect();
+                median(&mut ratios)
+            })
+            .collect();
         let mut table = Table::new(&[
             "server",
             "replies/s",
@@ -200,6 +231,10 @@ mod bench {
             ]);
         }
         table.print();
+        println!(
+            "CPU/reply with recv_metadata vs without: batched {:.3}, portable {:.3} (target <= 1.05)",
+            metadata_cost[0], metadata_cost[1]
+        );
 
         // 512 in flight: what each server loses.
         println!();
@@ -246,7 +281,7 @@ mod bench {
 
         drop(plain);
         drop(mmsg);
-        for server in [batched, portable, workers, no_gso] {
+        for server in [batched, portable, workers, no_gso, meta, meta_portable] {
             let stats = server.shutdown()?;
             assert_eq!(stats.received, stats.accounted(), "{stats:?}");
         }
