@@ -158,13 +158,16 @@ impl<H: HandlerFn> ReceiveWorker<H> {
     }
 }
 
-/// One thread of the handler pool.
+/// One thread of the handler pool, which serves every listener.
 pub(crate) struct PoolThread<H> {
-    /// Its counter slot (after the receive workers').
-    pub(crate) slot: usize,
+    /// Its counter slot for each listener (after the receive workers').
+    pub(crate) slots: Vec<usize>,
     pub(crate) pool: Arc<Pool>,
     pub(crate) handler: Arc<H>,
-    pub(crate) config: Arc<Config>,
+    /// Each listener's settings (the pool's are the same in all).
+    pub(crate) configs: Arc<[Arc<Config>]>,
+    /// The listener each of `sockets` belongs to.
+    pub(crate) socket_listener: Arc<[usize]>,
     pub(crate) shared: Arc<Shared>,
     /// The server's sockets, held weakly: the server's handle keeps them
     /// open while the pool drains, and a handler that never returns cannot
@@ -183,40 +186,48 @@ impl<H: HandlerFn> PoolThread<H> {
     /// Otherwise the replies ready go out before the thread takes up its
     /// next request: a reply then never waits for another handler call.
     pub(crate) fn run(self) {
-        let mut processor = Processor::new(&self.config, &self.shared.stats, self.slot);
-        let Some(first) = self.sockets.first().and_then(Weak::upgrade) else {
+        // One set of counters for each listener, so that every outcome is
+        // counted for the listener its request came in on.
+        let mut processors: Vec<Processor> = self
+            .configs
+            .iter()
+            .zip(&self.slots)
+            .map(|(config, &slot)| Processor::new(config, &self.shared.stats, slot))
+            .collect();
+        let (Some(config), Some(first)) = (
+            self.configs.first().cloned(),
+            self.sockets.first().and_then(Weak::upgrade),
+        ) else {
             return;
         };
-        let size = self.config.batch_size.unwrap_or(1);
+        let size = config.batch_size.unwrap_or(1);
         let mut out = Outgoing {
-            replies: sys::Replies::new(
-                &first,
-                size,
-                self.config.gso && self.config.batch_size.is_some(),
-            ),
+            replies: sys::Replies::new(&first, size, config.gso && config.batch_size.is_some()),
             used: 0,
             socket: 0,
             since: None,
         };
         drop(first);
-        let max_wait = self.config.pool().and_then(HandlerPool::max_wait);
-        let threads = self.config.pool().map_or(1, HandlerPool::thread_count);
-        let mut poll = PollWindow::new(self.config.busy_poll);
+        let max_wait = config.pool().and_then(HandlerPool::max_wait);
+        let threads = config.pool().map_or(1, HandlerPool::thread_count);
+        let mut poll = PollWindow::new(config.busy_poll);
         loop {
             let taken = if out.replies.queued() > 0 {
                 match self.pool.try_take() {
                     Some(taken) => taken,
                     None => {
                         // Nothing more is queued: what is ready goes now.
-                        self.flush(&mut processor, &mut out);
+                        self.flush(&mut processors, &mut out);
                         continue;
                     }
                 }
-            } else if poll.poll_now(|| self.publish(&mut processor)) {
+            } else if poll.poll_now(|| self.publish(&mut processors)) {
                 match self.pool.try_take() {
                     Some(taken) => taken,
                     None => {
-                        processor.totals.busy_poll_misses += 1;
+                        if let Some(processor) = processors.first_mut() {
+                            processor.totals.busy_poll_misses += 1;
+                        }
                         std::hint::spin_loop();
                         continue;
                     }
@@ -226,11 +237,13 @@ impl<H: HandlerFn> PoolThread<H> {
             };
             match taken {
                 Taken::Closed => {
-                    self.flush(&mut processor, &mut out);
+                    self.flush(&mut processors, &mut out);
                     break;
                 }
                 Taken::Late(job) => {
-                    processor.totals.shutdown_dropped += 1;
+                    if let Some(processor) = self.processor_for(&mut processors, job.socket) {
+                        processor.totals.shutdown_dropped += 1;
+                    }
                     self.pool.give_back(job);
                 }
                 Taken::Job(job) => {
@@ -242,8 +255,12 @@ impl<H: HandlerFn> PoolThread<H> {
                             || out.socket != job.socket
                             || job.behind < threads)
                     {
-                        self.flush(&mut processor, &mut out);
+                        self.flush(&mut processors, &mut out);
                     }
+                    let Some(processor) = self.processor_for(&mut processors, job.socket) else {
+                        self.pool.give_back(job);
+                        continue;
+                    };
                     let started = Instant::now();
                     let waited = started.saturating_duration_since(job.arrived);
                     if max_wait.is_some_and(|max| waited > max) {
@@ -274,41 +291,58 @@ impl<H: HandlerFn> PoolThread<H> {
                         if out.since.is_some_and(|since| {
                             now.saturating_duration_since(since) >= FLUSH_AFTER
                         }) {
-                            self.flush(&mut processor, &mut out);
+                            self.flush(&mut processors, &mut out);
                         }
                     }
                     self.pool.give_back(job);
                 }
             }
-            self.publish(&mut processor);
+            self.publish(&mut processors);
         }
     }
 
-    fn publish(&self, processor: &mut Processor) {
-        processor.publish(None);
+    /// The counters of the listener that socket `socket` belongs to.
+    fn processor_for<'p>(
+        &self,
+        processors: &'p mut [Processor],
+        socket: usize,
+    ) -> Option<&'p mut Processor> {
+        let listener = *self.socket_listener.get(socket)?;
+        processors.get_mut(listener)
+    }
+
+    fn publish(&self, processors: &mut [Processor]) {
+        for processor in processors {
+            processor.publish(None);
+        }
     }
 
     /// Sends the replies gathered so far, through the socket their requests
-    /// came in on.
-    fn flush(&self, processor: &mut Processor, out: &mut Outgoing) {
+    /// came in on (all of them came in on one).
+    fn flush(&self, processors: &mut [Processor], out: &mut Outgoing) {
         if out.replies.queued() > 0 {
-            match self.sockets.get(out.socket).and_then(Weak::upgrade) {
-                Some(socket) => {
-                    let sent = out.replies.send(&socket);
-                    let error = out.replies.take_error();
-                    processor.sent_counts(sent, error);
+            let socket = self.sockets.get(out.socket).and_then(Weak::upgrade);
+            if let Some(processor) = self.processor_for(processors, out.socket) {
+                match socket {
+                    Some(socket) => {
+                        let sent = out.replies.send(&socket);
+                        let error = out.replies.take_error();
+                        processor.sent_counts(sent, error);
+                    }
+                    None => {
+                        // The server has stopped and closed its sockets.
+                        processor.totals.shutdown_dropped += out.replies.queued() as u64;
+                        out.replies.clear();
+                    }
                 }
-                None => {
-                    // The server has stopped and closed its sockets.
-                    processor.totals.shutdown_dropped += out.replies.queued() as u64;
-                    out.replies.clear();
-                }
+            } else {
+                out.replies.clear();
             }
         }
         out.replies.trim(out.used);
         out.used = 0;
         out.since = None;
-        self.publish(processor);
+        self.publish(processors);
     }
 }
 

@@ -86,9 +86,9 @@ pub struct ServerBuilder<E: Engine = Blocking> {
     max_amplification: Option<usize>,
     busy_poll: Option<Duration>,
     /// Read each datagram's metadata ([`recv_metadata`](ServerBuilder::recv_metadata)).
-    metadata: bool,
+    pub(crate) metadata: bool,
     /// The DSCP replies are marked with.
-    reply_dscp: Option<u8>,
+    pub(crate) reply_dscp: Option<u8>,
     /// The first setting made that applies before bind only, if any: a
     /// socket made elsewhere ([`from_std`](ServerBuilder::from_std)) cannot
     /// take it.
@@ -306,29 +306,52 @@ impl<E: Engine> ServerBuilder<E> {
     /// classes of traffic their own queues. Set as the TOS byte (`IP_TOS`)
     /// or traffic class (`IPV6_TCLASS`, and `IP_TOS` too on a dual-stack
     /// socket, for its IPv4 peers) of every server socket, with the ECN
-    /// bits left 0.
+    /// bits left 0. On Linux, setting `IP_TOS` also sets the socket's
+    /// `SO_PRIORITY` from it (DSCP 46 gives priority 4), which a hook's
+    /// `SO_PRIORITY` ([`before_bind`](ServerBuilder::before_bind)) does not
+    /// override: set both there instead if that matters.
     ///
     /// It applies to a socket made elsewhere
     /// ([`from_std`](ServerBuilder::from_std)) too.
     ///
     /// A value above 63 is refused with [`Error::InvalidConfig`], as is the
     /// setting on Windows, which ignores `IP_TOS` from applications (use a
-    /// QoS policy there). Defaults to the system's (0).
+    /// QoS policy there), and on systems where socket2 cannot set both
+    /// options (it can on Linux, Android, macOS, the BSDs, illumos and
+    /// Fuchsia). A dual-stack socket (`[::]` with
+    /// [`only_v6(false)`](ServerBuilder::only_v6)) takes `IP_TOS` on Linux;
+    /// a system that refuses it there fails the bind with an error naming
+    /// it. Defaults to the system's (0).
     pub fn reply_dscp(mut self, dscp: u8) -> Self {
         self.reply_dscp = Some(dscp);
         self
     }
 
-    /// Runs `hook` on every server socket the builder makes, after the
-    /// options the crate sets and before the socket is bound: for a socket
-    /// option the crate does not name (`IP_FREEBIND`, `IP_PMTUDISC_OMIT`,
-    /// `SO_MARK`, ...). With several [`workers`](ServerBuilder::workers)
-    /// it runs once for each worker's socket. Several hooks run in the
-    /// order they were given.
+    /// Runs `hook` on every server socket the builder makes, before the
+    /// socket is bound: for a socket option the crate does not name
+    /// (`IP_FREEBIND`, `IP_PMTUDISC_OMIT`, `SO_MARK`, ...). With several
+    /// [`workers`](ServerBuilder::workers) it runs once for each worker's
+    /// socket. Several hooks run in the order they were given.
+    ///
+    /// It runs after the options the crate sets before bind (buffer sizes,
+    /// `SO_REUSEADDR`, `SO_REUSEPORT` where asked for, `IPV6_V6ONLY`,
+    /// `SO_BUSY_POLL`), so it can override them; the ones the crate sets
+    /// once the socket is bound come after it and win:
+    /// [`reply_dscp`](ServerBuilder::reply_dscp)'s `IP_TOS` /
+    /// `IPV6_TCLASS` (which on Linux also sets `SO_PRIORITY`),
+    /// [`recv_metadata`](ServerBuilder::recv_metadata)'s and the arrival
+    /// address options, the read timeout, `SO_REUSEPORT` joining the
+    /// sockets of several workers, and the server's own modes: every
+    /// socket is put back in blocking mode and has receive offload
+    /// (`UDP_GRO`) turned off, and a socket a hook shut down for reading
+    /// is refused ([`Error::InvalidConfig`]). The hook must leave the
+    /// socket unbound and unconnected: the bind then fails
+    /// ([`Error::Bind`]).
     ///
     /// `setting` names what the hook sets: an error the hook returns fails
     /// the bind with [`Error::SocketSetting`], which names it and the
-    /// address.
+    /// address. A hook that panics is not caught: the panic reaches the
+    /// caller of `bind`, and the sockets made so far are closed.
     ///
     /// A socket made elsewhere ([`from_std`](ServerBuilder::from_std)) is
     /// bound already: a hook with it is refused with
@@ -596,6 +619,12 @@ impl<E: Engine> ServerBuilder<E> {
                 "Windows ignores IP_TOS set by applications: mark traffic with a QoS policy",
             ));
         }
+        if self.reply_dscp.is_some() && !crate::socket::SETS_TRAFFIC_CLASS {
+            return Err(Error::invalid(
+                "ServerBuilder::reply_dscp",
+                "this system's IP_TOS or IPV6_TCLASS cannot be set through socket2",
+            ));
+        }
         // Batching settings where there is no batching.
         let no_batches = if self.portable_io {
             "it applies to batched I/O, and portable_io(true) turns that off"
@@ -611,6 +640,13 @@ impl<E: Engine> ServerBuilder<E> {
             if self.gso == Some(true) {
                 return Err(Error::invalid("ServerBuilder::gso", no_batches));
             }
+        }
+        if adopted && !self.socket.hooks.is_empty() {
+            return Err(Error::invalid(
+                "ServerBuilder::before_bind",
+                "a socket made elsewhere (from_std) is bound already: set the option on it \
+                 before handing it in",
+            ));
         }
         if let Some(setting) = self.pre_bind.filter(|_| adopted) {
             return Err(Error::invalid(
@@ -645,6 +681,13 @@ impl<E: Engine> ServerBuilder<E> {
         Ok(())
     }
 
+    /// The server's rate limiter, if it has one: one for every listener.
+    pub(crate) fn limiter(&self) -> Option<Arc<Limiter>> {
+        self.rate_limit
+            .as_ref()
+            .map(|limit| Arc::new(Limiter::new(limit)))
+    }
+
     /// Whether each worker gets a socket of its own: with several workers,
     /// where the kernel spreads datagrams over sockets that share a port.
     pub(crate) fn socket_per_worker(&self) -> usize {
@@ -654,10 +697,11 @@ impl<E: Engine> ServerBuilder<E> {
     /// The settings every worker shares, for sockets bound like `first`,
     /// which read no control messages yet (see `Bound::new`). Call after
     /// [`validate`](ServerBuilder::validate).
-    pub(crate) fn config(&self, first: &BoundSocket) -> Config {
+    pub(crate) fn config(&self, first: &BoundSocket, limiter: Option<Arc<Limiter>>) -> Config {
         let local_addr = first.local_addr;
         Config {
             local_addr,
+            server_addr: local_addr,
             recv_buffer: first.recv_buffer,
             send_buffer: first.send_buffer,
             icmp_reports_off: first.icmp_reports_off,
@@ -671,9 +715,8 @@ impl<E: Engine> ServerBuilder<E> {
             gso: self.gso.unwrap_or(true),
             control: sys::Control::Off,
             metadata: self.metadata,
-            reply_dscp: self.reply_dscp,
             bound_ip: Some(local_addr.ip()).filter(|ip| !ip.is_unspecified()),
-            limiter: self.rate_limit.as_ref().map(Limiter::new),
+            limiter,
             max_amplification: self.max_amplification,
             busy_poll: self.busy_poll,
             dispatch: self.dispatch.clone(),
@@ -692,8 +735,11 @@ const BATCHES: bool = cfg!(target_os = "linux");
 /// A server's settings, checked and fixed at bind, shared by its workers.
 #[derive(Debug)]
 pub(crate) struct Config {
-    /// The address the sockets are bound to, with the real port.
+    /// The address the sockets are bound to, with the real port: this
+    /// listener's.
     pub(crate) local_addr: SocketAddr,
+    /// The server's first listener's address: what names the server.
+    pub(crate) server_addr: SocketAddr,
     pub(crate) recv_buffer: BufferSize,
     pub(crate) send_buffer: BufferSize,
     /// Every socket keeps ICMP reports about earlier replies out of its
@@ -714,12 +760,11 @@ pub(crate) struct Config {
     /// Requests carry their metadata (the sockets report it; `control`
     /// reads it).
     pub(crate) metadata: bool,
-    /// The DSCP the sockets mark replies with.
-    pub(crate) reply_dscp: Option<u8>,
     /// The address the sockets are bound to, unless it is a wildcard: the
     /// local address of every request where the datagram does not say.
     pub(crate) bound_ip: Option<IpAddr>,
-    pub(crate) limiter: Option<Limiter>,
+    /// One for the whole server, whatever its listeners.
+    pub(crate) limiter: Option<Arc<Limiter>>,
     pub(crate) max_amplification: Option<usize>,
     /// How long a worker polls after work before it blocks again.
     pub(crate) busy_poll: Option<Duration>,
@@ -763,11 +808,6 @@ impl Config {
             #[cfg(feature = "tokio")]
             Dispatch::Async(limits) => limits.drain_timeout,
         }
-    }
-
-    /// Every thread of the server: receive workers, then handler threads.
-    pub(crate) fn threads(&self) -> usize {
-        self.workers + self.pool().map_or(0, HandlerPool::thread_count)
     }
 
     /// What a worker's batches are made for; `None` for the portable loop.

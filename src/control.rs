@@ -29,6 +29,11 @@ pub(crate) struct Shared {
     /// Weak, so that a handle never keeps a socket (and its port) open after
     /// the worker that owns it has finished.
     sockets: Vec<Weak<Socket>>,
+    /// For each counter slot that reports a socket's kernel drops, that
+    /// socket (weak, likewise).
+    drops: Vec<(usize, Weak<Socket>)>,
+    /// Each listener's address and counter slots, in the order bound.
+    listeners: Vec<ListenerSlots>,
     pub(crate) stats: Arc<SharedStats>,
     /// The handler pool, and how long it drains at shutdown.
     pub(crate) pool: Option<(Arc<Pool>, Duration)>,
@@ -42,18 +47,26 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// For a server over `sockets` with `threads` threads in all (receive
-    /// workers, then handler threads), each with a counter slot.
+    /// For a server over `sockets`, whose kernel drops the slots in `drops`
+    /// report, with `slots` counter slots in all (see `server::Layout`),
+    /// grouped by listener in `listeners`.
     pub(crate) fn new(
         sockets: &[Arc<Socket>],
-        threads: usize,
+        drops: &[(usize, Arc<Socket>)],
+        listeners: Vec<ListenerSlots>,
+        slots: usize,
         pool: Option<(Arc<Pool>, Duration)>,
     ) -> Arc<Shared> {
         Arc::new(Shared {
             stop: AtomicBool::new(false),
             abandoned: AtomicBool::new(false),
             sockets: sockets.iter().map(Arc::downgrade).collect(),
-            stats: SharedStats::new(threads),
+            drops: drops
+                .iter()
+                .map(|(slot, socket)| (*slot, Arc::downgrade(socket)))
+                .collect(),
+            listeners,
+            stats: SharedStats::new(slots),
             pool,
             ended: Mutex::new(Ending::default()),
             ended_changed: Condvar::new(),
@@ -134,12 +147,40 @@ impl Shared {
     /// from each socket still open.
     pub(crate) fn snapshot(&self) -> Stats {
         self.stats.snapshot_with_queue(
-            |i| {
-                let socket = self.sockets.get(i)?.upgrade()?;
-                sys::kernel_drops(&socket)
-            },
+            None,
+            |slot| self.live_drops(slot),
             || self.pool.as_ref().map(|(pool, _)| pool.queued()),
         )
+    }
+
+    /// The kernel's drop count of the socket whose drops counter slot
+    /// `slot` reports, while that socket is open.
+    fn live_drops(&self, slot: usize) -> Option<u64> {
+        let (_, socket) = self.drops.iter().find(|(s, _)| *s == slot)?;
+        let socket = socket.upgrade()?;
+        sys::kernel_drops(&socket)
+    }
+
+    /// Each listener's address and counters, in the order bound. A
+    /// listener's counters leave out [`Stats::queued`] (the handler pool's
+    /// queue is the server's): it is 0 in each, and counted in the total.
+    pub(crate) fn listener_snapshots(&self) -> Vec<(SocketAddr, Stats)> {
+        self.listeners
+            .iter()
+            .map(|listener| {
+                let stats = self.stats.snapshot_with_queue(
+                    Some(&listener.slots),
+                    |slot| self.live_drops(slot),
+                    || None,
+                );
+                (listener.addr, stats)
+            })
+            .collect()
+    }
+
+    /// Every listener's address, in the order bound.
+    pub(crate) fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners.iter().map(|l| l.addr).collect()
     }
 
     /// Whether a bounded shutdown gave up waiting for the server's threads.
@@ -171,6 +212,13 @@ impl Shared {
     pub(crate) fn latency(&self) -> Latency {
         self.stats.latency()
     }
+}
+
+/// One listener's address and the counter slots of its requests.
+#[derive(Debug)]
+pub(crate) struct ListenerSlots {
+    pub(crate) addr: SocketAddr,
+    pub(crate) slots: Vec<usize>,
 }
 
 /// How many of a server's threads have ended, and what waits for them.
@@ -246,10 +294,50 @@ impl ServerControl {
         self.shared.latency()
     }
 
-    /// The server's address.
+    /// The server's address: its first, for a server on several
+    /// ([`local_addrs`](ServerControl::local_addrs) gives them all).
     #[must_use]
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Every address the server serves on, in the order they were given
+    /// (one, unless it was bound with
+    /// [`bind_all`](crate::ServerBuilder::bind_all)), with the real ports.
+    #[must_use]
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.shared.local_addrs()
+    }
+
+    /// The counters of each address the server serves on, in the order of
+    /// [`local_addrs`](ServerControl::local_addrs): what came in on that
+    /// address and what became of it. Summed, they are
+    /// [`stats`](ServerControl::stats), but for [`Stats::queued`], which
+    /// counts the handler pool's queue, shared by every address: it is 0
+    /// in each listener's counters and counted in the total only.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), udp_greet::Error> {
+    /// use udp_greet::{GreetClient, GreetServer};
+    ///
+    /// let server = GreetServer::builder()
+    ///     .bind_all(["127.0.0.1:0", "127.0.0.1:0"])?
+    ///     .spawn(udp_greet::greet)?;
+    /// let (first, second) = (server.local_addr(), server.local_addrs()[1]);
+    /// GreetClient::connect(second)?.send_recv(b"Tracy")?;
+    /// let control = server.control();
+    /// // Final once the server has stopped (a reply can reach its client
+    /// // a moment before it is counted).
+    /// server.shutdown()?;
+    /// let per_listener = control.listener_stats();
+    /// assert_eq!(per_listener[0], (first, udp_greet::Stats::default()));
+    /// assert_eq!((per_listener[1].0, per_listener[1].1.replied), (second, 1));
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn listener_stats(&self) -> Vec<(SocketAddr, Stats)> {
+        self.shared.listener_snapshots()
     }
 }
 
@@ -302,10 +390,17 @@ impl ServerHandle {
         self.control.shared()
     }
 
-    /// The address the server is bound to.
+    /// The address the server is bound to: the first, for a server on
+    /// several.
     #[must_use]
     pub fn local_addr(&self) -> SocketAddr {
         self.control.local_addr()
+    }
+
+    /// Every address the server is bound to, in the order bound.
+    #[must_use]
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.control.local_addrs()
     }
 
     /// The server's counters now.

@@ -24,14 +24,15 @@ pub(crate) struct Observer {
 }
 
 impl Observer {
-    /// Hooks for a thread of the server on `addr`.
+    /// Hooks for a thread of the server on `server` (its first address),
+    /// counting for its listener on `listener`.
     #[allow(unused_variables)]
-    pub(crate) fn new(addr: SocketAddr) -> Observer {
+    pub(crate) fn new(server: SocketAddr, listener: SocketAddr) -> Observer {
         Observer {
             #[cfg(feature = "metrics")]
-            metrics: metrics_hooks::Handles::new(addr),
+            metrics: metrics_hooks::Handles::new(server, listener),
             #[cfg(feature = "tracing")]
-            events: tracing_hooks::Events::new(addr),
+            events: tracing_hooks::Events::new(listener),
             #[cfg(not(any(feature = "metrics", feature = "tracing")))]
             _addr: (),
         }
@@ -242,20 +243,20 @@ mod metrics_hooks {
     }
 
     impl Handles {
-        pub(super) fn new(addr: SocketAddr) -> Handles {
-            let server = addr.to_string();
+        pub(super) fn new(server: SocketAddr, listener: SocketAddr) -> Handles {
+            let labels = [
+                ("server", server.to_string()),
+                ("listener", listener.to_string()),
+            ];
             Handles {
                 drops_read: None,
                 counters: Stats::NAMES
                     .iter()
-                    .map(|field| metrics::counter!(counter_name(field), "server" => server.clone()))
+                    .map(|field| metrics::counter!(counter_name(field), &labels))
                     .collect(),
-                in_flight: metrics::gauge!("udp_greet_in_flight", "server" => server.clone()),
-                handler: metrics::histogram!(
-                    "udp_greet_handler_seconds",
-                    "server" => server.clone()
-                ),
-                queue_wait: metrics::histogram!("udp_greet_queue_wait_seconds", "server" => server),
+                in_flight: metrics::gauge!("udp_greet_in_flight", &labels),
+                handler: metrics::histogram!("udp_greet_handler_seconds", &labels),
+                queue_wait: metrics::histogram!("udp_greet_queue_wait_seconds", &labels),
                 last: [0; Stats::NAMES.len()],
             }
         }

@@ -51,7 +51,7 @@ impl Processor {
             config: config.clone(),
             stats: stats.clone(),
             slot,
-            observer: Observer::new(config.local_addr),
+            observer: Observer::new(config.server_addr, config.local_addr),
             totals: Stats::default(),
             backoff: Duration::ZERO,
             call_started: Instant::now(),
@@ -181,6 +181,7 @@ impl Processor {
             datagram.data,
             peer,
             self.local_ip(datagram),
+            self.listener(),
             self.metadata(datagram),
         );
         // A panic is caught per datagram so that one bad request cannot stop
@@ -206,6 +207,11 @@ impl Processor {
     pub(crate) fn local_ip(&self, datagram: &Received<'_>) -> Option<IpAddr> {
         let local = datagram.arrival.local.or(self.config.bound_ip);
         same_family(local, datagram.peer)
+    }
+
+    /// The address of the listener this processor counts for.
+    pub(crate) fn listener(&self) -> SocketAddr {
+        self.config.local_addr
     }
 
     /// What the network layer reported with `datagram`, where the server

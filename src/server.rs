@@ -10,7 +10,7 @@ use socket2::Socket;
 
 use crate::blocking::{PoolThread, ReceiveWorker};
 use crate::config::{Config, DEFAULT_RECV_BUFFER, ServerBuilder};
-use crate::control::{ServerControl, ServerHandle, Shared, ThreadEnd};
+use crate::control::{ListenerSlots, ServerControl, ServerHandle, Shared, ThreadEnd};
 use crate::engine::{Blocking, Engine};
 use crate::error::Error;
 use crate::policy::HandlerFn;
@@ -23,18 +23,82 @@ use crate::sys;
 /// A server's sockets, bound and configured, not yet serving: what either
 /// engine starts from.
 pub(crate) struct Bound {
-    pub(crate) sockets: Vec<Arc<Socket>>,
+    /// At least one.
+    pub(crate) listeners: Vec<Listener>,
+    /// The first listener's settings: what every listener was asked for
+    /// (each has its own address, and the buffer sizes it was granted).
     pub(crate) config: Arc<Config>,
     pub(crate) shared: Arc<Shared>,
+    pub(crate) layout: Layout,
+}
+
+/// One address a server serves on: its settings (with its own address)
+/// and its sockets, one per worker or one shared by all its workers.
+pub(crate) struct Listener {
+    pub(crate) config: Arc<Config>,
+    pub(crate) sockets: Vec<Arc<Socket>>,
+    /// The index in the server's list of sockets of its first one.
+    pub(crate) first_socket: usize,
 }
 
 impl fmt::Debug for Bound {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Bound")
+            .field(
+                "listeners",
+                &self
+                    .listeners
+                    .iter()
+                    .map(|l| (l.config.local_addr, l.sockets.len()))
+                    .collect::<Vec<_>>(),
+            )
             .field("config", &self.config)
-            .field("sockets", &self.sockets.len())
             .finish_non_exhaustive()
     }
+}
+
+/// Where each thread (or task) of a server keeps its counters: the receive
+/// workers of each listener in turn, then each handler thread's one slot
+/// per listener (so that every outcome is counted for its listener).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Layout {
+    pub(crate) listeners: usize,
+    /// Receive workers per listener.
+    pub(crate) workers: usize,
+    pub(crate) pool_threads: usize,
+}
+
+impl Layout {
+    /// The slot of worker `worker` of listener `listener`.
+    pub(crate) fn worker_slot(&self, listener: usize, worker: usize) -> usize {
+        listener * self.workers + worker
+    }
+
+    /// The slot handler thread `thread` counts listener `listener`'s
+    /// requests in.
+    pub(crate) fn pool_slot(&self, thread: usize, listener: usize) -> usize {
+        self.listeners * self.workers + thread * self.listeners + listener
+    }
+
+    /// Every slot.
+    pub(crate) fn slots(&self) -> usize {
+        self.listeners * (self.workers + self.pool_threads)
+    }
+
+    /// The slots of listener `listener`.
+    pub(crate) fn slots_of(&self, listener: usize) -> Vec<usize> {
+        (0..self.workers)
+            .map(|w| self.worker_slot(listener, w))
+            .chain((0..self.pool_threads).map(|t| self.pool_slot(t, listener)))
+            .collect()
+    }
+}
+
+/// One listener's sockets, bound and made ready to serve, before the
+/// server's settings are shared out.
+struct Prepared {
+    sockets: Vec<BoundSocket>,
+    control: sys::Control,
 }
 
 impl<E: Engine> ServerBuilder<E> {
@@ -44,23 +108,121 @@ impl<E: Engine> ServerBuilder<E> {
         self,
         addr: A,
     ) -> Result<Bound, Error> {
+        self.bind_listeners(std::iter::once(addr))
+    }
+
+    /// Checks the settings, then binds one listener for each of `addrs`
+    /// (each to the first address it resolves to that takes it). The first
+    /// failure fails the whole: every socket made so far is closed.
+    pub(crate) fn bind_listeners<A, I>(self, addrs: I) -> Result<Bound, Error>
+    where
+        A: ToSocketAddrs + fmt::Debug,
+        I: IntoIterator<Item = A>,
+    {
         self.validate(false)?;
-        let addrs = socket::resolve(addr)?;
         let mut options = self.socket.clone();
         options.recv_buffer = options.recv_buffer.or(Some(DEFAULT_RECV_BUFFER));
-        socket::first_ok(&addrs, |addr| {
-            let (first, others) = socket::bind_workers(addr, &options, self.socket_per_worker())?;
-            Bound::new(&self, first, others)
-        })
+        let mut listeners = Vec::new();
+        for addr in addrs {
+            if listeners.len() == MAX_LISTENERS {
+                return Err(Error::invalid(
+                    "ServerBuilder::bind_all",
+                    "at most 1024 addresses",
+                ));
+            }
+            let addrs = socket::resolve(addr)?;
+            listeners.push(socket::first_ok(&addrs, |addr| {
+                let (first, mut others) =
+                    socket::bind_workers(addr, &options, self.socket_per_worker())?;
+                others.insert(0, first);
+                self.prepare(others)
+            })?);
+        }
+        if listeners.is_empty() {
+            return Err(Error::invalid(
+                "ServerBuilder::bind_all",
+                "needs at least one address",
+            ));
+        }
+        Bound::new(&self, listeners)
     }
 
     /// Checks the settings, then takes a socket made elsewhere.
     pub(crate) fn adopt_socket(self, socket: UdpSocket) -> Result<Bound, Error> {
         self.validate(true)?;
         let adopted = socket::adopt(Socket::from(socket), &self.socket)?;
-        Bound::new(&self, adopted, Vec::new())
+        let prepared = self.prepare(vec![adopted])?;
+        Bound::new(&self, vec![prepared])
+    }
+
+    /// Makes one listener's bound sockets (all bound to the first one's
+    /// address) ready to serve: the control messages their receives read,
+    /// the DSCP of their replies, and their read timeout.
+    fn prepare(&self, sockets: Vec<BoundSocket>) -> Result<Prepared, Error> {
+        let Some(local_addr) = sockets.first().map(|b| b.local_addr) else {
+            return Err(Error::invalid(
+                "ServerBuilder::bind_all",
+                "needs at least one address",
+            ));
+        };
+        // A wildcard-bound socket must tell which address each datagram was
+        // sent to, or replies may go out from another of the host's. With
+        // metadata every socket reports it too (the same control messages).
+        let wildcard = local_addr.ip().is_unspecified();
+        let mut arrival_addresses = wildcard;
+        let fail = |action| {
+            move |source| Error::Socket {
+                action,
+                addr: local_addr,
+                source,
+            }
+        };
+        let ipv6 = local_addr.is_ipv6();
+        for b in &sockets {
+            // What a hook (or the maker of a socket given to `from_std`)
+            // may have left that the server cannot serve with: a
+            // non-blocking socket would spin between datagrams, one shut
+            // for reading would spin on nothing, and receive offload would
+            // merge datagrams into one request.
+            b.socket
+                .set_nonblocking(false)
+                .map_err(fail("make the socket blocking"))?;
+            if sys::is_shut_for_reading(&b.socket) {
+                return Err(Error::invalid(
+                    "ServerBuilder::before_bind",
+                    "a hook shut the socket down for reading: a server on it would receive nothing",
+                ));
+            }
+            sys::disable_gro(&b.socket).map_err(fail("turn UDP_GRO off"))?;
+            if self.metadata {
+                sys::enable_metadata(&b.socket, ipv6).map_err(fail(
+                    "enable IP_RECVTOS / IP_RECVTTL / IPV6_RECVTCLASS / IPV6_RECVHOPLIMIT / pktinfo",
+                ))?;
+            } else if wildcard {
+                arrival_addresses &= sys::enable_pktinfo(&b.socket, ipv6)
+                    .map_err(fail("enable IP_PKTINFO / IPV6_RECVPKTINFO"))?;
+            }
+            if let Some(dscp) = self.reply_dscp {
+                socket::set_reply_dscp(&b.socket, ipv6, dscp)
+                    .map_err(fail("set IP_TOS / IPV6_TCLASS"))?;
+            }
+            if let Some(interval) = sys::WAKE_INTERVAL {
+                b.socket
+                    .set_read_timeout(Some(interval))
+                    .map_err(fail("set SO_RCVTIMEO"))?;
+            }
+        }
+        let control = match (arrival_addresses, self.metadata) {
+            (true, _) => sys::Control::ReplyFromArrival,
+            (false, true) => sys::Control::Read,
+            (false, false) => sys::Control::Off,
+        };
+        Ok(Prepared { sockets, control })
     }
 }
+
+/// The most addresses one server serves on.
+const MAX_LISTENERS: usize = 1024;
 
 impl ServerBuilder<Blocking> {
     /// Creates the socket, applies the options and binds it to `addr`.
@@ -83,13 +245,68 @@ impl ServerBuilder<Blocking> {
         })
     }
 
+    /// Binds one server to several addresses: one *listener* for each item
+    /// of `addrs` (IPv4 and IPv6, other ports, other interfaces), each
+    /// bound as [`bind`](ServerBuilder::bind) binds its one address (to the
+    /// first address the item resolves to that takes it), with this
+    /// builder's settings.
+    ///
+    /// Each listener gets its own [`workers`](ServerBuilder::workers); all
+    /// share one handler, one [rate limiter](ServerBuilder::rate_limit)
+    /// (a source is limited across all of them), one
+    /// [handler pool](ServerBuilder::handler_pool) and one set of counters,
+    /// readable in total ([`ServerControl::stats`]) and per listener
+    /// ([`ServerControl::listener_stats`]). A handler tells listeners apart
+    /// by [`Request::listener`].
+    ///
+    /// Binding is all or nothing: the first address that fails fails the
+    /// whole with the error for that address (which it names), and every
+    /// socket bound so far is closed before this returns.
+    ///
+    /// # Errors
+    ///
+    /// As [`bind`](ServerBuilder::bind), for the first address that fails;
+    /// [`Error::InvalidConfig`] for no address at all, or more than 1024.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # fn main() -> Result<(), udp_greet::Error> {
+    /// use udp_greet::{GreetClient, GreetServer};
+    ///
+    /// // IPv4 and IPv6 in one server (the IPv6 socket is IPv6-only, the
+    /// // default), with one set of counters.
+    /// # let v6 = if std::net::UdpSocket::bind("[::1]:0").is_ok() { "[::1]:0" } else { "127.0.0.1:0" };
+    /// let server = GreetServer::builder()
+    ///     .bind_all(["127.0.0.1:0", v6])?
+    ///     .spawn(udp_greet::greet)?;
+    /// for addr in server.local_addrs() {
+    ///     let client = GreetClient::connect(addr)?;
+    ///     assert_eq!(client.send_recv(b"Sarah")?, b"Hello, Sarah!");
+    /// }
+    /// assert_eq!(server.shutdown()?.replied, 2);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn bind_all<A, I>(self, addrs: I) -> Result<GreetServer, Error>
+    where
+        A: ToSocketAddrs + fmt::Debug,
+        I: IntoIterator<Item = A>,
+    {
+        Ok(GreetServer {
+            bound: self.bind_listeners(addrs)?,
+        })
+    }
+
     /// Serves on a socket made elsewhere, with this builder's settings: for
     /// socket options this crate does not set, or a socket inherited from a
     /// service manager.
     ///
     /// The socket must be a bound UDP socket. It is put in the mode the
     /// server needs: blocking, with no read timeout (on Linux, where a
-    /// shutdown wakes a blocked receive) or a short one (elsewhere). The
+    /// shutdown wakes a blocked receive) or a short one (elsewhere), and
+    /// with receive offload (`UDP_GRO`, Linux) off, which would hand
+    /// several datagrams to the server as one. The
     /// receive and send buffer sizes are set only if this builder sets them;
     /// every other setting applies as with [`bind`](ServerBuilder::bind),
     /// and several [`workers`](ServerBuilder::workers) share the one
@@ -172,95 +389,102 @@ pub struct GreetServer {
 }
 
 impl Bound {
-    /// A server over `first` and `others` (one socket per worker, or one
-    /// shared by all), bound and configured by `builder`, which has checked
-    /// its settings.
+    /// A server over `listeners`, bound and made ready by `builder`, which
+    /// has checked its settings: one set of settings per listener, with
+    /// one rate limiter, one handler pool and one set of counters for all.
     fn new<E: Engine>(
         builder: &ServerBuilder<E>,
-        first: BoundSocket,
-        others: Vec<BoundSocket>,
+        listeners: Vec<Prepared>,
     ) -> Result<Bound, Error> {
-        let local_addr = first.local_addr;
-        let config = builder.config(&first);
-        let mut bound = others;
-        bound.insert(0, first);
-        // A wildcard-bound socket must tell which address each datagram was
-        // sent to, or replies may go out from another of the host's. With
-        // metadata every socket reports it too (the same control messages).
-        let wildcard = local_addr.ip().is_unspecified();
-        let mut arrival_addresses = wildcard;
-        let fail = |action| {
-            move |source| Error::Socket {
-                action,
-                addr: local_addr,
-                source,
-            }
-        };
-        for b in &bound {
-            let ipv6 = local_addr.is_ipv6();
-            if config.metadata {
-                sys::enable_metadata(&b.socket, ipv6).map_err(fail(
-                    "enable IP_RECVTOS / IP_RECVTTL / IPV6_RECVTCLASS / IPV6_RECVHOPLIMIT / pktinfo",
-                ))?;
-            } else if wildcard {
-                arrival_addresses &= sys::enable_pktinfo(&b.socket, ipv6)
-                    .map_err(fail("enable IP_PKTINFO / IPV6_RECVPKTINFO"))?;
-            }
-            if let Some(dscp) = config.reply_dscp {
-                socket::set_reply_dscp(&b.socket, ipv6, dscp)
-                    .map_err(fail("set IP_TOS / IPV6_TCLASS"))?;
-            }
-            if let Some(interval) = sys::WAKE_INTERVAL {
-                b.socket
-                    .set_read_timeout(Some(interval))
-                    .map_err(|source| Error::Socket {
-                        action: "set SO_RCVTIMEO",
-                        addr: local_addr,
-                        source,
-                    })?;
-            }
+        let limiter = builder.limiter();
+        let server_addr = listeners
+            .iter()
+            .find_map(|l| l.sockets.first())
+            .map(|b| b.local_addr);
+        let mut all: Vec<Arc<Socket>> = Vec::new();
+        let mut bound = Vec::with_capacity(listeners.len());
+        for prepared in listeners {
+            let Some(first) = prepared.sockets.first() else {
+                continue;
+            };
+            let config = Arc::new(Config {
+                server_addr: server_addr.unwrap_or(first.local_addr),
+                control: prepared.control,
+                icmp_reports_off: prepared.sockets.iter().all(|b| b.icmp_reports_off),
+                ..builder.config(first, limiter.clone())
+            });
+            let sockets: Vec<Arc<Socket>> = prepared
+                .sockets
+                .into_iter()
+                .map(|b| Arc::new(b.socket))
+                .collect();
+            bound.push(Listener {
+                config,
+                first_socket: all.len(),
+                sockets: sockets.clone(),
+            });
+            all.extend(sockets);
         }
-        let icmp_reports_off = bound.iter().all(|b| b.icmp_reports_off);
-        let control = match (arrival_addresses, config.metadata) {
-            (true, _) => sys::Control::ReplyFromArrival,
-            (false, true) => sys::Control::Read,
-            (false, false) => sys::Control::Off,
+        let Some(first) = bound.first() else {
+            return Err(Error::invalid(
+                "ServerBuilder::bind_all",
+                "needs at least one address",
+            ));
         };
-        let config = Arc::new(Config {
-            control,
-            icmp_reports_off,
-            ..config
-        });
-        let sockets: Vec<Arc<Socket>> = bound.into_iter().map(|b| Arc::new(b.socket)).collect();
+        let config = first.config.clone();
+        let layout = Layout {
+            listeners: bound.len(),
+            workers: config.workers,
+            pool_threads: config.pool().map_or(0, HandlerPool::thread_count),
+        };
         let pool = config.pool().map(|p| {
             (
                 Arc::new(Pool::new(p.capacity(), p.thread_count())),
                 config.drain_timeout(),
             )
         });
-        let shared = Shared::new(&sockets, config.threads(), pool);
+        // Each socket's kernel drops are reported in the slot of its
+        // worker (the first worker, for a socket shared by all).
+        let mut drops = Vec::new();
+        let mut listed = Vec::new();
+        for (k, listener) in bound.iter().enumerate() {
+            for (j, socket) in listener.sockets.iter().enumerate() {
+                drops.push((layout.worker_slot(k, j), socket.clone()));
+            }
+            listed.push(ListenerSlots {
+                addr: listener.config.local_addr,
+                slots: layout.slots_of(k),
+            });
+        }
+        let shared = Shared::new(&all, &drops, listed, layout.slots(), pool);
         Ok(Bound {
-            sockets,
+            listeners: bound,
             config,
             shared,
+            layout,
         })
     }
 
-    /// The address the server is bound to, with the real port when port 0
-    /// was asked for.
+    /// The first listener's address, with the real port when port 0 was
+    /// asked for.
     pub(crate) fn local_addr(&self) -> SocketAddr {
         self.config.local_addr
+    }
+
+    /// Every listener's address, in the order given.
+    pub(crate) fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners.iter().map(|l| l.config.local_addr).collect()
     }
 
     /// Whether every socket keeps ICMP reports about earlier replies out
     /// of its receive path.
     pub(crate) fn icmp_reports_off(&self) -> bool {
-        self.config.icmp_reports_off
+        self.listeners.iter().all(|l| l.config.icmp_reports_off)
     }
 
     /// A control for the server, before or while it runs.
     pub(crate) fn control(&self) -> ServerControl {
-        ServerControl::new(self.shared.clone(), self.config.local_addr)
+        ServerControl::new(self.shared.clone(), self.local_addr())
     }
 }
 
@@ -305,10 +529,19 @@ impl GreetServer {
     }
 
     /// The address the server is bound to, with the real port when port 0
-    /// was asked for.
+    /// was asked for: the first, for a server on several
+    /// ([`local_addrs`](GreetServer::local_addrs)).
     #[must_use]
     pub fn local_addr(&self) -> SocketAddr {
         self.bound.local_addr()
+    }
+
+    /// Every address the server is bound to, in the order given to
+    /// [`bind_all`](ServerBuilder::bind_all) (one for a server made with
+    /// [`bind`](ServerBuilder::bind)), with the real ports.
+    #[must_use]
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.bound.local_addrs()
     }
 
     /// The receive buffer size requested and granted.
@@ -448,25 +681,31 @@ impl GreetServer {
         self.start(handler, false)
     }
 
-    /// Starts one receive worker per socket (or per worker, sharing one
-    /// socket) and the handler pool's threads, on new threads; for `serve`,
-    /// the first receive worker runs on the calling thread once the others
-    /// are running.
+    /// Starts, for each listener, one receive worker per socket (or per
+    /// worker, sharing one socket), and the handler pool's threads, on new
+    /// threads; for `serve`, the first listener's first receive worker runs
+    /// on the calling thread once the others are running.
     fn start<H: HandlerFn>(self, handler: H, on_this_thread: bool) -> Result<ServerHandle, Error> {
         let Bound {
-            sockets,
+            listeners,
             config,
             shared,
+            layout,
         } = self.bound;
         let handler = Arc::new(handler);
         let addr = config.local_addr;
         let pool = shared.pool.as_ref().map(|(pool, _)| pool.clone());
+        let sockets: Vec<Arc<Socket>> = listeners
+            .iter()
+            .flat_map(|l| l.sockets.iter().cloned())
+            .collect();
         // With a pool, the handle keeps the sockets open until the pool has
         // drained; handler threads hold them weakly.
         if pool.is_some() {
             shared.keep_open(sockets.clone());
         }
         let weak: Vec<Weak<Socket>> = sockets.iter().map(Arc::downgrade).collect();
+        drop(sockets);
         let mut handle = ServerHandle::new(shared.clone(), addr);
         let spawn = |handle: &mut ServerHandle, name: String, run: Box<dyn FnOnce() + Send>| {
             let end = ThreadEnd(shared.clone());
@@ -485,12 +724,22 @@ impl GreetServer {
             }
         };
         if let Some(pool) = &pool {
-            for k in 0..config.pool().map_or(0, HandlerPool::thread_count) {
+            // Which listener each of the server's sockets belongs to.
+            let socket_listener: Arc<[usize]> = listeners
+                .iter()
+                .enumerate()
+                .flat_map(|(k, l)| std::iter::repeat_n(k, l.sockets.len()))
+                .collect();
+            let configs: Arc<[Arc<Config>]> = listeners.iter().map(|l| l.config.clone()).collect();
+            for t in 0..layout.pool_threads {
                 let thread = PoolThread {
-                    slot: config.workers + k,
+                    slots: (0..layout.listeners)
+                        .map(|k| layout.pool_slot(t, k))
+                        .collect(),
                     pool: pool.clone(),
                     handler: handler.clone(),
-                    config: config.clone(),
+                    configs: configs.clone(),
+                    socket_listener: socket_listener.clone(),
                     shared: shared.clone(),
                     sockets: weak.clone(),
                 };
@@ -498,7 +747,7 @@ impl GreetServer {
                 // and pools of up to 999 threads.
                 spawn(
                     &mut handle,
-                    format!("udp:{}/h{k}", addr.port()),
+                    format!("udp:{}/h{t}", addr.port()),
                     Box::new(move || thread.run()),
                 )?;
             }
@@ -507,35 +756,42 @@ impl GreetServer {
         // the only strong references, and each socket closes when the last
         // of them is done.
         let mut inline = None;
-        for index in 0..config.workers {
-            // One socket per worker, or one shared by all.
-            let own = index < sockets.len();
-            let Some(socket) = sockets.get(index).or(sockets.first()).cloned() else {
-                break;
-            };
-            let worker = ReceiveWorker {
-                index,
-                socket,
-                socket_index: if own { index } else { 0 },
-                handler: handler.clone(),
-                config: config.clone(),
-                shared: shared.clone(),
-                pool: pool.clone(),
-                reports_drops: own,
-            };
-            if on_this_thread && index == 0 {
-                inline = Some(worker);
-                continue;
+        for (k, listener) in listeners.into_iter().enumerate() {
+            let port = listener.config.local_addr.port();
+            for index in 0..layout.workers {
+                // One socket per worker, or one shared by all.
+                let own = index < listener.sockets.len();
+                let Some(socket) = listener
+                    .sockets
+                    .get(index)
+                    .or(listener.sockets.first())
+                    .cloned()
+                else {
+                    break;
+                };
+                let worker = ReceiveWorker {
+                    index: layout.worker_slot(k, index),
+                    socket,
+                    socket_index: listener.first_socket + if own { index } else { 0 },
+                    handler: handler.clone(),
+                    config: listener.config.clone(),
+                    shared: shared.clone(),
+                    pool: pool.clone(),
+                    reports_drops: own,
+                };
+                if on_this_thread && inline.is_none() {
+                    inline = Some(worker);
+                    continue;
+                }
+                // `udp:PORT/N`: fits Linux's 15-byte thread names, and tells
+                // servers apart in `top -H`.
+                spawn(
+                    &mut handle,
+                    format!("udp:{port}/{index}"),
+                    Box::new(move || worker.run()),
+                )?;
             }
-            // `udp:PORT/N`: fits Linux's 15-byte thread names, and tells
-            // servers apart in `top -H`.
-            spawn(
-                &mut handle,
-                format!("udp:{}/{index}", addr.port()),
-                Box::new(move || worker.run()),
-            )?;
         }
-        drop(sockets);
         if let Some(worker) = inline {
             handle.started(None);
             let _end = ThreadEnd(shared.clone());

@@ -64,6 +64,13 @@ pub(crate) struct SocketHook {
 /// A user's socket setting (see [`SocketHook`]).
 pub(crate) type HookFn = dyn Fn(&Socket) -> io::Result<()> + Send + Sync;
 
+// A hook runs only inside a bind, on the caller's thread, and a panic in it
+// reaches that caller (it is never caught and resumed by the crate): a
+// builder holding hooks is as unwind-safe as one without, as it was before
+// hooks existed.
+impl std::panic::UnwindSafe for SocketHook {}
+impl std::panic::RefUnwindSafe for SocketHook {}
+
 impl fmt::Debug for SocketHook {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_tuple("SocketHook").field(&self.setting).finish()
@@ -294,21 +301,65 @@ fn configured(addr: SocketAddr, opts: &SocketOptions) -> Result<Socket, Error> {
     Ok(socket)
 }
 
+/// Whether socket2 sets both `IP_TOS` and `IPV6_TCLASS` on this system.
+pub(crate) use traffic_class::SETS as SETS_TRAFFIC_CLASS;
 /// Marks what `socket` sends with `dscp` (ECN bits 0): `IP_TOS` on IPv4,
-/// `IPV6_TCLASS` on IPv6, and both on a dual-stack socket.
-pub(crate) fn set_reply_dscp(socket: &Socket, ipv6: bool, dscp: u8) -> io::Result<()> {
-    let class = u32::from(dscp) << 2;
-    if !ipv6 || !socket.only_v6()? {
-        socket.set_tos_v4(class)?;
+/// `IPV6_TCLASS` on IPv6, and both on a dual-stack socket. Unsupported
+/// where socket2 cannot set both (see [`SETS_TRAFFIC_CLASS`]).
+pub(crate) use traffic_class::set as set_reply_dscp;
+
+#[cfg(any(
+    target_os = "android",
+    target_os = "dragonfly",
+    target_os = "freebsd",
+    target_os = "fuchsia",
+    target_os = "illumos",
+    target_os = "linux",
+    target_os = "macos",
+    target_os = "netbsd",
+    target_os = "openbsd",
+))]
+mod traffic_class {
+    use std::io;
+
+    use socket2::Socket;
+
+    pub(crate) const SETS: bool = true;
+
+    pub(crate) fn set(socket: &Socket, ipv6: bool, dscp: u8) -> io::Result<()> {
+        let class = u32::from(dscp) << 2;
+        if !ipv6 || !socket.only_v6()? {
+            socket.set_tos_v4(class)?;
+        }
+        if ipv6 {
+            socket.set_tclass_v6(class)?;
+        }
+        Ok(())
     }
-    if ipv6 {
-        #[cfg(unix)]
-        socket.set_tclass_v6(class)?;
-        // Refused before any socket is made (see `ServerBuilder::reply_dscp`).
-        #[cfg(not(unix))]
-        return Err(io::ErrorKind::Unsupported.into());
+}
+
+#[cfg(not(any(
+    target_os = "android",
+    target_os = "dragonfly",
+    target_os = "freebsd",
+    target_os = "fuchsia",
+    target_os = "illumos",
+    target_os = "linux",
+    target_os = "macos",
+    target_os = "netbsd",
+    target_os = "openbsd",
+)))]
+mod traffic_class {
+    use std::io;
+
+    use socket2::Socket;
+
+    pub(crate) const SETS: bool = false;
+
+    /// Refused before any socket is made (see `ServerBuilder::reply_dscp`).
+    pub(crate) fn set(_: &Socket, _: bool, _: u8) -> io::Result<()> {
+        Err(io::ErrorKind::Unsupported.into())
     }
-    Ok(())
 }
 
 /// The largest buffer size the kernel takes: the option is a C `int`, and a

@@ -252,13 +252,17 @@ impl SharedStats {
     /// (acquire): the `received` it reads are at least as new as the
     /// outcomes and include every request it saw queued, none of whose
     /// outcomes it read; and every outcome counter only grows.
+    ///
+    /// With `only`, the sum is over those slots alone (one listener's).
     pub(crate) fn snapshot_with_queue(
         &self,
+        only: Option<&[usize]>,
         live_drops: impl Fn(usize) -> Option<u64>,
         queued: impl FnOnce() -> Option<usize>,
     ) -> Stats {
+        let chosen = |i: &usize| only.is_none_or(|only| only.contains(i));
         let mut sum = Stats::default();
-        for (i, slot) in self.slots.iter().enumerate() {
+        for (i, slot) in self.slots.iter().enumerate().filter(|(i, _)| chosen(i)) {
             let mut values = [0u64; FIELDS];
             for (field, (value, counter)) in values.iter_mut().zip(&slot.0).enumerate() {
                 if field != RECEIVED {
@@ -274,7 +278,7 @@ impl SharedStats {
             sum = sum.add(&Stats::from_array(values));
         }
         sum.queued = queued().unwrap_or(0) as u64;
-        for slot in self.slots.iter() {
+        for (_, slot) in self.slots.iter().enumerate().filter(|(i, _)| chosen(i)) {
             sum.received += slot.0[RECEIVED].load(Ordering::Acquire);
         }
         sum
@@ -351,7 +355,7 @@ mod tests {
         let shared = SharedStats::new(1);
         assert_eq!(
             shared
-                .snapshot_with_queue(|_| Some(5), || None)
+                .snapshot_with_queue(None, |_| Some(5), || None)
                 .kernel_drops,
             5
         );
@@ -362,7 +366,9 @@ mod tests {
         };
         shared.publish(0, &stopped);
         assert_eq!(
-            shared.snapshot_with_queue(|_| None, || None).kernel_drops,
+            shared
+                .snapshot_with_queue(None, |_| None, || None)
+                .kernel_drops,
             5
         );
     }

@@ -243,6 +243,56 @@ mod linux {
         server.shutdown().expect("shutdown");
     }
 
+    /// The scheduler state (`R`, `S`, ...) of this process's thread named
+    /// `name`, from `/proc`.
+    fn thread_state(name: &str) -> Option<char> {
+        std::fs::read_dir("/proc/self/task")
+            .ok()?
+            .filter_map(|task| task.ok())
+            .find(|task| {
+                std::fs::read_to_string(task.path().join("comm"))
+                    .is_ok_and(|comm| comm.trim_end() == name)
+            })
+            .and_then(|task| std::fs::read_to_string(task.path().join("stat")).ok())
+            .and_then(|stat| stat.rsplit_once(") ")?.1.chars().next())
+    }
+
+    #[test]
+    fn a_hook_cannot_leave_the_server_spinning() {
+        // A non-blocking socket is put back in blocking mode: the idle
+        // worker sleeps in the kernel (it would spin, always runnable).
+        for portable in [false, true] {
+            let server = GreetServer::builder()
+                .portable_io(portable)
+                .before_bind("O_NONBLOCK", |socket| socket.set_nonblocking(true))
+                .bind(V4)
+                .expect("bind")
+                .spawn(udp_greet::greet)
+                .expect("spawn");
+            let client = udp_greet::GreetClient::connect(server.local_addr()).expect("connect");
+            assert_eq!(client.send_recv(b"Tracy").expect("reply"), b"Hello, Tracy!");
+            let worker = format!("udp:{}/0", server.local_addr().port());
+            util::wait_until("the idle worker asleep in a blocking receive", || {
+                thread_state(&worker) == Some('S')
+            });
+            server.shutdown().expect("shutdown");
+        }
+        // A socket shut down for reading would give the worker nothing but
+        // errors: refused.
+        let err = GreetServer::builder()
+            .before_bind("SHUT_RD", |socket| {
+                let _ = socket.shutdown(std::net::Shutdown::Read);
+                Ok(())
+            })
+            .bind(V4)
+            .map(|_| ())
+            .expect_err("refused");
+        assert!(
+            matches!(&err, Error::InvalidConfig { setting, .. } if *setting == "ServerBuilder::before_bind"),
+            "{err:?}"
+        );
+    }
+
     #[cfg(feature = "tokio")]
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_async_server_reads_metadata_on_both_paths() {
@@ -326,11 +376,13 @@ fn settings_out_of_range_or_place_are_refused_before_any_socket() {
         );
     }
     // A hook cannot run before bind on a socket bound already; the hook
-    // is never called.
+    // is never called, and the refusal names it even after another
+    // setting that applies before bind.
     let called = Arc::new(AtomicUsize::new(0));
     let counted = called.clone();
     let socket = UdpSocket::bind(V4).expect("bind");
     let err = GreetServer::builder()
+        .reuse_address(false)
         .before_bind("IP_FREEBIND", move |_| {
             counted.fetch_add(1, Ordering::Relaxed);
             Ok(())

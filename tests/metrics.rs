@@ -22,21 +22,41 @@ impl HistogramFn for Count {
     }
 }
 
-/// A recorder that keeps every metric by name and `server` label.
+/// A metric's name and its `server` and `listener` labels.
+type Id = (String, String, String);
+
+/// A recorder that keeps every metric by name and labels.
 #[derive(Debug, Default)]
 struct Recorded {
-    counters: Mutex<HashMap<(String, String), Arc<AtomicU64>>>,
-    gauges: Mutex<HashMap<(String, String), Arc<AtomicU64>>>,
-    histograms: Mutex<HashMap<(String, String), Arc<Count>>>,
+    counters: Mutex<HashMap<Id, Arc<AtomicU64>>>,
+    gauges: Mutex<HashMap<Id, Arc<AtomicU64>>>,
+    histograms: Mutex<HashMap<Id, Arc<Count>>>,
 }
 
-fn id(key: &Key) -> (String, String) {
-    let server = key
-        .labels()
-        .find(|l| l.key() == "server")
-        .map(|l| l.value().to_owned())
-        .unwrap_or_default();
-    (key.name().to_owned(), server)
+fn id(key: &Key) -> Id {
+    let label = |name: &str| {
+        key.labels()
+            .find(|l| l.key() == name)
+            .map(|l| l.value().to_owned())
+            .unwrap_or_default()
+    };
+    (key.name().to_owned(), label("server"), label("listener"))
+}
+
+impl Recorded {
+    /// Counter `name` of `server`, summed over its listeners (or of the
+    /// one listener `listener`).
+    fn counter(&self, name: &str, server: &str, listener: Option<&str>) -> u64 {
+        self.counters
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|((n, s, l), _)| {
+                n == name && s == server && listener.is_none_or(|listener| l == listener)
+            })
+            .map(|(_, c)| c.load(Ordering::Relaxed))
+            .sum()
+    }
 }
 
 impl metrics::Recorder for Recorded {
@@ -90,14 +110,7 @@ fn counters_gauge_and_histograms_are_published() {
         let stats = server.shutdown().expect("shutdown");
         assert_balanced(&stats);
         let server = addr.to_string();
-        let counter = |name: &str| {
-            recorded
-                .counters
-                .lock()
-                .expect("lock")
-                .get(&(name.to_owned(), server.clone()))
-                .map_or(0, |c| c.load(Ordering::Relaxed))
-        };
+        let counter = |name: &str| recorded.counter(name, &server, Some(&server));
         assert_eq!(counter("udp_greet_received_total"), stats.received);
         assert_eq!(counter("udp_greet_replied_total"), stats.replied);
         assert_eq!(counter("udp_greet_handler_panics_total"), 1);
@@ -105,7 +118,11 @@ fn counters_gauge_and_histograms_are_published() {
             .gauges
             .lock()
             .expect("lock")
-            .get(&("udp_greet_in_flight".to_owned(), server.clone()))
+            .get(&(
+                "udp_greet_in_flight".to_owned(),
+                server.clone(),
+                server.clone(),
+            ))
             .map(|g| f64::from_bits(g.load(Ordering::Relaxed)));
         assert_eq!(gauge, Some(0.0), "nothing in flight once stopped");
         let histogram = |name: &str| {
@@ -113,10 +130,38 @@ fn counters_gauge_and_histograms_are_published() {
                 .histograms
                 .lock()
                 .expect("lock")
-                .get(&(name.to_owned(), server.clone()))
+                .get(&(name.to_owned(), server.clone(), server.clone()))
                 .map_or(0, |h| h.0.load(Ordering::Relaxed))
         };
         assert_eq!(histogram("udp_greet_handler_seconds"), 21);
         assert_eq!(histogram("udp_greet_queue_wait_seconds"), 21);
     }
+
+    // A server on two addresses: `server` names it by its first, and
+    // `listener` tells the two apart.
+    let server = GreetServer::builder()
+        .handler_pool(HandlerPool::threads(2))
+        .bind_all([V4, V4])
+        .expect("bind_all")
+        .spawn(udp_greet::greet)
+        .expect("spawn");
+    let addrs = server.local_addrs();
+    for (addr, calls) in addrs.iter().zip([3, 5]) {
+        let client = GreetClient::connect(*addr).expect("connect");
+        for _ in 0..calls {
+            client.send_recv(b"m").expect("reply");
+        }
+    }
+    let stats = server.shutdown().expect("shutdown");
+    assert_eq!(stats.replied, 8);
+    let name = addrs[0].to_string();
+    for (addr, calls) in addrs.iter().zip([3, 5]) {
+        let listener = addr.to_string();
+        assert_eq!(
+            recorded.counter("udp_greet_replied_total", &name, Some(&listener)),
+            calls,
+            "{listener}"
+        );
+    }
+    assert_eq!(recorded.counter("udp_greet_replied_total", &name, None), 8);
 }

@@ -59,3 +59,15 @@ fn the_async_greet_handler_and_its_future_are_send() {
     }
     sendable(udp_greet::tokio::greet);
 }
+
+/// Compiles only for a `T` that is unwind-safe by reference and by value.
+fn unwind_safe<T: std::panic::UnwindSafe + std::panic::RefUnwindSafe>() {}
+
+#[test]
+fn the_builders_are_unwind_safe() {
+    // As in 0.1, hooks (`before_bind`) or not: a builder can be used inside
+    // `catch_unwind`.
+    unwind_safe::<udp_greet::ServerBuilder>();
+    #[cfg(feature = "tokio")]
+    unwind_safe::<udp_greet::ServerBuilder<udp_greet::tokio::Tokio>>();
+}

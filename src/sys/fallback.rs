@@ -158,6 +158,11 @@ pub(crate) fn enable_pktinfo(_: &Socket, _: bool) -> io::Result<bool> {
     Ok(false)
 }
 
+/// Receive offload: there is none on this platform to turn off.
+pub(crate) fn disable_gro(_: &Socket) -> io::Result<()> {
+    Ok(())
+}
+
 /// Datagram metadata: not read on this platform (the server refuses the
 /// setting before it gets here).
 pub(crate) fn enable_metadata(_: &Socket, _: bool) -> io::Result<()> {

@@ -24,8 +24,8 @@ mod imp;
 mod imp;
 
 pub(crate) use imp::{
-    Batch, MAX_BATCH, QueuedError, Replies, enable_metadata, enable_pktinfo, enable_recverr,
-    is_shut_for_reading, kernel_drops, recv_error,
+    Batch, MAX_BATCH, QueuedError, Replies, disable_gro, enable_metadata, enable_pktinfo,
+    enable_recverr, is_shut_for_reading, kernel_drops, recv_error,
 };
 
 mod settings;

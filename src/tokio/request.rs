@@ -76,6 +76,7 @@ pub struct Request {
     data: Pooled,
     peer: SocketAddr,
     local: Option<IpAddr>,
+    listener: SocketAddr,
     metadata: Metadata,
     buffers: Arc<Buffers>,
 }
@@ -85,6 +86,7 @@ impl Request {
         data: Pooled,
         peer: SocketAddr,
         local: Option<IpAddr>,
+        listener: SocketAddr,
         metadata: Metadata,
         buffers: Arc<Buffers>,
     ) -> Self {
@@ -92,6 +94,7 @@ impl Request {
             data,
             peer,
             local,
+            listener,
             metadata,
             buffers,
         }
@@ -117,6 +120,21 @@ impl Request {
     #[must_use]
     pub fn local_ip(&self) -> Option<IpAddr> {
         self.local
+    }
+
+    /// The listener the datagram came in on, as
+    /// [`Request::listener`](crate::Request::listener) gives it.
+    #[must_use]
+    pub fn listener(&self) -> SocketAddr {
+        self.listener
+    }
+
+    /// The full address the datagram was sent to, as
+    /// [`Request::local_addr`](crate::Request::local_addr) gives it.
+    #[must_use]
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.local
+            .map(|ip| SocketAddr::new(ip, self.listener.port()))
     }
 
     /// What the network layer said about the datagram, as

@@ -67,6 +67,25 @@ impl ServerBuilder<Tokio> {
         })
     }
 
+    /// Binds one server to several addresses, as
+    /// [`ServerBuilder::bind_all`](crate::ServerBuilder::bind_all) does for
+    /// the blocking server: one listener per address, each with its own
+    /// receive tasks, all sharing one handler, one rate limiter, one
+    /// [`max_in_flight`](Limits::max_in_flight) and one set of counters.
+    ///
+    /// # Errors
+    ///
+    /// As [`ServerBuilder::bind_all`](crate::ServerBuilder::bind_all).
+    pub fn bind_all<A, I>(self, addrs: I) -> Result<GreetServer, Error>
+    where
+        A: ToSocketAddrs + fmt::Debug,
+        I: IntoIterator<Item = A>,
+    {
+        Ok(GreetServer {
+            bound: self.bind_listeners(addrs)?,
+        })
+    }
+
     /// Serves on a socket made elsewhere, as
     /// [`ServerBuilder::from_std`](crate::ServerBuilder::from_std) does for
     /// the blocking server.
@@ -138,10 +157,17 @@ impl GreetServer {
     }
 
     /// The address the server is bound to, with the real port when port 0
-    /// was asked for.
+    /// was asked for: the first, for a server on several.
     #[must_use]
     pub fn local_addr(&self) -> SocketAddr {
         self.bound.local_addr()
+    }
+
+    /// Every address the server is bound to, in the order given to
+    /// [`bind_all`](ServerBuilder::bind_all).
+    #[must_use]
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.bound.local_addrs()
     }
 
     /// Whether ICMP error reports about earlier replies are kept out of
@@ -270,9 +296,10 @@ impl GreetServer {
         F: Future<Output = Option<Reply>> + Send + 'static,
     {
         let Bound {
-            sockets,
+            listeners,
             config,
             shared,
+            layout,
         } = self.bound;
         let addr = config.local_addr;
         let runtime =
@@ -280,24 +307,26 @@ impl GreetServer {
         let handler = Arc::new(handler);
         let limits = config.limits().cloned().unwrap_or_default();
         let permits = Permits::new(limits.max_in_flight);
-        let mut workers = Vec::with_capacity(sockets.len());
-        for (index, socket) in sockets.iter().enumerate() {
-            let registered = register(socket, &runtime).map_err(|source| Error::Socket {
-                action: "register with the tokio runtime",
-                addr,
-                source,
-            })?;
-            workers.push(ReceiveTask::new(
-                index,
-                registered,
-                socket.clone(),
-                handler.clone(),
-                &config,
-                &shared,
-                permits.clone(),
-            ));
+        let mut workers = Vec::new();
+        for (k, listener) in listeners.into_iter().enumerate() {
+            let addr = listener.config.local_addr;
+            for (index, socket) in listener.sockets.into_iter().enumerate() {
+                let registered = register(&socket, &runtime).map_err(|source| Error::Socket {
+                    action: "register with the tokio runtime",
+                    addr,
+                    source,
+                })?;
+                workers.push(ReceiveTask::new(
+                    layout.worker_slot(k, index),
+                    registered,
+                    socket,
+                    handler.clone(),
+                    &listener.config,
+                    &shared,
+                    permits.clone(),
+                ));
+            }
         }
-        drop(sockets);
         let tasks = workers
             .into_iter()
             .map(|worker| Some(runtime.spawn(worker.run())))
@@ -349,10 +378,17 @@ impl fmt::Debug for ServerHandle {
 }
 
 impl ServerHandle {
-    /// The address the server is bound to.
+    /// The address the server is bound to: the first, for a server on
+    /// several.
     #[must_use]
     pub fn local_addr(&self) -> SocketAddr {
         self.control.local_addr()
+    }
+
+    /// Every address the server is bound to, in the order bound.
+    #[must_use]
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.control.local_addrs()
     }
 
     /// The server's counters now.
@@ -724,6 +760,7 @@ where
             data,
             datagram.peer,
             self.processor.local_ip(datagram),
+            self.processor.listener(),
             self.processor.metadata(datagram),
             self.buffers.clone(),
         );

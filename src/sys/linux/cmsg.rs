@@ -71,14 +71,17 @@ pub(crate) fn enable_pktinfo(socket: &Socket, ipv6: bool) -> io::Result<()> {
 }
 
 fn set_flag(socket: &Socket, level: c_int, name: c_int) -> io::Result<()> {
-    let on: c_int = 1;
-    // SAFETY: `on` is a live `c_int` and the length given is its size.
+    set_int(socket, level, name, 1)
+}
+
+fn set_int(socket: &Socket, level: c_int, name: c_int, value: c_int) -> io::Result<()> {
+    // SAFETY: `value` is a live `c_int` and the length given is its size.
     let rc = unsafe {
         libc::setsockopt(
             socket.as_raw_fd(),
             level,
             name,
-            ptr::from_ref(&on).cast::<c_void>(),
+            ptr::from_ref(&value).cast::<c_void>(),
             mem::size_of::<c_int>() as socklen_t,
         )
     };
@@ -175,6 +178,17 @@ pub(crate) fn parse<const N: usize>(control: &CmsgBuf<N>, len: usize) -> Arrival
         }
     }
     arrival
+}
+
+/// Turns receive offload (`UDP_GRO`) off: with it, the kernel hands
+/// several datagrams of one peer over as one buffer, which a server would
+/// take for one request. A kernel without the option (before 5.0) has it
+/// off already.
+pub(crate) fn disable_gro(socket: &Socket) -> io::Result<()> {
+    match set_int(socket, libc::SOL_UDP, libc::UDP_GRO, 0) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOPROTOOPT) => Ok(()),
+        done => done,
+    }
 }
 
 /// A C `int` control message that holds a byte's value (a TTL, a hop
@@ -368,6 +382,40 @@ mod tests {
         }
         let mut empty = SendCmsg::EMPTY;
         assert_eq!(write(&mut empty, &Arrival::default(), None), 0);
+    }
+
+    /// The value of an `int` socket option.
+    fn get_int(socket: &Socket, level: c_int, name: c_int) -> io::Result<c_int> {
+        let mut value: c_int = 0;
+        let mut len = mem::size_of::<c_int>() as socklen_t;
+        // SAFETY: `value` and `len` are live, and `len` is `value`'s size.
+        let rc = unsafe {
+            libc::getsockopt(
+                socket.as_raw_fd(),
+                level,
+                name,
+                ptr::from_mut(&mut value).cast::<c_void>(),
+                &mut len,
+            )
+        };
+        if rc == 0 {
+            Ok(value)
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    #[test]
+    fn receive_offload_is_turned_off() {
+        let socket =
+            Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).expect("socket");
+        let Ok(()) = set_int(&socket, libc::SOL_UDP, libc::UDP_GRO, 1) else {
+            eprintln!("note: this kernel has no UDP_GRO; nothing to turn off");
+            return;
+        };
+        assert_eq!(get_int(&socket, libc::SOL_UDP, libc::UDP_GRO).ok(), Some(1));
+        disable_gro(&socket).expect("UDP_GRO off");
+        assert_eq!(get_int(&socket, libc::SOL_UDP, libc::UDP_GRO).ok(), Some(0));
     }
 
     #[test]

@@ -178,6 +178,12 @@ pub(crate) fn enable_pktinfo(socket: &Socket, ipv6: bool) -> io::Result<bool> {
     cmsg::enable_pktinfo(socket, ipv6).map(|()| true)
 }
 
+/// Turns receive offload (`UDP_GRO`) off, so that each datagram is
+/// received as one.
+pub(crate) fn disable_gro(socket: &Socket) -> io::Result<()> {
+    cmsg::disable_gro(socket)
+}
+
 /// Asks the kernel to report each datagram's TOS or traffic class, TTL or
 /// hop limit, and arrival interface (and its arrival address).
 pub(crate) fn enable_metadata(socket: &Socket, ipv6: bool) -> io::Result<()> {
