@@ -29,29 +29,40 @@ struct Options {
     names: Vec<String>,
 }
 
-fn parse(mut args: impl Iterator<Item = String>) -> Result<Option<Options>, String> {
+/// The options on the command line; `None` when help was asked for.
+fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Option<Options>, String> {
+    use lexopt::prelude::*;
+
     let mut options = Options {
         server: "127.0.0.1:9999".to_owned(),
         busy_poll_us: 0,
         names: Vec::new(),
     };
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--help" | "-h" => return Ok(None),
-            "--server" => {
-                options.server = args
-                    .next()
-                    .ok_or("--server needs an address, such as 127.0.0.1:9999")?;
+    let mut parser = lexopt::Parser::from_args(args);
+    while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
+        match arg {
+            Short('h') | Long("help") => return Ok(None),
+            Long("server") => {
+                let addr = parser
+                    .value()
+                    .map_err(|e| format!("{e}: an address, such as 127.0.0.1:9999"))?;
+                options.server = addr.string().map_err(|e| e.to_string())?;
             }
-            "--busy-poll-us" => {
-                options.busy_poll_us = args
-                    .next()
-                    .and_then(|n| n.parse().ok())
-                    .ok_or("--busy-poll-us needs a number of microseconds, such as 200")?;
+            Long("busy-poll-us") => {
+                let value = parser
+                    .value()
+                    .map_err(|e| format!("{e}: a number of microseconds, such as 200"))?;
+                let text = value.to_string_lossy();
+                options.busy_poll_us = text.parse().map_err(|_| {
+                    format!("{text:?} is not a number of microseconds, such as 200")
+                })?;
             }
-            "--" => options.names.extend(args.by_ref()),
-            flag if flag.starts_with("--") => return Err(format!("unknown option {flag:?}")),
-            name => options.names.push(name.to_owned()),
+            // A name is sent as it is, its bytes unchanged: lexopt hands
+            // everything after `--` over as values too.
+            Value(name) => options
+                .names
+                .push(name.string().map_err(|e| e.to_string())?),
+            other => return Err(other.unexpected().to_string()),
         }
     }
     if options.names.is_empty() {
@@ -61,7 +72,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Option<Options>, Stri
 }
 
 fn main() -> ExitCode {
-    let options = match parse(std::env::args().skip(1)) {
+    let options = match parse(std::env::args_os().skip(1)) {
         Ok(Some(options)) => options,
         Ok(None) => {
             println!("{USAGE}");

@@ -5,7 +5,7 @@
 //! interrupted (Ctrl-C).
 //!
 //! ```text
-//! cargo run --example udp_server -- [--bind ADDR] [--workers N] [--threads N] [--busy-poll-us N] [--quiet]
+//! cargo run --example udp_server -- [--listen ADDR]... [--workers N] [--threads N] [--busy-poll-us N] [--quiet]
 //! ```
 
 use std::io::Write;
@@ -14,72 +14,87 @@ use std::process::ExitCode;
 use udp_greet::{GreetServer, HandlerPool, Request};
 
 const USAGE: &str = "\
-usage: udp_server [--bind ADDR] [--workers N] [--threads N] [--busy-poll-us N] [--quiet]
+usage: udp_server [--listen ADDR]... [--workers N] [--threads N] [--busy-poll-us N] [--quiet]
 
 Answers each UDP datagram with `Hello, <datagram>!`.
 
 options:
-  --bind ADDR   address to listen on (default 127.0.0.1:9999; port 0 picks a free port)
-  --workers N   receive with N threads (default 1)
+  --listen ADDR address to listen on; give it again to listen on several
+                (IPv4 and IPv6, other ports) with one server (default
+                127.0.0.1:9999; port 0 picks a free port). --bind is the
+                same option
+  --workers N   receive with N threads on each address (default 1)
   --threads N   run the handler on a pool of N threads (default 0: on the
                 receiving threads)
   --busy-poll-us N
                 after handling requests, poll for more for N microseconds
                 before sleeping (latency mode; uses a core per thread meanwhile)
   --quiet       do not print a line per datagram
-  --help        print this help";
+  --help        print this help
+
+It prints `Bind UDP on PORT...` for each address, in the order given.";
 
 struct Options {
-    bind: String,
+    listen: Vec<String>,
     workers: usize,
     threads: usize,
     busy_poll_us: u64,
     quiet: bool,
 }
 
-fn parse(mut args: impl Iterator<Item = String>) -> Result<Option<Options>, String> {
+/// The options on the command line; `None` when help was asked for.
+fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Option<Options>, String> {
+    use lexopt::prelude::*;
+
     let mut options = Options {
-        bind: "127.0.0.1:9999".to_owned(),
+        listen: Vec::new(),
         workers: 1,
         threads: 0,
         busy_poll_us: 0,
         quiet: false,
     };
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--help" | "-h" => return Ok(None),
-            "--quiet" | "-q" => options.quiet = true,
-            "--bind" => {
-                options.bind = args
-                    .next()
-                    .ok_or("--bind needs an address, such as 127.0.0.1:9999")?;
+    let mut parser = lexopt::Parser::from_args(args);
+    while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
+        match arg {
+            Short('h') | Long("help") => return Ok(None),
+            Short('q') | Long("quiet") => options.quiet = true,
+            Long("listen" | "bind") => {
+                let addr = parser
+                    .value()
+                    .map_err(|e| format!("{e}: an address, such as 127.0.0.1:9999"))?;
+                options
+                    .listen
+                    .push(addr.string().map_err(|e| e.to_string())?);
             }
-            "--workers" => {
-                options.workers = args
-                    .next()
-                    .and_then(|n| n.parse().ok())
-                    .ok_or("--workers needs a number of threads, such as 2")?;
+            Long("workers") => {
+                options.workers = number(&mut parser, "a number of threads, such as 2")?;
             }
-            "--busy-poll-us" => {
-                options.busy_poll_us = args
-                    .next()
-                    .and_then(|n| n.parse().ok())
-                    .ok_or("--busy-poll-us needs a number of microseconds, such as 200")?;
+            Long("threads") => {
+                options.threads = number(&mut parser, "a number of handler threads, such as 8")?;
             }
-            "--threads" => {
-                options.threads = args
-                    .next()
-                    .and_then(|n| n.parse().ok())
-                    .ok_or("--threads needs a number of handler threads, such as 8")?;
+            Long("busy-poll-us") => {
+                options.busy_poll_us =
+                    number(&mut parser, "a number of microseconds, such as 200")?;
             }
-            other => return Err(format!("unexpected argument {other:?}")),
+            other => return Err(other.unexpected().to_string()),
         }
+    }
+    if options.listen.is_empty() {
+        options.listen.push("127.0.0.1:9999".to_owned());
     }
     Ok(Some(options))
 }
 
+/// The value of the option just read, as a number: `what` says what it
+/// should be.
+fn number<T: std::str::FromStr>(parser: &mut lexopt::Parser, what: &str) -> Result<T, String> {
+    let value = parser.value().map_err(|e| format!("{e}: {what}"))?;
+    let text = value.to_string_lossy();
+    text.parse().map_err(|_| format!("{text:?} is not {what}"))
+}
+
 fn main() -> ExitCode {
-    let options = match parse(std::env::args().skip(1)) {
+    let options = match parse(std::env::args_os().skip(1)) {
         Ok(Some(options)) => options,
         Ok(None) => {
             println!("{USAGE}");
@@ -104,11 +119,10 @@ fn run(options: &Options) -> Result<(), udp_greet::Error> {
         .workers(options.workers)
         .handler_pool((options.threads > 0).then(|| HandlerPool::threads(options.threads)))
         .busy_poll(std::time::Duration::from_micros(options.busy_poll_us))
-        .bind(options.bind.as_str())?;
-    say(format_args!(
-        "Bind UDP on {}...",
-        server.local_addr().port()
-    ));
+        .bind_all(options.listen.iter().map(String::as_str))?;
+    for addr in server.local_addrs() {
+        say(format_args!("Bind UDP on {}...", addr.port()));
+    }
     let quiet = options.quiet;
     server.serve(move |request: Request<'_>, reply: &mut Vec<u8>| {
         if !quiet {

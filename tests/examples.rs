@@ -130,6 +130,52 @@ fn client_and_server_examples_talk_as_the_originals_did() {
 }
 
 #[test]
+fn the_server_listens_on_every_address_given() {
+    // `--listen` twice, and `--bind`, its other name: three addresses, a
+    // line each, in order, and each one answers.
+    let (mut server, first) = Server::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--quiet",
+        "--listen=127.0.0.1:0",
+        "--bind",
+        "127.0.0.1:0",
+    ]);
+    let mut addrs = vec![first];
+    for _ in 0..2 {
+        let line = server.line();
+        let port: u16 = line
+            .strip_prefix("Bind UDP on ")
+            .and_then(|rest| rest.strip_suffix("..."))
+            .and_then(|port| port.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected line {line:?}"));
+        addrs.push(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    for addr in &addrs {
+        let mut client = example("udp_client");
+        client.args(["--server", &addr.to_string(), "Tracy"]);
+        let out = run(client);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "Hello, Tracy!\n",
+            "{out:?}"
+        );
+    }
+    let mut help = example("udp_server");
+    help.arg("--help");
+    let usage = String::from_utf8_lossy(&run(help).stdout).into_owned();
+    for option in [
+        "--listen ADDR",
+        "--workers N",
+        "--threads N",
+        "--busy-poll-us N",
+        "--quiet",
+    ] {
+        assert!(usage.contains(option), "{option} missing from:\n{usage}");
+    }
+}
+
+#[test]
 fn client_takes_names_and_the_server_answers_a_raw_peer() {
     let (_server, addr) = Server::start(&["--bind", "127.0.0.1:0", "--quiet"]);
     let mut client = example("udp_client");
