@@ -29,6 +29,10 @@ options:
   --busy-poll-us N
                 after handling requests, poll for more for N microseconds
                 before sleeping (latency mode; uses a core per thread meanwhile)
+  --activated[=NAME]
+                serve the UDP sockets the service manager passed (systemd
+                socket activation; those named NAME only), instead of
+                --listen; with the `systemd` feature
   --quiet       do not print a line per datagram
   --help        print this help
 
@@ -36,6 +40,8 @@ It prints `Bind UDP on PORT...` for each address, in the order given.";
 
 struct Options {
     listen: Vec<String>,
+    /// Serve the activated sockets (`Some(None)`: all of them).
+    activated: Option<Option<String>>,
     workers: usize,
     threads: usize,
     busy_poll_us: u64,
@@ -48,6 +54,7 @@ fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Option<Op
 
     let mut options = Options {
         listen: Vec::new(),
+        activated: None,
         workers: 1,
         threads: 0,
         busy_poll_us: 0,
@@ -66,6 +73,10 @@ fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Option<Op
                     .listen
                     .push(addr.string().map_err(|e| e.to_string())?);
             }
+            Long("activated") => {
+                let name = parser.optional_value().map(|n| n.string()).transpose();
+                options.activated = Some(name.map_err(|e| e.to_string())?);
+            }
             Long("workers") => {
                 options.workers = number(&mut parser, "a number of threads, such as 2")?;
             }
@@ -78,6 +89,9 @@ fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Option<Op
             }
             other => return Err(other.unexpected().to_string()),
         }
+    }
+    if options.activated.is_some() && !options.listen.is_empty() {
+        return Err("--activated serves the sockets passed in: leave out --listen".to_owned());
     }
     if options.listen.is_empty() {
         options.listen.push("127.0.0.1:9999".to_owned());
@@ -115,11 +129,14 @@ fn main() -> ExitCode {
 }
 
 fn run(options: &Options) -> Result<(), udp_greet::Error> {
-    let server = GreetServer::builder()
+    let builder = GreetServer::builder()
         .workers(options.workers)
         .handler_pool((options.threads > 0).then(|| HandlerPool::threads(options.threads)))
-        .busy_poll(std::time::Duration::from_micros(options.busy_poll_us))
-        .bind_all(options.listen.iter().map(String::as_str))?;
+        .busy_poll(std::time::Duration::from_micros(options.busy_poll_us));
+    let server = match &options.activated {
+        Some(name) => activated(builder, name.as_deref())?,
+        None => builder.bind_all(options.listen.iter().map(String::as_str))?,
+    };
     for addr in server.local_addrs() {
         say(format_args!("Bind UDP on {}...", addr.port()));
     }
@@ -131,6 +148,26 @@ fn run(options: &Options) -> Result<(), udp_greet::Error> {
         udp_greet::greet(request, reply)
     })?;
     Ok(())
+}
+
+/// A server on the UDP sockets the service manager passed (named `name`,
+/// or all), telling it when it is ready, stopping, and alive.
+#[cfg(all(feature = "systemd", unix))]
+fn activated(
+    builder: udp_greet::ServerBuilder,
+    name: Option<&str>,
+) -> Result<GreetServer, udp_greet::Error> {
+    let sockets = udp_greet::systemd::Activated::take()?.take_udp(name);
+    builder.notify_service_manager(true).from_std_all(sockets)
+}
+
+#[cfg(not(all(feature = "systemd", unix)))]
+fn activated(
+    _: udp_greet::ServerBuilder,
+    _: Option<&str>,
+) -> Result<GreetServer, udp_greet::Error> {
+    eprintln!("udp_server: --activated needs the `systemd` feature (on Unix)");
+    std::process::exit(2)
 }
 
 /// Prints a line; a closed standard output is not worth stopping the server for.

@@ -57,8 +57,10 @@ impl<H: HandlerFn> ReceiveWorker<H> {
             config.control,
         );
         let mut poll = PollWindow::new(config.busy_poll);
+        self.shared.worker_started();
         while !self.shared.is_stopped() {
             let polling = poll.poll_now(|| self.publish(&mut processor));
+            self.shared.beat(self.index, !polling);
             let count = match source.recv(&self.socket, polling) {
                 Ok(count) => count,
                 Err(err) if polling && crate::error::is_timeout(&err) => {
@@ -75,6 +77,7 @@ impl<H: HandlerFn> ReceiveWorker<H> {
                 }
             };
             let arrived = Instant::now();
+            self.shared.beat(self.index, false);
             processor.totals.received += count as u64;
             if count > 0 {
                 // Published before any request is handled or handed on: a
@@ -129,6 +132,7 @@ impl<H: HandlerFn> ReceiveWorker<H> {
                 source.queue_reply(i, true);
             }
             clock = Instant::now();
+            self.shared.beat(self.index, false);
             processor.handled_at(clock);
             if source.queued() == 0 {
                 unsent_since = clock;
@@ -211,6 +215,9 @@ impl<H: HandlerFn> PoolThread<H> {
         let max_wait = config.pool().and_then(HandlerPool::max_wait);
         let threads = config.pool().map_or(1, HandlerPool::thread_count);
         let mut poll = PollWindow::new(config.busy_poll);
+        // The listener of the last request taken: its counters are the
+        // ones to publish, and its polling window the one open.
+        let mut last = 0;
         loop {
             let taken = if out.replies.queued() > 0 {
                 match self.pool.try_take() {
@@ -221,11 +228,11 @@ impl<H: HandlerFn> PoolThread<H> {
                         continue;
                     }
                 }
-            } else if poll.poll_now(|| self.publish(&mut processors)) {
+            } else if poll.poll_now(|| publish_one(&mut processors, last)) {
                 match self.pool.try_take() {
                     Some(taken) => taken,
                     None => {
-                        if let Some(processor) = processors.first_mut() {
+                        if let Some(processor) = processors.get_mut(last) {
                             processor.totals.busy_poll_misses += 1;
                         }
                         std::hint::spin_loop();
@@ -238,10 +245,14 @@ impl<H: HandlerFn> PoolThread<H> {
             match taken {
                 Taken::Closed => {
                     self.flush(&mut processors, &mut out);
+                    for processor in &mut processors {
+                        processor.publish(None);
+                    }
                     break;
                 }
                 Taken::Late(job) => {
-                    if let Some(processor) = self.processor_for(&mut processors, job.socket) {
+                    last = self.listener_of(job.socket).unwrap_or(last);
+                    if let Some(processor) = processors.get_mut(last) {
                         processor.totals.shutdown_dropped += 1;
                     }
                     self.pool.give_back(job);
@@ -257,7 +268,8 @@ impl<H: HandlerFn> PoolThread<H> {
                     {
                         self.flush(&mut processors, &mut out);
                     }
-                    let Some(processor) = self.processor_for(&mut processors, job.socket) else {
+                    last = self.listener_of(job.socket).unwrap_or(last);
+                    let Some(processor) = processors.get_mut(last) else {
                         self.pool.give_back(job);
                         continue;
                     };
@@ -297,32 +309,22 @@ impl<H: HandlerFn> PoolThread<H> {
                     self.pool.give_back(job);
                 }
             }
-            self.publish(&mut processors);
+            publish_one(&mut processors, last);
         }
     }
 
-    /// The counters of the listener that socket `socket` belongs to.
-    fn processor_for<'p>(
-        &self,
-        processors: &'p mut [Processor],
-        socket: usize,
-    ) -> Option<&'p mut Processor> {
-        let listener = *self.socket_listener.get(socket)?;
-        processors.get_mut(listener)
-    }
-
-    fn publish(&self, processors: &mut [Processor]) {
-        for processor in processors {
-            processor.publish(None);
-        }
+    /// The listener that socket `socket` belongs to.
+    fn listener_of(&self, socket: usize) -> Option<usize> {
+        self.socket_listener.get(socket).copied()
     }
 
     /// Sends the replies gathered so far, through the socket their requests
     /// came in on (all of them came in on one).
     fn flush(&self, processors: &mut [Processor], out: &mut Outgoing) {
+        let listener = self.listener_of(out.socket);
         if out.replies.queued() > 0 {
             let socket = self.sockets.get(out.socket).and_then(Weak::upgrade);
-            if let Some(processor) = self.processor_for(processors, out.socket) {
+            if let Some(processor) = listener.and_then(|k| processors.get_mut(k)) {
                 match socket {
                     Some(socket) => {
                         let sent = out.replies.send(&socket);
@@ -342,7 +344,17 @@ impl<H: HandlerFn> PoolThread<H> {
         out.replies.trim(out.used);
         out.used = 0;
         out.since = None;
-        self.publish(processors);
+        if let Some(listener) = listener {
+            publish_one(processors, listener);
+        }
+    }
+}
+
+/// Publishes the counters of listener `listener` (a handler thread's
+/// others have not changed since they were last published).
+fn publish_one(processors: &mut [Processor], listener: usize) {
+    if let Some(processor) = processors.get_mut(listener) {
+        processor.publish(None);
     }
 }
 

@@ -89,6 +89,8 @@ pub struct ServerBuilder<E: Engine = Blocking> {
     pub(crate) metadata: bool,
     /// The DSCP replies are marked with.
     pub(crate) reply_dscp: Option<u8>,
+    /// Tell the service manager how the server is (feature `systemd`).
+    pub(crate) notify: bool,
     /// The first setting made that applies before bind only, if any: a
     /// socket made elsewhere ([`from_std`](ServerBuilder::from_std)) cannot
     /// take it.
@@ -146,6 +148,7 @@ impl<E: Engine> ServerBuilder<E> {
             busy_poll: None,
             metadata: false,
             reply_dscp: None,
+            notify: false,
             pre_bind: None,
             dispatch,
             engine: PhantomData,
@@ -298,6 +301,30 @@ impl<E: Engine> ServerBuilder<E> {
     /// to off.
     pub fn recv_metadata(mut self, on: bool) -> Self {
         self.metadata = on;
+        self
+    }
+
+    /// Tells the service manager how the server is, in systemd's protocol
+    /// (feature `systemd`, Unix; nothing happens without `NOTIFY_SOCKET`
+    /// in the environment):
+    ///
+    /// - `READY=1` once every receive worker (of every listener) has begun
+    ///   to receive, for a unit of `Type=notify`;
+    /// - `STOPPING=1` when shutdown begins;
+    /// - with `WatchdogSec=` (`WATCHDOG_USEC`), `WATCHDOG=1` every half
+    ///   interval while, and only while, every receive worker is alive and
+    ///   receiving: waiting for datagrams, or having made progress within
+    ///   the half interval. A worker stuck in a handler (inline) stops the
+    ///   pings, with a `STATUS=` line that says which, so that the manager
+    ///   restarts the wedged server; they resume, with `STATUS=serving`, if
+    ///   it recovers in time.
+    ///
+    /// A message the manager does not take is dropped: the server goes on.
+    /// Defaults to off.
+    #[cfg(all(feature = "systemd", unix))]
+    #[cfg_attr(docsrs, doc(cfg(all(feature = "systemd", unix))))]
+    pub fn notify_service_manager(mut self, on: bool) -> Self {
+        self.notify = on;
         self
     }
 

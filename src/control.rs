@@ -29,9 +29,9 @@ pub(crate) struct Shared {
     /// Weak, so that a handle never keeps a socket (and its port) open after
     /// the worker that owns it has finished.
     sockets: Vec<Weak<Socket>>,
-    /// For each counter slot that reports a socket's kernel drops, that
-    /// socket (weak, likewise).
-    drops: Vec<(usize, Weak<Socket>)>,
+    /// By counter slot: the socket whose kernel drops the slot reports, if
+    /// any (weak, likewise).
+    drops: Vec<Option<Weak<Socket>>>,
     /// Each listener's address and counter slots, in the order bound.
     listeners: Vec<ListenerSlots>,
     pub(crate) stats: Arc<SharedStats>,
@@ -44,6 +44,9 @@ pub(crate) struct Shared {
     /// Wakes the async server's tasks when `stop` is set.
     #[cfg(feature = "tokio")]
     pub(crate) stopping: Arc<tokio::sync::Notify>,
+    /// What the server tells its service manager, if it was asked to.
+    #[cfg(all(feature = "systemd", unix))]
+    pub(crate) service: Option<crate::systemd::Service>,
 }
 
 impl Shared {
@@ -56,15 +59,21 @@ impl Shared {
         listeners: Vec<ListenerSlots>,
         slots: usize,
         pool: Option<(Arc<Pool>, Duration)>,
+        #[cfg_attr(not(all(feature = "systemd", unix)), allow(unused_variables))] notify: Notify,
     ) -> Arc<Shared> {
         Arc::new(Shared {
             stop: AtomicBool::new(false),
             abandoned: AtomicBool::new(false),
             sockets: sockets.iter().map(Arc::downgrade).collect(),
-            drops: drops
-                .iter()
-                .map(|(slot, socket)| (*slot, Arc::downgrade(socket)))
-                .collect(),
+            drops: {
+                let mut by_slot = vec![None; slots];
+                for (slot, socket) in drops {
+                    if let Some(place) = by_slot.get_mut(*slot) {
+                        *place = Some(Arc::downgrade(socket));
+                    }
+                }
+                by_slot
+            },
             listeners,
             stats: SharedStats::new(slots),
             pool,
@@ -72,7 +81,40 @@ impl Shared {
             ended_changed: Condvar::new(),
             #[cfg(feature = "tokio")]
             stopping: Arc::new(tokio::sync::Notify::new()),
+            #[cfg(all(feature = "systemd", unix))]
+            service: notify
+                .on
+                .then(|| crate::systemd::Service::from_env(notify.receive_workers)),
         })
+    }
+
+    /// A receive worker (or task) is about to receive for the first time.
+    pub(crate) fn worker_started(&self) {
+        #[cfg(all(feature = "systemd", unix))]
+        if let Some(service) = &self.service {
+            service.started();
+        }
+    }
+
+    /// Receive worker `slot` is making progress; `waiting`: it is about to
+    /// wait for datagrams (for the service manager's watchdog; nothing
+    /// without one).
+    #[inline]
+    #[allow(unused_variables)]
+    pub(crate) fn beat(&self, slot: usize, waiting: bool) {
+        #[cfg(all(feature = "systemd", unix))]
+        if let Some(service) = &self.service {
+            service.beat(slot, Instant::now(), waiting);
+        }
+    }
+
+    /// Starts what watches the server for the service manager, if anything
+    /// does: a thread named `name`.
+    #[allow(unused_variables)]
+    pub(crate) fn start_watchdog(self: &Arc<Self>, name: String) -> Result<(), Error> {
+        #[cfg(all(feature = "systemd", unix))]
+        crate::systemd::Service::start_watchdog(self, name)?;
+        Ok(())
     }
 
     fn ending(&self) -> MutexGuard<'_, Ending> {
@@ -156,8 +198,7 @@ impl Shared {
     /// The kernel's drop count of the socket whose drops counter slot
     /// `slot` reports, while that socket is open.
     fn live_drops(&self, slot: usize) -> Option<u64> {
-        let (_, socket) = self.drops.iter().find(|(s, _)| *s == slot)?;
-        let socket = socket.upgrade()?;
+        let socket = self.drops.get(slot)?.as_ref()?.upgrade()?;
         sys::kernel_drops(&socket)
     }
 
@@ -196,6 +237,10 @@ impl Shared {
         if self.stop.swap(true, Ordering::AcqRel) {
             return;
         }
+        #[cfg(all(feature = "systemd", unix))]
+        if let Some(service) = &self.service {
+            service.stopping();
+        }
         #[cfg(feature = "tokio")]
         self.stopping.notify_waiters();
         for socket in self.sockets.iter().filter_map(Weak::upgrade) {
@@ -212,6 +257,17 @@ impl Shared {
     pub(crate) fn latency(&self) -> Latency {
         self.stats.latency()
     }
+}
+
+/// Whether a server tells its service manager how it is
+/// (`notify_service_manager`, feature `systemd`), and how many receive
+/// workers it has.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Notify {
+    #[cfg_attr(not(all(feature = "systemd", unix)), allow(dead_code))]
+    pub(crate) on: bool,
+    #[cfg_attr(not(all(feature = "systemd", unix)), allow(dead_code))]
+    pub(crate) receive_workers: usize,
 }
 
 /// One listener's address and the counter slots of its requests.

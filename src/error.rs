@@ -98,15 +98,22 @@ pub enum Error {
         reason: &'static str,
     },
 
-    /// A builder setting is out of range.
+    /// A builder setting is out of range, or does not fit the socket or
+    /// the address it was used with.
     #[non_exhaustive]
-    #[error("invalid setting {setting}: {reason}")]
+    #[error(
+        "invalid setting {setting}{}: {reason}",
+        addr.map(|addr| format!(" for {addr}")).unwrap_or_default()
+    )]
     InvalidConfig {
         /// The method that set the wrong value, with its type, such as
         /// `ServerBuilder::workers` or `RateLimit::table_size`.
         setting: &'static str,
         /// What the value must be.
         reason: &'static str,
+        /// The address it did not fit, where it is about one (such as an
+        /// address given twice to `bind_all`).
+        addr: Option<SocketAddr>,
     },
 
     /// No reply arrived in time, after every attempt.
@@ -266,6 +273,20 @@ pub enum Error {
         addr: SocketAddr,
     },
 
+    /// The sockets a service manager passed to this process could not be
+    /// taken ([`systemd::Activated::take`](crate::systemd::Activated::take)).
+    #[cfg(all(feature = "systemd", unix))]
+    #[cfg_attr(docsrs, doc(cfg(all(feature = "systemd", unix))))]
+    #[non_exhaustive]
+    #[error("cannot take the sockets the service manager passed: cannot {what}")]
+    Activation {
+        /// What failed, such as `read LISTEN_FDS, LISTEN_PID and LISTEN_FDNAMES`.
+        what: &'static str,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+
     /// Any other I/O error, with the operation and the address it was about.
     #[non_exhaustive]
     #[error("{action} {addr} failed")]
@@ -378,6 +399,8 @@ impl Error {
             | Error::Spawn { source, .. }
             | Error::Io { source, .. } => source.kind(),
             Error::WorkerPanicked { .. } => ErrorKind::Other,
+            #[cfg(all(feature = "systemd", unix))]
+            Error::Activation { source, .. } => source.kind(),
             #[cfg(feature = "tokio")]
             Error::NoRuntime { .. } => ErrorKind::Other,
             #[cfg(feature = "tokio")]
@@ -400,6 +423,23 @@ impl Error {
     /// [`Error::InvalidConfig`] for `setting` (`Type::method`), which must
     /// be as `reason` says.
     pub(crate) fn invalid(setting: &'static str, reason: &'static str) -> Error {
-        Error::InvalidConfig { setting, reason }
+        Error::InvalidConfig {
+            setting,
+            reason,
+            addr: None,
+        }
+    }
+
+    /// [`Error::InvalidConfig`] for `setting`, which does not fit `addr`.
+    pub(crate) fn invalid_for(
+        setting: &'static str,
+        addr: SocketAddr,
+        reason: &'static str,
+    ) -> Error {
+        Error::InvalidConfig {
+            setting,
+            reason,
+            addr: Some(addr),
+        }
     }
 }

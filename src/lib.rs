@@ -74,7 +74,12 @@
 //! - `metrics`: publishes every counter of [`Stats`], the requests in
 //!   flight and both latency histograms through the
 //!   [`metrics`](https://docs.rs/metrics) facade, labelled with the server's
-//!   address; the application installs the exporter.
+//!   address (`server`) and the listener's (`listener`); the application
+//!   installs the exporter.
+//! - `systemd` (Unix): the module `udp_greet::systemd`, for the sockets a
+//!   service manager passes (socket activation, `LISTEN_FDS`, by name),
+//!   and `ServerBuilder::notify_service_manager`: `READY=1`, `STOPPING=1`
+//!   and watchdog pings that stop when a receive worker is stuck.
 //! - `tracing`: emits [`tracing`](https://docs.rs/tracing) events, at most
 //!   one a second of each kind: overload episodes, failed receives and
 //!   sends, and handler panics with their message.
@@ -110,6 +115,9 @@ mod server;
 mod socket;
 mod stats;
 mod sys;
+#[cfg(all(feature = "systemd", unix))]
+#[cfg_attr(docsrs, doc(cfg(all(feature = "systemd", unix))))]
+pub mod systemd;
 #[cfg(feature = "tokio")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
 pub mod tokio;

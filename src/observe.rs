@@ -32,7 +32,7 @@ impl Observer {
             #[cfg(feature = "metrics")]
             metrics: metrics_hooks::Handles::new(server, listener),
             #[cfg(feature = "tracing")]
-            events: tracing_hooks::Events::new(listener),
+            events: tracing_hooks::Events::new(server, listener),
             #[cfg(not(any(feature = "metrics", feature = "tracing")))]
             _addr: (),
         }
@@ -141,7 +141,10 @@ mod tracing_hooks {
     /// Events of one thread, each kind at most once a second.
     #[derive(Debug)]
     pub(super) struct Events {
+        /// The server's first address, which names it.
         addr: SocketAddr,
+        /// The listener the thread counts for.
+        listener: SocketAddr,
         overloaded: u64,
         overload: Every,
         recv: Every,
@@ -150,9 +153,10 @@ mod tracing_hooks {
     }
 
     impl Events {
-        pub(super) fn new(addr: SocketAddr) -> Events {
+        pub(super) fn new(addr: SocketAddr, listener: SocketAddr) -> Events {
             Events {
                 addr,
+                listener,
                 overloaded: 0,
                 overload: Every::default(),
                 recv: Every::default(),
@@ -168,6 +172,7 @@ mod tracing_hooks {
                 if self.overload.due().is_some() {
                     tracing::warn!(
                         server = %self.addr,
+                        listener = %self.listener,
                         shed,
                         shed_in_all = totals.overloaded,
                         "udp-greet: the handler pool's queue is full; shedding requests"
@@ -180,6 +185,7 @@ mod tracing_hooks {
             if let Some(held_back) = self.panics.due() {
                 tracing::error!(
                     server = %self.addr,
+                        listener = %self.listener,
                     message = panic_message(payload),
                     held_back,
                     "udp-greet: a handler panicked; the request got no reply"
@@ -191,6 +197,7 @@ mod tracing_hooks {
             if let Some(held_back) = self.recv.due() {
                 tracing::warn!(
                     server = %self.addr,
+                        listener = %self.listener,
                     error = %err,
                     held_back,
                     "udp-greet: a receive call failed; the server goes on"
@@ -203,12 +210,14 @@ mod tracing_hooks {
                 match err {
                     Some(err) => tracing::warn!(
                         server = %self.addr,
+                        listener = %self.listener,
                         error = %err,
                         held_back,
                         "udp-greet: a reply could not be sent"
                     ),
                     None => tracing::warn!(
                         server = %self.addr,
+                        listener = %self.listener,
                         held_back,
                         "udp-greet: a reply could not be sent"
                     ),

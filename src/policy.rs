@@ -209,6 +209,12 @@ impl Processor {
         same_family(local, datagram.peer)
     }
 
+    /// The counter slot this processor publishes to.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn slot(&self) -> usize {
+        self.slot
+    }
+
     /// The address of the listener this processor counts for.
     pub(crate) fn listener(&self) -> SocketAddr {
         self.config.local_addr

@@ -90,7 +90,7 @@ impl RateLimit {
     }
 
     pub(crate) fn validate(&self) -> Result<(), Error> {
-        let invalid = |setting, reason| Err(Error::InvalidConfig { setting, reason });
+        let invalid = |setting, reason| Err(Error::invalid(setting, reason));
         if self.rate == 0 {
             return invalid("RateLimit::new", "rate must be at least 1 per second");
         }

@@ -10,7 +10,7 @@ use socket2::Socket;
 
 use crate::blocking::{PoolThread, ReceiveWorker};
 use crate::config::{Config, DEFAULT_RECV_BUFFER, ServerBuilder};
-use crate::control::{ListenerSlots, ServerControl, ServerHandle, Shared, ThreadEnd};
+use crate::control::{ListenerSlots, Notify, ServerControl, ServerHandle, Shared, ThreadEnd};
 use crate::engine::{Blocking, Engine};
 use crate::error::Error;
 use crate::policy::HandlerFn;
@@ -101,6 +101,13 @@ struct Prepared {
     control: sys::Control,
 }
 
+impl Prepared {
+    /// The address the listener is bound to.
+    fn addr(&self) -> Option<SocketAddr> {
+        self.sockets.first().map(|b| b.local_addr)
+    }
+}
+
 impl<E: Engine> ServerBuilder<E> {
     /// Checks the settings, then binds the sockets to the first address
     /// `addr` resolves to that takes them.
@@ -122,14 +129,16 @@ impl<E: Engine> ServerBuilder<E> {
         self.validate(false)?;
         let mut options = self.socket.clone();
         options.recv_buffer = options.recv_buffer.or(Some(DEFAULT_RECV_BUFFER));
-        let mut listeners = Vec::new();
+        // Counted before any is bound: past the limit nothing is.
+        let addrs: Vec<A> = addrs.into_iter().take(MAX_LISTENERS + 1).collect();
+        if addrs.len() > MAX_LISTENERS {
+            return Err(Error::invalid(
+                "ServerBuilder::bind_all",
+                "at most 1024 addresses",
+            ));
+        }
+        let mut listeners: Vec<Prepared> = Vec::new();
         for addr in addrs {
-            if listeners.len() == MAX_LISTENERS {
-                return Err(Error::invalid(
-                    "ServerBuilder::bind_all",
-                    "at most 1024 addresses",
-                ));
-            }
             let addrs = socket::resolve(addr)?;
             listeners.push(socket::first_ok(&addrs, |addr| {
                 let (first, mut others) =
@@ -137,6 +146,20 @@ impl<E: Engine> ServerBuilder<E> {
                 others.insert(0, first);
                 self.prepare(others)
             })?);
+            // The same address twice (sharing it, with `reuse_address` or
+            // `reuse_port`) would make two listeners no handler could tell
+            // apart, one of which might never receive.
+            if let Some(again) = listeners.last().and_then(Prepared::addr).filter(|addr| {
+                listeners[..listeners.len() - 1]
+                    .iter()
+                    .any(|l| l.addr() == Some(*addr))
+            }) {
+                return Err(Error::invalid_for(
+                    "ServerBuilder::bind_all",
+                    again,
+                    "an address given twice: give each address once",
+                ));
+            }
         }
         if listeners.is_empty() {
             return Err(Error::invalid(
@@ -149,10 +172,34 @@ impl<E: Engine> ServerBuilder<E> {
 
     /// Checks the settings, then takes a socket made elsewhere.
     pub(crate) fn adopt_socket(self, socket: UdpSocket) -> Result<Bound, Error> {
+        self.adopt_sockets(std::iter::once(socket))
+    }
+
+    /// Checks the settings, then takes sockets made elsewhere, one listener
+    /// each; the first that cannot be served on fails the whole.
+    pub(crate) fn adopt_sockets(
+        self,
+        sockets: impl IntoIterator<Item = UdpSocket>,
+    ) -> Result<Bound, Error> {
         self.validate(true)?;
-        let adopted = socket::adopt(Socket::from(socket), &self.socket)?;
-        let prepared = self.prepare(vec![adopted])?;
-        Bound::new(&self, vec![prepared])
+        let mut listeners = Vec::new();
+        for socket in sockets {
+            if listeners.len() == MAX_LISTENERS {
+                return Err(Error::invalid(
+                    "ServerBuilder::from_std_all",
+                    "at most 1024 sockets",
+                ));
+            }
+            let adopted = socket::adopt(Socket::from(socket), &self.socket)?;
+            listeners.push(self.prepare(vec![adopted])?);
+        }
+        if listeners.is_empty() {
+            return Err(Error::invalid(
+                "ServerBuilder::from_std_all",
+                "needs at least one socket (none was passed to this process?)",
+            ));
+        }
+        Bound::new(&self, listeners)
     }
 
     /// Makes one listener's bound sockets (all bound to the first one's
@@ -188,8 +235,9 @@ impl<E: Engine> ServerBuilder<E> {
                 .set_nonblocking(false)
                 .map_err(fail("make the socket blocking"))?;
             if sys::is_shut_for_reading(&b.socket) {
-                return Err(Error::invalid(
+                return Err(Error::invalid_for(
                     "ServerBuilder::before_bind",
+                    local_addr,
                     "a hook shut the socket down for reading: a server on it would receive nothing",
                 ));
             }
@@ -261,7 +309,16 @@ impl ServerBuilder<Blocking> {
     ///
     /// Binding is all or nothing: the first address that fails fails the
     /// whole with the error for that address (which it names), and every
-    /// socket bound so far is closed before this returns.
+    /// socket bound so far is closed before this returns. An address given
+    /// twice is refused (sharing it with `reuse_address` or `reuse_port`
+    /// would make two listeners a handler cannot tell apart).
+    ///
+    /// Threads are named per listener, `udp:PORT/N` for receive worker `N`
+    /// of the listener on `PORT`; handler threads, which serve every
+    /// listener, `udp:PORT/hN` with the first listener's port. Each handler
+    /// thread keeps counters and latency histograms for each listener
+    /// (about 5 KB each), so that every outcome is counted for its
+    /// listener.
     ///
     /// # Errors
     ///
@@ -349,6 +406,26 @@ impl ServerBuilder<Blocking> {
     pub fn from_std(self, socket: UdpSocket) -> Result<GreetServer, Error> {
         Ok(GreetServer {
             bound: self.adopt_socket(socket)?,
+        })
+    }
+
+    /// Serves on several sockets made elsewhere, one listener each, as
+    /// [`from_std`](ServerBuilder::from_std) serves on one and
+    /// [`bind_all`](ServerBuilder::bind_all) on several addresses: for the
+    /// sockets a service manager passed (`udp_greet::systemd::Activated`,
+    /// feature `systemd`), or those another server handed on.
+    ///
+    /// # Errors
+    ///
+    /// As [`from_std`](ServerBuilder::from_std), for the first socket that
+    /// cannot be served on (every socket is closed then);
+    /// [`Error::InvalidConfig`] for no socket, or more than 1024.
+    pub fn from_std_all(
+        self,
+        sockets: impl IntoIterator<Item = UdpSocket>,
+    ) -> Result<GreetServer, Error> {
+        Ok(GreetServer {
+            bound: self.adopt_sockets(sockets)?,
         })
     }
 }
@@ -456,7 +533,11 @@ impl Bound {
                 slots: layout.slots_of(k),
             });
         }
-        let shared = Shared::new(&all, &drops, listed, layout.slots(), pool);
+        let notify = Notify {
+            on: builder.notify,
+            receive_workers: layout.listeners * layout.workers,
+        };
+        let shared = Shared::new(&all, &drops, listed, layout.slots(), pool, notify);
         Ok(Bound {
             listeners: bound,
             config,
@@ -544,19 +625,24 @@ impl GreetServer {
         self.bound.local_addrs()
     }
 
-    /// The receive buffer size requested and granted.
+    /// The receive buffer size requested and granted (for a server on
+    /// several addresses, the first's).
     #[must_use]
     pub fn recv_buffer_size(&self) -> BufferSize {
         self.bound.config.recv_buffer
     }
 
-    /// The send buffer size requested and granted.
+    /// The send buffer size requested and granted (for a server on
+    /// several addresses, the first's).
     #[must_use]
     pub fn send_buffer_size(&self) -> BufferSize {
         self.bound.config.send_buffer
     }
 
-    /// The largest request the server accepts, in bytes.
+    /// The largest request the server accepts, in bytes (for a server on
+    /// several addresses, on the first: unless
+    /// [`max_datagram_size`](ServerBuilder::max_datagram_size) sets it,
+    /// each listener takes the largest of its own family).
     #[must_use]
     pub fn max_datagram_size(&self) -> usize {
         self.bound.config.max_datagram
@@ -792,6 +878,7 @@ impl GreetServer {
                 )?;
             }
         }
+        shared.start_watchdog(format!("udp:{}/wd", addr.port()))?;
         if let Some(worker) = inline {
             handle.started(None);
             let _end = ThreadEnd(shared.clone());

@@ -260,9 +260,22 @@ impl SharedStats {
         live_drops: impl Fn(usize) -> Option<u64>,
         queued: impl FnOnce() -> Option<usize>,
     ) -> Stats {
-        let chosen = |i: &usize| only.is_none_or(|only| only.contains(i));
+        match only {
+            Some(only) => self.sum(only.iter().copied(), live_drops, queued),
+            None => self.sum(0..self.slots.len(), live_drops, queued),
+        }
+    }
+
+    /// The sum over the slots `chosen` (see
+    /// [`snapshot_with_queue`](SharedStats::snapshot_with_queue)).
+    fn sum(
+        &self,
+        chosen: impl Iterator<Item = usize> + Clone,
+        live_drops: impl Fn(usize) -> Option<u64>,
+        queued: impl FnOnce() -> Option<usize>,
+    ) -> Stats {
         let mut sum = Stats::default();
-        for (i, slot) in self.slots.iter().enumerate().filter(|(i, _)| chosen(i)) {
+        for (i, slot) in chosen.clone().filter_map(|i| Some((i, self.slots.get(i)?))) {
             let mut values = [0u64; FIELDS];
             for (field, (value, counter)) in values.iter_mut().zip(&slot.0).enumerate() {
                 if field != RECEIVED {
@@ -278,7 +291,7 @@ impl SharedStats {
             sum = sum.add(&Stats::from_array(values));
         }
         sum.queued = queued().unwrap_or(0) as u64;
-        for (_, slot) in self.slots.iter().enumerate().filter(|(i, _)| chosen(i)) {
+        for slot in chosen.filter_map(|i| self.slots.get(i)) {
             sum.received += slot.0[RECEIVED].load(Ordering::Acquire);
         }
         sum

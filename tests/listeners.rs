@@ -178,12 +178,85 @@ fn one_address_failing_fails_the_whole_and_leaves_nothing_open() {
             drop(again);
         }
     }
+    // An address twice, shared on purpose: refused, naming it, and
+    // nothing kept.
+    for builder in [
+        GreetServer::builder().reuse_address(true),
+        GreetServer::builder().reuse_port(true),
+    ] {
+        let err = builder
+            .bind_all([free, free])
+            .map(|_| ())
+            .expect_err("the same address twice");
+        assert!(
+            matches!(&err, Error::InvalidConfig { setting, addr: Some(addr), .. }
+                if *setting == "ServerBuilder::bind_all" && *addr == free),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains(&free.to_string()), "{err}");
+        drop(UdpSocket::bind(free).expect("nothing kept"));
+    }
+    // Past 1024 addresses, refused before any is bound.
+    let err = GreetServer::builder()
+        .bind_all(std::iter::repeat_n(V4, 1025))
+        .map(|_| ())
+        .expect_err("too many");
+    assert!(
+        matches!(&err, Error::InvalidConfig { setting, .. } if *setting == "ServerBuilder::bind_all"),
+        "{err:?}"
+    );
     let err = GreetServer::builder()
         .bind_all(Vec::<SocketAddr>::new())
         .map(|_| ())
         .expect_err("no address");
     assert!(
         matches!(&err, Error::InvalidConfig { setting, .. } if *setting == "ServerBuilder::bind_all"),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn sockets_made_elsewhere_are_served_one_listener_each() {
+    let sockets: Vec<UdpSocket> = addresses()
+        .into_iter()
+        .map(|addr| UdpSocket::bind(addr).expect("bind"))
+        .collect();
+    let addrs: Vec<SocketAddr> = sockets
+        .iter()
+        .map(|s| s.local_addr().expect("address"))
+        .collect();
+    let server = GreetServer::builder()
+        .from_std_all(sockets)
+        .expect("from_std_all")
+        .spawn(tell_listener)
+        .expect("spawn");
+    assert_eq!(server.local_addrs(), addrs);
+    for (i, addr) in addrs.iter().enumerate() {
+        ask(*addr, i + 1);
+    }
+    let control = server.control();
+    server.shutdown().expect("shutdown");
+    for (i, (addr, stats)) in control.listener_stats().iter().enumerate() {
+        assert_eq!((*addr, stats.replied), (addrs[i], (i + 1) as u64));
+    }
+    // One socket that cannot be served on (not bound) fails the whole,
+    // and none is kept: the good one's address binds again at once.
+    let good = UdpSocket::bind(V4).expect("bind");
+    let good_addr = good.local_addr().expect("address");
+    let unbound =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).expect("socket");
+    let err = GreetServer::builder()
+        .from_std_all([good, UdpSocket::from(unbound)])
+        .map(|_| ())
+        .expect_err("an unbound socket");
+    assert!(matches!(err, Error::UnsuitableSocket { .. }), "{err:?}");
+    drop(UdpSocket::bind(good_addr).expect("the good socket was closed"));
+    let err = GreetServer::builder()
+        .from_std_all(Vec::new())
+        .map(|_| ())
+        .expect_err("no socket");
+    assert!(
+        matches!(&err, Error::InvalidConfig { setting, .. } if *setting == "ServerBuilder::from_std_all"),
         "{err:?}"
     );
 }

@@ -288,9 +288,11 @@ mod linux {
             .map(|_| ())
             .expect_err("refused");
         assert!(
-            matches!(&err, Error::InvalidConfig { setting, .. } if *setting == "ServerBuilder::before_bind"),
+            matches!(&err, Error::InvalidConfig { setting, addr: Some(_), .. }
+                if *setting == "ServerBuilder::before_bind"),
             "{err:?}"
         );
+        assert!(err.to_string().contains("127.0.0.1:"), "{err}");
     }
 
     #[cfg(feature = "tokio")]

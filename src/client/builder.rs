@@ -562,17 +562,18 @@ impl<E: Engine> ClientBuilder<E> {
         local: SocketAddr,
     ) -> Result<(), Error> {
         if peer.is_none() && local.port() != 0 && self.sockets > 1 {
-            return Err(Error::InvalidConfig {
-                setting: "ClientBuilder::sockets",
-                reason: "several sockets cannot share one fixed local port: bind to port 0",
-            });
+            return Err(Error::invalid_for(
+                "ClientBuilder::sockets",
+                local,
+                "several sockets cannot share one fixed local port: bind to port 0",
+            ));
         }
         Ok(())
     }
 
     /// Checks every setting; each engine's `connect` calls it first.
     pub(crate) fn validate(&self) -> Result<(), Error> {
-        let invalid = |setting, reason| Err(Error::InvalidConfig { setting, reason });
+        let invalid = |setting, reason| Err(Error::invalid(setting, reason));
         if self.settings.initial_timeout.is_zero() {
             return invalid(
                 "ClientBuilder::initial_timeout",

@@ -294,6 +294,22 @@ pub(crate) fn recv_to_vec(
     Ok((len, flags.is_truncated()))
 }
 
+/// Takes ownership of descriptor `fd`, passed to this process by a service
+/// manager (socket activation), as a socket.
+///
+/// The caller makes sure `fd` is one of the descriptors passed to this
+/// process (`LISTEN_FDS` from 3 on, with `LISTEN_PID` this process; the
+/// reader of those checked each is open) and that it is taken only once
+/// (`systemd::Activated::take` runs once per process).
+#[cfg(all(feature = "systemd", unix))]
+pub(crate) fn inherited_socket(fd: std::os::fd::RawFd) -> Socket {
+    use std::os::fd::FromRawFd;
+    // SAFETY: per the caller's contract, `fd` is an open descriptor passed
+    // to this process for it to own, and nothing else owns it or will take
+    // it again, so the socket may close it when dropped.
+    unsafe { Socket::from_raw_fd(fd) }
+}
+
 /// Sets `SO_BUSY_POLL` to `duration` (whole microseconds): the kernel polls
 /// the device queue for that long on a blocking receive that finds nothing.
 pub(crate) fn set_busy_poll(socket: &Socket, duration: Duration) -> io::Result<()> {

@@ -213,10 +213,11 @@ impl ClientBuilder<Tokio> {
     /// A client connected to `peer`, or bound to `local` without one.
     fn make(&self, peer: Option<SocketAddr>, local: SocketAddr) -> Result<GreetClient, Error> {
         if peer.is_none() && local.port() != 0 && self.settings.request_id.is_none() {
-            return Err(Error::InvalidConfig {
-                setting: "ClientBuilder::bind",
-                reason: "without request_id each call has a socket of its own: bind to port 0",
-            });
+            return Err(Error::invalid_for(
+                "ClientBuilder::bind",
+                local,
+                "without request_id each call has a socket of its own: bind to port 0",
+            ));
         }
         self.check_fixed_port(peer, local)?;
         let first = open(peer, local, &self.socket)?;

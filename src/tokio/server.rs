@@ -98,6 +98,22 @@ impl ServerBuilder<Tokio> {
             bound: self.adopt_socket(socket)?,
         })
     }
+
+    /// Serves on several sockets made elsewhere, one listener each, as
+    /// [`ServerBuilder::from_std_all`](crate::ServerBuilder::from_std_all)
+    /// does for the blocking server.
+    ///
+    /// # Errors
+    ///
+    /// As [`ServerBuilder::from_std_all`](crate::ServerBuilder::from_std_all).
+    pub fn from_std_all(
+        self,
+        sockets: impl IntoIterator<Item = std::net::UdpSocket>,
+    ) -> Result<GreetServer, Error> {
+        Ok(GreetServer {
+            bound: self.adopt_sockets(sockets)?,
+        })
+    }
 }
 
 /// A bound UDP server for the caller's tokio runtime, ready to
@@ -327,6 +343,7 @@ impl GreetServer {
                 ));
             }
         }
+        shared.start_watchdog(format!("udp:{}/wd", addr.port()))?;
         let tasks = workers
             .into_iter()
             .map(|worker| Some(runtime.spawn(worker.run())))
@@ -607,6 +624,7 @@ where
         // wake-ups on first use, so that is not in the first turn that runs
         // out of budget (an allocation while requests flow).
         tokio::task::yield_now().await;
+        self.core.shared.worker_started();
         loop {
             match poll_fn(|cx| self.turn(cx)).await {
                 Turn::Done => return,
@@ -619,6 +637,7 @@ where
     fn turn(&mut self, cx: &mut Context<'_>) -> Poll<Turn> {
         let this = self;
         let core = &mut this.core;
+        core.shared.beat(core.processor.slot(), false);
         core.inflight.set_task(cx.waker());
         // A few turns at most: a timer that is already due is handled at
         // once rather than after another wake-up.
@@ -654,6 +673,7 @@ where
             if yielded {
                 return Poll::Ready(Turn::Yield);
             }
+            core.shared.beat(core.processor.slot(), true);
             return Poll::Pending;
         }
         Poll::Ready(Turn::Yield)
