@@ -11,7 +11,7 @@ use socket2::Socket;
 
 use crate::busy_poll::PollWindow;
 use crate::config::Config;
-use crate::control::Shared;
+use crate::control::{Shared, WorkerEnd};
 use crate::policy::{HandlerFn, Processor};
 use crate::pool::{HandlerPool, Pool, Taken};
 use crate::sys::{self, Received, Source};
@@ -57,6 +57,10 @@ impl<H: HandlerFn> ReceiveWorker<H> {
             config.control,
         );
         let mut poll = PollWindow::new(config.busy_poll);
+        let _end = WorkerEnd {
+            shared: self.shared.clone(),
+            slot: self.index,
+        };
         self.shared.worker_started();
         while !self.shared.is_stopped() {
             let polling = poll.poll_now(|| self.publish(&mut processor));

@@ -309,17 +309,32 @@ impl<E: Engine> ServerBuilder<E> {
     /// in the environment):
     ///
     /// - `READY=1` once every receive worker (of every listener) has begun
-    ///   to receive, for a unit of `Type=notify`;
+    ///   to receive, for a unit of `Type=notify` (never after `STOPPING=1`);
     /// - `STOPPING=1` when shutdown begins;
-    /// - with `WatchdogSec=` (`WATCHDOG_USEC`), `WATCHDOG=1` every half
-    ///   interval while, and only while, every receive worker is alive and
-    ///   receiving: waiting for datagrams, or having made progress within
-    ///   the half interval. A worker stuck in a handler (inline) stops the
-    ///   pings, with a `STATUS=` line that says which, so that the manager
-    ///   restarts the wedged server; they resume, with `STATUS=serving`, if
-    ///   it recovers in time.
+    /// - with `WatchdogSec=` (`WATCHDOG_USEC`, and `WATCHDOG_PID` unset or
+    ///   this process), `WATCHDOG=1` four times an interval while, and only
+    ///   while, every receive worker is alive and receiving: waiting for
+    ///   datagrams, or in a handler call (or batch) begun less than half an
+    ///   interval ago. A worker busy longer, or one that has ended (an
+    ///   async server whose runtime was shut down), stops the pings, with a
+    ///   `STATUS=` line that names it (`udp:PORT/N`); they resume, with
+    ///   `STATUS=serving`, when it waits for datagrams again. The manager
+    ///   restarts a service that sent no ping for a whole interval: about
+    ///   one and a half intervals after a worker got stuck. Choose
+    ///   `WatchdogSec=` above twice the longest handler call.
     ///
-    /// A message the manager does not take is dropped: the server goes on.
+    /// Messages are sent without waiting, to the path or the abstract name
+    /// (`@name`, Linux) in `NOTIFY_SOCKET`: one the manager does not take
+    /// (its queue full, or gone) is lost, and the server goes on. The
+    /// watchdog thread (`udp:PORT/wd`) ends when the server stops.
+    ///
+    /// What the pings cannot see: handler threads of a
+    /// [pool](ServerBuilder::handler_pool) (a stuck pool is shed visibly,
+    /// and the receive workers go on, so the pings do too), and, for the
+    /// async server, a runtime that another task keeps from polling the
+    /// server's tasks while they wait. Several servers in one process each
+    /// notify for themselves: let one of them notify.
+    ///
     /// Defaults to off.
     #[cfg(all(feature = "systemd", unix))]
     #[cfg_attr(docsrs, doc(cfg(all(feature = "systemd", unix))))]
@@ -692,7 +707,7 @@ impl<E: Engine> ServerBuilder<E> {
                     return Err(Error::invalid(
                         "ServerBuilder::workers",
                         "the async server runs one task per socket, and a socket made \
-                         elsewhere (from_std) is one socket: use one worker",
+                         elsewhere (from_std, from_std_all) is one socket: use one worker",
                     ));
                 }
                 if self.workers > 1 && !REUSE_PORT_SPREADS {

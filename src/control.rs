@@ -27,8 +27,10 @@ pub(crate) struct Shared {
     /// sent.
     abandoned: AtomicBool,
     /// Weak, so that a handle never keeps a socket (and its port) open after
-    /// the worker that owns it has finished.
-    sockets: Vec<Weak<Socket>>,
+    /// the worker that owns it has finished; with whether a stop wakes its
+    /// workers by shutting it down for reading (not a socket made
+    /// elsewhere, whose maker may serve it again).
+    sockets: Vec<(Weak<Socket>, bool)>,
     /// By counter slot: the socket whose kernel drops the slot reports, if
     /// any (weak, likewise).
     drops: Vec<Option<Weak<Socket>>>,
@@ -54,7 +56,7 @@ impl Shared {
     /// report, with `slots` counter slots in all (see `server::Layout`),
     /// grouped by listener in `listeners`.
     pub(crate) fn new(
-        sockets: &[Arc<Socket>],
+        sockets: &[(Arc<Socket>, bool)],
         drops: &[(usize, Arc<Socket>)],
         listeners: Vec<ListenerSlots>,
         slots: usize,
@@ -64,7 +66,10 @@ impl Shared {
         Arc::new(Shared {
             stop: AtomicBool::new(false),
             abandoned: AtomicBool::new(false),
-            sockets: sockets.iter().map(Arc::downgrade).collect(),
+            sockets: sockets
+                .iter()
+                .map(|(socket, shut)| (Arc::downgrade(socket), *shut))
+                .collect(),
             drops: {
                 let mut by_slot = vec![None; slots];
                 for (slot, socket) in drops {
@@ -84,8 +89,18 @@ impl Shared {
             #[cfg(all(feature = "systemd", unix))]
             service: notify
                 .on
-                .then(|| crate::systemd::Service::from_env(notify.receive_workers)),
+                .then(|| crate::systemd::Service::from_env(notify.workers)),
         })
+    }
+
+    /// Receive worker `slot` has ended (or its task was dropped): for the
+    /// watchdog.
+    #[allow(unused_variables)]
+    pub(crate) fn worker_ended(&self, slot: usize) {
+        #[cfg(all(feature = "systemd", unix))]
+        if let Some(service) = &self.service {
+            service.ended(slot);
+        }
     }
 
     /// A receive worker (or task) is about to receive for the first time.
@@ -243,7 +258,10 @@ impl Shared {
         }
         #[cfg(feature = "tokio")]
         self.stopping.notify_waiters();
-        for socket in self.sockets.iter().filter_map(Weak::upgrade) {
+        for (socket, shut) in &self.sockets {
+            let Some(socket) = socket.upgrade().filter(|_| *shut) else {
+                continue;
+            };
             // Wakes a worker blocked in a receive (see `sys::WAKE_INTERVAL`).
             // Unconnected UDP sockets report `ENOTCONN` even when the wake-up
             // works, and where it does not the read timeout takes over.
@@ -259,15 +277,29 @@ impl Shared {
     }
 }
 
+/// Marks a receive worker (or task) as ended when dropped: at the end of
+/// its run, as it unwinds, or when its task is dropped with its runtime.
+pub(crate) struct WorkerEnd {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) slot: usize,
+}
+
+impl Drop for WorkerEnd {
+    fn drop(&mut self) {
+        self.shared.worker_ended(self.slot);
+    }
+}
+
 /// Whether a server tells its service manager how it is
 /// (`notify_service_manager`, feature `systemd`), and how many receive
 /// workers it has.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct Notify {
     #[cfg_attr(not(all(feature = "systemd", unix)), allow(dead_code))]
     pub(crate) on: bool,
+    /// The receive workers' names, by counter slot.
     #[cfg_attr(not(all(feature = "systemd", unix)), allow(dead_code))]
-    pub(crate) receive_workers: usize,
+    pub(crate) workers: Vec<String>,
 }
 
 /// One listener's address and the counter slots of its requests.

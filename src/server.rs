@@ -99,6 +99,8 @@ impl Layout {
 struct Prepared {
     sockets: Vec<BoundSocket>,
     control: sys::Control,
+    /// Made elsewhere (`from_std`): never shut down by the server.
+    adopted: bool,
 }
 
 impl Prepared {
@@ -144,7 +146,7 @@ impl<E: Engine> ServerBuilder<E> {
                 let (first, mut others) =
                     socket::bind_workers(addr, &options, self.socket_per_worker())?;
                 others.insert(0, first);
-                self.prepare(others)
+                self.prepare(others, false)
             })?);
             // The same address twice (sharing it, with `reuse_address` or
             // `reuse_port`) would make two listeners no handler could tell
@@ -191,12 +193,12 @@ impl<E: Engine> ServerBuilder<E> {
                 ));
             }
             let adopted = socket::adopt(Socket::from(socket), &self.socket)?;
-            listeners.push(self.prepare(vec![adopted])?);
+            listeners.push(self.prepare(vec![adopted], true)?);
         }
         if listeners.is_empty() {
             return Err(Error::invalid(
                 "ServerBuilder::from_std_all",
-                "needs at least one socket (none was passed to this process?)",
+                "needs at least one socket (none was passed, or none by the name asked for?)",
             ));
         }
         Bound::new(&self, listeners)
@@ -205,7 +207,7 @@ impl<E: Engine> ServerBuilder<E> {
     /// Makes one listener's bound sockets (all bound to the first one's
     /// address) ready to serve: the control messages their receives read,
     /// the DSCP of their replies, and their read timeout.
-    fn prepare(&self, sockets: Vec<BoundSocket>) -> Result<Prepared, Error> {
+    fn prepare(&self, sockets: Vec<BoundSocket>, adopted: bool) -> Result<Prepared, Error> {
         let Some(local_addr) = sockets.first().map(|b| b.local_addr) else {
             return Err(Error::invalid(
                 "ServerBuilder::bind_all",
@@ -254,7 +256,15 @@ impl<E: Engine> ServerBuilder<E> {
                 socket::set_reply_dscp(&b.socket, ipv6, dscp)
                     .map_err(fail("set IP_TOS / IPV6_TCLASS"))?;
             }
-            if let Some(interval) = sys::WAKE_INTERVAL {
+            // A socket made elsewhere is never shut down to wake its workers
+            // (its maker may hold and serve it again): they wake on their
+            // own to see whether the server is stopping.
+            let wake = if adopted {
+                Some(sys::ADOPTED_WAKE_INTERVAL)
+            } else {
+                sys::WAKE_INTERVAL
+            };
+            if let Some(interval) = wake {
                 b.socket
                     .set_read_timeout(Some(interval))
                     .map_err(fail("set SO_RCVTIMEO"))?;
@@ -265,7 +275,11 @@ impl<E: Engine> ServerBuilder<E> {
             (false, true) => sys::Control::Read,
             (false, false) => sys::Control::Off,
         };
-        Ok(Prepared { sockets, control })
+        Ok(Prepared {
+            sockets,
+            control,
+            adopted,
+        })
     }
 }
 
@@ -360,10 +374,15 @@ impl ServerBuilder<Blocking> {
     /// service manager.
     ///
     /// The socket must be a bound UDP socket. It is put in the mode the
-    /// server needs: blocking, with no read timeout (on Linux, where a
-    /// shutdown wakes a blocked receive) or a short one (elsewhere), and
-    /// with receive offload (`UDP_GRO`, Linux) off, which would hand
-    /// several datagrams to the server as one. The
+    /// server needs: blocking, with a read timeout of 50 ms, and with
+    /// receive offload (`UDP_GRO`, Linux) off, which would hand several
+    /// datagrams to the server as one. The server never shuts the socket
+    /// down (its maker may hold a copy, as a service manager does, and
+    /// serve it again once the server has stopped): its receive workers
+    /// wake within the timeout to see whether the server is stopping, so a
+    /// shutdown takes up to 50 ms longer than with a socket the server
+    /// bound itself. The async server puts it back in blocking mode when
+    /// it ends. The
     /// receive and send buffer sizes are set only if this builder sets them;
     /// every other setting applies as with [`bind`](ServerBuilder::bind),
     /// and several [`workers`](ServerBuilder::workers) share the one
@@ -478,7 +497,9 @@ impl Bound {
             .iter()
             .find_map(|l| l.sockets.first())
             .map(|b| b.local_addr);
-        let mut all: Vec<Arc<Socket>> = Vec::new();
+        // Every socket, and whether a shutdown may wake its workers by
+        // shutting it down for reading (not one made elsewhere).
+        let mut all: Vec<(Arc<Socket>, bool)> = Vec::new();
         let mut bound = Vec::with_capacity(listeners.len());
         for prepared in listeners {
             let Some(first) = prepared.sockets.first() else {
@@ -500,7 +521,7 @@ impl Bound {
                 first_socket: all.len(),
                 sockets: sockets.clone(),
             });
-            all.extend(sockets);
+            all.extend(sockets.into_iter().map(|s| (s, !prepared.adopted)));
         }
         let Some(first) = bound.first() else {
             return Err(Error::invalid(
@@ -533,9 +554,17 @@ impl Bound {
                 slots: layout.slots_of(k),
             });
         }
+        // The receive workers' names, by slot, as their threads are named.
+        let workers = bound
+            .iter()
+            .flat_map(|l| {
+                let port = l.config.local_addr.port();
+                (0..layout.workers).map(move |w| format!("udp:{port}/{w}"))
+            })
+            .collect();
         let notify = Notify {
             on: builder.notify,
-            receive_workers: layout.listeners * layout.workers,
+            workers,
         };
         let shared = Shared::new(&all, &drops, listed, layout.slots(), pool, notify);
         Ok(Bound {

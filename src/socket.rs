@@ -428,7 +428,7 @@ pub(crate) fn adopt(socket: Socket, opts: &SocketOptions) -> Result<BoundSocket,
         .set_nonblocking(false)
         .map_err(fail("make the socket blocking"))?;
     socket
-        .set_read_timeout(sys::WAKE_INTERVAL)
+        .set_read_timeout(Some(sys::ADOPTED_WAKE_INTERVAL))
         .map_err(fail("set SO_RCVTIMEO"))?;
     set_buffer_sizes(&socket, addr, opts)?;
     if let Some(duration) = opts.so_busy_poll {
@@ -439,7 +439,7 @@ pub(crate) fn adopt(socket: Socket, opts: &SocketOptions) -> Result<BoundSocket,
 
 /// Whether a datagram socket is UDP, where the system can tell.
 #[allow(unreachable_code)]
-fn check_udp(socket: &Socket) -> io::Result<bool> {
+pub(crate) fn check_udp(socket: &Socket) -> io::Result<bool> {
     #[cfg(any(
         target_os = "android",
         target_os = "freebsd",

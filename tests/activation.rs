@@ -25,6 +25,9 @@ use util::{HANG_GUARD, V4, V6, has_ipv6, raw_socket_for, recv, send_to};
 /// directory, removed at the end.
 struct Manager {
     dir: PathBuf,
+    /// Bound to an abstract name (`@name` in `NOTIFY_SOCKET`) rather than
+    /// a path in `dir`.
+    abstract_name: Option<String>,
     socket: UnixDatagram,
     seen: VecDeque<String>,
 }
@@ -38,18 +41,62 @@ impl Manager {
         ));
         std::fs::create_dir_all(&dir).expect("a directory for the notify socket");
         let socket = UnixDatagram::bind(dir.join("notify")).expect("bind the notify socket");
+        Manager::with(dir, None, socket)
+    }
+
+    /// A manager whose socket has an abstract name, as systemd's may.
+    fn new_abstract(test: &str) -> Manager {
+        use std::os::linux::net::SocketAddrExt;
+        let name = format!(
+            "udp-greet-{test}-{}-{:?}",
+            std::process::id(),
+            Instant::now()
+        );
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+            .expect("an abstract name");
+        let socket = UnixDatagram::bind_addr(&addr).expect("bind the notify socket");
+        Manager::with(std::env::temp_dir(), Some(name), socket)
+    }
+
+    fn with(dir: PathBuf, abstract_name: Option<String>, socket: UnixDatagram) -> Manager {
         socket
             .set_read_timeout(Some(Duration::from_millis(100)))
             .expect("read timeout");
         Manager {
             dir,
+            abstract_name,
             socket,
             seen: VecDeque::new(),
         }
     }
 
+    /// What `NOTIFY_SOCKET` says.
     fn path(&self) -> PathBuf {
-        self.dir.join("notify")
+        match &self.abstract_name {
+            Some(name) => PathBuf::from(format!("@{name}")),
+            None => self.dir.join("notify"),
+        }
+    }
+
+    /// Fills the socket's queue, as a manager that has stopped reading
+    /// leaves it; returns how many datagrams it took.
+    fn fill(&self) -> usize {
+        let local = self.socket.local_addr().expect("the socket's address");
+        let filler = UnixDatagram::unbound().expect("socket");
+        filler.connect_addr(&local).expect("connect");
+        filler.set_nonblocking(true).expect("non-blocking");
+        (0..10_000)
+            .take_while(|_| filler.send(b"FILLER=1\n").is_ok())
+            .count()
+    }
+
+    /// Takes whatever is queued, without waiting.
+    fn drain(&mut self) {
+        self.socket.set_nonblocking(true).expect("non-blocking");
+        let mut buf = [0u8; 4096];
+        while self.socket.recv(&mut buf).is_ok() {}
+        self.socket.set_nonblocking(false).expect("blocking");
+        self.seen.clear();
     }
 
     /// The next notification line, waiting up to the hang guard.
@@ -68,7 +115,9 @@ impl Manager {
                 Err(_) if Instant::now() < deadline => {
                     if let Ok(Some(status)) = child.try_wait() {
                         panic!(
-                            "the service ended ({status}) before notifying: {}",
+                            "the service ended ({status}) before notifying: {} (the demo \
+                             server is built with the tests' features: run them with \
+                             --all-features)",
                             output(child)
                         );
                     }
@@ -98,7 +147,9 @@ impl Manager {
 
 impl Drop for Manager {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if self.abstract_name.is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
@@ -132,14 +183,14 @@ fn activate(
     };
     // Each socket is first copied above every descriptor in play, then to
     // its place from 3 on, so that no copy overwrites a socket not yet
-    // copied.
+    // copied. The copies start at 100: bash keeps descriptors of its own
+    // from 10 up (and near 255), which a redirection there would clobber.
     let high = sockets
         .iter()
-        .map(|(_, s)| s.as_raw_fd())
+        .map(|(_, s)| s.as_raw_fd() + 1)
         .max()
         .unwrap_or(0)
-        .max(2 + sockets.len() as i32)
-        + 1;
+        .max(100);
     let mut script = String::from("exec");
     for (i, (_, socket)) in sockets.iter().enumerate() {
         SockRef::from(*socket)
@@ -318,6 +369,60 @@ fn watchdog_service() {
     util::wait_until("a quit request", || quit.load(Ordering::Acquire));
     control.shutdown();
     handle.shutdown().expect("shutdown");
+    // The watchdog thread ends with the server, however long its interval.
+    util::wait_until("the watchdog thread to end", || {
+        !std::fs::read_dir("/proc/self/task")
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .filter_map(|task| std::fs::read_to_string(task.path().join("comm")).ok())
+            .any(|name| name.trim_end().ends_with("/wd"))
+    });
+}
+
+#[test]
+fn notifications_never_hold_the_server_up_and_reach_an_abstract_socket() {
+    let work = UdpSocket::bind(V4).expect("bind");
+    let control = UdpSocket::bind(V4).expect("bind");
+    let (work_addr, control_addr) = (
+        work.local_addr().expect("address"),
+        control.local_addr().expect("address"),
+    );
+    // A manager that has stopped reading: its queue is full before the
+    // service starts, so READY=1 cannot be delivered.
+    let mut manager = Manager::new_abstract("full");
+    assert!(manager.fill() > 0);
+    let program = std::env::current_exe().expect("the test binary");
+    // A ten-minute watchdog: its thread must still end with the server.
+    let Some(mut child) = activate(
+        &program,
+        &["--exact", "watchdog_service", "--ignored", "--nocapture"],
+        &[("work", &work), ("control", &control)],
+        &manager.path(),
+        &[
+            ("WATCHDOG_USEC", "600000000"),
+            ("UDP_GREET_TEST_SERVICE", "1"),
+        ],
+    ) else {
+        return;
+    };
+    drop((work, control));
+    // It serves all the same, on both listeners (the last worker to start
+    // sends READY=1, and must not be held in that send).
+    assert_eq!(ask(work_addr, b"ping"), b"ping");
+    assert_eq!(ask(control_addr, b"ping"), b"ping");
+    // The manager reads again: the shutdown's message reaches it.
+    manager.drain();
+    assert_eq!(ask(control_addr, b"quit"), b"bye");
+    loop {
+        match manager.next(&mut child).as_str() {
+            "STOPPING=1" => break,
+            "READY=1" | "WATCHDOG=1" => {}
+            other => panic!("unexpected notification {other:?}"),
+        }
+    }
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "{status}: {}", output(&mut child));
 }
 
 #[test]
@@ -357,7 +462,10 @@ fn the_watchdog_pings_only_while_every_worker_receives() {
         }
     };
     assert!(
-        status.starts_with("STATUS=receive worker 0 has not received"),
+        status.starts_with(&format!(
+            "STATUS=receive worker udp:{}/0 has been in one handler call",
+            work_addr.port()
+        )),
         "{status}"
     );
     // No ping while it is held: three intervals' worth of silence (a

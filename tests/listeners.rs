@@ -262,6 +262,66 @@ fn sockets_made_elsewhere_are_served_one_listener_each() {
 }
 
 #[test]
+fn a_socket_made_elsewhere_outlives_its_server_unharmed() {
+    // Its maker keeps a copy (as a service manager does) and hands it to
+    // the next server, which serves it: the first server never shut it
+    // down, nor left it non-blocking.
+    let kept = UdpSocket::bind(V4).expect("bind");
+    let addr = kept.local_addr().expect("address");
+    for generation in 0..2 {
+        let server = GreetServer::builder()
+            .from_std_all([kept.try_clone().expect("clone")])
+            .expect("from_std_all")
+            .spawn(udp_greet::greet)
+            .expect("spawn");
+        ask_greeting(addr);
+        let stats = server.shutdown().expect("shutdown");
+        assert_eq!(stats.replied, 1, "generation {generation}");
+    }
+    #[cfg(unix)]
+    assert_eq!(
+        socket2::SockRef::from(&kept).nonblocking().ok(),
+        Some(false)
+    );
+    kept.set_read_timeout(Some(std::time::Duration::from_millis(1)))
+        .expect("timeout");
+    let mut buf = [0u8; 8];
+    // A socket shut down for reading would return 0 bytes at once.
+    let err = recv(&kept, &mut buf).expect_err("nothing to receive, and not shut down");
+    assert!(util::is_timeout(&err), "{err:?}");
+}
+
+#[cfg(feature = "tokio")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_made_elsewhere_outlives_its_async_server_unharmed() {
+    let kept = UdpSocket::bind(V4).expect("bind");
+    let addr = kept.local_addr().expect("address");
+    for _ in 0..2 {
+        let server = udp_greet::tokio::GreetServer::builder()
+            .from_std_all([kept.try_clone().expect("clone")])
+            .expect("from_std_all")
+            .spawn(udp_greet::tokio::greet)
+            .expect("spawn");
+        tokio::task::spawn_blocking(move || ask_greeting(addr))
+            .await
+            .expect("client");
+        let stats = server.shutdown().await.expect("shutdown");
+        assert_eq!(stats.replied, 1);
+    }
+    // Back in blocking mode, and not shut down.
+    #[cfg(unix)]
+    assert_eq!(
+        socket2::SockRef::from(&kept).nonblocking().ok(),
+        Some(false)
+    );
+    kept.set_read_timeout(Some(std::time::Duration::from_millis(1)))
+        .expect("timeout");
+    let mut buf = [0u8; 8];
+    let err = recv(&kept, &mut buf).expect_err("nothing to receive");
+    assert!(util::is_timeout(&err), "{err:?}");
+}
+
+#[test]
 fn serve_runs_every_listener() {
     let server = GreetServer::builder().bind_all([V4, V4]).expect("bind_all");
     let addrs = server.local_addrs();

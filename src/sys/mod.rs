@@ -295,20 +295,26 @@ pub(crate) fn recv_to_vec(
 }
 
 /// Takes ownership of descriptor `fd`, passed to this process by a service
-/// manager (socket activation), as a socket.
+/// manager (socket activation).
 ///
 /// The caller makes sure `fd` is one of the descriptors passed to this
 /// process (`LISTEN_FDS` from 3 on, with `LISTEN_PID` this process; the
 /// reader of those checked each is open) and that it is taken only once
 /// (`systemd::Activated::take` runs once per process).
 #[cfg(all(feature = "systemd", unix))]
-pub(crate) fn inherited_socket(fd: std::os::fd::RawFd) -> Socket {
+pub(crate) fn inherited_fd(fd: std::os::fd::RawFd) -> std::os::fd::OwnedFd {
     use std::os::fd::FromRawFd;
     // SAFETY: per the caller's contract, `fd` is an open descriptor passed
     // to this process for it to own, and nothing else owns it or will take
-    // it again, so the socket may close it when dropped.
-    unsafe { Socket::from_raw_fd(fd) }
+    // it again, so it may be closed when dropped.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }
 }
+
+/// How long a blocked receive on a socket made elsewhere waits before it
+/// checks whether the server is stopping, on every system: such a socket
+/// is never shut down to wake its workers (its maker, or a service manager
+/// that passed it, holds it too and may serve it again).
+pub(crate) const ADOPTED_WAKE_INTERVAL: Duration = Duration::from_millis(50);
 
 /// Sets `SO_BUSY_POLL` to `duration` (whole microseconds): the kernel polls
 /// the device queue for that long on a blocking receive that finds nothing.

@@ -22,7 +22,7 @@ use super::inflight::{Ended, InFlight, Permits, Started};
 use super::request::{Buffers, Reply, Request};
 use crate::busy_poll::{PollWindow, later};
 use crate::config::{Config, DEFAULT_BATCH_SIZE, Dispatch, ServerBuilder};
-use crate::control::{ServerControl, Shared};
+use crate::control::{ServerControl, Shared, WorkerEnd};
 use crate::engine::Tokio;
 use crate::error::Error;
 use crate::histogram::Latency;
@@ -505,13 +505,29 @@ struct Meta {
     request_len: usize,
 }
 
+/// The socket a task serves, as the server made it, and the task's mark of
+/// its end: dropped when the task ends, or is dropped with its runtime.
+struct Original {
+    socket: Arc<Socket>,
+    _end: WorkerEnd,
+}
+
+impl Drop for Original {
+    fn drop(&mut self) {
+        // The socket's mode is its maker's too (the task's copy shares the
+        // open file): one made elsewhere goes back in the mode the server
+        // took it in, blocking.
+        let _ = self.socket.set_nonblocking(false);
+    }
+}
+
 /// One socket's task.
 struct ReceiveTask<H, F> {
     socket: UdpSocket,
     /// The socket as the server made it (the same socket as `socket`):
-    /// held so that snapshots read its kernel drops, and closed with the
-    /// worker.
-    _original: Arc<Socket>,
+    /// held so that snapshots read its kernel drops, put back in blocking
+    /// mode, and closed with the worker (see [`Original`]).
+    _original: Original,
     source: Source,
     core: Core<H, F>,
 }
@@ -576,7 +592,13 @@ where
         stop.as_mut().enable();
         ReceiveTask {
             socket,
-            _original: original,
+            _original: Original {
+                socket: original,
+                _end: WorkerEnd {
+                    shared: shared.clone(),
+                    slot: index,
+                },
+            },
             source,
             core: Core {
                 handler,
