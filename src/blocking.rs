@@ -64,7 +64,8 @@ impl<H: HandlerFn> ReceiveWorker<H> {
         self.shared.worker_started();
         while !self.shared.is_stopped() {
             let polling = poll.poll_now(|| self.publish(&mut processor));
-            self.shared.beat(self.index, !polling);
+            // Blocking or polling, it waits for datagrams.
+            self.shared.beat(self.index, None);
             let count = match source.recv(&self.socket, polling) {
                 Ok(count) => count,
                 Err(err) if polling && crate::error::is_timeout(&err) => {
@@ -81,7 +82,7 @@ impl<H: HandlerFn> ReceiveWorker<H> {
                 }
             };
             let arrived = Instant::now();
-            self.shared.beat(self.index, false);
+            self.shared.beat(self.index, Some(arrived));
             processor.totals.received += count as u64;
             if count > 0 {
                 // Published before any request is handled or handed on: a
@@ -136,7 +137,7 @@ impl<H: HandlerFn> ReceiveWorker<H> {
                 source.queue_reply(i, true);
             }
             clock = Instant::now();
-            self.shared.beat(self.index, false);
+            self.shared.beat(self.index, Some(clock));
             processor.handled_at(clock);
             if source.queued() == 0 {
                 unsent_since = clock;

@@ -111,15 +111,18 @@ impl Shared {
         }
     }
 
-    /// Receive worker `slot` is making progress; `waiting`: it is about to
-    /// wait for datagrams (for the service manager's watchdog; nothing
-    /// without one).
+    /// Receive worker `slot` made progress at `working`'s time (the
+    /// caller's clock, read anyway), or, with `None`, is about to wait for
+    /// datagrams: for the service manager's watchdog (nothing without one).
     #[inline]
     #[allow(unused_variables)]
-    pub(crate) fn beat(&self, slot: usize, waiting: bool) {
+    pub(crate) fn beat(&self, slot: usize, working: Option<Instant>) {
         #[cfg(all(feature = "systemd", unix))]
         if let Some(service) = &self.service {
-            service.beat(slot, Instant::now(), waiting);
+            match working {
+                Some(now) => service.beat(slot, now, false),
+                None => service.waiting(slot),
+            }
         }
     }
 

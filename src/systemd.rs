@@ -363,6 +363,14 @@ impl Service {
         }
     }
 
+    /// Worker `slot` is about to wait for datagrams (alive, however long
+    /// nothing comes).
+    pub(crate) fn waiting(&self, slot: usize) {
+        if let Some(health) = self.workers.get(slot) {
+            health.state.store(WAITING, Ordering::Release);
+        }
+    }
+
     /// Worker `slot` has ended (or its task was dropped).
     pub(crate) fn ended(&self, slot: usize) {
         if let Some(health) = self.workers.get(slot) {

@@ -659,12 +659,12 @@ where
     fn turn(&mut self, cx: &mut Context<'_>) -> Poll<Turn> {
         let this = self;
         let core = &mut this.core;
-        core.shared.beat(core.processor.slot(), false);
         core.inflight.set_task(cx.waker());
         // A few turns at most: a timer that is already due is handled at
         // once rather than after another wake-up.
         for _ in 0..4 {
             let now = Instant::now();
+            core.shared.beat(core.processor.slot(), Some(now));
             if core.drain_until.is_none()
                 && (core.stop.as_mut().poll(cx).is_ready() || core.shared.is_stopped())
             {
@@ -695,7 +695,7 @@ where
             if yielded {
                 return Poll::Ready(Turn::Yield);
             }
-            core.shared.beat(core.processor.slot(), true);
+            core.shared.beat(core.processor.slot(), None);
             return Poll::Pending;
         }
         Poll::Ready(Turn::Yield)
