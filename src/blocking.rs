@@ -116,7 +116,8 @@ impl<H: HandlerFn> ReceiveWorker<H> {
         // When the oldest reply not yet sent began to be worked on.
         let mut unsent_since = clock;
         for i in 0..count {
-            if self.shared.is_stopped() {
+            // A handoff answers what is in hand; a shutdown drops it.
+            if self.shared.is_stopped() && !self.shared.is_handing_off() {
                 processor.totals.shutdown_dropped += (count - i) as u64;
                 break;
             }

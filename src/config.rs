@@ -76,7 +76,7 @@ pub const MAX_UDP_PAYLOAD_V6: usize = 65_527;
 pub struct ServerBuilder<E: Engine = Blocking> {
     pub(crate) socket: SocketOptions,
     max_datagram: Option<usize>,
-    workers: usize,
+    pub(crate) workers: usize,
     /// `None`: the default, [`DEFAULT_BATCH_SIZE`]; `Some`: set by the user.
     batch_size: Option<usize>,
     portable_io: bool,
@@ -91,6 +91,9 @@ pub struct ServerBuilder<E: Engine = Blocking> {
     pub(crate) reply_dscp: Option<u8>,
     /// Tell the service manager how the server is (feature `systemd`).
     pub(crate) notify: bool,
+    /// The running server may hand its sockets on
+    /// ([`allow_handoff`](ServerBuilder::allow_handoff)).
+    pub(crate) handoff: bool,
     /// The first setting made that applies before bind only, if any: a
     /// socket made elsewhere ([`from_std`](ServerBuilder::from_std)) cannot
     /// take it.
@@ -149,6 +152,7 @@ impl<E: Engine> ServerBuilder<E> {
             metadata: false,
             reply_dscp: None,
             notify: false,
+            handoff: false,
             pre_bind: None,
             dispatch,
             engine: PhantomData,
@@ -301,6 +305,28 @@ impl<E: Engine> ServerBuilder<E> {
     /// to off.
     pub fn recv_metadata(mut self, on: bool) -> Self {
         self.metadata = on;
+        self
+    }
+
+    /// Lets the running server hand its sockets, their kernel queues
+    /// intact, to a new server: [`ServerHandle::handoff`](crate::ServerHandle::handoff),
+    /// for restarts and upgrades that lose no datagram (see [`Handoff`](crate::Handoff)).
+    ///
+    /// A server's workers wait for datagrams in the kernel, and a shutdown
+    /// wakes them by shutting the sockets down for reading, which leaves
+    /// the sockets of no further use. With this setting the sockets are
+    /// never shut down: each worker wakes on its own every 50 ms while idle
+    /// (a receive timeout) to see whether the server is stopping or handing
+    /// off, so that a shutdown or a handoff takes up to 50 ms longer, and an
+    /// idle server makes 20 wake-ups a second per worker.
+    ///
+    /// A server on sockets made elsewhere ([`from_std`](ServerBuilder::from_std),
+    /// [`from_handoff`](ServerBuilder::from_handoff), socket activation)
+    /// always works this way, and can always hand off.
+    ///
+    /// Defaults to off.
+    pub fn allow_handoff(mut self, on: bool) -> Self {
+        self.handoff = on;
         self
     }
 

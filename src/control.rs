@@ -4,7 +4,7 @@
 
 use std::fmt;
 use std::net::{Shutdown, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -13,6 +13,7 @@ use socket2::Socket;
 
 use crate::busy_poll::later;
 use crate::error::Error;
+use crate::handoff::Handoff;
 use crate::histogram::Latency;
 use crate::pool::Pool;
 use crate::stats::{SharedStats, Stats};
@@ -22,7 +23,12 @@ use crate::sys;
 /// flag, a way to wake the workers, the handler pool, and the counters.
 #[derive(Debug)]
 pub(crate) struct Shared {
-    stop: AtomicBool,
+    /// [`RUNNING`], [`SHUTTING_DOWN`] or [`HANDING_OFF`]: set once.
+    stop: AtomicU8,
+    /// Receive workers (or tasks) that have not ended: in a handoff, the
+    /// last to end closes the handler pool, so that every request queued
+    /// is handled.
+    receivers: AtomicUsize,
     /// A bounded shutdown gave up waiting: replies made after that are not
     /// sent.
     abandoned: AtomicBool,
@@ -64,7 +70,8 @@ impl Shared {
         #[cfg_attr(not(all(feature = "systemd", unix)), allow(unused_variables))] notify: Notify,
     ) -> Arc<Shared> {
         Arc::new(Shared {
-            stop: AtomicBool::new(false),
+            stop: AtomicU8::new(RUNNING),
+            receivers: AtomicUsize::new(notify.workers.len()),
             abandoned: AtomicBool::new(false),
             sockets: sockets
                 .iter()
@@ -100,6 +107,23 @@ impl Shared {
         #[cfg(all(feature = "systemd", unix))]
         if let Some(service) = &self.service {
             service.ended(slot);
+        }
+        // Sequentially consistent with `hand_off`'s two steps, so that
+        // the pool is closed by one of them, whichever comes last.
+        let left = self.receivers.fetch_sub(1, Ordering::SeqCst);
+        if left == 1 {
+            match &self.pool {
+                // Nothing more can be queued: the pool answers all it holds.
+                Some((pool, _)) if self.stop.load(Ordering::SeqCst) == HANDING_OFF => {
+                    pool.close(later(Instant::now(), Duration::MAX));
+                }
+                // The pool's threads may still send through the sockets.
+                Some(_) => {}
+                // Nothing uses the sockets any more: closed, unless they
+                // are to be handed on.
+                None if self.stop.load(Ordering::SeqCst) == HANDING_OFF => {}
+                None => self.release(),
+            }
         }
     }
 
@@ -146,6 +170,20 @@ impl Shared {
     /// the port once shutdown is over.
     pub(crate) fn keep_open(&self, sockets: Vec<Arc<Socket>>) {
         self.ending().keep_open = sockets;
+    }
+
+    /// The sockets kept open, grouped by listener, each with its address:
+    /// for a handoff, once every thread has ended.
+    pub(crate) fn take_kept(&self) -> Vec<(SocketAddr, Vec<Arc<Socket>>)> {
+        let mut kept = std::mem::take(&mut self.ending().keep_open);
+        let mut groups = Vec::with_capacity(self.listeners.len());
+        // Taken from the back, so that each listener's range is at the end.
+        for listener in self.listeners.iter().rev() {
+            let start = listener.sockets.start.min(kept.len());
+            groups.push((listener.addr, kept.split_off(start)));
+        }
+        groups.reverse();
+        groups
     }
 
     /// Closes the sockets kept open (see [`keep_open`](Shared::keep_open)).
@@ -248,11 +286,50 @@ impl Shared {
     }
 
     pub(crate) fn is_stopped(&self) -> bool {
-        self.stop.load(Ordering::Acquire)
+        self.stop.load(Ordering::Acquire) != RUNNING
+    }
+
+    /// Whether the server is stopping for a handoff.
+    pub(crate) fn is_handing_off(&self) -> bool {
+        self.stop.load(Ordering::Acquire) == HANDING_OFF
+    }
+
+    /// Whether the server can hand its sockets on: none of them is one a
+    /// stop shuts down.
+    pub(crate) fn can_hand_off(&self) -> bool {
+        self.sockets.iter().all(|(_, shut)| !shut)
+    }
+
+    /// Stops the server for a handoff: every request received is handled
+    /// and answered (the handler pool's queue too), nothing more is
+    /// received, and the sockets are left as they are. Returns `false`,
+    /// doing nothing, if the server was already stopping, or cannot hand
+    /// off.
+    pub(crate) fn hand_off(&self) -> bool {
+        if !self.can_hand_off()
+            || self
+                .stop
+                .compare_exchange(RUNNING, HANDING_OFF, Ordering::SeqCst, Ordering::SeqCst)
+                .is_err()
+        {
+            return false;
+        }
+        #[cfg(feature = "tokio")]
+        self.stopping.notify_waiters();
+        if self.receivers.load(Ordering::SeqCst) == 0 {
+            if let Some((pool, _)) = &self.pool {
+                pool.close(later(Instant::now(), Duration::MAX));
+            }
+        }
+        true
     }
 
     pub(crate) fn stop(&self) {
-        if self.stop.swap(true, Ordering::AcqRel) {
+        if self
+            .stop
+            .compare_exchange(RUNNING, SHUTTING_DOWN, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
             return;
         }
         #[cfg(all(feature = "systemd", unix))]
@@ -279,6 +356,13 @@ impl Shared {
         self.stats.latency()
     }
 }
+
+/// `Shared::stop`: the server runs.
+const RUNNING: u8 = 0;
+/// `Shared::stop`: the server shuts down.
+const SHUTTING_DOWN: u8 = 1;
+/// `Shared::stop`: the server stops to hand its sockets on.
+const HANDING_OFF: u8 = 2;
 
 /// Marks a receive worker (or task) as ended when dropped: at the end of
 /// its run, as it unwinds, or when its task is dropped with its runtime.
@@ -310,6 +394,8 @@ pub(crate) struct Notify {
 pub(crate) struct ListenerSlots {
     pub(crate) addr: SocketAddr,
     pub(crate) slots: Vec<usize>,
+    /// Its sockets' places in the server's list of sockets.
+    pub(crate) sockets: std::ops::Range<usize>,
 }
 
 /// How many of a server's threads have ended, and what waits for them.
@@ -577,6 +663,61 @@ impl ServerHandle {
         Ok(self.control.shared.snapshot())
     }
 
+    /// Stops the server to hand its sockets to a new one, their kernel
+    /// queues intact, and returns them with the final counters: for a
+    /// restart or an upgrade that loses no datagram (see [`Handoff`]).
+    ///
+    /// Unlike [`shutdown`](ServerHandle::shutdown), nothing received is
+    /// dropped: each receive worker stops receiving, handles and answers
+    /// the requests it holds, and ends; a handler pool answers everything
+    /// queued, whatever its drain time. Datagrams that arrive meanwhile
+    /// wait in the sockets' queues for the next server. The final counters
+    /// ([`Handoff::stats`]) then satisfy `received == accounted()` with
+    /// nothing dropped at shutdown. With `notify_service_manager`
+    /// (feature `systemd`), no `STOPPING=1` is sent: the service goes on.
+    ///
+    /// Waits for every handler call in progress: a handler that never
+    /// returns makes this wait forever. A [`ServerControl::shutdown`] made
+    /// while the handoff runs is ignored.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] when the server cannot hand off: it bound
+    /// its own sockets without
+    /// [`allow_handoff(true)`](crate::ServerBuilder::allow_handoff), or it
+    /// was already shutting down. The server is then shut down as
+    /// [`shutdown`](ServerHandle::shutdown) does, and its sockets closed.
+    /// [`Error::WorkerPanicked`] as for `shutdown`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # fn main() -> Result<(), udp_greet::Error> {
+    /// let server = udp_greet::GreetServer::bind("127.0.0.1:0")?.spawn(udp_greet::greet)?;
+    /// // Bound without `allow_handoff(true)`: its sockets cannot be handed on.
+    /// assert!(matches!(server.handoff(), Err(udp_greet::Error::InvalidConfig { .. })));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn handoff(mut self) -> Result<Handoff, Error> {
+        let addr = self.control.local_addr;
+        let shared = self.control.shared.clone();
+        if !shared.hand_off() {
+            let reason = if shared.can_hand_off() {
+                "the server was already shutting down"
+            } else {
+                "the server bound its sockets without ServerBuilder::allow_handoff(true): \
+                 set it to hand them on (the server has been shut down)"
+            };
+            self.finish(None)?;
+            return Err(Error::invalid_for("ServerHandle::handoff", addr, reason));
+        }
+        self.finish(None)?;
+        // Read while the sockets are open, for their kernel drops.
+        let stats = shared.snapshot();
+        Handoff::from_server(shared.take_kept(), stats)
+    }
+
     /// Stops the server and waits for its threads, for at most `limit`.
     pub(crate) fn finish(&mut self, limit: Option<Duration>) -> Result<(), Error> {
         if self.finished {
@@ -607,7 +748,9 @@ impl ServerHandle {
                 });
             }
         }
-        self.control.shared.release();
+        if !self.control.shared.is_handing_off() || result.is_err() {
+            self.control.shared.release();
+        }
         let stuck = self.thread_count.saturating_sub(ended);
         if stuck > 0 {
             return Err(Error::ShutdownTimedOut {

@@ -287,6 +287,18 @@ pub enum Error {
         source: io::Error,
     },
 
+    /// Sockets could not be handed to, or taken from, another server or
+    /// process ([`Handoff`](crate::Handoff)).
+    #[non_exhaustive]
+    #[error("cannot hand the sockets on: cannot {what}")]
+    Handoff {
+        /// What failed, such as `send the sockets over the Unix socket`.
+        what: &'static str,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+
     /// Any other I/O error, with the operation and the address it was about.
     #[non_exhaustive]
     #[error("{action} {addr} failed")]
@@ -401,6 +413,7 @@ impl Error {
             Error::WorkerPanicked { .. } => ErrorKind::Other,
             #[cfg(all(feature = "systemd", unix))]
             Error::Activation { source, .. } => source.kind(),
+            Error::Handoff { source, .. } => source.kind(),
             #[cfg(feature = "tokio")]
             Error::NoRuntime { .. } => ErrorKind::Other,
             #[cfg(feature = "tokio")]

@@ -13,6 +13,7 @@ use crate::config::{Config, DEFAULT_RECV_BUFFER, ServerBuilder};
 use crate::control::{ListenerSlots, Notify, ServerControl, ServerHandle, Shared, ThreadEnd};
 use crate::engine::{Blocking, Engine};
 use crate::error::Error;
+use crate::handoff::Handoff;
 use crate::policy::HandlerFn;
 use crate::pool::{HandlerPool, Pool};
 use crate::request::{Action, Request};
@@ -99,8 +100,10 @@ impl Layout {
 struct Prepared {
     sockets: Vec<BoundSocket>,
     control: sys::Control,
-    /// Made elsewhere (`from_std`): never shut down by the server.
-    adopted: bool,
+    /// Never shut down by the server: made elsewhere (`from_std`,
+    /// `from_handoff`), whose maker may serve it again, or bound by a
+    /// server that may hand it on (`allow_handoff`).
+    kept: bool,
 }
 
 impl Prepared {
@@ -183,21 +186,37 @@ impl<E: Engine> ServerBuilder<E> {
         self,
         sockets: impl IntoIterator<Item = UdpSocket>,
     ) -> Result<Bound, Error> {
+        self.adopt_groups(
+            "ServerBuilder::from_std_all",
+            sockets.into_iter().map(|s| vec![s]),
+        )
+    }
+
+    /// Checks the settings, then takes groups of sockets made elsewhere,
+    /// one listener per group (the sockets of a group are bound to one
+    /// address and share it, as the workers of a server with
+    /// `reuse_port` do); the first that cannot be served on fails the
+    /// whole. `what` names the caller in errors.
+    pub(crate) fn adopt_groups(
+        self,
+        what: &'static str,
+        groups: impl IntoIterator<Item = Vec<UdpSocket>>,
+    ) -> Result<Bound, Error> {
         self.validate(true)?;
         let mut listeners = Vec::new();
-        for socket in sockets {
+        for group in groups {
             if listeners.len() == MAX_LISTENERS {
-                return Err(Error::invalid(
-                    "ServerBuilder::from_std_all",
-                    "at most 1024 sockets",
-                ));
+                return Err(Error::invalid(what, "at most 1024 listeners"));
             }
-            let adopted = socket::adopt(Socket::from(socket), &self.socket)?;
-            listeners.push(self.prepare(vec![adopted], true)?);
+            let mut adopted = Vec::with_capacity(group.len());
+            for socket in group {
+                adopted.push(socket::adopt(Socket::from(socket), &self.socket)?);
+            }
+            listeners.push(self.prepare(adopted, true)?);
         }
         if listeners.is_empty() {
             return Err(Error::invalid(
-                "ServerBuilder::from_std_all",
+                what,
                 "needs at least one socket (none was passed, or none by the name asked for?)",
             ));
         }
@@ -227,6 +246,7 @@ impl<E: Engine> ServerBuilder<E> {
             }
         };
         let ipv6 = local_addr.is_ipv6();
+        let kept = adopted || self.handoff;
         for b in &sockets {
             // What a hook (or the maker of a socket given to `from_std`)
             // may have left that the server cannot serve with: a
@@ -257,9 +277,10 @@ impl<E: Engine> ServerBuilder<E> {
                     .map_err(fail("set IP_TOS / IPV6_TCLASS"))?;
             }
             // A socket made elsewhere is never shut down to wake its workers
-            // (its maker may hold and serve it again): they wake on their
-            // own to see whether the server is stopping.
-            let wake = if adopted {
+            // (its maker may hold and serve it again), nor one the server
+            // may hand on: they wake on their own to see whether the server
+            // is stopping.
+            let wake = if kept {
                 Some(sys::ADOPTED_WAKE_INTERVAL)
             } else {
                 sys::WAKE_INTERVAL
@@ -278,8 +299,16 @@ impl<E: Engine> ServerBuilder<E> {
         Ok(Prepared {
             sockets,
             control,
-            adopted,
+            kept,
         })
+    }
+}
+
+impl<E: Engine> ServerBuilder<E> {
+    /// Checks the settings, then takes the sockets of a handoff, one
+    /// listener per address.
+    pub(crate) fn adopt_handoff(self, handoff: Handoff) -> Result<Bound, Error> {
+        self.adopt_groups("ServerBuilder::from_handoff", handoff.into_groups())
     }
 }
 
@@ -447,6 +476,30 @@ impl ServerBuilder<Blocking> {
             bound: self.adopt_sockets(sockets)?,
         })
     }
+
+    /// Serves the sockets of a [`Handoff`]: those a server handed on
+    /// ([`ServerHandle::handoff`](crate::ServerHandle::handoff)), or
+    /// received from another process. Each address is one listener, and
+    /// each of its sockets gets a worker of its own (more than
+    /// [`workers`](ServerBuilder::workers) asks for, where a listener
+    /// has more sockets); datagrams already in their queues are served
+    /// first.
+    ///
+    /// The settings that apply before bind (buffer sizes, address reuse,
+    /// `only_v6`, hooks) cannot apply to sockets bound already, as with
+    /// [`from_std`](ServerBuilder::from_std); the others apply to this
+    /// server, whatever the last had. The sockets are never shut down by
+    /// this server, which can hand them on again.
+    ///
+    /// # Errors
+    ///
+    /// As [`from_std_all`](ServerBuilder::from_std_all); an empty handoff
+    /// is refused with [`Error::InvalidConfig`].
+    pub fn from_handoff(self, handoff: Handoff) -> Result<GreetServer, Error> {
+        Ok(GreetServer {
+            bound: self.adopt_handoff(handoff)?,
+        })
+    }
 }
 
 /// A bound UDP server, ready to [`serve`](GreetServer::serve) on the calling
@@ -493,6 +546,12 @@ impl Bound {
         listeners: Vec<Prepared>,
     ) -> Result<Bound, Error> {
         let limiter = builder.limiter();
+        // Every socket of a listener has a worker of its own (a listener
+        // handed over may have more sockets than `workers` asks for).
+        let workers = listeners
+            .iter()
+            .map(|l| l.sockets.len())
+            .fold(builder.workers, usize::max);
         let server_addr = listeners
             .iter()
             .find_map(|l| l.sockets.first())
@@ -509,6 +568,7 @@ impl Bound {
                 server_addr: server_addr.unwrap_or(first.local_addr),
                 control: prepared.control,
                 icmp_reports_off: prepared.sockets.iter().all(|b| b.icmp_reports_off),
+                workers,
                 ..builder.config(first, limiter.clone())
             });
             let sockets: Vec<Arc<Socket>> = prepared
@@ -521,7 +581,7 @@ impl Bound {
                 first_socket: all.len(),
                 sockets: sockets.clone(),
             });
-            all.extend(sockets.into_iter().map(|s| (s, !prepared.adopted)));
+            all.extend(sockets.into_iter().map(|s| (s, !prepared.kept)));
         }
         let Some(first) = bound.first() else {
             return Err(Error::invalid(
@@ -552,6 +612,7 @@ impl Bound {
             listed.push(ListenerSlots {
                 addr: listener.config.local_addr,
                 slots: layout.slots_of(k),
+                sockets: listener.first_socket..listener.first_socket + listener.sockets.len(),
             });
         }
         // The receive workers' names, by slot, as their threads are named.
@@ -815,8 +876,9 @@ impl GreetServer {
             .flat_map(|l| l.sockets.iter().cloned())
             .collect();
         // With a pool, the handle keeps the sockets open until the pool has
-        // drained; handler threads hold them weakly.
-        if pool.is_some() {
+        // drained; handler threads hold them weakly. A server that can hand
+        // off keeps them to give them back.
+        if pool.is_some() || shared.can_hand_off() {
             shared.keep_open(sockets.clone());
         }
         let weak: Vec<Weak<Socket>> = sockets.iter().map(Arc::downgrade).collect();

@@ -28,11 +28,15 @@ pub(crate) use imp::{
     enable_recverr, is_shut_for_reading, kernel_drops, recv_error,
 };
 
+#[cfg(unix)]
+mod fds;
 mod settings;
 mod source;
 #[cfg(windows)]
 mod windows;
 
+#[cfg(unix)]
+pub(crate) use fds::{MAX_FDS_PER_MESSAGE, place_on_exec, recv_with_fds, send_with_fds};
 pub(crate) use settings::{Prepared, is_net_reset, prepare_adopted_socket, prepare_server_socket};
 #[cfg(test)]
 pub(crate) use settings::{Setting, tests::refuse};

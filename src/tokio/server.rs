@@ -25,6 +25,7 @@ use crate::config::{Config, DEFAULT_BATCH_SIZE, Dispatch, ServerBuilder};
 use crate::control::{ServerControl, Shared, WorkerEnd};
 use crate::engine::Tokio;
 use crate::error::Error;
+use crate::handoff::Handoff;
 use crate::histogram::Latency;
 use crate::limits::Limits;
 use crate::policy::Processor;
@@ -112,6 +113,20 @@ impl ServerBuilder<Tokio> {
     ) -> Result<GreetServer, Error> {
         Ok(GreetServer {
             bound: self.adopt_sockets(sockets)?,
+        })
+    }
+
+    /// Serves the sockets of a [`Handoff`], as
+    /// [`ServerBuilder::from_handoff`](crate::ServerBuilder::from_handoff)
+    /// does for the blocking server: one listener per address, one task
+    /// per socket.
+    ///
+    /// # Errors
+    ///
+    /// As [`ServerBuilder::from_handoff`](crate::ServerBuilder::from_handoff).
+    pub fn from_handoff(self, handoff: Handoff) -> Result<GreetServer, Error> {
+        Ok(GreetServer {
+            bound: self.adopt_handoff(handoff)?,
         })
     }
 }
@@ -324,6 +339,16 @@ impl GreetServer {
         let limits = config.limits().cloned().unwrap_or_default();
         let permits = Permits::new(limits.max_in_flight);
         let mut workers = Vec::new();
+        // Kept to be given back by a handoff, and closed once every task
+        // has ended otherwise.
+        if shared.can_hand_off() {
+            shared.keep_open(
+                listeners
+                    .iter()
+                    .flat_map(|l| l.sockets.iter().cloned())
+                    .collect(),
+            );
+        }
         for (k, listener) in listeners.into_iter().enumerate() {
             let addr = listener.config.local_addr;
             for (index, socket) in listener.sockets.into_iter().enumerate() {
@@ -456,6 +481,46 @@ impl ServerHandle {
             return Err(Error::Cancelled { addr });
         }
         Ok(self.control.shared().snapshot())
+    }
+
+    /// Stops the server to hand its sockets to a new one, their kernel
+    /// queues intact, and returns them with the final counters: for a
+    /// restart or an upgrade that loses no datagram (see [`Handoff`]).
+    ///
+    /// Unlike [`shutdown`](ServerHandle::shutdown), nothing received is
+    /// dropped: receiving stops, and every handler future in flight runs
+    /// to its end (or its [handler timeout](Limits::handler_timeout)),
+    /// whatever the drain time, and its reply goes out. Datagrams that
+    /// arrive meanwhile wait in the sockets' queues for the next server,
+    /// of either engine.
+    ///
+    /// # Errors
+    ///
+    /// As [`ServerHandle::handoff`](crate::ServerHandle::handoff) for the
+    /// blocking server, and [`Error::Cancelled`] if the runtime shut down
+    /// under the server.
+    pub async fn handoff(mut self) -> Result<Handoff, Error> {
+        let addr = self.control.local_addr();
+        if !self.control.shared().hand_off() {
+            let reason = if self.control.shared().can_hand_off() {
+                "the server was already shutting down"
+            } else {
+                "the server bound its sockets without ServerBuilder::allow_handoff(true): \
+                 set it to hand them on (the server has been shut down)"
+            };
+            self.shutdown().await?;
+            return Err(Error::invalid_for("ServerHandle::handoff", addr, reason));
+        }
+        poll_fn(|cx| self.poll_finished(cx)).await;
+        if self.panicked {
+            return Err(Error::WorkerPanicked { addr });
+        }
+        if self.cancelled {
+            return Err(Error::Cancelled { addr });
+        }
+        let shared = self.control.shared();
+        let stats = shared.snapshot();
+        Handoff::from_server(shared.take_kept(), stats)
     }
 
     /// Whether every task has ended (the server stopped).
@@ -668,7 +733,13 @@ where
             if core.drain_until.is_none()
                 && (core.stop.as_mut().poll(cx).is_ready() || core.shared.is_stopped())
             {
-                core.drain_until = Some(later(now, core.limits.drain_timeout));
+                // A handoff lets every future in flight finish.
+                let drain = if core.shared.is_handing_off() {
+                    Duration::MAX
+                } else {
+                    core.limits.drain_timeout
+                };
+                core.drain_until = Some(later(now, drain));
             }
             // Futures whose time is up are dropped before the woken ones
             // are polled: one woken after its handler timeout (a busy
