@@ -71,7 +71,7 @@ impl Shared {
     ) -> Arc<Shared> {
         Arc::new(Shared {
             stop: AtomicU8::new(RUNNING),
-            receivers: AtomicUsize::new(notify.workers.len()),
+            receivers: AtomicUsize::new(0),
             abandoned: AtomicBool::new(false),
             sockets: sockets
                 .iter()
@@ -110,8 +110,10 @@ impl Shared {
         }
         // Sequentially consistent with `hand_off`'s two steps, so that
         // the pool is closed by one of them, whichever comes last.
-        let left = self.receivers.fetch_sub(1, Ordering::SeqCst);
-        if left == 1 {
+        let left = self
+            .receivers
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if left == Ok(1) {
             match &self.pool {
                 // Nothing more can be queued: the pool answers all it holds.
                 Some((pool, _)) if self.stop.load(Ordering::SeqCst) == HANDING_OFF => {
@@ -125,6 +127,12 @@ impl Shared {
                 None => self.release(),
             }
         }
+    }
+
+    /// The server is about to start `count` receive workers (or tasks),
+    /// each of which marks its end ([`WorkerEnd`]).
+    pub(crate) fn expect_receivers(&self, count: usize) {
+        self.receivers.store(count, Ordering::SeqCst);
     }
 
     /// A receive worker (or task) is about to receive for the first time.

@@ -195,6 +195,7 @@ impl Handoff {
             .collect()
     }
 
+    #[cfg(unix)]
     fn sockets(&self) -> impl Iterator<Item = &UdpSocket> {
         self.listeners.iter().flat_map(|(_, sockets)| sockets)
     }

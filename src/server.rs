@@ -929,6 +929,8 @@ impl GreetServer {
                 )?;
             }
         }
+        // Every listener has a socket, so each gets all its workers.
+        shared.expect_receivers(layout.listeners * layout.workers);
         // Moved out, so that the workers (and, with a pool, the handle) hold
         // the only strong references, and each socket closes when the last
         // of them is done.

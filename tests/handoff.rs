@@ -629,7 +629,7 @@ fn the_upgrade_example_upgrades_in_place_under_load() {
     let mut next_line = move || {
         lines
             .next()
-            .expect("a line from the example")
+            .expect("a line from the example (built with the `systemd` feature? `cargo test --all-features` builds it so)")
             .expect("readable output")
     };
     let first = next_line();
@@ -672,4 +672,55 @@ fn the_upgrade_example_upgrades_in_place_under_load() {
         received += counts.0;
     }
     assert_eq!(received, REQUESTS, "{ended:?}");
+}
+
+/// A handler future in flight when the async server hands off runs to its
+/// reply, though the drain time is 0 (where a shutdown would drop it).
+#[cfg(feature = "tokio")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_async_handoff_lets_the_handlers_in_flight_finish() {
+    use tokio::sync::{Notify, mpsc};
+
+    let (started_tx, mut started) = mpsc::unbounded_channel();
+    let release = Arc::new(Notify::new());
+    let handler = {
+        let release = release.clone();
+        move |request: udp_greet::tokio::Request| {
+            let (started_tx, release) = (started_tx.clone(), release.clone());
+            async move {
+                let _ = started_tx.send(());
+                release.notified().await;
+                udp_greet::tokio::greet(request).await
+            }
+        }
+    };
+    let server = udp_greet::tokio::GreetServer::builder()
+        .allow_handoff(true)
+        .bind(V4)
+        .expect("bind")
+        .spawn(handler)
+        .expect("spawn");
+    let addr = server.local_addr();
+    let control = server.control();
+    let client = tokio::net::UdpSocket::bind(V4).await.expect("client");
+    client.send_to(b"Sarah", addr).await.expect("send");
+    tokio::time::timeout(HANG_GUARD, started.recv())
+        .await
+        .expect("the handler starts in time");
+    let handing_off = tokio::spawn(server.handoff());
+    wait_until("the handoff to begin", || control.is_shutdown());
+    release.notify_one();
+    let handoff = tokio::time::timeout(HANG_GUARD, handing_off)
+        .await
+        .expect("the handoff ends in time")
+        .expect("join")
+        .expect("handoff");
+    let stats = handoff.stats();
+    assert_eq!((stats.replied, stats.shutdown_dropped), (1, 0), "{stats:?}");
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(HANG_GUARD, client.recv(&mut buf))
+        .await
+        .expect("the reply comes in time")
+        .expect("recv");
+    assert_eq!(&buf[..n], b"Hello, Sarah!");
 }

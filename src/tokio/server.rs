@@ -369,6 +369,7 @@ impl GreetServer {
             }
         }
         shared.start_watchdog(format!("udp:{}/wd", addr.port()))?;
+        shared.expect_receivers(workers.len());
         let tasks = workers
             .into_iter()
             .map(|worker| Some(runtime.spawn(worker.run())))

@@ -111,6 +111,24 @@ pub(super) unsafe fn send_msg(
 ) -> io::Result<()> {
     let mut control = SendCmsg::EMPTY;
     let used = cmsg::write(&mut control, from, None);
+    if used == 0 {
+        // Nothing to say besides the address: `sendto` spares the kernel
+        // the message header and its vector (a reply with metadata read
+        // but no arrival address to send from).
+        // SAFETY: `reply` is only read, for its length; `to` is valid for
+        // `to_len` bytes, as the caller vouches.
+        return cvt(unsafe {
+            libc::sendto(
+                socket.as_raw_fd(),
+                reply.as_ptr().cast::<c_void>(),
+                reply.len(),
+                0,
+                to,
+                to_len,
+            )
+        })
+        .map(drop);
+    }
     let mut iov = iovec {
         iov_base: reply.as_ptr().cast_mut().cast::<c_void>(),
         iov_len: reply.len(),
