@@ -1,5 +1,5 @@
 //! A greet server that upgrades itself in place and loses no datagram:
-//! `cargo run --example upgrade --features systemd`
+//! `cargo run --example upgrade`
 //!
 //! Each line on standard input is an upgrade: the running generation stops
 //! receiving, answers what it holds, and hands its sockets (kernel queues
@@ -9,11 +9,10 @@
 //! sees it go). End of input stops the server.
 //!
 //! ```text
-//! cargo run --example upgrade --features systemd -- [--listen ADDR]...
+//! cargo run --example upgrade -- [--listen ADDR]...
 //! ```
 //!
-//! Unix only (feature `systemd`, for the sockets the new generation takes
-//! as socket activation passes them).
+//! Unix only.
 
 use std::process::ExitCode;
 
@@ -34,7 +33,7 @@ options:
 It prints `generation N (pid P) serving on ADDR...` when a generation
 starts, and `generation N: received R, replied A` when it ends.";
 
-#[cfg(all(unix, feature = "systemd"))]
+#[cfg(unix)]
 fn main() -> ExitCode {
     let mut listen = Vec::new();
     let mut parser = lexopt::Parser::from_env();
@@ -71,31 +70,30 @@ fn usage_error(message: &str) -> ExitCode {
     ExitCode::from(2)
 }
 
-#[cfg(all(unix, feature = "systemd"))]
+#[cfg(unix)]
 mod upgrade {
-    use std::io::BufRead;
-    use std::os::unix::process::CommandExt;
+    use std::io::Read;
+    use std::os::fd::AsFd;
     use std::process::Command;
 
-    use udp_greet::systemd::Activated;
-    use udp_greet::{GreetServer, HANDOFF_FD_NAME, Handoff};
+    use udp_greet::{GreetServer, Handoff};
 
     /// The generation a process is, passed on in its environment.
     const GENERATION: &str = "UDP_GREET_GENERATION";
 
     pub(crate) fn run(listen: &[String]) -> Result<(), Box<dyn std::error::Error>> {
-        // 1. The first generation binds, ready to hand its sockets on; the
-        //    others take the sockets the last one passed.
-        let generation: u64 = std::env::var(GENERATION)
-            .ok()
-            .and_then(|g| g.parse().ok())
-            .unwrap_or(1);
+        // 1. A process exec'd by the last generation takes the sockets it
+        //    was handed; the first binds them, ready to hand them on.
         let builder = GreetServer::builder().allow_handoff(true);
-        let server = if generation == 1 {
-            builder.bind_all(listen)?
-        } else {
-            let sockets = Activated::take()?.take_udp(Some(HANDOFF_FD_NAME));
-            builder.from_handoff(Handoff::from_sockets(sockets)?)?
+        let (server, generation) = match Handoff::from_env()? {
+            Some(handoff) => {
+                let generation = std::env::var(GENERATION)
+                    .ok()
+                    .and_then(|g| g.parse::<u64>().ok())
+                    .unwrap_or(2);
+                (builder.from_handoff(handoff)?, generation)
+            }
+            None => (builder.bind_all(listen)?, 1),
         };
         let addrs: Vec<String> = server
             .local_addrs()
@@ -110,29 +108,45 @@ mod upgrade {
         let mut running = server.spawn(udp_greet::greet)?;
 
         // 2. Each line of input is an upgrade; the end of input, a stop.
-        for line in std::io::stdin().lock().lines() {
-            line?;
+        //    Read a byte at a time, so that no line read ahead is lost to
+        //    the next program.
+        let mut input = std::fs::File::from(std::io::stdin().as_fd().try_clone_to_owned()?);
+        while read_line(&mut input)? {
             // 3. Stop receiving, answer what is in hand, take the sockets.
             //    What arrives from now on waits in their kernel queues.
             let handoff = running.handoff()?;
             report(generation, handoff.stats());
-            // 4. Replace this process with the program, passing the sockets
-            //    as socket activation does. `exec` returns only on failure.
+            // 4. Replace this process with the program it was started from
+            //    (a new build, if the file was replaced), with the sockets.
             let program = std::env::args_os().next().unwrap_or_default();
             let mut next = Command::new(program);
             next.args(std::env::args_os().skip(1))
                 .env(GENERATION, (generation + 1).to_string());
-            handoff.pass_on_exec(&mut next);
-            let err = next.exec();
+            let err = handoff.exec(&mut next);
             // 5. The new program did not start: serve on here, with the
             //    same sockets, so that nothing is lost either way.
             eprintln!("upgrade failed, generation {generation} serves on: {err}");
             running = GreetServer::builder()
+                .allow_handoff(true)
                 .from_handoff(handoff)?
                 .spawn(udp_greet::greet)?;
         }
         report(generation, running.shutdown()?);
         Ok(())
+    }
+
+    /// Reads up to the end of a line; `false` at the end of input.
+    fn read_line(input: &mut std::fs::File) -> std::io::Result<bool> {
+        let mut byte = [0u8; 1];
+        loop {
+            match input.read(&mut byte) {
+                Ok(0) => return Ok(false),
+                Ok(_) if byte[0] == b'\n' => return Ok(true),
+                Ok(_) => {}
+                Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(err) => return Err(err),
+            }
+        }
     }
 
     fn report(generation: u64, stats: udp_greet::Stats) {
@@ -143,9 +157,9 @@ mod upgrade {
     }
 }
 
-#[cfg(not(all(unix, feature = "systemd")))]
+#[cfg(not(unix))]
 fn main() -> ExitCode {
     let _ = usage_error;
-    eprintln!("the upgrade example needs Unix and the `systemd` feature:\n\n{USAGE}");
+    eprintln!("the upgrade example needs Unix:\n\n{USAGE}");
     ExitCode::FAILURE
 }

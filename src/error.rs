@@ -89,10 +89,11 @@ pub enum Error {
         source: io::Error,
     },
 
-    /// A socket handed to [`ServerBuilder::from_std`](crate::ServerBuilder::from_std)
-    /// cannot be served on.
+    /// A socket made elsewhere (given to
+    /// [`ServerBuilder::from_std`](crate::ServerBuilder::from_std), or
+    /// handed over in a [`Handoff`](crate::Handoff)) cannot be served on.
     #[non_exhaustive]
-    #[error("cannot serve on the socket given to from_std: {reason}")]
+    #[error("cannot serve on a socket made elsewhere (from_std, from_handoff): {reason}")]
     UnsuitableSocket {
         /// What is wrong with it, and what to do.
         reason: &'static str,

@@ -31,15 +31,15 @@ use crate::stats::Stats;
 /// # Three ways to the next generation
 ///
 /// - **In the same process:** `ServerBuilder::from_handoff(handoff)`.
-/// - **Across `exec`** (Unix): [`pass_on_exec`](Handoff::pass_on_exec)
-///   puts the sockets where socket activation puts them, and the new program
-///   takes them as from a service manager, with
-///   `systemd::Activated` (feature `systemd`)
-///   and [`from_sockets`](Handoff::from_sockets). Under systemd the process
-///   keeps its PID, so the unit never sees it go.
+/// - **Across `exec`** (Unix), the upgrade in place:
+///   [`exec`](Handoff::exec) replaces this process with the new program,
+///   the sockets open across it and named in its environment, and the new
+///   program takes them with [`from_env`](Handoff::from_env). The process
+///   keeps its id, so a service manager never sees it go.
 /// - **Over a Unix socket** (Unix, `SCM_RIGHTS`): [`send`](Handoff::send) on
 ///   one end, [`receive`](Handoff::receive) on the other, to any process that
-///   can reach the socket: a child, or an unrelated new instance.
+///   can reach the socket: a child started with one end as its standard
+///   input, or an unrelated new instance.
 ///
 /// ```
 /// # fn main() -> Result<(), udp_greet::Error> {
@@ -82,11 +82,6 @@ impl fmt::Debug for Handoff {
             .finish()
     }
 }
-
-/// The name [`Handoff::pass_on_exec`] gives each socket in
-/// `LISTEN_FDNAMES`: pick them with `systemd::Activated::take_udp(Some(HANDOFF_FD_NAME))`
-/// (feature `systemd`).
-pub const HANDOFF_FD_NAME: &str = "udp-greet-handoff";
 
 /// The most sockets one handoff carries.
 const MAX_SOCKETS: usize = 1 << 16;
@@ -139,9 +134,13 @@ impl Handoff {
                     "at most 65536 sockets",
                 ));
             }
-            let addr = socket.local_addr().map_err(|_| Error::UnsuitableSocket {
-                reason: "a socket handed over has no local address: it is not a bound socket",
-            })?;
+            let addr = socket
+                .local_addr()
+                .ok()
+                .filter(|addr| addr.port() != 0)
+                .ok_or(Error::UnsuitableSocket {
+                    reason: "a socket handed over is not a bound UDP socket (it has no local address)",
+                })?;
             match listeners.iter_mut().find(|(a, _)| *a == addr) {
                 Some((_, group)) => group.push(socket),
                 None => listeners.push((addr, vec![socket])),
@@ -204,9 +203,11 @@ impl Handoff {
 #[cfg(unix)]
 mod unix {
     use std::os::fd::{AsFd, AsRawFd, RawFd};
+    use std::os::unix::process::CommandExt;
     use std::process::Command;
+    use std::sync::atomic::{AtomicBool, Ordering};
 
-    use super::{HANDOFF_FD_NAME, Handoff, MAX_SOCKETS};
+    use super::{Handoff, MAX_SOCKETS};
     use crate::error::Error;
     use crate::sys;
 
@@ -215,6 +216,14 @@ mod unix {
     /// A message: the magic, the number of sockets in all, and the number
     /// attached to this message (both little-endian `u32`).
     const MESSAGE: usize = 16;
+    /// The descriptors handed across `exec`, comma-separated, listener by
+    /// listener.
+    const FDS_VAR: &str = "UDP_GREET_HANDOFF_FDS";
+    /// The process they are for: the one that executed, which keeps its id.
+    const PID_VAR: &str = "UDP_GREET_HANDOFF_PID";
+
+    /// Whether [`Handoff::from_env`] has taken the descriptors.
+    static TAKEN: AtomicBool = AtomicBool::new(false);
 
     fn failed(what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
         move |source| Error::Handoff { what, source }
@@ -228,54 +237,152 @@ mod unix {
     }
 
     impl Handoff {
-        /// Prepares `command` to receive the sockets as socket activation
-        /// passes them: at descriptors 3, 4, … (open across `exec`), with
-        /// `LISTEN_FDS` their number, `LISTEN_FDNAMES` naming each
-        /// [`HANDOFF_FD_NAME`], and `LISTEN_PID` this process.
+        /// Replaces this process with the program `command` runs, handing
+        /// it the sockets: the upgrade in place. Returns only if that
+        /// failed, with the error; the sockets are then as they were, and
+        /// this handoff can be served again (nothing lost either way).
         ///
-        /// That `LISTEN_PID` is right for
-        /// [`CommandExt::exec`](std::os::unix::process::CommandExt::exec),
-        /// which replaces this process with the new program (the upgrade
-        /// in place). For a child process (`spawn`), `LISTEN_PID` must be
-        /// the child's, which is known only once it runs: start it through
-        /// a shell that sets it, `sh -c 'LISTEN_PID=$$ exec "$0" "$@"'
-        /// program args…`, or send the sockets over a Unix socket instead
-        /// ([`send`](Handoff::send)).
+        /// The sockets stay open across `exec`, where they are (no
+        /// descriptor of this process is moved or closed), and their
+        /// numbers are named in the new program's environment
+        /// (`UDP_GREET_HANDOFF_FDS`, with `UDP_GREET_HANDOFF_PID` this
+        /// process's id, which `exec` keeps), for
+        /// [`from_env`](Handoff::from_env) to take. Under a service
+        /// manager the process keeps its id, so the unit never sees it go.
         ///
-        /// The handoff must stay alive (its sockets open) until the command
-        /// is executed or spawned; a socket closed by then fails it with
-        /// `EBADF`. Other descriptors of this process stay as they are
-        /// (those not marked close-on-exec pass too).
-        ///
-        /// In the new program (feature `systemd`):
+        /// Socket activation's own variables (`LISTEN_FDS`) would need the
+        /// sockets moved to descriptors 3, 4, …, taking those numbers from
+        /// whatever this process has there (a runtime's epoll descriptor,
+        /// a log file) while its other threads still run; to start a
+        /// process other than by `exec` in place, send the sockets over a
+        /// Unix socket instead ([`send`](Handoff::send)).
         ///
         /// ```no_run
-        /// # #[cfg(all(feature = "systemd", unix))]
+        /// # #[cfg(unix)]
         /// # fn main() -> Result<(), udp_greet::Error> {
-        /// use udp_greet::{GreetServer, HANDOFF_FD_NAME, Handoff, systemd::Activated};
+        /// use std::process::Command;
+        /// use udp_greet::{GreetServer, Handoff};
         ///
-        /// let sockets = Activated::take()?.take_udp(Some(HANDOFF_FD_NAME));
-        /// GreetServer::builder()
-        ///     .from_handoff(Handoff::from_sockets(sockets)?)?
-        ///     .serve(udp_greet::greet)?;
+        /// // In the new program: the sockets handed over, if it was exec'd so.
+        /// let server = match Handoff::from_env()? {
+        ///     Some(handoff) => GreetServer::builder().allow_handoff(true).from_handoff(handoff)?,
+        ///     None => GreetServer::builder().allow_handoff(true).bind("127.0.0.1:9999")?,
+        /// };
+        /// let running = server.spawn(udp_greet::greet)?;
+        /// // ... when the upgrade is asked for:
+        /// let handoff = running.handoff()?;
+        /// let err = handoff.exec(&mut Command::new("/usr/local/bin/greet"));
+        /// eprintln!("upgrade failed, serving on: {err}");
+        /// GreetServer::builder().from_handoff(handoff)?.serve(udp_greet::greet)?;
         /// # Ok(())
         /// # }
-        /// # #[cfg(not(all(feature = "systemd", unix)))]
+        /// # #[cfg(not(unix))]
         /// # fn main() {}
         /// ```
-        pub fn pass_on_exec(&self, command: &mut Command) {
+        #[must_use = "exec returns only with the error that stopped it"]
+        pub fn exec(&self, command: &mut Command) -> Error {
             let fds: Vec<RawFd> = self.sockets().map(AsRawFd::as_raw_fd).collect();
-            let names = vec![HANDOFF_FD_NAME; fds.len()].join(":");
+            let list: Vec<String> = fds.iter().map(ToString::to_string).collect();
             command
-                .env("LISTEN_FDS", fds.len().to_string())
-                .env("LISTEN_FDNAMES", names)
-                .env("LISTEN_PID", std::process::id().to_string());
-            sys::place_on_exec(command, fds);
+                .env(FDS_VAR, list.join(","))
+                .env(PID_VAR, std::process::id().to_string());
+            let mut opened = Vec::with_capacity(fds.len());
+            let mut err = None;
+            for &fd in &fds {
+                match sys::set_inheritable(fd, true) {
+                    Ok(()) => opened.push(fd),
+                    Err(source) => {
+                        err = Some(Error::Handoff {
+                            what: "keep the sockets open across exec",
+                            source,
+                        });
+                        break;
+                    }
+                }
+            }
+            let err = err.unwrap_or_else(|| Error::Handoff {
+                what: "execute the new program",
+                source: command.exec(),
+            });
+            for fd in opened {
+                let _ = sys::set_inheritable(fd, false);
+            }
+            err
         }
 
-        /// Sends the sockets over the Unix socket `to` (stream or
+        /// The sockets a process handed to this one with
+        /// [`exec`](Handoff::exec), grouped as
+        /// [`from_sockets`](Handoff::from_sockets) groups them: `None` when
+        /// this process was not started so (no `UDP_GREET_HANDOFF_FDS`, or
+        /// `UDP_GREET_HANDOFF_PID` is another process, whose environment
+        /// this one inherited). Takes them once per process.
+        ///
+        /// # Errors
+        ///
+        /// [`Error::Handoff`] when the variables cannot be read, or a
+        /// descriptor named is not a datagram socket (it is left as it
+        /// is, and none is taken); [`Error::InvalidConfig`] when the
+        /// sockets were taken already.
+        pub fn from_env() -> Result<Option<Handoff>, Error> {
+            const WHAT: &str = "take the sockets handed over across exec";
+            let (Some(fds), Some(pid)) = (std::env::var_os(FDS_VAR), std::env::var_os(PID_VAR))
+            else {
+                return Ok(None);
+            };
+            let pid = pid
+                .to_str()
+                .and_then(|pid| pid.parse::<u32>().ok())
+                .ok_or_else(|| protocol(WHAT, "UDP_GREET_HANDOFF_PID is not a process id"))?;
+            if pid != std::process::id() {
+                return Ok(None);
+            }
+            let fds: Vec<RawFd> = fds
+                .to_str()
+                .filter(|list| !list.is_empty())
+                .map(|list| list.split(',').map(str::parse::<RawFd>).collect())
+                .unwrap_or(Ok(Vec::new()))
+                .ok()
+                .filter(|fds| fds.iter().all(|fd| *fd >= 0) && fds.len() <= MAX_SOCKETS)
+                .ok_or_else(|| {
+                    protocol(WHAT, "UDP_GREET_HANDOFF_FDS is not a list of descriptors")
+                })?;
+            if TAKEN.swap(true, Ordering::AcqRel) {
+                return Err(Error::invalid(
+                    "Handoff::from_env",
+                    "the sockets handed to this process were taken already: take them once",
+                ));
+            }
+            // Each checked before any is taken, so that a bad list takes
+            // (and closes) none.
+            let mut seen = std::collections::HashSet::new();
+            if !fds.iter().all(|fd| seen.insert(*fd)) {
+                TAKEN.store(false, Ordering::Release);
+                return Err(protocol(
+                    WHAT,
+                    "UDP_GREET_HANDOFF_FDS names a descriptor twice",
+                ));
+            }
+            for &fd in &fds {
+                if let Err(source) = sys::check_datagram_socket(fd) {
+                    TAKEN.store(false, Ordering::Release);
+                    return Err(Error::Handoff { what: WHAT, source });
+                }
+            }
+            let sockets: Vec<std::net::UdpSocket> = fds
+                .into_iter()
+                .map(|fd| sys::take_inherited(fd).into())
+                .collect();
+            Handoff::from_sockets(sockets).map(Some)
+        }
+
+        /// Sends the sockets over the Unix socket `to` (stream, datagram or
         /// sequenced-packet), for [`receive`](Handoff::receive) at the
         /// other end, in messages of up to 200 descriptors each.
+        ///
+        /// To start the next generation as a child process, give it one end
+        /// of a [`UnixStream::pair`](std::os::unix::net::UnixStream::pair)
+        /// as its standard input (`Stdio::from(OwnedFd::from(end))`), send
+        /// here, and let it `receive(&std::io::stdin())`.
         ///
         /// The sockets here stay open until this handoff is dropped; the
         /// receiver's copies are the same sockets, queues included, so

@@ -128,7 +128,7 @@ pub use config::{MAX_UDP_PAYLOAD_V4, MAX_UDP_PAYLOAD_V6, ServerBuilder};
 pub use control::{ServerControl, ServerHandle};
 pub use engine::{Blocking, Engine};
 pub use error::Error;
-pub use handoff::{HANDOFF_FD_NAME, Handoff};
+pub use handoff::Handoff;
 pub use histogram::{Histogram, Latency};
 pub use pool::HandlerPool;
 pub use ratelimit::RateLimit;

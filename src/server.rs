@@ -265,10 +265,17 @@ impl<E: Engine> ServerBuilder<E> {
             }
             sys::disable_gro(&b.socket).map_err(fail("turn UDP_GRO off"))?;
             if self.metadata {
-                sys::enable_metadata(&b.socket, ipv6).map_err(fail(
+                sys::set_metadata(&b.socket, ipv6, true).map_err(fail(
                     "enable IP_RECVTOS / IP_RECVTTL / IPV6_RECVTCLASS / IPV6_RECVHOPLIMIT / pktinfo",
                 ))?;
-            } else if wildcard {
+            } else if adopted {
+                // What the last server on the socket (or its maker) asked
+                // for, and this one does not read.
+                sys::set_metadata(&b.socket, ipv6, false).map_err(fail(
+                    "turn off IP_RECVTOS / IP_RECVTTL / IPV6_RECVTCLASS / IPV6_RECVHOPLIMIT",
+                ))?;
+            }
+            if !self.metadata && wildcard {
                 arrival_addresses &= sys::enable_pktinfo(&b.socket, ipv6)
                     .map_err(fail("enable IP_PKTINFO / IPV6_RECVPKTINFO"))?;
             }
@@ -485,11 +492,14 @@ impl ServerBuilder<Blocking> {
     /// has more sockets); datagrams already in their queues are served
     /// first.
     ///
-    /// The settings that apply before bind (buffer sizes, address reuse,
-    /// `only_v6`, hooks) cannot apply to sockets bound already, as with
-    /// [`from_std`](ServerBuilder::from_std); the others apply to this
-    /// server, whatever the last had. The sockets are never shut down by
-    /// this server, which can hand them on again.
+    /// The settings that apply before bind (address reuse, `only_v6`,
+    /// hooks) cannot apply to sockets bound already, and are refused, as
+    /// with [`from_std`](ServerBuilder::from_std). Buffer sizes,
+    /// [`reply_dscp`](ServerBuilder::reply_dscp) and
+    /// [`recv_metadata`](ServerBuilder::recv_metadata) apply when set; a
+    /// socket keeps the DSCP mark its last server gave it unless this one
+    /// sets another. The sockets are never shut down by this server, which
+    /// can hand them on again.
     ///
     /// # Errors
     ///

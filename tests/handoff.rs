@@ -155,7 +155,7 @@ fn generation() -> udp_greet::ServerBuilder {
 }
 
 #[test]
-fn a_handoff_under_load_answers_every_request_once_in_process_and_across_exec() {
+fn a_handoff_under_load_answers_every_request_once_in_process_and_in_a_child_process() {
     const REQUESTS: usize = 1500;
     // First generation: a handler pool, whose queue is handed over answered.
     let first = generation()
@@ -185,7 +185,8 @@ fn a_handoff_under_load_answers_every_request_once_in_process_and_across_exec() 
     let handoff = second.handoff().expect("second handoff");
     generations.push(handoff.stats().into());
 
-    // Third generation: another process, exec'd with the sockets.
+    // Third generation: a child process, sent the sockets over a Unix
+    // socket (the upgrade in place, by exec, is the upgrade example's).
     let last = third_generation(handoff);
     let (sent, duplicates) = load.finish();
     generations.push(last());
@@ -207,32 +208,32 @@ fn a_handoff_under_load_answers_every_request_once_in_process_and_across_exec() 
     assert_eq!(drops, 0, "every request was answered, so none was dropped");
 }
 
-/// Serves `handoff` in a child process (Unix, feature `systemd`: the test
-/// binary, exec'd with the sockets as socket activation passes them), or
-/// in this process elsewhere; returns how to stop it and read its final
-/// counters.
-#[cfg(all(unix, feature = "systemd"))]
+/// Serves `handoff` in a child process (Unix: the test binary, started with
+/// one end of a Unix socket as its standard input, over which the sockets
+/// go), or in this process elsewhere; returns how to stop it and read its
+/// final counters.
+#[cfg(unix)]
 fn third_generation(handoff: Handoff) -> Box<dyn FnOnce() -> Generation> {
     use std::io::{BufRead, BufReader};
+    use std::os::fd::OwnedFd;
+    use std::os::unix::net::UnixStream;
     use std::process::{Command, Stdio};
 
-    let exe = std::env::current_exe().expect("the test binary");
-    let mut command = Command::new("sh");
-    command
-        .arg("-c")
-        .arg("export LISTEN_PID=$$; exec \"$0\" \"$@\"")
-        .arg(exe)
+    let (here, there) = UnixStream::pair().expect("a socket pair");
+    let mut child = Command::new(std::env::current_exe().expect("the test binary"))
         .args(["--exact", "handoff_child", "--ignored", "--nocapture"])
         .env("UDP_GREET_TEST_HANDOFF_CHILD", "1")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped());
-    handoff.pass_on_exec(&mut command);
-    let mut child = command.spawn().expect("spawn the next generation");
+        .stdin(Stdio::from(OwnedFd::from(there)))
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn the next generation");
+    handoff.send(&here).expect("send the sockets to the child");
     // The child has its own copies now.
     drop(handoff);
     let stdout = child.stdout.take().expect("the child's output");
     Box::new(move || {
-        drop(child.stdin.take());
+        // The end of its input stops the child.
+        drop(here);
         let stats = BufReader::new(stdout)
             .lines()
             .map_while(Result::ok)
@@ -246,7 +247,7 @@ fn third_generation(handoff: Handoff) -> Box<dyn FnOnce() -> Generation> {
     })
 }
 
-#[cfg(not(all(unix, feature = "systemd")))]
+#[cfg(not(unix))]
 fn third_generation(handoff: Handoff) -> Box<dyn FnOnce() -> Generation> {
     let third = GreetServer::builder()
         .from_handoff(handoff)
@@ -258,7 +259,7 @@ fn third_generation(handoff: Handoff) -> Box<dyn FnOnce() -> Generation> {
 
 /// The counters the child prints: received, accounted, shutdown_dropped,
 /// kernel_drops.
-#[cfg(all(unix, feature = "systemd"))]
+#[cfg(unix)]
 fn parse_stats(line: &str) -> Generation {
     let values: Vec<u64> = line
         .split(',')
@@ -274,29 +275,27 @@ fn parse_stats(line: &str) -> Generation {
     }
 }
 
-/// The child generation (run by the test above, not by itself): serves
-/// the sockets passed as in socket activation until its standard input
-/// closes, then prints its final counters.
-#[cfg(all(unix, feature = "systemd"))]
+/// The child generation (run by the test above, not by itself): receives
+/// the sockets over its standard input, a Unix socket, and serves them
+/// until that closes; then prints its final counters.
+#[cfg(unix)]
 #[test]
-#[ignore = "the exec'd generation of the handoff test"]
+#[ignore = "the child generation of the handoff test"]
 fn handoff_child() {
     use std::io::Read;
-    use udp_greet::{HANDOFF_FD_NAME, systemd::Activated};
 
     if std::env::var_os("UDP_GREET_TEST_HANDOFF_CHILD").is_none() {
         return;
     }
-    let sockets = Activated::take()
-        .expect("the sockets passed")
-        .take_udp(Some(HANDOFF_FD_NAME));
+    let stdin = std::io::stdin();
+    let handoff = Handoff::receive(&stdin).expect("the sockets sent");
     let server = GreetServer::builder()
-        .from_handoff(Handoff::from_sockets(sockets).expect("a handoff"))
+        .from_handoff(handoff)
         .expect("from_handoff")
         .spawn(udp_greet::greet)
         .expect("spawn");
     let mut rest = Vec::new();
-    let _ = std::io::stdin().read_to_end(&mut rest);
+    let _ = stdin.lock().read_to_end(&mut rest);
     let stats = server.shutdown().expect("shutdown");
     println!(
         "handoff-child-stats {},{},{},{}",
@@ -599,8 +598,9 @@ async fn the_engines_hand_off_to_each_other() {
 }
 
 /// The README's walkthrough, run: the upgrade example replaces itself
-/// twice while a client sends, and every request is answered once.
-#[cfg(all(unix, feature = "systemd"))]
+/// twice (by exec, with the sockets) while a client sends, and every
+/// request is answered once.
+#[cfg(unix)]
 #[test]
 fn the_upgrade_example_upgrades_in_place_under_load() {
     use std::io::{BufRead, BufReader, Write};
@@ -629,7 +629,7 @@ fn the_upgrade_example_upgrades_in_place_under_load() {
     let mut next_line = move || {
         lines
             .next()
-            .expect("a line from the example (built with the `systemd` feature? `cargo test --all-features` builds it so)")
+            .expect("a line from the example")
             .expect("readable output")
     };
     let first = next_line();
@@ -723,4 +723,128 @@ async fn an_async_handoff_lets_the_handlers_in_flight_finish() {
         .expect("the reply comes in time")
         .expect("recv");
     assert_eq!(&buf[..n], b"Hello, Sarah!");
+}
+
+/// An `exec` that fails leaves the process as it was: its other
+/// descriptors untouched, and the sockets servable again.
+#[cfg(unix)]
+#[test]
+fn a_failed_exec_gives_the_sockets_back_untouched() {
+    use std::io::{Seek, Write};
+    use std::process::Command;
+
+    let mut file = tempfile_in_target();
+    let running = util::greet_server(GreetServer::builder().allow_handoff(true), V4);
+    let addr = running.local_addr();
+    let handoff = running.handoff().expect("handoff");
+    let err = handoff.exec(&mut Command::new("/nonexistent/udp-greet-next-generation"));
+    assert!(
+        matches!(
+            &err,
+            Error::Handoff {
+                what: "execute the new program",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    file.write_all(b"still a file")
+        .expect("the file is untouched");
+    file.rewind().expect("rewind");
+    let next = GreetServer::builder()
+        .from_handoff(handoff)
+        .expect("from_handoff")
+        .spawn(udp_greet::greet)
+        .expect("spawn");
+    let client = UdpSocket::bind(V4).expect("client");
+    client.set_read_timeout(Some(HANG_GUARD)).expect("timeout");
+    client.send_to(b"Tracy", addr).expect("send");
+    let mut buf = [0u8; 64];
+    let n = client.recv(&mut buf).expect("served again");
+    assert_eq!(&buf[..n], b"Hello, Tracy!");
+    next.shutdown().expect("shutdown");
+}
+
+/// A file of the test's own, removed when dropped.
+#[cfg(unix)]
+fn tempfile_in_target() -> std::fs::File {
+    let path = std::env::temp_dir().join(format!(
+        "udp-greet-handoff-{}-{:?}",
+        std::process::id(),
+        thread::current().id()
+    ));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .expect("a file");
+    let _ = std::fs::remove_file(&path);
+    file
+}
+
+/// What `Handoff::from_env` makes of environments it did not come from:
+/// each case runs this test binary as a child, its process id set by a
+/// shell as `exec` would keep it.
+#[cfg(unix)]
+#[test]
+fn from_env_refuses_what_is_not_a_handoff() {
+    use std::process::{Command, Stdio};
+
+    let exe = std::env::current_exe().expect("the test binary");
+    let run = |fds: &str, same_pid: bool| -> String {
+        let pid = if same_pid { "$$" } else { "1" };
+        let output = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "export UDP_GREET_HANDOFF_PID={pid}; exec \"$0\" \"$@\""
+            ))
+            .arg(&exe)
+            .args(["--exact", "from_env_child", "--ignored", "--nocapture"])
+            .env("UDP_GREET_HANDOFF_FDS", fds)
+            .env("UDP_GREET_TEST_FROM_ENV_CHILD", "1")
+            .stdin(Stdio::piped())
+            .output()
+            .expect("run the child");
+        let out = String::from_utf8_lossy(&output.stdout);
+        out.lines()
+            .find_map(|l| l.strip_prefix("from-env: "))
+            .map(str::to_owned)
+            .unwrap_or_else(|| panic!("no result from the child: {out}"))
+    };
+    // Another process's handoff, inherited: not this one's.
+    assert_eq!(run("0", false), "none (stdin readable: true)");
+    // Standard input, a pipe: not a datagram socket, and left open.
+    let pipe = run("0", true);
+    assert!(pipe.contains("not a datagram socket"), "{pipe}");
+    assert!(pipe.ends_with("(stdin readable: true)"), "{pipe}");
+    // A descriptor that is not open.
+    let closed = run("987", true);
+    assert!(closed.contains("descriptor 987 is not open"), "{closed}");
+    // Not a list of descriptors.
+    let garbage = run("3,x", true);
+    assert!(garbage.contains("not a list of descriptors"), "{garbage}");
+    let twice = run("0,0", true);
+    assert!(twice.contains("twice"), "{twice}");
+}
+
+#[cfg(unix)]
+#[test]
+#[ignore = "run by from_env_refuses_what_is_not_a_handoff"]
+fn from_env_child() {
+    use std::io::Read;
+
+    if std::env::var_os("UDP_GREET_TEST_FROM_ENV_CHILD").is_none() {
+        return;
+    }
+    let result = match Handoff::from_env() {
+        Ok(None) => "none".to_owned(),
+        Ok(Some(handoff)) => format!("some {}", handoff.socket_count()),
+        Err(err) => format!("{err:?} {err}"),
+    };
+    // Standard input is still open and readable (to its end, empty).
+    let mut rest = Vec::new();
+    let stdin_ok = std::io::stdin().read_to_end(&mut rest).is_ok();
+    println!("from-env: {result} (stdin readable: {stdin_ok})");
 }

@@ -165,8 +165,11 @@ pub(crate) fn disable_gro(_: &Socket) -> io::Result<()> {
 
 /// Datagram metadata: not read on this platform (the server refuses the
 /// setting before it gets here).
-pub(crate) fn enable_metadata(_: &Socket, _: bool) -> io::Result<()> {
-    Err(io::ErrorKind::Unsupported.into())
+pub(crate) fn set_metadata(_: &Socket, _: bool, on: bool) -> io::Result<()> {
+    if on {
+        return Err(io::ErrorKind::Unsupported.into());
+    }
+    Ok(())
 }
 
 /// One entry taken from a socket's error queue: there is none on this

@@ -1,11 +1,9 @@
 //! Descriptors passed to another process (Unix): over a Unix socket
-//! (`SCM_RIGHTS`), or across `exec` at the places socket activation uses.
+//! (`SCM_RIGHTS`), or across `exec`.
 
 use std::io;
 use std::mem;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::process::CommandExt;
-use std::process::Command;
 
 /// The most descriptors one message carries (Linux takes at most 253 in
 /// one `SCM_RIGHTS` message).
@@ -190,56 +188,80 @@ pub(crate) fn recv_with_fds(
 
 /// Sets close-on-exec on `fd`.
 fn set_cloexec(fd: RawFd) -> io::Result<()> {
+    set_inheritable(fd, false)
+}
+
+/// Clears (`inheritable`) or sets close-on-exec on `fd`.
+pub(crate) fn set_inheritable(fd: RawFd, inheritable: bool) -> io::Result<()> {
     // SAFETY: `fcntl` with `F_GETFD`/`F_SETFD` reads and sets a flag of
     // the descriptor; an invalid one fails with `EBADF`.
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let flags = if inheritable {
+        flags & !libc::FD_CLOEXEC
+    } else {
+        flags | libc::FD_CLOEXEC
+    };
     // SAFETY: as above.
-    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) } < 0 {
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, flags) } < 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())
 }
 
-/// Makes `command`, when it runs, hand its program the descriptors `fds`
-/// at 3, 4, … (the places socket activation uses), open across `exec`;
-/// its other descriptors are left as they are.
-///
-/// The descriptors must stay open until the command is spawned or
-/// executed; one closed by then fails the spawn with `EBADF`.
-pub(crate) fn place_on_exec(command: &mut Command, fds: Vec<RawFd>) {
-    let count = fds.len();
-    // Filled in the child: no allocation after `fork`.
-    let mut moved: Vec<RawFd> = vec![-1; count];
-    let lowest = RawFd::try_from(3 + count).unwrap_or(RawFd::MAX);
-    let run = move || -> io::Result<()> {
-        // First above the places, so that moving one into its place never
-        // overwrites another still to be moved.
-        for (i, fd) in fds.iter().enumerate() {
-            // SAFETY: `F_DUPFD_CLOEXEC` makes a new descriptor (at or above
-            // `lowest`) for `fd`, or fails; nothing is read or written
-            // through pointers. Only async-signal-safe calls are made here.
-            let high = unsafe { libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, lowest) };
-            if high < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if let Some(place) = moved.get_mut(i) {
-                *place = high;
-            }
-        }
-        for (i, high) in moved.iter().enumerate() {
-            let target = RawFd::try_from(3 + i).unwrap_or(RawFd::MAX);
-            // SAFETY: `dup2` makes `target` refer to `high`'s socket, and
-            // clears close-on-exec on it; `high` is closed at exec.
-            if unsafe { libc::dup2(*high, target) } < 0 {
-                return Err(io::Error::last_os_error());
-            }
-        }
-        Ok(())
+/// Whether descriptor `fd` is open and a datagram socket (an error says
+/// why not); nothing is changed.
+pub(crate) fn check_datagram_socket(fd: RawFd) -> io::Result<()> {
+    let mut kind: libc::c_int = 0;
+    let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `kind` and `len` are live and sized as `SO_TYPE` needs; an
+    // invalid descriptor or one that is not a socket fails the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            (&raw mut kind).cast(),
+            &mut len,
+        )
     };
-    // SAFETY: the closure runs in the child between `fork` and `exec`, and
-    // makes only async-signal-safe calls (`fcntl`, `dup2`), allocating
-    // nothing (its buffer was made before).
-    unsafe {
-        command.pre_exec(run);
+    if rc < 0 {
+        let err = io::Error::last_os_error();
+        let what = if err.raw_os_error() == Some(libc::EBADF) {
+            "is not open"
+        } else {
+            "is not a datagram socket"
+        };
+        return Err(io::Error::new(
+            err.kind(),
+            format!("descriptor {fd} {what} ({err})"),
+        ));
     }
+    if kind != libc::SOCK_DGRAM {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("descriptor {fd} is not a datagram socket"),
+        ));
+    }
+    Ok(())
+}
+
+/// Takes ownership of descriptor `fd`, inherited across `exec` from the
+/// process this one replaced, and marks it close-on-exec.
+///
+/// The caller makes sure `fd` is open (see [`check_datagram_socket`]), was
+/// named to this process for it to own (by the handoff's environment, with
+/// this process's id), and is taken once (`Handoff::from_env` runs once
+/// per process).
+pub(crate) fn take_inherited(fd: RawFd) -> OwnedFd {
+    // SAFETY: per the caller's contract, `fd` is an open descriptor passed
+    // to this process for it to own, which nothing else owns or will take
+    // again, so it may be closed when dropped.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    // Best effort: a descriptor left open across a later `exec` leaks no
+    // more than the socket.
+    let _ = set_cloexec(owned.as_raw_fd());
+    owned
 }

@@ -24,8 +24,8 @@ mod imp;
 mod imp;
 
 pub(crate) use imp::{
-    Batch, MAX_BATCH, QueuedError, Replies, disable_gro, enable_metadata, enable_pktinfo,
-    enable_recverr, is_shut_for_reading, kernel_drops, recv_error,
+    Batch, MAX_BATCH, QueuedError, Replies, disable_gro, enable_pktinfo, enable_recverr,
+    is_shut_for_reading, kernel_drops, recv_error, set_metadata,
 };
 
 #[cfg(unix)]
@@ -36,7 +36,10 @@ mod source;
 mod windows;
 
 #[cfg(unix)]
-pub(crate) use fds::{MAX_FDS_PER_MESSAGE, place_on_exec, recv_with_fds, send_with_fds};
+pub(crate) use fds::{
+    MAX_FDS_PER_MESSAGE, check_datagram_socket, recv_with_fds, send_with_fds, set_inheritable,
+    take_inherited,
+};
 pub(crate) use settings::{Prepared, is_net_reset, prepare_adopted_socket, prepare_server_socket};
 #[cfg(test)]
 pub(crate) use settings::{Setting, tests::refuse};
@@ -82,7 +85,7 @@ pub(crate) fn trim_reply(reply: &mut Vec<u8>) {
 }
 
 /// What a receive reads besides the datagram: the control messages the
-/// socket was asked for (`enable_pktinfo`, `enable_metadata`).
+/// socket was asked for (`enable_pktinfo`, `set_metadata`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) enum Control {
     /// Nothing: plain receives.
@@ -126,7 +129,7 @@ pub(crate) struct Arrival {
     pub(crate) local: Option<IpAddr>,
     pub(crate) ifindex: u32,
     /// The TOS byte (IPv4) or traffic class (IPv6), where the socket was
-    /// asked for it ([`enable_metadata`]).
+    /// asked for it ([`set_metadata`]).
     pub(crate) tos: Option<u8>,
     /// The TTL (IPv4) or hop limit (IPv6), likewise.
     pub(crate) ttl: Option<u8>,

@@ -202,15 +202,20 @@ fn read_byte_int(data: &[u8]) -> Option<u8> {
 /// `IPV6_RECVTCLASS`, `IPV6_RECVHOPLIMIT`; a dual-stack socket gets both
 /// families' options, for its IPv4 peers), and the arrival interface
 /// (see [`enable_pktinfo`]).
-pub(crate) fn enable_metadata(socket: &Socket, ipv6: bool) -> io::Result<()> {
-    enable_pktinfo(socket, ipv6)?;
+pub(crate) fn set_metadata(socket: &Socket, ipv6: bool, on: bool) -> io::Result<()> {
+    // Arrival addresses stay on once asked for: a wildcard-bound socket
+    // needs them whatever else is read.
+    if on {
+        enable_pktinfo(socket, ipv6)?;
+    }
+    let value = c_int::from(on);
     if !ipv6 || !socket.only_v6()? {
-        socket.set_recv_tos_v4(true)?;
-        set_flag(socket, libc::IPPROTO_IP, libc::IP_RECVTTL)?;
+        socket.set_recv_tos_v4(on)?;
+        set_int(socket, libc::IPPROTO_IP, libc::IP_RECVTTL, value)?;
     }
     if ipv6 {
-        socket.set_recv_tclass_v6(true)?;
-        set_flag(socket, libc::IPPROTO_IPV6, libc::IPV6_RECVHOPLIMIT)?;
+        socket.set_recv_tclass_v6(on)?;
+        set_int(socket, libc::IPPROTO_IPV6, libc::IPV6_RECVHOPLIMIT, value)?;
     }
     Ok(())
 }

@@ -186,8 +186,8 @@ pub(crate) fn disable_gro(socket: &Socket) -> io::Result<()> {
 
 /// Asks the kernel to report each datagram's TOS or traffic class, TTL or
 /// hop limit, and arrival interface (and its arrival address).
-pub(crate) fn enable_metadata(socket: &Socket, ipv6: bool) -> io::Result<()> {
-    cmsg::enable_metadata(socket, ipv6)
+pub(crate) fn set_metadata(socket: &Socket, ipv6: bool, on: bool) -> io::Result<()> {
+    cmsg::set_metadata(socket, ipv6, on)
 }
 
 /// One entry taken from a socket's error queue (see [`enable_recverr`]).
