@@ -320,7 +320,7 @@ mod unix {
         /// # Errors
         ///
         /// [`Error::Handoff`] when the variables cannot be read, or a
-        /// descriptor named is not a datagram socket (it is left as it
+        /// descriptor named is not a UDP socket (it is left as it
         /// is, and none is taken); [`Error::InvalidConfig`] when the
         /// sockets were taken already.
         pub fn from_env() -> Result<Option<Handoff>, Error> {
@@ -363,7 +363,7 @@ mod unix {
                 ));
             }
             for &fd in &fds {
-                if let Err(source) = sys::check_datagram_socket(fd) {
+                if let Err(source) = sys::check_udp_socket(fd) {
                     TAKEN.store(false, Ordering::Release);
                     return Err(Error::Handoff { what: WHAT, source });
                 }

@@ -793,7 +793,7 @@ fn from_env_refuses_what_is_not_a_handoff() {
     use std::process::{Command, Stdio};
 
     let exe = std::env::current_exe().expect("the test binary");
-    let run = |fds: &str, same_pid: bool| -> String {
+    let run_with = |fds: &str, same_pid: bool, stdin: Stdio, read: bool| -> String {
         let pid = if same_pid { "$$" } else { "1" };
         let output = Command::new("sh")
             .arg("-c")
@@ -804,7 +804,8 @@ fn from_env_refuses_what_is_not_a_handoff() {
             .args(["--exact", "from_env_child", "--ignored", "--nocapture"])
             .env("UDP_GREET_HANDOFF_FDS", fds)
             .env("UDP_GREET_TEST_FROM_ENV_CHILD", "1")
-            .stdin(Stdio::piped())
+            .env("UDP_GREET_TEST_FROM_ENV_READ", if read { "1" } else { "" })
+            .stdin(stdin)
             .output()
             .expect("run the child");
         let out = String::from_utf8_lossy(&output.stdout);
@@ -813,11 +814,12 @@ fn from_env_refuses_what_is_not_a_handoff() {
             .map(str::to_owned)
             .unwrap_or_else(|| panic!("no result from the child: {out}"))
     };
+    let run = |fds: &str, same_pid: bool| run_with(fds, same_pid, Stdio::piped(), true);
     // Another process's handoff, inherited: not this one's.
     assert_eq!(run("0", false), "none (stdin readable: true)");
-    // Standard input, a pipe: not a datagram socket, and left open.
+    // Standard input, a pipe: not a UDP socket, and left open.
     let pipe = run("0", true);
-    assert!(pipe.contains("not a datagram socket"), "{pipe}");
+    assert!(pipe.contains("descriptor 0 is not a UDP socket"), "{pipe}");
     assert!(pipe.ends_with("(stdin readable: true)"), "{pipe}");
     // A descriptor that is not open.
     let closed = run("987", true);
@@ -827,6 +829,11 @@ fn from_env_refuses_what_is_not_a_handoff() {
     assert!(garbage.contains("not a list of descriptors"), "{garbage}");
     let twice = run("0,0", true);
     assert!(twice.contains("twice"), "{twice}");
+    // A datagram socket, but a Unix one.
+    let (unix, _peer) = std::os::unix::net::UnixDatagram::pair().expect("a pair");
+    let stdin = Stdio::from(std::os::fd::OwnedFd::from(unix));
+    let unix = run_with("0", true, stdin, false);
+    assert!(unix.contains("descriptor 0 is not a UDP socket"), "{unix}");
 }
 
 #[cfg(unix)]
@@ -843,8 +850,10 @@ fn from_env_child() {
         Ok(Some(handoff)) => format!("some {}", handoff.socket_count()),
         Err(err) => format!("{err:?} {err}"),
     };
-    // Standard input is still open and readable (to its end, empty).
+    // Standard input (a pipe) is still open and readable (to its end,
+    // empty).
     let mut rest = Vec::new();
-    let stdin_ok = std::io::stdin().read_to_end(&mut rest).is_ok();
+    let stdin_ok = std::env::var_os("UDP_GREET_TEST_FROM_ENV_READ").is_none_or(|r| r.is_empty())
+        || std::io::stdin().read_to_end(&mut rest).is_ok();
     println!("from-env: {result} (stdin readable: {stdin_ok})");
 }

@@ -211,9 +211,9 @@ pub(crate) fn set_inheritable(fd: RawFd, inheritable: bool) -> io::Result<()> {
     Ok(())
 }
 
-/// Whether descriptor `fd` is open and a datagram socket (an error says
-/// why not); nothing is changed.
-pub(crate) fn check_datagram_socket(fd: RawFd) -> io::Result<()> {
+/// Whether descriptor `fd` is open and a UDP socket (IPv4 or IPv6, an
+/// error says why not); nothing is changed.
+pub(crate) fn check_udp_socket(fd: RawFd) -> io::Result<()> {
     let mut kind: libc::c_int = 0;
     let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: `kind` and `len` are live and sized as `SO_TYPE` needs; an
@@ -232,17 +232,25 @@ pub(crate) fn check_datagram_socket(fd: RawFd) -> io::Result<()> {
         let what = if err.raw_os_error() == Some(libc::EBADF) {
             "is not open"
         } else {
-            "is not a datagram socket"
+            "is not a UDP socket"
         };
         return Err(io::Error::new(
             err.kind(),
             format!("descriptor {fd} {what} ({err})"),
         ));
     }
-    if kind != libc::SOCK_DGRAM {
+    // SAFETY: an all-zero `sockaddr_storage` is a valid (empty) one.
+    let mut addr: libc::sockaddr_storage = unsafe { mem::zeroed() };
+    let mut addr_len = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: `addr` and `addr_len` are live, and `addr_len` is the size of
+    // `addr`, which the call writes at most.
+    let rc = unsafe { libc::getsockname(fd, (&raw mut addr).cast(), &mut addr_len) };
+    let family = libc::c_int::from(addr.ss_family);
+    if kind != libc::SOCK_DGRAM || rc < 0 || !(family == libc::AF_INET || family == libc::AF_INET6)
+    {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("descriptor {fd} is not a datagram socket"),
+            format!("descriptor {fd} is not a UDP socket"),
         ));
     }
     Ok(())
@@ -251,7 +259,7 @@ pub(crate) fn check_datagram_socket(fd: RawFd) -> io::Result<()> {
 /// Takes ownership of descriptor `fd`, inherited across `exec` from the
 /// process this one replaced, and marks it close-on-exec.
 ///
-/// The caller makes sure `fd` is open (see [`check_datagram_socket`]), was
+/// The caller makes sure `fd` is open (see [`check_udp_socket`]), was
 /// named to this process for it to own (by the handoff's environment, with
 /// this process's id), and is taken once (`Handoff::from_env` runs once
 /// per process).

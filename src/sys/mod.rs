@@ -37,7 +37,7 @@ mod windows;
 
 #[cfg(unix)]
 pub(crate) use fds::{
-    MAX_FDS_PER_MESSAGE, check_datagram_socket, recv_with_fds, send_with_fds, set_inheritable,
+    MAX_FDS_PER_MESSAGE, check_udp_socket, recv_with_fds, send_with_fds, set_inheritable,
     take_inherited,
 };
 pub(crate) use settings::{Prepared, is_net_reset, prepare_adopted_socket, prepare_server_socket};
