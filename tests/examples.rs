@@ -251,7 +251,12 @@ fn server_reports_a_taken_address() {
 
 #[test]
 fn help_and_bad_flags() {
-    for name in ["udp_server", "udp_client"] {
+    let names: &[&str] = if cfg!(unix) {
+        &["udp_server", "udp_client", "upgrade"]
+    } else {
+        &["udp_server", "udp_client"]
+    };
+    for &name in names {
         let mut help = example(name);
         help.arg("--help");
         let out = run(help);
