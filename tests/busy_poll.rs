@@ -223,11 +223,13 @@ fn a_polling_client_keeps_every_promise() {
     let err = within_guard("a polling call with a deadline", move || {
         client.send_recv(b"anyone?").expect_err("silence")
     });
+    // The deadline ends the call after a few of its 21 attempts (how many
+    // depends on how busy the machine is: one, on an emulator under load).
     assert!(
         matches!(
             err,
             Error::Timeout {
-                attempts: 2..=3,
+                attempts: 1..=3,
                 ..
             }
         ),

@@ -220,7 +220,12 @@ fn third_generation(handoff: Handoff) -> Box<dyn FnOnce() -> Generation> {
     use std::process::{Command, Stdio};
 
     let (here, there) = UnixStream::pair().expect("a socket pair");
-    let mut child = Command::new(std::env::current_exe().expect("the test binary"))
+    // Under an emulator the child runs in it, as this binary does.
+    let mut argv = util::emulator::runner();
+    argv.push(std::env::current_exe().expect("the test binary").into());
+    let (program, args) = argv.split_first().expect("a program");
+    let mut child = Command::new(program)
+        .args(args)
         .args(["--exact", "handoff_child", "--ignored", "--nocapture"])
         .env("UDP_GREET_TEST_HANDOFF_CHILD", "1")
         .stdin(Stdio::from(OwnedFd::from(there)))
@@ -618,7 +623,31 @@ fn the_upgrade_example_upgrades_in_place_under_load() {
         "{} is built with the tests",
         program.display()
     );
-    let mut child = Command::new(&program)
+    // Under qemu-user the example runs in the emulator, and so does the
+    // program it executes in its place (through the kernel's binfmt_misc
+    // entry for the emulated machine, if there is one), which finds the
+    // emulated machine's libraries through QEMU_LD_PREFIX.
+    let runner = util::emulator::runner();
+    if util::emulator::under(util::emulator::Emulator::QemuUser)
+        && !binfmt_runs_emulated_programs()
+        && util::emulator::QEMU_EXEC.skips()
+    {
+        return;
+    }
+    let ld_prefix = runner
+        .iter()
+        .position(|arg| arg == "-L")
+        .and_then(|i| runner.get(i + 1))
+        .cloned();
+    let mut argv = runner.clone();
+    argv.push(program.clone().into());
+    let (launcher, args) = argv.split_first().expect("a program");
+    let mut command = Command::new(launcher);
+    if let Some(prefix) = ld_prefix {
+        command.env("QEMU_LD_PREFIX", prefix);
+    }
+    let mut child = command
+        .args(args)
         .args(["--listen", V4])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -800,6 +829,7 @@ fn from_env_refuses_what_is_not_a_handoff() {
             .arg(format!(
                 "export UDP_GREET_HANDOFF_PID={pid}; exec \"$0\" \"$@\""
             ))
+            .args(util::emulator::runner())
             .arg(&exe)
             .args(["--exact", "from_env_child", "--ignored", "--nocapture"])
             .env("UDP_GREET_HANDOFF_FDS", fds)
@@ -856,4 +886,16 @@ fn from_env_child() {
     let stdin_ok = std::env::var_os("UDP_GREET_TEST_FROM_ENV_READ").is_none_or(|r| r.is_empty())
         || std::io::stdin().read_to_end(&mut rest).is_ok();
     println!("from-env: {result} (stdin readable: {stdin_ok})");
+}
+
+/// Whether the kernel runs programs of the emulated machine through an
+/// emulator of its own (a `binfmt_misc` entry for qemu that is enabled).
+#[cfg(unix)]
+fn binfmt_runs_emulated_programs() -> bool {
+    std::fs::read_dir("/proc/sys/fs/binfmt_misc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|entry| entry.file_name().to_string_lossy().starts_with("qemu-"))
+        .any(|entry| std::fs::read_to_string(entry.path()).is_ok_and(|s| s.starts_with("enabled")))
 }

@@ -101,6 +101,16 @@ pub const QEMU_SO_MEMINFO: Gap = Gap {
               counters, so Stats::kernel_drops stays 0",
 };
 
+/// qemu-user passes `execve` to the host's kernel, which runs a program
+/// built for the emulated machine only through a `binfmt_misc` entry for
+/// qemu; without one, a program that executes itself in place (the upgrade
+/// example) cannot.
+pub const QEMU_EXEC: Gap = Gap {
+    emulator: Emulator::QemuUser,
+    missing: "a binfmt_misc entry on the host, so the program's exec of a binary for the \
+              emulated machine (itself, for an upgrade in place) fails",
+};
+
 /// Windows fails a receive waiting on a connected UDP socket with
 /// `WSAECONNRESET` when an ICMP "port unreachable" arrives for it; Wine 8
 /// leaves the wait to run out (only a receive begun after the report sees
