@@ -239,8 +239,23 @@ mod unix {
     impl Handoff {
         /// Replaces this process with the program `command` runs, handing
         /// it the sockets: the upgrade in place. Returns only if that
-        /// failed, with the error; the sockets are then as they were, and
-        /// this handoff can be served again (nothing lost either way).
+        /// failed, with the error; the sockets are then as they were
+        /// (close-on-exec again), and this handoff can be served again
+        /// (nothing lost either way). The rest of the process is as
+        /// [`CommandExt::exec`] leaves it after a failure: std may have
+        /// applied the command's working directory and standard streams,
+        /// and reset `SIGPIPE` to its default, before the `exec` that
+        /// failed.
+        ///
+        /// While the `exec` is under way the sockets are not close-on-exec:
+        /// a child that another thread of this process spawns meanwhile
+        /// inherits them (spawn nothing else while upgrading). A program
+        /// that never calls [`from_env`](Handoff::from_env) keeps them open
+        /// (and their port bound) without serving them; a program that took
+        /// them and later executes a program other than through this
+        /// method should remove `UDP_GREET_HANDOFF_FDS` from that command's
+        /// environment (`env_remove`), since its process id, and so the
+        /// variables' claim, is the same.
         ///
         /// The sockets stay open across `exec`, where they are (no
         /// descriptor of this process is moved or closed), and their
@@ -336,13 +351,18 @@ mod unix {
             if pid != std::process::id() {
                 return Ok(None);
             }
+            if fds.is_empty() {
+                // Named nothing: nothing to take.
+                return Ok(None);
+            }
             let fds: Vec<RawFd> = fds
                 .to_str()
-                .filter(|list| !list.is_empty())
                 .map(|list| list.split(',').map(str::parse::<RawFd>).collect())
                 .unwrap_or(Ok(Vec::new()))
                 .ok()
-                .filter(|fds| fds.iter().all(|fd| *fd >= 0) && fds.len() <= MAX_SOCKETS)
+                .filter(|fds| {
+                    !fds.is_empty() && fds.iter().all(|fd| *fd >= 0) && fds.len() <= MAX_SOCKETS
+                })
                 .ok_or_else(|| {
                     protocol(WHAT, "UDP_GREET_HANDOFF_FDS is not a list of descriptors")
                 })?;

@@ -859,6 +859,15 @@ fn from_env_refuses_what_is_not_a_handoff() {
     assert!(garbage.contains("not a list of descriptors"), "{garbage}");
     let twice = run("0,0", true);
     assert!(twice.contains("twice"), "{twice}");
+    // Nothing named: nothing to take.
+    assert_eq!(run("", true), "none (stdin readable: true)");
+    // A UDP socket, but not bound to a port.
+    let unbound = UdpSocket::from(
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).expect("a socket"),
+    );
+    let stdin = Stdio::from(std::os::fd::OwnedFd::from(unbound));
+    let unbound = run_with("0", true, stdin, false);
+    assert!(unbound.contains("not bound to a port"), "{unbound}");
     // A datagram socket, but a Unix one.
     let (unix, _peer) = std::os::unix::net::UnixDatagram::pair().expect("a pair");
     let stdin = Stdio::from(std::os::fd::OwnedFd::from(unix));

@@ -253,6 +253,20 @@ pub(crate) fn check_udp_socket(fd: RawFd) -> io::Result<()> {
             format!("descriptor {fd} is not a UDP socket"),
         ));
     }
+    let port = if family == libc::AF_INET {
+        // SAFETY: the kernel wrote an IPv4 address (`AF_INET`) into `addr`,
+        // which is large and aligned enough for any socket address.
+        unsafe { (*(&raw const addr).cast::<libc::sockaddr_in>()).sin_port }
+    } else {
+        // SAFETY: likewise, an IPv6 address (`AF_INET6`).
+        unsafe { (*(&raw const addr).cast::<libc::sockaddr_in6>()).sin6_port }
+    };
+    if port == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("descriptor {fd} is a UDP socket not bound to a port"),
+        ));
+    }
     Ok(())
 }
 
