@@ -117,7 +117,7 @@ impl<H: HandlerFn> ReceiveWorker<H> {
         let mut unsent_since = clock;
         for i in 0..count {
             // A handoff answers what is in hand; a shutdown drops it.
-            if self.shared.is_stopped() && !self.shared.is_handing_off() {
+            if self.shared.is_shutting_down() {
                 processor.totals.shutdown_dropped += (count - i) as u64;
                 break;
             }

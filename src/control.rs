@@ -115,9 +115,8 @@ impl Shared {
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
         if left == Ok(1) {
             match &self.pool {
-                // Nothing more can be queued: the pool answers all it holds.
-                Some((pool, _)) if self.stop.load(Ordering::SeqCst) == HANDING_OFF => {
-                    pool.close(later(Instant::now(), Duration::MAX));
+                Some(_) if self.stop.load(Ordering::SeqCst) == HANDING_OFF => {
+                    self.drain_pool_whole();
                 }
                 // The pool's threads may still send through the sockets.
                 Some(_) => {}
@@ -302,6 +301,12 @@ impl Shared {
         self.stop.load(Ordering::Acquire) == HANDING_OFF
     }
 
+    /// Whether the server is shutting down (not handing off): what it
+    /// holds is dropped.
+    pub(crate) fn is_shutting_down(&self) -> bool {
+        self.stop.load(Ordering::Acquire) == SHUTTING_DOWN
+    }
+
     /// Whether the server can hand its sockets on: none of them is one a
     /// stop shuts down.
     pub(crate) fn can_hand_off(&self) -> bool {
@@ -325,11 +330,37 @@ impl Shared {
         #[cfg(feature = "tokio")]
         self.stopping.notify_waiters();
         if self.receivers.load(Ordering::SeqCst) == 0 {
-            if let Some((pool, _)) = &self.pool {
-                pool.close(later(Instant::now(), Duration::MAX));
-            }
+            self.drain_pool_whole();
         }
         true
+    }
+
+    /// Closes the handler pool, if any, to answer all it holds: once no
+    /// receive worker can queue more, in a handoff.
+    fn drain_pool_whole(&self) {
+        if let Some((pool, _)) = &self.pool {
+            pool.close(later(Instant::now(), Duration::MAX));
+        }
+    }
+
+    /// Why [`hand_off`](Shared::hand_off) refused, for the server at
+    /// `addr` (whose handle then shuts it down).
+    pub(crate) fn handoff_refused(&self, addr: SocketAddr) -> Error {
+        let reason = if self.can_hand_off() {
+            "the server was already shutting down"
+        } else {
+            "the server bound its sockets without ServerBuilder::allow_handoff(true): \
+             set it to hand them on (the server has been shut down)"
+        };
+        Error::invalid_for("ServerHandle::handoff", addr, reason)
+    }
+
+    /// The sockets and final counters of a server whose threads (or
+    /// tasks) have all ended after [`hand_off`](Shared::hand_off).
+    pub(crate) fn handed_off(&self) -> Result<Handoff, Error> {
+        // Read while the sockets are open, for their kernel drops.
+        let stats = self.snapshot();
+        Handoff::from_server(self.take_kept(), stats)
     }
 
     pub(crate) fn stop(&self) {
@@ -708,22 +739,13 @@ impl ServerHandle {
     /// # }
     /// ```
     pub fn handoff(mut self) -> Result<Handoff, Error> {
-        let addr = self.control.local_addr;
         let shared = self.control.shared.clone();
         if !shared.hand_off() {
-            let reason = if shared.can_hand_off() {
-                "the server was already shutting down"
-            } else {
-                "the server bound its sockets without ServerBuilder::allow_handoff(true): \
-                 set it to hand them on (the server has been shut down)"
-            };
             self.finish(None)?;
-            return Err(Error::invalid_for("ServerHandle::handoff", addr, reason));
+            return Err(shared.handoff_refused(self.control.local_addr));
         }
         self.finish(None)?;
-        // Read while the sockets are open, for their kernel drops.
-        let stats = shared.snapshot();
-        Handoff::from_server(shared.take_kept(), stats)
+        shared.handed_off()
     }
 
     /// Stops the server and waits for its threads, for at most `limit`.

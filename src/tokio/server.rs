@@ -503,14 +503,9 @@ impl ServerHandle {
     pub async fn handoff(mut self) -> Result<Handoff, Error> {
         let addr = self.control.local_addr();
         if !self.control.shared().hand_off() {
-            let reason = if self.control.shared().can_hand_off() {
-                "the server was already shutting down"
-            } else {
-                "the server bound its sockets without ServerBuilder::allow_handoff(true): \
-                 set it to hand them on (the server has been shut down)"
-            };
+            let refused = self.control.shared().handoff_refused(addr);
             self.shutdown().await?;
-            return Err(Error::invalid_for("ServerHandle::handoff", addr, reason));
+            return Err(refused);
         }
         poll_fn(|cx| self.poll_finished(cx)).await;
         if self.panicked {
@@ -519,9 +514,7 @@ impl ServerHandle {
         if self.cancelled {
             return Err(Error::Cancelled { addr });
         }
-        let shared = self.control.shared();
-        let stats = shared.snapshot();
-        Handoff::from_server(shared.take_kept(), stats)
+        self.control.shared().handed_off()
     }
 
     /// Whether every task has ended (the server stopped).
