@@ -12,7 +12,10 @@
 //! `recvmmsg`/`sendmmsg` loop (the floor for batching without
 //! segmentation); and the batched and portable servers with
 //! `recv_metadata(true)`, whose CPU per reply is given against the same
-//! path without it. The generator keeps 4 sockets x 32
+//! path without it; and the batched server checking a source token on
+//! every request (`source_tokens`, every request carrying a valid one),
+//! against the same server without tokens given the same 32-byte requests.
+//! The generator keeps 4 sockets x 32
 //! requests in flight (batched with `sendmmsg`/`recvmmsg`). Rounds visit the
 //! servers in turn, so a drift in the machine's speed hits them alike; the
 //! ratio columns are medians over rounds of each round's ratio to the std
@@ -22,6 +25,8 @@
 //! A last part keeps 512 requests in flight (16 sockets x 32) against the
 //! batched server with its default settings and against the std loop with
 //! the kernel's default receive buffer, and counts what never came back.
+//! Last, the time of one `SourceTokens::check` of a valid token, and of a
+//! forged one, in a loop.
 
 #[cfg(target_os = "linux")]
 mod common;
@@ -38,11 +43,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 #[cfg(target_os = "linux")]
 mod bench {
-    use std::net::SocketAddr;
+    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
     use std::thread;
-    use std::time::Duration;
+    use std::time::{Duration, Instant};
 
-    use udp_greet::{GreetServer, ServerBuilder, ServerHandle};
+    use udp_greet::{GreetServer, ServerBuilder, ServerHandle, SourceTokens, TokenFormat};
 
     use crate::common::linux::{
         Generator, Load, measure_round, mmsg_greet_loop, pin_to_cpu, udp_rcvbuf_errors,
@@ -51,6 +56,22 @@ mod bench {
     use crate::common::{HandServer, Table, median};
 
     const REQUEST: &[u8] = b"0123456789abcdef"; // 16 bytes
+
+    /// The bench's token format: a request's first 16 bytes.
+    struct Leading;
+
+    impl TokenFormat for Leading {
+        fn find<'a>(&self, datagram: &'a [u8]) -> Option<&'a [u8]> {
+            datagram.get(..udp_greet::TOKEN_LEN)
+        }
+        fn write(&self, datagram: &mut Vec<u8>, token: &[u8]) {
+            datagram.splice(..0, token.iter().copied());
+        }
+    }
+
+    fn tokens() -> SourceTokens {
+        SourceTokens::new(*b"bench secret 16b", Leading).in_replies(false)
+    }
 
     struct Plan {
         rounds: usize,
@@ -129,6 +150,8 @@ mod bench {
         let (meta, meta_tids) = start_greet(GreetServer::builder().recv_metadata(true))?;
         let (meta_portable, meta_portable_tids) =
             start_greet(GreetServer::builder().portable_io(true).recv_metadata(true))?;
+        let (plain32, plain32_tids) = start_greet(GreetServer::builder())?;
+        let (tokened, tokened_tids) = start_greet(GreetServer::builder().source_tokens(tokens()))?;
         if pinned {
             pin_to_cpu(0)?;
         }
@@ -154,14 +177,33 @@ mod bench {
                 meta_portable.local_addr(),
                 meta_portable_tids,
             ),
+            Subject::new(
+                "udp-greet batched, 32-byte requests",
+                plain32.local_addr(),
+                plain32_tids,
+            ),
+            Subject::new(
+                "udp-greet batched, tokens checked",
+                tokened.local_addr(),
+                tokened_tids,
+            ),
         ];
         const STD: usize = 2;
-        // Each with metadata, and the same path without.
-        const METADATA: [(usize, usize); 2] = [(6, 0), (7, 1)];
+        // Each with metadata, and the same path without; with tokens
+        // checked, and the same server and requests without.
+        const METADATA: [(usize, usize); 3] = [(6, 0), (7, 1), (9, 8)];
+        // Every request to the last two carries a valid token (for the
+        // generator's address, 127.0.0.1): 16 + 16 bytes.
+        let token = tokens().token_for(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let with_token = [&token[..], REQUEST].concat();
 
         let mut generators = subjects
             .iter()
-            .map(|s| Generator::new(s.addr, 4, 32, REQUEST))
+            .enumerate()
+            .map(|(i, s)| {
+                let request = if i >= 8 { &with_token[..] } else { REQUEST };
+                Generator::new(s.addr, 4, 32, request)
+            })
             .collect::<Result<Vec<_>, _>>()?;
         for generator in generators.iter_mut() {
             generator.run(Duration::from_millis(20), u64::MAX); // warm-up
@@ -235,6 +277,11 @@ mod bench {
             "CPU/reply with recv_metadata vs without: batched {:.3}, portable {:.3} (target <= 1.05)",
             metadata_cost[0], metadata_cost[1]
         );
+        println!(
+            "CPU/reply with a source token checked on every request vs without: {:.3} (target <= 1.10)",
+            metadata_cost[2]
+        );
+        check_cost(&plan);
 
         // 512 in flight: what each server loses.
         println!();
@@ -281,10 +328,52 @@ mod bench {
 
         drop(plain);
         drop(mmsg);
-        for server in [batched, portable, workers, no_gso, meta, meta_portable] {
+        let stats = tokened.control().stats();
+        assert!(
+            stats.validated > 0 && stats.invalid_tokens == 0,
+            "{stats:?}"
+        );
+        for server in [
+            batched,
+            portable,
+            workers,
+            no_gso,
+            meta,
+            meta_portable,
+            plain32,
+            tokened,
+        ] {
             let stats = server.shutdown()?;
             assert_eq!(stats.received, stats.accounted(), "{stats:?}");
         }
         Ok(())
+    }
+
+    /// The time of one token check through the public API (a read lock,
+    /// the clock, one SipHash-2-4; the server's own checks skip the lock),
+    /// for a valid token and a forged one of the same length.
+    fn check_cost(plan: &Plan) {
+        let tokens = tokens();
+        let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let valid = tokens.token_for(ip);
+        let mut forged = valid;
+        forged[15] ^= 1;
+        let count: u32 = if plan.full { 2_000_000 } else { 1_000 };
+        let cost = |token: &[u8], expect: bool| {
+            let mut samples: Vec<f64> = (0..5)
+                .map(|_| {
+                    let started = Instant::now();
+                    for _ in 0..count {
+                        assert_eq!(tokens.check(std::hint::black_box(token), ip), expect);
+                    }
+                    started.elapsed().as_secs_f64() * 1e9 / f64::from(count)
+                })
+                .collect();
+            median(&mut samples)
+        };
+        let (good, bad) = (cost(&valid, true), cost(&forged, false));
+        println!(
+            "one SourceTokens::check: {good:.0} ns for a valid token, {bad:.0} ns for a forged one (median of 5 x {count})"
+        );
     }
 }

@@ -12,7 +12,7 @@ use socket2::Socket;
 use crate::busy_poll::PollWindow;
 use crate::config::Config;
 use crate::control::{Shared, WorkerEnd};
-use crate::policy::{HandlerFn, Processor};
+use crate::policy::{Admission, HandlerFn, Processor};
 use crate::pool::{HandlerPool, Pool, Taken};
 use crate::sys::{self, Received, Source};
 
@@ -124,16 +124,23 @@ impl<H: HandlerFn> ReceiveWorker<H> {
             let Some((datagram, reply)) = source.datagram(i) else {
                 break;
             };
-            if !processor.admit(&datagram, clock) {
-                continue;
-            }
+            let standing = match processor.admit(&datagram, clock, reply) {
+                Admission::Handle(standing) => standing,
+                Admission::Answered => {
+                    source.queue_reply(i, false);
+                    continue;
+                }
+                Admission::Dropped => continue,
+            };
             if let Some(pool) = &self.pool {
-                if processor.submit(pool, &datagram, self.socket_index, arrived, reply) {
+                let index = self.socket_index;
+                if processor.submit(pool, &datagram, standing, index, arrived, reply) {
                     source.queue_reply(i, false);
                 }
                 continue;
             }
-            let ready = processor.handle_timed(&*self.handler, &datagram, reply, arrived, clock);
+            let ready =
+                processor.handle_timed(&*self.handler, &datagram, standing, reply, arrived, clock);
             if ready {
                 source.queue_reply(i, true);
             }
@@ -294,6 +301,7 @@ impl<H: HandlerFn> PoolThread<H> {
                         let ready = processor.handle_timed(
                             &*self.handler,
                             &datagram,
+                            job.standing,
                             reply,
                             job.arrived,
                             started,

@@ -11,6 +11,7 @@ use crate::pool::HandlerPool;
 use crate::ratelimit::{Limiter, RateLimit};
 use crate::socket::{BoundSocket, BufferSize, SocketHook, SocketOptions};
 use crate::sys;
+use crate::tokens::SourceTokens;
 
 /// The most workers one server may have.
 const MAX_WORKERS: usize = 1024;
@@ -83,6 +84,7 @@ pub struct ServerBuilder<E: Engine = Blocking> {
     /// `None`: the default, on; `Some`: set by the user.
     gso: Option<bool>,
     rate_limit: Option<RateLimit>,
+    tokens: Option<SourceTokens>,
     max_amplification: Option<usize>,
     busy_poll: Option<Duration>,
     /// Read each datagram's metadata ([`recv_metadata`](ServerBuilder::recv_metadata)).
@@ -147,6 +149,7 @@ impl<E: Engine> ServerBuilder<E> {
             portable_io: false,
             gso: None,
             rate_limit: None,
+            tokens: None,
             max_amplification: None,
             busy_poll: None,
             metadata: false,
@@ -565,6 +568,23 @@ impl<E: Engine> ServerBuilder<E> {
         self
     }
 
+    /// Tells real clients from forged ones: a request that carries a valid
+    /// [source token](SourceTokens) for its address is counted as
+    /// [validated](crate::Stats::validated), held to the tokens'
+    /// [`validated_limit`](SourceTokens::validated_limit) instead of the
+    /// [rate limit](ServerBuilder::rate_limit), and its reply to no
+    /// [amplification limit](ServerBuilder::max_amplification); the
+    /// handler sees it as [`Request::validated`](crate::Request::validated).
+    /// Requests without one are treated as without this setting, or, with
+    /// [`challenge`](SourceTokens::challenge), challenged where they would
+    /// be dropped. See the README's "Forged sources and real clients".
+    ///
+    /// Defaults to none.
+    pub fn source_tokens(mut self, tokens: SourceTokens) -> Self {
+        self.tokens = Some(tokens);
+        self
+    }
+
     /// Never sends a reply larger than `factor` times the request it answers
     /// (such replies are counted in
     /// [`Stats::amplification_capped`](crate::Stats::amplification_capped)),
@@ -651,6 +671,9 @@ impl<E: Engine> ServerBuilder<E> {
         }
         if let Some(limit) = &self.rate_limit {
             limit.validate()?;
+        }
+        if let Some(tokens) = &self.tokens {
+            tokens.validate()?;
         }
         if !(1..=MAX_WORKERS).contains(&self.workers) {
             return Err(Error::invalid(
@@ -749,11 +772,19 @@ impl<E: Engine> ServerBuilder<E> {
         Ok(())
     }
 
-    /// The server's rate limiter, if it has one: one for every listener.
-    pub(crate) fn limiter(&self) -> Option<Arc<Limiter>> {
-        self.rate_limit
-            .as_ref()
-            .map(|limit| Arc::new(Limiter::new(limit)))
+    /// The server's rate limiters: one for every listener.
+    pub(crate) fn limiters(&self) -> Limiters {
+        Limiters {
+            source: self
+                .rate_limit
+                .as_ref()
+                .map(|limit| Arc::new(Limiter::new(limit))),
+            validated: self
+                .tokens
+                .as_ref()
+                .and_then(|tokens| tokens.validated_limit.as_ref())
+                .map(|limit| Arc::new(Limiter::new(limit))),
+        }
     }
 
     /// Whether each worker gets a socket of its own: with several workers,
@@ -765,7 +796,7 @@ impl<E: Engine> ServerBuilder<E> {
     /// The settings every worker shares, for sockets bound like `first`,
     /// which read no control messages yet (see `Bound::new`). Call after
     /// [`validate`](ServerBuilder::validate).
-    pub(crate) fn config(&self, first: &BoundSocket, limiter: Option<Arc<Limiter>>) -> Config {
+    pub(crate) fn config(&self, first: &BoundSocket, limiters: Limiters) -> Config {
         let local_addr = first.local_addr;
         Config {
             local_addr,
@@ -784,7 +815,8 @@ impl<E: Engine> ServerBuilder<E> {
             control: sys::Control::Off,
             metadata: self.metadata,
             bound_ip: Some(local_addr.ip()).filter(|ip| !ip.is_unspecified()),
-            limiter,
+            limiters,
+            tokens: self.tokens.clone(),
             max_amplification: self.max_amplification,
             busy_poll: self.busy_poll,
             dispatch: self.dispatch.clone(),
@@ -799,6 +831,15 @@ const REUSE_PORT_SPREADS: bool = cfg!(any(target_os = "linux", target_os = "andr
 
 /// Whether the platform has batched receives and sends.
 const BATCHES: bool = cfg!(target_os = "linux");
+
+/// A server's rate limiters, shared by its listeners.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Limiters {
+    /// The rate limit for every source without a valid token.
+    pub(crate) source: Option<Arc<Limiter>>,
+    /// The rate limit for validated sources (source tokens).
+    pub(crate) validated: Option<Arc<Limiter>>,
+}
 
 /// A server's settings, checked and fixed at bind, shared by its workers.
 #[derive(Debug)]
@@ -832,7 +873,9 @@ pub(crate) struct Config {
     /// local address of every request where the datagram does not say.
     pub(crate) bound_ip: Option<IpAddr>,
     /// One for the whole server, whatever its listeners.
-    pub(crate) limiter: Option<Arc<Limiter>>,
+    pub(crate) limiters: Limiters,
+    /// Source tokens, if the server checks them.
+    pub(crate) tokens: Option<SourceTokens>,
     pub(crate) max_amplification: Option<usize>,
     /// How long a worker polls after work before it blocks again.
     pub(crate) busy_poll: Option<Duration>,

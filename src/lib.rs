@@ -119,6 +119,7 @@ mod sys;
 #[cfg(all(feature = "systemd", unix))]
 #[cfg_attr(docsrs, doc(cfg(all(feature = "systemd", unix))))]
 pub mod systemd;
+mod tokens;
 #[cfg(feature = "tokio")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
 pub mod tokio;
@@ -136,6 +137,7 @@ pub use request::{Action, Ecn, Metadata, Request, greet, greet_into, is_greeting
 pub use server::GreetServer;
 pub use socket::BufferSize;
 pub use stats::Stats;
+pub use tokens::{SourceTokens, TOKEN_LEN, TokenFormat};
 
 /// The README's examples, run as doc tests. Some need the `tokio` feature,
 /// so they run with it (CI's `cargo test --all-features`); the first is

@@ -17,9 +17,11 @@ use crate::control::Shared;
 use crate::histogram::Recorders;
 use crate::observe::Observer;
 use crate::pool::{Pool, Submitted};
+use crate::ratelimit::Limiter;
 use crate::request::{Action, Metadata, Request};
 use crate::stats::{SharedStats, Stats};
 use crate::sys::Received;
+use crate::tokens::{Checked, Checker, unix_now};
 
 /// The bound every blocking handler meets; see
 /// [`GreetServer::serve`](crate::GreetServer::serve).
@@ -42,6 +44,29 @@ pub(crate) struct Processor {
     backoff: Duration,
     /// When the handler call in progress started.
     call_started: Instant,
+    /// Makes and checks source tokens, with the server's settings.
+    checker: Option<Checker>,
+}
+
+/// How an admitted request's source stands with the source tokens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Standing {
+    /// It carried a valid token: not held to the amplification limit.
+    pub(crate) validated: bool,
+    /// Its reply is to carry a fresh token.
+    pub(crate) give_token: bool,
+}
+
+/// What [`Processor::admit`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Admission {
+    /// The request goes on to a handler.
+    Handle(Standing),
+    /// The reply buffer holds a small reply to send instead (a challenge,
+    /// or a slip reply), which is not counted as a reply.
+    Answered,
+    /// Dropped, and counted.
+    Dropped,
 }
 
 impl Processor {
@@ -55,32 +80,190 @@ impl Processor {
             totals: Stats::default(),
             backoff: Duration::ZERO,
             call_started: Instant::now(),
+            checker: config.tokens.as_ref().map(|tokens| tokens.checker()),
         }
     }
 
     /// The checks before any handler, at time `now`: drops (and counts) a
     /// datagram that is truncated, from a source that cannot be answered,
-    /// or over the rate limit. Returns whether it goes on to a handler.
-    pub(crate) fn admit(&mut self, datagram: &Received<'_>, now: Instant) -> bool {
+    /// or over the rate limit, and checks its source token. A request the
+    /// rate limit drops may get a small reply instead (a challenge, or the
+    /// slip reply), written into `reply`.
+    pub(crate) fn admit(
+        &mut self,
+        datagram: &Received<'_>,
+        now: Instant,
+        reply: &mut Vec<u8>,
+    ) -> Admission {
         self.backoff = Duration::ZERO;
         let peer = datagram.peer;
         if datagram.truncated {
             self.totals.truncated += 1;
-            return false;
+            return Admission::Dropped;
         }
         if !can_answer(peer) {
             self.totals.bad_source += 1;
+            return Admission::Dropped;
+        }
+        let standing = match self.standing(datagram) {
+            Some(standing) => standing,
+            None => return Admission::Dropped,
+        };
+        let limiter = if standing.validated {
+            &self.config.limiters.validated
+        } else {
+            &self.config.limiters.source
+        };
+        let Some(limiter) = limiter else {
+            return Admission::Handle(standing);
+        };
+        let limiter = limiter.clone();
+        if limiter.is_exempt(peer.ip()) {
+            self.totals.exempt += 1;
+            return Admission::Handle(standing);
+        }
+        let verdict = limiter.check(peer.ip(), limiter.clock(now));
+        self.totals.rate_limit_evictions += u64::from(verdict.evicted);
+        if verdict.allowed {
+            return Admission::Handle(standing);
+        }
+        if limiter.dry_run {
+            self.totals.dry_run_limited += 1;
+            return Admission::Handle(standing);
+        }
+        self.limited(&limiter, verdict.slip, datagram, standing, reply)
+    }
+
+    /// Checks the source token `datagram` carries, if the server has
+    /// tokens; `None` when the format's code panicked (counted).
+    fn standing(&mut self, datagram: &Received<'_>) -> Option<Standing> {
+        let (Some(tokens), Some(checker)) = (&self.config.tokens, &mut self.checker) else {
+            return Some(Standing::default());
+        };
+        let ip = datagram.peer.ip();
+        let found = panic::catch_unwind(AssertUnwindSafe(|| {
+            tokens
+                .format
+                .find(datagram.data)
+                .map(|token| checker.check(token, ip, unix_now()))
+        }));
+        let checked = match found {
+            Ok(checked) => checked,
+            Err(payload) => {
+                self.panicked(payload);
+                return None;
+            }
+        };
+        let in_replies = tokens.in_replies;
+        Some(match checked {
+            Some(Checked::Valid { stale }) => {
+                self.totals.validated += 1;
+                Standing {
+                    validated: true,
+                    give_token: stale && in_replies,
+                }
+            }
+            Some(Checked::Invalid) => {
+                self.totals.invalid_tokens += 1;
+                Standing {
+                    validated: false,
+                    give_token: in_replies,
+                }
+            }
+            None => Standing {
+                validated: false,
+                give_token: in_replies,
+            },
+        })
+    }
+
+    /// A request over `limiter`'s limit: challenged, slipped or dropped.
+    fn limited(
+        &mut self,
+        limiter: &Limiter,
+        picked: bool,
+        datagram: &Received<'_>,
+        standing: Standing,
+        reply: &mut Vec<u8>,
+    ) -> Admission {
+        // With slip, only the requests it picks get a small reply.
+        let small = picked || !limiter.slips();
+        if small && !standing.validated && self.challenge(datagram, reply) {
+            self.totals.challenged += 1;
+            return Admission::Answered;
+        }
+        self.totals.rate_limited += 1;
+        if let Some(build) = limiter.slip_reply.as_ref().filter(|_| picked) {
+            reply.clear();
+            let built = panic::catch_unwind(AssertUnwindSafe(|| build(datagram.data, reply)));
+            if matches!(built, Ok(true)) && !self.too_large_unvalidated(reply.len(), datagram) {
+                self.totals.slipped += 1;
+                return Admission::Answered;
+            }
+            reply.clear();
+        }
+        Admission::Dropped
+    }
+
+    /// Writes a challenge to `datagram` into `reply`, if the server
+    /// challenges and the format builds one within the amplification
+    /// limit; returns whether it did.
+    fn challenge(&mut self, datagram: &Received<'_>, reply: &mut Vec<u8>) -> bool {
+        let (Some(tokens), Some(checker)) = (&self.config.tokens, &mut self.checker) else {
+            return false;
+        };
+        if !tokens.challenge {
             return false;
         }
-        if let Some(limiter) = &self.config.limiter {
-            let verdict = limiter.check(peer.ip(), limiter.clock(now));
-            self.totals.rate_limit_evictions += u64::from(verdict.evicted);
-            if !verdict.allowed {
-                self.totals.rate_limited += 1;
-                return false;
+        reply.clear();
+        let token = checker.make(datagram.peer.ip(), unix_now());
+        let built = panic::catch_unwind(AssertUnwindSafe(|| {
+            let built = tokens.format.challenge(datagram.data, reply);
+            if built {
+                tokens.format.write(reply, &token);
+            }
+            built
+        }));
+        if matches!(built, Ok(true)) && !self.too_large_unvalidated(reply.len(), datagram) {
+            return true;
+        }
+        reply.clear();
+        false
+    }
+
+    /// Whether a small reply of `len` bytes (a challenge, a slip reply) to
+    /// a source not validated is too large to send: more than the request
+    /// times the amplification limit, or than the request without one.
+    fn too_large_unvalidated(&self, len: usize, datagram: &Received<'_>) -> bool {
+        let factor = self.config.max_amplification.unwrap_or(1);
+        len > factor.saturating_mul(datagram.data.len())
+    }
+
+    /// Writes a fresh source token into `reply`, to `peer`, if `standing`
+    /// says it is to carry one. Returns `false` if the format's code
+    /// panicked (counted; the reply is not to be sent).
+    pub(crate) fn give_token(
+        &mut self,
+        standing: Standing,
+        peer: SocketAddr,
+        reply: &mut Vec<u8>,
+    ) -> bool {
+        if !standing.give_token {
+            return true;
+        }
+        let (Some(tokens), Some(checker)) = (&self.config.tokens, &mut self.checker) else {
+            return true;
+        };
+        let token = checker.make(peer.ip(), unix_now());
+        let written = panic::catch_unwind(AssertUnwindSafe(|| tokens.format.write(reply, &token)));
+        match written {
+            Ok(()) => true,
+            Err(payload) => {
+                reply.clear();
+                self.panicked(payload);
+                false
             }
         }
-        true
     }
 
     /// Hands an admitted request to the pool; one it has no room for is
@@ -91,13 +274,14 @@ impl Processor {
         &mut self,
         pool: &Pool,
         datagram: &Received<'_>,
+        standing: Standing,
         socket: usize,
         arrived: Instant,
         reply: &mut Vec<u8>,
     ) -> bool {
-        match pool.submit(datagram, socket, arrived) {
+        match pool.submit(datagram, standing, socket, arrived) {
             Submitted::Queued => false,
-            Submitted::Full => self.shed(datagram, reply),
+            Submitted::Full => self.shed(datagram, standing, reply),
             Submitted::Closed => {
                 self.totals.shutdown_dropped += 1;
                 false
@@ -106,14 +290,25 @@ impl Processor {
     }
 
     /// Counts a request the pool had no room for, and writes the busy reply
-    /// into `reply` if there is one and the amplification limit allows it.
-    /// Returns whether `reply` is to be sent (not counted as a reply).
-    pub(crate) fn shed(&mut self, datagram: &Received<'_>, reply: &mut Vec<u8>) -> bool {
+    /// into `reply` if there is one and the amplification limit allows it;
+    /// a request without a valid token gets a challenge instead, where the
+    /// server challenges. Returns whether `reply` is to be sent (not
+    /// counted as a reply).
+    pub(crate) fn shed(
+        &mut self,
+        datagram: &Received<'_>,
+        standing: Standing,
+        reply: &mut Vec<u8>,
+    ) -> bool {
+        if !standing.validated && self.challenge(datagram, reply) {
+            self.totals.challenged += 1;
+            return true;
+        }
         self.totals.overloaded += 1;
         let Some(busy) = self.config.overload_reply() else {
             return false;
         };
-        if self.too_large(busy.len(), datagram.data.len()) {
+        if !standing.validated && self.too_large(busy.len(), datagram.data.len()) {
             return false;
         }
         reply.clear();
@@ -169,6 +364,7 @@ impl Processor {
         &mut self,
         handler: &H,
         datagram: &Received<'_>,
+        standing: Standing,
         reply: &mut Vec<u8>,
         arrived: Instant,
         started: Instant,
@@ -183,6 +379,7 @@ impl Processor {
             self.local_ip(datagram),
             self.listener(),
             self.metadata(datagram),
+            standing.validated,
         );
         // A panic is caught per datagram so that one bad request cannot stop
         // the server. The reply buffer is cleared after it; whatever state
@@ -190,7 +387,10 @@ impl Processor {
         // as with any `Fn + Sync` shared by threads.
         let outcome = panic::catch_unwind(AssertUnwindSafe(|| handler(request, reply)));
         match outcome {
-            Ok(Action::Reply) => !self.capped(reply.len(), datagram.data.len()),
+            Ok(Action::Reply) => {
+                self.give_token(standing, peer, reply)
+                    && !self.capped(reply.len(), datagram.data.len(), standing)
+            }
             Ok(Action::Ignore) => {
                 self.totals.no_reply += 1;
                 false
@@ -242,9 +442,10 @@ impl Processor {
     }
 
     /// Whether a reply of `reply` bytes to a request of `request` bytes is
-    /// over the amplification limit (and so is counted, not sent).
-    pub(crate) fn capped(&mut self, reply: usize, request: usize) -> bool {
-        let capped = self.too_large(reply, request);
+    /// over the amplification limit (and so is counted, not sent); never
+    /// for a validated source.
+    pub(crate) fn capped(&mut self, reply: usize, request: usize, standing: Standing) -> bool {
+        let capped = !standing.validated && self.too_large(reply, request);
         self.totals.amplification_capped += u64::from(capped);
         capped
     }

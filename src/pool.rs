@@ -7,6 +7,7 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::error::Error;
+use crate::policy::Standing;
 use crate::sys::{Arrival, REPLY_RESERVE, Received};
 
 /// The handler pool's queue holds this many requests per handler thread
@@ -204,6 +205,8 @@ pub(crate) struct Job {
     pub(crate) arrived: Instant,
     /// How many requests were still queued when a thread took it up.
     pub(crate) behind: usize,
+    /// How its source stands with the source tokens.
+    pub(crate) standing: Standing,
 }
 
 impl Job {
@@ -215,6 +218,7 @@ impl Job {
             socket: 0,
             arrived: now,
             behind: 0,
+            standing: Standing::default(),
         }
     }
 }
@@ -307,6 +311,7 @@ impl Pool {
     pub(crate) fn submit(
         &self,
         datagram: &Received<'_>,
+        standing: Standing,
         socket: usize,
         arrived: Instant,
     ) -> Submitted {
@@ -328,6 +333,7 @@ impl Pool {
         job.data.clear();
         job.data.extend_from_slice(datagram.data);
         job.peer = datagram.peer;
+        job.standing = standing;
         job.arrival = datagram.arrival;
         job.socket = socket;
         job.arrived = arrived;
@@ -438,24 +444,42 @@ mod tests {
     fn a_full_queue_refuses_at_once_and_a_closed_one_drains() {
         let pool = Pool::new(2, 0);
         let now = Instant::now();
-        assert_eq!(pool.submit(&datagram(b"a"), 0, now), Submitted::Queued);
-        assert_eq!(pool.submit(&datagram(b"b"), 1, now), Submitted::Queued);
-        assert_eq!(pool.submit(&datagram(b"c"), 0, now), Submitted::Full);
+        assert_eq!(
+            pool.submit(&datagram(b"a"), Standing::default(), 0, now),
+            Submitted::Queued
+        );
+        assert_eq!(
+            pool.submit(&datagram(b"b"), Standing::default(), 1, now),
+            Submitted::Queued
+        );
+        assert_eq!(
+            pool.submit(&datagram(b"c"), Standing::default(), 0, now),
+            Submitted::Full
+        );
         let Taken::Job(first) = pool.take() else {
             panic!("a job")
         };
         assert_eq!((first.data.as_slice(), first.socket), (&b"a"[..], 0));
         pool.give_back(first);
-        assert_eq!(pool.submit(&datagram(b"d"), 0, now), Submitted::Queued);
+        assert_eq!(
+            pool.submit(&datagram(b"d"), Standing::default(), 0, now),
+            Submitted::Queued
+        );
         // Closed with time to drain: what is queued is still handed out.
         pool.close(now + std::time::Duration::from_secs(3600));
-        assert_eq!(pool.submit(&datagram(b"e"), 0, now), Submitted::Closed);
+        assert_eq!(
+            pool.submit(&datagram(b"e"), Standing::default(), 0, now),
+            Submitted::Closed
+        );
         assert!(matches!(pool.take(), Taken::Job(j) if j.data == b"b"));
         assert!(matches!(pool.take(), Taken::Job(j) if j.data == b"d"));
         assert!(matches!(pool.take(), Taken::Closed));
         // Closed with no time: what is queued comes back as late.
         let pool = Pool::new(1, 0);
-        assert_eq!(pool.submit(&datagram(b"x"), 0, now), Submitted::Queued);
+        assert_eq!(
+            pool.submit(&datagram(b"x"), Standing::default(), 0, now),
+            Submitted::Queued
+        );
         pool.close(Instant::now());
         assert!(matches!(pool.take(), Taken::Late(_)));
         assert!(matches!(pool.take(), Taken::Closed));

@@ -6,7 +6,7 @@ use std::collections::hash_map::RandomState;
 use std::fmt;
 use std::hash::BuildHasher;
 use std::net::IpAddr;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use crate::error::Error;
@@ -40,7 +40,19 @@ use crate::error::Error;
 /// # Ok(())
 /// # }
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+///
+/// # The controls operators use
+///
+/// - [`slip`](RateLimit::slip): every n-th limited request of a prefix
+///   gets a small reply instead of silence (for DNS, a truncated answer
+///   that sends a real client to TCP), as NSD's and BIND's RRL do.
+/// - [`exempt`](RateLimit::exempt): prefixes never limited.
+/// - [`dry_run`](RateLimit::dry_run): count what would be limited, and
+///   limit nothing, to measure before enforcing.
+///
+/// With [source tokens](crate::SourceTokens), requests from validated
+/// sources are not held to this limit but to their own.
+#[derive(Clone)]
 #[must_use]
 pub struct RateLimit {
     rate: u32,
@@ -48,6 +60,44 @@ pub struct RateLimit {
     ipv4_prefix: u8,
     ipv6_prefix: u8,
     table_size: usize,
+    /// Every n-th limited request of a prefix gets the slip reply (0: off).
+    slip: u32,
+    slip_reply: Option<SlipReply>,
+    exempt: Vec<(IpAddr, u8)>,
+    dry_run: bool,
+}
+
+/// Builds a slip reply: `(request, reply) -> bool`.
+#[derive(Clone)]
+pub(crate) struct SlipReply(Arc<SlipFn>);
+
+type SlipFn = dyn Fn(&[u8], &mut Vec<u8>) -> bool + Send + Sync;
+
+impl std::ops::Deref for SlipReply {
+    type Target = SlipFn;
+    fn deref(&self) -> &SlipFn {
+        &*self.0
+    }
+}
+
+// The server catches a panic in it per datagram, as it does a handler's:
+// a builder holding one is as unwind-safe as one without.
+impl std::panic::UnwindSafe for SlipReply {}
+impl std::panic::RefUnwindSafe for SlipReply {}
+
+impl fmt::Debug for RateLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimit")
+            .field("rate", &self.rate)
+            .field("burst", &self.burst)
+            .field("ipv4_prefix", &self.ipv4_prefix)
+            .field("ipv6_prefix", &self.ipv6_prefix)
+            .field("table_size", &self.table_size)
+            .field("slip", &self.slip)
+            .field("exempt", &self.exempt)
+            .field("dry_run", &self.dry_run)
+            .finish()
+    }
 }
 
 impl RateLimit {
@@ -61,6 +111,10 @@ impl RateLimit {
             ipv4_prefix: 24,
             ipv6_prefix: 56,
             table_size: 16_384,
+            slip: 0,
+            slip_reply: None,
+            exempt: Vec::new(),
+            dry_run: false,
         }
     }
 
@@ -89,6 +143,61 @@ impl RateLimit {
         self
     }
 
+    /// Slip: every `n`-th request a prefix has limited (the 1st, the
+    /// n+1-th, ...) gets a small reply, built by `reply` from the request
+    /// into an empty buffer, instead of silence; `reply` returns whether
+    /// there is one. For DNS that is NSD's and BIND's RRL slip: a
+    /// truncated (TC=1) copy of the question, which a real client answers
+    /// by asking again over TCP, where forging is not possible. With 1,
+    /// every limited request gets it; 2 is the usual choice.
+    ///
+    /// A slipped request is still counted in
+    /// [`Stats::rate_limited`](crate::Stats::rate_limited), and also in
+    /// [`Stats::slipped`](crate::Stats::slipped). A slip reply larger than
+    /// the request times the
+    /// [amplification limit](crate::ServerBuilder::max_amplification) (or
+    /// than the request, without one) is not sent: it goes to a source the
+    /// limit already suspects. With [challenges](crate::SourceTokens::challenge),
+    /// the chosen requests without a valid token get a challenge instead.
+    ///
+    /// `n` must be at least 1. Defaults to no slip: limited requests are
+    /// dropped.
+    pub fn slip<F>(mut self, n: u32, reply: F) -> Self
+    where
+        F: Fn(&[u8], &mut Vec<u8>) -> bool + Send + Sync + 'static,
+    {
+        self.slip = n;
+        self.slip_reply = Some(SlipReply(Arc::new(reply)));
+        self
+    }
+
+    /// Never limits the sources in `ip`/`bits` (for example your own
+    /// monitoring, or a partner's resolvers); each call adds a prefix.
+    /// Their requests are counted in
+    /// [`Stats::exempt`](crate::Stats::exempt). Checked in order, on each
+    /// request: meant for a handful of prefixes.
+    ///
+    /// `bits` must be at most 32 for IPv4 and 128 for IPv6. An IPv4
+    /// prefix also covers IPv4-mapped IPv6 sources (a dual-stack socket).
+    /// Defaults to none.
+    pub fn exempt(mut self, ip: IpAddr, bits: u8) -> Self {
+        self.exempt.push((ip.to_canonical(), bits));
+        self
+    }
+
+    /// Dry run: limits nothing, and counts in
+    /// [`Stats::dry_run_limited`](crate::Stats::dry_run_limited) each
+    /// request the limit would have dropped (or slipped, or challenged).
+    /// The buckets evolve exactly as they would under enforcement (a
+    /// request over the limit books nothing), so the count is what
+    /// enforcement would have dropped from the same traffic.
+    ///
+    /// Defaults to off.
+    pub fn dry_run(mut self, on: bool) -> Self {
+        self.dry_run = on;
+        self
+    }
+
     pub(crate) fn validate(&self) -> Result<(), Error> {
         let invalid = |setting, reason| Err(Error::invalid(setting, reason));
         if self.rate == 0 {
@@ -109,6 +218,18 @@ impl RateLimit {
                 "must be between 1 and 16777216 entries",
             );
         }
+        if self.slip_reply.is_some() && self.slip == 0 {
+            return invalid("RateLimit::slip", "n must be at least 1");
+        }
+        for (ip, bits) in &self.exempt {
+            let max = if ip.is_ipv4() { 32 } else { 128 };
+            if *bits > max {
+                return invalid(
+                    "RateLimit::exempt",
+                    "a prefix length must be at most 32 bits for IPv4, 128 for IPv6",
+                );
+            }
+        }
         Ok(())
     }
 }
@@ -127,6 +248,8 @@ struct Entry {
     family: u8,
     prefix: u128,
     tat: u64,
+    /// Requests of this prefix limited so far (for slip).
+    limited: u32,
 }
 
 /// What the limiter decided for one request.
@@ -135,6 +258,9 @@ pub(crate) struct Verdict {
     pub(crate) allowed: bool,
     /// Another prefix's bucket was dropped to make room.
     pub(crate) evicted: bool,
+    /// Limited, and one of the requests slip picks (every n-th of its
+    /// prefix).
+    pub(crate) slip: bool,
 }
 
 /// The shared table behind one server's [`RateLimit`].
@@ -149,6 +275,12 @@ pub(crate) struct Limiter {
     /// Keyed per limiter, so senders cannot aim prefixes at one slot.
     hasher: RandomState,
     epoch: Instant,
+    /// Every n-th limited request of a prefix slips (0: none).
+    slip: u32,
+    pub(crate) slip_reply: Option<SlipReply>,
+    /// Prefixes never limited: (family, masked prefix, bits).
+    exempt: Box<[(u8, u128, u8)]>,
+    pub(crate) dry_run: bool,
 }
 
 impl fmt::Debug for Limiter {
@@ -180,7 +312,38 @@ impl Limiter {
             ipv6_prefix: limit.ipv6_prefix,
             hasher: RandomState::new(),
             epoch: Instant::now(),
+            slip: if limit.slip_reply.is_some() {
+                limit.slip
+            } else {
+                0
+            },
+            slip_reply: limit.slip_reply.clone(),
+            exempt: limit
+                .exempt
+                .iter()
+                .map(|&(ip, bits)| {
+                    let (family, prefix) = prefix_of(ip, bits, bits);
+                    (family, prefix, bits)
+                })
+                .collect(),
+            dry_run: limit.dry_run,
         }
+    }
+
+    /// Whether `slip` is set: only the requests it picks are answered small.
+    pub(crate) fn slips(&self) -> bool {
+        self.slip > 0
+    }
+
+    /// Whether `ip` is in an exempt prefix.
+    pub(crate) fn is_exempt(&self, ip: IpAddr) -> bool {
+        if self.exempt.is_empty() {
+            return false;
+        }
+        self.exempt.iter().any(|&(family, prefix, bits)| {
+            let (f, p) = prefix_of(ip, bits, bits);
+            f == family && p == prefix
+        })
     }
 
     /// `at` in the limiter's clock: nanoseconds since it started.
@@ -197,6 +360,7 @@ impl Limiter {
             return Verdict {
                 allowed: true,
                 evicted: false,
+                slip: false,
             };
         };
         let mut entries = lock(shard);
@@ -210,10 +374,7 @@ impl Limiter {
             let i = (start + k) % len;
             let entry = entries[i];
             if entry.family == family && entry.prefix == prefix {
-                return Verdict {
-                    allowed: self.book(&mut entries[i], now),
-                    evicted: false,
-                };
+                return self.verdict(&mut entries[i], now, false);
             }
             if spare.is_none() && (entry.family == 0 || entry.tat <= now) {
                 spare = Some(i);
@@ -228,10 +389,23 @@ impl Limiter {
             family,
             prefix,
             tat: now,
+            limited: 0,
         };
+        self.verdict(slot, now, evicted)
+    }
+
+    /// Books a request on `entry`'s bucket, or counts it as limited.
+    fn verdict(&self, entry: &mut Entry, now: u64, evicted: bool) -> Verdict {
+        let allowed = self.book(entry, now);
+        let mut slip = false;
+        if !allowed {
+            slip = self.slip > 0 && entry.limited % self.slip == 0;
+            entry.limited = entry.limited.wrapping_add(1);
+        }
         Verdict {
-            allowed: self.book(slot, now),
+            allowed,
             evicted,
+            slip,
         }
     }
 
@@ -247,11 +421,16 @@ impl Limiter {
     }
 
     fn prefix_of(&self, ip: IpAddr) -> (u8, u128) {
-        // An IPv4-mapped IPv6 source (dual-stack socket) is the IPv4 host.
-        match ip.to_canonical() {
-            IpAddr::V4(v4) => (4, u128::from(mask32(u32::from(v4), self.ipv4_prefix))),
-            IpAddr::V6(v6) => (6, mask128(u128::from(v6), self.ipv6_prefix)),
-        }
+        prefix_of(ip, self.ipv4_prefix, self.ipv6_prefix)
+    }
+}
+
+/// `ip`'s family and its first `v4` or `v6` bits. An IPv4-mapped IPv6
+/// source (dual-stack socket) is the IPv4 host.
+fn prefix_of(ip: IpAddr, v4: u8, v6: u8) -> (u8, u128) {
+    match ip.to_canonical() {
+        IpAddr::V4(ip) => (4, u128::from(mask32(u32::from(ip), v4))),
+        IpAddr::V6(ip) => (6, mask128(u128::from(ip), v6)),
     }
 }
 
@@ -363,8 +542,61 @@ mod tests {
             limiter.check(ip, later),
             Verdict {
                 allowed: true,
-                evicted: false
+                evicted: false,
+                slip: false,
             }
+        );
+    }
+
+    #[test]
+    fn slip_picks_every_nth_limited_request_of_a_prefix() {
+        let limiter = Limiter::new(&RateLimit::new(1, 2).slip(3, |_, _| true));
+        let (a, b) = (v4(10, 0, 0, 1), v4(10, 0, 1, 1));
+        let verdicts: Vec<_> = (0..9).map(|_| limiter.check(a, SECOND)).collect();
+        let allowed = verdicts.iter().filter(|v| v.allowed).count();
+        let slipped: Vec<bool> = verdicts.iter().skip(2).map(|v| v.slip).collect();
+        assert_eq!(allowed, 2);
+        assert_eq!(slipped, [true, false, false, true, false, false, true]);
+        assert!(verdicts.iter().filter(|v| v.allowed).all(|v| !v.slip));
+        // Another prefix counts for itself.
+        assert!(limiter.check(b, SECOND).allowed);
+        assert!(limiter.check(b, SECOND).allowed);
+        assert!(limiter.check(b, SECOND).slip);
+        let off = Limiter::new(&RateLimit::new(1, 1));
+        assert!(off.check(a, SECOND).allowed);
+        assert!(!off.check(a, SECOND).slip, "no slip unless asked");
+    }
+
+    #[test]
+    fn exempt_prefixes() {
+        let limit = RateLimit::new(1, 1)
+            .exempt(v4(10, 1, 0, 0), 16)
+            .exempt("2001:db8::".parse().unwrap_or(v4(0, 0, 0, 0)), 32);
+        assert!(limit.validate().is_ok());
+        let limiter = Limiter::new(&limit);
+        assert!(limiter.is_exempt(v4(10, 1, 200, 3)));
+        assert!(!limiter.is_exempt(v4(10, 2, 0, 1)));
+        let mapped = IpAddr::V6(Ipv4Addr::new(10, 1, 5, 5).to_ipv6_mapped());
+        assert!(limiter.is_exempt(mapped));
+        assert!(limiter.is_exempt(IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 9, 0, 0, 0, 0, 1))));
+        assert!(!limiter.is_exempt(IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb9, 0, 0, 0, 0, 0, 1))));
+        assert!(
+            RateLimit::new(1, 1)
+                .exempt(v4(1, 2, 3, 4), 33)
+                .validate()
+                .is_err()
+        );
+        assert!(
+            RateLimit::new(1, 1)
+                .slip(0, |_, _| true)
+                .validate()
+                .is_err()
+        );
+        let everyone = Limiter::new(&RateLimit::new(1, 1).exempt(v4(0, 0, 0, 0), 0));
+        assert!(everyone.is_exempt(v4(203, 0, 113, 9)));
+        assert!(
+            !everyone.is_exempt(IpAddr::V6(Ipv6Addr::LOCALHOST)),
+            "IPv4 only"
         );
     }
 

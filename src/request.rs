@@ -15,6 +15,7 @@ pub struct Request<'a> {
     local: Option<IpAddr>,
     listener: SocketAddr,
     metadata: Metadata,
+    validated: bool,
 }
 
 impl<'a> Request<'a> {
@@ -24,6 +25,7 @@ impl<'a> Request<'a> {
         local: Option<IpAddr>,
         listener: SocketAddr,
         metadata: Metadata,
+        validated: bool,
     ) -> Self {
         Request {
             data,
@@ -31,7 +33,19 @@ impl<'a> Request<'a> {
             local,
             listener,
             metadata,
+            validated,
         }
+    }
+
+    /// Whether the request carried a valid [source token](crate::SourceTokens)
+    /// for its address: its source is not forged (as far as the token's
+    /// secret is kept). Always `false` without
+    /// [`ServerBuilder::source_tokens`](crate::ServerBuilder::source_tokens).
+    /// A handler may answer validated sources more fully (a large answer
+    /// that the amplification limit would stop for others).
+    #[must_use]
+    pub fn validated(&self) -> bool {
+        self.validated
     }
 
     /// The address of the listener the datagram came in on, as bound (a
@@ -105,6 +119,7 @@ impl fmt::Debug for Request<'_> {
             .field("listener", &self.listener)
             .field("len", &self.data.len())
             .field("metadata", &self.metadata)
+            .field("validated", &self.validated)
             .finish()
     }
 }

@@ -555,7 +555,7 @@ impl Bound {
         builder: &ServerBuilder<E>,
         listeners: Vec<Prepared>,
     ) -> Result<Bound, Error> {
-        let limiter = builder.limiter();
+        let limiters = builder.limiters();
         // Every socket of a listener has a worker of its own (a listener
         // handed over may have more sockets than `workers` asks for).
         let workers = listeners
@@ -579,7 +579,7 @@ impl Bound {
                 control: prepared.control,
                 icmp_reports_off: prepared.sockets.iter().all(|b| b.icmp_reports_off),
                 workers,
-                ..builder.config(first, limiter.clone())
+                ..builder.config(first, limiters.clone())
             });
             let sockets: Vec<Arc<Socket>> = prepared
                 .sockets

@@ -95,6 +95,28 @@ pub struct Stats {
     /// [`in_flight`](Stats::in_flight), never more than it in any
     /// snapshot). Always 0 without a pool.
     pub queued: u64,
+    /// Requests that carried a valid [source token](crate::SourceTokens)
+    /// for their address: not forged. They also end in an outcome, usually
+    /// `replied`.
+    pub validated: u64,
+    /// Requests that carried a token that did not check out (forged,
+    /// expired, made for another address, or under a rotated-out secret):
+    /// treated as carrying none.
+    pub invalid_tokens: u64,
+    /// Requests answered with a [challenge](crate::SourceTokens::challenge)
+    /// (a small reply with a fresh token) instead of being dropped by the
+    /// rate limit or the overload policy; not handed to the handler, and
+    /// the challenge is not counted in `replied`.
+    pub challenged: u64,
+    /// Of `rate_limited`, requests that got the rate limit's
+    /// [slip](crate::RateLimit::slip) reply.
+    pub slipped: u64,
+    /// Requests from a prefix the rate limit
+    /// [exempts](crate::RateLimit::exempt); they also end in an outcome.
+    pub exempt: u64,
+    /// Requests the rate limit would have dropped, let through by its
+    /// [dry run](crate::RateLimit::dry_run); they also end in an outcome.
+    pub dry_run_limited: u64,
 }
 
 /// Declares the counters once, in the order they are published and read.
@@ -138,6 +160,12 @@ counters!(
     rate_limit_evictions,
     busy_poll_misses,
     timed_out,
+    validated,
+    invalid_tokens,
+    challenged,
+    slipped,
+    exempt,
+    dry_run_limited,
 );
 
 /// Where `received` is in [`Stats::to_array`]: published first, read last.
@@ -148,7 +176,7 @@ const KERNEL_DROPS: usize = 13;
 impl Stats {
     /// The outcome counters' names: the ones [`Stats::accounted`] sums.
     #[allow(dead_code)] // used by the `metrics` feature
-    pub(crate) const OUTCOMES: [&'static str; 12] = [
+    pub(crate) const OUTCOMES: [&'static str; 13] = [
         "replied",
         "no_reply",
         "truncated",
@@ -161,12 +189,14 @@ impl Stats {
         "overloaded",
         "expired",
         "timed_out",
+        "challenged",
     ];
 
     /// The sum of the outcome counters: every received datagram ends in
     /// exactly one of `replied`, `no_reply`, `truncated`, `handler_panics`,
     /// `rate_limited`, `amplification_capped`, `bad_source`, `send_errors`,
-    /// `shutdown_dropped`, `overloaded`, `expired` and `timed_out`.
+    /// `shutdown_dropped`, `overloaded`, `expired`, `timed_out` and
+    /// `challenged`.
     #[must_use]
     pub fn accounted(&self) -> u64 {
         self.replied
@@ -181,6 +211,7 @@ impl Stats {
             + self.overloaded
             + self.expired
             + self.timed_out
+            + self.challenged
     }
 
     /// Requests received and not yet accounted for: in a batch being worked

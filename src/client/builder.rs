@@ -17,6 +17,7 @@ use crate::engine::{Blocking, Engine};
 use crate::error::Error;
 use crate::socket::{self, SocketOptions};
 use crate::sys;
+use crate::tokens::{Format, TokenFormat};
 
 /// How many calls an async client (`udp_greet::tokio::GreetClient`, feature
 /// `tokio`) has in flight at once unless its builder's `max_in_flight` says
@@ -49,6 +50,9 @@ pub(crate) struct Settings {
     pub(crate) busy_poll: Option<Duration>,
     /// Reads the id of a request and of a reply: calls are multiplexed.
     pub(crate) request_id: Option<RequestId>,
+    /// Where the protocol carries source tokens: the client remembers
+    /// each server's and sends it with its requests.
+    pub(crate) tokens: Option<Format>,
 }
 
 impl fmt::Debug for Settings {
@@ -62,6 +66,7 @@ impl fmt::Debug for Settings {
             .field("refused_as_loss", &self.refused_as_loss)
             .field("busy_poll", &self.busy_poll)
             .field("request_id", &self.request_id.is_some())
+            .field("source_tokens", &self.tokens.is_some())
             .finish()
     }
 }
@@ -290,6 +295,7 @@ impl<E: Engine> ClientBuilder<E> {
                 refused_as_loss: false,
                 busy_poll: None,
                 request_id: None,
+                tokens: None,
             },
             max_in_flight: DEFAULT_CLIENT_MAX_IN_FLIGHT,
             sockets: 1,
@@ -502,6 +508,27 @@ impl<E: Engine> ClientBuilder<E> {
         F: Fn(&[u8]) -> Option<u64> + Send + Sync + 'static,
     {
         self.settings.request_id = Some(Arc::new(read));
+        self
+    }
+
+    /// Source tokens ([`SourceTokens`](crate::SourceTokens) on the server),
+    /// carried as `format` says: the client remembers the last token each
+    /// server gave it (in a reply, or a challenge), per server address, and
+    /// writes it into every request to that server with
+    /// [`TokenFormat::write`], so that the server treats it as validated.
+    /// A datagram the format calls a [challenge](TokenFormat::is_challenge)
+    /// makes the call send its request again at once with the new token
+    /// (once per attempt; a second challenge waits for the attempt's
+    /// timeout), and is counted in
+    /// [`GreetClient::challenges`](crate::GreetClient::challenges).
+    ///
+    /// The reply check and request ids see the request as the caller gave
+    /// it; the token is written into a copy. The client remembers up to
+    /// 4096 servers' tokens.
+    ///
+    /// Defaults to none.
+    pub fn source_tokens(mut self, format: impl TokenFormat) -> Self {
+        self.settings.tokens = Some(Format::new(format));
         self
     }
 

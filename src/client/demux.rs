@@ -167,7 +167,7 @@ impl Sink<'_> {
     /// `WouldBlock` when nothing has come.
     pub(crate) fn accept(&mut self, taken: Option<Taken>) -> io::Result<(usize, bool)> {
         match taken {
-            Some(Taken::Reply(reply)) => Ok(self.put(reply)),
+            Some(Taken::Reply(reply) | Taken::Challenge(reply)) => Ok(self.put(reply)),
             Some(Taken::Refused) => Err(io::ErrorKind::ConnectionRefused.into()),
             // Larger than the buffer: reported as a truncated datagram.
             Some(Taken::Oversized) => Ok((self.capacity(), true)),
@@ -223,6 +223,8 @@ enum Inbox {
     Empty,
     /// A reply that passed the call's reply check.
     Reply(Vec<u8>),
+    /// A challenge (source tokens): the call goes on, and stays listed.
+    Challenge(Vec<u8>),
     /// Its destination refused (ICMP port unreachable).
     Refused,
     /// A datagram too large for the call's buffer came, which its reply
@@ -235,6 +237,8 @@ enum Inbox {
 pub(crate) enum Taken {
     /// Its reply.
     Reply(Vec<u8>),
+    /// A challenge: the call sends its request again, and goes on.
+    Challenge(Vec<u8>),
     /// A refusal from its destination.
     Refused,
     /// A datagram too large to be checked (see [`Inbox::Oversized`]).
@@ -335,6 +339,7 @@ impl Table {
         let slot = self.slots.get_mut(slot)?.as_mut()?;
         match std::mem::replace(&mut slot.inbox, Inbox::Empty) {
             Inbox::Reply(reply) => Some(Taken::Reply(reply)),
+            Inbox::Challenge(challenge) => Some(Taken::Challenge(challenge)),
             Inbox::Refused => Some(Taken::Refused),
             Inbox::Oversized => Some(Taken::Oversized),
             Inbox::Empty => {
@@ -389,6 +394,21 @@ impl Table {
             shared.count_unmatched();
             return Delivery::Discarded;
         };
+        // A challenge (source tokens) goes to the call, which stays in the
+        // map: it sends its request again, and waits for the reply.
+        let challenge = shared.settings.tokens.as_ref().is_some_and(|format| {
+            std::panic::catch_unwind(AssertUnwindSafe(|| format.is_challenge(datagram)))
+                .unwrap_or(false)
+        });
+        if challenge {
+            self.calls.insert(key, index);
+            if !matches!(slot.inbox, Inbox::Empty) || datagram.len() > slot.capacity {
+                shared.count_discarded();
+                return Delivery::Discarded;
+            }
+            slot.inbox = Inbox::Challenge(datagram.to_vec());
+            return Delivery::Delivered(std::mem::take(&mut slot.waiter));
+        }
         if let (Some(_), Some(_)) = (&slot.request, &shared.settings.check) {
             if datagram.len() > slot.capacity {
                 // Too large to be checked: the call is told, counts it as

@@ -14,8 +14,10 @@
 //! datagram against the reply check, `refused_as_loss`, and the count of
 //! discarded datagrams. The clients only do the I/O and the waiting.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::RwLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -33,7 +35,14 @@ pub(crate) struct Shared {
     discarded: AtomicU64,
     /// Of those, replies whose request id matched no call in flight.
     unmatched: AtomicU64,
+    /// Challenges received (source tokens).
+    challenges: AtomicU64,
+    /// The last source token each server gave (with source tokens).
+    tokens: RwLock<HashMap<SocketAddr, Vec<u8>>>,
 }
+
+/// The most servers whose source tokens a client remembers.
+const MAX_TOKENS: usize = 4096;
 
 impl Shared {
     pub(crate) fn new(settings: Settings) -> Shared {
@@ -41,7 +50,60 @@ impl Shared {
             settings,
             discarded: AtomicU64::new(0),
             unmatched: AtomicU64::new(0),
+            challenges: AtomicU64::new(0),
+            tokens: RwLock::new(HashMap::new()),
         }
+    }
+
+    /// How many challenges the client's calls have received.
+    pub(crate) fn challenges(&self) -> u64 {
+        self.challenges.load(Ordering::Relaxed)
+    }
+
+    /// `request` with the token `dest` last gave written in, in `out`; or
+    /// `request` itself when there is none (or no source tokens).
+    pub(crate) fn wire<'a>(
+        &self,
+        dest: SocketAddr,
+        request: &'a [u8],
+        out: &'a mut Vec<u8>,
+    ) -> &'a [u8] {
+        let Some(format) = &self.settings.tokens else {
+            return request;
+        };
+        out.clear();
+        {
+            let tokens = self.tokens.read().unwrap_or_else(|e| e.into_inner());
+            let Some(token) = tokens.get(&dest) else {
+                return request;
+            };
+            out.extend_from_slice(request);
+            // The format's code runs under the read lock: it cannot reach
+            // the client, so it cannot ask for the write lock.
+            format.write(out, token);
+        }
+        out
+    }
+
+    /// Remembers the token `datagram`, from `dest`, carries, if any.
+    fn remember(&self, dest: SocketAddr, datagram: &[u8]) {
+        let Some(format) = &self.settings.tokens else {
+            return;
+        };
+        let Some(token) = format.find(datagram) else {
+            return;
+        };
+        let mut tokens = self.tokens.write().unwrap_or_else(|e| e.into_inner());
+        if tokens.get(&dest).is_some_and(|known| known == token) {
+            return;
+        }
+        if tokens.len() >= MAX_TOKENS && !tokens.contains_key(&dest) {
+            // Forget one: its server will challenge or hand out another.
+            if let Some(old) = tokens.keys().next().copied() {
+                tokens.remove(&old);
+            }
+        }
+        tokens.insert(dest, token.to_vec());
     }
 
     /// How many datagrams the client's calls have discarded.
@@ -200,6 +262,10 @@ pub(crate) struct Exchange<'p> {
     end: Instant,
     /// How the call ended, until it is handed out.
     outcome: Option<Result<usize, Error>>,
+    /// The request with a source token written in (see [`Exchange::wire`]).
+    out: Vec<u8>,
+    /// The current attempt has been sent again after a challenge.
+    rechallenged: bool,
 }
 
 impl<'p> Exchange<'p> {
@@ -231,7 +297,15 @@ impl<'p> Exchange<'p> {
             wait: Duration::ZERO,
             end: now,
             outcome: None,
+            out: Vec::new(),
+            rechallenged: false,
         }
+    }
+
+    /// What to send for `request` ([`Step::Send`]): the request itself, or
+    /// with source tokens a copy with the destination's token written in.
+    pub(crate) fn wire<'a>(&'a mut self, request: &'a [u8]) -> &'a [u8] {
+        self.shared.wire(self.dest, request, &mut self.out)
     }
 
     /// When the call must end, if it has a deadline.
@@ -314,6 +388,7 @@ impl<'p> Exchange<'p> {
         };
         self.wait = wait;
         self.end = later(now, wait);
+        self.rechallenged = false;
         // Polling counts toward the wait, and never outlasts it.
         self.window.open_within(now, Some(self.end));
         self.phase = Phase::Sending {
@@ -387,8 +462,17 @@ impl<'p> Exchange<'p> {
                 self.shared.count_discarded();
                 self.phase = Phase::Checking { found: true };
             }
+            Phase::Awaiting { .. } if self.is_challenge(buf, len, truncated) => {
+                self.challenged(buf, len);
+            }
             Phase::Awaiting { .. } => match settings.judge(request, buf, len, truncated) {
-                Judged::Accepted(len) => self.finish(Ok(len)),
+                Judged::Accepted(len) => {
+                    if settings.tokens.is_some() {
+                        self.shared
+                            .remember(self.dest, buf.get(..len).unwrap_or_default());
+                    }
+                    self.finish(Ok(len))
+                }
                 Judged::DoesNotFit => self.finish(Err(Error::ReplyTooLarge {
                     addr: self.dest,
                     capacity: self.capacity,
@@ -403,6 +487,30 @@ impl<'p> Exchange<'p> {
             Phase::Attempt | Phase::Sending { .. } | Phase::Over => {
                 self.shared.count_discarded();
             }
+        }
+    }
+
+    /// Whether the datagram of `len` bytes in `buf` is a challenge (with
+    /// source tokens).
+    fn is_challenge(&self, buf: &[u8], len: usize, truncated: bool) -> bool {
+        let Some(format) = &self.shared.settings.tokens else {
+            return false;
+        };
+        !truncated && format.is_challenge(buf.get(..len).unwrap_or_default())
+    }
+
+    /// A challenge of `len` bytes in `buf`: its token is remembered, and
+    /// the request is sent again at once with it, once per attempt.
+    fn challenged(&mut self, buf: &[u8], len: usize) {
+        self.shared.challenges.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .remember(self.dest, buf.get(..len).unwrap_or_default());
+        if !self.rechallenged {
+            self.rechallenged = true;
+            self.phase = Phase::Sending {
+                first: false,
+                again: true,
+            };
         }
     }
 

@@ -291,6 +291,14 @@ impl GreetClient {
         self.shared.unmatched()
     }
 
+    /// With [source tokens](ClientBuilder::source_tokens): how many
+    /// challenges servers sent this client's calls (each answered by
+    /// sending the request again with the challenge's token).
+    #[must_use]
+    pub fn challenges(&self) -> u64 {
+        self.shared.challenges()
+    }
+
     /// Sends `request` to the client's server and returns the reply.
     ///
     /// # Errors
@@ -461,8 +469,14 @@ impl GreetClient {
         let mut now = Instant::now();
         loop {
             match call.next(now) {
-                Step::Send if connected => call.sent(socket.send(request)),
-                Step::Send => call.sent(self.send_to(socket, dest, request)),
+                Step::Send if connected => {
+                    let sent = socket.send(call.wire(request));
+                    call.sent(sent);
+                }
+                Step::Send => {
+                    let sent = self.send_to(socket, dest, call.wire(request));
+                    call.sent(sent);
+                }
                 Step::Discard | Step::Check if !connected => {
                     let received = self.recv_from(socket, dest, buf, true);
                     call.received(received, request, buf);

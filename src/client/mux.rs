@@ -123,7 +123,10 @@ impl MuxSocket {
         );
         loop {
             match call.next(Instant::now()) {
-                Step::Send => call.sent(self.send(shared, dest, request)),
+                Step::Send => {
+                    let sent = self.send(shared, dest, call.wire(request));
+                    call.sent(sent);
+                }
                 Step::Discard | Step::Check | Step::Poll => {
                     let failed = match self.turn.try_lock() {
                         Ok(mut receiver) => self.receive(&mut receiver, shared, None).err(),

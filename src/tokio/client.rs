@@ -446,6 +446,13 @@ impl GreetClient {
         self.inner.shared.unmatched()
     }
 
+    /// With source tokens: how many challenges servers sent this client's
+    /// calls; see [`GreetClient::challenges`](crate::GreetClient::challenges).
+    #[must_use]
+    pub fn challenges(&self) -> u64 {
+        self.inner.shared.challenges()
+    }
+
     /// Sends `request` and returns the reply, as
     /// [`GreetClient::send_recv`](crate::GreetClient::send_recv) does, without blocking the runtime. Many
     /// calls may run at once on one client.
@@ -611,7 +618,10 @@ impl GreetClient {
             let mut socket = self.lease(permit, dest)?;
             loop {
                 match call.next(Instant::now()) {
-                    Step::Send => call.sent(socket.send(request).await),
+                    Step::Send => {
+                        let sent = socket.send(call.wire(request)).await;
+                        call.sent(sent);
+                    }
                     Step::Discard | Step::Check => {
                         call.received(socket.try_recv(buf), request, buf.bytes())
                     }

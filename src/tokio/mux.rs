@@ -134,7 +134,10 @@ impl AsyncMux {
             let mut now = now;
             loop {
                 match call.next(now) {
-                    Step::Send => call.sent(self.send(shared, wire, request).await),
+                    Step::Send => {
+                        let sent = self.send(shared, wire, call.wire(request)).await;
+                        call.sent(sent);
+                    }
                     Step::Discard | Step::Check | Step::Poll => {
                         let received = buf.accept(registered.take(None));
                         if received.as_ref().is_err_and(error::is_timeout) {

@@ -78,6 +78,7 @@ pub struct Request {
     local: Option<IpAddr>,
     listener: SocketAddr,
     metadata: Metadata,
+    validated: bool,
     buffers: Arc<Buffers>,
 }
 
@@ -88,6 +89,7 @@ impl Request {
         local: Option<IpAddr>,
         listener: SocketAddr,
         metadata: Metadata,
+        validated: bool,
         buffers: Arc<Buffers>,
     ) -> Self {
         Request {
@@ -96,8 +98,17 @@ impl Request {
             local,
             listener,
             metadata,
+            validated,
             buffers,
         }
+    }
+
+    /// Whether the request carried a valid [source token](crate::SourceTokens)
+    /// for its address; see the blocking
+    /// [`Request::validated`](crate::Request::validated).
+    #[must_use]
+    pub fn validated(&self) -> bool {
+        self.validated
     }
 
     /// The datagram's payload, complete (truncated datagrams never reach a

@@ -28,7 +28,7 @@ use crate::error::Error;
 use crate::handoff::Handoff;
 use crate::histogram::Latency;
 use crate::limits::Limits;
-use crate::policy::Processor;
+use crate::policy::{Admission, Processor, Standing};
 use crate::server::Bound;
 use crate::stats::Stats;
 use crate::sys::{self, Arrival, Received, Source};
@@ -562,6 +562,8 @@ struct Meta {
     peer: SocketAddr,
     arrival: Arrival,
     request_len: usize,
+    /// How its source stands with the source tokens.
+    standing: Standing,
 }
 
 /// The socket a task serves, as the server made it, and the task's mark of
@@ -847,13 +849,26 @@ where
     /// The fate of one received datagram: dropped by the checks, shed, or
     /// handed to a handler future (polled once at once).
     fn accept(&mut self, datagram: &Received<'_>, arrived: Instant) {
-        if !self.processor.admit(datagram, arrived) {
-            return;
-        }
+        let place = self.out_used;
+        let mut spare = Vec::new();
+        // The receive loop makes room for a reply to each datagram first.
+        let buffer = self.out.buffer(place).unwrap_or(&mut spare);
+        let standing = match self.processor.admit(datagram, arrived, buffer) {
+            Admission::Handle(standing) => standing,
+            Admission::Answered => {
+                if self.out.buffer(place).is_some() {
+                    self.out
+                        .queue(place, datagram.peer, datagram.arrival, false);
+                    self.out_used += 1;
+                }
+                return;
+            }
+            Admission::Dropped => return,
+        };
         let Some(index) = self.inflight.reserve() else {
             let place = self.out_used;
             if let Some(buffer) = self.out.buffer(place) {
-                if self.processor.shed(datagram, buffer) {
+                if self.processor.shed(datagram, standing, buffer) {
                     self.out
                         .queue(place, datagram.peer, datagram.arrival, false);
                     self.out_used += 1;
@@ -869,6 +884,7 @@ where
             self.processor.local_ip(datagram),
             self.processor.listener(),
             self.processor.metadata(datagram),
+            standing.validated,
             self.buffers.clone(),
         );
         let now = Instant::now();
@@ -894,6 +910,7 @@ where
                 peer: datagram.peer,
                 arrival: datagram.arrival,
                 request_len: datagram.data.len(),
+                standing,
             },
             started: arrived,
             deadline,
@@ -919,9 +936,9 @@ where
                     return;
                 };
                 let meta = started.meta;
-                if self
-                    .processor
-                    .capped(reply.bytes.bytes.len(), meta.request_len)
+                let processor = &mut self.processor;
+                if !processor.give_token(meta.standing, meta.peer, &mut reply.bytes.bytes)
+                    || processor.capped(reply.bytes.bytes.len(), meta.request_len, meta.standing)
                 {
                     return;
                 }

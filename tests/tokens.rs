@@ -1,0 +1,830 @@
+//! Source tokens and the rate-limit controls, over real loopback sockets, on
+//! the blocking server (inline and with a handler pool) and the async one:
+//! a forged flood against a real client that shows tokens, exact counts,
+//! rotation, tokens bound to their address, forged tokens of every length,
+//! challenges within the amplification limit, slip, exemptions, dry run.
+
+mod util;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use udp_greet::{
+    Action, Engine, GreetClient, GreetServer, HandlerPool, RateLimit, Request, ServerBuilder,
+    ServerControl, SourceTokens, Stats, TOKEN_LEN, TokenFormat,
+};
+use util::{HANG_GUARD, V4, assert_balanced, wait_until};
+
+/// A made-up protocol for the tests. A datagram is its payload, or
+/// `0xFE len token payload` when it carries a token; a challenge is
+/// `0xFD len token`. The token's length is on the wire, so that forged
+/// tokens of any length can be sent.
+struct Tagged;
+
+const WITH_TOKEN: u8 = 0xFE;
+const CHALLENGE: u8 = 0xFD;
+
+impl Tagged {
+    fn split(datagram: &[u8]) -> (Option<&[u8]>, &[u8]) {
+        match datagram {
+            [WITH_TOKEN | CHALLENGE, len, rest @ ..] if rest.len() >= usize::from(*len) => {
+                let (token, payload) = rest.split_at(usize::from(*len));
+                (Some(token), payload)
+            }
+            _ => (None, datagram),
+        }
+    }
+
+    fn payload(datagram: &[u8]) -> &[u8] {
+        Self::split(datagram).1
+    }
+
+    /// `payload` carrying `token`.
+    fn with(token: &[u8], payload: &[u8]) -> Vec<u8> {
+        let mut datagram = vec![WITH_TOKEN, token.len() as u8];
+        datagram.extend_from_slice(token);
+        datagram.extend_from_slice(payload);
+        datagram
+    }
+}
+
+impl TokenFormat for Tagged {
+    fn find<'a>(&self, datagram: &'a [u8]) -> Option<&'a [u8]> {
+        Self::split(datagram).0
+    }
+
+    fn write(&self, datagram: &mut Vec<u8>, token: &[u8]) {
+        let marker = match datagram.first() {
+            Some(&CHALLENGE) => CHALLENGE,
+            _ => WITH_TOKEN,
+        };
+        let payload = match datagram.as_slice() {
+            [CHALLENGE] => Vec::new(),
+            other => Self::payload(other).to_vec(),
+        };
+        datagram.clear();
+        datagram.extend_from_slice(&[marker, token.len() as u8]);
+        datagram.extend_from_slice(token);
+        datagram.extend_from_slice(&payload);
+    }
+
+    fn challenge(&self, _request: &[u8], reply: &mut Vec<u8>) -> bool {
+        reply.push(CHALLENGE);
+        true
+    }
+
+    fn is_challenge(&self, datagram: &[u8]) -> bool {
+        datagram.first() == Some(&CHALLENGE)
+    }
+}
+
+/// A challenge's size on the wire: marker, length, token.
+const CHALLENGE_LEN: usize = 2 + TOKEN_LEN;
+
+/// Greets the payload, whatever token the request carries.
+fn greeter(request: Request<'_>, reply: &mut Vec<u8>) -> Action {
+    udp_greet::greet_into(Tagged::payload(request.data()), reply);
+    Action::Reply
+}
+
+fn tokens() -> SourceTokens {
+    SourceTokens::new(*b"0123456789abcdef", Tagged)
+}
+
+fn localhost() -> IpAddr {
+    IpAddr::V4(Ipv4Addr::LOCALHOST)
+}
+
+/// Which server a scenario runs on.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Inline,
+    Pool,
+    Async,
+}
+
+const KINDS: [Kind; 3] = [Kind::Inline, Kind::Pool, Kind::Async];
+
+/// A running server of any kind.
+struct Running {
+    control: ServerControl,
+    stop: Box<dyn FnOnce() -> Stats>,
+}
+
+impl Running {
+    fn addr(&self) -> SocketAddr {
+        self.control.local_addr()
+    }
+
+    fn stats(&self) -> Stats {
+        self.control.stats()
+    }
+
+    fn shutdown(self) -> Stats {
+        let stats = (self.stop)();
+        assert_balanced(&stats);
+        stats
+    }
+
+    /// Waits until the server has dealt with `count` datagrams.
+    fn wait_received(&self, count: u64) {
+        wait_until(&format!("{count} datagrams dealt with"), || {
+            let stats = self.stats();
+            stats.received >= count && stats.in_flight() == 0
+        });
+    }
+}
+
+/// A greet server of `kind` with the settings `configure` makes.
+fn start(kind: Kind, configure: impl Fn(&mut dyn Settings)) -> Running {
+    match kind {
+        Kind::Inline | Kind::Pool => {
+            let mut builder = GreetServer::builder();
+            if let Kind::Pool = kind {
+                // Room for a whole flood: shedding has its own test.
+                builder = builder.handler_pool(HandlerPool::threads(2).queue_capacity(1 << 16));
+            }
+            let mut holder = Some(builder);
+            configure(&mut holder);
+            let builder = holder.expect("a builder");
+            let server = builder
+                .bind(V4)
+                .expect("bind")
+                .spawn(greeter)
+                .expect("spawn");
+            Running {
+                control: server.control(),
+                stop: Box::new(move || server.shutdown().expect("shutdown")),
+            }
+        }
+        Kind::Async => start_async(configure),
+    }
+}
+
+#[cfg(feature = "tokio")]
+fn start_async(configure: impl Fn(&mut dyn Settings)) -> Running {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let mut holder = Some(udp_greet::tokio::GreetServer::builder());
+    configure(&mut holder);
+    let builder = holder.expect("a builder");
+    let server = runtime.block_on(async {
+        builder
+            .bind(V4)
+            .expect("bind")
+            .spawn(|request: udp_greet::tokio::Request| async move {
+                let mut reply = Vec::new();
+                udp_greet::greet_into(Tagged::payload(request.data()), &mut reply);
+                Some(udp_greet::tokio::Reply::new(reply))
+            })
+            .expect("spawn")
+    });
+    Running {
+        control: server.control(),
+        stop: Box::new(move || runtime.block_on(server.shutdown()).expect("shutdown")),
+    }
+}
+
+#[cfg(not(feature = "tokio"))]
+fn start_async(configure: impl Fn(&mut dyn Settings)) -> Running {
+    eprintln!("note: the async half of this test needs the feature `tokio`; it ran blocking");
+    start(Kind::Inline, configure)
+}
+
+/// The settings the scenarios use, for a builder of any engine.
+trait Settings {
+    fn rate_limit(&mut self, limit: RateLimit);
+    fn source_tokens(&mut self, tokens: SourceTokens);
+    fn max_amplification(&mut self, factor: usize);
+}
+
+impl<E: Engine> Settings for Option<ServerBuilder<E>> {
+    fn rate_limit(&mut self, limit: RateLimit) {
+        *self = self.take().map(|b| b.rate_limit(limit));
+    }
+    fn source_tokens(&mut self, tokens: SourceTokens) {
+        *self = self.take().map(|b| b.source_tokens(tokens));
+    }
+    fn max_amplification(&mut self, factor: usize) {
+        *self = self.take().map(|b| b.max_amplification(factor));
+    }
+}
+
+fn socket() -> UdpSocket {
+    let socket = UdpSocket::bind(V4).expect("bind a test socket");
+    socket.set_read_timeout(Some(HANG_GUARD)).expect("timeout");
+    socket
+}
+
+/// Everything queued on `socket` now, without waiting.
+fn drain(socket: &UdpSocket) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 2048];
+    socket.set_nonblocking(true).expect("nonblocking");
+    while let Ok(n) = socket.recv(&mut buf) {
+        out.push(buf[..n].to_vec());
+    }
+    socket.set_nonblocking(false).expect("blocking");
+    out
+}
+
+fn client_for(addr: SocketAddr) -> GreetClient {
+    GreetClient::builder()
+        .source_tokens(Tagged)
+        .initial_timeout(Duration::from_millis(200))
+        .retries(8)
+        .call_timeout(HANG_GUARD)
+        .connect(addr)
+        .expect("connect")
+}
+
+#[test]
+fn a_forged_flood_from_one_prefix_leaves_a_real_client_with_tokens_unharmed() {
+    const RATE: u32 = 100;
+    const BURST: u32 = 10;
+    const SOCKETS: usize = 64;
+    const EACH: usize = 50;
+    const CALLS: usize = 50;
+    for kind in KINDS {
+        let server = start(kind, |s| {
+            s.rate_limit(RateLimit::new(RATE, BURST));
+            s.source_tokens(tokens().challenge(true));
+            s.max_amplification(5);
+        });
+        let addr = server.addr();
+        // The real client's first call carries no token; its reply hands
+        // one out (the bucket is full before the flood), within five times
+        // the request.
+        let real = client_for(addr);
+        let first = real.send_recv(b"real-client-00").expect("the first call");
+        assert_eq!(
+            Tagged::payload(&first),
+            b"Hello, real-client-00!",
+            "{kind:?}"
+        );
+        assert!(
+            Tagged.find(&first).is_some(),
+            "{kind:?}: a token came with it"
+        );
+
+        // The flood: 64 sockets of the same /24 (127.0.0.0/24), each
+        // sending a bounded number of requests without a token; half of
+        // them so small that a challenge (18 bytes), or an answer with a
+        // token, would be over five times their size.
+        let started = Instant::now();
+        let flood: Vec<_> = (0..SOCKETS)
+            .map(|i| {
+                std::thread::spawn(move || {
+                    let socket = socket();
+                    let request: &[u8] = if i % 2 == 0 { b"flo" } else { b"flooding" };
+                    let sent = (0..EACH)
+                        .filter(|_| util::send_to(&socket, request, addr).is_ok())
+                        .count() as u64;
+                    (socket, request.len(), sent)
+                })
+            })
+            .collect();
+        for call in 1..=CALLS {
+            let name = format!("real-client-{call:02}");
+            let reply = real.send_recv(name.as_bytes());
+            let reply = reply.unwrap_or_else(|e| panic!("{kind:?}: call {call}: {e}"));
+            assert_eq!(
+                Tagged::payload(&reply),
+                format!("Hello, {name}!").as_bytes(),
+                "{kind:?}"
+            );
+        }
+        let flood: Vec<_> = flood
+            .into_iter()
+            .map(|thread| thread.join().expect("a flood thread"))
+            .collect();
+        let forged_sent: u64 = flood.iter().map(|(_, _, sent)| sent).sum();
+        wait_until("the flood to be dealt with", || {
+            let stats = server.stats();
+            stats.received + stats.kernel_drops > forged_sent + CALLS as u64
+                && stats.in_flight() == 0
+        });
+        let elapsed = started.elapsed().as_secs_f64();
+        let stats = server.shutdown();
+        // What the forged sources got back: answers and challenges, none
+        // larger than five times its request.
+        let (mut answers, mut challenges) = (0u64, 0u64);
+        for (socket, request_len, _) in &flood {
+            for datagram in drain(socket) {
+                assert!(
+                    datagram.len() <= 5 * request_len,
+                    "{kind:?}: {} bytes to a {request_len}-byte request",
+                    datagram.len()
+                );
+                if Tagged.is_challenge(&datagram) {
+                    challenges += 1;
+                } else {
+                    answers += 1;
+                }
+            }
+        }
+        assert_eq!(
+            real.challenges(),
+            0,
+            "{kind:?}: the real client was never challenged"
+        );
+        // Every real request after the first carried a valid token (a
+        // resend after a kernel drop is one more).
+        assert!(stats.validated >= CALLS as u64, "{kind:?}: {stats:?}");
+        assert_eq!(
+            (stats.invalid_tokens, stats.overloaded),
+            (0, 0),
+            "{kind:?}: {stats:?}"
+        );
+        assert_eq!(challenges, stats.challenged, "{kind:?}: {stats:?}");
+        let forged_received = stats.received - stats.validated - 1;
+        assert_eq!(
+            forged_received,
+            answers + stats.rate_limited + stats.challenged + stats.amplification_capped,
+            "{kind:?}: validated, rate_limited and challenged account for every datagram: {stats:?}"
+        );
+        assert!(forged_received <= forged_sent, "{kind:?}: {stats:?}");
+        assert!(
+            forged_received + stats.kernel_drops >= forged_sent,
+            "{kind:?}: {stats:?}"
+        );
+        let bound = (f64::from(RATE) * elapsed).ceil() as u64 + u64::from(BURST);
+        assert!(
+            answers <= bound,
+            "{kind:?}: the forged prefix got {answers} answers in {elapsed:.2} s; at most {bound}"
+        );
+        assert!(stats.challenged > 0, "{kind:?}: {stats:?}");
+        assert!(
+            stats.rate_limited > 0,
+            "{kind:?}: 3-byte requests are not challenged at 5x: {stats:?}"
+        );
+    }
+}
+
+#[test]
+fn tokens_are_bound_to_their_address_and_survive_one_rotation() {
+    if util::lacks_loopback_range() {
+        return;
+    }
+    for kind in KINDS {
+        let tokens = tokens().in_replies(false);
+        let server = start(kind, |s| s.source_tokens(tokens.clone()));
+        let addr = server.addr();
+        let here = socket();
+        let other = UdpSocket::bind("127.0.0.2:0").expect("bind 127.0.0.2");
+        other.set_read_timeout(Some(HANG_GUARD)).expect("timeout");
+        let mine = tokens.token_for(localhost());
+        let theirs = tokens.token_for("127.0.0.2".parse().expect("an address"));
+        let mut buf = [0u8; 256];
+        let mut ask = |socket: &UdpSocket, token: &[u8]| {
+            util::send_to(socket, &Tagged::with(token, b"x"), addr).expect("send");
+            let n = util::recv(socket, &mut buf).expect("a reply");
+            assert_eq!(&buf[..n], b"Hello, x!");
+        };
+        // (A receive worker publishes what it saw of a token a moment
+        // after a handler thread may have counted the reply.)
+        let counts = |validated, invalid| {
+            wait_until(&format!("{validated} validated, {invalid} invalid"), || {
+                let stats = server.stats();
+                (stats.validated, stats.invalid_tokens) == (validated, invalid)
+            });
+        };
+        ask(&here, &mine);
+        ask(&other, &theirs);
+        counts(2, 0);
+        // Each other's tokens: refused, and answered as without one.
+        ask(&here, &theirs);
+        ask(&other, &mine);
+        counts(2, 2);
+        // A rotation: the previous secret is still accepted...
+        tokens.rotate(*b"fedcba9876543210");
+        ask(&here, &mine);
+        counts(3, 2);
+        let fresh = tokens.token_for(localhost());
+        // ...until the next one rotates it out.
+        tokens.rotate(*b"another secret!!");
+        ask(&here, &mine);
+        ask(&here, &fresh);
+        let stats = server.shutdown();
+        assert_eq!(
+            (stats.validated, stats.invalid_tokens),
+            (4, 3),
+            "{kind:?}: {stats:?}"
+        );
+    }
+}
+
+#[test]
+fn forged_tokens_of_every_length_are_refused() {
+    for kind in KINDS {
+        let tokens = tokens().in_replies(false);
+        let server = start(kind, |s| s.source_tokens(tokens.clone()));
+        let addr = server.addr();
+        let socket = socket();
+        let real = tokens.token_for(localhost());
+        let mut sent = 0;
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        for len in 0..=64usize {
+            // Random bytes; and the real token cut or padded to the length
+            // (for 16, with its last bit flipped).
+            let random: Vec<u8> = (0..len)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    seed as u8
+                })
+                .collect();
+            let mut near = real.to_vec();
+            near.resize(len, 0);
+            if len == TOKEN_LEN {
+                near[TOKEN_LEN - 1] ^= 1;
+            }
+            for token in [random, near] {
+                util::send_to(&socket, &Tagged::with(&token, b"x"), addr).expect("send");
+                sent += 1;
+            }
+        }
+        server.wait_received(sent);
+        let stats = server.shutdown();
+        assert_eq!(stats.validated, 0, "{kind:?}: {stats:?}");
+        assert_eq!(stats.invalid_tokens, sent, "{kind:?}: {stats:?}");
+        assert_eq!(stats.replied, sent, "{kind:?}: answered as without a token");
+    }
+}
+
+#[test]
+fn a_challenge_never_exceeds_the_amplification_limit() {
+    for kind in KINDS {
+        let server = start(kind, |s| {
+            // One request, then (at 1 a second) limited.
+            s.rate_limit(RateLimit::new(1, 1));
+            s.source_tokens(tokens().challenge(true).in_replies(false));
+            s.max_amplification(2);
+        });
+        let addr = server.addr();
+        let socket = socket();
+        util::send_to(&socket, b"first-req", addr).expect("send");
+        assert_eq!(util::recv(&socket, &mut [0u8; 64]).expect("a reply"), 17);
+        let mut challenged = 0;
+        for len in 1..=24usize {
+            util::send_to(&socket, &vec![b'a'; len], addr).expect("send");
+            server.wait_received(1 + len as u64);
+            for datagram in drain(&socket) {
+                assert!(datagram.len() <= 2 * len, "{kind:?}: {len}: {datagram:?}");
+                if Tagged.is_challenge(&datagram) {
+                    // 18 bytes: within twice a request of 9 bytes or more.
+                    assert!(len >= 9, "{kind:?}: a challenge to {len} bytes");
+                    assert_eq!(datagram.len(), CHALLENGE_LEN);
+                    challenged += 1;
+                }
+            }
+        }
+        let stats = server.shutdown();
+        assert_eq!(stats.challenged, challenged, "{kind:?}: {stats:?}");
+        // A second may pass during the test, and let one more through.
+        assert!(stats.challenged >= 15, "{kind:?}: {stats:?}");
+        assert!(stats.rate_limited >= 7, "{kind:?}: 1 to 8 bytes: {stats:?}");
+    }
+}
+
+#[test]
+fn slip_answers_every_nth_limited_request_of_a_prefix() {
+    for kind in KINDS {
+        let server = start(kind, |s| {
+            // A reply the size of the request (more would amplify).
+            s.rate_limit(RateLimit::new(1, 2).slip(3, |request, reply| {
+                reply.extend_from_slice(b"TC");
+                reply.extend_from_slice(request.get(2..).unwrap_or_default());
+                true
+            }));
+        });
+        let addr = server.addr();
+        let socket = socket();
+        for i in 0..20 {
+            util::send_to(&socket, format!("req{i:02}").as_bytes(), addr).expect("send");
+        }
+        server.wait_received(20);
+        let got = drain(&socket);
+        let stats = server.shutdown();
+        let slips = got.iter().filter(|d| d.starts_with(b"TC")).count() as u64;
+        assert_eq!(stats.slipped, slips, "{kind:?}: {stats:?}");
+        assert_eq!(
+            stats.replied + stats.rate_limited,
+            20,
+            "{kind:?}: {stats:?}"
+        );
+        // The 1st, 4th, 7th... limited request of the prefix slips.
+        assert_eq!(
+            stats.slipped,
+            stats.rate_limited.div_ceil(3),
+            "{kind:?}: {stats:?}"
+        );
+        assert!(stats.rate_limited >= 17, "{kind:?}: {stats:?}");
+        assert_eq!(
+            got.len() as u64,
+            stats.replied + stats.slipped,
+            "{kind:?}: nothing else is sent"
+        );
+    }
+}
+
+#[test]
+fn exempt_prefixes_are_never_limited() {
+    for kind in KINDS {
+        for (exempt, bits, expect_exempt) in [([127, 0, 0, 0], 8, true), ([10, 0, 0, 0], 8, false)]
+        {
+            let server = start(kind, |s| {
+                s.rate_limit(RateLimit::new(1, 1).exempt(IpAddr::from(exempt), bits));
+            });
+            let socket = socket();
+            for _ in 0..10 {
+                util::send_to(&socket, b"x", server.addr()).expect("send");
+            }
+            server.wait_received(10);
+            let stats = server.shutdown();
+            if expect_exempt {
+                assert_eq!(
+                    (stats.exempt, stats.replied),
+                    (10, 10),
+                    "{kind:?}: {stats:?}"
+                );
+            } else {
+                assert_eq!(stats.exempt, 0, "{kind:?}: {stats:?}");
+                assert!(stats.rate_limited >= 8, "{kind:?}: {stats:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn dry_run_drops_nothing_and_counts_what_enforcement_drops() {
+    for kind in KINDS {
+        let limit = RateLimit::new(1, 3);
+        let enforced = start(kind, |s| s.rate_limit(limit.clone()));
+        let dry = start(kind, |s| s.rate_limit(limit.clone().dry_run(true)));
+        let socket = socket();
+        let started = Instant::now();
+        for i in 1..=15 {
+            // The same traffic to both, interleaved.
+            util::send_to(&socket, b"x", enforced.addr()).expect("send");
+            util::send_to(&socket, b"x", dry.addr()).expect("send");
+            enforced.wait_received(i);
+            dry.wait_received(i);
+        }
+        let elapsed = started.elapsed();
+        let (enforced, dry) = (enforced.shutdown(), dry.shutdown());
+        assert_eq!(
+            (dry.replied, dry.rate_limited),
+            (15, 0),
+            "{kind:?}: {dry:?}"
+        );
+        assert_eq!(enforced.replied + enforced.rate_limited, 15, "{kind:?}");
+        assert!(enforced.rate_limited >= 11, "{kind:?}: {enforced:?}");
+        // Both buckets saw the same requests at (nearly) the same times: a
+        // refill (one a second) can fall between a pair only on a machine
+        // slower than a second for the whole loop.
+        if elapsed < Duration::from_millis(900) {
+            assert_eq!(dry.dry_run_limited, enforced.rate_limited, "{kind:?}");
+        } else {
+            let slack = elapsed.as_secs() + 1;
+            assert!(
+                dry.dry_run_limited.abs_diff(enforced.rate_limited) <= slack,
+                "{kind:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn validated_sources_skip_the_amplification_limit_and_have_their_own_rate() {
+    for kind in KINDS {
+        let tokens = tokens()
+            .in_replies(false)
+            .validated_limit(RateLimit::new(1, 3));
+        let server = start(kind, |s| {
+            s.source_tokens(tokens.clone());
+            s.max_amplification(1);
+            s.rate_limit(RateLimit::new(1, 100));
+        });
+        let addr = server.addr();
+        let socket = socket();
+        let token = tokens.token_for(localhost());
+        // "Hello, x!" is larger than "x": capped without a token.
+        util::send_to(&socket, b"x", addr).expect("send");
+        // With one (21 bytes for 9): sent.
+        for _ in 0..5 {
+            util::send_to(&socket, &Tagged::with(&token, b"x"), addr).expect("send");
+        }
+        server.wait_received(6);
+        let got = drain(&socket);
+        let stats = server.shutdown();
+        assert_eq!(stats.amplification_capped, 1, "{kind:?}: {stats:?}");
+        assert_eq!(stats.validated, 5, "{kind:?}: {stats:?}");
+        // The validated limit: a burst of 3 (a fourth if a second passed).
+        assert!((3..=4).contains(&stats.replied), "{kind:?}: {stats:?}");
+        assert_eq!(stats.rate_limited, 5 - stats.replied, "{kind:?}: {stats:?}");
+        assert!(got.iter().all(|d| Tagged::payload(d) == b"Hello, x!"));
+    }
+}
+
+#[test]
+fn a_client_answers_a_challenge_with_the_token_at_once() {
+    for kind in KINDS {
+        let server = start(kind, |s| {
+            s.rate_limit(RateLimit::new(1, 1));
+            s.source_tokens(tokens().challenge(true).in_replies(false));
+            s.max_amplification(4);
+        });
+        let client = client_for(server.addr());
+        let mut replies = Vec::new();
+        for name in ["Michael", "Tracy", "Sarah"] {
+            let reply = client.send_recv(name.as_bytes()).expect("a reply");
+            replies.push(String::from_utf8_lossy(Tagged::payload(&reply)).into_owned());
+        }
+        assert_eq!(
+            replies,
+            ["Hello, Michael!", "Hello, Tracy!", "Hello, Sarah!"]
+        );
+        let stats = server.shutdown();
+        // Michael: the burst. Tracy: challenged, then again with the
+        // token. Sarah: with the token.
+        assert_eq!(client.challenges(), 1, "{kind:?}");
+        assert_eq!(
+            (stats.challenged, stats.validated, stats.replied),
+            (1, 2, 3),
+            "{kind:?}: {stats:?}"
+        );
+    }
+}
+
+#[cfg(feature = "tokio")]
+#[test]
+fn the_async_client_answers_challenges_too_with_request_ids() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    for ids in [false, true] {
+        let server = start(Kind::Inline, |s| {
+            s.rate_limit(RateLimit::new(1, 1));
+            s.source_tokens(tokens().challenge(true).in_replies(false));
+            s.max_amplification(4);
+        });
+        let addr = server.addr();
+        let control = server.control.clone();
+        runtime.block_on(async {
+            let mut builder = udp_greet::tokio::GreetClient::builder()
+                .source_tokens(Tagged)
+                .initial_timeout(Duration::from_millis(200))
+                .retries(8)
+                .call_timeout(HANG_GUARD);
+            if ids {
+                // Greetings carry no id: one id for every call, one call
+                // in flight at a time; the multiplexed path is what runs.
+                builder = builder.request_id(|_| Some(0));
+            }
+            let client = builder.connect(addr).await.expect("connect");
+            for name in ["Michael", "Tracy", "Sarah"] {
+                let reply = client.send_recv(name.as_bytes()).await;
+                let reply = reply.unwrap_or_else(|e| {
+                    panic!(
+                        "ids {ids}: {name}: {e}: {:?} challenges {} discarded {} unmatched {}",
+                        control.stats(),
+                        client.challenges(),
+                        client.discarded(),
+                        client.unmatched()
+                    )
+                });
+                assert_eq!(
+                    Tagged::payload(&reply),
+                    format!("Hello, {name}!").as_bytes()
+                );
+            }
+            assert_eq!(client.challenges(), 1, "ids {ids}");
+        });
+        let stats = server.shutdown();
+        assert_eq!(
+            (stats.challenged, stats.validated),
+            (1, 2),
+            "ids {ids}: {stats:?}"
+        );
+    }
+}
+
+#[test]
+fn overload_challenges_requests_without_a_token() {
+    let (started_tx, started_rx) = mpsc::channel::<()>();
+    let (release_tx, release_rx) = mpsc::channel::<()>();
+    let release_rx = std::sync::Mutex::new(release_rx);
+    let started_tx = std::sync::Mutex::new(started_tx);
+    let tokens = tokens().challenge(true).in_replies(false);
+    let server = GreetServer::builder()
+        .handler_pool(HandlerPool::threads(1).queue_capacity(1))
+        .source_tokens(tokens.clone())
+        .bind(V4)
+        .expect("bind")
+        .spawn(move |request: Request<'_>, reply: &mut Vec<u8>| {
+            let _ = started_tx.lock().map(|tx| tx.send(()));
+            let _ = release_rx.lock().map(|rx| rx.recv_timeout(HANG_GUARD));
+            greeter(request, reply)
+        })
+        .expect("spawn");
+    let addr = server.local_addr();
+    let socket = socket();
+    util::send_to(&socket, b"in the handler", addr).expect("send");
+    started_rx
+        .recv_timeout(HANG_GUARD)
+        .expect("the handler started");
+    util::send_to(&socket, b"in the queue..", addr).expect("send");
+    // Shed: challenged without a token, overloaded with one.
+    for _ in 0..3 {
+        // 21 bytes: room for the 18-byte challenge.
+        util::send_to(&socket, b"shed, without a token", addr).expect("send");
+    }
+    let token = tokens.token_for(localhost());
+    util::send_to(&socket, &Tagged::with(&token, b"shed"), addr).expect("send");
+    wait_until("six received", || server.stats().received == 6);
+    let challenges = drain(&socket);
+    for _ in 0..2 {
+        release_tx.send(()).expect("release");
+    }
+    let stats = server.shutdown().expect("shutdown");
+    assert_balanced(&stats);
+    assert_eq!(
+        (stats.challenged, stats.overloaded, stats.replied),
+        (3, 1, 2),
+        "{stats:?}"
+    );
+    assert_eq!(challenges.len(), 3);
+    assert!(challenges.iter().all(|d| Tagged.is_challenge(d)));
+}
+
+#[test]
+fn a_panicking_token_format_costs_one_request() {
+    struct Fragile;
+    impl TokenFormat for Fragile {
+        fn find<'a>(&self, datagram: &'a [u8]) -> Option<&'a [u8]> {
+            assert!(datagram != b"boom", "a bad format");
+            None
+        }
+        fn write(&self, _: &mut Vec<u8>, _: &[u8]) {}
+    }
+    for kind in KINDS {
+        let server = start(kind, |s| {
+            s.source_tokens(SourceTokens::new([0; 16], Fragile))
+        });
+        let client = GreetClient::connect(server.addr()).expect("connect");
+        let raw = socket();
+        util::send_to(&raw, b"boom", server.addr()).expect("send");
+        assert_eq!(
+            client.send_recv(b"after").expect("a reply"),
+            b"Hello, after!"
+        );
+        server.wait_received(2);
+        let stats = server.shutdown();
+        assert_eq!(
+            (stats.handler_panics, stats.replied),
+            (1, 1),
+            "{kind:?}: {stats:?}"
+        );
+    }
+}
+
+#[test]
+fn token_settings_are_checked_at_bind() {
+    let bad = [
+        tokens().lifetime(Duration::ZERO),
+        tokens().lifetime(Duration::from_nanos(1)),
+        tokens().lifetime(Duration::MAX),
+        tokens().rotate_every(Duration::from_millis(999)),
+        tokens().validated_limit(RateLimit::new(1, 0)),
+    ];
+    for tokens in bad {
+        let err = GreetServer::builder()
+            .source_tokens(tokens.clone())
+            .bind(V4)
+            .expect_err("refused");
+        assert!(
+            matches!(err, udp_greet::Error::InvalidConfig { .. }),
+            "{tokens:?}: {err}"
+        );
+    }
+    let err = GreetServer::builder()
+        .rate_limit(RateLimit::new(1, 1).slip(0, |_, _| true))
+        .bind(V4)
+        .expect_err("refused");
+    assert!(err.to_string().contains("RateLimit::slip"), "{err}");
+    let err = GreetServer::builder()
+        .rate_limit(RateLimit::new(1, 1).exempt(localhost(), 33))
+        .bind(V4)
+        .expect_err("refused");
+    assert!(err.to_string().contains("RateLimit::exempt"), "{err}");
+    // The secrets stay out of Debug output.
+    let shown = format!("{:?}", tokens());
+    assert!(!shown.contains("[48"), "{shown}"); // b"0123..." as numbers
+}
