@@ -37,10 +37,14 @@
 //!   server; zero-length datagrams are requests like any other.
 //! - Every datagram ends in exactly one counter of [`Stats`]; the kernel's
 //!   own drops are reported beside them.
-//! - Opt-in protection for public addresses: a per-prefix [`RateLimit`] and
-//!   an amplification cap ([`ServerBuilder::max_amplification`]); requests
-//!   from port 0 are never answered; a wildcard-bound server answers from
-//!   the address each request was sent to.
+//! - Opt-in protection for public addresses: a per-prefix [`RateLimit`]
+//!   (with slip, exemptions and a dry run) and an amplification cap
+//!   ([`ServerBuilder::max_amplification`]); requests from port 0 are never
+//!   answered; a wildcard-bound server answers from the address each
+//!   request was sent to.
+//! - Source tokens ([`SourceTokens`]) tell real clients from forged ones:
+//!   a client that echoes a token made for its address is held to its own
+//!   limits, and under load the others are challenged rather than dropped.
 //! - On Linux, batched system calls (`recvmmsg` / `sendmmsg`), segmentation
 //!   offload for replies, and `SO_REUSEPORT` workers; no heap allocation per
 //!   datagram.

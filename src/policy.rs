@@ -46,6 +46,8 @@ pub(crate) struct Processor {
     call_started: Instant,
     /// Makes and checks source tokens, with the server's settings.
     checker: Option<Checker>,
+    /// A reply as the handler made it, while a token is written in.
+    unwritten: Vec<u8>,
 }
 
 /// How an admitted request's source stands with the source tokens.
@@ -81,6 +83,7 @@ impl Processor {
             backoff: Duration::ZERO,
             call_started: Instant::now(),
             checker: config.tokens.as_ref().map(|tokens| tokens.checker()),
+            unwritten: Vec::new(),
         }
     }
 
@@ -240,12 +243,15 @@ impl Processor {
     }
 
     /// Writes a fresh source token into `reply`, to `peer`, if `standing`
-    /// says it is to carry one. Returns `false` if the format's code
-    /// panicked (counted; the reply is not to be sent).
+    /// says it is to carry one; a token that would take the reply to a
+    /// request of `request` bytes over the amplification limit is left
+    /// out. Returns `false` if the format's code panicked (counted; the
+    /// reply is not to be sent).
     pub(crate) fn give_token(
         &mut self,
         standing: Standing,
         peer: SocketAddr,
+        request: usize,
         reply: &mut Vec<u8>,
     ) -> bool {
         if !standing.give_token {
@@ -255,9 +261,21 @@ impl Processor {
             return true;
         };
         let token = checker.make(peer.ip(), unix_now());
+        // Kept aside while the cap may undo the token (the format may
+        // rewrite the reply in any way).
+        let capped = !standing.validated && self.config.max_amplification.is_some();
+        if capped {
+            self.unwritten.clear();
+            self.unwritten.extend_from_slice(reply);
+        }
         let written = panic::catch_unwind(AssertUnwindSafe(|| tokens.format.write(reply, &token)));
         match written {
-            Ok(()) => true,
+            Ok(()) => {
+                if capped && self.too_large(reply.len(), request) {
+                    std::mem::swap(reply, &mut self.unwritten);
+                }
+                true
+            }
             Err(payload) => {
                 reply.clear();
                 self.panicked(payload);
@@ -388,7 +406,7 @@ impl Processor {
         let outcome = panic::catch_unwind(AssertUnwindSafe(|| handler(request, reply)));
         match outcome {
             Ok(Action::Reply) => {
-                self.give_token(standing, peer, reply)
+                self.give_token(standing, peer, datagram.data.len(), reply)
                     && !self.capped(reply.len(), datagram.data.len(), standing)
             }
             Ok(Action::Ignore) => {

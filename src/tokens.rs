@@ -76,6 +76,9 @@ const KEY_LABEL: &[u8] = b"udp-greet source token key v1";
 ///         }
 ///     }
 /// }
+///
+/// let tokens = udp_greet::SourceTokens::new([0; 16], Prefixed).challenge(true);
+/// # drop(tokens);
 /// ```
 pub trait TokenFormat: Send + Sync + 'static {
     /// The token `datagram` carries, if any: in a request, the token the
@@ -297,7 +300,9 @@ impl SourceTokens {
     /// secret), so that clients hold a token before the server is under
     /// load, as DNS servers hand out cookies. Off, tokens go out in
     /// challenges only, as QUIC's Retry does. The token is written after
-    /// the handler, before the amplification limit is applied.
+    /// the handler; where it would take a reply to a source not validated
+    /// over the [amplification limit](crate::ServerBuilder::max_amplification),
+    /// the reply goes without it.
     ///
     /// Defaults to on.
     pub fn in_replies(mut self, on: bool) -> Self {

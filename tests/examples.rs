@@ -250,11 +250,39 @@ fn server_reports_a_taken_address() {
 }
 
 #[test]
+fn the_token_example_shows_a_challenge_and_the_retry_with_the_token() {
+    let out = run(example("greet_tokens"));
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    let received = |with: &str| format!("with {with}.");
+    // Michael: the burst, no token. Tracy: challenged, then again with the
+    // token. Sarah: with the token from the start.
+    assert_eq!(lines.len(), 8, "{stdout}");
+    assert!(
+        lines[0].starts_with("server: received from 127.0.0.1:"),
+        "{stdout}"
+    );
+    assert!(lines[0].ends_with(&received("no token")), "{stdout}");
+    assert_eq!(lines[1], "client: Hello, Michael!");
+    assert!(lines[2].ends_with(&received("a valid token")), "{stdout}");
+    assert_eq!(
+        lines[3],
+        "client: Tracy was challenged; sent again with the token"
+    );
+    assert_eq!(lines[4], "client: Hello, Tracy!");
+    assert!(lines[5].ends_with(&received("a valid token")), "{stdout}");
+    assert_eq!(lines[6], "client: Hello, Sarah!");
+    assert_eq!(lines[7], "server: 3 answered, 1 challenged, 2 validated");
+    assert!(out.stderr.is_empty(), "{out:?}");
+}
+
+#[test]
 fn help_and_bad_flags() {
     let names: &[&str] = if cfg!(unix) {
-        &["udp_server", "udp_client", "upgrade"]
+        &["udp_server", "udp_client", "upgrade", "greet_tokens"]
     } else {
-        &["udp_server", "udp_client"]
+        &["udp_server", "udp_client", "greet_tokens"]
     };
     for &name in names {
         let mut help = example(name);

@@ -82,10 +82,21 @@ impl TokenFormat for Tagged {
 /// A challenge's size on the wire: marker, length, token.
 const CHALLENGE_LEN: usize = 2 + TOKEN_LEN;
 
-/// Greets the payload, whatever token the request carries.
+/// Greets the payload, whatever token the request carries; a payload
+/// that starts with `*` is answered with itself eight times instead.
 fn greeter(request: Request<'_>, reply: &mut Vec<u8>) -> Action {
-    udp_greet::greet_into(Tagged::payload(request.data()), reply);
+    answer(Tagged::payload(request.data()), reply);
     Action::Reply
+}
+
+fn answer(payload: &[u8], reply: &mut Vec<u8>) {
+    if payload.starts_with(b"*") {
+        for _ in 0..8 {
+            reply.extend_from_slice(payload);
+        }
+    } else {
+        udp_greet::greet_into(payload, reply);
+    }
 }
 
 fn tokens() -> SourceTokens {
@@ -178,7 +189,7 @@ fn start_async(configure: impl Fn(&mut dyn Settings)) -> Running {
             .expect("bind")
             .spawn(|request: udp_greet::tokio::Request| async move {
                 let mut reply = Vec::new();
-                udp_greet::greet_into(Tagged::payload(request.data()), &mut reply);
+                answer(Tagged::payload(request.data()), &mut reply);
                 Some(udp_greet::tokio::Reply::new(reply))
             })
             .expect("spawn")
@@ -493,6 +504,37 @@ fn a_challenge_never_exceeds_the_amplification_limit() {
 }
 
 #[test]
+fn a_token_that_would_break_the_amplification_limit_is_left_out() {
+    for kind in KINDS {
+        let server = start(kind, |s| {
+            s.source_tokens(tokens());
+            s.max_amplification(2);
+        });
+        let socket = socket();
+        let mut buf = [0u8; 256];
+        // (request length, whether its greeting has room for the 18 bytes
+        // of a token within twice the request)
+        for (len, room) in [(8, false), (20, false), (26, true), (30, true)] {
+            let name = vec![b'n'; len];
+            util::send_to(&socket, &name, server.addr()).expect("send");
+            let n = util::recv(&socket, &mut buf).expect("a reply");
+            let reply = &buf[..n];
+            let mut greeting = Vec::new();
+            udp_greet::greet_into(&name, &mut greeting);
+            assert_eq!(Tagged::payload(reply), greeting, "{kind:?}");
+            assert_eq!(Tagged.find(reply).is_some(), room, "{kind:?}: {len}");
+            assert!(n <= 2 * len, "{kind:?}: {len}");
+        }
+        let stats = server.shutdown();
+        assert_eq!(
+            (stats.replied, stats.amplification_capped),
+            (4, 0),
+            "{kind:?}"
+        );
+    }
+}
+
+#[test]
 fn slip_answers_every_nth_limited_request_of_a_prefix() {
     for kind in KINDS {
         let server = start(kind, |s| {
@@ -525,6 +567,19 @@ fn slip_answers_every_nth_limited_request_of_a_prefix() {
             "{kind:?}: {stats:?}"
         );
         assert!(stats.rate_limited >= 17, "{kind:?}: {stats:?}");
+        if stats.replied == 2 {
+            // No refill during the test: requests 2 to 19 were limited.
+            let slipped: Vec<&[u8]> = got
+                .iter()
+                .filter(|d| d.starts_with(b"TC"))
+                .map(Vec::as_slice)
+                .collect();
+            let expected: Vec<Vec<u8>> = (2..20)
+                .step_by(3)
+                .map(|i| format!("TCq{i:02}").into_bytes())
+                .collect();
+            assert_eq!(slipped, expected, "{kind:?}");
+        }
         assert_eq!(
             got.len() as u64,
             stats.replied + stats.slipped,
@@ -614,11 +669,11 @@ fn validated_sources_skip_the_amplification_limit_and_have_their_own_rate() {
         let addr = server.addr();
         let socket = socket();
         let token = tokens.token_for(localhost());
-        // "Hello, x!" is larger than "x": capped without a token.
-        util::send_to(&socket, b"x", addr).expect("send");
-        // With one (21 bytes for 9): sent.
+        // Eight times the request: capped without a token.
+        util::send_to(&socket, b"*abc", addr).expect("send");
+        // With one (32 bytes for 22): sent.
         for _ in 0..5 {
-            util::send_to(&socket, &Tagged::with(&token, b"x"), addr).expect("send");
+            util::send_to(&socket, &Tagged::with(&token, b"*abc"), addr).expect("send");
         }
         server.wait_received(6);
         let got = drain(&socket);
@@ -628,19 +683,29 @@ fn validated_sources_skip_the_amplification_limit_and_have_their_own_rate() {
         // The validated limit: a burst of 3 (a fourth if a second passed).
         assert!((3..=4).contains(&stats.replied), "{kind:?}: {stats:?}");
         assert_eq!(stats.rate_limited, 5 - stats.replied, "{kind:?}: {stats:?}");
-        assert!(got.iter().all(|d| Tagged::payload(d) == b"Hello, x!"));
+        assert!(got.iter().all(|d| Tagged::payload(d) == b"*abc".repeat(8)));
     }
 }
 
 #[test]
 fn a_client_answers_a_challenge_with_the_token_at_once() {
-    for kind in KINDS {
+    for (kind, ids) in KINDS.into_iter().flat_map(|k| [(k, false), (k, true)]) {
         let server = start(kind, |s| {
             s.rate_limit(RateLimit::new(1, 1));
             s.source_tokens(tokens().challenge(true).in_replies(false));
             s.max_amplification(4);
         });
-        let client = client_for(server.addr());
+        let mut builder = GreetClient::builder()
+            .source_tokens(Tagged)
+            .initial_timeout(Duration::from_millis(200))
+            .retries(8)
+            .call_timeout(HANG_GUARD);
+        if ids {
+            // Greetings carry no id: one id for every call, one call in
+            // flight at a time; the multiplexed path is what runs.
+            builder = builder.request_id(|_| Some(0));
+        }
+        let client = builder.connect(server.addr()).expect("connect");
         let mut replies = Vec::new();
         for name in ["Michael", "Tracy", "Sarah"] {
             let reply = client.send_recv(name.as_bytes()).expect("a reply");
@@ -653,11 +718,11 @@ fn a_client_answers_a_challenge_with_the_token_at_once() {
         let stats = server.shutdown();
         // Michael: the burst. Tracy: challenged, then again with the
         // token. Sarah: with the token.
-        assert_eq!(client.challenges(), 1, "{kind:?}");
+        assert_eq!(client.challenges(), 1, "{kind:?}, ids {ids}");
         assert_eq!(
             (stats.challenged, stats.validated, stats.replied),
             (1, 2, 3),
-            "{kind:?}: {stats:?}"
+            "{kind:?}, ids {ids}: {stats:?}"
         );
     }
 }
@@ -753,6 +818,9 @@ fn overload_challenges_requests_without_a_token() {
     for _ in 0..2 {
         release_tx.send(()).expect("release");
     }
+    wait_until("the two held requests answered", || {
+        server.stats().replied == 2
+    });
     let stats = server.shutdown().expect("shutdown");
     assert_balanced(&stats);
     assert_eq!(

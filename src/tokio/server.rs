@@ -937,7 +937,8 @@ where
                 };
                 let meta = started.meta;
                 let processor = &mut self.processor;
-                if !processor.give_token(meta.standing, meta.peer, &mut reply.bytes.bytes)
+                let bytes = &mut reply.bytes.bytes;
+                if !processor.give_token(meta.standing, meta.peer, meta.request_len, bytes)
                     || processor.capped(reply.bytes.bytes.len(), meta.request_len, meta.standing)
                 {
                     return;
