@@ -119,9 +119,9 @@ fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<bool, Str
 }
 
 fn run() -> Result<(), udp_greet::Error> {
-    // A real server draws its secret from a secure random source, and
-    // shares it with the servers that are to accept its tokens.
-    let secret = *b"example secret!!";
+    // Servers that are to accept each other's tokens share a secret drawn
+    // once; a server alone draws its own.
+    let secret = SourceTokens::random_secret();
     let server = GreetServer::builder()
         .rate_limit(RateLimit::new(1, 1))
         .source_tokens(

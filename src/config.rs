@@ -784,6 +784,11 @@ impl<E: Engine> ServerBuilder<E> {
                 .as_ref()
                 .and_then(|tokens| tokens.validated_limit.as_ref())
                 .map(|limit| Arc::new(Limiter::new(limit))),
+            challenge: self
+                .tokens
+                .as_ref()
+                .filter(|tokens| tokens.challenge)
+                .map(|tokens| Arc::new(Limiter::new(&tokens.challenge_limit))),
         }
     }
 
@@ -839,6 +844,8 @@ pub(crate) struct Limiters {
     pub(crate) source: Option<Arc<Limiter>>,
     /// The rate limit for validated sources (source tokens).
     pub(crate) validated: Option<Arc<Limiter>>,
+    /// How many challenges each prefix may get (source tokens).
+    pub(crate) challenge: Option<Arc<Limiter>>,
 }
 
 /// A server's settings, checked and fixed at bind, shared by its workers.

@@ -121,7 +121,10 @@ impl Processor {
             return Admission::Handle(standing);
         };
         let limiter = limiter.clone();
-        if limiter.is_exempt(peer.ip()) {
+        // A prefix the rate limit exempts is exempt from the validated
+        // limit too.
+        let source = &self.config.limiters.source;
+        if limiter.is_exempt(peer.ip()) || source.as_ref().is_some_and(|l| l.is_exempt(peer.ip())) {
             self.totals.exempt += 1;
             return Admission::Handle(standing);
         }
@@ -198,10 +201,14 @@ impl Processor {
         self.totals.rate_limited += 1;
         if let Some(build) = limiter.slip_reply.as_ref().filter(|_| picked) {
             reply.clear();
-            let built = panic::catch_unwind(AssertUnwindSafe(|| build(datagram.data, reply)));
-            if matches!(built, Ok(true)) && !self.too_large_unvalidated(reply.len(), datagram) {
-                self.totals.slipped += 1;
-                return Admission::Answered;
+            // A panic in it leaves the request limited, unanswered.
+            match panic::catch_unwind(AssertUnwindSafe(|| build(datagram.data, reply))) {
+                Ok(true) if !self.too_large_unvalidated(reply.len(), datagram) => {
+                    self.totals.slipped += 1;
+                    return Admission::Answered;
+                }
+                Ok(_) => {}
+                Err(payload) => self.discard_panic(payload),
             }
             reply.clear();
         }
@@ -209,17 +216,26 @@ impl Processor {
     }
 
     /// Writes a challenge to `datagram` into `reply`, if the server
-    /// challenges and the format builds one within the amplification
-    /// limit; returns whether it did.
+    /// challenges, its source's prefix has challenges left, and the format
+    /// builds one within the amplification limit; returns whether it did.
+    /// A panic in the format's code leaves the request to be dropped as it
+    /// would have been.
     fn challenge(&mut self, datagram: &Received<'_>, reply: &mut Vec<u8>) -> bool {
         let (Some(tokens), Some(checker)) = (&self.config.tokens, &mut self.checker) else {
             return false;
         };
-        if !tokens.challenge {
+        let Some(budget) = self
+            .config
+            .limiters
+            .challenge
+            .as_ref()
+            .filter(|_| tokens.challenge)
+        else {
             return false;
-        }
+        };
+        let ip = datagram.peer.ip();
         reply.clear();
-        let token = checker.make(datagram.peer.ip(), unix_now());
+        let token = checker.make(ip, unix_now());
         let built = panic::catch_unwind(AssertUnwindSafe(|| {
             let built = tokens.format.challenge(datagram.data, reply);
             if built {
@@ -227,8 +243,16 @@ impl Processor {
             }
             built
         }));
-        if matches!(built, Ok(true)) && !self.too_large_unvalidated(reply.len(), datagram) {
-            return true;
+        // Only a challenge that goes out takes from the prefix's budget.
+        let budget = budget.clone();
+        match built {
+            Ok(true) if !self.too_large_unvalidated(reply.len(), datagram) => {
+                if budget.check(ip, budget.clock(Instant::now())).allowed {
+                    return true;
+                }
+            }
+            Ok(_) => {}
+            Err(payload) => self.discard_panic(payload),
         }
         reply.clear();
         false
@@ -451,6 +475,12 @@ impl Processor {
     /// Counts (and reports) a handler that panicked with `payload`.
     pub(crate) fn panicked(&mut self, payload: Box<dyn std::any::Any + Send>) {
         self.totals.handler_panics += 1;
+        self.discard_panic(payload);
+    }
+
+    /// Reports a panic with `payload` in the user's code, and drops the
+    /// payload safely; counting is the caller's.
+    fn discard_panic(&mut self, payload: Box<dyn std::any::Any + Send>) {
         self.observer.handler_panicked(&*payload);
         // Dropping a panic payload can itself panic; that second panic must
         // not escape either.

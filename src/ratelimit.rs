@@ -178,10 +178,19 @@ impl RateLimit {
     /// request: meant for a handful of prefixes.
     ///
     /// `bits` must be at most 32 for IPv4 and 128 for IPv6. An IPv4
-    /// prefix also covers IPv4-mapped IPv6 sources (a dual-stack socket).
-    /// Defaults to none.
+    /// prefix also covers IPv4-mapped IPv6 sources (a dual-stack socket),
+    /// and an IPv4-mapped prefix of 96 bits or more (`::ffff:10.0.0.0/104`)
+    /// is the IPv4 prefix (`10.0.0.0/8`). Defaults to none.
     pub fn exempt(mut self, ip: IpAddr, bits: u8) -> Self {
-        self.exempt.push((ip.to_canonical(), bits));
+        // An IPv4-mapped prefix of 96 bits or more is that IPv4 prefix.
+        let entry = match ip {
+            IpAddr::V6(v6) if bits >= 96 => match v6.to_ipv4_mapped() {
+                Some(v4) => (IpAddr::V4(v4), bits - 96),
+                None => (ip, bits),
+            },
+            other => (other, bits),
+        };
+        self.exempt.push(entry);
         self
     }
 
@@ -321,9 +330,9 @@ impl Limiter {
             exempt: limit
                 .exempt
                 .iter()
-                .map(|&(ip, bits)| {
-                    let (family, prefix) = prefix_of(ip, bits, bits);
-                    (family, prefix, bits)
+                .map(|&(ip, bits)| match ip {
+                    IpAddr::V4(v4) => (4, u128::from(mask32(u32::from(v4), bits)), bits),
+                    IpAddr::V6(v6) => (6, mask128(u128::from(v6), bits), bits),
                 })
                 .collect(),
             dry_run: limit.dry_run,

@@ -38,11 +38,13 @@ impl<'a> Request<'a> {
     }
 
     /// Whether the request carried a valid [source token](crate::SourceTokens)
-    /// for its address: its source is not forged (as far as the token's
-    /// secret is kept). Always `false` without
+    /// for its address: a client at that address received the token from
+    /// a server sharing the secret, within the token's lifetime. That rules
+    /// out blind forgery; it does not rule out a replay by someone on the
+    /// path who saw the token (see
+    /// [`SourceTokens::validated_limit`](crate::SourceTokens::validated_limit)).
+    /// Always `false` without
     /// [`ServerBuilder::source_tokens`](crate::ServerBuilder::source_tokens).
-    /// A handler may answer validated sources more fully (a large answer
-    /// that the amplification limit would stop for others).
     #[must_use]
     pub fn validated(&self) -> bool {
         self.validated

@@ -14,6 +14,13 @@ use crate::histogram::{self, Latency, Recorders};
 /// are queued or being handled, and once the server has stopped there are
 /// none. No counter ever goes backwards from one snapshot to the next.
 ///
+/// Some counters describe requests rather than end them (`validated`,
+/// `invalid_tokens`, `exempt`, `dry_run_limited`; `slipped` is part of
+/// `rate_limited`): each such request also ends in one outcome. While the
+/// server runs, they may lag that outcome by a moment (a receive worker
+/// publishes them after a handler thread may have counted the reply);
+/// once the server has stopped they are exact.
+///
 /// ```
 /// # fn main() -> Result<(), udp_greet::Error> {
 /// use udp_greet::{GreetClient, GreetServer};
@@ -39,7 +46,9 @@ pub struct Stats {
     /// accepted datagram (the kernel reported them truncated), or because
     /// the kernel could not deliver their control data whole.
     pub truncated: u64,
-    /// Requests whose handler panicked; no reply was sent.
+    /// Requests whose handler panicked, or whose
+    /// [`TokenFormat`](crate::TokenFormat) code panicked reading or writing
+    /// a token; no reply was sent.
     pub handler_panics: u64,
     /// Requests dropped by the [rate limit](crate::RateLimit), before the
     /// handler saw them.

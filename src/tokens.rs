@@ -24,6 +24,9 @@ const VERSION: u8 = 1;
 /// How far in the future a token's time may be, for servers sharing a
 /// secret whose clocks differ: five minutes, as RFC 9018 allows.
 const FUTURE_SKEW: u64 = 300;
+/// Challenges a source prefix may get per second, and at once, unless
+/// [`SourceTokens::challenge_limit`] says otherwise.
+const DEFAULT_CHALLENGES: u32 = 10;
 /// What a period's key is derived under (with `rotate_every`).
 const KEY_LABEL: &[u8] = b"udp-greet source token key v1";
 
@@ -103,7 +106,10 @@ pub trait TokenFormat: Send + Sync + 'static {
     /// included, is sent only if it is no larger than the request times
     /// the server's [amplification limit](crate::ServerBuilder::max_amplification)
     /// (times 1 without one): to a source not yet shown to be real, it
-    /// must not amplify. Defaults to none.
+    /// must not amplify. A client that multiplexes calls by request id
+    /// routes a challenge by its id like any reply: copy the request's id
+    /// into it. A panic here is caught, and the request dropped as it
+    /// would have been. Defaults to none.
     fn challenge(&self, request: &[u8], reply: &mut Vec<u8>) -> bool {
         let _ = (request, reply);
         false
@@ -184,6 +190,8 @@ pub struct SourceTokens {
     rotate_every: Option<u64>,
     pub(crate) validated_limit: Option<RateLimit>,
     pub(crate) challenge: bool,
+    /// How many challenges each source prefix may get.
+    pub(crate) challenge_limit: RateLimit,
     pub(crate) in_replies: bool,
     /// The settings as given, for `validate`.
     lifetime_set: Duration,
@@ -198,6 +206,7 @@ impl fmt::Debug for SourceTokens {
             .field("rotate_every", &self.rotate_set)
             .field("validated_limit", &self.validated_limit)
             .field("challenge", &self.challenge)
+            .field("challenge_limit", &self.challenge_limit)
             .field("in_replies", &self.in_replies)
             .finish_non_exhaustive()
     }
@@ -205,8 +214,11 @@ impl fmt::Debug for SourceTokens {
 
 impl SourceTokens {
     /// Tokens made under `secret` (128 bits: draw it from a secure random
-    /// source, and give the same one to servers that are to accept each
-    /// other's tokens), carried as `format` says.
+    /// source, such as [`random_secret`](SourceTokens::random_secret), and
+    /// give the same one to servers that are to accept each other's
+    /// tokens), carried as `format` says. Anyone who knows the secret can
+    /// make a token for any address: an all-zero secret is refused when the
+    /// server is bound.
     pub fn new(secret: [u8; 16], format: impl TokenFormat) -> Self {
         SourceTokens {
             format: Format::new(format),
@@ -221,6 +233,7 @@ impl SourceTokens {
             rotate_every: None,
             validated_limit: None,
             challenge: false,
+            challenge_limit: RateLimit::new(DEFAULT_CHALLENGES, DEFAULT_CHALLENGES),
             in_replies: true,
             lifetime_set: Duration::from_secs(3600),
             rotate_set: None,
@@ -230,17 +243,43 @@ impl SourceTokens {
     /// Also accepts tokens made under `secret`, and makes none with it: the
     /// secret servers used before the current one, for a server that
     /// starts during a rotation.
-    pub fn previous_secret(self, secret: [u8; 16]) -> Self {
-        self.secrets.update(|keys| keys.previous = Some(secret));
+    ///
+    /// Like every setting, it applies to this value and the clones made
+    /// from it afterwards; clones made before keep their own secrets.
+    pub fn previous_secret(mut self, secret: [u8; 16]) -> Self {
+        let (_, mut keys) = self.secrets.read();
+        keys.previous = Some(secret);
+        self.secrets = Arc::new(Secrets {
+            version: AtomicU64::new(0),
+            keys: RwLock::new(keys),
+        });
         self
+    }
+
+    /// A secret drawn from the operating system's random source (through
+    /// std's `RandomState`, whose keys come from it): for a server whose
+    /// tokens no other server needs to accept. Servers that share tokens
+    /// share a secret drawn once and kept, for example, in a file only
+    /// they can read.
+    #[must_use]
+    pub fn random_secret() -> [u8; 16] {
+        use std::hash::BuildHasher;
+        let state = std::collections::hash_map::RandomState::new();
+        let mut secret = [0u8; 16];
+        for (i, half) in secret.chunks_mut(8).enumerate() {
+            half.copy_from_slice(&state.hash_one(("udp-greet token secret", i)).to_le_bytes());
+        }
+        secret
     }
 
     /// How long a token stays valid after it was made. A server gives a
     /// fresh one (with [`in_replies`](SourceTokens::in_replies)) to a
     /// request whose token is older than half of it.
     ///
-    /// Must be between 1 second and 68 years, in whole seconds. Defaults to
-    /// one hour, as RFC 9018 has it.
+    /// Must be a whole number of seconds, from 1 second to 68 years.
+    /// Defaults to one hour, as RFC 9018 has it. Tokens dated up to five
+    /// minutes in the future are accepted whatever the lifetime (clocks of
+    /// servers sharing a secret differ).
     pub fn lifetime(mut self, lifetime: Duration) -> Self {
         self.lifetime_set = lifetime;
         self.lifetime = lifetime.as_secs();
@@ -255,7 +294,7 @@ impl SourceTokens {
     /// two periods, and less if its [`lifetime`](SourceTokens::lifetime)
     /// is shorter.
     ///
-    /// Must be at least 1 second (whole seconds). Defaults to none: the
+    /// Must be a whole number of seconds, at least 1. Defaults to none: the
     /// secret changes only through [`rotate`](SourceTokens::rotate).
     pub fn rotate_every(mut self, period: Duration) -> Self {
         self.rotate_set = Some(period);
@@ -265,9 +304,17 @@ impl SourceTokens {
 
     /// The rate limit for requests with a valid token, instead of the
     /// server's [rate limit](crate::ServerBuilder::rate_limit): usually more
-    /// generous, and applied per source address rather than per prefix if
-    /// set so (`RateLimit::ipv4_prefix(32)`). Its own table; its drops are
-    /// counted in [`Stats::rate_limited`](crate::Stats::rate_limited) too.
+    /// generous. Like any `RateLimit` it counts per /24 (IPv4) and /56
+    /// (IPv6) unless told otherwise: `RateLimit::ipv4_prefix(32)` limits
+    /// each validated address alone, so that one busy client does not limit
+    /// its neighbours. Its own table; its drops are counted in
+    /// [`Stats::rate_limited`](crate::Stats::rate_limited) too. The rate
+    /// limit's [exempt](RateLimit::exempt) prefixes are exempt from it too.
+    ///
+    /// A token proves that a client at its address received it; one seen
+    /// on the path can be replayed "from" that address, within its lifetime,
+    /// to aim validated replies (with no amplification limit) at it. Set a
+    /// limit where validated replies can be large.
     ///
     /// Defaults to `None`: no limit for validated sources.
     pub fn validated_limit(mut self, limit: impl Into<Option<RateLimit>>) -> Self {
@@ -283,14 +330,38 @@ impl SourceTokens {
     /// at once with the token ([`ClientBuilder::source_tokens`](crate::ClientBuilder::source_tokens)).
     /// Counted in [`Stats::challenged`](crate::Stats::challenged).
     ///
-    /// With the rate limit's [`slip`](RateLimit::slip), only every n-th
-    /// limited request of a prefix is challenged, the rest dropped; the
-    /// challenge then takes the slip reply's place. A challenge is never
-    /// larger than the amplification limit allows.
+    /// A challenge goes to a source not yet shown to be real, so it is
+    /// bounded twice: never larger than the request times the
+    /// [amplification limit](crate::ServerBuilder::max_amplification) (times
+    /// 1 without one), and never more than
+    /// [`challenge_limit`](SourceTokens::challenge_limit) per prefix, so
+    /// that a forged flood is not reflected at its victim at full rate.
+    /// A request over either is dropped as it would have been. With the
+    /// rate limit's [`slip`](RateLimit::slip), only the limited requests
+    /// slip picks are challenged (the challenge takes the slip reply's
+    /// place), as Knot's `badcookie-slip` does.
+    ///
+    /// The format must build challenges ([`TokenFormat::challenge`]; the
+    /// default builds none, and nothing is sent). With request ids on the
+    /// client, a challenge must carry the request's id where the client's
+    /// id reader finds it.
     ///
     /// Defaults to off.
     pub fn challenge(mut self, on: bool) -> Self {
         self.challenge = on;
+        self
+    }
+
+    /// How many challenges each source prefix may get: a token bucket per
+    /// prefix, as the rate limit has (its `rate` a second after a `burst`;
+    /// slip, exemptions and dry run do not apply here). Challenges over it
+    /// are not sent. Together with the amplification limit this bounds what
+    /// a forged flood gets back: at most `rate x t + burst` challenges per
+    /// prefix, besides the answers the rate limit lets through.
+    ///
+    /// Defaults to `RateLimit::new(10, 10)`: 10 a second per /24 or /56.
+    pub fn challenge_limit(mut self, limit: RateLimit) -> Self {
+        self.challenge_limit = limit;
         self
     }
 
@@ -345,10 +416,31 @@ impl SourceTokens {
                 previous: None,
             },
             derived: [None; 4],
+            now: 0,
         }
     }
 
     pub(crate) fn validate(&self) -> Result<(), Error> {
+        let (_, keys) = self.secrets.read();
+        if keys.current == [0; 16] || keys.previous == Some([0; 16]) {
+            return Err(Error::invalid(
+                "SourceTokens::new",
+                "an all-zero secret lets anyone make tokens: draw one from a secure random \
+                 source (SourceTokens::random_secret)",
+            ));
+        }
+        if self.lifetime_set.subsec_nanos() != 0 {
+            return Err(Error::invalid(
+                "SourceTokens::lifetime",
+                "must be a whole number of seconds",
+            ));
+        }
+        if self.rotate_set.is_some_and(|p| p.subsec_nanos() != 0) {
+            return Err(Error::invalid(
+                "SourceTokens::rotate_every",
+                "must be a whole number of seconds",
+            ));
+        }
         if self.lifetime == 0 || self.lifetime > u64::from(u32::MAX / 2) {
             return Err(Error::invalid(
                 "SourceTokens::lifetime",
@@ -364,6 +456,7 @@ impl SourceTokens {
         if let Some(limit) = &self.validated_limit {
             limit.validate()?;
         }
+        self.challenge_limit.validate()?;
         Ok(())
     }
 }
@@ -465,6 +558,8 @@ pub(crate) struct Checker {
     keys: Keys,
     /// Period keys derived (with `rotate_every`): (which secret, period, key).
     derived: [Option<(bool, u64, [u8; 16])>; 4],
+    /// The time of the check or token in progress (UNIX seconds).
+    now: u64,
 }
 
 impl Checker {
@@ -478,6 +573,7 @@ impl Checker {
     /// A token for `ip` made at `now` (UNIX seconds).
     pub(crate) fn make(&mut self, ip: IpAddr, now: u64) -> [u8; TOKEN_LEN] {
         self.refresh();
+        self.now = now;
         let mut token = [0u8; TOKEN_LEN];
         token[0] = VERSION;
         token[4..8].copy_from_slice(&(now as u32).to_be_bytes());
@@ -512,6 +608,7 @@ impl Checker {
         let mac = u64::from_be_bytes([
             token[8], token[9], token[10], token[11], token[12], token[13], token[14], token[15],
         ]);
+        self.now = now;
         let stale_age = age > (self.lifetime / 2) as i64
             || self
                 .rotate_every
@@ -546,9 +643,14 @@ impl Checker {
             return *key;
         }
         let key = derive(&secret, index);
-        // Keep the newest; the oldest slot goes.
-        self.derived.rotate_right(1);
-        self.derived[0] = Some((previous, index, key));
+        // Only the periods real tokens come from are kept (the current and
+        // the one before), so that tokens dated in the future (forged, or
+        // from a server whose clock is ahead) cannot push them out.
+        let current = self.now / period.max(1);
+        if index == current || index.saturating_add(1) == current {
+            self.derived.rotate_right(1);
+            self.derived[0] = Some((previous, index, key));
+        }
         key
     }
 }
@@ -698,6 +800,39 @@ mod tests {
     }
 
     #[test]
+    fn builder_settings_do_not_reach_earlier_clones() {
+        let first = SourceTokens::new([1; 16], Raw);
+        let earlier = first.clone();
+        let later = first.previous_secret([2; 16]);
+        let old = SourceTokens::new([2; 16], Raw).token_for(v4(1));
+        assert!(later.check(&old, v4(1)));
+        assert!(
+            !earlier.check(&old, v4(1)),
+            "a clone made before keeps its secrets"
+        );
+        // Rotation, on the other hand, reaches every clone.
+        let shared = later.clone();
+        later.rotate([3; 16]);
+        assert!(shared.check(&later.token_for(v4(1)), v4(1)));
+    }
+
+    #[test]
+    fn tokens_dated_in_the_future_do_not_evict_the_period_keys() {
+        let tokens = SourceTokens::new([7; 16], Raw).rotate_every(Duration::from_secs(1));
+        let mut c = tokens.checker();
+        let token = c.make(v4(1), NOW);
+        assert!(c.check(&token, v4(1), NOW).is_valid());
+        let cached = c.derived;
+        for ahead in 1..=300u64 {
+            let mut forged = [0u8; TOKEN_LEN];
+            forged[0] = VERSION;
+            forged[4..8].copy_from_slice(&((NOW + ahead) as u32).to_be_bytes());
+            assert_eq!(c.check(&forged, v4(1), NOW), Checked::Invalid);
+        }
+        assert_eq!(c.derived, cached);
+    }
+
+    #[test]
     fn every_length_but_sixteen_is_refused() {
         let tokens = SourceTokens::new([8; 16], Raw);
         let mut c = tokens.checker();
@@ -716,8 +851,33 @@ mod tests {
 
     #[test]
     fn settings_are_checked() {
-        let ok = SourceTokens::new([0; 16], Raw);
+        assert!(
+            SourceTokens::new([0; 16], Raw).validate().is_err(),
+            "no secret"
+        );
+        let previous = SourceTokens::new([1; 16], Raw).previous_secret([0; 16]);
+        assert!(previous.validate().is_err(), "no secret");
+        let ok = SourceTokens::new(SourceTokens::random_secret(), Raw);
         assert!(ok.validate().is_ok());
+        assert_ne!(SourceTokens::random_secret(), SourceTokens::random_secret());
+        assert!(
+            ok.clone()
+                .lifetime(Duration::from_millis(1500))
+                .validate()
+                .is_err()
+        );
+        assert!(
+            ok.clone()
+                .rotate_every(Duration::from_millis(1500))
+                .validate()
+                .is_err()
+        );
+        assert!(
+            ok.clone()
+                .challenge_limit(RateLimit::new(0, 1))
+                .validate()
+                .is_err()
+        );
         assert!(ok.clone().lifetime(Duration::ZERO).validate().is_err());
         assert!(
             ok.clone()

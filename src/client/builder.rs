@@ -513,18 +513,24 @@ impl<E: Engine> ClientBuilder<E> {
 
     /// Source tokens ([`SourceTokens`](crate::SourceTokens) on the server),
     /// carried as `format` says: the client remembers the last token each
-    /// server gave it (in a reply, or a challenge), per server address, and
-    /// writes it into every request to that server with
-    /// [`TokenFormat::write`], so that the server treats it as validated.
-    /// A datagram the format calls a [challenge](TokenFormat::is_challenge)
-    /// makes the call send its request again at once with the new token
-    /// (once per attempt; a second challenge waits for the attempt's
-    /// timeout), and is counted in
-    /// [`GreetClient::challenges`](crate::GreetClient::challenges).
+    /// server gave it in a reply, per server address, and writes it into
+    /// every request to that server with [`TokenFormat::write`], so that
+    /// the server treats it as validated.
     ///
-    /// The reply check and request ids see the request as the caller gave
-    /// it; the token is written into a copy. The client remembers up to
-    /// 4096 servers' tokens.
+    /// A datagram from the server that the format calls a
+    /// [challenge](TokenFormat::is_challenge) makes the call send its
+    /// request again at once with the challenge's token (once per attempt;
+    /// a second challenge waits for the attempt's timeout), and is counted
+    /// in [`GreetClient::challenges`](crate::GreetClient::challenges). Its
+    /// token goes with the call's requests from then on, and is remembered
+    /// for the server only once a reply has been accepted: anyone who can
+    /// send "from" the server can forge a challenge, and a forged one costs
+    /// no more than the call it came to.
+    ///
+    /// The reply check and the request-id reader see the request as the
+    /// caller gave it (the token is written into a copy), and each datagram
+    /// as it came, token and all; a challenge is routed by its id like any
+    /// reply. The client remembers up to 4096 servers' tokens.
     ///
     /// Defaults to none.
     pub fn source_tokens(mut self, format: impl TokenFormat) -> Self {

@@ -66,12 +66,18 @@ impl Shared {
         &self,
         dest: SocketAddr,
         request: &'a [u8],
+        candidate: Option<&[u8]>,
         out: &'a mut Vec<u8>,
     ) -> &'a [u8] {
         let Some(format) = &self.settings.tokens else {
             return request;
         };
         out.clear();
+        if let Some(token) = candidate {
+            out.extend_from_slice(request);
+            format.write(out, token);
+            return out;
+        }
         {
             let tokens = self.tokens.read().unwrap_or_else(|e| e.into_inner());
             let Some(token) = tokens.get(&dest) else {
@@ -85,14 +91,8 @@ impl Shared {
         out
     }
 
-    /// Remembers the token `datagram`, from `dest`, carries, if any.
-    fn remember(&self, dest: SocketAddr, datagram: &[u8]) {
-        let Some(format) = &self.settings.tokens else {
-            return;
-        };
-        let Some(token) = format.find(datagram) else {
-            return;
-        };
+    /// Remembers `token` as the one `dest` last gave.
+    fn remember_token(&self, dest: SocketAddr, token: &[u8]) {
         let mut tokens = self.tokens.write().unwrap_or_else(|e| e.into_inner());
         if tokens.get(&dest).is_some_and(|known| known == token) {
             return;
@@ -266,6 +266,10 @@ pub(crate) struct Exchange<'p> {
     out: Vec<u8>,
     /// The current attempt has been sent again after a challenge.
     rechallenged: bool,
+    /// The token of the last challenge, sent with the request from then on;
+    /// remembered for the destination only once a reply has been accepted
+    /// (a forged challenge then costs no more than this call's attempts).
+    candidate: Option<Vec<u8>>,
 }
 
 impl<'p> Exchange<'p> {
@@ -299,13 +303,16 @@ impl<'p> Exchange<'p> {
             outcome: None,
             out: Vec::new(),
             rechallenged: false,
+            candidate: None,
         }
     }
 
     /// What to send for `request` ([`Step::Send`]): the request itself, or
     /// with source tokens a copy with the destination's token written in.
     pub(crate) fn wire<'a>(&'a mut self, request: &'a [u8]) -> &'a [u8] {
-        self.shared.wire(self.dest, request, &mut self.out)
+        let candidate = self.candidate.as_deref();
+        self.shared
+            .wire(self.dest, request, candidate, &mut self.out)
     }
 
     /// When the call must end, if it has a deadline.
@@ -467,9 +474,18 @@ impl<'p> Exchange<'p> {
             }
             Phase::Awaiting { .. } => match settings.judge(request, buf, len, truncated) {
                 Judged::Accepted(len) => {
-                    if settings.tokens.is_some() {
-                        self.shared
-                            .remember(self.dest, buf.get(..len).unwrap_or_default());
+                    if let Some(format) = &settings.tokens {
+                        // The reply's own token, or else the challenge's
+                        // that brought it.
+                        let reply = buf.get(..len).unwrap_or_default();
+                        match format.find(reply) {
+                            Some(token) => self.shared.remember_token(self.dest, token),
+                            None => {
+                                if let Some(token) = self.candidate.take() {
+                                    self.shared.remember_token(self.dest, &token);
+                                }
+                            }
+                        }
                     }
                     self.finish(Ok(len))
                 }
@@ -499,12 +515,22 @@ impl<'p> Exchange<'p> {
         !truncated && format.is_challenge(buf.get(..len).unwrap_or_default())
     }
 
-    /// A challenge of `len` bytes in `buf`: its token is remembered, and
-    /// the request is sent again at once with it, once per attempt.
+    /// A challenge of `len` bytes in `buf`: the request goes with its
+    /// token from now on, and is sent again at once, once per attempt. The
+    /// token is remembered for the destination only once a reply comes:
+    /// anyone can forge a challenge.
     fn challenged(&mut self, buf: &[u8], len: usize) {
         self.shared.challenges.fetch_add(1, Ordering::Relaxed);
-        self.shared
-            .remember(self.dest, buf.get(..len).unwrap_or_default());
+        let datagram = buf.get(..len).unwrap_or_default();
+        if let Some(token) = self
+            .shared
+            .settings
+            .tokens
+            .as_ref()
+            .and_then(|f| f.find(datagram))
+        {
+            self.candidate = Some(token.to_vec());
+        }
         if !self.rechallenged {
             self.rechallenged = true;
             self.phase = Phase::Sending {

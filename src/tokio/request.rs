@@ -195,6 +195,7 @@ impl fmt::Debug for Request {
             .field("peer", &self.peer)
             .field("local", &self.local)
             .field("len", &self.data.bytes.len())
+            .field("validated", &self.validated)
             .finish()
     }
 }
