@@ -374,7 +374,7 @@ fn a_forged_flood_from_one_prefix_leaves_a_real_client_with_tokens_unharmed() {
             "{kind:?}: validated, rate_limited and challenged account for every datagram: {stats:?}"
         );
         assert!(forged_received <= forged_sent, "{kind:?}: {stats:?}");
-        if cfg!(target_os = "linux") {
+        if cfg!(target_os = "linux") && !util::emulator::QEMU_SO_MEMINFO.skips_part() {
             // Where the kernel's drops are counted, nothing is missing.
             assert!(
                 forged_received + stats.kernel_drops >= forged_sent,
