@@ -17,7 +17,9 @@
 //!
 //! A challenge is 17 bytes: within four times a request of 5 bytes or more,
 //! the amplification limit the server keeps for sources it has not seen
-//! prove their address.
+//! prove their address. A reply carries a token where it fits within that
+//! limit (always, to a validated source), and the client keeps the token
+//! of the last reply it accepted.
 
 use std::process::ExitCode;
 
@@ -124,12 +126,10 @@ fn run() -> Result<(), udp_greet::Error> {
     let secret = SourceTokens::random_secret();
     let server = GreetServer::builder()
         .rate_limit(RateLimit::new(1, 1))
-        .source_tokens(
-            SourceTokens::new(secret, GreetTokens)
-                .challenge(true)
-                // Tokens go out in challenges only, as QUIC's Retry does.
-                .in_replies(false),
-        )
+        // Replies carry a token where it fits within the amplification
+        // limit: "Hello, Michael!" with one is more than 4 x "Michael", so
+        // the client has none when Tracy's request goes over the limit.
+        .source_tokens(SourceTokens::new(secret, GreetTokens).challenge(true))
         .max_amplification(4)
         .bind("127.0.0.1:0")?
         .spawn(|request: Request<'_>, reply: &mut Vec<u8>| {

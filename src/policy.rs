@@ -21,7 +21,7 @@ use crate::ratelimit::Limiter;
 use crate::request::{Action, Metadata, Request};
 use crate::stats::{SharedStats, Stats};
 use crate::sys::Received;
-use crate::tokens::{Checked, Checker, unix_now};
+use crate::tokens::{Checked, Checker, TOKEN_LEN, unix_now};
 
 /// The bound every blocking handler meets; see
 /// [`GreetServer::serve`](crate::GreetServer::serve).
@@ -55,8 +55,20 @@ pub(crate) struct Processor {
 pub(crate) struct Standing {
     /// It carried a valid token: not held to the amplification limit.
     pub(crate) validated: bool,
-    /// Its reply is to carry a fresh token.
-    pub(crate) give_token: bool,
+    /// The token its reply carries.
+    pub(crate) token_out: TokenOut,
+}
+
+/// The token a reply carries (with `SourceTokens::in_replies`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) enum TokenOut {
+    /// None.
+    #[default]
+    None,
+    /// A fresh one, made for the request's source.
+    Fresh,
+    /// The request's own, valid and fresh.
+    Echo([u8; TOKEN_LEN]),
 }
 
 /// What [`Processor::admit`] decided.
@@ -108,10 +120,7 @@ impl Processor {
             self.totals.bad_source += 1;
             return Admission::Dropped;
         }
-        let standing = match self.standing(datagram) {
-            Some(standing) => standing,
-            None => return Admission::Dropped,
-        };
+        let standing = self.standing(datagram);
         let limiter = if standing.validated {
             &self.config.limiters.validated
         } else {
@@ -141,46 +150,57 @@ impl Processor {
     }
 
     /// Checks the source token `datagram` carries, if the server has
-    /// tokens; `None` when the format's code panicked (counted).
-    fn standing(&mut self, datagram: &Received<'_>) -> Option<Standing> {
+    /// tokens. A panic in the format's code counts as no token.
+    fn standing(&mut self, datagram: &Received<'_>) -> Standing {
         let (Some(tokens), Some(checker)) = (&self.config.tokens, &mut self.checker) else {
-            return Some(Standing::default());
+            return Standing::default();
         };
         let ip = datagram.peer.ip();
+        let in_replies = tokens.in_replies;
         let found = panic::catch_unwind(AssertUnwindSafe(|| {
-            tokens
-                .format
-                .find(datagram.data)
-                .map(|token| checker.check(token, ip, unix_now()))
+            tokens.format.find(datagram.data).map(|token| {
+                let checked = checker.check(token, ip, unix_now());
+                let echo = <[u8; TOKEN_LEN]>::try_from(token).ok();
+                (checked, echo)
+            })
         }));
-        let checked = match found {
-            Ok(checked) => checked,
+        let found = match found {
+            Ok(found) => found,
             Err(payload) => {
-                self.panicked(payload);
-                return None;
+                self.discard_panic(payload);
+                None
             }
         };
-        let in_replies = tokens.in_replies;
-        Some(match checked {
-            Some(Checked::Valid { stale }) => {
+        let fresh = if in_replies {
+            TokenOut::Fresh
+        } else {
+            TokenOut::None
+        };
+        match found {
+            Some((Checked::Valid { stale }, echo)) => {
                 self.totals.validated += 1;
+                let token_out = match echo {
+                    // Sent back as it came: the client knows it is good.
+                    Some(token) if !stale && in_replies => TokenOut::Echo(token),
+                    _ => fresh,
+                };
                 Standing {
                     validated: true,
-                    give_token: stale && in_replies,
+                    token_out,
                 }
             }
-            Some(Checked::Invalid) => {
+            Some((Checked::Invalid, _)) => {
                 self.totals.invalid_tokens += 1;
                 Standing {
                     validated: false,
-                    give_token: in_replies,
+                    token_out: fresh,
                 }
             }
             None => Standing {
                 validated: false,
-                give_token: in_replies,
+                token_out: fresh,
             },
-        })
+        }
     }
 
     /// A request over `limiter`'s limit: challenged, slipped or dropped.
@@ -266,44 +286,38 @@ impl Processor {
         len > factor.saturating_mul(datagram.data.len())
     }
 
-    /// Writes a fresh source token into `reply`, to `peer`, if `standing`
-    /// says it is to carry one; a token that would take the reply to a
-    /// request of `request` bytes over the amplification limit is left
-    /// out. Returns `false` if the format's code panicked (counted; the
-    /// reply is not to be sent).
+    /// Writes the token `standing` says into `reply`, to `peer`: the
+    /// request's own, or a fresh one. A token that would take the reply to
+    /// a request of `request` bytes over the amplification limit is left
+    /// out, and so is one the format's code panicked writing (the reply
+    /// goes as the handler made it).
     pub(crate) fn give_token(
         &mut self,
         standing: Standing,
         peer: SocketAddr,
         request: usize,
         reply: &mut Vec<u8>,
-    ) -> bool {
-        if !standing.give_token {
-            return true;
-        }
+    ) {
         let (Some(tokens), Some(checker)) = (&self.config.tokens, &mut self.checker) else {
-            return true;
+            return;
         };
-        let token = checker.make(peer.ip(), unix_now());
-        // Kept aside while the cap may undo the token (the format may
-        // rewrite the reply in any way).
-        let capped = !standing.validated && self.config.max_amplification.is_some();
-        if capped {
-            self.unwritten.clear();
-            self.unwritten.extend_from_slice(reply);
-        }
+        let token = match standing.token_out {
+            TokenOut::None => return,
+            TokenOut::Fresh => checker.make(peer.ip(), unix_now()),
+            TokenOut::Echo(token) => token,
+        };
+        // Kept aside, to be sent as it is should the token not fit or the
+        // format fail (it may rewrite the reply in any way).
+        self.unwritten.clear();
+        self.unwritten.extend_from_slice(reply);
         let written = panic::catch_unwind(AssertUnwindSafe(|| tokens.format.write(reply, &token)));
+        let fits = |reply: &Vec<u8>| standing.validated || !self.too_large(reply.len(), request);
         match written {
-            Ok(()) => {
-                if capped && self.too_large(reply.len(), request) {
-                    std::mem::swap(reply, &mut self.unwritten);
-                }
-                true
-            }
+            Ok(()) if fits(reply) => {}
+            Ok(()) => std::mem::swap(reply, &mut self.unwritten),
             Err(payload) => {
-                reply.clear();
-                self.panicked(payload);
-                false
+                std::mem::swap(reply, &mut self.unwritten);
+                self.discard_panic(payload);
             }
         }
     }
@@ -430,8 +444,8 @@ impl Processor {
         let outcome = panic::catch_unwind(AssertUnwindSafe(|| handler(request, reply)));
         match outcome {
             Ok(Action::Reply) => {
-                self.give_token(standing, peer, datagram.data.len(), reply)
-                    && !self.capped(reply.len(), datagram.data.len(), standing)
+                self.give_token(standing, peer, datagram.data.len(), reply);
+                !self.capped(reply.len(), datagram.data.len(), standing)
             }
             Ok(Action::Ignore) => {
                 self.totals.no_reply += 1;

@@ -349,10 +349,19 @@ impl Limiter {
         if self.exempt.is_empty() {
             return false;
         }
-        self.exempt.iter().any(|&(family, prefix, bits)| {
-            let (f, p) = prefix_of(ip, bits, bits);
-            f == family && p == prefix
-        })
+        // An IPv4 source (or IPv4-mapped, from a dual-stack socket) is
+        // matched against IPv4 prefixes as itself, and against IPv6 ones
+        // as its IPv4-mapped address.
+        let (v4, v6) = match ip.to_canonical() {
+            IpAddr::V4(v4) => (Some(u32::from(v4)), u128::from(v4.to_ipv6_mapped())),
+            IpAddr::V6(v6) => (None, u128::from(v6)),
+        };
+        self.exempt
+            .iter()
+            .any(|&(family, prefix, bits)| match family {
+                4 => v4.is_some_and(|v4| u128::from(mask32(v4, bits)) == prefix),
+                _ => mask128(v6, bits) == prefix,
+            })
     }
 
     /// `at` in the limiter's clock: nanoseconds since it started.

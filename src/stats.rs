@@ -46,9 +46,7 @@ pub struct Stats {
     /// accepted datagram (the kernel reported them truncated), or because
     /// the kernel could not deliver their control data whole.
     pub truncated: u64,
-    /// Requests whose handler panicked, or whose
-    /// [`TokenFormat`](crate::TokenFormat) code panicked reading or writing
-    /// a token; no reply was sent.
+    /// Requests whose handler panicked; no reply was sent.
     pub handler_panics: u64,
     /// Requests dropped by the [rate limit](crate::RateLimit), before the
     /// handler saw them.

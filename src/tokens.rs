@@ -88,13 +88,15 @@ pub trait TokenFormat: Send + Sync + 'static {
     /// client echoes; in a reply (on the client), the token the server
     /// gave. Called on every request a server with tokens receives, before
     /// any limit: keep it cheap, and never trust what it reads (a token
-    /// found is checked; anything else is treated as no token).
+    /// found is checked; anything else, a panic included, is treated as no
+    /// token).
     fn find<'a>(&self, datagram: &'a [u8]) -> Option<&'a [u8]>;
 
     /// Writes `token` into `datagram`: on the server, into a reply (a
     /// challenge, or a handler's reply when tokens go out with replies);
     /// on the client, into a request it is about to send. Replaces any
-    /// token the datagram already carries.
+    /// token the datagram already carries. Should it panic on a reply, the
+    /// reply goes as the handler made it.
     fn write(&self, datagram: &mut Vec<u8>, token: &[u8]);
 
     /// Builds, into the empty `reply`, a challenge to `request`: a small
@@ -149,7 +151,10 @@ pub trait TokenFormat: Send + Sync + 'static {
 /// gets a challenge with a fresh token instead.
 ///
 /// Clones share their secrets: [`rotate`](SourceTokens::rotate) on one
-/// rotates every server given a clone.
+/// rotates every server given a clone. The settings are the builder's: a
+/// clone made before a setting (such as
+/// [`previous_secret`](SourceTokens::previous_secret)) keeps what it had,
+/// secrets included.
 ///
 /// ```
 /// # fn main() -> Result<(), udp_greet::Error> {
@@ -172,9 +177,9 @@ pub trait TokenFormat: Send + Sync + 'static {
 /// assert!(tokens.check(&token, me));
 /// assert!(!tokens.check(&token, "192.0.2.2".parse().unwrap()));
 ///
-/// tokens.rotate([8; 16]);
+/// tokens.rotate([8; 16])?;
 /// assert!(tokens.check(&token, me), "the previous secret is still accepted");
-/// tokens.rotate([9; 16]);
+/// tokens.rotate([9; 16])?;
 /// assert!(!tokens.check(&token, me), "rotated out");
 /// # Ok(())
 /// # }
@@ -256,11 +261,12 @@ impl SourceTokens {
         self
     }
 
-    /// A secret drawn from the operating system's random source (through
-    /// std's `RandomState`, whose keys come from it): for a server whose
-    /// tokens no other server needs to accept. Servers that share tokens
-    /// share a secret drawn once and kept, for example, in a file only
-    /// they can read.
+    /// A secret for a server whose tokens no other server needs to accept:
+    /// 128 bits of SipHash output under the keys of std's `RandomState`,
+    /// which std draws from the operating system's random source (once per
+    /// thread, then moved on for each new state). Servers that share tokens
+    /// share a secret drawn once with a tool you trust (`openssl rand 16`)
+    /// and kept where only they can read it.
     #[must_use]
     pub fn random_secret() -> [u8; 16] {
         use std::hash::BuildHasher;
@@ -365,15 +371,21 @@ impl SourceTokens {
         self
     }
 
-    /// Writes a fresh token, with [`TokenFormat::write`], into each reply
-    /// to a request that carried no valid token or one older than half its
-    /// lifetime (or made in an earlier period, or under the previous
-    /// secret), so that clients hold a token before the server is under
-    /// load, as DNS servers hand out cookies. Off, tokens go out in
-    /// challenges only, as QUIC's Retry does. The token is written after
-    /// the handler; where it would take a reply to a source not validated
-    /// over the [amplification limit](crate::ServerBuilder::max_amplification),
-    /// the reply goes without it.
+    /// Writes a token, with [`TokenFormat::write`], into every reply, as
+    /// DNS servers put their cookie in every response: the request's own
+    /// when it is valid and fresh (no hash to compute), else a fresh one
+    /// (for a request that carried none, an invalid one, or one older than
+    /// half its lifetime, made in an earlier period or under the previous
+    /// secret). Clients then hold a token before the server is under load,
+    /// and a client of this crate remembers only tokens that come in
+    /// replies it accepted. Off, tokens go out in challenges only, as
+    /// QUIC's Retry does, and a client is challenged on each call the
+    /// limits would drop.
+    ///
+    /// The token is written after the handler. Where it would take a reply
+    /// to a source not validated over the
+    /// [amplification limit](crate::ServerBuilder::max_amplification), or
+    /// the format's code panics writing it, the reply goes without it.
     ///
     /// Defaults to on.
     pub fn in_replies(mut self, on: bool) -> Self {
@@ -384,12 +396,26 @@ impl SourceTokens {
     /// Makes `secret` the current secret: tokens are made under it from now
     /// on, those made under the current one are still accepted (it becomes
     /// the previous), and those made under the previous one are refused.
-    /// Every server given a clone of these tokens rotates at once.
-    pub fn rotate(&self, secret: [u8; 16]) {
+    /// Every server given a clone of these tokens (made after the last
+    /// setting) rotates at once.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] for an all-zero secret (a secret read from
+    /// an empty file, say), with which anyone could make tokens: nothing
+    /// changes.
+    pub fn rotate(&self, secret: [u8; 16]) -> Result<(), Error> {
+        if secret == [0; 16] {
+            return Err(Error::invalid(
+                "SourceTokens::rotate",
+                "an all-zero secret lets anyone make tokens: nothing was changed",
+            ));
+        }
         self.secrets.update(|keys| {
             keys.previous = Some(keys.current);
             keys.current = secret;
         });
+        Ok(())
     }
 
     /// A token for a client at `ip`, made now.
@@ -758,12 +784,14 @@ mod tests {
         let tokens = SourceTokens::new([4; 16], Raw);
         let mut c = tokens.checker();
         let old = c.make(v4(1), NOW);
-        tokens.rotate([5; 16]);
+        assert!(tokens.rotate([0; 16]).is_err(), "no secret");
+        assert_eq!(c.check(&old, v4(1), NOW), Checked::Valid { stale: false });
+        assert!(tokens.rotate([5; 16]).is_ok());
         assert_eq!(c.check(&old, v4(1), NOW), Checked::Valid { stale: true });
         let new = c.make(v4(1), NOW);
         assert_ne!(old, new);
         assert_eq!(c.check(&new, v4(1), NOW), Checked::Valid { stale: false });
-        tokens.rotate([6; 16]);
+        assert!(tokens.rotate([6; 16]).is_ok());
         assert_eq!(c.check(&old, v4(1), NOW), Checked::Invalid);
         assert!(c.check(&new, v4(1), NOW).is_valid());
         // Another server started with the two newest secrets agrees.
@@ -812,7 +840,7 @@ mod tests {
         );
         // Rotation, on the other hand, reaches every clone.
         let shared = later.clone();
-        later.rotate([3; 16]);
+        assert!(later.rotate([3; 16]).is_ok());
         assert!(shared.check(&later.token_for(v4(1)), v4(1)));
     }
 

@@ -512,20 +512,22 @@ impl<E: Engine> ClientBuilder<E> {
     }
 
     /// Source tokens ([`SourceTokens`](crate::SourceTokens) on the server),
-    /// carried as `format` says: the client remembers the last token each
-    /// server gave it in a reply, per server address, and writes it into
-    /// every request to that server with [`TokenFormat::write`], so that
-    /// the server treats it as validated.
+    /// carried as `format` says: the client remembers the token of the last
+    /// reply it accepted from each server, per server address, and writes
+    /// it into every request to that server with [`TokenFormat::write`], so
+    /// that the server treats it as validated (a server with
+    /// [`in_replies`](crate::SourceTokens::in_replies) puts a token in
+    /// every reply).
     ///
     /// A datagram from the server that the format calls a
     /// [challenge](TokenFormat::is_challenge) makes the call send its
     /// request again at once with the challenge's token (once per attempt;
     /// a second challenge waits for the attempt's timeout), and is counted
-    /// in [`GreetClient::challenges`](crate::GreetClient::challenges). Its
-    /// token goes with the call's requests from then on, and is remembered
-    /// for the server only once a reply has been accepted: anyone who can
-    /// send "from" the server can forge a challenge, and a forged one costs
-    /// no more than the call it came to.
+    /// in [`GreetClient::challenges`](crate::GreetClient::challenges). A
+    /// challenge is not held to the reply check, and its token serves the
+    /// rest of that call only, never remembered: anyone who can send "from"
+    /// the server can forge a challenge, and a forged one costs an attempt
+    /// of one call at most.
     ///
     /// The reply check and the request-id reader see the request as the
     /// caller gave it (the token is written into a copy), and each datagram

@@ -402,9 +402,15 @@ impl Table {
         });
         if challenge {
             self.calls.insert(key, index);
-            if !matches!(slot.inbox, Inbox::Empty) || datagram.len() > slot.capacity {
+            // A newer challenge takes an older one's place; a reply waiting
+            // is kept.
+            let waiting = matches!(slot.inbox, Inbox::Empty | Inbox::Challenge(_));
+            if !waiting || datagram.len() > slot.capacity {
                 shared.count_discarded();
                 return Delivery::Discarded;
+            }
+            if let Inbox::Challenge(_) = slot.inbox {
+                shared.count_discarded();
             }
             slot.inbox = Inbox::Challenge(datagram.to_vec());
             return Delivery::Delivered(std::mem::take(&mut slot.waiter));
@@ -435,11 +441,17 @@ impl Table {
             shared.count_discarded();
             slot.inbox = Inbox::Empty;
         }
-        if !fits || !matches!(slot.inbox, Inbox::Empty) {
+        // A reply takes the place of a challenge the call has not taken:
+        // the reply is what it waits for.
+        let room = matches!(slot.inbox, Inbox::Empty | Inbox::Challenge(_));
+        if !fits || !room {
             // Not the call's reply: it goes on waiting for one.
             self.calls.insert(key, index);
             shared.count_discarded();
             return Delivery::Discarded;
+        }
+        if let Inbox::Challenge(_) = slot.inbox {
+            shared.count_discarded();
         }
         slot.inbox = Inbox::Reply(datagram.to_vec());
         slot.listed = false;
@@ -786,6 +798,56 @@ mod tests {
             Delivery::Delivered(_)
         ));
         assert_eq!(table.len(), 2);
+    }
+
+    /// A format whose challenges start with 0xFD (the token after it).
+    struct Challenges;
+    impl crate::TokenFormat for Challenges {
+        fn find<'a>(&self, datagram: &'a [u8]) -> Option<&'a [u8]> {
+            datagram.get(2..)
+        }
+        fn write(&self, datagram: &mut Vec<u8>, token: &[u8]) {
+            datagram.extend_from_slice(token);
+        }
+        fn is_challenge(&self, datagram: &[u8]) -> bool {
+            datagram.get(1) == Some(&0xFD)
+        }
+    }
+
+    #[test]
+    fn a_challenge_keeps_the_call_listed_and_gives_way_to_its_reply() {
+        let shared = Shared::new(ClientBuilder::new().source_tokens(Challenges).settings);
+        let ids = first_byte();
+        let mut table = Table::default();
+        let Some(slot) = table.register(Key::new(addr(1), 4), None, 64) else {
+            panic!("the key is free");
+        };
+        let delivered = |table: &mut Table, datagram: &[u8]| {
+            matches!(
+                table.deliver(&shared, &ids, addr(1), datagram),
+                Delivery::Delivered(_)
+            )
+        };
+        // A challenge, then the reply, before the call looks: the reply.
+        assert!(delivered(&mut table, &[4, 0xFD, 1]));
+        assert!(delivered(&mut table, &[4, b'r']));
+        assert!(matches!(table.take(slot, None), Some(Taken::Reply(r)) if r == [4, b'r']));
+        assert_eq!(shared.discarded(), 1, "the challenge it replaced");
+        // A reply waiting is not replaced by a challenge.
+        let Some(slot) = table.register(Key::new(addr(1), 5), None, 64) else {
+            panic!("the key is free");
+        };
+        assert!(delivered(&mut table, &[5, b'r']));
+        assert!(!delivered(&mut table, &[5, 0xFD, 2]));
+        assert!(matches!(table.take(slot, None), Some(Taken::Reply(r)) if r == [5, b'r']));
+        // A challenge taken: the call is still listed for its reply.
+        let Some(slot) = table.register(Key::new(addr(1), 6), None, 64) else {
+            panic!("the key is free");
+        };
+        assert!(delivered(&mut table, &[6, 0xFD, 3]));
+        assert!(matches!(table.take(slot, None), Some(Taken::Challenge(_))));
+        assert!(delivered(&mut table, &[6, b'r']));
+        assert!(matches!(table.take(slot, None), Some(Taken::Reply(_))));
     }
 
     #[test]

@@ -266,9 +266,9 @@ pub(crate) struct Exchange<'p> {
     out: Vec<u8>,
     /// The current attempt has been sent again after a challenge.
     rechallenged: bool,
-    /// The token of the last challenge, sent with the request from then on;
-    /// remembered for the destination only once a reply has been accepted
-    /// (a forged challenge then costs no more than this call's attempts).
+    /// The token of the last challenge, sent with the request for the rest
+    /// of the call; never remembered for the destination (anyone can forge
+    /// a challenge: a forged one costs an attempt of this call at most).
     candidate: Option<Vec<u8>>,
 }
 
@@ -474,18 +474,11 @@ impl<'p> Exchange<'p> {
             }
             Phase::Awaiting { .. } => match settings.judge(request, buf, len, truncated) {
                 Judged::Accepted(len) => {
-                    if let Some(format) = &settings.tokens {
-                        // The reply's own token, or else the challenge's
-                        // that brought it.
-                        let reply = buf.get(..len).unwrap_or_default();
-                        match format.find(reply) {
-                            Some(token) => self.shared.remember_token(self.dest, token),
-                            None => {
-                                if let Some(token) = self.candidate.take() {
-                                    self.shared.remember_token(self.dest, &token);
-                                }
-                            }
-                        }
+                    // Only a token that comes in an accepted reply is
+                    // remembered: a challenge's may be forged.
+                    let reply = buf.get(..len).unwrap_or_default();
+                    if let Some(token) = settings.tokens.as_ref().and_then(|f| f.find(reply)) {
+                        self.shared.remember_token(self.dest, token);
                     }
                     self.finish(Ok(len))
                 }
@@ -516,9 +509,10 @@ impl<'p> Exchange<'p> {
     }
 
     /// A challenge of `len` bytes in `buf`: the request goes with its
-    /// token from now on, and is sent again at once, once per attempt. The
-    /// token is remembered for the destination only once a reply comes:
-    /// anyone can forge a challenge.
+    /// token for the rest of the call, and is sent again at once, once per
+    /// attempt. The token is not remembered for the destination: anyone
+    /// can forge a challenge, and the server's replies carry the tokens to
+    /// keep.
     fn challenged(&mut self, buf: &[u8], len: usize) {
         self.shared.challenges.fetch_add(1, Ordering::Relaxed);
         let datagram = buf.get(..len).unwrap_or_default();

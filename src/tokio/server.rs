@@ -938,9 +938,8 @@ where
                 let meta = started.meta;
                 let processor = &mut self.processor;
                 let bytes = &mut reply.bytes.bytes;
-                if !processor.give_token(meta.standing, meta.peer, meta.request_len, bytes)
-                    || processor.capped(reply.bytes.bytes.len(), meta.request_len, meta.standing)
-                {
+                processor.give_token(meta.standing, meta.peer, meta.request_len, bytes);
+                if processor.capped(reply.bytes.bytes.len(), meta.request_len, meta.standing) {
                     return;
                 }
                 let place = self.out_used;
