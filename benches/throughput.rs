@@ -14,7 +14,9 @@
 //! `recv_metadata(true)`, whose CPU per reply is given against the same
 //! path without it; and the batched server checking a source token on
 //! every request (`source_tokens`, every request carrying a valid one),
-//! against the same server without tokens given the same 32-byte requests.
+//! without and with the token written back into every reply
+//! (`in_replies`), against the same server without tokens given the same
+//! 32-byte requests.
 //! The generator keeps 4 sockets x 32
 //! requests in flight (batched with `sendmmsg`/`recvmmsg`). Rounds visit the
 //! servers in turn, so a drift in the machine's speed hits them alike; the
@@ -152,6 +154,8 @@ mod bench {
             start_greet(GreetServer::builder().portable_io(true).recv_metadata(true))?;
         let (plain32, plain32_tids) = start_greet(GreetServer::builder())?;
         let (tokened, tokened_tids) = start_greet(GreetServer::builder().source_tokens(tokens()))?;
+        let (echoed, echoed_tids) =
+            start_greet(GreetServer::builder().source_tokens(tokens().in_replies(true)))?;
         if pinned {
             pin_to_cpu(0)?;
         }
@@ -187,11 +191,16 @@ mod bench {
                 tokened.local_addr(),
                 tokened_tids,
             ),
+            Subject::new(
+                "udp-greet batched, tokens checked, echoed",
+                echoed.local_addr(),
+                echoed_tids,
+            ),
         ];
         const STD: usize = 2;
         // Each with metadata, and the same path without; with tokens
         // checked, and the same server and requests without.
-        const METADATA: [(usize, usize); 3] = [(6, 0), (7, 1), (9, 8)];
+        const METADATA: [(usize, usize); 4] = [(6, 0), (7, 1), (9, 8), (10, 8)];
         // Every request to the last two carries a valid token (for the
         // generator's address, 127.0.0.1): 16 + 16 bytes.
         let token = tokens().token_for(IpAddr::V4(Ipv4Addr::LOCALHOST));
@@ -278,8 +287,8 @@ mod bench {
             metadata_cost[0], metadata_cost[1]
         );
         println!(
-            "CPU/reply with a source token checked on every request vs without: {:.3} (target <= 1.10)",
-            metadata_cost[2]
+            "CPU/reply with a source token checked on every request vs without: {:.3} (target <= 1.10); checked and written back into every reply (in_replies): {:.3}",
+            metadata_cost[2], metadata_cost[3]
         );
         check_cost(&plan);
 
@@ -342,6 +351,7 @@ mod bench {
             meta_portable,
             plain32,
             tokened,
+            echoed,
         ] {
             let stats = server.shutdown()?;
             assert_eq!(stats.received, stats.accounted(), "{stats:?}");
