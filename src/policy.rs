@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use socket2::Socket;
 
-use crate::config::Config;
+use crate::config::{Config, MAX_UDP_PAYLOAD_V4, MAX_UDP_PAYLOAD_V6};
 use crate::control::Shared;
 use crate::histogram::Recorders;
 use crate::observe::Observer;
@@ -288,9 +288,9 @@ impl Processor {
 
     /// Writes the token `standing` says into `reply`, to `peer`: the
     /// request's own, or a fresh one. A token that would take the reply to
-    /// a request of `request` bytes over the amplification limit is left
-    /// out, and so is one the format's code panicked writing (the reply
-    /// goes as the handler made it).
+    /// a request of `request` bytes over the amplification limit, or over
+    /// the largest UDP payload, is left out, and so is one the format's
+    /// code panicked writing (the reply goes as the handler made it).
     pub(crate) fn give_token(
         &mut self,
         standing: Standing,
@@ -311,7 +311,15 @@ impl Processor {
         self.unwritten.clear();
         self.unwritten.extend_from_slice(reply);
         let written = panic::catch_unwind(AssertUnwindSafe(|| tokens.format.write(reply, &token)));
-        let fits = |reply: &Vec<u8>| standing.validated || !self.too_large(reply.len(), request);
+        // Within the largest UDP payload (of the family on the wire), and
+        // the amplification limit for a source not validated.
+        let max = match peer.ip().to_canonical() {
+            IpAddr::V4(_) => MAX_UDP_PAYLOAD_V4,
+            IpAddr::V6(_) => MAX_UDP_PAYLOAD_V6,
+        };
+        let fits = |reply: &Vec<u8>| {
+            reply.len() <= max && (standing.validated || !self.too_large(reply.len(), request))
+        };
         match written {
             Ok(()) if fits(reply) => {}
             Ok(()) => std::mem::swap(reply, &mut self.unwritten),

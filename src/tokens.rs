@@ -383,9 +383,16 @@ impl SourceTokens {
     /// limits would drop.
     ///
     /// The token is written after the handler. Where it would take a reply
-    /// to a source not validated over the
-    /// [amplification limit](crate::ServerBuilder::max_amplification), or
-    /// the format's code panics writing it, the reply goes without it.
+    /// over the largest UDP payload, or a reply to a source not validated
+    /// over the [amplification limit](crate::ServerBuilder::max_amplification),
+    /// or the format's code panics writing it, the reply goes without it; a
+    /// protocol with a size limit of its own (DNS's EDNS buffer size) leaves
+    /// it out in `write`.
+    ///
+    /// Off, this crate's client keeps no token between calls: each call
+    /// the limits would drop is challenged, and once a flood has spent the
+    /// [challenge budget](SourceTokens::challenge_limit) of its prefix, a
+    /// client without a token gets nothing until it recovers.
     ///
     /// Defaults to on.
     pub fn in_replies(mut self, on: bool) -> Self {

@@ -608,6 +608,32 @@ fn a_token_that_would_break_the_amplification_limit_is_left_out() {
 }
 
 #[test]
+fn a_token_that_would_break_the_largest_datagram_is_left_out() {
+    for kind in KINDS {
+        let tokens = tokens();
+        let server = start(kind, |s| s.source_tokens(tokens.clone()));
+        let socket = socket();
+        socket.set_nonblocking(false).expect("blocking");
+        // Validated, so no amplification limit: eight times 8 188 bytes is
+        // 65 504, and a token's 18 more would not fit in a UDP datagram.
+        let mut payload = vec![b'x'; 8_188];
+        payload[0] = b'*';
+        let token = tokens.token_for(localhost());
+        util::send_to(&socket, &Tagged::with(&token, &payload), server.addr()).expect("send");
+        let mut buf = vec![0u8; 70_000];
+        let n = util::recv(&socket, &mut buf).expect("the reply");
+        assert_eq!(n, 65_504, "{kind:?}: sent without the token");
+        assert_eq!(Tagged.find(&buf[..n]), None, "{kind:?}");
+        let stats = server.shutdown();
+        assert_eq!(
+            (stats.replied, stats.send_errors),
+            (1, 0),
+            "{kind:?}: {stats:?}"
+        );
+    }
+}
+
+#[test]
 fn slip_answers_every_nth_limited_request_of_a_prefix() {
     for kind in KINDS {
         let server = start(kind, |s| {
@@ -928,14 +954,15 @@ fn a_forged_challenge_does_not_replace_the_token_a_server_gave() {
         assert_eq!(Tagged.find(&request), Some(&b[..]));
         util::send_to(&server, &Tagged::with(&b, &greeting(b"b")), from).expect("send");
         // c: with B; a forged challenge gives C, and no reply ever comes:
-        // the rest of the call goes with C, and fails.
+        // the request goes again at once with C, and the next attempt with
+        // B again; the call fails.
         let (request, from) = next();
         assert_eq!(Tagged.find(&request), Some(&b[..]));
         util::send_to(&server, &challenge(&c), from).expect("send");
-        for _ in 0..2 {
-            let (request, _) = next();
-            assert_eq!(Tagged.find(&request), Some(&c[..]));
-        }
+        let (request, _) = next();
+        assert_eq!(Tagged.find(&request), Some(&c[..]));
+        let (request, _) = next();
+        assert_eq!(Tagged.find(&request), Some(&b[..]), "the next attempt");
         // d: with B again; a forged challenge gives C, and then a reply
         // comes (to either request) with no token: the call succeeds, and
         // C is not remembered, since no reply carried it.

@@ -524,10 +524,13 @@ impl<E: Engine> ClientBuilder<E> {
     /// request again at once with the challenge's token (once per attempt;
     /// a second challenge waits for the attempt's timeout), and is counted
     /// in [`GreetClient::challenges`](crate::GreetClient::challenges). A
-    /// challenge is not held to the reply check, and its token serves the
-    /// rest of that call only, never remembered: anyone who can send "from"
-    /// the server can forge a challenge, and a forged one costs an attempt
-    /// of one call at most.
+    /// challenge is not held to the reply check, and its token serves that
+    /// one resend only, never remembered: anyone who can send "from" the
+    /// server can forge a challenge, and a forged one costs one attempt. A
+    /// reply the client accepts is trusted, token and all: a
+    /// [reply check](ClientBuilder::reply_check) or request ids that tie a
+    /// reply to its request keep forged replies, and their tokens, out.
+    /// Tokens longer than 256 bytes are ignored.
     ///
     /// The reply check and the request-id reader see the request as the
     /// caller gave it (the token is written into a copy), and each datagram

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::builder::Settings;
-use super::demux::Key;
+use super::demux::{Key, canonical};
 use crate::busy_poll::{PollWindow, later};
 use crate::error::{self, Error};
 
@@ -43,6 +43,10 @@ pub(crate) struct Shared {
 
 /// The most servers whose source tokens a client remembers.
 const MAX_TOKENS: usize = 4096;
+
+/// The longest source token a client uses, in bytes (this crate's servers
+/// make 16-byte tokens; DNS server cookies are 8 to 32 bytes).
+pub(crate) const MAX_TOKEN: usize = 256;
 
 impl Shared {
     pub(crate) fn new(settings: Settings) -> Shared {
@@ -80,7 +84,7 @@ impl Shared {
         }
         {
             let tokens = self.tokens.read().unwrap_or_else(|e| e.into_inner());
-            let Some(token) = tokens.get(&dest) else {
+            let Some(token) = tokens.get(&canonical(dest)) else {
                 return request;
             };
             out.extend_from_slice(request);
@@ -91,8 +95,14 @@ impl Shared {
         out
     }
 
-    /// Remembers `token` as the one `dest` last gave.
+    /// Remembers `token` as the one `dest` last gave, unless it is longer
+    /// than [`MAX_TOKEN`] (one so long could make every request too large
+    /// to send).
     fn remember_token(&self, dest: SocketAddr, token: &[u8]) {
+        if token.len() > MAX_TOKEN {
+            return;
+        }
+        let dest = canonical(dest);
         let mut tokens = self.tokens.write().unwrap_or_else(|e| e.into_inner());
         if tokens.get(&dest).is_some_and(|known| known == token) {
             return;
@@ -266,9 +276,9 @@ pub(crate) struct Exchange<'p> {
     out: Vec<u8>,
     /// The current attempt has been sent again after a challenge.
     rechallenged: bool,
-    /// The token of the last challenge, sent with the request for the rest
-    /// of the call; never remembered for the destination (anyone can forge
-    /// a challenge: a forged one costs an attempt of this call at most).
+    /// The token of the challenge of the current attempt, sent with the
+    /// request sent again at once; never remembered for the destination
+    /// (anyone can forge a challenge: a forged one costs this attempt).
     candidate: Option<Vec<u8>>,
 }
 
@@ -396,6 +406,10 @@ impl<'p> Exchange<'p> {
         self.wait = wait;
         self.end = later(now, wait);
         self.rechallenged = false;
+        // A challenge's token serves the send it asked for, not the next
+        // attempt: that goes with the token remembered (a forged challenge
+        // then costs one attempt at most).
+        self.candidate = None;
         // Polling counts toward the wait, and never outlasts it.
         self.window.open_within(now, Some(self.end));
         self.phase = Phase::Sending {
@@ -463,7 +477,7 @@ impl<'p> Exchange<'p> {
             Phase::Checking { .. } => {
                 if settings.check.is_some() {
                     if let Judged::Accepted(len) = settings.judge(request, buf, len, truncated) {
-                        return self.finish(Ok(len));
+                        return self.accepted(buf, len);
                     }
                 }
                 self.shared.count_discarded();
@@ -473,15 +487,7 @@ impl<'p> Exchange<'p> {
                 self.challenged(buf, len);
             }
             Phase::Awaiting { .. } => match settings.judge(request, buf, len, truncated) {
-                Judged::Accepted(len) => {
-                    // Only a token that comes in an accepted reply is
-                    // remembered: a challenge's may be forged.
-                    let reply = buf.get(..len).unwrap_or_default();
-                    if let Some(token) = settings.tokens.as_ref().and_then(|f| f.find(reply)) {
-                        self.shared.remember_token(self.dest, token);
-                    }
-                    self.finish(Ok(len))
-                }
+                Judged::Accepted(len) => self.accepted(buf, len),
                 Judged::DoesNotFit => self.finish(Err(Error::ReplyTooLarge {
                     addr: self.dest,
                     capacity: self.capacity,
@@ -497,6 +503,23 @@ impl<'p> Exchange<'p> {
                 self.shared.count_discarded();
             }
         }
+    }
+
+    /// The reply of `len` bytes in `buf` is accepted: the call ends with
+    /// it, and with source tokens the token it carries is remembered (only
+    /// a token in an accepted reply is: a challenge's may be forged).
+    fn accepted(&mut self, buf: &[u8], len: usize) {
+        let reply = buf.get(..len).unwrap_or_default();
+        if let Some(token) = self
+            .shared
+            .settings
+            .tokens
+            .as_ref()
+            .and_then(|f| f.find(reply))
+        {
+            self.shared.remember_token(self.dest, token);
+        }
+        self.finish(Ok(len));
     }
 
     /// Whether the datagram of `len` bytes in `buf` is a challenge (with
@@ -522,6 +545,7 @@ impl<'p> Exchange<'p> {
             .tokens
             .as_ref()
             .and_then(|f| f.find(datagram))
+            .filter(|token| token.len() <= MAX_TOKEN)
         {
             self.candidate = Some(token.to_vec());
         }
@@ -699,6 +723,51 @@ impl Settings {
         } else {
             Judged::Rejected
         }
+    }
+}
+
+#[cfg(test)]
+mod token_tests {
+    use super::*;
+    use crate::ClientBuilder;
+
+    struct Whole;
+    impl crate::TokenFormat for Whole {
+        fn find<'a>(&self, datagram: &'a [u8]) -> Option<&'a [u8]> {
+            Some(datagram)
+        }
+        fn write(&self, datagram: &mut Vec<u8>, token: &[u8]) {
+            datagram.extend_from_slice(token);
+        }
+    }
+
+    #[test]
+    fn tokens_are_kept_per_server_and_never_too_long() {
+        let shared = Shared::new(ClientBuilder::new().source_tokens(Whole).settings);
+        let v4: SocketAddr = ([127, 0, 0, 1], 53).into();
+        let mapped: SocketAddr = "[::ffff:127.0.0.1]:53".parse().unwrap_or(v4);
+        let other: SocketAddr = ([127, 0, 0, 2], 53).into();
+        let mut out = Vec::new();
+        shared.remember_token(v4, b"tok");
+        assert_eq!(
+            shared.wire(mapped, b"q", None, &mut out),
+            b"qtok",
+            "the same server"
+        );
+        assert_eq!(
+            shared.wire(other, b"q", None, &mut out),
+            b"q",
+            "another server"
+        );
+        shared.remember_token(v4, &[b'L'; MAX_TOKEN + 1]);
+        assert_eq!(
+            shared.wire(v4, b"q", None, &mut out),
+            b"qtok",
+            "too long: ignored"
+        );
+        shared.remember_token(v4, &[b'L'; MAX_TOKEN]);
+        assert_eq!(shared.wire(v4, b"q", None, &mut out).len(), 1 + MAX_TOKEN);
+        assert_eq!(shared.wire(v4, b"q", Some(b"cand"), &mut out), b"qcand");
     }
 }
 
