@@ -461,6 +461,45 @@ fn tokens_are_bound_to_their_address_and_survive_one_rotation() {
 }
 
 #[test]
+fn servers_sharing_a_secret_accept_each_others_tokens() {
+    for kind in KINDS {
+        let secret = SourceTokens::random_secret();
+        // Two servers, each with tokens of its own but the same secret
+        // (anycast), and a third with another secret.
+        let one = start(kind, |s| s.source_tokens(SourceTokens::new(secret, Tagged)));
+        let two = start(kind, |s| s.source_tokens(SourceTokens::new(secret, Tagged)));
+        let other = SourceTokens::random_secret();
+        let three = start(kind, |s| s.source_tokens(SourceTokens::new(other, Tagged)));
+        let socket = socket();
+        let mut buf = [0u8; 256];
+        util::send_to(&socket, b"x", one.addr()).expect("send");
+        let n = util::recv(&socket, &mut buf).expect("a reply");
+        let token = Tagged
+            .find(&buf[..n])
+            .expect("a token in the reply")
+            .to_vec();
+        for server in [&two, &three] {
+            util::send_to(&socket, &Tagged::with(&token, b"x"), server.addr()).expect("send");
+            util::recv(&socket, &mut buf).expect("a reply");
+        }
+        two.wait_received(1);
+        three.wait_received(1);
+        let (two, three) = (two.shutdown(), three.shutdown());
+        assert_eq!(
+            (two.validated, two.invalid_tokens),
+            (1, 0),
+            "{kind:?}: {two:?}"
+        );
+        assert_eq!(
+            (three.validated, three.invalid_tokens),
+            (0, 1),
+            "{kind:?}: {three:?}"
+        );
+        one.shutdown();
+    }
+}
+
+#[test]
 fn forged_tokens_of_every_length_are_refused() {
     for kind in KINDS {
         let tokens = tokens().in_replies(false);
