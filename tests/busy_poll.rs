@@ -73,22 +73,26 @@ fn exercise(builder: ServerBuilder) -> Stats {
         lens.push(util::recv(&raw, &mut buf).expect("a reply"));
     }
     assert!(lens.contains(&8), "reply lengths {lens:?}");
+    // At least 102: on a loaded emulator the client may have sent a
+    // request again after its first wait, and that is answered too.
     wait_until("all 102 dealt with", || {
         let stats = server.stats();
-        stats.received == 102 && stats.in_flight() == 0
+        stats.received >= 102 && stats.in_flight() == 0
     });
     within_guard("shutdown while polling", move || server.shutdown()).expect("shutdown")
 }
 
 fn a_polling_server_keeps_every_promise(b: ServerBuilder) {
     let stats = exercise(b.busy_poll(WINDOW));
-    assert_eq!(stats.replied, 102, "{stats:?}");
+    assert!(stats.received >= 102, "{stats:?}");
+    assert_eq!(stats.replied, stats.received, "{stats:?}");
     assert_balanced(&stats);
 }
 
 fn a_polling_pool_keeps_every_promise(b: ServerBuilder) {
     let stats = exercise(b.busy_poll(WINDOW).handler_pool(HandlerPool::threads(2)));
-    assert_eq!(stats.replied, 102, "{stats:?}");
+    assert!(stats.received >= 102, "{stats:?}");
+    assert_eq!(stats.replied, stats.received, "{stats:?}");
     assert_balanced(&stats);
 }
 
