@@ -95,6 +95,15 @@ impl Shared {
         out
     }
 
+    /// The token `datagram` carries, with source tokens, unless it is
+    /// longer than [`MAX_TOKEN`].
+    fn token_in<'a>(&self, datagram: &'a [u8]) -> Option<&'a [u8]> {
+        let format = self.settings.tokens.as_ref()?;
+        format
+            .find(datagram)
+            .filter(|token| token.len() <= MAX_TOKEN)
+    }
+
     /// Remembers `token` as the one `dest` last gave, unless it is longer
     /// than [`MAX_TOKEN`] (one so long could make every request too large
     /// to send).
@@ -509,14 +518,7 @@ impl<'p> Exchange<'p> {
     /// it, and with source tokens the token it carries is remembered (only
     /// a token in an accepted reply is: a challenge's may be forged).
     fn accepted(&mut self, buf: &[u8], len: usize) {
-        let reply = buf.get(..len).unwrap_or_default();
-        if let Some(token) = self
-            .shared
-            .settings
-            .tokens
-            .as_ref()
-            .and_then(|f| f.find(reply))
-        {
+        if let Some(token) = self.shared.token_in(buf.get(..len).unwrap_or_default()) {
             self.shared.remember_token(self.dest, token);
         }
         self.finish(Ok(len));
@@ -531,22 +533,13 @@ impl<'p> Exchange<'p> {
         !truncated && format.is_challenge(buf.get(..len).unwrap_or_default())
     }
 
-    /// A challenge of `len` bytes in `buf`: the request goes with its
-    /// token for the rest of the call, and is sent again at once, once per
-    /// attempt. The token is not remembered for the destination: anyone
-    /// can forge a challenge, and the server's replies carry the tokens to
-    /// keep.
+    /// A challenge of `len` bytes in `buf`: the request is sent again at
+    /// once with its token, once per attempt. The token is not remembered
+    /// for the destination: anyone can forge a challenge, and the server's
+    /// replies carry the tokens to keep.
     fn challenged(&mut self, buf: &[u8], len: usize) {
         self.shared.challenges.fetch_add(1, Ordering::Relaxed);
-        let datagram = buf.get(..len).unwrap_or_default();
-        if let Some(token) = self
-            .shared
-            .settings
-            .tokens
-            .as_ref()
-            .and_then(|f| f.find(datagram))
-            .filter(|token| token.len() <= MAX_TOKEN)
-        {
+        if let Some(token) = self.shared.token_in(buf.get(..len).unwrap_or_default()) {
             self.candidate = Some(token.to_vec());
         }
         if !self.rechallenged {

@@ -76,7 +76,6 @@ impl Processor {
         let Some(limiter) = limiter else {
             return Admission::Handle(standing);
         };
-        let limiter = limiter.clone();
         // A prefix the rate limit exempts is exempt from the validated
         // limit too.
         let source = &self.config.limiters.source;
@@ -93,6 +92,9 @@ impl Processor {
             self.totals.dry_run_limited += 1;
             return Admission::Handle(standing);
         }
+        // Cloned (a shared count) only on this path: the handle is needed
+        // beside `&mut self`.
+        let limiter = limiter.clone();
         self.limited(&limiter, verdict.slip, datagram, standing, reply)
     }
 
