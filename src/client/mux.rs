@@ -21,7 +21,7 @@ use super::MIN_WAIT;
 use super::demux::{self, Demux, Key, Sink, Waiter, is_icmp_report};
 use super::exchange::{Exchange, Queue, Shared, Step};
 use crate::error::{self, Error};
-use crate::sys::Source;
+use crate::sys::{self, Source};
 
 /// Datagrams one receive call takes at most.
 const BATCH: usize = 32;
@@ -155,11 +155,14 @@ impl MuxSocket {
     /// unconnected socket the send is made again.
     fn send(&self, shared: &Shared, dest: SocketAddr, request: &[u8]) -> io::Result<usize> {
         let wire = self.demux.wire(dest).into();
-        self.demux
-            .send(shared, &self.socket, || match self.demux.peer() {
+        self.demux.send(shared, &self.socket, || {
+            // Another call may be receiving without waiting right now,
+            // which outside Unix switches the socket's mode.
+            sys::send_blocking(&self.socket, || match self.demux.peer() {
                 Some(_) => self.socket.send(request),
                 None => self.socket.send_to(request, &wire),
             })
+        })
     }
 
     /// Takes what has come for the call: its reply (copied into `buf`), a

@@ -126,7 +126,11 @@ impl Replies {
                 continue;
             };
             let to = socket2::SockAddr::from(to);
-            match super::retry_interrupted(|| socket.send_to(buffer, &to)) {
+            let result = match keep_blocked {
+                true => super::retry_interrupted(|| socket.send_to(buffer, &to)),
+                false => super::send_blocking(socket, || socket.send_to(buffer, &to)),
+            };
+            match result {
                 Ok(_) => sent += u64::from(counted),
                 Err(err) if keep_blocked && err.kind() == io::ErrorKind::WouldBlock => break,
                 Err(err) => {

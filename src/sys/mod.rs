@@ -158,6 +158,60 @@ pub(crate) fn retry_interrupted<T>(mut f: impl FnMut() -> io::Result<T>) -> io::
     }
 }
 
+/// How long, in all, a send on a socket meant to block waits for it to
+/// become writable, where another thread switched it to non-blocking mode
+/// for a moment (outside Unix; see [`send_blocking`]).
+#[cfg_attr(not(windows), allow(dead_code))]
+const SEND_WAIT_LIMIT: Duration = Duration::from_secs(1);
+
+/// Makes one send (`f`) on a socket that is meant to block, again after an
+/// interruption.
+///
+/// Outside Unix a receive that must not wait cannot say so per call: it
+/// switches the whole socket to non-blocking mode for a moment (see
+/// [`recv_dont_wait`]). A send that another thread makes in that moment (a
+/// handler pool's reply, a multiplexing client's request) fails with
+/// `WouldBlock` where it would have waited. Such a send waits until the
+/// socket is writable and is made again, as the blocking send would have,
+/// for up to [`SEND_WAIT_LIMIT`] in all. On Unix the receives say
+/// `MSG_DONTWAIT` and the socket's mode never changes.
+pub(crate) fn send_blocking<T>(socket: &Socket, f: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    #[cfg(windows)]
+    return retry_blocked_send(
+        SEND_WAIT_LIMIT,
+        |left| windows::wait_writable(socket, left),
+        f,
+    );
+    #[cfg(not(windows))]
+    {
+        let _ = socket;
+        retry_interrupted(f)
+    }
+}
+
+/// Runs `f` again after an interruption, and after `WouldBlock` once `wait`
+/// (given the time left) returns, until `limit` has passed since the first
+/// try; then `f`'s last error is returned.
+#[cfg_attr(not(windows), allow(dead_code))]
+fn retry_blocked_send<T>(
+    limit: Duration,
+    mut wait: impl FnMut(Duration) -> io::Result<()>,
+    mut f: impl FnMut() -> io::Result<T>,
+) -> io::Result<T> {
+    let started = std::time::Instant::now();
+    loop {
+        match retry_interrupted(&mut f) {
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                match limit.checked_sub(started.elapsed()) {
+                    Some(left) if !left.is_zero() => wait(left)?,
+                    _ => return Err(err),
+                }
+            }
+            result => return result,
+        }
+    }
+}
+
 /// The portable receive and reply: one `recvmsg` and one `sendto` (or
 /// `sendmsg`) per datagram. On a wildcard-bound Linux socket it reads each
 /// datagram's arrival address and replies from it.
@@ -231,10 +285,10 @@ impl Portable {
     /// address it arrived on, where that is read).
     pub(crate) fn send(&mut self, socket: &Socket, reply: &[u8]) -> io::Result<()> {
         if let Some(io) = &mut self.control {
-            return retry_interrupted(|| io.send(socket, reply));
+            return send_blocking(socket, || io.send(socket, reply));
         }
         match &self.peer {
-            Some(peer) => retry_interrupted(|| socket.send_to(reply, peer)).map(drop),
+            Some(peer) => send_blocking(socket, || socket.send_to(reply, peer)).map(drop),
             None => Err(io::Error::new(
                 io::ErrorKind::NotConnected,
                 "no datagram to reply to",
@@ -409,3 +463,88 @@ pub(crate) const WAKE_INTERVAL: Option<Duration> =
     } else {
         Some(Duration::from_millis(50))
     };
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+    use std::io;
+    use std::time::Duration;
+
+    use super::retry_blocked_send;
+
+    fn blocked() -> io::Error {
+        io::ErrorKind::WouldBlock.into()
+    }
+
+    #[test]
+    fn a_blocked_send_waits_and_is_made_again() {
+        let (tries, waits) = (Cell::new(0), Cell::new(0));
+        let sent = retry_blocked_send(
+            Duration::from_secs(3600),
+            |left| {
+                assert!(left > Duration::ZERO && left <= Duration::from_secs(3600));
+                waits.set(waits.get() + 1);
+                Ok(())
+            },
+            || {
+                tries.set(tries.get() + 1);
+                match tries.get() {
+                    1 => Err(io::ErrorKind::Interrupted.into()),
+                    2..=4 => Err(blocked()),
+                    _ => Ok(7),
+                }
+            },
+        );
+        assert_eq!(sent.expect("sent"), 7);
+        assert_eq!((tries.get(), waits.get()), (5, 3));
+    }
+
+    #[test]
+    fn a_send_still_blocked_at_the_limit_fails_with_its_own_error() {
+        for limit in [Duration::ZERO, Duration::from_nanos(1)] {
+            let tries = Cell::new(0u64);
+            let sent: io::Result<()> = retry_blocked_send(
+                limit,
+                |_| Ok(()),
+                || {
+                    tries.set(tries.get() + 1);
+                    Err(blocked())
+                },
+            );
+            let err = sent.expect_err("still blocked");
+            assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
+            assert!(
+                tries.get() >= 1 && tries.get() < 1_000_000,
+                "{}",
+                tries.get()
+            );
+        }
+    }
+
+    #[test]
+    fn a_failed_wait_and_other_errors_end_the_send() {
+        let sent: io::Result<()> = retry_blocked_send(
+            Duration::from_secs(3600),
+            |_| Err(io::ErrorKind::NotConnected.into()),
+            || Err(blocked()),
+        );
+        assert_eq!(
+            sent.expect_err("wait failed").kind(),
+            io::ErrorKind::NotConnected
+        );
+        let tries = Cell::new(0);
+        let sent: io::Result<()> = retry_blocked_send(
+            Duration::from_secs(3600),
+            |_| panic!("no wait after an error other than WouldBlock"),
+            || {
+                tries.set(tries.get() + 1);
+                Err(io::ErrorKind::ConnectionRefused.into())
+            },
+        );
+        assert_eq!(
+            sent.expect_err("refused").kind(),
+            io::ErrorKind::ConnectionRefused
+        );
+        assert_eq!(tries.get(), 1);
+    }
+}

@@ -8,8 +8,8 @@ use std::ptr;
 
 use socket2::Socket;
 use windows_sys::Win32::Networking::WinSock::{
-    SIO_UDP_CONNRESET, SIO_UDP_NETRESET, SO_EXCLUSIVEADDRUSE, SOCKET, SOCKET_ERROR, SOL_SOCKET,
-    WSAENETRESET, WSAIoctl, setsockopt,
+    POLLWRNORM, SIO_UDP_CONNRESET, SIO_UDP_NETRESET, SO_EXCLUSIVEADDRUSE, SOCKET, SOCKET_ERROR,
+    SOL_SOCKET, WSAENETRESET, WSAIoctl, WSAPOLLFD, WSAPoll, setsockopt,
 };
 
 use super::settings::Setting;
@@ -75,6 +75,28 @@ fn set_exclusive_address_use(socket: &Socket) -> io::Result<()> {
             mem::size_of::<i32>() as i32,
         )
     };
+    if rc == SOCKET_ERROR {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Waits until `socket` can take a datagram (`WSAPoll` for `POLLWRNORM`),
+/// or an error is pending on it, for up to `limit` (at least 1 ms, the
+/// unit `WSAPoll` counts in). A wait that ends with neither is not an
+/// error: the caller tries its send again.
+pub(crate) fn wait_writable(socket: &Socket, limit: std::time::Duration) -> io::Result<()> {
+    let mut poll = WSAPOLLFD {
+        fd: socket.as_raw_socket() as SOCKET,
+        events: POLLWRNORM,
+        revents: 0,
+    };
+    let millis = i32::try_from(limit.as_millis()).unwrap_or(i32::MAX).max(1);
+    // SAFETY: `poll` is one live, initialised `WSAPOLLFD` naming a socket
+    // handle that is open for the call (borrowed from `socket`), and the
+    // count given is 1; `WSAPoll` only writes its `revents` field, and
+    // returns before this frame ends.
+    let rc = unsafe { WSAPoll(&mut poll, 1, millis) };
     if rc == SOCKET_ERROR {
         return Err(io::Error::last_os_error());
     }
