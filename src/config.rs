@@ -341,7 +341,8 @@ impl<E: Engine> ServerBuilder<E> {
     ///   to receive, for a unit of `Type=notify` (never after `STOPPING=1`);
     /// - `STOPPING=1` when shutdown begins;
     /// - with `WatchdogSec=` (`WATCHDOG_USEC`, and `WATCHDOG_PID` unset or
-    ///   this process), `WATCHDOG=1` four times an interval while, and only
+    ///   this process), from `READY=1` on (systemd's watchdog runs from the
+    ///   end of start-up), `WATCHDOG=1` four times an interval while, and only
     ///   while, every receive worker is alive and receiving: waiting for
     ///   datagrams, or in a handler call (or batch) begun less than half an
     ///   interval ago. A worker busy longer, or one that has ended (an

@@ -264,16 +264,18 @@ pub(crate) struct Service {
 #[derive(Debug, Default)]
 struct Health {
     name: String,
-    /// `WAITING` (in a receive, or for the socket to be readable: alive
-    /// however long nothing comes), `WORKING` or `ENDED`.
+    /// `NOT_YET` (has not begun to receive), `WAITING` (in a receive, or
+    /// for the socket to be readable: alive however long nothing comes),
+    /// `WORKING` or `ENDED`.
     state: AtomicU8,
     /// When it last made progress (nanoseconds since `Service::epoch`).
     beat: AtomicU64,
 }
 
-const WORKING: u8 = 0;
-const WAITING: u8 = 1;
-const ENDED: u8 = 2;
+const NOT_YET: u8 = 0;
+const WORKING: u8 = 1;
+const WAITING: u8 = 2;
+const ENDED: u8 = 3;
 
 /// A worker that has been working (not waiting for datagrams) this long,
 /// in parts of the watchdog's interval, withholds the pings: half.
@@ -379,13 +381,16 @@ impl Service {
     }
 
     /// Why the pings are withheld at `now`, if they are: a receive worker
-    /// that has ended, or that has been working longer than `within`.
+    /// that has ended, or that has been working longer than `within`. One
+    /// that has not begun to receive is neither (the pings wait for
+    /// `READY=1`, which waits for every worker).
     fn stuck(&self, now: Instant, within: Duration) -> Option<String> {
         let now = self.nanos(now);
         let within = u64::try_from(within.as_nanos()).unwrap_or(u64::MAX);
         self.workers
             .iter()
             .find_map(|health| match health.state.load(Ordering::Acquire) {
+                NOT_YET => None,
                 ENDED => Some(format!("receive worker {} has ended", health.name)),
                 WORKING if now.saturating_sub(health.beat.load(Ordering::Relaxed)) > within => {
                     Some(format!(
@@ -442,6 +447,11 @@ fn watch(shared: &Weak<Shared>, interval: Duration) {
         if shared.is_stopped() {
             return;
         }
+        // The manager's watchdog runs from the end of start-up (`READY=1`);
+        // before it, there is nothing to ping or withhold.
+        if *service.phase() == STARTING {
+            continue;
+        }
         match service.stuck(Instant::now(), stuck_after) {
             None if withheld => {
                 service.notify("STATUS=serving\nWATCHDOG=1\n");
@@ -466,6 +476,8 @@ mod tests {
         let service = Service::from_env(vec!["udp:1/0".to_owned(), "udp:2/0".to_owned()]);
         let start = service.epoch;
         let within = Duration::from_millis(100);
+        // Not yet receiving, however long: not stuck.
+        assert_eq!(service.stuck(start + within * 100, within), None);
         service.beat(0, start, true);
         service.beat(1, start, false);
         // Just begun: nobody stuck.
