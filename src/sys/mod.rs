@@ -28,6 +28,8 @@ pub(crate) use imp::{
     is_shut_for_reading, kernel_drops, recv_error, set_metadata,
 };
 
+#[cfg(all(feature = "xdp", target_os = "linux"))]
+pub(crate) use imp::bpf;
 #[cfg(unix)]
 mod fds;
 mod settings;

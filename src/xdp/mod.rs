@@ -2,11 +2,274 @@
 //! address and port are taken from the NIC's receive queues before the
 //! kernel's UDP stack sees them, and answered in place.
 //!
-//! This module holds what needs no privilege: the frames ([`frame`]). The
-//! system calls (the BPF program, its link, the AF_XDP rings) are in the
-//! platform module, `crate::sys`.
+//! Here: the frames ([`frame`]), the program ([`program`]) and attaching
+//! it ([`attach`]). The system calls are in the platform module,
+//! `crate::sys`.
 
 // The engine that uses it lands next; until then only its tests do.
 #![allow(dead_code)]
 
 pub(crate) mod frame;
+pub(crate) mod program;
+
+use std::ffi::CStr;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use crate::sys::bpf;
+pub(crate) use crate::sys::bpf::XdpMode;
+use frame::Target;
+
+/// The program's licence, as the kernel reads it: the helper it calls is
+/// not GPL-only.
+const LICENSE: &CStr = c"MIT OR Apache-2.0";
+
+/// The program attached to an interface, with its `XSKMAP`. Dropping it
+/// detaches the program (it closes the link); so does the process's end,
+/// however it ends.
+#[derive(Debug)]
+pub(crate) struct Attached {
+    link: OwnedFd,
+    map: OwnedFd,
+    mode: XdpMode,
+    ifindex: u32,
+}
+
+impl Attached {
+    /// Where the program runs.
+    pub(crate) fn mode(&self) -> XdpMode {
+        self.mode
+    }
+
+    /// The interface's index.
+    pub(crate) fn ifindex(&self) -> u32 {
+        self.ifindex
+    }
+
+    /// The `XSKMAP`: an AF_XDP socket in slot `q` takes the frames of
+    /// receive queue `q`.
+    pub(crate) fn map(&self) -> &OwnedFd {
+        &self.map
+    }
+}
+
+/// What a failure to attach was doing, and what to do about it.
+fn explain(step: &str, interface: &str, err: io::Error) -> io::Error {
+    let hint = match err.raw_os_error() {
+        Some(libc::EPERM | libc::EACCES) => {
+            ": this needs root, or CAP_BPF, CAP_NET_ADMIN and CAP_NET_RAW"
+        }
+        Some(libc::ENOSYS) => ": this kernel has no bpf() system call (or it is filtered)",
+        Some(libc::ENODEV) => ": there is no such interface",
+        Some(libc::EBUSY | libc::EEXIST) => {
+            ": another XDP program is attached to it; detach it first"
+        }
+        Some(libc::EOPNOTSUPP) => ": the driver does not support this XDP mode",
+        _ => "",
+    };
+    io::Error::new(err.kind(), format!("{step} on {interface}: {err}{hint}"))
+}
+
+/// Builds the program for `target`, loads it, and attaches it to
+/// `interface` with `queues` receive queues: in `mode`, or natively where
+/// the driver can and generically where it cannot (`None`).
+pub(crate) fn attach(
+    interface: &str,
+    target: &Target,
+    queues: u32,
+    mode: Option<XdpMode>,
+) -> io::Result<Attached> {
+    let ifindex =
+        bpf::ifindex(interface).map_err(|e| explain("finding the interface", interface, e))?;
+    let map = bpf::xskmap(queues.max(1), "udpgreet_xsks")
+        .map_err(|e| explain("creating the XSKMAP", interface, e))?;
+    let insns = program::udp_redirect(map.as_raw_fd(), target.port, target.v4, target.v6);
+    let prog = bpf::load_xdp(&insns, "udpgreet_xdp", LICENSE).map_err(|(err, log)| {
+        let err = explain("loading the XDP program", interface, err);
+        match log.trim() {
+            "" => err,
+            log => io::Error::new(err.kind(), format!("{err}; the verifier said: {log}")),
+        }
+    })?;
+    let modes: &[XdpMode] = match mode {
+        Some(XdpMode::Native) => &[XdpMode::Native],
+        Some(XdpMode::Generic) => &[XdpMode::Generic],
+        None => &[XdpMode::Native, XdpMode::Generic],
+    };
+    let mut last = None;
+    for &mode in modes {
+        match bpf::attach_xdp(&prog, ifindex, mode) {
+            Ok(link) => {
+                return Ok(Attached {
+                    link,
+                    map,
+                    mode,
+                    ifindex,
+                });
+            }
+            // Only a driver without native XDP falls back to generic.
+            Err(err) if err.raw_os_error() == Some(libc::EOPNOTSUPP) => last = Some(err),
+            Err(err) => return Err(explain("attaching the XDP program", interface, err)),
+        }
+    }
+    let err = last.unwrap_or_else(|| io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+    Err(explain("attaching the XDP program", interface, err))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+    use std::process::Command;
+    use std::sync::mpsc;
+    use std::thread;
+    use std::time::Duration;
+
+    use super::*;
+
+    /// How long a step of the namespace test may take before it fails.
+    const GUARD: Duration = Duration::from_secs(30);
+
+    fn ip(args: &[&str]) -> Result<(), String> {
+        let out = Command::new("ip")
+            .args(args)
+            .output()
+            .map_err(|e| format!("cannot run `ip` (install iproute2): {e}"))?;
+        match out.status.success() {
+            true => Ok(()),
+            false => Err(format!(
+                "ip {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )),
+        }
+    }
+
+    type Job = Box<dyn FnOnce() -> Result<(), String> + Send>;
+
+    /// A thread in a network namespace of its own, which runs what it is
+    /// given there; the namespace goes with the thread.
+    struct Netns {
+        jobs: mpsc::Sender<(Job, mpsc::Sender<Result<(), String>>)>,
+        tid: u32,
+    }
+
+    impl Netns {
+        fn new() -> Result<Netns, String> {
+            let (jobs, inbox) = mpsc::channel::<(Job, mpsc::Sender<Result<(), String>>)>();
+            let (tid_tx, tid_rx) = mpsc::channel();
+            thread::spawn(move || {
+                let entered = bpf::enter_new_netns()
+                    .map_err(|e| format!("unshare(CLONE_NEWNET): {e} (needs root)"));
+                let ok = entered.is_ok();
+                let _ = tid_tx.send(entered);
+                while let (true, Ok((job, done))) = (ok, inbox.recv()) {
+                    let _ = done.send(job());
+                }
+            });
+            let tid = tid_rx.recv_timeout(GUARD).map_err(|e| e.to_string())??;
+            Ok(Netns { jobs, tid })
+        }
+
+        fn run(
+            &self,
+            job: impl FnOnce() -> Result<(), String> + Send + 'static,
+        ) -> Result<(), String> {
+            let (done, result) = mpsc::channel();
+            self.jobs
+                .send((Box::new(job), done))
+                .map_err(|e| e.to_string())?;
+            result
+                .recv_timeout(GUARD)
+                .map_err(|e| format!("namespace job: {e}"))?
+        }
+    }
+
+    #[test]
+    #[ignore = "needs root and iproute2: run by .ci/run"]
+    fn the_program_passes_the_verifier_and_detaches_when_dropped() {
+        let outcome = (|| -> Result<(), String> {
+            let (server, client) = (Netns::new()?, Netns::new()?);
+            let client_tid = client.tid.to_string();
+            server.run(move || {
+                ip(&["link", "add", "xs0", "type", "veth", "peer", "name", "xc0"])?;
+                ip(&["link", "set", "xc0", "netns", &client_tid])?;
+                ip(&["addr", "add", "198.18.0.1/24", "dev", "xs0"])?;
+                ip(&["link", "set", "xs0", "up"])
+            })?;
+            client.run(|| {
+                ip(&["addr", "add", "198.18.0.2/24", "dev", "xc0"])?;
+                ip(&["link", "set", "xc0", "up"])
+            })?;
+            let (addr_tx, addr_rx) = mpsc::channel();
+            let (go_tx, go_rx) = mpsc::channel::<()>();
+            let (seen_tx, seen_rx) = mpsc::channel();
+            // The server's side: a kernel socket, and the program attached
+            // with its XSKMAP empty, so that every frame passes.
+            let serving = thread::spawn(move || -> Result<(), String> {
+                let job = move || -> Result<(), String> {
+                    let socket = UdpSocket::bind("198.18.0.1:0").map_err(|e| e.to_string())?;
+                    socket
+                        .set_read_timeout(Some(GUARD))
+                        .map_err(|e| e.to_string())?;
+                    let port = socket.local_addr().map_err(|e| e.to_string())?.port();
+                    let target = Target {
+                        port,
+                        v4: Some(Ipv4Addr::new(198, 18, 0, 1)),
+                        v6: None,
+                    };
+                    let attached = attach("xs0", &target, 1, None).map_err(|e| e.to_string())?;
+                    // veth has native XDP.
+                    if attached.mode() != XdpMode::Native {
+                        return Err(format!("attached in {:?}", attached.mode()));
+                    }
+                    // A second program cannot be attached while it is.
+                    match attach("xs0", &target, 1, Some(XdpMode::Generic)) {
+                        Err(err) if err.to_string().contains("another XDP program") => {}
+                        other => return Err(format!("a second attach: {other:?}")),
+                    }
+                    let _ = addr_tx.send(port);
+                    // ARP and the datagram pass to the kernel.
+                    let mut buf = [0u8; 64];
+                    let (n, from) = socket.recv_from(&mut buf).map_err(|e| e.to_string())?;
+                    let _ = seen_tx.send((buf[..n].to_vec(), from));
+                    let _ = go_rx.recv_timeout(GUARD);
+                    drop(attached);
+                    // Detached: it attaches again, in the other mode.
+                    let again = attach("xs0", &target, 1, Some(XdpMode::Generic))
+                        .map_err(|e| format!("after the drop: {e}"))?;
+                    if again.mode() != XdpMode::Generic {
+                        return Err(format!("attached again in {:?}", again.mode()));
+                    }
+                    Ok(())
+                };
+                server.run(job)
+            });
+            let port = addr_rx
+                .recv_timeout(GUARD)
+                .map_err(|e| format!("no attach: {e}"))?;
+            client.run(move || {
+                let socket = UdpSocket::bind("198.18.0.2:0").map_err(|e| e.to_string())?;
+                socket
+                    .send_to(b"through", SocketAddr::from(([198, 18, 0, 1], port)))
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            })?;
+            let seen = seen_rx
+                .recv_timeout(GUARD)
+                .map_err(|e| format!("nothing passed: {e}"));
+            let _ = go_tx.send(());
+            let served = serving
+                .join()
+                .map_err(|_| "the server's thread panicked".to_owned())?;
+            served?;
+            let (data, from) = seen?;
+            if data != b"through" || from.ip() != Ipv4Addr::new(198, 18, 0, 2) {
+                return Err(format!("the kernel socket got {data:?} from {from}"));
+            }
+            Ok(())
+        })();
+        if let Err(why) = outcome {
+            panic!("{why}");
+        }
+    }
+}
