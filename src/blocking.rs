@@ -39,6 +39,10 @@ pub(crate) struct ReceiveWorker<H> {
     /// This worker's socket is its own (or it is the first of those sharing
     /// one): it reports the socket's kernel drops.
     pub(crate) reports_drops: bool,
+    /// The AF_XDP socket of the receive queue it serves (feature `xdp`),
+    /// besides `socket`.
+    #[cfg(all(feature = "xdp", target_os = "linux"))]
+    pub(crate) xdp: Option<sys::xdp::XdpQueue>,
 }
 
 impl<H: HandlerFn> ReceiveWorker<H> {
@@ -47,15 +51,10 @@ impl<H: HandlerFn> ReceiveWorker<H> {
     /// handled inline or queued for the pool, and the replies sent
     /// together unless a slow handler makes them wait (see
     /// [`FLUSH_AFTER`]).
-    pub(crate) fn run(self) {
+    pub(crate) fn run(mut self) {
+        let mut source = self.source();
         let config = &*self.config;
         let mut processor = Processor::new(&self.config, &self.shared.stats, self.index);
-        let mut source = Source::new(
-            &self.socket,
-            config.batch_spec(),
-            config.max_datagram,
-            config.control,
-        );
         let mut poll = PollWindow::new(config.busy_poll);
         let _end = WorkerEnd {
             shared: self.shared.clone(),
@@ -83,6 +82,10 @@ impl<H: HandlerFn> ReceiveWorker<H> {
             };
             let arrived = Instant::now();
             self.shared.beat(self.index, Some(arrived));
+            processor.totals.malformed += source.take_rejected();
+            if count == 0 {
+                self.xdp_drops(&mut processor, &source);
+            }
             processor.totals.received += count as u64;
             if count > 0 {
                 // Published before any request is handled or handed on: a
@@ -100,7 +103,38 @@ impl<H: HandlerFn> ReceiveWorker<H> {
         if self.reports_drops {
             processor.totals.kernel_drops = sys::kernel_drops(&self.socket).unwrap_or(0);
         }
+        self.xdp_drops(&mut processor, &source);
         self.publish(&mut processor);
+    }
+
+    /// Where this worker receives from: its receive queue's AF_XDP socket
+    /// (feature `xdp`), or its socket, in batches where it can.
+    fn source(&mut self) -> Source {
+        let config = &*self.config;
+        #[cfg(all(feature = "xdp", target_os = "linux"))]
+        if let Some(queue) = self.xdp.take() {
+            let xdp = sys::xdp::XdpSource::new(queue, config.max_datagram, config.control);
+            return Source::Xdp(Box::new(xdp));
+        }
+        Source::new(
+            &self.socket,
+            config.batch_spec(),
+            config.max_datagram,
+            config.control,
+        )
+    }
+
+    /// An AF_XDP worker's kernel drops: what the kernel dropped on the
+    /// way to its AF_XDP socket, plus its kernel socket's drops if it
+    /// reports them. (Read when idle and at the end, not per batch.)
+    fn xdp_drops(&self, processor: &mut Processor, source: &Source) {
+        if let Some(drops) = source.xdp_drops() {
+            let socket = match self.reports_drops {
+                true => sys::kernel_drops(&self.socket).unwrap_or(0),
+                false => 0,
+            };
+            processor.totals.kernel_drops = drops.saturating_add(socket);
+        }
     }
 
     /// Deals with the `count` datagrams of one receive, which returned at

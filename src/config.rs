@@ -102,6 +102,9 @@ pub struct ServerBuilder<E: Engine = Blocking> {
     pre_bind: Option<&'static str>,
     /// Where handlers run.
     dispatch: Dispatch,
+    /// Serve through AF_XDP (feature `xdp`).
+    #[cfg(all(feature = "xdp", target_os = "linux"))]
+    pub(crate) xdp: Option<crate::xdp::Xdp>,
     engine: PhantomData<E>,
 }
 
@@ -158,6 +161,8 @@ impl<E: Engine> ServerBuilder<E> {
             handoff: false,
             pre_bind: None,
             dispatch,
+            #[cfg(all(feature = "xdp", target_os = "linux"))]
+            xdp: None,
             engine: PhantomData,
         }
     }
@@ -199,6 +204,49 @@ impl ServerBuilder<Blocking> {
     /// microseconds.
     pub fn handler_pool(self, pool: impl Into<Option<HandlerPool>>) -> Self {
         self.set_dispatch(pool.into().map_or(Dispatch::Inline, Dispatch::Pool))
+    }
+
+    /// Serves through AF_XDP sockets on the receive queues of an
+    /// interface (feature `xdp`, Linux; see [`crate::xdp`]): one receive
+    /// worker per queue (more if [`workers`](ServerBuilder::workers) asks),
+    /// the same handler and promises, past the kernel's UDP stack.
+    ///
+    /// The server must be bound with [`bind`](ServerBuilder::bind) (or
+    /// [`from_std`](ServerBuilder::from_std)) to one address of its own on
+    /// that interface, not a wildcard: the XDP program takes only the
+    /// datagrams to that address and port. `None` (the default): the
+    /// socket path.
+    ///
+    /// # Errors (at bind)
+    ///
+    /// [`Error::Xdp`](crate::Error::Xdp) when the program cannot be loaded
+    /// or attached, or a queue's socket cannot be opened: the message says
+    /// what is missing (root, kernel support, the driver's mode). It never
+    /// falls back to the socket path. [`Error::InvalidConfig`] for a
+    /// wildcard address, several addresses, or with
+    /// [`allow_handoff`](ServerBuilder::allow_handoff).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), udp_greet::Error> {
+    /// use udp_greet::GreetServer;
+    /// use udp_greet::xdp::Xdp;
+    ///
+    /// // As root, on a host that owns 198.18.0.1 on eth0.
+    /// let server = GreetServer::builder()
+    ///     .xdp(Xdp::interface("eth0"))
+    ///     .bind("198.18.0.1:9999")?
+    ///     .spawn(udp_greet::greet)?;
+    /// println!("XDP in {} mode", server.xdp_mode().map_or("no".into(), |m| m.to_string()));
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[cfg(all(feature = "xdp", target_os = "linux"))]
+    #[cfg_attr(docsrs, doc(cfg(all(feature = "xdp", target_os = "linux"))))]
+    pub fn xdp(mut self, xdp: impl Into<Option<crate::xdp::Xdp>>) -> Self {
+        self.xdp = xdp.into();
+        self
     }
 }
 
@@ -675,6 +723,16 @@ impl<E: Engine> ServerBuilder<E> {
         }
         if let Some(tokens) = &self.tokens {
             tokens.validate()?;
+        }
+        #[cfg(all(feature = "xdp", target_os = "linux"))]
+        if let Some(xdp) = &self.xdp {
+            xdp.validate()?;
+            if self.handoff {
+                return Err(Error::invalid(
+                    "ServerBuilder::xdp",
+                    "cannot be combined with allow_handoff: the AF_XDP sockets cannot be handed on",
+                ));
+            }
         }
         if !(1..=MAX_WORKERS).contains(&self.workers) {
             return Err(Error::invalid(

@@ -55,6 +55,9 @@ pub(crate) struct Shared {
     /// What the server tells its service manager, if it was asked to.
     #[cfg(all(feature = "systemd", unix))]
     pub(crate) service: Option<crate::systemd::Service>,
+    /// Where the XDP program of an AF_XDP server runs (feature `xdp`).
+    #[cfg(all(feature = "xdp", target_os = "linux"))]
+    pub(crate) xdp_mode: std::sync::OnceLock<crate::xdp::XdpMode>,
 }
 
 impl Shared {
@@ -97,6 +100,8 @@ impl Shared {
             service: notify
                 .on
                 .then(|| crate::systemd::Service::from_env(notify.workers)),
+            #[cfg(all(feature = "xdp", target_os = "linux"))]
+            xdp_mode: std::sync::OnceLock::new(),
         })
     }
 
@@ -617,6 +622,17 @@ impl ServerHandle {
     #[must_use]
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.control.local_addrs()
+    }
+
+    /// Where the XDP program of an AF_XDP server
+    /// ([`ServerBuilder::xdp`](crate::ServerBuilder::xdp), feature `xdp`)
+    /// runs: natively in the driver, or in the generic hook. `None` for a
+    /// server on the socket path.
+    #[cfg(all(feature = "xdp", target_os = "linux"))]
+    #[cfg_attr(docsrs, doc(cfg(all(feature = "xdp", target_os = "linux"))))]
+    #[must_use]
+    pub fn xdp_mode(&self) -> Option<crate::xdp::XdpMode> {
+        self.control.shared.xdp_mode.get().copied()
     }
 
     /// The server's counters now.

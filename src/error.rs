@@ -61,6 +61,21 @@ pub enum Error {
         source: io::Error,
     },
 
+    /// The AF_XDP engine (feature `xdp`) could not be set up on an
+    /// interface: the message names the step and what is missing (root or
+    /// a capability, kernel support, the driver's mode, locked memory).
+    #[cfg(all(feature = "xdp", target_os = "linux"))]
+    #[cfg_attr(docsrs, doc(cfg(all(feature = "xdp", target_os = "linux"))))]
+    #[non_exhaustive]
+    #[error("cannot serve through AF_XDP on {interface}")]
+    Xdp {
+        /// The interface.
+        interface: String,
+        /// What failed, and why.
+        #[source]
+        source: io::Error,
+    },
+
     /// Creating the socket or setting one of its options failed.
     #[non_exhaustive]
     #[error("cannot {action} on the UDP socket for {addr}")]
@@ -415,6 +430,8 @@ impl Error {
             #[cfg(all(feature = "systemd", unix))]
             Error::Activation { source, .. } => source.kind(),
             Error::Handoff { source, .. } => source.kind(),
+            #[cfg(all(feature = "xdp", target_os = "linux"))]
+            Error::Xdp { source, .. } => source.kind(),
             #[cfg(feature = "tokio")]
             Error::NoRuntime { .. } => ErrorKind::Other,
             #[cfg(feature = "tokio")]

@@ -128,7 +128,8 @@ mod tokens;
 #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
 pub mod tokio;
 #[cfg(all(feature = "xdp", target_os = "linux"))]
-mod xdp;
+#[cfg_attr(docsrs, doc(cfg(all(feature = "xdp", target_os = "linux"))))]
+pub mod xdp;
 
 pub use client::{ClientBuilder, DEFAULT_CLIENT_MAX_IN_FLIGHT, GreetClient};
 pub use config::{MAX_UDP_PAYLOAD_V4, MAX_UDP_PAYLOAD_V6, ServerBuilder};

@@ -38,6 +38,10 @@ pub(crate) struct Bound {
 pub(crate) struct Listener {
     pub(crate) config: Arc<Config>,
     pub(crate) sockets: Vec<Arc<Socket>>,
+    /// Its AF_XDP sockets, one per receive queue, for the first workers
+    /// (feature `xdp`); empty on the socket path.
+    #[cfg(all(feature = "xdp", target_os = "linux"))]
+    pub(crate) xdp: Vec<sys::xdp::XdpQueue>,
     /// The index in the server's list of sockets of its first one.
     pub(crate) first_socket: usize,
 }
@@ -547,6 +551,62 @@ pub struct GreetServer {
     bound: Bound,
 }
 
+impl Listener {
+    /// Whether it serves through AF_XDP sockets.
+    fn serves_xdp(&self) -> bool {
+        #[cfg(all(feature = "xdp", target_os = "linux"))]
+        return !self.xdp.is_empty();
+        #[cfg(not(all(feature = "xdp", target_os = "linux")))]
+        false
+    }
+}
+
+/// Checks that an AF_XDP server has one listener, with one socket bound
+/// to an address of its own (the XDP program matches it).
+#[cfg(all(feature = "xdp", target_os = "linux"))]
+fn check_xdp_listeners(listeners: &[Prepared]) -> Result<(), Error> {
+    let [listener] = listeners else {
+        return Err(Error::invalid(
+            "ServerBuilder::xdp",
+            "serves one address: bind it with `bind`, not several with `bind_all`",
+        ));
+    };
+    let Some(first) = listener.sockets.first() else {
+        return Ok(());
+    };
+    if first.local_addr.ip().is_unspecified() {
+        return Err(Error::invalid(
+            "ServerBuilder::xdp",
+            "needs the address the server owns on the interface (such as 198.18.0.1:53), \
+             not a wildcard: the XDP program takes the datagrams to that address",
+        ));
+    }
+    Ok(())
+}
+
+/// Attaches the XDP program for the listener `config` describes, and opens
+/// an AF_XDP socket on each receive queue.
+#[cfg(all(feature = "xdp", target_os = "linux"))]
+fn open_xdp(xdp: &crate::xdp::Xdp, config: &Config) -> Result<Vec<sys::xdp::XdpQueue>, Error> {
+    let batch = config
+        .batch_spec()
+        .map_or(crate::config::DEFAULT_BATCH_SIZE, |spec| spec.size);
+    let (attached, queues) = sys::xdp::open(
+        xdp.interface_name(),
+        config.local_addr,
+        xdp.mode.map(crate::xdp::XdpMode::to_sys),
+        xdp.spec(),
+        config.max_datagram,
+        batch,
+    )
+    .map_err(|source| Error::Xdp {
+        interface: xdp.interface_name().to_owned(),
+        source,
+    })?;
+    drop(attached);
+    Ok(queues)
+}
+
 impl Bound {
     /// A server over `listeners`, bound and made ready by `builder`, which
     /// has checked its settings: one set of settings per listener, with
@@ -562,6 +622,15 @@ impl Bound {
             .iter()
             .map(|l| l.sockets.len())
             .fold(builder.workers, usize::max);
+        // An AF_XDP server has a worker for each receive queue at least.
+        #[cfg(all(feature = "xdp", target_os = "linux"))]
+        let workers = match &builder.xdp {
+            Some(xdp) => {
+                check_xdp_listeners(&listeners)?;
+                workers.max(sys::xdp::rx_queues(xdp.interface_name()) as usize)
+            }
+            None => workers,
+        };
         let server_addr = listeners
             .iter()
             .find_map(|l| l.sockets.first())
@@ -586,10 +655,17 @@ impl Bound {
                 .into_iter()
                 .map(|b| Arc::new(b.socket))
                 .collect();
+            #[cfg(all(feature = "xdp", target_os = "linux"))]
+            let xdp = match &builder.xdp {
+                Some(xdp) => open_xdp(xdp, &config)?,
+                None => Vec::new(),
+            };
             bound.push(Listener {
                 config,
                 first_socket: all.len(),
                 sockets: sockets.clone(),
+                #[cfg(all(feature = "xdp", target_os = "linux"))]
+                xdp,
             });
             all.extend(sockets.into_iter().map(|s| (s, !prepared.kept)));
         }
@@ -616,8 +692,11 @@ impl Bound {
         let mut drops = Vec::new();
         let mut listed = Vec::new();
         for (k, listener) in bound.iter().enumerate() {
+            // An AF_XDP server's workers report their drops themselves.
             for (j, socket) in listener.sockets.iter().enumerate() {
-                drops.push((layout.worker_slot(k, j), socket.clone()));
+                if !listener.serves_xdp() {
+                    drops.push((layout.worker_slot(k, j), socket.clone()));
+                }
             }
             listed.push(ListenerSlots {
                 addr: listener.config.local_addr,
@@ -638,6 +717,12 @@ impl Bound {
             workers,
         };
         let shared = Shared::new(&all, &drops, listed, layout.slots(), pool, notify);
+        #[cfg(all(feature = "xdp", target_os = "linux"))]
+        if let Some(queue) = bound.iter().find_map(|l| l.xdp.first()) {
+            let _ = shared
+                .xdp_mode
+                .set(crate::xdp::XdpMode::from_sys(queue.mode()));
+        }
         Ok(Bound {
             listeners: bound,
             config,
@@ -723,6 +808,17 @@ impl GreetServer {
     #[must_use]
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.bound.local_addrs()
+    }
+
+    /// Where the XDP program of an AF_XDP server
+    /// ([`ServerBuilder::xdp`](crate::ServerBuilder::xdp), feature `xdp`)
+    /// runs: natively in the driver, or in the generic hook. `None` for a
+    /// server on the socket path.
+    #[cfg(all(feature = "xdp", target_os = "linux"))]
+    #[cfg_attr(docsrs, doc(cfg(all(feature = "xdp", target_os = "linux"))))]
+    #[must_use]
+    pub fn xdp_mode(&self) -> Option<crate::xdp::XdpMode> {
+        self.bound.shared.xdp_mode.get().copied()
     }
 
     /// The receive buffer size requested and granted (for a server on
@@ -947,6 +1043,9 @@ impl GreetServer {
         let mut inline = None;
         for (k, listener) in listeners.into_iter().enumerate() {
             let port = listener.config.local_addr.port();
+            // The first workers take the receive queues' AF_XDP sockets.
+            #[cfg(all(feature = "xdp", target_os = "linux"))]
+            let mut xdp = listener.xdp.into_iter();
             for index in 0..layout.workers {
                 // One socket per worker, or one shared by all.
                 let own = index < listener.sockets.len();
@@ -967,6 +1066,8 @@ impl GreetServer {
                     shared: shared.clone(),
                     pool: pool.clone(),
                     reports_drops: own,
+                    #[cfg(all(feature = "xdp", target_os = "linux"))]
+                    xdp: xdp.next(),
                 };
                 if on_this_thread && inline.is_none() {
                     inline = Some(worker);

@@ -124,6 +124,13 @@ pub struct Stats {
     /// Requests the rate limit would have dropped, let through by its
     /// [dry run](crate::RateLimit::dry_run); they also end in an outcome.
     pub dry_run_limited: u64,
+    /// Frames the [AF_XDP engine](crate::ServerBuilder::xdp) (feature
+    /// `xdp`) took from a receive queue and refused: malformed (a length
+    /// longer than the frame, a bad IPv4 header checksum, a UDP checksum
+    /// of zero over IPv6, ...) or not for the server. Dropped unanswered;
+    /// not part of `received`. Always 0 on the socket path, where the
+    /// kernel drops such datagrams itself.
+    pub malformed: u64,
 }
 
 /// Declares the counters once, in the order they are published and read.
@@ -173,6 +180,7 @@ counters!(
     slipped,
     exempt,
     dry_run_limited,
+    malformed,
 );
 
 /// Where `received` is in [`Stats::to_array`]: published first, read last.

@@ -157,15 +157,46 @@ impl Generator {
         window: usize,
         request: &[u8],
     ) -> io::Result<Generator> {
+        Generator::new_from(
+            "127.0.0.1".parse().expect("an address"),
+            server,
+            sockets,
+            window,
+            request,
+        )
+    }
+
+    /// As [`Generator::new`], with the sockets bound to `local` (in the
+    /// network namespace of the calling thread).
+    pub fn new_from(
+        local: std::net::IpAddr,
+        server: SocketAddr,
+        sockets: usize,
+        window: usize,
+        request: &[u8],
+    ) -> io::Result<Generator> {
         let mut list = Vec::with_capacity(sockets);
         for _ in 0..sockets {
-            let socket = UdpSocket::bind("127.0.0.1:0")?;
+            let socket = UdpSocket::bind(SocketAddr::new(local, 0))?;
             socket.connect(server)?;
-            socket.set_nonblocking(true)?;
             list.push(socket);
         }
+        Generator::from_sockets(list, window, request)
+    }
+
+    /// A generator over `sockets`, connected to the server already (made
+    /// in another network namespace, say), each with `window` requests of
+    /// `request` in flight.
+    pub fn from_sockets(
+        sockets: Vec<UdpSocket>,
+        window: usize,
+        request: &[u8],
+    ) -> io::Result<Generator> {
+        for socket in &sockets {
+            socket.set_nonblocking(true)?;
+        }
         let mut generator = Generator {
-            sockets: list,
+            sockets,
             window,
             request: request.to_vec(),
             recv_bufs: vec![0u8; window * REPLY_ROOM],
@@ -375,4 +406,28 @@ pub fn udp_rcvbuf_errors() -> Option<u64> {
         .zip(values)
         .find(|(name, _)| *name == "RcvbufErrors")
         .and_then(|(_, value)| value.parse().ok())
+}
+
+/// CPU time all CPUs of the machine have spent busy (user, system, IRQ,
+/// softirq, steal: everything but idle and I/O wait), from `/proc/stat`,
+/// in its ticks (usually 10 ms).
+pub fn machine_busy() -> Duration {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return Duration::ZERO;
+    };
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: u64 = ticks.iter().take(8).sum();
+    let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
+    // SAFETY: `sysconf` takes a constant and touches no memory.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_nanos(
+        total
+            .saturating_sub(idle)
+            .saturating_mul(1_000_000_000 / hz),
+    )
 }

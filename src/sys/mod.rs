@@ -29,7 +29,7 @@ pub(crate) use imp::{
 };
 
 #[cfg(all(feature = "xdp", target_os = "linux"))]
-pub(crate) use imp::bpf;
+pub(crate) use imp::xdp;
 #[cfg(unix)]
 mod fds;
 mod settings;

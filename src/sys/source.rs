@@ -18,6 +18,10 @@ pub(crate) enum Source {
     Batch(Batch),
     /// One datagram at a time.
     One(One),
+    /// A receive queue's AF_XDP socket (feature `xdp`), and the kernel
+    /// socket bound to the same address for what the XDP program passes.
+    #[cfg(all(feature = "xdp", target_os = "linux"))]
+    Xdp(Box<super::xdp::XdpSource>),
 }
 
 impl Source {
@@ -46,6 +50,8 @@ impl Source {
         match self {
             Source::Batch(batch) => batch.recv(socket, dont_wait),
             Source::One(one) => one.recv(socket, dont_wait),
+            #[cfg(all(feature = "xdp", target_os = "linux"))]
+            Source::Xdp(xdp) => xdp.recv(socket, dont_wait),
         }
     }
 
@@ -55,6 +61,8 @@ impl Source {
         match self {
             Source::Batch(batch) => batch.datagram(i),
             Source::One(one) => one.datagram(i),
+            #[cfg(all(feature = "xdp", target_os = "linux"))]
+            Source::Xdp(xdp) => xdp.datagram(i),
         }
     }
 
@@ -65,6 +73,8 @@ impl Source {
         match self {
             Source::Batch(batch) => batch.queue_reply(i, counted),
             Source::One(one) => one.queue_reply(i, counted),
+            #[cfg(all(feature = "xdp", target_os = "linux"))]
+            Source::Xdp(xdp) => xdp.queue_reply(i, counted),
         }
     }
 
@@ -72,7 +82,9 @@ impl Source {
     pub(crate) fn queued(&self) -> usize {
         match self {
             Source::Batch(batch) => batch.queued(),
-            Source::One(one) => usize::from(one.queued.is_some()),
+            Source::One(one) => one.queued(),
+            #[cfg(all(feature = "xdp", target_os = "linux"))]
+            Source::Xdp(xdp) => xdp.queued(),
         }
     }
 
@@ -82,6 +94,8 @@ impl Source {
         match self {
             Source::Batch(batch) => batch.send(socket),
             Source::One(one) => one.send(socket),
+            #[cfg(all(feature = "xdp", target_os = "linux"))]
+            Source::Xdp(xdp) => xdp.send(socket),
         }
     }
 
@@ -90,7 +104,9 @@ impl Source {
     pub(crate) fn drop_queued(&mut self) -> u64 {
         match self {
             Source::Batch(batch) => batch.drop_queued(),
-            Source::One(one) => u64::from(one.queued.take().unwrap_or(false)),
+            Source::One(one) => one.drop_queued(),
+            #[cfg(all(feature = "xdp", target_os = "linux"))]
+            Source::Xdp(xdp) => xdp.drop_queued(),
         }
     }
 
@@ -98,7 +114,29 @@ impl Source {
     pub(crate) fn take_error(&mut self) -> Option<io::Error> {
         match self {
             Source::Batch(batch) => batch.take_error(),
-            Source::One(one) => one.error.take(),
+            Source::One(one) => one.take_error(),
+            #[cfg(all(feature = "xdp", target_os = "linux"))]
+            Source::Xdp(xdp) => xdp.take_error(),
+        }
+    }
+
+    /// Frames refused since the last call (malformed, or not for the
+    /// server) by an AF_XDP source; 0 for the others.
+    pub(crate) fn take_rejected(&mut self) -> u64 {
+        match self {
+            #[cfg(all(feature = "xdp", target_os = "linux"))]
+            Source::Xdp(xdp) => xdp.take_rejected(),
+            _ => 0,
+        }
+    }
+
+    /// What the kernel dropped on the way to an AF_XDP source (`None` for
+    /// the others: their socket's drops are read from the socket).
+    pub(crate) fn xdp_drops(&self) -> Option<u64> {
+        match self {
+            #[cfg(all(feature = "xdp", target_os = "linux"))]
+            Source::Xdp(xdp) => xdp.kernel_drops(),
+            _ => None,
         }
     }
 }
@@ -126,7 +164,7 @@ struct Got {
 }
 
 impl One {
-    fn new(max_datagram: usize, control: Control) -> One {
+    pub(crate) fn new(max_datagram: usize, control: Control) -> One {
         One {
             io: Portable::new(control),
             buf: vec![0; max_datagram],
@@ -137,7 +175,7 @@ impl One {
         }
     }
 
-    fn recv(&mut self, socket: &Socket, dont_wait: bool) -> io::Result<usize> {
+    pub(crate) fn recv(&mut self, socket: &Socket, dont_wait: bool) -> io::Result<usize> {
         self.got = None;
         self.queued = None;
         let received = self.io.recv(socket, &mut self.buf, dont_wait)?;
@@ -150,7 +188,7 @@ impl One {
         Ok(usize::from(self.got.is_some()))
     }
 
-    fn datagram(&mut self, i: usize) -> Option<(Received<'_>, &mut Vec<u8>)> {
+    pub(crate) fn datagram(&mut self, i: usize) -> Option<(Received<'_>, &mut Vec<u8>)> {
         let got = self.got.filter(|_| i == 0)?;
         let received = Received {
             data: self.buf.get(..got.len).unwrap_or_default(),
@@ -161,13 +199,25 @@ impl One {
         Some((received, &mut self.reply))
     }
 
-    fn queue_reply(&mut self, i: usize, counted: bool) {
+    pub(crate) fn queue_reply(&mut self, i: usize, counted: bool) {
         if i == 0 && self.got.is_some() {
             self.queued = Some(counted);
         }
     }
 
-    fn send(&mut self, socket: &Socket) -> (u64, u64) {
+    pub(crate) fn queued(&self) -> usize {
+        usize::from(self.queued.is_some())
+    }
+
+    pub(crate) fn drop_queued(&mut self) -> u64 {
+        u64::from(self.queued.take().unwrap_or(false))
+    }
+
+    pub(crate) fn take_error(&mut self) -> Option<io::Error> {
+        self.error.take()
+    }
+
+    pub(crate) fn send(&mut self, socket: &Socket) -> (u64, u64) {
         let Some(counted) = self.queued.take() else {
             return (0, 0);
         };

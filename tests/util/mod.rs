@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 use udp_greet::{Action, Request, ServerBuilder, ServerHandle, Stats};
 
 pub mod emulator;
+#[cfg(target_os = "linux")]
+pub mod netns;
 mod retry;
 #[allow(unused_imports)] // each test binary uses its own subset
 pub use retry::*;

@@ -13,11 +13,11 @@ use libc::{c_int, c_void, sockaddr_in, sockaddr_in6, sockaddr_storage, socklen_t
 use socket2::Socket;
 
 mod batch;
-#[cfg(feature = "xdp")]
-pub(crate) mod bpf;
 mod cmsg;
 mod pktinfo_io;
 mod replies;
+#[cfg(feature = "xdp")]
+pub(crate) mod xdp;
 
 pub(crate) use batch::{Batch, MAX_BATCH};
 pub(crate) use pktinfo_io::PktinfoIo;

@@ -74,6 +74,10 @@ pub(crate) struct Datagram {
     pub(crate) local: SocketAddr,
     /// The UDP payload's place in the frame.
     pub(crate) payload: Range<usize>,
+    /// The TOS byte (IPv4) or traffic class (IPv6).
+    pub(crate) tos: u8,
+    /// The TTL (IPv4) or hop limit (IPv6).
+    pub(crate) ttl: u8,
 }
 
 impl Datagram {
@@ -117,66 +121,83 @@ fn checksum(mut acc: u64) -> u16 {
 /// to anywhere but `target` is [`Reject::NotOurs`].
 pub(crate) fn parse(frame: &[u8], target: &Target) -> Result<Datagram, Reject> {
     let ethertype = be16(frame, 12).ok_or(Reject::Truncated)?;
-    let (peer_ip, local_ip, l4, udp_room): (IpAddr, IpAddr, usize, usize) = match ethertype {
-        ETHERTYPE_IPV4 => {
-            let header = frame
-                .get(ETH_LEN..ETH_LEN + IPV4_LEN)
-                .ok_or(Reject::Truncated)?;
-            if frame.len() < header_len(false) {
-                return Err(Reject::Truncated);
+    let (peer_ip, local_ip, l4, udp_room, tos, ttl): (IpAddr, IpAddr, usize, usize, u8, u8) =
+        match ethertype {
+            ETHERTYPE_IPV4 => {
+                let header = frame
+                    .get(ETH_LEN..ETH_LEN + IPV4_LEN)
+                    .ok_or(Reject::Truncated)?;
+                if frame.len() < header_len(false) {
+                    return Err(Reject::Truncated);
+                }
+                match header[0] {
+                    0x45 => {}
+                    b if b >> 4 == 4 => return Err(Reject::IpOptions),
+                    _ => return Err(Reject::NotIp),
+                }
+                if header[9] != PROTO_UDP {
+                    return Err(Reject::NotUdp);
+                }
+                let total = usize::from(u16::from_be_bytes([header[2], header[3]]));
+                if total < IPV4_LEN + UDP_LEN || ETH_LEN + total > frame.len() {
+                    return Err(Reject::BadLength);
+                }
+                // More fragments, or an offset: any piece of a fragmented one.
+                if u16::from_be_bytes([header[6], header[7]]) & 0x3fff != 0 {
+                    return Err(Reject::Fragment);
+                }
+                if checksum(sum16(0, header)) != 0 {
+                    return Err(Reject::BadChecksum);
+                }
+                let src = Ipv4Addr::from(octets::<4>(header, 12).ok_or(Reject::Truncated)?);
+                let dst = Ipv4Addr::from(octets::<4>(header, 16).ok_or(Reject::Truncated)?);
+                if target.v4 != Some(dst) {
+                    return Err(Reject::NotOurs);
+                }
+                let (tos, ttl) = (header[1], header[8]);
+                (
+                    src.into(),
+                    dst.into(),
+                    ETH_LEN + IPV4_LEN,
+                    total - IPV4_LEN,
+                    tos,
+                    ttl,
+                )
             }
-            match header[0] {
-                0x45 => {}
-                b if b >> 4 == 4 => return Err(Reject::IpOptions),
-                _ => return Err(Reject::NotIp),
+            ETHERTYPE_IPV6 => {
+                let header = frame
+                    .get(ETH_LEN..ETH_LEN + IPV6_LEN)
+                    .ok_or(Reject::Truncated)?;
+                if frame.len() < header_len(true) {
+                    return Err(Reject::Truncated);
+                }
+                if header[0] >> 4 != 6 {
+                    return Err(Reject::NotIp);
+                }
+                if header[6] != PROTO_UDP {
+                    return Err(Reject::NotUdp);
+                }
+                let payload = usize::from(u16::from_be_bytes([header[4], header[5]]));
+                if payload < UDP_LEN || ETH_LEN + IPV6_LEN + payload > frame.len() {
+                    return Err(Reject::BadLength);
+                }
+                let src = Ipv6Addr::from(octets::<16>(header, 8).ok_or(Reject::Truncated)?);
+                let dst = Ipv6Addr::from(octets::<16>(header, 24).ok_or(Reject::Truncated)?);
+                if target.v6 != Some(dst) {
+                    return Err(Reject::NotOurs);
+                }
+                let class = (header[0] << 4) | (header[1] >> 4);
+                (
+                    src.into(),
+                    dst.into(),
+                    ETH_LEN + IPV6_LEN,
+                    payload,
+                    class,
+                    header[7],
+                )
             }
-            if header[9] != PROTO_UDP {
-                return Err(Reject::NotUdp);
-            }
-            let total = usize::from(u16::from_be_bytes([header[2], header[3]]));
-            if total < IPV4_LEN + UDP_LEN || ETH_LEN + total > frame.len() {
-                return Err(Reject::BadLength);
-            }
-            // More fragments, or an offset: any piece of a fragmented one.
-            if u16::from_be_bytes([header[6], header[7]]) & 0x3fff != 0 {
-                return Err(Reject::Fragment);
-            }
-            if checksum(sum16(0, header)) != 0 {
-                return Err(Reject::BadChecksum);
-            }
-            let src = Ipv4Addr::from(octets::<4>(header, 12).ok_or(Reject::Truncated)?);
-            let dst = Ipv4Addr::from(octets::<4>(header, 16).ok_or(Reject::Truncated)?);
-            if target.v4 != Some(dst) {
-                return Err(Reject::NotOurs);
-            }
-            (src.into(), dst.into(), ETH_LEN + IPV4_LEN, total - IPV4_LEN)
-        }
-        ETHERTYPE_IPV6 => {
-            let header = frame
-                .get(ETH_LEN..ETH_LEN + IPV6_LEN)
-                .ok_or(Reject::Truncated)?;
-            if frame.len() < header_len(true) {
-                return Err(Reject::Truncated);
-            }
-            if header[0] >> 4 != 6 {
-                return Err(Reject::NotIp);
-            }
-            if header[6] != PROTO_UDP {
-                return Err(Reject::NotUdp);
-            }
-            let payload = usize::from(u16::from_be_bytes([header[4], header[5]]));
-            if payload < UDP_LEN || ETH_LEN + IPV6_LEN + payload > frame.len() {
-                return Err(Reject::BadLength);
-            }
-            let src = Ipv6Addr::from(octets::<16>(header, 8).ok_or(Reject::Truncated)?);
-            let dst = Ipv6Addr::from(octets::<16>(header, 24).ok_or(Reject::Truncated)?);
-            if target.v6 != Some(dst) {
-                return Err(Reject::NotOurs);
-            }
-            (src.into(), dst.into(), ETH_LEN + IPV6_LEN, payload)
-        }
-        _ => return Err(Reject::NotIp),
-    };
+            _ => return Err(Reject::NotIp),
+        };
     let sport = be16(frame, l4).ok_or(Reject::Truncated)?;
     let dport = be16(frame, l4 + 2).ok_or(Reject::Truncated)?;
     let udp_len = usize::from(be16(frame, l4 + 4).ok_or(Reject::Truncated)?);
@@ -193,6 +214,8 @@ pub(crate) fn parse(frame: &[u8], target: &Target) -> Result<Datagram, Reject> {
         peer: SocketAddr::new(peer_ip, sport),
         local: SocketAddr::new(local_ip, dport),
         payload: l4 + UDP_LEN..l4 + udp_len,
+        tos,
+        ttl,
     })
 }
 
@@ -336,6 +359,21 @@ pub(crate) mod tests {
                 false => (V4_CLIENT.into(), V4_SERVER.into()),
             };
             assert_eq!((d.peer.ip(), d.local.ip()), (peer, local));
+            assert_eq!(d.ttl, 64);
+            assert_eq!(d.tos, 0);
+            let mut marked = f.clone();
+            match v6 {
+                // Traffic class 0xb8 (EF): across the version nibble.
+                true => {
+                    marked[14] = 0x6b;
+                    marked[15] = 0x80;
+                }
+                false => {
+                    marked[15] = 0xb8;
+                    fix_ipv4_checksum(&mut marked);
+                }
+            }
+            assert_eq!(parse(&marked, &target()).map(|d| d.tos), Ok(0xb8));
             // Ethernet padding after the datagram is not payload.
             let mut padded = f.clone();
             padded.extend_from_slice(&[0xee; 20]);

@@ -16,7 +16,7 @@
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::RawFd;
 
-use crate::sys::bpf::Insn;
+use super::bpf::Insn;
 
 // Opcodes (class | size or operation | source).
 const LDX_W: u8 = 0x61;

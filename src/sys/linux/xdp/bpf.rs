@@ -8,16 +8,12 @@
 //! `union bpf_attr` is filled by byte offset into a zeroed buffer; the
 //! kernel takes a longer one as long as the tail it does not know is zero.
 
-// The slots are filled by the engine's AF_XDP sockets, which land next.
-#![allow(dead_code)]
-
 use std::ffi::CStr;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
-const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_LINK_CREATE: libc::c_long = 28;
 
@@ -129,14 +125,6 @@ pub(crate) fn xskmap_set(map: &OwnedFd, key: u32, socket: RawFd) -> io::Result<(
         .u64(8, std::ptr::from_ref(&key) as u64)
         .u64(16, std::ptr::from_ref(&value) as u64);
     bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(drop)
-}
-
-/// Empties slot `key` of `map`.
-pub(crate) fn xskmap_clear(map: &OwnedFd, key: u32) -> io::Result<()> {
-    let mut attr = Attr::new();
-    attr.u32(0, map.as_raw_fd() as u32)
-        .u64(8, std::ptr::from_ref(&key) as u64);
-    bpf(BPF_MAP_DELETE_ELEM, &mut attr).map(drop)
 }
 
 /// Loads `insns` as an XDP program named `name` under `license`. A

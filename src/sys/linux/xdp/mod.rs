@@ -6,19 +6,223 @@
 //! it ([`attach`]). The system calls are in the platform module,
 //! `crate::sys`.
 
-// The engine that uses it lands next; until then only its tests do.
-#![allow(dead_code)]
-
+mod bpf;
 pub(crate) mod frame;
-pub(crate) mod program;
+mod program;
+mod queue;
+mod xsk;
 
 use std::ffi::CStr;
 use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
+use std::time::Duration;
 
-use crate::sys::bpf;
-pub(crate) use crate::sys::bpf::XdpMode;
+use socket2::Socket;
+
+pub(crate) use bpf::XdpMode;
 use frame::Target;
+use queue::Queue;
+pub(crate) use xsk::XskSpec;
+
+use super::super::source::One;
+use super::super::{Control, Received};
+
+/// How long an idle XDP worker waits before it checks whether the server
+/// is stopping (nothing wakes it otherwise).
+pub(crate) const WAKE_INTERVAL: Duration = Duration::from_millis(50);
+
+/// An interface's receive queues, from sysfs (`rx-N` entries); 1 where
+/// that cannot be read.
+pub(crate) fn rx_queues(interface: &str) -> u32 {
+    let Ok(entries) = std::fs::read_dir(format!("/sys/class/net/{interface}/queues")) else {
+        return 1;
+    };
+    let count = entries
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with("rx-"))
+        .count();
+    u32::try_from(count).unwrap_or(u32::MAX).max(1)
+}
+
+/// The program attached to `interface` for the server at `local`, and an
+/// AF_XDP socket on each of its receive queues, each in its slot of the
+/// `XSKMAP`.
+pub(crate) fn open(
+    interface: &str,
+    local: SocketAddr,
+    mode: Option<XdpMode>,
+    spec: XskSpec,
+    max_datagram: usize,
+    batch: usize,
+) -> io::Result<(Arc<Attached>, Vec<XdpQueue>)> {
+    let target = match local.ip() {
+        IpAddr::V4(v4) => Target {
+            port: local.port(),
+            v4: Some(v4),
+            v6: None,
+        },
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => Target {
+                port: local.port(),
+                v4: Some(v4),
+                v6: None,
+            },
+            None => Target {
+                port: local.port(),
+                v4: None,
+                v6: Some(v6),
+            },
+        },
+    };
+    let queues = rx_queues(interface);
+    let attached = Arc::new(attach(interface, &target, queues, mode)?);
+    let mut opened = Vec::new();
+    for q in 0..queues {
+        let queue =
+            Queue::new(attached.ifindex, q, spec, target, max_datagram, batch).map_err(|e| {
+                explain(
+                    &format!("opening an AF_XDP socket on queue {q}"),
+                    interface,
+                    e,
+                )
+            })?;
+        bpf::xskmap_set(&attached.map, q, queue.xsk().raw_fd())
+            .map_err(|e| explain("filling the XSKMAP", interface, e))?;
+        opened.push(XdpQueue {
+            queue,
+            attached: attached.clone(),
+        });
+    }
+    Ok((attached, opened))
+}
+
+/// One receive queue's AF_XDP socket, ready for a worker; it keeps the
+/// program attached while it lives.
+#[derive(Debug)]
+pub(crate) struct XdpQueue {
+    queue: Queue,
+    attached: Arc<Attached>,
+}
+
+impl XdpQueue {
+    /// Where the program runs.
+    pub(crate) fn mode(&self) -> XdpMode {
+        self.attached.mode
+    }
+}
+
+/// A worker's receive source on an XDP queue: its AF_XDP socket, and the
+/// kernel socket bound to the server's address, which gets what the
+/// program passes (fragments, IP options, extension headers) and sends
+/// replies too large for a frame.
+pub(crate) struct XdpSource {
+    queue: XdpQueue,
+    kernel: One,
+    /// The last receive came from the kernel socket.
+    from_kernel: bool,
+}
+
+impl XdpSource {
+    pub(crate) fn new(queue: XdpQueue, max_datagram: usize, control: Control) -> XdpSource {
+        XdpSource {
+            queue,
+            kernel: One::new(max_datagram, control),
+            from_kernel: false,
+        }
+    }
+
+    /// Takes what the AF_XDP socket holds, up to a batch; else waits for
+    /// it or for the kernel socket (up to [`WAKE_INTERVAL`], not at all
+    /// with `dont_wait`) and takes a datagram from the kernel socket if
+    /// that is what came. The kernel socket is only read when `poll` says
+    /// it has something, so a busy queue costs no system call but the
+    /// replies' send. Returns 0 when the wait ended with nothing (the
+    /// worker then looks whether the server is stopping); with
+    /// `dont_wait`, `WouldBlock` instead.
+    pub(crate) fn recv(&mut self, socket: &Socket, dont_wait: bool) -> io::Result<usize> {
+        self.from_kernel = false;
+        let taken = self.queue.queue.take();
+        if taken > 0 {
+            return Ok(taken);
+        }
+        let timeout = if dont_wait {
+            Duration::ZERO
+        } else {
+            WAKE_INTERVAL
+        };
+        let (_, kernel_ready) = self.queue.queue.wait(Some(socket.as_raw_fd()), timeout)?;
+        if kernel_ready {
+            match self.kernel.recv(socket, true) {
+                Ok(0) => {}
+                Ok(n) => {
+                    self.from_kernel = true;
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        match self.queue.queue.take() {
+            0 if dont_wait => Err(io::ErrorKind::WouldBlock.into()),
+            taken => Ok(taken),
+        }
+    }
+
+    pub(crate) fn datagram(&mut self, i: usize) -> Option<(Received<'_>, &mut Vec<u8>)> {
+        match self.from_kernel {
+            true => self.kernel.datagram(i),
+            false => self.queue.queue.datagram(i),
+        }
+    }
+
+    pub(crate) fn queue_reply(&mut self, i: usize, counted: bool) {
+        match self.from_kernel {
+            true => self.kernel.queue_reply(i, counted),
+            false => self.queue.queue.queue_reply(i, counted),
+        }
+    }
+
+    pub(crate) fn queued(&self) -> usize {
+        match self.from_kernel {
+            true => self.kernel.queued(),
+            false => self.queue.queue.queued(),
+        }
+    }
+
+    pub(crate) fn send(&mut self, socket: &Socket) -> (u64, u64) {
+        if self.from_kernel {
+            return self.kernel.send(socket);
+        }
+        let mut fallback = |reply: &[u8], to: SocketAddr| {
+            super::super::send_blocking(socket, || socket.send_to(reply, &to.into())).map(drop)
+        };
+        self.queue.queue.send(&mut fallback)
+    }
+
+    pub(crate) fn drop_queued(&mut self) -> u64 {
+        match self.from_kernel {
+            true => self.kernel.drop_queued(),
+            false => self.queue.queue.drop_queued(),
+        }
+    }
+
+    pub(crate) fn take_error(&mut self) -> Option<io::Error> {
+        self.queue
+            .queue
+            .take_error()
+            .or_else(|| self.kernel.take_error())
+    }
+
+    pub(crate) fn take_rejected(&mut self) -> u64 {
+        self.queue.queue.take_rejected()
+    }
+
+    pub(crate) fn kernel_drops(&self) -> Option<u64> {
+        self.queue.queue.kernel_drops()
+    }
+}
 
 /// The program's licence, as the kernel reads it: the helper it calls is
 /// not GPL-only.
@@ -29,27 +233,18 @@ const LICENSE: &CStr = c"MIT OR Apache-2.0";
 /// however it ends.
 #[derive(Debug)]
 pub(crate) struct Attached {
-    link: OwnedFd,
+    /// Held, not read: the program is attached while it is open.
+    _link: OwnedFd,
     map: OwnedFd,
     mode: XdpMode,
     ifindex: u32,
 }
 
+#[cfg(test)]
 impl Attached {
     /// Where the program runs.
     pub(crate) fn mode(&self) -> XdpMode {
         self.mode
-    }
-
-    /// The interface's index.
-    pub(crate) fn ifindex(&self) -> u32 {
-        self.ifindex
-    }
-
-    /// The `XSKMAP`: an AF_XDP socket in slot `q` takes the frames of
-    /// receive queue `q`.
-    pub(crate) fn map(&self) -> &OwnedFd {
-        &self.map
     }
 }
 
@@ -101,7 +296,7 @@ pub(crate) fn attach(
         match bpf::attach_xdp(&prog, ifindex, mode) {
             Ok(link) => {
                 return Ok(Attached {
-                    link,
+                    _link: link,
                     map,
                     mode,
                     ifindex,

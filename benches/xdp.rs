@@ -1,0 +1,248 @@
+//! The AF_XDP engine (feature `xdp`) against the socket engine, on a veth
+//! pair between two network namespaces that the bench makes (and that
+//! vanish with it), with the same load generator, in interleaved rounds.
+//!
+//! `cargo bench --features xdp --bench xdp` measures (as root); without
+//! `--bench` (as under `cargo test --all-features`) it makes a short smoke
+//! pass, and says why it measured nothing when it cannot (not root, no
+//! XDP under an emulator).
+//!
+//! The server is udp-greet's blocking server with the greet handler,
+//! batched (the socket engine, its defaults) or with `xdp` on `xs0`
+//! (native mode on veth); its threads run on CPU 1. The generator, in the
+//! other namespace, runs on CPU 0 and keeps 4 sockets x 32 requests of 16
+//! bytes in flight (batched). Each round measures both, one after the
+//! other; the XDP server is attached for its turn only, so that the socket
+//! engine runs on an interface without a program. Reported per server:
+//!
+//! - replies/s;
+//! - CPU per reply in the server's threads (scheduler time);
+//! - CPU per reply for the whole machine (every CPU's busy time from
+//!   `/proc/stat`, softirq included: on veth the kernel charges part of
+//!   the XDP work to the sending CPU, and the generator is in it too);
+//! - replies/s at saturation: 16 sockets x 64 in flight.
+//!
+//! The ratios are medians over rounds of each round's XDP / socket ratio.
+
+#[cfg(all(target_os = "linux", feature = "xdp"))]
+mod common;
+#[cfg(all(target_os = "linux", feature = "xdp"))]
+#[path = "../tests/util/netns.rs"]
+mod netns;
+
+#[cfg(not(all(target_os = "linux", feature = "xdp")))]
+fn main() {
+    println!("xdp: this bench needs Linux and the `xdp` feature; nothing measured");
+}
+
+#[cfg(all(target_os = "linux", feature = "xdp"))]
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    bench::main()
+}
+
+#[cfg(all(target_os = "linux", feature = "xdp"))]
+mod bench {
+    use std::net::{IpAddr, SocketAddr, UdpSocket};
+    use std::time::Duration;
+
+    use udp_greet::xdp::Xdp;
+    use udp_greet::{GreetServer, ServerBuilder, ServerHandle};
+
+    use crate::common::linux::{Generator, cpu_time, machine_busy, pin_to_cpu, with_new_threads};
+    use crate::common::{Table, median};
+    use crate::netns::{CLIENT_V4, Pair, SERVER_V4, pair};
+
+    const REQUEST: &[u8] = b"0123456789abcdef"; // 16 bytes
+
+    struct Plan {
+        rounds: usize,
+        span: Duration,
+    }
+
+    /// One server's figures in one round.
+    #[derive(Debug, Clone, Copy, Default)]
+    struct Figures {
+        replies_per_sec: f64,
+        server_cpu: f64,
+        machine_cpu: f64,
+        saturated: f64,
+    }
+
+    /// A server, started in the server's namespace on CPU 1, and its
+    /// threads.
+    fn start(pair: &Pair, builder: ServerBuilder) -> Result<(ServerHandle, Vec<u32>), String> {
+        pair.server.run(move || {
+            pin_to_cpu(1).map_err(|e| format!("pinning to CPU 1: {e}"))?;
+            with_new_threads(|| {
+                builder
+                    .bind(SocketAddr::new(SERVER_V4.into(), 0))?
+                    .spawn(udp_greet::greet)
+            })
+            .map_err(|e| e.report())
+        })
+    }
+
+    /// A generator in the client's namespace.
+    fn generator(
+        pair: &Pair,
+        server: SocketAddr,
+        sockets: usize,
+        window: usize,
+    ) -> Result<Generator, String> {
+        let made = pair.client.run(move || -> std::io::Result<Vec<UdpSocket>> {
+            (0..sockets)
+                .map(|_| {
+                    let socket = UdpSocket::bind(SocketAddr::new(IpAddr::V4(CLIENT_V4), 0))?;
+                    socket.connect(server)?;
+                    Ok(socket)
+                })
+                .collect()
+        });
+        made.and_then(|sockets| Generator::from_sockets(sockets, window, REQUEST))
+            .map_err(|e| format!("the generator: {e}"))
+    }
+
+    /// Runs the load against one server, on this thread (CPU 0).
+    fn measure(
+        pair: &Pair,
+        server: SocketAddr,
+        tids: &[u32],
+        span: Duration,
+    ) -> Result<Figures, String> {
+        let mut steady = generator(pair, server, 4, 32)?;
+        let mut saturating = generator(pair, server, 16, 64)?;
+        // A short warm-up: neighbours resolved, rings and caches filled.
+        steady.run(Duration::from_millis(20), u64::MAX);
+        let (cpu, busy) = (cpu_time(tids), machine_busy());
+        let load = steady.run(span, u64::MAX);
+        let (cpu, busy) = (
+            cpu_time(tids).saturating_sub(cpu),
+            machine_busy().saturating_sub(busy),
+        );
+        let replies = load.received.max(1) as f64;
+        let saturated = saturating.run(span, u64::MAX);
+        Ok(Figures {
+            replies_per_sec: load.received as f64 / load.elapsed.as_secs_f64(),
+            server_cpu: cpu.as_secs_f64() / replies,
+            machine_cpu: busy.as_secs_f64() / replies,
+            saturated: saturated.received as f64 / saturated.elapsed.as_secs_f64(),
+        })
+    }
+
+    pub fn main() -> Result<(), Box<dyn std::error::Error>> {
+        let full = std::env::args().any(|a| a == "--bench");
+        let plan = match full {
+            true => Plan {
+                rounds: 7,
+                span: Duration::from_millis(1000),
+            },
+            false => Plan {
+                rounds: 1,
+                span: Duration::from_millis(20),
+            },
+        };
+        // SAFETY: `geteuid` takes nothing and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            println!("xdp: needs root (network namespaces, BPF, AF_XDP); nothing measured");
+            return Ok(());
+        }
+        match run(&plan) {
+            Ok(()) => Ok(()),
+            // A smoke pass where XDP cannot work (an emulator without the
+            // bpf() system call) says so; a measurement fails.
+            Err(why) if !full => {
+                println!("xdp: smoke pass skipped: {why}");
+                Ok(())
+            }
+            Err(why) => Err(why.into()),
+        }
+    }
+
+    fn run(plan: &Plan) -> Result<(), String> {
+        let pair = pair_checked()?;
+        pin_to_cpu(0).map_err(|e| format!("pinning to CPU 0: {e}"))?;
+        let (socket_server, socket_tids) = start(&pair, GreetServer::builder())?;
+        let socket_addr = socket_server.local_addr();
+        let mut rounds: Vec<(Figures, Figures)> = Vec::new();
+        let mut mode = None;
+        for _ in 0..plan.rounds {
+            let socket = measure(&pair, socket_addr, &socket_tids, plan.span)?;
+            let (xdp_server, xdp_tids) =
+                start(&pair, GreetServer::builder().xdp(Xdp::interface("xs0")))?;
+            mode = xdp_server.xdp_mode();
+            let xdp = measure(&pair, xdp_server.local_addr(), &xdp_tids, plan.span)?;
+            let stats = xdp_server.shutdown().map_err(|e| e.report())?;
+            if stats.received != stats.accounted() || stats.malformed != 0 {
+                return Err(format!("the XDP server's counters: {stats:?}"));
+            }
+            rounds.push((socket, xdp));
+        }
+        socket_server.shutdown().map_err(|e| e.report())?;
+        report(plan, &rounds, mode);
+        Ok(())
+    }
+
+    /// The namespaces, or why they cannot be made.
+    fn pair_checked() -> Result<Pair, String> {
+        std::panic::catch_unwind(pair).map_err(|panic| {
+            panic
+                .downcast_ref::<String>()
+                .cloned()
+                .unwrap_or_else(|| "the namespaces could not be made".to_owned())
+        })
+    }
+
+    fn report(plan: &Plan, rounds: &[(Figures, Figures)], mode: Option<udp_greet::xdp::XdpMode>) {
+        let mode = mode.map_or("?".to_owned(), |m| m.to_string());
+        println!(
+            "xdp: socket engine vs AF_XDP engine ({mode} mode) on a veth pair between two namespaces; \
+             {} round(s) x {:?} per server; server threads on CPU 1, generator on CPU 0{}",
+            plan.rounds,
+            plan.span,
+            if plan.rounds == 1 {
+                " (smoke pass: run `cargo bench --features xdp --bench xdp` to measure)"
+            } else {
+                ""
+            }
+        );
+        let avg = |pick: &dyn Fn(&(Figures, Figures)) -> f64| {
+            rounds.iter().map(pick).sum::<f64>() / rounds.len().max(1) as f64
+        };
+        let ratio = |pick: &dyn Fn(&Figures) -> f64| {
+            let mut ratios: Vec<f64> = rounds.iter().map(|(s, x)| pick(x) / pick(s)).collect();
+            median(&mut ratios)
+        };
+        let mut table = Table::new(&[
+            "server",
+            "replies/s",
+            "server CPU/reply",
+            "machine CPU/reply",
+            "replies/s saturated",
+        ]);
+        for (name, pick) in [
+            (
+                "socket engine (batched)",
+                &(|r: &(Figures, Figures)| r.0) as &dyn Fn(&(Figures, Figures)) -> Figures,
+            ),
+            ("AF_XDP engine", &|r: &(Figures, Figures)| r.1),
+        ] {
+            table.row(&[
+                name.to_owned(),
+                format!("{:.0}", avg(&|r| pick(r).replies_per_sec)),
+                format!("{:.2}us", avg(&|r| pick(r).server_cpu) * 1e6),
+                format!("{:.2}us", avg(&|r| pick(r).machine_cpu) * 1e6),
+                format!("{:.0}", avg(&|r| pick(r).saturated)),
+            ]);
+        }
+        table.print();
+        println!(
+            "AF_XDP vs socket (medians of per-round ratios): server CPU/reply {:.2} (target <= 0.6), \
+             machine CPU/reply {:.2} (target <= 0.8), replies/s saturated {:.2} (target >= 1.3), \
+             replies/s {:.2}",
+            ratio(&|f| f.server_cpu),
+            ratio(&|f| f.machine_cpu),
+            ratio(&|f| f.saturated),
+            ratio(&|f| f.replies_per_sec),
+        );
+    }
+}

@@ -1,0 +1,263 @@
+//! One receive queue served through its AF_XDP socket: frames taken in
+//! batches, checked ([`frame::parse`]), handed out as datagrams, and their
+//! replies built in the same frames and sent back through the TX ring.
+
+use std::io;
+use std::net::SocketAddr;
+
+use super::frame::{self, Datagram, Target};
+use super::xsk::{Desc, Xsk, XskSpec};
+use crate::sys::{Arrival, REPLY_RESERVE, Received, trim_reply};
+
+/// Where a taken frame is: replies may be sent before the whole batch has
+/// been handled (a slow handler makes the ready ones go), so each frame is
+/// followed on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    /// Being worked on: its datagram may still be asked for.
+    Pending,
+    /// Its reply is queued; whether it is counted.
+    Queued(bool),
+    /// Sent, or given back: the frame is no longer this slot's.
+    Done,
+}
+
+/// A receive queue's socket and what its last receive took.
+#[derive(Debug)]
+pub(crate) struct Queue {
+    xsk: Xsk,
+    target: Target,
+    ifindex: u32,
+    /// The largest datagram handed out whole; a longer one is handed out
+    /// cut to this, marked truncated.
+    max_datagram: usize,
+    /// Frames per receive.
+    batch: usize,
+    /// The frames of the last receive, scratch.
+    descs: Vec<Desc>,
+    /// The accepted ones: frame and datagram.
+    taken: Vec<(Desc, Datagram)>,
+    replies: Vec<Vec<u8>>,
+    /// Where each taken frame is.
+    slots: Vec<Slot>,
+    /// Frames refused since the last [`Queue::take_rejected`].
+    rejected: u64,
+    error: Option<io::Error>,
+}
+
+impl Queue {
+    /// A socket on `queue` of interface `ifindex`, serving `target`.
+    pub(crate) fn new(
+        ifindex: u32,
+        queue: u32,
+        spec: XskSpec,
+        target: Target,
+        max_datagram: usize,
+        batch: usize,
+    ) -> io::Result<Queue> {
+        let batch = batch.clamp(1, spec.ring as usize);
+        Ok(Queue {
+            xsk: Xsk::new(ifindex, queue, spec)?,
+            target,
+            ifindex,
+            max_datagram,
+            batch,
+            descs: Vec::with_capacity(batch),
+            taken: Vec::with_capacity(batch),
+            replies: (0..batch)
+                .map(|_| Vec::with_capacity(REPLY_RESERVE))
+                .collect(),
+            slots: Vec::with_capacity(batch),
+            rejected: 0,
+            error: None,
+        })
+    }
+
+    /// The socket (its descriptor goes in the `XSKMAP`).
+    pub(crate) fn xsk(&self) -> &Xsk {
+        &self.xsk
+    }
+
+    /// Takes what the RX ring holds, up to a batch, without waiting;
+    /// returns how many datagrams were accepted. The replies of the last
+    /// receive must have been sent (or dropped).
+    pub(crate) fn take(&mut self) -> usize {
+        // Frames given back by the last receive, and those sent since,
+        // become receive buffers again.
+        self.release();
+        self.xsk.reclaim();
+        self.xsk.refill();
+        self.xsk.recv(&mut self.descs, self.batch);
+        for &desc in &self.descs {
+            match frame::parse(self.xsk.frame(&desc), &self.target) {
+                Ok(datagram) => {
+                    self.taken.push((desc, datagram));
+                    self.slots.push(Slot::Pending);
+                }
+                Err(_) => {
+                    self.rejected += 1;
+                    self.xsk.give_back(desc.addr);
+                }
+            }
+        }
+        for reply in self.replies.iter_mut().take(self.taken.len()) {
+            reply.clear();
+        }
+        self.taken.len()
+    }
+
+    /// Gives back the frames of the last receive that are still this
+    /// side's (no reply, or a reply never sent), and forgets the receive.
+    fn release(&mut self) {
+        for ((desc, _), slot) in self.taken.iter().zip(&self.slots) {
+            if *slot != Slot::Done {
+                self.xsk.give_back(desc.addr);
+            }
+        }
+        self.taken.clear();
+        self.slots.clear();
+    }
+
+    /// Waits up to `timeout` for frames, or for `other` to be readable;
+    /// returns whether each is ready.
+    pub(crate) fn wait(
+        &mut self,
+        other: Option<std::os::fd::RawFd>,
+        timeout: std::time::Duration,
+    ) -> io::Result<(bool, bool)> {
+        self.xsk.wait(other, timeout)
+    }
+
+    /// Datagram `i` of the last receive and its reply buffer.
+    pub(crate) fn datagram(&mut self, i: usize) -> Option<(Received<'_>, &mut Vec<u8>)> {
+        if self.slots.get(i) != Some(&Slot::Pending) {
+            return None;
+        }
+        let (desc, datagram) = self.taken.get(i)?;
+        let data = self.xsk.frame(desc).get(datagram.payload.clone())?;
+        let truncated = data.len() > self.max_datagram;
+        let data = &data[..data.len().min(self.max_datagram)];
+        let reply = self.replies.get_mut(i)?;
+        Some((
+            Received {
+                data,
+                truncated,
+                peer: datagram.peer,
+                arrival: Arrival {
+                    local: Some(datagram.local.ip()),
+                    ifindex: self.ifindex,
+                    tos: Some(datagram.tos),
+                    ttl: Some(datagram.ttl),
+                },
+            },
+            reply,
+        ))
+    }
+
+    /// Queues the reply to datagram `i`.
+    pub(crate) fn queue_reply(&mut self, i: usize, counted: bool) {
+        if let Some(slot) = self.slots.get_mut(i).filter(|s| **s == Slot::Pending) {
+            *slot = Slot::Queued(counted);
+        }
+    }
+
+    /// How many replies are queued.
+    pub(crate) fn queued(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|s| matches!(s, Slot::Queued(_)))
+            .count()
+    }
+
+    /// Sends every queued reply: built in its request's frame where it
+    /// fits, else through `fallback` (the kernel socket bound to the same
+    /// address). The frames of datagrams not yet dealt with stay, for the
+    /// rest of the batch. Returns the counted replies sent and failed.
+    pub(crate) fn send(
+        &mut self,
+        fallback: &mut dyn FnMut(&[u8], SocketAddr) -> io::Result<()>,
+    ) -> (u64, u64) {
+        let (mut sent, mut failed) = (0, 0);
+        let mut any = false;
+        for (i, (desc, datagram)) in self.taken.iter().enumerate() {
+            let (Some(slot), Some(reply)) = (self.slots.get_mut(i), self.replies.get_mut(i)) else {
+                continue;
+            };
+            let Slot::Queued(counted) = *slot else {
+                continue;
+            };
+            *slot = Slot::Done;
+            let at = frame::header_len(datagram.is_v6());
+            let frame = self.xsk.frame_mut(desc.addr);
+            let built = match frame.get_mut(at..at + reply.len()) {
+                Some(room) => {
+                    room.copy_from_slice(reply);
+                    frame::make_reply(frame, datagram, reply.len())
+                }
+                None => None,
+            };
+            let result = match built.and_then(|len| u32::try_from(len).ok()) {
+                Some(len) if self.xsk.send(desc.addr, len) => {
+                    any = true;
+                    Ok(())
+                }
+                Some(_) => Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    "the AF_XDP TX ring is full",
+                )),
+                None => {
+                    // Too large for a frame: the kernel socket sends it.
+                    self.xsk.give_back(desc.addr);
+                    fallback(reply, datagram.peer)
+                }
+            };
+            reply.clear();
+            trim_reply(reply);
+            match result {
+                Ok(()) => sent += u64::from(counted),
+                Err(err) => {
+                    failed += u64::from(counted);
+                    if counted {
+                        self.error = Some(err);
+                    }
+                }
+            }
+        }
+        if any {
+            if let Err(err) = self.xsk.flush() {
+                self.error = Some(err);
+            }
+        }
+        (sent, failed)
+    }
+
+    /// Drops the queued replies unsent (their frames given back); returns
+    /// how many were counted.
+    pub(crate) fn drop_queued(&mut self) -> u64 {
+        let mut counted = 0;
+        for ((desc, _), slot) in self.taken.iter().zip(self.slots.iter_mut()) {
+            if let Slot::Queued(c) = *slot {
+                counted += u64::from(c);
+                *slot = Slot::Done;
+                self.xsk.give_back(desc.addr);
+            }
+        }
+        counted
+    }
+
+    /// The error of the last reply that failed, once.
+    pub(crate) fn take_error(&mut self) -> Option<io::Error> {
+        self.error.take()
+    }
+
+    /// Frames refused since the last call (malformed, or not for the
+    /// server), given back unanswered.
+    pub(crate) fn take_rejected(&mut self) -> u64 {
+        std::mem::take(&mut self.rejected)
+    }
+
+    /// What the kernel dropped on the way to this socket.
+    pub(crate) fn kernel_drops(&self) -> Option<u64> {
+        self.xsk.statistics().ok().map(|s| s.drops())
+    }
+}
