@@ -87,6 +87,10 @@
 //! - `tracing`: emits [`tracing`](https://docs.rs/tracing) events, at most
 //!   one a second of each kind: overload episodes, failed receives and
 //!   sends, and handler panics with their message.
+//! - `xdp` (Linux): the module `udp_greet::xdp` and
+//!   `ServerBuilder::xdp`, an AF_XDP engine that serves the same handler
+//!   from an interface's receive queues, past the kernel's UDP stack (its
+//!   XDP program is built at run time and loaded with `bpf()`; needs root).
 //!
 //! # What UDP does not promise
 //!

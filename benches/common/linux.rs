@@ -259,6 +259,55 @@ impl Generator {
         load
     }
 
+    /// Sends `rate` requests a second for `duration`, open loop: every
+    /// millisecond the requests due are sent (spread over the sockets, at
+    /// most a window each), the replies that came are taken, and the
+    /// thread sleeps until the next millisecond, so that the generator
+    /// costs the machine little and alike for every server. Then waits a
+    /// little for the replies still in flight.
+    pub fn run_paced(&mut self, duration: Duration, rate: u64) -> Load {
+        const TICK: Duration = Duration::from_millis(1);
+        let mut load = Load::default();
+        let start = Instant::now();
+        let mut next = 0usize;
+        let mut last_reply = start;
+        let mut tick = 0u32;
+        loop {
+            let now = Instant::now();
+            let sending = now - start < duration;
+            let mut got = 0;
+            for s in 0..self.sockets.len() {
+                got += self.recv(s);
+            }
+            load.received += got as u64;
+            if got > 0 {
+                last_reply = now;
+            }
+            if sending {
+                let due = ((now - start).as_secs_f64() * rate as f64) as u64;
+                let mut owed = due.saturating_sub(load.sent) as usize;
+                let mut tries = 0;
+                while owed > 0 && tries < self.sockets.len() {
+                    let s = next % self.sockets.len();
+                    next += 1;
+                    let sent = self.send(s, owed.min(self.window));
+                    owed -= sent;
+                    load.sent += sent as u64;
+                    tries += usize::from(sent == 0);
+                }
+            } else if load.received >= load.sent || now - last_reply > LOST_AFTER {
+                break;
+            }
+            tick += 1;
+            let wake = start + TICK * tick;
+            if let Some(wait) = wake.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+        }
+        load.elapsed = start.elapsed();
+        load
+    }
+
     fn send(&mut self, s: usize, count: usize) -> usize {
         let count = count.min(self.window);
         for hdr in self.send_hdrs.iter_mut().take(count) {
@@ -408,10 +457,38 @@ pub fn udp_rcvbuf_errors() -> Option<u64> {
         .and_then(|(_, value)| value.parse().ok())
 }
 
-/// CPU time all CPUs of the machine have spent busy (user, system, IRQ,
-/// softirq, steal: everything but idle and I/O wait), from `/proc/stat`,
-/// in its ticks (usually 10 ms).
-pub fn machine_busy() -> Duration {
+/// A reading of the machine's CPU time, for [`MachineClock::busy_since`].
+#[derive(Debug, Clone, Copy)]
+pub struct MachineClock {
+    at: Instant,
+    idle: Duration,
+}
+
+impl MachineClock {
+    /// Now, and the idle time of all CPUs so far.
+    pub fn now() -> MachineClock {
+        MachineClock {
+            at: Instant::now(),
+            idle: machine_idle(),
+        }
+    }
+
+    /// CPU time all CPUs have spent busy (anything but idle: user, system,
+    /// IRQ, softirq) since `self`: wall time times CPUs, less idle time.
+    /// The idle time the kernel reports is measured at each idle entry and
+    /// exit (`NO_HZ`), where the busy fields of `/proc/stat` are sampled
+    /// at each tick, which misjudges short bursts of work.
+    pub fn busy_since(&self) -> Duration {
+        let now = MachineClock::now();
+        // Every CPU of the machine, not those this thread may run on.
+        // SAFETY: `sysconf` takes a constant and touches no memory.
+        let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as u32;
+        ((now.at - self.at) * cpus).saturating_sub(now.idle.saturating_sub(self.idle))
+    }
+}
+
+/// Idle and I/O-wait time of all CPUs, from `/proc/stat`.
+fn machine_idle() -> Duration {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
     let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
         return Duration::ZERO;
@@ -421,13 +498,8 @@ pub fn machine_busy() -> Duration {
         .skip(1)
         .filter_map(|v| v.parse().ok())
         .collect();
-    let total: u64 = ticks.iter().take(8).sum();
     let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
     // SAFETY: `sysconf` takes a constant and touches no memory.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Duration::from_nanos(
-        total
-            .saturating_sub(idle)
-            .saturating_mul(1_000_000_000 / hz),
-    )
+    Duration::from_nanos(idle.saturating_mul(1_000_000_000 / hz))
 }
