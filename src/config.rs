@@ -220,9 +220,11 @@ impl ServerBuilder<Blocking> {
     /// # Errors (at bind)
     ///
     /// [`Error::Xdp`](crate::Error::Xdp) when the program cannot be loaded
-    /// or attached, or a queue's socket cannot be opened: the message says
-    /// what is missing (root, kernel support, the driver's mode). It never
-    /// falls back to the socket path. [`Error::InvalidConfig`] for a
+    /// or attached, or a queue's socket cannot be opened, and for an
+    /// interface that does not exist, is a loopback interface, or lacks
+    /// the address: the message says what is missing (root, kernel
+    /// support, the driver's mode). It never falls back to the socket
+    /// path. [`Error::InvalidConfig`] for a
     /// wildcard address, several addresses, or with
     /// [`allow_handoff`](ServerBuilder::allow_handoff).
     ///

@@ -58,6 +58,10 @@ pub(crate) struct Shared {
     /// Where the XDP program of an AF_XDP server runs (feature `xdp`).
     #[cfg(all(feature = "xdp", target_os = "linux"))]
     pub(crate) xdp_mode: std::sync::OnceLock<crate::xdp::XdpMode>,
+    /// Its program, to detach when a shutdown gives up on a worker (held
+    /// weakly: the workers' queues keep it attached while they run).
+    #[cfg(all(feature = "xdp", target_os = "linux"))]
+    pub(crate) xdp_attached: std::sync::OnceLock<std::sync::Weak<crate::sys::xdp::Attached>>,
 }
 
 impl Shared {
@@ -102,6 +106,8 @@ impl Shared {
                 .then(|| crate::systemd::Service::from_env(notify.workers)),
             #[cfg(all(feature = "xdp", target_os = "linux"))]
             xdp_mode: std::sync::OnceLock::new(),
+            #[cfg(all(feature = "xdp", target_os = "linux"))]
+            xdp_attached: std::sync::OnceLock::new(),
         })
     }
 
@@ -781,6 +787,18 @@ impl ServerHandle {
             // Threads still in a handler call are left to finish on their
             // own; what they make from now on is not sent.
             self.control.shared.abandoned.store(true, Ordering::Release);
+            // And an AF_XDP server's interface gives the kernel everything
+            // again, though a stuck worker still holds its queue's socket.
+            #[cfg(all(feature = "xdp", target_os = "linux"))]
+            if let Some(attached) = self
+                .control
+                .shared
+                .xdp_attached
+                .get()
+                .and_then(|w| w.upgrade())
+            {
+                attached.detach();
+            }
         }
         let mut result = Ok(());
         for thread in std::mem::take(&mut self.threads) {

@@ -587,24 +587,33 @@ fn check_xdp_listeners(listeners: &[Prepared]) -> Result<(), Error> {
 /// Attaches the XDP program for the listener `config` describes, and opens
 /// an AF_XDP socket on each receive queue.
 #[cfg(all(feature = "xdp", target_os = "linux"))]
-fn open_xdp(xdp: &crate::xdp::Xdp, config: &Config) -> Result<Vec<sys::xdp::XdpQueue>, Error> {
+fn open_xdp(
+    xdp: &crate::xdp::Xdp,
+    config: &Config,
+    socket: &Socket,
+    reply_dscp: Option<u8>,
+) -> Result<(std::sync::Weak<sys::xdp::Attached>, Vec<sys::xdp::XdpQueue>), Error> {
     let batch = config
         .batch_spec()
         .map_or(crate::config::DEFAULT_BATCH_SIZE, |spec| spec.size);
-    let (attached, queues) = sys::xdp::open(
-        xdp.interface_name(),
-        config.local_addr,
-        xdp.mode.map(crate::xdp::XdpMode::to_sys),
-        xdp.spec(),
-        config.max_datagram,
+    let options = sys::xdp::Options {
+        mode: xdp.mode.map(crate::xdp::XdpMode::to_sys),
+        spec: xdp.spec(),
+        max_datagram: config.max_datagram,
         batch,
-    )
-    .map_err(|source| Error::Xdp {
-        interface: xdp.interface_name().to_owned(),
-        source,
-    })?;
-    drop(attached);
-    Ok(queues)
+        tos: reply_dscp.map_or(0, |dscp| dscp << 2),
+        verify_checksums: xdp.verify_checksums,
+    };
+    let (attached, queues) =
+        sys::xdp::open(xdp.interface_name(), socket, config.local_addr, options).map_err(
+            |source| Error::Xdp {
+                interface: xdp.interface_name().to_owned(),
+                source,
+            },
+        )?;
+    // The queues keep it attached; the server's shared state only reaches
+    // it to detach it when a shutdown gives up on a worker.
+    Ok((Arc::downgrade(&attached), queues))
 }
 
 impl Bound {
@@ -627,10 +636,18 @@ impl Bound {
         let workers = match &builder.xdp {
             Some(xdp) => {
                 check_xdp_listeners(&listeners)?;
-                workers.max(sys::xdp::rx_queues(xdp.interface_name()) as usize)
+                let queues = listeners
+                    .iter()
+                    .flat_map(|l| l.sockets.first())
+                    .map(|b| sys::xdp::rx_queues(&b.socket, xdp.interface_name()))
+                    .max()
+                    .unwrap_or(1);
+                workers.max(queues as usize)
             }
             None => workers,
         };
+        #[cfg(all(feature = "xdp", target_os = "linux"))]
+        let mut xdp_attached = None;
         let server_addr = listeners
             .iter()
             .find_map(|l| l.sockets.first())
@@ -656,9 +673,13 @@ impl Bound {
                 .map(|b| Arc::new(b.socket))
                 .collect();
             #[cfg(all(feature = "xdp", target_os = "linux"))]
-            let xdp = match &builder.xdp {
-                Some(xdp) => open_xdp(xdp, &config)?,
-                None => Vec::new(),
+            let xdp = match (&builder.xdp, sockets.first()) {
+                (Some(xdp), Some(socket)) => {
+                    let (attached, queues) = open_xdp(xdp, &config, socket, builder.reply_dscp)?;
+                    xdp_attached = Some(attached);
+                    queues
+                }
+                _ => Vec::new(),
             };
             bound.push(Listener {
                 config,
@@ -722,6 +743,10 @@ impl Bound {
             let _ = shared
                 .xdp_mode
                 .set(crate::xdp::XdpMode::from_sys(queue.mode()));
+        }
+        #[cfg(all(feature = "xdp", target_os = "linux"))]
+        if let Some(attached) = xdp_attached {
+            let _ = shared.xdp_attached.set(attached);
         }
         Ok(Bound {
             listeners: bound,

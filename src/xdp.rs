@@ -10,18 +10,29 @@
 //!
 //! - **What goes where.** The program redirects a frame only when it
 //!   carries UDP to the server's address and port, in an untagged Ethernet
-//!   frame of an IPv4 datagram without options that is not a fragment, or
-//!   of an IPv6 datagram without extension headers. Everything else (ARP,
-//!   ICMP, other ports and addresses, fragments, options, extension
-//!   headers, VLAN tags) passes to the kernel unchanged, and a datagram for
+//!   frame to the interface's MAC address, of an IPv4 datagram without
+//!   options that is not a fragment, or of an IPv6 datagram without
+//!   extension headers. Everything else (ARP, ICMP, other ports and
+//!   addresses, fragments, options, extension headers, VLAN tags, frames
+//!   for other hosts) passes to the kernel unchanged, and a datagram for
 //!   the server among it reaches the kernel socket, which the same workers
-//!   serve.
+//!   serve (looked at at least every 64 batches, so a flood on the fast
+//!   path does not starve it).
+//! - **Sources the kernel would refuse are refused**: the XDP path skips
+//!   the kernel's checks, so the engine makes them itself. A datagram from
+//!   an unspecified, loopback, multicast, broadcast or reserved address,
+//!   from an IPv4-mapped IPv6 address, or from any address of this host
+//!   (read when the server is bound: a forged one would make the server
+//!   answer itself for ever) is dropped and counted in `malformed`.
 //! - **Replies** are built in the request's own frame: Ethernet, IP and
 //!   UDP addresses swapped, lengths, TTL (64) and checksums computed, v4 and
-//!   v6. A reply too large for the frame leaves through the kernel socket.
-//!   With a [handler pool](crate::ServerBuilder::handler_pool), replies
-//!   leave through the kernel socket too (the pool's threads do not own a
-//!   TX ring).
+//!   v6, with the DSCP of [`reply_dscp`](crate::ServerBuilder::reply_dscp)
+//!   (0 without it; the request's ECN bits and flow label are not echoed).
+//!   A reply longer than the interface's MTU, or too large for the frame,
+//!   leaves through the kernel socket, which fragments it. With a
+//!   [handler pool](crate::ServerBuilder::handler_pool), replies leave
+//!   through the kernel socket too (the pool's threads do not own a TX
+//!   ring).
 //! - **Every promise of the socket path holds:** the handler, rate limit,
 //!   amplification cap, source tokens, truncation limit, caught panics,
 //!   `received == accounted()`, [`Stats`](crate::Stats), latency
@@ -32,20 +43,32 @@
 //!   `kernel_drops` adds what the kernel dropped on the way to the AF_XDP
 //!   sockets (a full RX ring).
 //! - **Attach and detach.** The program is attached with a BPF link, which
-//!   the kernel removes when its last descriptor closes: at shutdown, and
-//!   when the process dies however it dies, so a crashed server never
-//!   leaves the interface redirecting into nothing. Native mode where the
-//!   driver supports it, else generic; [`ServerHandle::xdp_mode`](crate::ServerHandle::xdp_mode)
-//!   reports which.
+//!   the kernel removes when its last descriptor closes: at shutdown (also
+//!   one that gives up on a handler that never returns), and when the
+//!   process dies however it dies, so a crashed server never leaves the
+//!   interface redirecting into nothing. Native mode where the driver
+//!   supports it, else generic; [`ServerHandle::xdp_mode`](crate::ServerHandle::xdp_mode)
+//!   reports which. A server started again at once on the same queues
+//!   waits (up to a second) for the kernel to let go of the last one's.
 //! - **Needs** root (or `CAP_BPF`, `CAP_NET_ADMIN`, `CAP_NET_RAW` and
 //!   `CAP_IPC_LOCK` for the locked UMEM) and Linux 5.9 or later (BPF links
 //!   for XDP). Without them, bind fails with [`Error::Xdp`](crate::Error::Xdp)
 //!   naming what is missing; it never falls back to the socket path
 //!   silently.
-//! - **Limits.** Incoming UDP checksums are not verified (a NIC with
-//!   receive checksum offload has done it; a veth peer hands over a
-//!   partial one). A datagram is received whole up to about 3.7 KB (a
-//!   frame is 4 KiB); the kernel drops longer ones on the XDP path.
+//! - **Refused at bind**, with [`Error::Xdp`](crate::Error::Xdp): an
+//!   interface that does not exist, a loopback interface (AF_XDP cannot
+//!   answer through it), and an address the interface does not have.
+//! - **Limits.** Incoming UDP checksums are verified only with
+//!   [`Xdp::verify_udp_checksums`] (a veth peer hands over partial ones).
+//!   A datagram is received whole up to about 3.7 KB (a frame is 4 KiB);
+//!   the kernel drops longer ones on the XDP path. One XDP server per
+//!   interface, bound to one address. The interface's addresses are read
+//!   at bind: one added later is not refused as a source. A NIC that
+//!   strips VLAN tags in hardware shows tagged frames to XDP untagged: turn
+//!   its VLAN offload off (`ethtool -K eth0 rxvlan off`) on an interface
+//!   that carries VLANs. The queue count comes from the driver's channels
+//!   (`ethtool -l`): where it does not say, queue 0 alone is served through
+//!   AF_XDP, and the others reach the kernel socket.
 //!   With [`recv_metadata`](crate::ServerBuilder::recv_metadata), the
 //!   TOS or traffic class, TTL or hop limit, and interface come from the
 //!   frame.
@@ -57,6 +80,7 @@ pub struct Xdp {
     pub(crate) interface: String,
     pub(crate) mode: Option<XdpMode>,
     pub(crate) ring: u32,
+    pub(crate) verify_checksums: bool,
 }
 
 /// The ring size an [`Xdp`] has unless told otherwise.
@@ -71,7 +95,22 @@ impl Xdp {
             interface: interface.into(),
             mode: None,
             ring: DEFAULT_RING,
+            verify_checksums: false,
         }
+    }
+
+    /// Verifies the UDP checksum of every datagram taken from a receive
+    /// queue, and drops (and counts in
+    /// [`Stats::malformed`](crate::Stats::malformed)) those that do not
+    /// check out. Off by default: a veth peer's own datagrams carry the
+    /// partial checksum its offload never completed (turn it on for a
+    /// physical NIC, or turn the peer's `tx-checksumming` off). A UDP
+    /// checksum of zero over IPv6 is always refused; over IPv4 it means
+    /// "none".
+    #[must_use]
+    pub fn verify_udp_checksums(mut self, on: bool) -> Xdp {
+        self.verify_checksums = on;
+        self
     }
 
     /// Attaches in `mode` only: binding fails if the driver cannot.

@@ -217,10 +217,17 @@ fn fix_ipv4_checksum(f: &mut [u8]) {
     f[24..26].copy_from_slice(&sum.to_be_bytes());
 }
 
-/// Sends each of `frames` as it is, on `xc0`, through a packet socket.
-fn send_frames(frames: Vec<Vec<u8>>) -> io::Result<()> {
+/// A packet socket for `protocol` (network order), and the address of
+/// `xc0` for it.
+fn packet_socket(protocol: u16) -> io::Result<(std::os::fd::OwnedFd, libc::sockaddr_ll)> {
     // SAFETY: `socket` takes plain integers and touches no memory.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            i32::from(protocol),
+        )
+    };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -232,7 +239,14 @@ fn send_frames(frames: Vec<Vec<u8>>) -> io::Result<()> {
     // SAFETY: an all-zero `sockaddr_ll` is a valid value of the type.
     let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_protocol = protocol;
     addr.sll_ifindex = ifindex as i32;
+    Ok((socket, addr))
+}
+
+/// Sends each of `frames` as it is, on `xc0`, through a packet socket.
+fn send_frames(frames: Vec<Vec<u8>>) -> io::Result<()> {
+    let (socket, mut addr) = packet_socket(0)?;
     addr.sll_halen = 6;
     addr.sll_addr[..6].copy_from_slice(&SERVER_MAC);
     for (i, frame) in frames.into_iter().enumerate() {
@@ -658,4 +672,294 @@ fn replies_sent_before_the_rest_of_a_batch_leave_it_whole() {
         .unwrap_or_else(|e| panic!("{}", e.report()));
     assert_eq!((stats.received, stats.replied), (11, 11), "{stats:?}");
     assert_eq!(stats.accounted(), stats.received, "{stats:?}");
+}
+
+/// Replies with as many bytes as the request's decimal number says.
+fn sized(request: udp_greet::Request<'_>, reply: &mut Vec<u8>) -> udp_greet::Action {
+    let size = std::str::from_utf8(request.data())
+        .ok()
+        .and_then(|s| s.parse::<usize>().ok());
+    match size {
+        Some(size) => {
+            reply.resize(size, b'r');
+            udp_greet::Action::Reply
+        }
+        None => udp_greet::Action::Ignore,
+    }
+}
+
+#[test]
+#[ignore = "needs root, iproute2 and XDP: run by .ci/run"]
+fn replies_longer_than_the_mtu_reach_the_client_whole() {
+    let pair = pair();
+    for (local, client) in [
+        (IpAddr::V4(SERVER_V4), IpAddr::V4(CLIENT_V4)),
+        (IpAddr::V6(SERVER_V6), IpAddr::V6(CLIENT_V6)),
+    ] {
+        let server = pair
+            .server
+            .run(move || {
+                GreetServer::builder()
+                    .xdp(Xdp::interface("xs0"))
+                    .bind(SocketAddr::new(local, 0))?
+                    .spawn(sized)
+            })
+            .unwrap_or_else(|e| panic!("{}", e.report()));
+        let addr = server.local_addr();
+        let before = pair.server.run(kernel_udp_in);
+        // Small requests (on the XDP path), replies around the MTU of 1500
+        // (1472 bytes of UDP payload on v4, 1452 on v6), around a frame
+        // of 4 KiB, and larger.
+        let sizes = [
+            1400usize, 1452, 1453, 1472, 1473, 2000, 3778, 3779, 3798, 3799, 9000,
+        ];
+        for size in sizes {
+            let got = pair.client.run(move || -> io::Result<usize> {
+                let socket = UdpSocket::bind(SocketAddr::new(client, 0))?;
+                socket.connect(addr)?;
+                socket.set_read_timeout(Some(GUARD))?;
+                socket.send(size.to_string().as_bytes())?;
+                let mut buf = vec![0u8; 16384];
+                socket.recv(&mut buf)
+            });
+            let got = got.unwrap_or_else(|e| panic!("{local}: a reply of {size} bytes: {e}"));
+            assert_eq!(got, size, "{local}");
+        }
+        // Every request came by the XDP path.
+        assert_eq!(pair.server.run(kernel_udp_in), before, "{local}");
+        let stats = server
+            .shutdown()
+            .unwrap_or_else(|e| panic!("{}", e.report()));
+        let count = sizes.len() as u64;
+        assert_eq!((stats.received, stats.replied), (count, count), "{stats:?}");
+    }
+}
+
+#[test]
+#[ignore = "needs root, iproute2 and XDP: run by .ci/run"]
+fn sources_the_kernel_would_refuse_are_not_answered() {
+    let pair = pair();
+    let server = xdp_server(&pair, SocketAddr::new(SERVER_V4.into(), 0), 1500);
+    let port = server.local_addr().port();
+    let from = |source: [u8; 4], sport: u16| {
+        let mut f = udp_frame(false, port, b"forged", false);
+        f[26..30].copy_from_slice(&source);
+        f[34..36].copy_from_slice(&sport.to_be_bytes());
+        fix_ipv4_checksum(&mut f);
+        // The UDP checksum covers the source: none (0) is allowed on v4.
+        f[40..42].copy_from_slice(&[0, 0]);
+        f
+    };
+    let mut frames = vec![
+        // The server itself, from its own port: each reply would come back
+        // as a request, for ever.
+        from(SERVER_V4.octets(), port),
+        from([127, 0, 0, 1], 40001),
+        from([198, 18, 0, 255], 40001), // the subnet's broadcast address
+        from([0, 1, 2, 3], 40001),
+        from([240, 0, 0, 1], 40001),
+        from([224, 0, 0, 5], 40001),
+    ];
+    let refused = frames.len() as u64;
+    // A frame for another host's MAC address: the program passes it to
+    // the kernel, which drops it; nothing is answered.
+    let mut other = udp_frame(false, port, b"other host", false);
+    other[..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x99]);
+    frames.push(other);
+    frames.push(udp_frame(false, port, b"sentinel", false));
+    let before = pair.server.run(kernel_udp_in);
+    let outcome = pair.client.run(move || -> Result<(), String> {
+        let socket =
+            UdpSocket::bind(SocketAddr::new(CLIENT_V4.into(), 40001)).map_err(|e| e.to_string())?;
+        socket
+            .set_read_timeout(Some(GUARD))
+            .map_err(|e| e.to_string())?;
+        send_frames(frames).map_err(|e| format!("a packet socket on xc0: {e}"))?;
+        expect_replies(&socket, &[b"Hello, sentinel!"])
+    });
+    outcome.unwrap_or_else(|e| panic!("{e}"));
+    let stats = wait_for_stats(&server, "every frame dealt with", |s| {
+        s.received == 1 && s.malformed == refused && s.in_flight() == 0
+    });
+    assert_eq!(stats.replied, 1, "{stats:?}");
+    assert_eq!(pair.server.run(kernel_udp_in), before);
+    server
+        .shutdown()
+        .unwrap_or_else(|e| panic!("{}", e.report()));
+}
+
+#[test]
+#[ignore = "needs root, iproute2 and XDP: run by .ci/run"]
+fn replies_carry_the_dscp_asked_for_and_not_the_requests_ecn() {
+    let pair = pair();
+    for local in [IpAddr::V4(SERVER_V4), IpAddr::V6(SERVER_V6)] {
+        let server = xdp_server_with(&pair, SocketAddr::new(local, 0), |b| b.reply_dscp(46));
+        let port = server.local_addr().port();
+        // A request marked ECN CE (and DSCP 8), from port 40001.
+        let mut f = udp_frame(local.is_ipv6(), port, b"marked", false);
+        match local {
+            IpAddr::V4(_) => {
+                f[15] = 0x23;
+                fix_ipv4_checksum(&mut f);
+            }
+            IpAddr::V6(_) => {
+                f[14] = 0x62;
+                f[15] = 0x30;
+            }
+        }
+        let tos = pair.client.run(move || -> Result<u8, String> {
+            let capture = capture_on_xc0().map_err(|e| format!("a capture socket: {e}"))?;
+            send_frames(vec![f]).map_err(|e| format!("a packet socket on xc0: {e}"))?;
+            let deadline = Instant::now() + GUARD;
+            let mut buf = [0u8; 2048];
+            while Instant::now() < deadline {
+                let n = capture
+                    .recv(&mut buf)
+                    .map_err(|e| format!("capture: {e}"))?;
+                let frame = &buf[..n];
+                // The reply: from the server's port to 40001.
+                let (l4, tos) = match local {
+                    IpAddr::V4(_) if frame.get(12..14) == Some(&[0x08, 0x00]) => {
+                        (34, frame.get(15).copied())
+                    }
+                    IpAddr::V6(_) if frame.get(12..14) == Some(&[0x86, 0xdd]) => {
+                        (54, frame.get(14..16).map(|b| (b[0] << 4) | (b[1] >> 4)))
+                    }
+                    _ => continue,
+                };
+                if frame.get(l4..l4 + 4) == Some(&[(port >> 8) as u8, port as u8, 0x9c, 0x41][..]) {
+                    return tos.ok_or_else(|| "a short frame".to_owned());
+                }
+            }
+            Err("no reply captured".to_owned())
+        });
+        assert_eq!(tos.unwrap_or_else(|e| panic!("{e}")), 46 << 2, "{local}");
+        server
+            .shutdown()
+            .unwrap_or_else(|e| panic!("{}", e.report()));
+    }
+}
+
+/// A packet socket on `xc0` that receives every frame (with a read
+/// timeout of the guard).
+fn capture_on_xc0() -> io::Result<UdpLikeCapture> {
+    let (socket, addr) = packet_socket((libc::ETH_P_ALL as u16).to_be())?;
+    // SAFETY: `addr` is a live `sockaddr_ll` of the length given.
+    let rc = unsafe {
+        libc::bind(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            std::ptr::from_ref(&addr).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let capture = UdpLikeCapture(socket2::Socket::from(socket));
+    capture.0.set_read_timeout(Some(GUARD))?;
+    Ok(capture)
+}
+
+/// A packet socket read like a datagram socket.
+struct UdpLikeCapture(socket2::Socket);
+
+impl UdpLikeCapture {
+    fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        use std::io::Read;
+        (&self.0).read(buf)
+    }
+}
+
+#[test]
+#[ignore = "needs root, iproute2 and XDP: run by .ci/run"]
+fn an_address_the_interface_lacks_and_a_loopback_interface_are_refused() {
+    let pair = pair();
+    let got = pair.server.run(|| {
+        let lacks = GreetServer::builder()
+            .xdp(Xdp::interface("xs0"))
+            .bind("127.0.0.1:0")
+            .map(drop);
+        let loopback = GreetServer::builder()
+            .xdp(Xdp::interface("lo"))
+            .bind(SocketAddr::new(SERVER_V4.into(), 0))
+            .map(drop);
+        (lacks, loopback)
+    });
+    match got {
+        (
+            Err(lacks @ udp_greet::Error::Xdp { .. }),
+            Err(loopback @ udp_greet::Error::Xdp { .. }),
+        ) => {
+            let (lacks, loopback) = (lacks.report(), loopback.report());
+            assert!(
+                lacks.contains("127.0.0.1 is not an address of xs0"),
+                "{lacks}"
+            );
+            assert!(
+                loopback.contains("lo is a loopback interface"),
+                "{loopback}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+#[ignore = "needs root, iproute2 and XDP: run by .ci/run"]
+fn a_server_restarts_at_once_on_the_same_queue() {
+    let pair = pair();
+    let addr = SocketAddr::new(SERVER_V4.into(), 0);
+    for round in 0..10 {
+        let server = xdp_server(&pair, addr, 1500);
+        assert_eq!(
+            ask(&pair, server.local_addr(), b"again"),
+            b"Hello, again!",
+            "round {round}"
+        );
+        server
+            .shutdown()
+            .unwrap_or_else(|e| panic!("round {round}: {}", e.report()));
+    }
+}
+
+/// Set when the stuck handler may return.
+static RELEASE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+#[test]
+#[ignore = "needs root, iproute2 and XDP: run by .ci/run"]
+fn a_shutdown_that_gives_up_on_a_stuck_handler_still_detaches() {
+    let pair = pair();
+    let server = pair
+        .server
+        .run(|| {
+            GreetServer::builder()
+                .xdp(Xdp::interface("xs0"))
+                .bind(SocketAddr::new(SERVER_V4.into(), 0))?
+                .spawn(|request: udp_greet::Request<'_>, reply: &mut Vec<u8>| {
+                    let deadline = Instant::now() + GUARD;
+                    while !RELEASE.load(std::sync::atomic::Ordering::Acquire)
+                        && Instant::now() < deadline
+                    {
+                        thread::yield_now();
+                    }
+                    udp_greet::greet(request, reply)
+                })
+        })
+        .unwrap_or_else(|e| panic!("{}", e.report()));
+    let addr = server.local_addr();
+    let sent = pair.client.run(move || -> io::Result<usize> {
+        UdpSocket::bind(SocketAddr::new(CLIENT_V4.into(), 0))?.send_to(b"stuck", addr)
+    });
+    sent.unwrap_or_else(|e| panic!("{e}"));
+    wait_for_stats(&server, "the handler to start", |s| s.in_flight() == 1);
+    match server.shutdown_timeout(Duration::from_millis(1)) {
+        Err(udp_greet::Error::ShutdownTimedOut { .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    let shown = pair
+        .server
+        .run(|| ip(&["-d", "link", "show", "dev", "xs0"]));
+    let shown = shown.unwrap_or_else(|e| panic!("{e}"));
+    RELEASE.store(true, std::sync::atomic::Ordering::Release);
+    assert!(!shown.contains("prog/xdp"), "{shown}");
 }

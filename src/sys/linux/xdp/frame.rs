@@ -2,16 +2,19 @@
 //! them: every field is checked before any is trusted, and the frame is
 //! turned into the reply in place. No `unsafe`: a frame is a byte slice.
 //!
-//! The XDP program already passes to the kernel what this engine does not
-//! serve (other protocols, fragments, IP options, IPv6 extension headers,
-//! VLAN tags, malformed lengths, a bad IPv4 header checksum); [`parse`]
-//! checks all of it again, so that nothing the program let through by
-//! mistake is answered wrongly: such a frame is dropped and counted.
+//! The XDP program passes to the kernel what this engine does not serve
+//! (other protocols, addresses and ports, fragments, IP options, IPv6
+//! extension headers, VLAN tags, frames for another MAC address); [`parse`]
+//! checks all of that again, and what the program does not look at: the
+//! lengths (an IP or UDP length longer than the frame) and the IPv4 header
+//! checksum. A frame it refuses is dropped and counted.
 //!
-//! Incoming UDP checksums are not verified: a NIC with receive checksum
-//! offload has done it, and a veth peer hands over a partial checksum that
-//! its sender's offload never completed. A UDP checksum of zero over IPv6
-//! is refused (RFC 8200 forbids it). Replies always carry full checksums.
+//! Incoming UDP checksums are verified only when the server asks
+//! ([`Target::verify`]): a veth peer hands over the partial checksum its
+//! sender's offload never completed, and NICs report a bad checksum in
+//! metadata an XDP program cannot read on every driver. A UDP checksum of
+//! zero over IPv6 is always refused (RFC 8200 forbids it). Replies always
+//! carry full checksums.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::Range;
@@ -55,6 +58,8 @@ pub(crate) enum Reject {
     ZeroChecksum,
     /// To another address or port than the server's.
     NotOurs,
+    /// A wrong UDP checksum (checked when asked).
+    BadUdpChecksum,
 }
 
 /// Where the server listens: its port, and the addresses it owns.
@@ -63,6 +68,10 @@ pub(crate) struct Target {
     pub(crate) port: u16,
     pub(crate) v4: Option<Ipv4Addr>,
     pub(crate) v6: Option<Ipv6Addr>,
+    /// The interface's MAC address: frames to any other are not ours.
+    pub(crate) mac: Option<[u8; 6]>,
+    /// Verify UDP checksums (other than IPv6's zero, always refused).
+    pub(crate) verify: bool,
 }
 
 /// A frame that [`parse`] accepted.
@@ -121,6 +130,12 @@ fn checksum(mut acc: u64) -> u16 {
 /// to anywhere but `target` is [`Reject::NotOurs`].
 pub(crate) fn parse(frame: &[u8], target: &Target) -> Result<Datagram, Reject> {
     let ethertype = be16(frame, 12).ok_or(Reject::Truncated)?;
+    if target
+        .mac
+        .is_some_and(|mac| frame.get(..6) != Some(&mac[..]))
+    {
+        return Err(Reject::NotOurs);
+    }
     let (peer_ip, local_ip, l4, udp_room, tos, ttl): (IpAddr, IpAddr, usize, usize, u8, u8) =
         match ethertype {
             ETHERTYPE_IPV4 => {
@@ -210,6 +225,18 @@ pub(crate) fn parse(frame: &[u8], target: &Target) -> Result<Datagram, Reject> {
     if dport != target.port {
         return Err(Reject::NotOurs);
     }
+    if target.verify && be16(frame, l4 + 6) != Some(0) {
+        let pseudo = match (peer_ip, local_ip) {
+            (IpAddr::V4(src), IpAddr::V4(dst)) => sum16(sum16(0, &src.octets()), &dst.octets()),
+            (IpAddr::V6(src), IpAddr::V6(dst)) => sum16(sum16(0, &src.octets()), &dst.octets()),
+            _ => return Err(Reject::NotIp),
+        };
+        let udp = frame.get(l4..l4 + udp_len).ok_or(Reject::BadLength)?;
+        let sum = sum16(pseudo + u64::from(PROTO_UDP) + udp_len as u64, udp);
+        if checksum(sum) != 0 {
+            return Err(Reject::BadUdpChecksum);
+        }
+    }
     Ok(Datagram {
         peer: SocketAddr::new(peer_ip, sport),
         local: SocketAddr::new(local_ip, dport),
@@ -229,9 +256,17 @@ pub(crate) fn reply_room(room: usize, v6: bool) -> usize {
 /// Turns the request frame `frame`, which [`parse`] made `datagram` of,
 /// into its reply in place: the Ethernet, IP and UDP addresses swapped,
 /// `reply` as the payload (its bytes already copied to
-/// `header_len(v6)..`), lengths, TTL and checksums written. Returns the
-/// reply frame's length, or `None` if `reply_len` does not fit `frame`.
-pub(crate) fn make_reply(frame: &mut [u8], datagram: &Datagram, reply_len: usize) -> Option<usize> {
+/// `header_len(v6)..`), lengths, TTL and checksums written, and the TOS
+/// byte (IPv4) or traffic class (IPv6) set to `tos` (the request's is not
+/// echoed: its ECN bits were the sender's; an IPv6 flow label is
+/// cleared). Returns the reply frame's length, or `None` if `reply_len`
+/// does not fit `frame`.
+pub(crate) fn make_reply(
+    frame: &mut [u8],
+    datagram: &Datagram,
+    reply_len: usize,
+    tos: u8,
+) -> Option<usize> {
     let v6 = datagram.is_v6();
     if reply_len > reply_room(frame.len(), v6) {
         return None;
@@ -250,6 +285,9 @@ pub(crate) fn make_reply(frame: &mut [u8], datagram: &Datagram, reply_len: usize
         frame
             .get_mut(18..20)?
             .copy_from_slice(&udp_len16.to_be_bytes());
+        frame
+            .get_mut(14..18)?
+            .copy_from_slice(&[0x60 | tos >> 4, tos << 4, 0, 0]);
         frame[21] = REPLY_HOP_LIMIT;
         sum16(0, frame.get(22..54)?)
     } else {
@@ -257,6 +295,7 @@ pub(crate) fn make_reply(frame: &mut [u8], datagram: &Datagram, reply_len: usize
         src.swap_with_slice(dst);
         let total = u16::try_from(IPV4_LEN + udp_len).ok()?;
         frame.get_mut(16..18)?.copy_from_slice(&total.to_be_bytes());
+        frame[15] = tos;
         frame[22] = REPLY_HOP_LIMIT;
         frame.get_mut(24..26)?.copy_from_slice(&[0, 0]);
         let sum = checksum(sum16(0, frame.get(14..34)?));
@@ -298,6 +337,8 @@ pub(crate) mod tests {
             port: PORT,
             v4: Some(V4_SERVER),
             v6: Some(V6_SERVER),
+            mac: Some(SERVER_MAC),
+            verify: true,
         }
     }
 
@@ -474,6 +515,35 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_frame_for_another_mac_or_with_a_bad_udp_checksum_is_refused() {
+        for v6 in [false, true] {
+            let f = request(v6, b"Michael");
+            let mut g = f.clone();
+            g[5] ^= 1;
+            assert_eq!(parse(&g, &target()), Err(Reject::NotOurs));
+            let any_mac = Target {
+                mac: None,
+                ..target()
+            };
+            assert!(parse(&g, &any_mac).is_ok());
+            // A flipped payload bit: refused when checked, served when not.
+            let mut g = f.clone();
+            let last = g.len() - 1;
+            g[last] ^= 0x40;
+            assert_eq!(parse(&g, &target()), Err(Reject::BadUdpChecksum));
+            let unchecked = Target {
+                verify: false,
+                ..target()
+            };
+            assert!(parse(&g, &unchecked).is_ok());
+        }
+        // IPv4's "no checksum" (zero) is accepted even when checking.
+        let mut f = request(false, b"Tracy");
+        f[40..42].copy_from_slice(&[0, 0]);
+        assert!(parse(&f, &target()).is_ok());
+    }
+
+    #[test]
     fn ipv6_extension_headers_and_a_zero_checksum_are_refused() {
         let f = request(true, b"Sarah");
         let mut g = f.clone();
@@ -566,8 +636,13 @@ pub(crate) mod tests {
                 f.resize(2048, 0xaa);
                 let at = header_len(v6);
                 f[at..at + reply.len()].copy_from_slice(reply);
-                let len = make_reply(&mut f, &d, reply.len()).expect("fits");
+                let len = make_reply(&mut f, &d, reply.len(), 0xb8).expect("fits");
                 check_reply(&f[..len], v6, reply);
+                // The TOS or traffic class asked for, the flow label cleared.
+                match v6 {
+                    true => assert_eq!(&f[14..18], &[0x6b, 0x80, 0, 0]),
+                    false => assert_eq!(f[15], 0xb8),
+                }
             }
         }
     }
@@ -579,9 +654,9 @@ pub(crate) mod tests {
             let d = parse(&f, &target()).expect("parsed");
             let room = reply_room(f.len(), v6);
             assert_eq!(room, 1);
-            assert_eq!(make_reply(&mut f.clone(), &d, room + 1), None);
-            assert_eq!(make_reply(&mut f.clone(), &d, usize::MAX), None);
-            assert!(make_reply(&mut f, &d, room).is_some());
+            assert_eq!(make_reply(&mut f.clone(), &d, room + 1, 0), None);
+            assert_eq!(make_reply(&mut f.clone(), &d, usize::MAX, 0), None);
+            assert!(make_reply(&mut f, &d, room, 0).is_some());
         }
     }
 }

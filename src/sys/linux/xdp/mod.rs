@@ -8,6 +8,7 @@
 
 mod bpf;
 pub(crate) mod frame;
+mod iface;
 mod program;
 mod queue;
 mod xsk;
@@ -16,7 +17,7 @@ use std::ffi::CStr;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use socket2::Socket;
@@ -33,61 +34,104 @@ use super::super::{Control, Received};
 /// is stopping (nothing wakes it otherwise).
 pub(crate) const WAKE_INTERVAL: Duration = Duration::from_millis(50);
 
-/// An interface's receive queues, from sysfs (`rx-N` entries); 1 where
-/// that cannot be read.
-pub(crate) fn rx_queues(interface: &str) -> u32 {
-    let Ok(entries) = std::fs::read_dir(format!("/sys/class/net/{interface}/queues")) else {
-        return 1;
-    };
-    let count = entries
-        .filter_map(Result::ok)
-        .filter(|e| e.file_name().to_string_lossy().starts_with("rx-"))
-        .count();
-    u32::try_from(count).unwrap_or(u32::MAX).max(1)
+/// An interface's receive queues, as its driver reports its channels; 1
+/// where it does not say. Asked through `socket`, so that the interface is
+/// the one of the socket's network namespace.
+pub(crate) fn rx_queues(socket: &Socket, interface: &str) -> u32 {
+    iface::rx_queues(socket, interface)
 }
 
-/// The program attached to `interface` for the server at `local`, and an
-/// AF_XDP socket on each of its receive queues, each in its slot of the
-/// `XSKMAP`.
+/// What the XDP engine is asked to do, beyond the interface.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Options {
+    pub(crate) mode: Option<XdpMode>,
+    pub(crate) spec: XskSpec,
+    pub(crate) max_datagram: usize,
+    pub(crate) batch: usize,
+    /// The TOS byte (IPv4) or traffic class (IPv6) of replies.
+    pub(crate) tos: u8,
+    /// Verify incoming UDP checksums.
+    pub(crate) verify_checksums: bool,
+}
+
+/// The program attached to `interface` for the server whose kernel socket
+/// `socket` is bound to `local`, and an AF_XDP socket on each of its
+/// receive queues, each in its slot of the `XSKMAP`.
+///
+/// Refused: an interface that does not exist (in the socket's network
+/// namespace), a loopback interface (AF_XDP cannot answer through it),
+/// and an address the interface does not have.
 pub(crate) fn open(
     interface: &str,
+    socket: &Socket,
     local: SocketAddr,
-    mode: Option<XdpMode>,
-    spec: XskSpec,
-    max_datagram: usize,
-    batch: usize,
+    options: Options,
 ) -> io::Result<(Arc<Attached>, Vec<XdpQueue>)> {
-    let target = match local.ip() {
-        IpAddr::V4(v4) => Target {
-            port: local.port(),
-            v4: Some(v4),
-            v6: None,
-        },
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => Target {
-                port: local.port(),
-                v4: Some(v4),
-                v6: None,
-            },
-            None => Target {
-                port: local.port(),
-                v4: None,
-                v6: Some(v6),
-            },
-        },
+    let host = iface::host(interface)
+        .map_err(|e| explain("reading the host's addresses", interface, e))?;
+    if !host.found {
+        return Err(explain(
+            "finding the interface",
+            interface,
+            io::Error::from_raw_os_error(libc::ENODEV),
+        ));
+    }
+    if host.loopback {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{interface} is a loopback interface: AF_XDP cannot answer through it"),
+        ));
+    }
+    let local_ip = match local.ip() {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
     };
-    let queues = rx_queues(interface);
-    let attached = Arc::new(attach(interface, &target, queues, mode)?);
+    if !host.on_interface.contains(&local_ip) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{local_ip} is not an address of {interface}: the XDP program would \
+                 take datagrams the interface never gets (its addresses: {:?})",
+                host.on_interface
+            ),
+        ));
+    }
+    let mtu =
+        iface::mtu(socket, interface).map_err(|e| explain("reading the MTU", interface, e))?;
+    let mac = iface::mac(socket, interface)
+        .map_err(|e| explain("reading the MAC address", interface, e))?;
+    let target = Target {
+        port: local.port(),
+        v4: match local_ip {
+            IpAddr::V4(v4) => Some(v4),
+            IpAddr::V6(_) => None,
+        },
+        v6: match local_ip {
+            IpAddr::V6(v6) => Some(v6),
+            IpAddr::V4(_) => None,
+        },
+        mac: Some(mac),
+        verify: options.verify_checksums,
+    };
+    let queues = rx_queues(socket, interface);
+    let attached = Arc::new(attach(interface, &target, queues, options.mode)?);
     let mut opened = Vec::new();
     for q in 0..queues {
-        let queue =
-            Queue::new(attached.ifindex, q, spec, target, max_datagram, batch).map_err(|e| {
-                explain(
-                    &format!("opening an AF_XDP socket on queue {q}"),
-                    interface,
-                    e,
-                )
-            })?;
+        let settings = queue::Settings {
+            target,
+            max_datagram: options.max_datagram,
+            batch: options.batch,
+            max_frame: frame::ETH_LEN.saturating_add(mtu as usize),
+            tos: options.tos,
+            not_sources: host.not_sources.clone(),
+        };
+        let queue = Queue::new(attached.ifindex, q, options.spec, settings).map_err(|e| {
+            explain(
+                &format!("opening an AF_XDP socket on queue {q}"),
+                interface,
+                e,
+            )
+        })?;
         bpf::xskmap_set(&attached.map, q, queue.xsk().raw_fd())
             .map_err(|e| explain("filling the XSKMAP", interface, e))?;
         opened.push(XdpQueue {
@@ -122,7 +166,16 @@ pub(crate) struct XdpSource {
     kernel: One,
     /// The last receive came from the kernel socket.
     from_kernel: bool,
+    /// Receives from the AF_XDP socket since the kernel socket was last
+    /// looked at.
+    since_kernel: u32,
 }
+
+/// How many receives from a busy AF_XDP socket may go by before the kernel
+/// socket is looked at anyway, so that what the program passes to the
+/// kernel for the server (fragments, IP options) is not starved by a
+/// flood on the fast path: one system call per this many batches.
+const KERNEL_EVERY: u32 = 64;
 
 impl XdpSource {
     pub(crate) fn new(queue: XdpQueue, max_datagram: usize, control: Control) -> XdpSource {
@@ -130,6 +183,7 @@ impl XdpSource {
             queue,
             kernel: One::new(max_datagram, control),
             from_kernel: false,
+            since_kernel: 0,
         }
     }
 
@@ -143,8 +197,15 @@ impl XdpSource {
     /// `dont_wait`, `WouldBlock` instead.
     pub(crate) fn recv(&mut self, socket: &Socket, dont_wait: bool) -> io::Result<usize> {
         self.from_kernel = false;
+        if self.since_kernel >= KERNEL_EVERY {
+            self.since_kernel = 0;
+            if let Some(n) = self.take_kernel_datagram(socket)? {
+                return Ok(n);
+            }
+        }
         let taken = self.queue.queue.take();
         if taken > 0 {
+            self.since_kernel += 1;
             return Ok(taken);
         }
         let timeout = if dont_wait {
@@ -154,19 +215,27 @@ impl XdpSource {
         };
         let (_, kernel_ready) = self.queue.queue.wait(Some(socket.as_raw_fd()), timeout)?;
         if kernel_ready {
-            match self.kernel.recv(socket, true) {
-                Ok(0) => {}
-                Ok(n) => {
-                    self.from_kernel = true;
-                    return Ok(n);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
+            if let Some(n) = self.take_kernel_datagram(socket)? {
+                return Ok(n);
             }
         }
         match self.queue.queue.take() {
             0 if dont_wait => Err(io::ErrorKind::WouldBlock.into()),
             taken => Ok(taken),
+        }
+    }
+
+    /// A datagram from the kernel socket, if one is queued.
+    fn take_kernel_datagram(&mut self, socket: &Socket) -> io::Result<Option<usize>> {
+        self.since_kernel = 0;
+        match self.kernel.recv(socket, true) {
+            Ok(0) => Ok(None),
+            Ok(n) => {
+                self.from_kernel = true;
+                Ok(Some(n))
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
         }
     }
 
@@ -224,20 +293,33 @@ impl XdpSource {
     }
 }
 
+/// How long attaching waits for a program that is being detached.
+const ATTACH_BUSY_WAIT: Duration = Duration::from_secs(1);
+
 /// The program's licence, as the kernel reads it: the helper it calls is
 /// not GPL-only.
 const LICENSE: &CStr = c"MIT OR Apache-2.0";
 
 /// The program attached to an interface, with its `XSKMAP`. Dropping it
 /// detaches the program (it closes the link); so does the process's end,
-/// however it ends.
+/// however it ends, and [`Attached::detach`].
 #[derive(Debug)]
 pub(crate) struct Attached {
-    /// Held, not read: the program is attached while it is open.
-    _link: OwnedFd,
+    /// The program is attached while it is open.
+    link: Mutex<Option<OwnedFd>>,
     map: OwnedFd,
     mode: XdpMode,
     ifindex: u32,
+}
+
+impl Attached {
+    /// Detaches the program now, though workers still hold the AF_XDP
+    /// sockets (a shutdown that gave up on a handler that never returns):
+    /// the interface then gives the kernel everything again.
+    pub(crate) fn detach(&self) {
+        let link = self.link.lock().unwrap_or_else(|e| e.into_inner()).take();
+        drop(link);
+    }
 }
 
 #[cfg(test)]
@@ -248,9 +330,24 @@ impl Attached {
     }
 }
 
+/// The operating system's error code of `err`, or of the error it wraps
+/// with context (`xsk`'s).
+fn os_code(err: &io::Error) -> Option<i32> {
+    err.raw_os_error().or_else(|| {
+        err.get_ref()?
+            .downcast_ref::<xsk::Context>()?
+            .source
+            .raw_os_error()
+    })
+}
+
 /// What a failure to attach was doing, and what to do about it.
 fn explain(step: &str, interface: &str, err: io::Error) -> io::Error {
-    let hint = match err.raw_os_error() {
+    let busy_queue = step.starts_with("opening an AF_XDP socket");
+    let hint = match os_code(&err) {
+        Some(libc::EBUSY) if busy_queue => {
+            ": another AF_XDP socket holds this receive queue (another server on it?)"
+        }
         Some(libc::EPERM | libc::EACCES) => {
             ": this needs root, or CAP_BPF, CAP_NET_ADMIN and CAP_NET_RAW"
         }
@@ -278,7 +375,13 @@ pub(crate) fn attach(
         bpf::ifindex(interface).map_err(|e| explain("finding the interface", interface, e))?;
     let map = bpf::xskmap(queues.max(1), "udpgreet_xsks")
         .map_err(|e| explain("creating the XSKMAP", interface, e))?;
-    let insns = program::udp_redirect(map.as_raw_fd(), target.port, target.v4, target.v6);
+    let insns = program::udp_redirect(
+        map.as_raw_fd(),
+        target.port,
+        target.v4,
+        target.v6,
+        target.mac,
+    );
     let prog = bpf::load_xdp(&insns, "udpgreet_xdp", LICENSE).map_err(|(err, log)| {
         let err = explain("loading the XDP program", interface, err);
         match log.trim() {
@@ -292,11 +395,26 @@ pub(crate) fn attach(
         None => &[XdpMode::Native, XdpMode::Generic],
     };
     let mut last = None;
+    // A program being detached (the last server's link, whose descriptor
+    // a process forked a moment ago still holds until its exec) is waited
+    // for, briefly; another server's is not going anywhere.
+    let busy_until = std::time::Instant::now() + ATTACH_BUSY_WAIT;
     for &mode in modes {
-        match bpf::attach_xdp(&prog, ifindex, mode) {
+        let attached = loop {
+            match bpf::attach_xdp(&prog, ifindex, mode) {
+                Err(err)
+                    if matches!(err.raw_os_error(), Some(libc::EBUSY | libc::EEXIST))
+                        && std::time::Instant::now() < busy_until =>
+                {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                other => break other,
+            }
+        };
+        match attached {
             Ok(link) => {
                 return Ok(Attached {
-                    _link: link,
+                    link: Mutex::new(Some(link)),
                     map,
                     mode,
                     ifindex,
@@ -411,6 +529,8 @@ mod tests {
                         port,
                         v4: Some(Ipv4Addr::new(198, 18, 0, 1)),
                         v6: None,
+                        mac: None,
+                        verify: false,
                     };
                     let attached = attach("xs0", &target, 1, None).map_err(|e| e.to_string())?;
                     // veth has native XDP.

@@ -3,7 +3,7 @@
 //!
 //! It redirects a frame to the AF_XDP socket of its receive queue (the slot
 //! of `ctx->rx_queue_index` in an `XSKMAP`) only when it is an untagged
-//! Ethernet frame of an IPv4 datagram with no options that is not a
+//! Ethernet frame to the interface's MAC address, of an IPv4 datagram with no options that is not a
 //! fragment, or of an IPv6 datagram with no extension header, carrying UDP
 //! to the server's address and port. Everything else, and every frame of a
 //! queue with no socket in its slot, passes to the kernel unchanged.
@@ -119,13 +119,14 @@ fn net32(bytes: [u8; 4]) -> i32 {
 }
 
 /// The program for UDP `port` at `v4` and `v6` (a family without an
-/// address is passed to the kernel whole), redirecting through the
-/// `XSKMAP` `map`.
+/// address is passed to the kernel whole), in frames to `mac` (any, with
+/// `None`), redirecting through the `XSKMAP` `map`.
 pub(crate) fn udp_redirect(
     map: RawFd,
     port: u16,
     v4: Option<Ipv4Addr>,
     v6: Option<Ipv6Addr>,
+    mac: Option<[u8; 6]>,
 ) -> Vec<Insn> {
     let mut a = Asm::default();
     a.op(MOV64_X, SAVED_CTX, CTX, 0, 0);
@@ -134,6 +135,21 @@ pub(crate) fn udp_redirect(
     a.op(MOV64_X, R4, R2, 0, 0);
     a.op(ADD64_K, R4, 0, 0, 42); // Ethernet 14 + IPv4 20 + UDP 8
     a.jump(JGT_X, R4, R3, 0, Label::Pass);
+    if let Some(mac) = mac {
+        // Frames for another host (a promiscuous interface, a bridge) and
+        // to broadcast or multicast addresses pass.
+        a.op(LDX_W, R5, R2, 0, 0);
+        a.jump(
+            JNE32_K,
+            R5,
+            0,
+            net32([mac[0], mac[1], mac[2], mac[3]]),
+            Label::Pass,
+        );
+        a.op(LDX_H, R5, R2, 4, 0);
+        let low = i32::from(u16::from_ne_bytes([mac[4], mac[5]]));
+        a.jump(JNE_K, R5, 0, low, Label::Pass);
+    }
     a.op(LDX_H, R5, R2, 12, 0); // the Ethernet type
     a.jump(JEQ_K, R5, 0, net16(0x86dd), Label::V6);
     // ARP, VLAN tags (0x8100, 0x88a8) and the rest pass.
@@ -200,7 +216,7 @@ mod tests {
                 Some(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0xff00, 1)),
             ),
         ] {
-            let insns = udp_redirect(3, 53, v4, v6);
+            let insns = udp_redirect(3, 53, v4, v6, Some([0x02, 0xff, 0x80, 0, 0x7f, 0xfe]));
             assert!(insns.len() < 64, "{} instructions", insns.len());
             for (at, insn) in insns.iter().enumerate() {
                 let class = insn.code & 0x07;

@@ -3,9 +3,10 @@
 //! replies built in the same frames and sent back through the TX ring.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use super::frame::{self, Datagram, Target};
+use super::iface;
 use super::xsk::{Desc, Xsk, XskSpec};
 use crate::sys::{Arrival, REPLY_RESERVE, Received, trim_reply};
 
@@ -22,17 +23,32 @@ enum Slot {
     Done,
 }
 
+/// How a queue serves: what it takes, and how it answers.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub(crate) target: Target,
+    /// The largest datagram handed out whole; a longer one is handed out
+    /// cut to this, marked truncated.
+    pub(crate) max_datagram: usize,
+    /// Frames per receive.
+    pub(crate) batch: usize,
+    /// The longest frame the interface sends (Ethernet header and MTU): a
+    /// longer reply leaves through the kernel socket, which fragments it.
+    pub(crate) max_frame: usize,
+    /// The TOS byte or traffic class of replies.
+    pub(crate) tos: u8,
+    /// Sources the kernel would refuse from the network besides the
+    /// martians ([`super::iface::is_refused_source`]): the host's own
+    /// addresses and broadcast addresses.
+    pub(crate) not_sources: Vec<IpAddr>,
+}
+
 /// A receive queue's socket and what its last receive took.
 #[derive(Debug)]
 pub(crate) struct Queue {
     xsk: Xsk,
-    target: Target,
+    settings: Settings,
     ifindex: u32,
-    /// The largest datagram handed out whole; a longer one is handed out
-    /// cut to this, marked truncated.
-    max_datagram: usize,
-    /// Frames per receive.
-    batch: usize,
     /// The frames of the last receive, scratch.
     descs: Vec<Desc>,
     /// The accepted ones: frame and datagram.
@@ -51,17 +67,14 @@ impl Queue {
         ifindex: u32,
         queue: u32,
         spec: XskSpec,
-        target: Target,
-        max_datagram: usize,
-        batch: usize,
+        mut settings: Settings,
     ) -> io::Result<Queue> {
-        let batch = batch.clamp(1, spec.ring as usize);
+        let batch = settings.batch.clamp(1, spec.ring as usize);
+        settings.batch = batch;
         Ok(Queue {
             xsk: Xsk::new(ifindex, queue, spec)?,
-            target,
+            settings,
             ifindex,
-            max_datagram,
-            batch,
             descs: Vec::with_capacity(batch),
             taken: Vec::with_capacity(batch),
             replies: (0..batch)
@@ -87,14 +100,27 @@ impl Queue {
         self.release();
         self.xsk.reclaim();
         self.xsk.refill();
-        self.xsk.recv(&mut self.descs, self.batch);
+        // Replies a busy kernel left in the TX ring go now.
+        if let Err(err) = self.xsk.kick_pending() {
+            self.error = Some(err);
+        }
+        self.xsk.recv(&mut self.descs, self.settings.batch);
         for &desc in &self.descs {
-            match frame::parse(self.xsk.frame(&desc), &self.target) {
-                Ok(datagram) => {
+            let parsed = frame::parse(self.xsk.frame(&desc), &self.settings.target);
+            match parsed {
+                // A source the kernel would have refused (a martian, or
+                // one of this host's own: a forged one could make the
+                // server answer itself for ever) is not answered.
+                Ok(datagram)
+                    if !iface::is_refused_source(
+                        datagram.peer.ip(),
+                        &self.settings.not_sources,
+                    ) =>
+                {
                     self.taken.push((desc, datagram));
                     self.slots.push(Slot::Pending);
                 }
-                Err(_) => {
+                _ => {
                     self.rejected += 1;
                     self.xsk.give_back(desc.addr);
                 }
@@ -135,8 +161,9 @@ impl Queue {
         }
         let (desc, datagram) = self.taken.get(i)?;
         let data = self.xsk.frame(desc).get(datagram.payload.clone())?;
-        let truncated = data.len() > self.max_datagram;
-        let data = &data[..data.len().min(self.max_datagram)];
+        let max = self.settings.max_datagram;
+        let truncated = data.len() > max;
+        let data = &data[..data.len().min(max)];
         let reply = self.replies.get_mut(i)?;
         Some((
             Received {
@@ -188,13 +215,17 @@ impl Queue {
             };
             *slot = Slot::Done;
             let at = frame::header_len(datagram.is_v6());
+            let max_frame = self.settings.max_frame;
+            let tos = self.settings.tos;
             let frame = self.xsk.frame_mut(desc.addr);
+            // A reply longer than the interface's MTU goes through the
+            // kernel socket, which fragments it.
             let built = match frame.get_mut(at..at + reply.len()) {
-                Some(room) => {
+                Some(room) if at + reply.len() <= max_frame => {
                     room.copy_from_slice(reply);
-                    frame::make_reply(frame, datagram, reply.len())
+                    frame::make_reply(frame, datagram, reply.len(), tos)
                 }
-                None => None,
+                _ => None,
             };
             let result = match built.and_then(|len| u32::try_from(len).ok()) {
                 Some(len) if self.xsk.send(desc.addr, len) => {

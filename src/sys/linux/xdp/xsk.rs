@@ -123,9 +123,43 @@ fn cvt(rc: libc::c_int) -> io::Result<libc::c_int> {
     Ok(rc)
 }
 
-fn context(step: &str, err: io::Error) -> io::Error {
-    io::Error::new(err.kind(), format!("{step}: {err}"))
+/// An error with the step that failed; the operating system's error stays
+/// readable (`source`), for the hints the caller gives.
+#[derive(Debug)]
+pub(crate) struct Context {
+    step: String,
+    pub(crate) source: io::Error,
 }
+
+impl std::fmt::Display for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.step, self.source)
+    }
+}
+
+impl std::error::Error for Context {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
+fn context(step: &str, source: io::Error) -> io::Error {
+    io::Error::new(
+        source.kind(),
+        Context {
+            step: step.to_owned(),
+            source,
+        },
+    )
+}
+
+/// How many times one flush wakes the kernel to send.
+const MAX_KICKS: usize = 8;
+
+/// How long a bind waits for the kernel to let go of a receive queue that
+/// an AF_XDP socket closed a moment ago held (it frees it from deferred
+/// work): a server restarted at once gets `EBUSY` for some milliseconds.
+const BIND_BUSY_WAIT: Duration = Duration::from_secs(1);
 
 /// An anonymous shared mapping, unmapped when dropped.
 #[derive(Debug)]
@@ -285,6 +319,12 @@ impl<T: Copy> Ring<T> {
         true
     }
 
+    /// Producer side: entries pushed that the kernel has not taken yet.
+    fn pending(&self) -> u32 {
+        self.local
+            .wrapping_sub(self.consumer().load(Ordering::Acquire))
+    }
+
     /// Producer side: hands what was pushed to the kernel.
     fn submit(&self) {
         self.producer().store(self.local, Ordering::Release);
@@ -404,7 +444,9 @@ impl Xsk {
         };
         xsk.refill();
         let mut bound = None;
-        for mode in [XDP_ZEROCOPY, XDP_COPY] {
+        let busy_until = std::time::Instant::now() + BIND_BUSY_WAIT;
+        let mut modes = [XDP_ZEROCOPY, XDP_COPY].into_iter().peekable();
+        while let Some(&mode) = modes.peek() {
             let addr = SockaddrXdp {
                 family: AF_XDP as u16,
                 flags: mode | XDP_USE_NEED_WAKEUP,
@@ -426,7 +468,15 @@ impl Xsk {
                     bound = Some(Ok(()));
                     break;
                 }
-                Err(e) if mode == XDP_ZEROCOPY && e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
+                Err(e) if mode == XDP_ZEROCOPY && e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                    modes.next();
+                }
+                Err(e)
+                    if e.raw_os_error() == Some(libc::EBUSY)
+                        && std::time::Instant::now() < busy_until =>
+                {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
                 Err(e) => {
                     bound = Some(Err(e));
                     break;
@@ -553,12 +603,34 @@ impl Xsk {
     }
 
     /// Hands the frames queued with [`send`](Xsk::send) to the kernel, and
-    /// wakes it to send them where it asks to be woken.
+    /// wakes it to send them where it asks to be woken: again while some
+    /// are left (in copy mode the kernel sends a bounded number per
+    /// wake-up), a few times at most. What is left then goes with the next
+    /// flush or the next receive ([`Xsk::kick_pending`]).
     pub(crate) fn flush(&mut self) -> io::Result<()> {
         self.tx.submit();
-        if !self.tx.needs_wakeup() {
-            return Ok(());
+        for _ in 0..MAX_KICKS {
+            if self.tx.pending() == 0 || !self.tx.needs_wakeup() {
+                return Ok(());
+            }
+            if !self.kick()? {
+                return Ok(());
+            }
         }
+        Ok(())
+    }
+
+    /// Wakes the kernel for frames still waiting in the TX ring, if any.
+    pub(crate) fn kick_pending(&mut self) -> io::Result<()> {
+        if self.tx.pending() > 0 && self.tx.needs_wakeup() {
+            self.kick()?;
+        }
+        Ok(())
+    }
+
+    /// One empty `sendto`, which makes the kernel send from the TX ring;
+    /// `false` when it had no room or was busy (nothing more now).
+    fn kick(&self) -> io::Result<bool> {
         // SAFETY: an empty send on the socket: no buffer, no address.
         let rc = unsafe {
             libc::sendto(
@@ -571,13 +643,13 @@ impl Xsk {
             )
         };
         if rc >= 0 {
-            return Ok(());
+            return Ok(true);
         }
         let err = io::Error::last_os_error();
         match err.raw_os_error() {
             // The kernel is busy sending, or has no room yet: the frames
             // stay queued and go with the next wake-up.
-            Some(libc::EAGAIN | libc::EBUSY | libc::ENOBUFS) => Ok(()),
+            Some(libc::EAGAIN | libc::EBUSY | libc::ENOBUFS) => Ok(false),
             _ => Err(err),
         }
     }
