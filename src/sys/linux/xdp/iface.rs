@@ -39,7 +39,8 @@ fn ifreq(interface: &str) -> io::Result<libc::ifreq> {
         ));
     }
     for (to, &from) in req.ifr_name.iter_mut().zip(name) {
-        *to = from as libc::c_char;
+        // `c_char` is `i8` on some targets, `u8` on others.
+        *to = libc::c_char::from_ne_bytes([from]);
     }
     Ok(req)
 }
@@ -74,7 +75,7 @@ pub(crate) fn mac(socket: &Socket, interface: &str) -> io::Result<[u8; 6]> {
     let data = unsafe { req.ifr_ifru.ifru_hwaddr.sa_data };
     let mut mac = [0u8; 6];
     for (to, from) in mac.iter_mut().zip(data) {
-        *to = from as u8;
+        *to = from.to_ne_bytes()[0];
     }
     Ok(mac)
 }
