@@ -212,17 +212,17 @@ impl ServerBuilder<Blocking> {
     /// the same handler and promises, past the kernel's UDP stack.
     ///
     /// The server must be bound with [`bind`](ServerBuilder::bind) (or
-    /// [`from_std`](ServerBuilder::from_std)) to one address of its own on
-    /// that interface, not a wildcard: the XDP program takes only the
-    /// datagrams to that address and port. `None` (the default): the
+    /// [`from_std`](ServerBuilder::from_std)) to one address of its own
+    /// that datagrams reach through that interface, not a wildcard: the
+    /// XDP program takes only the datagrams to that address and port. `None` (the default): the
     /// socket path.
     ///
     /// # Errors (at bind)
     ///
     /// [`Error::Xdp`](crate::Error::Xdp) when the program cannot be loaded
     /// or attached, or a queue's socket cannot be opened, and for an
-    /// interface that does not exist, is a loopback interface, or lacks
-    /// the address: the message says what is missing (root, kernel
+    /// interface that does not exist, is a loopback interface or is not
+    /// Ethernet: the message says what is missing (root, kernel
     /// support, the driver's mode). It never falls back to the socket
     /// path. [`Error::InvalidConfig`] for a
     /// wildcard address, several addresses, or with

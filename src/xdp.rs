@@ -29,7 +29,9 @@
 //!   v6, with the DSCP of [`reply_dscp`](crate::ServerBuilder::reply_dscp)
 //!   (0 without it; the request's ECN bits and flow label are not echoed).
 //!   A reply longer than the interface's MTU, or too large for the frame,
-//!   leaves through the kernel socket, which fragments it. With a
+//!   leaves through the kernel socket, which fragments it (the MTU is read
+//!   again before any reply longer than 1280 bytes, and when idle, so a
+//!   change at run time is kept to). With a
 //!   [handler pool](crate::ServerBuilder::handler_pool), replies leave
 //!   through the kernel socket too (the pool's threads do not own a TX
 //!   ring).
@@ -57,13 +59,17 @@
 //!   silently.
 //! - **Refused at bind**, with [`Error::Xdp`](crate::Error::Xdp): an
 //!   interface that does not exist, a loopback interface (AF_XDP cannot
-//!   answer through it), and an address the interface does not have.
+//!   answer through it), one that is not Ethernet (a tunnel), and an
+//!   address that is not this host's. The address may be on another
+//!   interface (a service address on `lo` or a dummy, reached through this
+//!   one, as anycast and direct-routing setups have).
 //! - **Limits.** Incoming UDP checksums are verified only with
 //!   [`Xdp::verify_udp_checksums`] (a veth peer hands over partial ones).
 //!   A datagram is received whole up to about 3.7 KB (a frame is 4 KiB);
 //!   the kernel drops longer ones on the XDP path. One XDP server per
-//!   interface, bound to one address. The interface's addresses are read
-//!   at bind: one added later is not refused as a source. A NIC that
+//!   interface, bound to one address. The host's addresses are read at
+//!   bind: one added later is not refused as a source, and one removed
+//!   later still is. A NIC that
 //!   strips VLAN tags in hardware shows tagged frames to XDP untagged: turn
 //!   its VLAN offload off (`ethtool -K eth0 rxvlan off`) on an interface
 //!   that carries VLANs. The queue count comes from the driver's channels

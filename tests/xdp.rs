@@ -46,6 +46,21 @@ fn xdp_server_with(
         .unwrap_or_else(|e| panic!("{}", e.report()))
 }
 
+/// Starts an AF_XDP server on `xs0` at `local` (port 0) with `handler`.
+fn serve_with<H>(pair: &Pair, local: IpAddr, handler: H) -> ServerHandle
+where
+    H: Fn(udp_greet::Request<'_>, &mut Vec<u8>) -> udp_greet::Action + Send + Sync + 'static,
+{
+    pair.server
+        .run(move || {
+            GreetServer::builder()
+                .xdp(Xdp::interface("xs0"))
+                .bind(SocketAddr::new(local, 0))?
+                .spawn(handler)
+        })
+        .unwrap_or_else(|e| panic!("{}", e.report()))
+}
+
 /// Asks `to` once from the client's namespace.
 fn ask(pair: &Pair, to: SocketAddr, name: &'static [u8]) -> Vec<u8> {
     pair.client
@@ -624,15 +639,7 @@ fn gated(request: udp_greet::Request<'_>, reply: &mut Vec<u8>) -> udp_greet::Act
 #[ignore = "needs root, iproute2 and XDP: run by .ci/run"]
 fn replies_sent_before_the_rest_of_a_batch_leave_it_whole() {
     let pair = pair();
-    let server = pair
-        .server
-        .run(|| {
-            GreetServer::builder()
-                .xdp(Xdp::interface("xs0"))
-                .bind(SocketAddr::new(SERVER_V4.into(), 0))?
-                .spawn(gated)
-        })
-        .unwrap_or_else(|e| panic!("{}", e.report()));
+    let server = serve_with(&pair, IpAddr::from(SERVER_V4), gated);
     let addr = server.local_addr();
     let names: Vec<Vec<u8>> = ["a", "slow1", "b", "c", "slow2", "d", "e", "slow3", "f", "g"]
         .iter()
@@ -696,15 +703,7 @@ fn replies_longer_than_the_mtu_reach_the_client_whole() {
         (IpAddr::V4(SERVER_V4), IpAddr::V4(CLIENT_V4)),
         (IpAddr::V6(SERVER_V6), IpAddr::V6(CLIENT_V6)),
     ] {
-        let server = pair
-            .server
-            .run(move || {
-                GreetServer::builder()
-                    .xdp(Xdp::interface("xs0"))
-                    .bind(SocketAddr::new(local, 0))?
-                    .spawn(sized)
-            })
-            .unwrap_or_else(|e| panic!("{}", e.report()));
+        let server = serve_with(&pair, local, sized);
         let addr = server.local_addr();
         let before = pair.server.run(kernel_udp_in);
         // Small requests (on the XDP path), replies around the MTU of 1500
@@ -872,36 +871,86 @@ impl UdpLikeCapture {
 
 #[test]
 #[ignore = "needs root, iproute2 and XDP: run by .ci/run"]
-fn an_address_the_interface_lacks_and_a_loopback_interface_are_refused() {
+fn service_addresses_are_served_and_a_loopback_interface_is_refused() {
     let pair = pair();
-    let got = pair.server.run(|| {
-        let lacks = GreetServer::builder()
-            .xdp(Xdp::interface("xs0"))
-            .bind("127.0.0.1:0")
-            .map(drop);
-        let loopback = GreetServer::builder()
+    let loopback = pair.server.run(|| {
+        GreetServer::builder()
             .xdp(Xdp::interface("lo"))
             .bind(SocketAddr::new(SERVER_V4.into(), 0))
-            .map(drop);
-        (lacks, loopback)
+            .map(drop)
     });
-    match got {
-        (
-            Err(lacks @ udp_greet::Error::Xdp { .. }),
-            Err(loopback @ udp_greet::Error::Xdp { .. }),
-        ) => {
-            let (lacks, loopback) = (lacks.report(), loopback.report());
-            assert!(
-                lacks.contains("127.0.0.1 is not an address of xs0"),
-                "{lacks}"
-            );
-            assert!(
-                loopback.contains("lo is a loopback interface"),
-                "{loopback}"
-            );
+    match loopback {
+        Err(err @ udp_greet::Error::Xdp { .. }) => {
+            let report = err.report();
+            assert!(report.contains("lo is a loopback interface"), "{report}");
         }
         other => panic!("{other:?}"),
     }
+    // A labelled address on xs0, and a service address on lo that the
+    // client reaches through xs0 (as anycast and direct-routing setups
+    // have): both served through the XDP queue.
+    let made = pair.server.run(|| -> Result<(), String> {
+        ip(&[
+            "addr",
+            "add",
+            "198.18.0.5/24",
+            "dev",
+            "xs0",
+            "label",
+            "xs0:1",
+        ])?;
+        ip(&["addr", "add", "198.18.9.9/32", "dev", "lo"])?;
+        Ok(())
+    });
+    made.unwrap_or_else(|e| panic!("{e}"));
+    let routed = pair
+        .client
+        .run(|| ip(&["route", "add", "198.18.9.9/32", "via", "198.18.0.1"]));
+    routed.unwrap_or_else(|e| panic!("{e}"));
+    for service in [[198, 18, 0, 5], [198, 18, 9, 9]] {
+        let server = xdp_server(&pair, SocketAddr::from((service, 0)), 1500);
+        let before = pair.server.run(kernel_udp_in);
+        assert_eq!(ask(&pair, server.local_addr(), b"Sarah"), b"Hello, Sarah!");
+        assert_eq!(pair.server.run(kernel_udp_in), before, "{service:?}");
+        server
+            .shutdown()
+            .unwrap_or_else(|e| panic!("{}", e.report()));
+    }
+}
+
+#[test]
+#[ignore = "needs root, iproute2 and XDP: run by .ci/run"]
+fn a_smaller_mtu_set_while_serving_is_kept_to() {
+    let pair = pair();
+    let server = serve_with(&pair, IpAddr::from(SERVER_V4), sized);
+    let addr = server.local_addr();
+    let ask_for = |size: usize| {
+        pair.client.run(move || -> io::Result<usize> {
+            let socket = UdpSocket::bind(SocketAddr::new(CLIENT_V4.into(), 0))?;
+            socket.connect(addr)?;
+            socket.set_read_timeout(Some(GUARD))?;
+            socket.send(size.to_string().as_bytes())?;
+            let mut buf = vec![0u8; 4096];
+            socket.recv(&mut buf)
+        })
+    };
+    assert_eq!(ask_for(1400).expect("a reply at MTU 1500"), 1400);
+    let set = pair
+        .server
+        .run(|| ip(&["link", "set", "xs0", "mtu", "1280"]));
+    set.unwrap_or_else(|e| panic!("{e}"));
+    let set = pair
+        .client
+        .run(|| ip(&["link", "set", "xc0", "mtu", "1280"]));
+    set.unwrap_or_else(|e| panic!("{e}"));
+    // 1400 bytes no longer fit one frame of the link: fragmented by the
+    // kernel socket, whole at the client.
+    assert_eq!(ask_for(1400).expect("a reply at MTU 1280"), 1400);
+    assert_eq!(ask_for(1200).expect("a small reply"), 1200);
+    let stats = server
+        .shutdown()
+        .unwrap_or_else(|e| panic!("{}", e.report()));
+    assert_eq!((stats.received, stats.replied), (3, 3), "{stats:?}");
 }
 
 #[test]
@@ -929,23 +978,17 @@ static RELEASE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::n
 #[ignore = "needs root, iproute2 and XDP: run by .ci/run"]
 fn a_shutdown_that_gives_up_on_a_stuck_handler_still_detaches() {
     let pair = pair();
-    let server = pair
-        .server
-        .run(|| {
-            GreetServer::builder()
-                .xdp(Xdp::interface("xs0"))
-                .bind(SocketAddr::new(SERVER_V4.into(), 0))?
-                .spawn(|request: udp_greet::Request<'_>, reply: &mut Vec<u8>| {
-                    let deadline = Instant::now() + GUARD;
-                    while !RELEASE.load(std::sync::atomic::Ordering::Acquire)
-                        && Instant::now() < deadline
-                    {
-                        thread::yield_now();
-                    }
-                    udp_greet::greet(request, reply)
-                })
-        })
-        .unwrap_or_else(|e| panic!("{}", e.report()));
+    let server = serve_with(
+        &pair,
+        IpAddr::from(SERVER_V4),
+        |request: udp_greet::Request<'_>, reply: &mut Vec<u8>| {
+            let deadline = Instant::now() + GUARD;
+            while !RELEASE.load(std::sync::atomic::Ordering::Acquire) && Instant::now() < deadline {
+                thread::yield_now();
+            }
+            udp_greet::greet(request, reply)
+        },
+    );
     let addr = server.local_addr();
     let sent = pair.client.run(move || -> io::Result<usize> {
         UdpSocket::bind(SocketAddr::new(CLIENT_V4.into(), 0))?.send_to(b"stuck", addr)

@@ -67,12 +67,25 @@ pub(crate) fn mtu(socket: &Socket, interface: &str) -> io::Result<u32> {
     u32::try_from(mtu).map_err(|_| io::Error::other("a negative MTU"))
 }
 
-/// The interface's MAC address.
+/// The interface's MAC address; an error for an interface that is not
+/// Ethernet (a tunnel, WireGuard): the engine reads and writes Ethernet
+/// headers.
 pub(crate) fn mac(socket: &Socket, interface: &str) -> io::Result<[u8; 6]> {
     let mut req = ifreq(interface)?;
     ioctl(socket, libc::SIOCGIFHWADDR, &mut req)?;
     // SAFETY: SIOCGIFHWADDR wrote the union's `ifru_hwaddr` member.
-    let data = unsafe { req.ifr_ifru.ifru_hwaddr.sa_data };
+    let hwaddr = unsafe { req.ifr_ifru.ifru_hwaddr };
+    if hwaddr.sa_family != libc::ARPHRD_ETHER {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!(
+                "{interface} is not an Ethernet interface (hardware type {}): \
+                 the XDP engine reads and writes Ethernet frames",
+                hwaddr.sa_family
+            ),
+        ));
+    }
+    let data = hwaddr.sa_data;
     let mut mac = [0u8; 6];
     for (to, from) in mac.iter_mut().zip(data) {
         *to = from.to_ne_bytes()[0];
@@ -102,10 +115,9 @@ pub(crate) fn rx_queues(socket: &Socket, interface: &str) -> u32 {
 /// what the interface has.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub(crate) struct Host {
-    /// Every address of every interface, and every IPv4 broadcast address.
+    /// Every address of every interface, and every IPv4 broadcast
+    /// address, sorted (for [`is_refused_source`]'s binary search).
     pub(crate) not_sources: Vec<IpAddr>,
-    /// The addresses of the interface.
-    pub(crate) on_interface: Vec<IpAddr>,
     /// The interface is a loopback interface.
     pub(crate) loopback: bool,
     /// The interface was found.
@@ -138,16 +150,20 @@ pub(crate) fn host(interface: &str) -> io::Result<Host> {
                 e.ifa_next,
             )
         };
-        let ours = name.to_bytes() == interface.as_bytes();
+        // An address with a label (`ip addr add ... label eth0:1`) is
+        // listed under `eth0:1`.
+        let base = name
+            .to_bytes()
+            .split(|&b| b == b':')
+            .next()
+            .unwrap_or_default();
+        let ours = base == interface.as_bytes();
         if ours {
             host.found = true;
             host.loopback |= flags & libc::IFF_LOOPBACK as u32 != 0;
         }
         if let Some(addr) = addr {
             host.not_sources.push(addr);
-            if ours {
-                host.on_interface.push(addr);
-            }
         }
         if flags & libc::IFF_BROADCAST as u32 != 0 {
             if let Some(broadcast @ IpAddr::V4(_)) = broadcast {
@@ -168,6 +184,8 @@ pub(crate) fn host(interface: &str) -> io::Result<Host> {
     // SAFETY: `list` came from `getifaddrs` and is freed once; no pointer
     // into it is kept (every address was copied out).
     unsafe { libc::freeifaddrs(list) };
+    host.not_sources.sort_unstable();
+    host.not_sources.dedup();
     Ok(host)
 }
 
@@ -202,7 +220,7 @@ unsafe fn sockaddr_ip(addr: *const libc::sockaddr) -> Option<IpAddr> {
 /// Whether the kernel would refuse `source` as the source of a datagram
 /// that came in from the network (a martian, or one of the host's own):
 /// unspecified, loopback, multicast, broadcast, reserved (240.0.0.0/4,
-/// 0.0.0.0/8), IPv4-mapped, or listed in `host`.
+/// 0.0.0.0/8), IPv4-mapped, or listed in `host` (sorted).
 pub(crate) fn is_refused_source(source: IpAddr, host: &[IpAddr]) -> bool {
     let martian = match source {
         IpAddr::V4(v4) => {
@@ -220,5 +238,5 @@ pub(crate) fn is_refused_source(source: IpAddr, host: &[IpAddr]) -> bool {
                 || v6.to_ipv4_mapped().is_some()
         }
     };
-    martian || host.contains(&source)
+    martian || host.binary_search(&source).is_ok()
 }

@@ -59,8 +59,8 @@ pub(crate) struct Options {
 /// receive queues, each in its slot of the `XSKMAP`.
 ///
 /// Refused: an interface that does not exist (in the socket's network
-/// namespace), a loopback interface (AF_XDP cannot answer through it),
-/// and an address the interface does not have.
+/// namespace), a loopback interface (AF_XDP cannot answer through it), one
+/// that is not Ethernet, and an address that is not this host's.
 pub(crate) fn open(
     interface: &str,
     socket: &Socket,
@@ -86,14 +86,12 @@ pub(crate) fn open(
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
         v4 => v4,
     };
-    if !host.on_interface.contains(&local_ip) {
+    // The address may be on another interface (a service address on `lo`
+    // or a dummy, reached through this one): it must be this host's.
+    if host.not_sources.binary_search(&local_ip).is_err() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!(
-                "{local_ip} is not an address of {interface}: the XDP program would \
-                 take datagrams the interface never gets (its addresses: {:?})",
-                host.on_interface
-            ),
+            format!("{local_ip} is not an address of this host: no datagram would come to it"),
         ));
     }
     let mtu =
@@ -118,6 +116,7 @@ pub(crate) fn open(
     let mut opened = Vec::new();
     for q in 0..queues {
         let settings = queue::Settings {
+            interface: interface.to_owned(),
             target,
             max_datagram: options.max_datagram,
             batch: options.batch,
@@ -169,7 +168,14 @@ pub(crate) struct XdpSource {
     /// Receives from the AF_XDP socket since the kernel socket was last
     /// looked at.
     since_kernel: u32,
+    /// Busy receives since the interface's MTU was last read.
+    since_mtu: u32,
 }
+
+/// How many busy receives may go by before the interface's MTU is read
+/// again (it is also read whenever the worker is idle): a change of MTU
+/// at run time reaches the replies within this many batches.
+const MTU_EVERY: u32 = 4096;
 
 /// How many receives from a busy AF_XDP socket may go by before the kernel
 /// socket is looked at anyway, so that what the program passes to the
@@ -184,6 +190,7 @@ impl XdpSource {
             kernel: One::new(max_datagram, control),
             from_kernel: false,
             since_kernel: 0,
+            since_mtu: 0,
         }
     }
 
@@ -206,6 +213,11 @@ impl XdpSource {
         let taken = self.queue.queue.take();
         if taken > 0 {
             self.since_kernel += 1;
+            self.since_mtu += 1;
+            if self.since_mtu >= MTU_EVERY {
+                self.since_mtu = 0;
+                self.queue.queue.refresh_mtu(socket);
+            }
             return Ok(taken);
         }
         let timeout = if dont_wait {
@@ -221,6 +233,12 @@ impl XdpSource {
         }
         match self.queue.queue.take() {
             0 if dont_wait => Err(io::ErrorKind::WouldBlock.into()),
+            0 => {
+                // Idle: a good moment to see whether the MTU changed.
+                self.since_mtu = 0;
+                self.queue.queue.refresh_mtu(socket);
+                Ok(0)
+            }
             taken => Ok(taken),
         }
     }
@@ -267,7 +285,7 @@ impl XdpSource {
         let mut fallback = |reply: &[u8], to: SocketAddr| {
             super::super::send_blocking(socket, || socket.send_to(reply, &to.into())).map(drop)
         };
-        self.queue.queue.send(&mut fallback)
+        self.queue.queue.send(socket, &mut fallback)
     }
 
     pub(crate) fn drop_queued(&mut self) -> u64 {

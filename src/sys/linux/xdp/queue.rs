@@ -10,6 +10,9 @@ use super::iface;
 use super::xsk::{Desc, Xsk, XskSpec};
 use crate::sys::{Arrival, REPLY_RESERVE, Received, trim_reply};
 
+/// IPv6's minimum MTU: a frame within it fits every link.
+const MIN_MTU: usize = 1280;
+
 /// Where a taken frame is: replies may be sent before the whole batch has
 /// been handled (a slow handler makes the ready ones go), so each frame is
 /// followed on its own.
@@ -26,6 +29,8 @@ enum Slot {
 /// How a queue serves: what it takes, and how it answers.
 #[derive(Debug, Clone)]
 pub(crate) struct Settings {
+    /// The interface's name, to read its MTU again.
+    pub(crate) interface: String,
     pub(crate) target: Target,
     /// The largest datagram handed out whole; a longer one is handed out
     /// cut to this, marked truncated.
@@ -132,6 +137,15 @@ impl Queue {
         self.taken.len()
     }
 
+    /// Reads the interface's MTU again (through `socket`, in its network
+    /// namespace), so that a change at run time does not make replies too
+    /// long for the link; kept as it was if it cannot be read.
+    pub(crate) fn refresh_mtu(&mut self, socket: &socket2::Socket) {
+        if let Ok(mtu) = iface::mtu(socket, &self.settings.interface) {
+            self.settings.max_frame = frame::ETH_LEN.saturating_add(mtu as usize);
+        }
+    }
+
     /// Gives back the frames of the last receive that are still this
     /// side's (no reply, or a reply never sent), and forgets the receive.
     fn release(&mut self) {
@@ -202,10 +216,24 @@ impl Queue {
     /// rest of the batch. Returns the counted replies sent and failed.
     pub(crate) fn send(
         &mut self,
+        socket: &socket2::Socket,
         fallback: &mut dyn FnMut(&[u8], SocketAddr) -> io::Result<()>,
     ) -> (u64, u64) {
         let (mut sent, mut failed) = (0, 0);
         let mut any = false;
+        // A reply longer than every link carries (IPv6's minimum MTU)
+        // makes the MTU be read again first, once a batch: a change at run
+        // time must not make it too long for the link.
+        let long = |len: usize| len > frame::ETH_LEN + MIN_MTU;
+        let any_long = self.taken.iter().zip(&self.slots).zip(&self.replies).any(
+            |(((_, datagram), slot), reply)| {
+                matches!(slot, Slot::Queued(_))
+                    && long(frame::header_len(datagram.is_v6()) + reply.len())
+            },
+        );
+        if any_long {
+            self.refresh_mtu(socket);
+        }
         for (i, (desc, datagram)) in self.taken.iter().enumerate() {
             let (Some(slot), Some(reply)) = (self.slots.get_mut(i), self.replies.get_mut(i)) else {
                 continue;

@@ -153,9 +153,6 @@ fn context(step: &str, source: io::Error) -> io::Error {
     )
 }
 
-/// How many times one flush wakes the kernel to send.
-const MAX_KICKS: usize = 8;
-
 /// How long a bind waits for the kernel to let go of a receive queue that
 /// an AF_XDP socket closed a moment ago held (it frees it from deferred
 /// work): a server restarted at once gets `EBUSY` for some milliseconds.
@@ -603,18 +600,21 @@ impl Xsk {
     }
 
     /// Hands the frames queued with [`send`](Xsk::send) to the kernel, and
-    /// wakes it to send them where it asks to be woken: again while some
-    /// are left (in copy mode the kernel sends a bounded number per
-    /// wake-up), a few times at most. What is left then goes with the next
-    /// flush or the next receive ([`Xsk::kick_pending`]).
+    /// wakes it to send them where it asks to be woken: again while each
+    /// wake-up sends some (in copy mode the kernel sends at most 32 per
+    /// wake-up, then answers `EAGAIN`), and no more once one sends none (a
+    /// zero-copy driver sends later, on its own). What is left then goes
+    /// with the next flush or the next receive ([`Xsk::kick_pending`]).
     pub(crate) fn flush(&mut self) -> io::Result<()> {
         self.tx.submit();
-        for _ in 0..MAX_KICKS {
-            if self.tx.pending() == 0 || !self.tx.needs_wakeup() {
-                return Ok(());
+        while self.tx.needs_wakeup() {
+            let before = self.tx.pending();
+            if before == 0 {
+                break;
             }
-            if !self.kick()? {
-                return Ok(());
+            self.kick()?;
+            if self.tx.pending() >= before {
+                break;
             }
         }
         Ok(())
@@ -628,9 +628,10 @@ impl Xsk {
         Ok(())
     }
 
-    /// One empty `sendto`, which makes the kernel send from the TX ring;
-    /// `false` when it had no room or was busy (nothing more now).
-    fn kick(&self) -> io::Result<bool> {
+    /// One empty `sendto`, which makes the kernel send from the TX ring.
+    /// Its "try again" answers are not errors: what was not sent stays in
+    /// the ring.
+    fn kick(&self) -> io::Result<()> {
         // SAFETY: an empty send on the socket: no buffer, no address.
         let rc = unsafe {
             libc::sendto(
@@ -643,13 +644,11 @@ impl Xsk {
             )
         };
         if rc >= 0 {
-            return Ok(true);
+            return Ok(());
         }
         let err = io::Error::last_os_error();
         match err.raw_os_error() {
-            // The kernel is busy sending, or has no room yet: the frames
-            // stay queued and go with the next wake-up.
-            Some(libc::EAGAIN | libc::EBUSY | libc::ENOBUFS) => Ok(false),
+            Some(libc::EAGAIN | libc::EBUSY | libc::ENOBUFS) => Ok(()),
             _ => Err(err),
         }
     }
