@@ -124,10 +124,12 @@ pub struct Stats {
     /// Requests the rate limit would have dropped, let through by its
     /// [dry run](crate::RateLimit::dry_run); they also end in an outcome.
     pub dry_run_limited: u64,
-    /// Frames the [AF_XDP engine](crate::ServerBuilder::xdp) (feature
-    /// `xdp`) took from a receive queue and refused: malformed (a length
+    /// Frames the AF_XDP engine (`ServerBuilder::xdp`, feature `xdp`)
+    /// took from a receive queue and refused: malformed (a length
     /// longer than the frame, a bad IPv4 header checksum, a UDP checksum
-    /// of zero over IPv6, ...) or not for the server. Dropped unanswered;
+    /// of zero over IPv6, ...), not for the server, or from a source the
+    /// kernel would refuse (a martian address, or one of this host's own,
+    /// which the XDP path does not check for it). Dropped unanswered;
     /// not part of `received`. Always 0 on the socket path, where the
     /// kernel drops such datagrams itself.
     pub malformed: u64,
