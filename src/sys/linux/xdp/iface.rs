@@ -11,6 +11,12 @@ use socket2::Socket;
 
 const ETHTOOL_GCHANNELS: u32 = 0x3c;
 
+// The interface ioctls, in the type `ioctl` takes on this libc (`c_ulong`
+// on glibc, `c_int` on musl, where libc's own constants are `c_ulong`).
+const SIOCGIFMTU: libc::Ioctl = 0x8921;
+const SIOCGIFHWADDR: libc::Ioctl = 0x8927;
+const SIOCETHTOOL: libc::Ioctl = 0x8946;
+
 /// `struct ethtool_channels`.
 #[repr(C)]
 #[derive(Debug, Default)]
@@ -61,7 +67,7 @@ fn ioctl(socket: &Socket, request: libc::Ioctl, req: &mut libc::ifreq) -> io::Re
 /// The interface's MTU.
 pub(crate) fn mtu(socket: &Socket, interface: &str) -> io::Result<u32> {
     let mut req = ifreq(interface)?;
-    ioctl(socket, libc::SIOCGIFMTU, &mut req)?;
+    ioctl(socket, SIOCGIFMTU, &mut req)?;
     // SAFETY: SIOCGIFMTU wrote the union's `ifru_mtu` member.
     let mtu = unsafe { req.ifr_ifru.ifru_mtu };
     u32::try_from(mtu).map_err(|_| io::Error::other("a negative MTU"))
@@ -72,7 +78,7 @@ pub(crate) fn mtu(socket: &Socket, interface: &str) -> io::Result<u32> {
 /// headers.
 pub(crate) fn mac(socket: &Socket, interface: &str) -> io::Result<[u8; 6]> {
     let mut req = ifreq(interface)?;
-    ioctl(socket, libc::SIOCGIFHWADDR, &mut req)?;
+    ioctl(socket, SIOCGIFHWADDR, &mut req)?;
     // SAFETY: SIOCGIFHWADDR wrote the union's `ifru_hwaddr` member.
     let hwaddr = unsafe { req.ifr_ifru.ifru_hwaddr };
     if hwaddr.sa_family != libc::ARPHRD_ETHER {
@@ -104,7 +110,7 @@ pub(crate) fn rx_queues(socket: &Socket, interface: &str) -> u32 {
         ..Channels::default()
     };
     req.ifr_ifru.ifru_data = std::ptr::from_mut(&mut channels).cast();
-    match ioctl(socket, libc::SIOCETHTOOL, &mut req) {
+    match ioctl(socket, SIOCETHTOOL, &mut req) {
         Ok(()) => (channels.rx_count + channels.combined_count).max(1),
         Err(_) => 1,
     }
