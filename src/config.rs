@@ -721,10 +721,26 @@ impl<E: Engine> ServerBuilder<E> {
             ));
         }
         if let Some(limit) = &self.rate_limit {
-            limit.validate()?;
+            limit.validate("ServerBuilder::rate_limit")?;
         }
         if let Some(tokens) = &self.tokens {
             tokens.validate()?;
+            if tokens.validated_limit.is_some() && self.rate_limit.is_none() {
+                return Err(Error::invalid(
+                    "SourceTokens::validated_limit",
+                    "without ServerBuilder::rate_limit it would hold validated sources \
+                     to a limit and the rest to none: set a rate limit too",
+                ));
+            }
+            let overload = !matches!(self.dispatch, Dispatch::Inline);
+            if tokens.challenge && self.rate_limit.is_none() && !overload {
+                return Err(Error::invalid(
+                    "SourceTokens::challenge",
+                    "nothing would ever be challenged: challenges replace what the rate \
+                     limit or a handler pool's overload would drop, and this server has \
+                     neither: set ServerBuilder::rate_limit or a handler pool",
+                ));
+            }
         }
         #[cfg(all(feature = "xdp", target_os = "linux"))]
         if let Some(xdp) = &self.xdp {

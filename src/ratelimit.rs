@@ -199,7 +199,10 @@ impl RateLimit {
     /// request the limit would have dropped (or slipped, or challenged).
     /// The buckets evolve exactly as they would under enforcement (a
     /// request over the limit books nothing), so the count is what
-    /// enforcement would have dropped from the same traffic.
+    /// enforcement would have dropped from the same traffic. On the
+    /// server's rate limit it covers the
+    /// [limit of validated sources](crate::SourceTokens::validated_limit)
+    /// too.
     ///
     /// Defaults to off.
     pub fn dry_run(mut self, on: bool) -> Self {
@@ -207,39 +210,44 @@ impl RateLimit {
         self
     }
 
-    pub(crate) fn validate(&self) -> Result<(), Error> {
-        let invalid = |setting, reason| Err(Error::invalid(setting, reason));
+    /// Checks the settings of the limit given to `owner` (the setting
+    /// that took it, which the error names: a server can have three).
+    pub(crate) fn validate(&self, owner: &'static str) -> Result<(), Error> {
+        let invalid = |reason| Err(Error::invalid(owner, reason));
         if self.rate == 0 {
-            return invalid("RateLimit::new", "rate must be at least 1 per second");
+            return invalid("RateLimit::new: rate must be at least 1 per second");
         }
         if self.burst == 0 {
-            return invalid("RateLimit::new", "burst must be at least 1");
+            return invalid("RateLimit::new: burst must be at least 1");
         }
         if self.ipv4_prefix > 32 {
-            return invalid("RateLimit::ipv4_prefix", "must be between 0 and 32 bits");
+            return invalid("RateLimit::ipv4_prefix: must be between 0 and 32 bits");
         }
         if self.ipv6_prefix > 128 {
-            return invalid("RateLimit::ipv6_prefix", "must be between 0 and 128 bits");
+            return invalid("RateLimit::ipv6_prefix: must be between 0 and 128 bits");
         }
         if !(1..=1 << 24).contains(&self.table_size) {
-            return invalid(
-                "RateLimit::table_size",
-                "must be between 1 and 16777216 entries",
-            );
+            return invalid("RateLimit::table_size: must be between 1 and 16777216 entries");
         }
         if self.slip_reply.is_some() && self.slip == 0 {
-            return invalid("RateLimit::slip", "n must be at least 1");
+            return invalid("RateLimit::slip: n must be at least 1");
         }
         for (ip, bits) in &self.exempt {
             let max = if ip.is_ipv4() { 32 } else { 128 };
             if *bits > max {
                 return invalid(
-                    "RateLimit::exempt",
-                    "a prefix length must be at most 32 bits for IPv4, 128 for IPv6",
+                    "RateLimit::exempt: a prefix length must be at most 32 bits for IPv4, \
+                     128 for IPv6",
                 );
             }
         }
         Ok(())
+    }
+
+    /// Whether slip, exemptions or dry run are set (which a challenge
+    /// budget does not take).
+    pub(crate) fn has_controls(&self) -> bool {
+        self.slip_reply.is_some() || !self.exempt.is_empty() || self.dry_run
     }
 }
 
@@ -590,7 +598,7 @@ mod tests {
         let limit = RateLimit::new(1, 1)
             .exempt(v4(10, 1, 0, 0), 16)
             .exempt("2001:db8::".parse().unwrap_or(v4(0, 0, 0, 0)), 32);
-        assert!(limit.validate().is_ok());
+        assert!(limit.validate("ServerBuilder::rate_limit").is_ok());
         let limiter = Limiter::new(&limit);
         assert!(limiter.is_exempt(v4(10, 1, 200, 3)));
         assert!(!limiter.is_exempt(v4(10, 2, 0, 1)));
@@ -601,13 +609,13 @@ mod tests {
         assert!(
             RateLimit::new(1, 1)
                 .exempt(v4(1, 2, 3, 4), 33)
-                .validate()
+                .validate("ServerBuilder::rate_limit")
                 .is_err()
         );
         assert!(
             RateLimit::new(1, 1)
                 .slip(0, |_, _| true)
-                .validate()
+                .validate("ServerBuilder::rate_limit")
                 .is_err()
         );
         let everyone = Limiter::new(&RateLimit::new(1, 1).exempt(v4(0, 0, 0, 0), 0));

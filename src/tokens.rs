@@ -96,7 +96,8 @@ pub trait TokenFormat: Send + Sync + 'static {
     /// challenge, or a handler's reply when tokens go out with replies);
     /// on the client, into a request it is about to send. Replaces any
     /// token the datagram already carries. Should it panic on a reply, the
-    /// reply goes as the handler made it.
+    /// reply goes as the handler made it; on a request, the client sends
+    /// the request without the token.
     fn write(&self, datagram: &mut Vec<u8>, token: &[u8]);
 
     /// Builds, into the empty `reply`, a challenge to `request`: a small
@@ -119,7 +120,8 @@ pub trait TokenFormat: Send + Sync + 'static {
 
     /// Whether `datagram`, from a server, is a challenge rather than the
     /// reply: the client then sends the request again at once, with the
-    /// token the challenge carries. Defaults to `false`.
+    /// token the challenge carries. A panic here is caught and taken as
+    /// `false`. Defaults to `false`.
     fn is_challenge(&self, datagram: &[u8]) -> bool {
         let _ = datagram;
         false
@@ -315,7 +317,11 @@ impl SourceTokens {
     /// each validated address alone, so that one busy client does not limit
     /// its neighbours. Its own table; its drops are counted in
     /// [`Stats::rate_limited`](crate::Stats::rate_limited) too. The rate
-    /// limit's [exempt](RateLimit::exempt) prefixes are exempt from it too.
+    /// limit's [exempt](RateLimit::exempt) prefixes are exempt from it too,
+    /// and the rate limit's [dry run](RateLimit::dry_run) covers it too.
+    /// It needs a [rate limit](crate::ServerBuilder::rate_limit): without
+    /// one, validated sources would be held to a limit and the rest to
+    /// none, so bind refuses that.
     ///
     /// A token proves that a client at its address received it; one seen
     /// on the path can be replayed "from" that address, within its lifetime,
@@ -350,7 +356,9 @@ impl SourceTokens {
     /// The format must build challenges ([`TokenFormat::challenge`]; the
     /// default builds none, and nothing is sent). With request ids on the
     /// client, a challenge must carry the request's id where the client's
-    /// id reader finds it.
+    /// id reader finds it. Bind refuses it on a server with nothing to
+    /// challenge for: no rate limit, and no handler pool (a blocking server
+    /// that handles inline never sheds load).
     ///
     /// Defaults to off.
     pub fn challenge(mut self, on: bool) -> Self {
@@ -359,8 +367,9 @@ impl SourceTokens {
     }
 
     /// How many challenges each source prefix may get: a token bucket per
-    /// prefix, as the rate limit has (its `rate` a second after a `burst`;
-    /// slip, exemptions and dry run do not apply here). Challenges over it
+    /// prefix, as the rate limit has (its `rate` a second after a `burst`,
+    /// per its prefix lengths; bind refuses slip, exemptions and dry run
+    /// here: set them on the rate limit). Challenges over it
     /// are not sent. Together with the amplification limit this bounds what
     /// a forged flood gets back: at most `rate x t + burst` challenges per
     /// prefix, besides the answers the rate limit lets through.
@@ -392,7 +401,10 @@ impl SourceTokens {
     /// Off, this crate's client keeps no token between calls: each call
     /// the limits would drop is challenged, and once a flood has spent the
     /// [challenge budget](SourceTokens::challenge_limit) of its prefix, a
-    /// client without a token gets nothing until it recovers.
+    /// client without a token gets nothing until it recovers. Off, with
+    /// [challenges](SourceTokens::challenge) off too, the server hands out
+    /// no token at all: it only checks those that servers sharing its
+    /// secret handed out.
     ///
     /// Defaults to on.
     pub fn in_replies(mut self, on: bool) -> Self {
@@ -457,7 +469,10 @@ impl SourceTokens {
         let (_, keys) = self.secrets.read();
         if keys.current == [0; 16] || keys.previous == Some([0; 16]) {
             return Err(Error::invalid(
-                "SourceTokens::new",
+                match keys.current == [0; 16] {
+                    true => "SourceTokens::new",
+                    false => "SourceTokens::previous_secret",
+                },
                 "an all-zero secret lets anyone make tokens: draw one from a secure random \
                  source (SourceTokens::random_secret)",
             ));
@@ -487,9 +502,17 @@ impl SourceTokens {
             ));
         }
         if let Some(limit) = &self.validated_limit {
-            limit.validate()?;
+            limit.validate("SourceTokens::validated_limit")?;
         }
-        self.challenge_limit.validate()?;
+        self.challenge_limit
+            .validate("SourceTokens::challenge_limit")?;
+        if self.challenge_limit.has_controls() {
+            return Err(Error::invalid(
+                "SourceTokens::challenge_limit",
+                "slip, exempt and dry_run do not apply to the challenge budget: \
+                 set them on the rate limit",
+            ));
+        }
         Ok(())
     }
 }

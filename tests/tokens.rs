@@ -1284,3 +1284,237 @@ fn token_settings_are_checked_at_bind() {
     let shown = format!("{:?}", tokens());
     assert!(!shown.contains("[48"), "{shown}"); // b"0123..." as numbers
 }
+
+#[test]
+fn dry_run_covers_the_limit_of_validated_sources() {
+    for kind in KINDS {
+        let tokens = tokens().validated_limit(RateLimit::new(1, 3));
+        let limit = RateLimit::new(1, 3);
+        let enforced = start(kind, |s| {
+            s.rate_limit(limit.clone());
+            s.source_tokens(tokens.clone());
+        });
+        let dry = start(kind, |s| {
+            s.rate_limit(limit.clone().dry_run(true));
+            s.source_tokens(tokens.clone());
+        });
+        let socket = socket();
+        let with_token = Tagged::with(&tokens.token_for(localhost()), b"x");
+        let started = Instant::now();
+        for i in 1..=20 {
+            // The same traffic to both, half of it validated.
+            let request: &[u8] = if i % 2 == 0 { &with_token } else { b"x" };
+            util::send_to(&socket, request, enforced.addr()).expect("send");
+            util::send_to(&socket, request, dry.addr()).expect("send");
+            enforced.wait_received(i);
+            dry.wait_received(i);
+        }
+        let elapsed = started.elapsed();
+        let (enforced, dry) = (enforced.shutdown(), dry.shutdown());
+        assert_eq!(
+            (dry.replied, dry.rate_limited, dry.validated),
+            (20, 0, 10),
+            "{kind:?}: {dry:?}"
+        );
+        // Both limits dropped some under enforcement: 7 of each 10 but
+        // for a refill.
+        assert!(enforced.rate_limited >= 12, "{kind:?}: {enforced:?}");
+        if elapsed < Duration::from_millis(900) {
+            assert_eq!(dry.dry_run_limited, enforced.rate_limited, "{kind:?}");
+        } else {
+            let slack = 2 * (elapsed.as_secs() + 1);
+            assert!(
+                dry.dry_run_limited.abs_diff(enforced.rate_limited) <= slack,
+                "{kind:?}: {dry:?} against {enforced:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn an_exempt_prefix_is_counted_alike_with_a_token_or_without() {
+    for validated_limit in [None, Some(RateLimit::new(1, 1))] {
+        let tokens = tokens().validated_limit(validated_limit.clone());
+        let server = start(Kind::Inline, |s| {
+            s.rate_limit(RateLimit::new(1, 1).exempt(localhost(), 8));
+            s.source_tokens(tokens.clone());
+        });
+        let socket = socket();
+        let with_token = Tagged::with(&tokens.token_for(localhost()), b"x");
+        for _ in 0..3 {
+            util::send_to(&socket, &with_token, server.addr()).expect("send");
+            util::send_to(&socket, b"x", server.addr()).expect("send");
+        }
+        server.wait_received(6);
+        let stats = server.shutdown();
+        assert_eq!(
+            (
+                stats.exempt,
+                stats.validated,
+                stats.replied,
+                stats.rate_limited
+            ),
+            (6, 3, 6, 0),
+            "validated limit {validated_limit:?}: {stats:?}"
+        );
+    }
+}
+
+#[test]
+fn each_limit_a_server_takes_is_named_in_its_errors_and_useless_settings_are_refused() {
+    let refused = |builder: ServerBuilder, expected: &str| {
+        let err = builder.bind(V4).expect_err(expected);
+        assert!(
+            matches!(err, udp_greet::Error::InvalidConfig { .. })
+                && err.to_string().contains(expected),
+            "expected {expected}: {err}"
+        );
+    };
+    let limited = || GreetServer::builder().rate_limit(RateLimit::new(10, 10));
+    refused(
+        limited().source_tokens(tokens().validated_limit(RateLimit::new(5, 0))),
+        "SourceTokens::validated_limit: RateLimit::new: burst",
+    );
+    refused(
+        GreetServer::builder().rate_limit(RateLimit::new(5, 0)),
+        "ServerBuilder::rate_limit: RateLimit::new: burst",
+    );
+    refused(
+        limited().source_tokens(tokens().challenge_limit(RateLimit::new(0, 1))),
+        "SourceTokens::challenge_limit: RateLimit::new: rate",
+    );
+    refused(
+        limited().source_tokens(tokens().previous_secret([0; 16])),
+        "SourceTokens::previous_secret",
+    );
+    for budget in [
+        RateLimit::new(1, 1).dry_run(true),
+        RateLimit::new(1, 1).exempt(localhost(), 8),
+        RateLimit::new(1, 1).slip(2, |_, _| true),
+    ] {
+        refused(
+            limited().source_tokens(tokens().challenge(true).challenge_limit(budget)),
+            "SourceTokens::challenge_limit: slip, exempt and dry_run do not apply",
+        );
+    }
+    // Validated sources limited, the rest not.
+    refused(
+        GreetServer::builder().source_tokens(tokens().validated_limit(RateLimit::new(1, 1))),
+        "SourceTokens::validated_limit: without ServerBuilder::rate_limit",
+    );
+    // Nothing to challenge for: no rate limit, no pool to overflow.
+    refused(
+        GreetServer::builder().source_tokens(tokens().challenge(true)),
+        "SourceTokens::challenge: nothing would ever be challenged",
+    );
+    // Each of those has something to challenge for.
+    for builder in [
+        limited(),
+        GreetServer::builder().handler_pool(HandlerPool::threads(1)),
+    ] {
+        let server = builder
+            .source_tokens(tokens().challenge(true))
+            .bind(V4)
+            .expect("bind")
+            .spawn(greeter)
+            .expect("spawn");
+        server.shutdown().expect("shutdown");
+    }
+}
+
+/// A format whose code panics on what it does not expect: `find` on a
+/// datagram that does not start with `T`, `is_challenge` always, `write`
+/// always.
+struct Fragile;
+
+impl TokenFormat for Fragile {
+    fn find<'a>(&self, datagram: &'a [u8]) -> Option<&'a [u8]> {
+        assert_eq!(datagram.first(), Some(&b'T'), "no token here");
+        datagram.get(1..1 + TOKEN_LEN)
+    }
+
+    fn write(&self, _datagram: &mut Vec<u8>, _token: &[u8]) {
+        panic!("cannot write a token");
+    }
+
+    fn is_challenge(&self, _datagram: &[u8]) -> bool {
+        panic!("cannot tell a challenge");
+    }
+}
+
+/// Plays the server for two calls of a client with [`Fragile`]: the
+/// first reply carries a token (so the client remembers it, and its
+/// `write` panics on the next request), the second none (so `find`
+/// panics). Returns the requests it received.
+fn fragile_server(server: &UdpSocket) -> Vec<Vec<u8>> {
+    let mut buf = [0u8; 256];
+    let mut requests = Vec::new();
+    for reply in [
+        [&b"T"[..], &[7; TOKEN_LEN], b"one"].concat(),
+        b"two".to_vec(),
+    ] {
+        let (n, from) = util::recv_from(server, &mut buf).expect("a request");
+        requests.push(buf[..n].to_vec());
+        util::send_to(server, &reply, from).expect("send");
+    }
+    requests
+}
+
+#[test]
+fn a_panicking_token_format_on_the_client_costs_no_call() {
+    for ids in [false, true] {
+        let server = socket();
+        let addr = server.local_addr().expect("address");
+        let mut builder = GreetClient::builder()
+            .source_tokens(Fragile)
+            .call_timeout(HANG_GUARD);
+        if ids {
+            builder = builder.request_id(|_| Some(0));
+        }
+        let client = builder.connect(addr).expect("connect");
+        let (requests, replies) = std::thread::scope(|scope| {
+            let played = scope.spawn(|| fragile_server(&server));
+            let replies =
+                ["a", "b"].map(|name| client.send_recv(name.as_bytes()).expect("a reply"));
+            (played.join().expect("the server"), replies)
+        });
+        // The first reply's token was found; writing it into the second
+        // request panicked, and the request went without it.
+        assert_eq!(requests, [b"a".to_vec(), b"b".to_vec()], "ids {ids}");
+        assert_eq!(replies[0][TOKEN_LEN + 1..], *b"one", "ids {ids}");
+        assert_eq!(replies[1], *b"two", "ids {ids}");
+        assert_eq!(client.challenges(), 0, "ids {ids}");
+    }
+}
+
+#[cfg(feature = "tokio")]
+#[test]
+fn a_panicking_token_format_on_the_async_client_costs_no_call() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    for ids in [false, true] {
+        let server = socket();
+        let addr = server.local_addr().expect("address");
+        let played = std::thread::spawn(move || fragile_server(&server));
+        let replies = runtime.block_on(async {
+            let mut builder = udp_greet::tokio::GreetClient::builder()
+                .source_tokens(Fragile)
+                .call_timeout(HANG_GUARD);
+            if ids {
+                builder = builder.request_id(|_| Some(0));
+            }
+            let client = builder.connect(addr).await.expect("connect");
+            let mut replies = Vec::new();
+            for name in ["a", "b"] {
+                replies.push(client.send_recv(name.as_bytes()).await.expect("a reply"));
+            }
+            replies
+        });
+        let requests = played.join().expect("the server");
+        assert_eq!(requests, [b"a".to_vec(), b"b".to_vec()], "ids {ids}");
+        assert_eq!(replies[0][TOKEN_LEN + 1..], *b"one", "ids {ids}");
+        assert_eq!(replies[1], *b"two", "ids {ids}");
+    }
+}

@@ -17,6 +17,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::panic::{self, AssertUnwindSafe};
 use std::sync::RwLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -77,30 +78,40 @@ impl Shared {
             return request;
         };
         out.clear();
-        if let Some(token) = candidate {
+        // A panic in the format's code sends the request as it is.
+        let write = |out: &mut Vec<u8>, token: &[u8]| {
             out.extend_from_slice(request);
-            format.write(out, token);
-            return out;
+            let wrote = panic::catch_unwind(AssertUnwindSafe(|| format.write(out, token)));
+            if wrote.is_err() {
+                out.clear();
+            }
+            wrote.is_ok()
+        };
+        let wrote = match candidate {
+            Some(token) => write(out, token),
+            None => {
+                let tokens = self.tokens.read().unwrap_or_else(|e| e.into_inner());
+                let Some(token) = tokens.get(&canonical(dest)) else {
+                    return request;
+                };
+                // The format's code runs under the read lock: it cannot
+                // reach the client, so it cannot ask for the write lock.
+                write(out, token)
+            }
+        };
+        match wrote {
+            true => out,
+            false => request,
         }
-        {
-            let tokens = self.tokens.read().unwrap_or_else(|e| e.into_inner());
-            let Some(token) = tokens.get(&canonical(dest)) else {
-                return request;
-            };
-            out.extend_from_slice(request);
-            // The format's code runs under the read lock: it cannot reach
-            // the client, so it cannot ask for the write lock.
-            format.write(out, token);
-        }
-        out
     }
 
     /// The token `datagram` carries, with source tokens, unless it is
-    /// longer than [`MAX_TOKEN`].
+    /// longer than [`MAX_TOKEN`]; none if the format's code panics.
     fn token_in<'a>(&self, datagram: &'a [u8]) -> Option<&'a [u8]> {
         let format = self.settings.tokens.as_ref()?;
-        format
-            .find(datagram)
+        panic::catch_unwind(AssertUnwindSafe(|| format.find(datagram)))
+            .ok()
+            .flatten()
             .filter(|token| token.len() <= MAX_TOKEN)
     }
 
@@ -530,7 +541,13 @@ impl<'p> Exchange<'p> {
         let Some(format) = &self.shared.settings.tokens else {
             return false;
         };
-        !truncated && format.is_challenge(buf.get(..len).unwrap_or_default())
+        // A panic in the format's code: not a challenge (the reply check,
+        // if any, judges the datagram then).
+        !truncated
+            && panic::catch_unwind(AssertUnwindSafe(|| {
+                format.is_challenge(buf.get(..len).unwrap_or_default())
+            }))
+            .unwrap_or(false)
     }
 
     /// A challenge of `len` bytes in `buf`: the request is sent again at

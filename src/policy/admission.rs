@@ -68,27 +68,33 @@ impl Processor {
             return Admission::Dropped;
         }
         let standing = self.standing(datagram);
+        let source = &self.config.limiters.source;
         let limiter = if standing.validated {
             &self.config.limiters.validated
         } else {
-            &self.config.limiters.source
-        };
-        let Some(limiter) = limiter else {
-            return Admission::Handle(standing);
+            source
         };
         // A prefix the rate limit exempts is exempt from the validated
-        // limit too.
-        let source = &self.config.limiters.source;
-        if limiter.is_exempt(peer.ip()) || source.as_ref().is_some_and(|l| l.is_exempt(peer.ip())) {
+        // limit too, and counted alike whether a limit applies to the
+        // request or not (a validated source without a limit of its own).
+        if [limiter, source]
+            .into_iter()
+            .flatten()
+            .any(|l| l.is_exempt(peer.ip()))
+        {
             self.totals.exempt += 1;
             return Admission::Handle(standing);
         }
+        let Some(limiter) = limiter else {
+            return Admission::Handle(standing);
+        };
         let verdict = limiter.check(peer.ip(), limiter.clock(now));
         self.totals.rate_limit_evictions += u64::from(verdict.evicted);
         if verdict.allowed {
             return Admission::Handle(standing);
         }
-        if limiter.dry_run {
+        // The rate limit's dry run covers the validated limit too.
+        if limiter.dry_run || source.as_ref().is_some_and(|l| l.dry_run) {
             self.totals.dry_run_limited += 1;
             return Admission::Handle(standing);
         }
