@@ -11,9 +11,20 @@
 //! batched (the socket engine, its defaults) or with `xdp` on `xs0`
 //! (native mode on veth); its threads run on CPU 1. The generator, in the
 //! other namespace, runs on CPU 0 and sends requests of 16 bytes from 4
-//! sockets (batched). Each round measures both, one after the other; the
-//! XDP server is attached for its turn only, so that the socket engine runs
-//! on an interface without a program. Reported per server:
+//! sockets (batched). It learns of replies in two ways, each measured and
+//! reported on its own:
+//!
+//! - received on its sockets: the client's whole UDP receive path, which
+//!   veth runs on the CPU that sent the reply, so in the server's threads,
+//!   for either engine alike;
+//! - counted and dropped by an XDP program on the client's side of the
+//!   pair (as kxdpgun, Knot's XDP load generator, takes its replies): what
+//!   the server's threads pay for the client is then next to nothing, and
+//!   the generator is cheap enough not to be the limit at saturation.
+//!
+//! Each round measures both servers, one after the other; the XDP server
+//! is attached for its turn only, so that the socket engine runs on an
+//! interface without a program. Reported per server:
 //!
 //! - at a steady 80 000 requests/s (open loop, paced every millisecond,
 //!   the rate of the measurements that motivated the engine): CPU per
@@ -32,6 +43,11 @@ mod common;
 #[cfg(all(target_os = "linux", feature = "xdp"))]
 #[path = "../tests/util/netns.rs"]
 mod netns;
+// The crate's own `bpf()` calls, for the reply counter's program.
+#[cfg(all(target_os = "linux", feature = "xdp"))]
+#[allow(dead_code, unreachable_pub)]
+#[path = "../src/sys/linux/xdp/bpf.rs"]
+mod bpf;
 
 #[cfg(not(all(target_os = "linux", feature = "xdp")))]
 fn main() {
@@ -46,11 +62,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 #[cfg(all(target_os = "linux", feature = "xdp"))]
 mod bench {
     use std::net::{IpAddr, SocketAddr, UdpSocket};
+    use std::os::fd::{AsRawFd, OwnedFd};
+    use std::sync::Arc;
     use std::time::Duration;
 
     use udp_greet::xdp::Xdp;
     use udp_greet::{GreetServer, ServerBuilder, ServerHandle};
 
+    use crate::bpf::{self, Insn, XdpMode};
     use crate::common::linux::{Generator, MachineClock, cpu_time, pin_to_cpu, with_new_threads};
     use crate::common::{Table, median};
     use crate::netns::{CLIENT_V4, Pair, SERVER_V4, pair};
@@ -90,12 +109,99 @@ mod bench {
         })
     }
 
+    /// The two ways the generator learns of replies.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Receiver {
+        /// Received on its UDP sockets: the kernel's whole receive path,
+        /// which veth runs on the CPU that sent the reply (the server's).
+        Sockets,
+        /// Counted and dropped by an XDP program on the client's side of
+        /// the pair, as kxdpgun (Knot's XDP load generator) takes them: the
+        /// client's receive costs the server's CPU next to nothing.
+        Xdp,
+    }
+
+    /// An XDP program on `xc0` (native mode) that counts, in an array map,
+    /// and drops every UDP datagram over IPv4 that reaches the client's
+    /// side; everything else (ARP) passes. Attached while it lives.
+    struct ReplyCounter {
+        map: Arc<OwnedFd>,
+        _link: OwnedFd,
+    }
+
+    /// The counter's program, for the 8-byte count in slot 0 of `map`.
+    fn counting_program(map: &OwnedFd) -> Vec<Insn> {
+        let op = |code: u8, dst: u8, src: u8, off: i16, imm: i32| Insn {
+            code,
+            regs: (src << 4) | dst,
+            off,
+            imm,
+        };
+        let ipv4 = i32::from(u16::from_ne_bytes(0x0800u16.to_be_bytes()));
+        vec![
+            op(0x61, 2, 1, 0, 0),               // r2 = ctx->data
+            op(0x61, 3, 1, 4, 0),               // r3 = ctx->data_end
+            op(0xbf, 4, 2, 0, 0),               // r4 = r2
+            op(0x07, 4, 0, 0, 24),              // r4 += 24 (through IPv4's protocol)
+            op(0x2d, 4, 3, 15, 0),              // if r4 > r3 goto pass
+            op(0x69, 5, 2, 12, 0),              // r5 = ethertype
+            op(0x55, 5, 0, 13, ipv4),           // if r5 != IPv4 goto pass
+            op(0x71, 5, 2, 23, 0),              // r5 = protocol
+            op(0x55, 5, 0, 11, 17),             // if r5 != UDP goto pass
+            op(0x62, 10, 0, -4, 0),             // *(u32 *)(r10 - 4) = 0: the key
+            op(0xbf, 2, 10, 0, 0),              // r2 = r10
+            op(0x07, 2, 0, 0, -4),              // r2 -= 4
+            op(0x18, 1, 1, 0, map.as_raw_fd()), // r1 = the map
+            op(0, 0, 0, 0, 0),
+            op(0x85, 0, 0, 0, 1), // r0 = bpf_map_lookup_elem(r1, r2)
+            op(0x15, 0, 0, 2, 0), // if r0 == 0 goto drop
+            op(0xb7, 1, 0, 0, 1), // r1 = 1
+            op(0xdb, 0, 1, 0, 0), // lock *(u64 *)(r0 + 0) += r1
+            op(0xb7, 0, 0, 0, 1), // drop: r0 = XDP_DROP
+            op(0x95, 0, 0, 0, 0), // exit
+            op(0xb7, 0, 0, 0, 2), // pass: r0 = XDP_PASS
+            op(0x95, 0, 0, 0, 0), // exit
+        ]
+    }
+
+    impl ReplyCounter {
+        /// Attaches the counter to `xc0`, in the client's namespace.
+        fn attach(pair: &Pair) -> Result<ReplyCounter, String> {
+            pair.client.run(|| {
+                let map = bpf::array_u64(1, "greet_replies")
+                    .map_err(|e| format!("the reply counter's map: {e}"))?;
+                let prog = bpf::load_xdp(&counting_program(&map), "greet_count", c"MIT")
+                    .map_err(|(e, log)| format!("the reply counter's program: {e}\n{log}"))?;
+                let ifindex = bpf::ifindex("xc0").map_err(|e| format!("xc0: {e}"))?;
+                let link = bpf::attach_xdp(&prog, ifindex, XdpMode::Native)
+                    .map_err(|e| format!("attaching the reply counter to xc0: {e}"))?;
+                Ok(ReplyCounter {
+                    map: Arc::new(map),
+                    _link: link,
+                })
+            })
+        }
+
+        /// The running count, for the generator.
+        fn total(&self) -> Box<dyn FnMut() -> u64 + Send> {
+            let map = Arc::clone(&self.map);
+            let mut last = 0;
+            Box::new(move || {
+                // A lookup of slot 0 of a live array map does not fail; if
+                // it did, the count would stand still.
+                last = bpf::array_u64_get(&map, 0).unwrap_or(last);
+                last
+            })
+        }
+    }
+
     /// A generator in the client's namespace.
     fn generator(
         pair: &Pair,
         server: SocketAddr,
         sockets: usize,
         window: usize,
+        counter: Option<&ReplyCounter>,
     ) -> Result<Generator, String> {
         let made = pair.client.run(move || -> std::io::Result<Vec<UdpSocket>> {
             (0..sockets)
@@ -106,8 +212,13 @@ mod bench {
                 })
                 .collect()
         });
-        made.and_then(|sockets| Generator::from_sockets(sockets, window, REQUEST))
-            .map_err(|e| format!("the generator: {e}"))
+        let generator = made
+            .and_then(|sockets| Generator::from_sockets(sockets, window, REQUEST))
+            .map_err(|e| format!("the generator: {e}"))?;
+        Ok(match counter {
+            Some(counter) => generator.counting_replies(counter.total()),
+            None => generator,
+        })
     }
 
     /// Runs the load against one server, on this thread (CPU 0).
@@ -116,9 +227,14 @@ mod bench {
         server: SocketAddr,
         tids: &[u32],
         span: Duration,
+        receiver: Receiver,
     ) -> Result<Figures, String> {
-        let mut steady = generator(pair, server, 4, 32)?;
-        let mut saturating = generator(pair, server, 16, 64)?;
+        let counter = match receiver {
+            Receiver::Sockets => None,
+            Receiver::Xdp => Some(ReplyCounter::attach(pair)?),
+        };
+        let mut steady = generator(pair, server, 4, 32, counter.as_ref())?;
+        let mut saturating = generator(pair, server, 16, 64, counter.as_ref())?;
         // A short warm-up: neighbours resolved, rings and caches filled.
         steady.run(Duration::from_millis(20), u64::MAX);
         let (cpu, busy) = (cpu_time(tids), MachineClock::now());
@@ -183,30 +299,53 @@ mod bench {
         pin_to_cpu(0).map_err(|e| format!("pinning to CPU 0: {e}"))?;
         let (socket_server, socket_tids) = start(&pair, GreetServer::builder())?;
         let socket_addr = socket_server.local_addr();
-        let mut rounds: Vec<(Figures, Figures)> = Vec::new();
+        const RECEIVERS: [Receiver; 2] = [Receiver::Sockets, Receiver::Xdp];
+        let mut rounds: [Vec<(Figures, Figures)>; 2] = [Vec::new(), Vec::new()];
         let mut mode = None;
         for _ in 0..plan.rounds {
-            let socket = measure(&pair, socket_addr, &socket_tids, plan.span)?;
+            let mut socket = [Figures::default(); 2];
+            for (i, receiver) in RECEIVERS.into_iter().enumerate() {
+                socket[i] = measure(&pair, socket_addr, &socket_tids, plan.span, receiver)?;
+            }
             let (xdp_server, xdp_tids) =
                 start(&pair, GreetServer::builder().xdp(Xdp::interface("xs0")))?;
             mode = xdp_server.xdp_mode();
-            let xdp = measure(&pair, xdp_server.local_addr(), &xdp_tids, plan.span)?;
+            for (i, receiver) in RECEIVERS.into_iter().enumerate() {
+                let xdp = measure(
+                    &pair,
+                    xdp_server.local_addr(),
+                    &xdp_tids,
+                    plan.span,
+                    receiver,
+                )?;
+                rounds[i].push((socket[i], xdp));
+            }
             let stats = xdp_server.shutdown().map_err(|e| e.report())?;
             if stats.received != stats.accounted() || stats.malformed != 0 {
                 return Err(format!("the XDP server's counters: {stats:?}"));
             }
-            rounds.push((socket, xdp));
         }
         socket_server.shutdown().map_err(|e| e.report())?;
-        report(plan, &rounds, mode);
+        for (receiver, rounds) in RECEIVERS.into_iter().zip(&rounds) {
+            report(plan, rounds, mode, receiver);
+        }
         Ok(())
     }
 
-    fn report(plan: &Plan, rounds: &[(Figures, Figures)], mode: Option<udp_greet::xdp::XdpMode>) {
+    fn report(
+        plan: &Plan,
+        rounds: &[(Figures, Figures)],
+        mode: Option<udp_greet::xdp::XdpMode>,
+        receiver: Receiver,
+    ) {
         let mode = mode.map_or("?".to_owned(), |m| m.to_string());
+        let replies = match receiver {
+            Receiver::Sockets => "replies received on its sockets",
+            Receiver::Xdp => "replies counted and dropped by XDP on its side",
+        };
         println!(
-            "xdp: socket engine vs AF_XDP engine ({mode} mode) on a veth pair between two namespaces; \
-             {} round(s) x {:?} per server; server threads on CPU 1, generator on CPU 0{}",
+            "\nxdp: socket engine vs AF_XDP engine ({mode} mode) on a veth pair between two namespaces; \
+             {} round(s) x {:?} per server; server threads on CPU 1, generator on CPU 0 ({replies}){}",
             plan.rounds,
             plan.span,
             if plan.rounds == 1 {

@@ -144,6 +144,18 @@ pub struct Generator {
     send_hdrs: Vec<mmsghdr>,
     recv_iovs: Vec<iovec>,
     recv_hdrs: Vec<mmsghdr>,
+    /// Where replies are counted instead of received, if elsewhere.
+    counter: Option<ReplyCounter>,
+}
+
+/// Replies counted outside the generator's sockets (by an XDP program on
+/// its interface that counts and drops them, as kxdpgun does): `total`
+/// gives the running count, of which `seen` have been taken.
+pub struct ReplyCounter {
+    total: Box<dyn FnMut() -> u64 + Send>,
+    seen: u64,
+    /// Counted but not yet given to a socket's window.
+    unclaimed: usize,
 }
 
 const REPLY_ROOM: usize = 128;
@@ -204,6 +216,7 @@ impl Generator {
             send_hdrs: zeroed_vec(window),
             recv_iovs: zeroed_vec(window),
             recv_hdrs: zeroed_vec(window),
+            counter: None,
         };
         generator.send_iov = iovec {
             iov_base: generator.request.as_mut_ptr().cast::<c_void>(),
@@ -217,6 +230,38 @@ impl Generator {
             };
         }
         Ok(generator)
+    }
+
+    /// Takes replies from `total` (a running count of the replies to
+    /// every socket) rather than from the sockets, which then receive
+    /// nothing: the replies are counted and dropped before they reach them.
+    pub fn counting_replies(mut self, mut total: Box<dyn FnMut() -> u64 + Send>) -> Generator {
+        let seen = total();
+        self.counter = Some(ReplyCounter {
+            total,
+            seen,
+            unclaimed: 0,
+        });
+        self
+    }
+
+    /// Replies to socket `s` since the last look: received, or taken from
+    /// the counter (as many as `s` has in flight, `inflight`, of those
+    /// counted and not yet given to a socket; the counter is read at
+    /// socket 0).
+    fn replies(&mut self, s: usize, inflight: usize) -> usize {
+        let Some(counter) = self.counter.as_mut() else {
+            return self.recv(s);
+        };
+        if s == 0 {
+            let total = (counter.total)();
+            let new = usize::try_from(total.saturating_sub(counter.seen)).unwrap_or(usize::MAX);
+            counter.unclaimed = counter.unclaimed.saturating_add(new);
+            counter.seen = total;
+        }
+        let got = counter.unclaimed.min(inflight);
+        counter.unclaimed -= got;
+        got
     }
 
     /// Runs for `duration` (or until `max_requests` are sent), then waits a
@@ -234,7 +279,7 @@ impl Generator {
             }
             let mut pending = 0;
             for s in 0..self.sockets.len() {
-                let got = self.recv(s);
+                let got = self.replies(s, inflight[s]);
                 if got > 0 {
                     inflight[s] = inflight[s].saturating_sub(got);
                     load.received += got as u64;
@@ -277,7 +322,7 @@ impl Generator {
             let sending = now - start < duration;
             let mut got = 0;
             for s in 0..self.sockets.len() {
-                got += self.recv(s);
+                got += self.replies(s, usize::MAX);
             }
             load.received += got as u64;
             if got > 0 {

@@ -13,10 +13,12 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_LINK_CREATE: libc::c_long = 28;
 
+const BPF_MAP_TYPE_ARRAY: u32 = 2;
 const BPF_MAP_TYPE_XSKMAP: u32 = 17;
 const BPF_PROG_TYPE_XDP: u32 = 6;
 /// `enum bpf_attach_type`'s `BPF_XDP`.
@@ -114,6 +116,35 @@ pub(crate) fn xskmap(entries: u32, name: &str) -> io::Result<OwnedFd> {
     let name = name.as_bytes();
     attr.put(28, &name[..name.len().min(15)]);
     owned(bpf(BPF_MAP_CREATE, &mut attr)?)
+}
+
+/// Creates an `ARRAY` map of `entries` values of 8 bytes (zeroed), named
+/// `name`. Used only by `benches/xdp.rs`, which includes this module for
+/// its reply counter.
+#[allow(dead_code)]
+pub(crate) fn array_u64(entries: u32, name: &str) -> io::Result<OwnedFd> {
+    let mut attr = Attr::new();
+    attr.u32(0, BPF_MAP_TYPE_ARRAY)
+        .u32(4, 4)
+        .u32(8, 8)
+        .u32(12, entries);
+    let name = name.as_bytes();
+    attr.put(28, &name[..name.len().min(15)]);
+    owned(bpf(BPF_MAP_CREATE, &mut attr)?)
+}
+
+/// The value in slot `key` of an `ARRAY` map of 8-byte values made by
+/// [`array_u64`]. Used only by `benches/xdp.rs`.
+#[allow(dead_code)]
+pub(crate) fn array_u64_get(map: &OwnedFd, key: u32) -> io::Result<u64> {
+    let mut value = 0u64;
+    let mut attr = Attr::new();
+    // map_fd at 0, key at 8, value at 16.
+    attr.u32(0, map.as_raw_fd() as u32)
+        .u64(8, std::ptr::from_ref(&key) as u64)
+        .u64(16, std::ptr::from_mut(&mut value) as u64);
+    bpf(BPF_MAP_LOOKUP_ELEM, &mut attr)?;
+    Ok(value)
 }
 
 /// Puts AF_XDP socket `socket` in slot `key` of `map`.
